@@ -1,0 +1,55 @@
+# The agent's workstation: the base image of every pi-agent environment.
+# pi-agent builds it on first use with the build args below; what the agent
+# installs later lives in the committed images on top of it.
+ARG BASE_IMAGE=ubuntu:24.04
+FROM ${BASE_IMAGE}
+
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      bash build-essential ca-certificates curl file git jq less nodejs npm \
+      procps python3 python3-pip python3-venv ripgrep fd-find sudo tree \
+      unzip vim-tiny xz-utils zip \
+ && ln -sf "$(command -v fdfind)" /usr/local/bin/fd \
+ && rm -rf /var/lib/apt/lists/*
+
+# The agent user gets the host user's UID and GID, so files it writes in the
+# project belong to the host user. An image may already have a user with that
+# UID (Ubuntu 24.04's "ubuntu" is 1000): it gives way. A root host user (UID 0)
+# gets an agent that is root too, or it could not write the root-owned project.
+ARG AGENT_UID=1000
+ARG AGENT_GID=1000
+RUN set -eu; \
+    if id agent >/dev/null 2>&1; then userdel --remove agent 2>/dev/null || userdel agent; fi; \
+    if [ "$AGENT_UID" = 0 ]; then \
+      useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir /home/agent \
+              --shell /bin/bash agent; \
+      mkdir -p /home/agent; \
+    else \
+      other=$(getent passwd "$AGENT_UID" | cut -d: -f1); \
+      if [ -n "$other" ]; then userdel --remove "$other" 2>/dev/null || userdel "$other"; fi; \
+      group=$(getent group "$AGENT_GID" | cut -d: -f1); \
+      if [ -z "$group" ]; then groupadd --gid "$AGENT_GID" agent; group=agent; fi; \
+      useradd --uid "$AGENT_UID" --gid "$group" --create-home --home-dir /home/agent \
+              --shell /bin/bash agent; \
+    fi; \
+    echo 'agent ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/agent; \
+    chmod 0440 /etc/sudoers.d/agent
+
+ENV HOME=/home/agent \
+    NPM_CONFIG_PREFIX=/home/agent/.npm-global \
+    PATH=/home/agent/.local/bin:/home/agent/.npm-global/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+USER agent
+WORKDIR /home/agent
+
+# Unsigned local commits work; there is no key inside to sign or push with.
+# This is the container's own global config, never the project's .git/config.
+RUN mkdir -p "$HOME/.local/bin" "$HOME/.npm-global" \
+ && git config --global user.name Agent \
+ && git config --global user.email agent@pi-agent.invalid \
+ && git config --global commit.gpgsign false \
+ && git config --global tag.gpgsign false \
+ && git config --global safe.directory '*' \
+ && git config --global init.defaultBranch main
+
+CMD ["bash"]

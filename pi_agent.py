@@ -1,0 +1,1629 @@
+#!/usr/bin/env python3
+"""pi-agent: run a coding agent in a snapshotted, contained Docker workstation.
+
+Commands (shell function in shell/pi.sh, pi_agent.py subcommand, what):
+
+  pi [OPTIONS] [--] [AGENT ARGS]   run          the agent in the current project
+  pi-shell [OPTIONS]               shell        an interactive shell, same lifecycle
+  pi-exec [OPTIONS] [--] CMD ...   exec         any command, same lifecycle
+  pi-status                        status       settings, images, lock, target
+  pi-snapshots                     snapshots    snapshots, newest first
+  pi-rollback [SNAPSHOT]           rollback     current := a snapshot (undoable)
+  pi-reset-system                  reset-system current := base (undoable)
+  pi-reset-all [--yes]             reset-all    remove current and all snapshots
+  pi-rebuild-base [--no-cache]     rebuild-base build the base image again
+  pi-prune [N]                     prune        keep the N newest snapshots
+  pi-orphans                       orphans      containers left by interrupted runs
+  pi-recover [CONTAINER]           recover      save a left-behind container now
+  pi-clean-orphans [--yes]         clean-orphans discard left-behind containers
+  pi-unlock                        unlock       who holds the lock, and why
+
+Every run: find the project (git root, else the current directory), take the
+image line's lock, start a container from REPO:current with only the project
+mounted, run the agent inside with `docker exec`, then save: commit the
+container, keep the replaced image as REPO:snap-<time>, move REPO:current.
+The save runs in a detached saver process that holds the lock, so the prompt
+comes back at once and a closed terminal or a killed wrapper loses nothing.
+
+Exit codes:
+  0    success
+  N    run, exec, shell: the exit status of the agent or command
+  2    usage error
+  3    refused: unsafe mount target, credential in PI_AGENT_PASS_ENV,
+       destructive command without --yes
+  4    not found: unknown snapshot, container, image or Dockerfile
+  5    busy: an agent is running on this image line (use --wait)
+  6    the docker command is not installed
+  7    the Docker engine is unreachable
+  8    the Docker engine failed (build, commit, tag, ...)
+  9    bad setting (a PI_AGENT_* variable)
+  130  interrupted
+"""
+
+import calendar
+import fcntl
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+__version__ = "0.1.0"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Every setting: name, default, meaning. Defaults in <> are computed.
+SETTINGS = (
+    ("PI_AGENT_IMAGE_REPO", "pi-agent",
+     "image repository: REPO:base, REPO:current, REPO:snap-*"),
+    ("PI_AGENT_DOCKERFILE", "<Dockerfile beside pi_agent.py>",
+     "the Dockerfile the base image is built from"),
+    ("PI_AGENT_BASE_IMAGE", "ubuntu:24.04",
+     "the image that Dockerfile starts FROM (build arg BASE_IMAGE)"),
+    ("PI_AGENT_STATE_DIR", "<${XDG_STATE_HOME:-~/.local/state}/pi-agent>",
+     "locks, run state and the save log"),
+    ("PI_AGENT_COMMAND", "pi",
+     "the agent command that pi runs"),
+    ("PI_AGENT_INSTALL_CMD", "curl -fsSL https://pi.dev/install.sh | sh",
+     "run inside when the agent command is missing"),
+    ("PI_AGENT_PASS_ENV", "",
+     "host variables passed to the agent, e.g. ANTHROPIC_API_KEY"),
+    ("PI_AGENT_MOUNT_AT", "",
+     "mount the project here instead of at its host path"),
+    ("PI_AGENT_SNAPSHOT_KEEP", "10",
+     "snapshots kept by auto-prune and pi-prune"),
+    ("PI_AGENT_AUTO_PRUNE", "1",
+     "prune snapshots after each saved run (1/0)"),
+    ("PI_AGENT_SAVE", "background",
+     "background: the prompt returns while the saver commits; "
+     "foreground: wait for the save and report it"),
+)
+
+# Host variables the container sees (besides PI_AGENT_PASS_ENV); LC_* too.
+ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ")
+
+# Set empty inside, and refused in PI_AGENT_PASS_ENV: they open doors
+# outside the container (accounts, agents, the Docker engine).
+CREDENTIAL_ENV = (
+    "GITHUB_TOKEN", "GH_TOKEN", "GH_ENTERPRISE_TOKEN", "GITHUB_ENTERPRISE_TOKEN",
+    "GITLAB_TOKEN", "GL_TOKEN", "BITBUCKET_TOKEN",
+    "SSH_AUTH_SOCK", "SSH_AGENT_PID", "GPG_AGENT_INFO",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_AUTH_ACCESS_TOKEN",
+    "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PATH",
+    "KUBECONFIG", "NPM_TOKEN", "NODE_AUTH_TOKEN", "YARN_NPM_AUTH_TOKEN",
+    "CARGO_REGISTRY_TOKEN", "TWINE_PASSWORD", "PYPI_TOKEN",
+    "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH", "DOCKER_CONTEXT",
+    "VAULT_TOKEN", "HEROKU_API_KEY", "DIGITALOCEAN_ACCESS_TOKEN",
+)
+
+# Host directories that hold credentials: never a mount target.
+CREDENTIAL_DIRS = (".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker",
+                   ".config/gcloud", ".config/gh", ".password-store")
+
+# Mounting at one of these (or above one) would shadow the image's own files.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
+               "/lib64", "/libx32", "/media", "/mnt", "/opt", "/proc", "/root",
+               "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var")
+# ... and a project inside one of these would land in the image's own tree
+# (/root: the agent, not root, could not even reach it).
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64",
+                "/libx32", "/proc", "/root", "/run", "/sbin", "/sys", "/usr")
+
+SNAPSHOT_PREFIX = "snap-"
+SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
+LABEL = "pi-agent."
+# The labels a run puts on its container. The engine copies container labels
+# into the committed image, so the save overwrites each with its image value;
+# only the wrapper pid, meaningless on an image, becomes empty. An empty pid
+# is also how a container started by hand from current is told from ours.
+RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind")
+MOUNTS_LABEL = LABEL + "mounts"
+MAX_KNOWN_MOUNTS = 200
+KEEPALIVE = ["sleep", "infinity"]
+
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_NOT_FOUND = 4
+EXIT_BUSY = 5
+EXIT_NO_DOCKER = 6
+EXIT_ENGINE_DOWN = 7
+EXIT_ENGINE_ERROR = 8
+EXIT_BAD_SETTING = 9
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------- errors
+
+class PiError(Exception):
+    """A failure the user can act on: one line on stderr and an exit code."""
+
+    code = 1
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class Refused(PiError):
+    code = EXIT_REFUSED
+
+
+class NotFound(PiError):
+    code = EXIT_NOT_FOUND
+
+
+class Busy(PiError):
+    code = EXIT_BUSY
+
+
+class EngineError(PiError):
+    code = EXIT_ENGINE_ERROR
+
+
+class BadSetting(PiError):
+    code = EXIT_BAD_SETTING
+
+
+# ----------------------------------------------------------------- output
+
+def say(message):
+    """One line for the user on stderr; a closed terminal is not an error."""
+    try:
+        print("pi-agent: " + message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def utc_iso(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def local_time(iso):
+    """'2026-11-27T11:03:24Z' -> '2026-11-27 11:03:24' in local time."""
+    try:
+        epoch = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+    except (TypeError, ValueError):
+        return iso or "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def human_size(size):
+    if size < 1000:
+        return "%d B" % size
+    for unit in ("kB", "MB"):
+        size /= 1000
+        if size < 1000:
+            return "%.1f %s" % (size, unit)
+    return "%.1f GB" % (size / 1000)
+
+
+def print_table(rows):
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
+        print("  ".join(cells).rstrip())
+
+
+# --------------------------------------------------------------- settings
+
+def parse_bool(name, value):
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise BadSetting("%s=%s is not a yes/no value; use 1 or 0" % (name, value))
+
+
+class Config:
+    """The effective settings: defaults, overridden by the environment."""
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        self.environ = environ
+        self.sources = {}
+        raw = {}
+        for name, default, _meaning in SETTINGS:
+            if environ.get(name, "") != "":
+                raw[name], self.sources[name] = environ[name], "environment"
+            else:
+                raw[name], self.sources[name] = self._default(name, default, environ), "default"
+        self.raw = raw
+
+        self.image_repo = raw["PI_AGENT_IMAGE_REPO"]
+        if not re.fullmatch(r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*",
+                            self.image_repo):
+            raise BadSetting("PI_AGENT_IMAGE_REPO=%s is not a Docker repository name "
+                             "(lowercase letters, digits, . _ - /; no tag)" % self.image_repo)
+        self.dockerfile = raw["PI_AGENT_DOCKERFILE"]
+        self.base_image = raw["PI_AGENT_BASE_IMAGE"]
+        self.state_dir = raw["PI_AGENT_STATE_DIR"]
+        self.command = raw["PI_AGENT_COMMAND"]
+        try:
+            self.command_argv = shlex.split(self.command)
+        except ValueError as err:
+            raise BadSetting("PI_AGENT_COMMAND=%s: %s" % (self.command, err))
+        if not self.command_argv:
+            raise BadSetting("PI_AGENT_COMMAND is empty; set it to the agent command, e.g. pi")
+        self.install_cmd = raw["PI_AGENT_INSTALL_CMD"]
+        self.pass_env = parse_pass_env(raw["PI_AGENT_PASS_ENV"])
+        self.mount_at = raw["PI_AGENT_MOUNT_AT"]
+        if self.mount_at and (not self.mount_at.startswith("/") or self.mount_at.rstrip("/") == ""):
+            raise BadSetting("PI_AGENT_MOUNT_AT=%s must be an absolute path other than /, "
+                             "e.g. /workspace" % self.mount_at)
+        self.mount_at = os.path.normpath(self.mount_at) if self.mount_at else ""
+        keep = raw["PI_AGENT_SNAPSHOT_KEEP"]
+        if not keep.isdigit():
+            raise BadSetting("PI_AGENT_SNAPSHOT_KEEP=%s is not a whole number >= 0" % keep)
+        self.snapshot_keep = int(keep)
+        self.auto_prune = parse_bool("PI_AGENT_AUTO_PRUNE", raw["PI_AGENT_AUTO_PRUNE"])
+        self.save_mode = raw["PI_AGENT_SAVE"]
+        if self.save_mode not in ("background", "foreground"):
+            raise BadSetting("PI_AGENT_SAVE=%s: use background or foreground" % self.save_mode)
+
+    @staticmethod
+    def _default(name, default, environ):
+        if name == "PI_AGENT_DOCKERFILE":
+            return os.path.join(HERE, "Dockerfile")
+        if name == "PI_AGENT_STATE_DIR":
+            base = environ.get("XDG_STATE_HOME") or os.path.join(
+                environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+            return os.path.join(base, "pi-agent")
+        return default
+
+
+def parse_pass_env(value):
+    names = [name for name in re.split(r"[\s,]+", value) if name]
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise BadSetting("PI_AGENT_PASS_ENV: %r is not a variable name" % name)
+        if name in CREDENTIAL_ENV:
+            raise Refused("PI_AGENT_PASS_ENV lists %s, a credential pi-agent never passes "
+                          "into the container; remove it from PI_AGENT_PASS_ENV" % name)
+    return names
+
+
+# ------------------------------------------------------------------ docker
+
+# Docker subcommands that change something: --dry-run prints them instead.
+MUTATING = {"build", "commit", "create", "exec", "import", "kill", "rm", "rmi",
+            "run", "start", "stop", "tag"}
+_dry_run = False
+
+
+def docker_endpoint():
+    host = os.environ.get("DOCKER_HOST")
+    if host:
+        return host
+    context = os.environ.get("DOCKER_CONTEXT")
+    return ("context " + context) if context else "unix:///var/run/docker.sock"
+
+
+def docker_failure(args, stderr):
+    """Turn docker's stderr into the right PiError."""
+    text = (stderr or "").strip()
+    lowered = text.lower()
+    if ("cannot connect to the docker daemon" in lowered or "error during connect" in lowered
+            or "is the docker daemon running" in lowered):
+        return PiError("cannot reach the Docker engine at %s; start it (sudo systemctl start "
+                       "docker, or open Docker Desktop), then retry" % docker_endpoint(),
+                       EXIT_ENGINE_DOWN)
+    if "permission denied" in lowered and "docker" in lowered and ".sock" in lowered:
+        return PiError("permission denied on the Docker socket (%s); add yourself to the docker "
+                       "group (sudo usermod -aG docker $USER) and log in again"
+                       % docker_endpoint(), EXIT_ENGINE_DOWN)
+    lines = [line for line in text.splitlines() if line.strip()]
+    detail = lines[-1] if lines else "no error message"
+    for line in lines:
+        if line.lower().startswith(("error", "docker: error")):
+            detail = line
+            break
+    return EngineError("docker %s failed: %s" % (args[0], detail))
+
+
+def docker(*args, capture=True, check=True, env=None, stdin=None, stdout=None):
+    """Run `docker ARGS` (never through a shell) and return the CompletedProcess.
+
+    With check, a failure raises the PiError that docker's stderr calls for.
+    Under --dry-run, commands that change something are printed, not run.
+    """
+    argv = ["docker", *args]
+    if _dry_run and args[0] in MUTATING:
+        print(shlex.join(argv))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+    try:
+        result = subprocess.run(
+            argv, env=env, stdin=stdin,
+            stdout=subprocess.PIPE if capture else stdout,
+            stderr=subprocess.PIPE if capture else None,
+            universal_newlines=True if capture else None)
+    except FileNotFoundError:
+        raise PiError("the docker command is not installed (or not on PATH); install Docker "
+                      "Engine or Docker Desktop first", EXIT_NO_DOCKER)
+    if check and result.returncode != 0:
+        raise docker_failure(args, result.stderr if capture else "")
+    return result
+
+
+def is_absent(result, kind):
+    """True when a failed inspect means 'no such object', not an engine fault."""
+    text = (result.stderr or "").lower()
+    return result.returncode != 0 and ("no such " + kind) in text
+
+
+def inspect_image(ref):
+    """The image's inspect record, or None when it does not exist."""
+    result = docker("image", "inspect", ref, check=False)
+    if result.returncode == 0:
+        return json.loads(result.stdout)[0]
+    if is_absent(result, "image"):
+        return None
+    raise docker_failure(("image", "inspect"), result.stderr)
+
+
+def inspect_container(ref):
+    result = docker("container", "inspect", ref, check=False)
+    if result.returncode == 0:
+        return json.loads(result.stdout)[0]
+    if is_absent(result, "container"):
+        return None
+    raise docker_failure(("container", "inspect"), result.stderr)
+
+
+def image_layers(image):
+    return len(((image or {}).get("RootFS") or {}).get("Layers") or [])
+
+
+def image_labels(image):
+    return ((image or {}).get("Config") or {}).get("Labels") or {}
+
+
+def image_home(image):
+    """The container user's home directory, from the image's ENV or USER."""
+    config = (image or {}).get("Config") or {}
+    for entry in config.get("Env") or []:
+        if entry.startswith("HOME="):
+            return os.path.normpath(entry[5:]) if entry[5:] else "/root"
+    user = (config.get("User") or "").split(":")[0]
+    return "/root" if user in ("", "root", "0") else "/home/" + user
+
+
+def list_json_lines(*args):
+    output = docker(*args).stdout
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------ the project
+
+def home_dirs(environ=None):
+    """The user's home directories: $HOME and the password database's."""
+    environ = os.environ if environ is None else environ
+    homes = set()
+    if environ.get("HOME"):
+        homes.add(os.path.realpath(environ["HOME"]))
+    try:
+        import pwd
+        homes.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
+    except (ImportError, KeyError):
+        pass
+    return sorted(homes)
+
+
+def is_within(path, parent):
+    """path is parent or below it (both normalized, absolute)."""
+    return path == parent or parent == "/" or path.startswith(parent + "/")
+
+
+def find_target(cwd, homes, here=False, exists=os.path.exists):
+    """The directory to mount and the run's subdirectory inside it.
+
+    The git repository root when cwd is inside one (or cwd itself with
+    --here); refused when it is /, a home directory, a directory above one,
+    or a credential directory.
+    """
+    target = cwd
+    if not here:
+        probe = cwd
+        while True:
+            if exists(os.path.join(probe, ".git")):
+                target = probe
+                break
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+    if "\n" in target:
+        raise Refused("cannot mount %r: a path with a newline cannot be mounted safely" % target)
+    if target == "/":
+        raise Refused("refusing to mount /: it holds the whole host; cd into a project directory")
+    for home in homes:
+        if is_within(home, target):
+            what = "your home directory" if target == home else "a directory above your home"
+            hint = ("use --here to mount only the current directory" if cwd != target and
+                    not is_within(home, cwd) else "cd into a project directory")
+            raise Refused("refusing to mount %s: it is %s, which would hand the agent ~/.ssh "
+                          "and every credential; %s" % (target, what, hint))
+        for secret in CREDENTIAL_DIRS:
+            if is_within(target, os.path.join(home, secret)):
+                raise Refused("refusing to mount %s: it holds credentials (~/%s); "
+                              "cd into a project directory" % (target, secret))
+    subdir = os.path.relpath(cwd, target) if cwd != target else ""
+    return target, subdir
+
+
+def mount_point(target, container_home, mount_at=""):
+    """Where the project appears inside: its host path, unless that would
+    shadow part of the image (then /workspace/NAME), or PI_AGENT_MOUNT_AT."""
+    if mount_at:
+        return mount_at
+    protected = SYSTEM_DIRS + (container_home,)
+    if (any(is_within(path, target) for path in protected)
+            or any(is_within(target, tree) for tree in SYSTEM_TREES + (container_home,))):
+        return "/workspace/" + os.path.basename(target)
+    return target
+
+
+def csv_field(text):
+    """One field of docker's --mount value, which docker parses as CSV."""
+    if any(char in text for char in ',"\r\n') or text != text.strip():
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def mount_spec(source, destination):
+    return ",".join(csv_field(field) for field in
+                    ("type=bind", "source=" + source, "target=" + destination))
+
+
+def container_env(environ, pass_env):
+    """(docker exec -e arguments, the names they read from our environment).
+
+    Values travel through the docker client's environment (`-e NAME`), never
+    its command line, so no host process listing shows a secret.
+    """
+    names = [name for name in ALLOWED_ENV if name in environ]
+    names += sorted(name for name in environ if name.startswith("LC_"))
+    names += [name for name in pass_env if name in environ and name not in names]
+    args = []
+    for name in names:
+        args += ["-e", name]
+    for name in CREDENTIAL_ENV:
+        args += ["-e", name + "="]
+    return args, names
+
+
+# -------------------------------------------------------------- snapshots
+
+def snapshot_name(epoch, last=None):
+    """snap-YYYYMMDD-HHMMSS.mmm (UTC), strictly after `last`: unique for runs
+    in the same second without sleeping, and sortable by name."""
+    millis = int(epoch * 1000)
+    last_epoch = snapshot_epoch(last) if last else None
+    if last_epoch is not None:
+        millis = max(millis, round(last_epoch * 1000) + 1)
+    seconds, fraction = divmod(millis, 1000)
+    return SNAPSHOT_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds)) + \
+        ".%03d" % fraction
+
+
+def snapshot_epoch(name):
+    match = SNAPSHOT_RE.match(name)
+    if not match:
+        return None
+    then = time.strptime(match.group(1) + match.group(2), "%Y%m%d%H%M%S")
+    return calendar.timegm(then) + int(match.group(3)) / 1000
+
+
+def list_snapshots(line):
+    """[{tag, id, created, size}] of REPO:snap-*, newest first (one docker call)."""
+    rows = list_json_lines(
+        "image", "ls", line.repo, "--format",
+        '{"tag":{{json .Tag}},"id":{{json .ID}},"created":{{json .CreatedAt}},'
+        '"size":{{json .Size}}}')
+    snaps = [row for row in rows if SNAPSHOT_RE.match(row["tag"])]
+    snaps.sort(key=lambda row: row["tag"], reverse=True)
+    return snaps
+
+
+def describe_origin(image):
+    """What made an image, from the labels its save put on it."""
+    labels = image_labels(image)
+    if not labels.get(LABEL + "committed_at"):
+        return "the base image"
+    kind = labels.get(LABEL + "kind") or "run"
+    target = labels.get(LABEL + "target") or "?"
+    status = labels.get(LABEL + "exit_status") or "?"
+    return "%s in %s (exit %s)" % (kind, target, status)
+
+
+# ------------------------------------------------------- state and locks
+
+class Line:
+    """One image line: REPO:base, REPO:current, REPO:snap-*, and its files.
+
+    Everything that changes the line's images holds its lock. The lock file
+    is never deleted; the state file is written only by the lock holder,
+    always whole (temp file, then rename).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.repo = config.image_repo
+        self.base = self.repo + ":base"
+        self.current = self.repo + ":current"
+        key = self.repo.replace("%", "%25").replace("/", "%2F")
+        self.state_dir = config.state_dir
+        self.lock_path = os.path.join(self.state_dir, key + ".lock")
+        self.state_path = os.path.join(self.state_dir, key + ".json")
+        self.log_path = os.path.join(self.state_dir, key + ".log")
+
+    def snap(self, name):
+        return "%s:%s" % (self.repo, name)
+
+    def read_state(self):
+        try:
+            with open(self.state_path, encoding="utf-8") as handle:
+                state = json.load(handle)
+            return state if isinstance(state, dict) else {"corrupt": True}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {"corrupt": True}
+
+    def write_state(self, state):
+        os.makedirs(self.state_dir, exist_ok=True)
+        temp = "%s.%d.tmp" % (self.state_path, os.getpid())
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(state, handle, indent=1, sort_keys=True)
+        os.replace(temp, self.state_path)
+
+    def log(self, message):
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            if os.path.exists(self.log_path) and os.path.getsize(self.log_path) > 1 << 20:
+                os.replace(self.log_path, self.log_path + ".1")
+            with open(self.log_path, "a", encoding="utf-8") as handle:
+                handle.write("%s [%d] %s\n" % (utc_iso(time.time()), os.getpid(), message))
+        except OSError:
+            pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_holder(holder):
+    if not holder:
+        return "another pi-agent command"
+    phase = holder.get("phase", "working")
+    what = {"running": "running %s in" % holder.get("kind", "run"),
+            "saving": "saving the run in",
+            "starting": "starting %s in" % holder.get("kind", "run")}.get(
+                phase, "%s for" % holder.get("kind", "a command"))
+    pid = holder.get("saver_pid") if phase == "saving" else holder.get("pid")
+    return "pid %s (%s %s, since %s)" % (pid, what, holder.get("target", "?"),
+                                        local_time(holder.get("started")))
+
+
+def agent_is_running(holder):
+    """An agent is live on the line (as opposed to a save or a short command)."""
+    return bool(holder and holder.get("phase") in ("starting", "running")
+                and holder.get("host") == os.uname().nodename and pid_alive(holder.get("pid")))
+
+
+class LineLock:
+    """The image line's fcntl lock.
+
+    flock belongs to the open file description, so a forked saver that keeps
+    the descriptor keeps the lock after the wrapper exits, and the kernel
+    drops it when the last holder dies: a dead holder never leaves it behind.
+    """
+
+    def __init__(self, line):
+        self.line = line
+        self.fd = None
+
+    def acquire(self, kind, target="", wait=False):
+        """Take the lock and record the holder; return the state it found.
+
+        Saves and short commands are waited for; a running agent is an error
+        unless `wait`.
+        """
+        os.makedirs(self.line.state_dir, exist_ok=True)
+        self.fd = os.open(self.line.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + 0.3
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+            holder = self.line.read_state().get("holder")
+            if agent_is_running(holder) and not wait:
+                os.close(self.fd)
+                self.fd = None
+                raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
+                           % (self.line.repo, describe_holder(holder)))
+            say("waiting for %s ..." % describe_holder(holder))
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            break
+        state = self.line.read_state()
+        found = dict(state)
+        state["holder"] = {"kind": kind, "target": target, "pid": os.getpid(),
+                           "host": os.uname().nodename, "started": utc_iso(time.time()),
+                           "phase": "working" if kind not in LIFECYCLE_KINDS else "starting"}
+        state.pop("corrupt", None)
+        self.line.write_state(state)
+        return found, state
+
+    def release(self, state):
+        state["holder"] = None
+        self.line.write_state(state)
+        os.close(self.fd)
+        self.fd = None
+
+
+class exclusive:
+    """`with exclusive(line, kind) as state:` for commands that change images:
+    waits for any save, recovers what an interrupted run left, and releases."""
+
+    def __init__(self, line, kind, wait=False, recover=True):
+        self.lock = LineLock(line)
+        self.line, self.kind, self.wait, self.recover = line, kind, wait, recover
+
+    def __enter__(self):
+        found, self.state = self.lock.acquire(self.kind, wait=self.wait)
+        if self.recover:
+            try:
+                recover_if_needed(self.line, found, self.state)
+            except BaseException:
+                self.lock.release(self.state)
+                raise
+        return self.state
+
+    def __exit__(self, *exc):
+        self.lock.release(self.state)
+        return False
+
+
+# ------------------------------------------------------------------ images
+
+def build_base(line, no_cache=False):
+    config = line.config
+    dockerfile = os.path.abspath(config.dockerfile)
+    if not os.path.isfile(dockerfile):
+        raise NotFound("no Dockerfile at %s; set PI_AGENT_DOCKERFILE to yours, or reinstall "
+                       "pi-agent" % dockerfile)
+    uid, gid = os.getuid(), os.getgid()
+    args = ["build", "--label", LABEL + "repo=" + line.repo, "-t", line.base,
+            "--build-arg", "BASE_IMAGE=" + config.base_image,
+            "--build-arg", "AGENT_UID=%d" % uid, "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
+            "-f", dockerfile]
+    if no_cache:
+        args.append("--no-cache")
+    args.append(os.path.dirname(dockerfile))
+    say("building %s from %s (first use; this takes a few minutes)" % (line.base, dockerfile))
+    started = time.monotonic()
+    # The build's own output goes to stderr, so a pipe on stdout stays clean.
+    docker(*args, capture=False, stdout=sys.stderr)
+    say("built %s in %.0f s" % (line.base, time.monotonic() - started))
+
+
+def ensure_current(line):
+    """Current's inspect record; on first use tag it from base (built if absent)."""
+    current = inspect_image(line.current)
+    if current is not None:
+        return current
+    if inspect_image(line.base) is None:
+        build_base(line)
+    docker("tag", line.base, line.current)
+    return inspect_image(line.current)
+
+
+def replace_current(line, state, old_id, new_ref, epoch=None):
+    """The one way current changes: keep the old image as a new snapshot,
+    then move the tag (atomic). Returns the snapshot's name."""
+    name = snapshot_name(time.time() if epoch is None else epoch, state.get("last_snapshot"))
+    docker("tag", old_id, line.snap(name))
+    docker("tag", new_ref, line.current)
+    state["last_snapshot"] = name
+    state["snapshot_count"] = state.get("snapshot_count", 0) + 1
+    line.write_state(state)
+    return name
+
+
+def remove_own_dangling(line):
+    """Remove untagged images that carry this line's label: only our own."""
+    ids = docker("image", "ls", "-q", "--filter", "dangling=true",
+                 "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
+    if ids:
+        docker("rmi", *ids, check=False)
+    return ids
+
+
+def prune_snapshots(line, state, keep, dry_run=False):
+    snaps = list_snapshots(line)
+    doomed = snaps[keep:]
+    if doomed and not dry_run:
+        result = docker("rmi", *[line.snap(snap["tag"]) for snap in doomed], check=False)
+        if result.returncode != 0:
+            raise docker_failure(("rmi",), result.stderr)
+    if not dry_run:
+        state["snapshot_count"] = len(snaps) - len(doomed)
+        line.write_state(state)
+        remove_own_dangling(line)
+    return doomed
+
+
+def prune_if_due(line, state):
+    """Auto-prune; the count kept in the state spares a listing per run."""
+    config = line.config
+    count = state.get("snapshot_count")
+    if config.auto_prune and (count is None or count > config.snapshot_keep):
+        prune_snapshots(line, state, config.snapshot_keep)
+
+
+# ---------------------------------------------------------- the lifecycle
+#
+# acquire lock -> recover leftovers -> ensure images -> fork the saver ->
+# docker run -d (keepalive) -> docker exec the agent -> hand the exit status
+# to the saver -> [saver] commit, snapshot + move current, remove, prune.
+# Recovery, rollback, reset and flatten reuse replace_current() and
+# save_container(), under the same lock.
+
+LIFECYCLE_KINDS = ("run", "exec", "shell")
+
+
+class RunPlan:
+    """Everything a run needs, computed before anything starts (pure)."""
+
+    def __init__(self, line, kind, argv, image, target, subdir, environ, now, pid, tty):
+        config = line.config
+        self.line, self.kind, self.image = line, kind, image
+        self.target, self.started = target, now
+        self.mount_point = mount_point(target, image_home(image), config.mount_at)
+        self.workdir = os.path.join(self.mount_point, subdir) if subdir else self.mount_point
+        slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo)
+        self.container = "pi-agent-%s-%s-%d" % (slug, time.strftime("%Y%m%d-%H%M%S",
+                                                                    time.gmtime(now)), pid)
+        self.labels = {LABEL + "repo": line.repo, LABEL + "pid": str(pid),
+                       LABEL + "host": os.uname().nodename, LABEL + "target": target,
+                       LABEL + "started": utc_iso(now), LABEL + "kind": kind}
+        env_args, self.env_names = container_env(environ, config.pass_env)
+        self.run_args = self._run_args()
+        self.exec_args = ["exec", "-i"] + (["-t"] if tty else []) + ["-w", self.workdir] + \
+            env_args + self._inner_env_args() + [self.container] + self._inner(argv)
+
+    def _run_args(self):
+        config = (self.image.get("Config") or {})
+        args = ["run", "-d", "--init", "--name", self.container]
+        for key, value in self.labels.items():
+            args += ["--label", "%s=%s" % (key, value)]
+        args += ["--mount", mount_spec(self.target, self.mount_point)]
+        # Keep the image's entrypoint when it has none, so the commit keeps
+        # that null (a --change can set, but never unset, ENTRYPOINT).
+        if config.get("Entrypoint"):
+            return args + ["--entrypoint", KEEPALIVE[0], self.image["Id"]] + KEEPALIVE[1:]
+        return args + [self.image["Id"]] + KEEPALIVE
+
+    def save_meta(self, exit_status):
+        """The run's labels and outcome, as save_container() takes them."""
+        meta = {key[len(LABEL):]: value for key, value in self.labels.items()}
+        meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
+                    mount=self.mount_point, epoch=self.started)
+        return meta
+
+    def _inner_env_args(self):
+        return ["-e", "PI_AGENT_INSTALL_CMD"] if self.kind == "run" else []
+
+    def _inner(self, argv):
+        if self.kind == "exec":
+            return list(argv)
+        if self.kind == "shell":
+            return ["sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash; exec sh"]
+        script = ('command -v "$1" >/dev/null 2>&1 || {'
+                  ' echo "pi-agent: $1 is not installed here; installing: $PI_AGENT_INSTALL_CMD" >&2;'
+                  ' sh -c "$PI_AGENT_INSTALL_CMD" || exit;'
+                  ' command -v "$1" >/dev/null 2>&1 || {'
+                  ' echo "pi-agent: the install command did not install $1" >&2; exit 127; }; };'
+                  ' exec "$@"')
+        return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
+
+
+def dockerfile_quote(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+def commit_args(container, image, labels, message):
+    """docker commit arguments that give the new image the old image's own
+    config: the keepalive command is replaced by the image's CMD/ENTRYPOINT,
+    and every run label by its image value."""
+    config = image.get("Config") or {}
+    args = ["commit", "-m", message]
+    if config.get("Entrypoint"):
+        args += ["--change", "ENTRYPOINT " + json.dumps(config["Entrypoint"], ensure_ascii=False)]
+    if config.get("Cmd"):
+        args += ["--change", "CMD " + json.dumps(config["Cmd"], ensure_ascii=False)]
+    for key in sorted(labels):
+        args += ["--change", "LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(labels[key]))]
+    return args + [container]
+
+
+def known_mounts(image):
+    try:
+        mounts = json.loads(image_labels(image).get(MOUNTS_LABEL) or "[]")
+    except ValueError:
+        return []
+    return [m for m in mounts if isinstance(m, str)] if isinstance(mounts, list) else []
+
+
+def only_mountpoint_changes(diff_output, mount):
+    """docker diff shows the mount point docker created (and its parents'
+    mtimes): that alone is not a change the run made."""
+    for row in diff_output.splitlines():
+        kind, _, path = row.partition(" ")
+        if not row.strip():
+            continue
+        if kind not in ("A", "C") or not is_within(mount, path):
+            return False
+    return True
+
+
+def save_container(line, state, container, image, meta, current_id=None):
+    """Commit a finished run's container into current; the one save path.
+
+    `image` is the record of the image the container started from, `meta`
+    its run labels plus exit_status. Returns the new snapshot's name, or
+    None when the run changed nothing (then no layer and no snapshot stay).
+    If the container started from something other than current (possible
+    only for a leftover), its result becomes a snapshot and current stays.
+    """
+    mount = meta.get("mount") or ""
+    mounts = known_mounts(image)
+    if mount and mount not in mounts:
+        mounts = (mounts + [mount])[-MAX_KNOWN_MOUNTS:]
+    labels = {LABEL + key: meta.get(key, "") for key in RUN_LABELS}
+    labels.update({LABEL + "pid": "", LABEL + "repo": line.repo,
+                   LABEL + "previous": image["Id"],
+                   LABEL + "committed_at": utc_iso(time.time()),
+                   LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
+                   MOUNTS_LABEL: json.dumps(mounts, ensure_ascii=False)})
+    message = "pi-agent %s in %s (exit %s)" % (meta.get("kind", "run"), meta.get("target", "?"),
+                                               meta.get("exit_status", "unknown"))
+    new_id = docker(*commit_args(container, image, labels, message)).stdout.strip()
+    new = inspect_image(new_id)
+    changed = image_layers(new) != image_layers(image)
+    if changed and mount and mount not in known_mounts(image) and new.get("Size") == image.get("Size"):
+        changed = not only_mountpoint_changes(docker("diff", container).stdout, mount)
+    snap = None
+    if not changed:
+        docker("rmi", new_id, check=False)
+    elif current_id and current_id != image["Id"]:
+        snap = snapshot_name(time.time(), state.get("last_snapshot"))
+        docker("tag", new_id, line.snap(snap))
+        state["last_snapshot"] = snap
+        state["snapshot_count"] = state.get("snapshot_count", 0) + 1
+        meta["branched"] = True
+    else:
+        snap = replace_current(line, state, image["Id"], new_id, epoch=meta.get("epoch"))
+    state["saved_container"] = container
+    line.write_state(state)
+    docker("rm", "-f", "-v", container)
+    state["saved_container"] = None
+    line.write_state(state)
+    prune_if_due(line, state)
+    return snap
+
+
+def list_run_containers(line, sizes=False):
+    """Containers this line's runs started (by label), oldest first."""
+    fields = ["ID", "Names", "State", "CreatedAt", "RunningFor"] + (["Size"] if sizes else [])
+    parts = ['"%s":{{json .%s}}' % (field.lower(), field) for field in fields]
+    parts += ['"%s":{{json (.Label "%s%s")}}' % (key, LABEL, key) for key in RUN_LABELS]
+    rows = list_json_lines("ps", "-a", *(["--size"] if sizes else []),
+                           "--filter", "label=%srepo=%s" % (LABEL, line.repo),
+                           "--format", "{" + ",".join(parts) + "}")
+    rows = [row for row in rows if row.get("pid")]
+    rows.sort(key=lambda row: (row.get("started") or "", row.get("createdat") or ""))
+    return rows
+
+
+def leftover_containers(line, sizes=False):
+    """Run containers that no live lifecycle owns."""
+    rows = list_run_containers(line, sizes)
+    if lock_is_held(line):
+        holder = line.read_state().get("holder") or {}
+        rows = [row for row in rows if row["names"] != holder.get("container")]
+    return rows
+
+
+def recover_container(line, state, row):
+    """Save one left-behind container into current (or, if it started from
+    another image, into a snapshot). Returns a line for the user."""
+    name = row["names"]
+    if state.get("saved_container") == name:
+        docker("rm", "-f", "-v", name)
+        state["saved_container"] = None
+        line.write_state(state)
+        return "removed %s, which was already saved" % name
+    info = inspect_container(name)
+    if info is None:
+        return "%s is gone already" % name
+    image = inspect_image(info["Image"])
+    current = inspect_image(line.current)
+    meta = {key: row.get(key) or "" for key in RUN_LABELS}
+    meta.update(exit_status="unknown", kind=(row.get("kind") or "run"),
+                mount=next((m.get("Destination") for m in info.get("Mounts") or []
+                            if m.get("Type") == "bind"), ""))
+    snap = save_container(line, state, name, image, meta,
+                          current_id=current["Id"] if current else None)
+    started = local_time(row.get("started"))
+    if meta.get("branched"):
+        return ("saved the run of %s in %s, which started from an older environment, as "
+                "snapshot %s; current is unchanged (pi-rollback %s to use it)"
+                % (started, row.get("target"), snap, snap))
+    if snap:
+        return ("recovered the interrupted run of %s in %s into current (before it: %s)"
+                % (started, row.get("target"), snap))
+    return "removed %s: the interrupted run of %s changed nothing" % (name, started)
+
+
+def recover_if_needed(line, found, state):
+    """Recover what a dead holder left, oldest first, before anything else.
+
+    Cheap when the last holder finished cleanly: no docker call at all.
+    """
+    if not (found.get("holder") or found.get("corrupt") or found.get("failed")
+            or found.get("saved_container")):
+        return
+    host = os.uname().nodename
+    for row in list_run_containers(line):
+        if row.get("host") and row.get("host") != host:
+            say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
+            continue
+        try:
+            say(recover_container(line, state, row))
+        except PiError as err:
+            state["failed"] = row["names"]
+            line.write_state(state)
+            raise EngineError("could not save the environment that an interrupted run left in "
+                              "container %s: %s. Fix the engine (disk space?) and run "
+                              "pi-recover %s, or discard it with pi-clean-orphans"
+                              % (row["names"], err, row["names"]))
+    state.pop("failed", None)
+    state.pop("notice", None)
+    line.write_state(state)
+
+
+class Saver:
+    """The detached process that saves a run, forked before the container
+    starts. It shares the lock, listens on a pipe for the wrapper's word, and
+    when the wrapper is gone (exit, Ctrl-C, hangup, kill -9) saves anyway."""
+
+    def __init__(self, line, lock, state, plan):
+        self.line, self.lock, self.state, self.plan = line, lock, state, plan
+        self.pid = None
+        self.to_saver = None
+        self.from_saver = None
+
+    def start(self):
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(down_w)
+                os.close(up_r)
+                os.setsid()
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                self._detach_stdio(keep={self.lock.fd, down_r, up_w})
+                code = self._main(down_r, up_w)
+            except BaseException as err:  # the saver must never die silently
+                self.line.log("saver crashed: %r" % (err,))
+            finally:
+                os._exit(code)
+        os.close(down_r)
+        os.close(up_w)
+        self.pid, self.to_saver, self.from_saver = pid, down_w, up_r
+        return self
+
+    def _detach_stdio(self, keep):
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        # A terminal keeps getting our messages; a pipe must not be held open
+        # (`out=$(pi-exec ...)` would wait for the save), so that goes to the log.
+        if not os.isatty(2):
+            log = os.open(self.line.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(log, 2)
+            os.close(log)
+        os.close(devnull)
+        keep = sorted(keep | {0, 1, 2})
+        for low, high in zip(keep, keep[1:] + [65536]):
+            os.closerange(low + 1, high)
+
+    def send(self, message):
+        try:
+            os.write(self.to_saver, (message + "\n").encode())
+            return True
+        except OSError:
+            return False
+
+    def finish(self, wait):
+        """Close the pipe (the saver's cue); with `wait`, return its report."""
+        os.close(self.to_saver)
+        if not wait:
+            os.close(self.from_saver)
+            return None
+        chunks = []
+        while True:
+            chunk = os.read(self.from_saver, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(self.from_saver)
+        return b"".join(chunks).decode(errors="replace").strip()
+
+    def _main(self, down_r, up_w):
+        messages = []
+        with os.fdopen(down_r, "r") as pipe:
+            for text in pipe:
+                messages.append(text.strip())
+        line, state, plan = self.line, self.state, self.plan
+        status = next((m.split()[1] for m in messages if m.startswith("status ")), None)
+        state["holder"].update(phase="saving", saver_pid=os.getpid())
+        line.write_state(state)
+        if "abort" in messages:
+            # `docker run` failed; a container it may have created is junk.
+            docker("rm", "-f", "-v", plan.container, check=False)
+            self._report(up_w, "ok")
+            self.lock.release(state)
+            return 0
+        if status is None:
+            line.log("the wrapper of %s ended without an exit status; saving it anyway"
+                     % plan.container)
+            if inspect_container(plan.container) is None:
+                # `docker run` may still be creating it: leave the state
+                # dirty so the next lifecycle looks for it.
+                line.log("%s does not exist (yet?); the next run will look again" % plan.container)
+                return 0
+        try:
+            snap = save_container(line, state, plan.container, plan.image,
+                                  plan.save_meta(status))
+        except PiError as err:
+            notice = ("the save of the %s in %s failed: %s. The container %s keeps its changes; "
+                      "the next pi retries, or run pi-recover %s"
+                      % (plan.kind, plan.target, err, plan.container, plan.container))
+            state["failed"] = plan.container
+            state["notice"] = notice
+            line.write_state(state)
+            line.log(notice)
+            if not self._report(up_w, "error %d %s" % (err.code, notice)):
+                say(notice)
+            return 1
+        line.log("saved %s%s" % (plan.container, " (snapshot %s)" % snap if snap else
+                                 " (no change)"))
+        self._report(up_w, "ok " + (snap or ""))
+        self.lock.release(state)
+        return 0
+
+    @staticmethod
+    def _report(fd, text):
+        try:
+            os.write(fd, (text + "\n").encode())
+            return True
+        except OSError:
+            return False
+
+
+def run_attached(argv, env):
+    """Run the docker client in the foreground; pass hangup, terminate and
+    interrupt on to it and still return, so the saver hears the status."""
+    try:
+        proc = subprocess.Popen(["docker", *argv], env=env)
+    except FileNotFoundError:
+        raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
+
+    def forward(signum, _frame):
+        try:
+            proc.send_signal(signum)
+        except OSError:
+            pass
+
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, forward) for signum in caught}
+    try:
+        status = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - status if status < 0 else status
+
+
+def lifecycle(args, kind, argv):
+    config = Config()
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except FileNotFoundError:
+        raise NotFound("the current directory no longer exists; cd somewhere that does")
+    target, subdir = find_target(cwd, home_dirs(), here=args.here)
+    line = Line(config)
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    if args.dry_run:
+        return print_plan(line, kind, argv, target, subdir, tty)
+
+    lock = LineLock(line)
+    found, state = lock.acquire(kind, target, wait=args.wait)
+    try:
+        if found.get("notice"):
+            say(found["notice"])
+        recover_if_needed(line, found, state)
+        image = ensure_current(line)
+        plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, time.time(),
+                       os.getpid(), tty)
+        state["holder"].update(container=plan.container)
+        line.write_state(state)
+    except BaseException:
+        lock.release(state)
+        raise
+
+    saver = Saver(line, lock, state, plan).start()
+    env = dict(os.environ)
+    env["PI_AGENT_INSTALL_CMD"] = config.install_cmd
+    try:
+        docker(*plan.run_args)
+    except BaseException:
+        saver.send("abort")
+        saver.finish(wait=True)
+        raise
+    state["holder"]["phase"] = "running"
+    line.write_state(state)
+    status = run_attached(plan.exec_args, env)
+    if not saver.send("status %d" % status):
+        # The saver died (killed?): save here instead, we share its lock.
+        say("the background saver is gone; saving in the foreground")
+        save_container(line, state, plan.container, plan.image, plan.save_meta(status))
+        lock.release(state)
+        return status
+    report = saver.finish(wait=config.save_mode == "foreground")
+    if report and report.startswith("error"):
+        _, code, message = report.split(" ", 2)
+        say(message)
+        return status or int(code)
+    return status
+
+
+def print_plan(line, kind, argv, target, subdir, tty):
+    """--dry-run: what a run would do, as docker commands; nothing changes."""
+    current = inspect_image(line.current)
+    if current is None:
+        if inspect_image(line.base) is None:
+            print("# %s is missing: it would be built from %s" % (line.base, line.config.dockerfile))
+        print(shlex.join(["docker", "tag", line.base, line.current]))
+        current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
+    plan = RunPlan(line, kind, argv, current, target, subdir, os.environ, time.time(),
+                   os.getpid(), tty)
+    print("# target %s mounted at %s, working directory %s" % (target, plan.mount_point,
+                                                               plan.workdir))
+    print(shlex.join(["docker", *plan.run_args]))
+    print(shlex.join(["docker", *plan.exec_args]))
+    labels = {key: "..." for key in plan.labels}
+    print(shlex.join(["docker", *commit_args(plan.container, current, labels, "...")]))
+    print("# then, if the run changed anything:")
+    print(shlex.join(["docker", "tag", current["Id"], line.snap(snapshot_name(time.time()))]))
+    print(shlex.join(["docker", "tag", "NEW-IMAGE", line.current]))
+    print(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
+    return 0
+
+
+# ------------------------------------------------------------- commands
+
+def cmd_run(args):
+    return lifecycle(args, "run", args.argv)
+
+
+def cmd_exec(args):
+    if not args.argv:
+        raise PiError("pi-exec needs a command, e.g. pi-exec make test", EXIT_USAGE)
+    return lifecycle(args, "exec", args.argv)
+
+
+def cmd_shell(args):
+    if args.argv:
+        raise PiError("pi-shell takes no command (got %s); use pi-exec to run one"
+                      % " ".join(args.argv), EXIT_USAGE)
+    return lifecycle(args, "shell", [])
+
+
+def cmd_status(args):
+    config = Config()
+    line = Line(config)
+    print("pi-agent %s" % __version__)
+    print("\nsettings:")
+    rows = [(name, config.raw[name], "(%s)" % config.sources[name]) for name, _d, _m in SETTINGS]
+    print_table(rows)
+    print("\nimages:")
+    rows = []
+    for role, ref in (("base", line.base), ("current", line.current)):
+        image = inspect_image(ref)
+        if image is None:
+            rows.append((role, ref, "absent", "", ""))
+            continue
+        made = describe_origin(image) if role == "current" else "built " + local_time(
+            (image.get("Created") or "")[:19] + "Z")
+        rows.append((role, ref, human_size(image.get("Size", 0)),
+                     "%d layers" % image_layers(image), made))
+    snaps = list_snapshots(line)
+    rows.append(("snapshots", "%d" % len(snaps), "newest " + snaps[0]["tag"] if snaps else "", "",
+                 ""))
+    print_table(rows)
+    state = line.read_state()
+    holder = state.get("holder")
+    print("\nlock: %s" % (describe_holder(holder) if lock_is_held(line) else "free"))
+    if state.get("notice"):
+        print("notice: %s" % state["notice"])
+    leftovers = leftover_containers(line)
+    if leftovers:
+        print("left-behind containers: %d (see pi-orphans; the next pi recovers them)"
+              % len(leftovers))
+    try:
+        cwd = os.path.realpath(os.getcwd())
+        target, subdir = find_target(cwd, home_dirs())
+        image = inspect_image(line.current) or {}
+        point = mount_point(target, image_home(image), config.mount_at)
+        print("target: %s (inside: %s)" % (target, os.path.join(point, subdir) if subdir
+                                           else point))
+    except (PiError, FileNotFoundError) as err:
+        print("target: none here: %s" % err)
+    return 0
+
+
+def lock_is_held(line):
+    try:
+        fd = os.open(line.lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def wait_for_save(line):
+    """Readers wait for a save in progress instead of racing it."""
+    holder = line.read_state().get("holder")
+    if not lock_is_held(line) or agent_is_running(holder):
+        return
+    say("waiting for %s ..." % describe_holder(holder))
+    fd = os.open(line.lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def cmd_snapshots(args):
+    line = Line(Config())
+    wait_for_save(line)
+    snaps = list_snapshots(line)
+    if not snaps:
+        print("no snapshots of %s yet: each run that changes the environment makes one"
+              % line.repo)
+        return 0
+    images = json.loads(docker("image", "inspect", *[s["id"] for s in snaps]).stdout)
+    by_id = {image["Id"].split(":")[-1][:12]: image for image in images}
+    rows = [("NAME", "CREATED", "SIZE", "MADE BY")]
+    for snap in snaps:
+        rows.append((snap["tag"], snap["created"][:19], snap["size"],
+                     describe_origin(by_id.get(snap["id"]))))
+    print_table(rows)
+    return 0
+
+
+def resolve_snapshot(line, name):
+    snaps = list_snapshots(line)
+    if not snaps:
+        raise NotFound("%s has no snapshots to roll back to" % line.repo)
+    if name is None:
+        return snaps[0]
+    tag = name.split(":", 1)[1] if name.startswith(line.repo + ":") else name
+    for snap in snaps:
+        if snap["tag"] == tag:
+            return snap
+    raise NotFound("no snapshot %s of %s; pi-snapshots lists them" % (name, line.repo))
+
+
+def switch_current(line, state, new_ref, what):
+    """current := new_ref, keeping the replaced image as a snapshot."""
+    current = inspect_image(line.current)
+    new = inspect_image(new_ref)
+    if new is None:
+        raise NotFound("%s does not exist" % new_ref)
+    if current is None:
+        docker("tag", new_ref, line.current)
+        say("current is now %s" % what)
+        return 0
+    if current["Id"] == new["Id"]:
+        say("current is already %s; nothing to do" % what)
+        return 0
+    kept = replace_current(line, state, current["Id"], new_ref)
+    say("current is now %s; the replaced environment is kept as %s (undo: pi-rollback %s)"
+        % (what, kept, kept))
+    prune_if_due(line, state)
+    remove_own_dangling(line)
+    return 0
+
+
+def cmd_rollback(args):
+    line = Line(Config())
+    with exclusive(line, "rollback") as state:
+        snap = resolve_snapshot(line, args.snapshot)
+        return switch_current(line, state, line.snap(snap["tag"]), snap["tag"])
+
+
+def cmd_reset_system(args):
+    line = Line(Config())
+    with exclusive(line, "reset-system") as state:
+        if inspect_image(line.base) is None:
+            raise NotFound("%s does not exist; pi-rebuild-base builds it" % line.base)
+        return switch_current(line, state, line.base, "the base image (%s)" % line.base)
+
+
+def confirm(question, yes):
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise Refused("%s Refusing without --yes (no terminal to ask on)" % question)
+    try:
+        answer = input("pi-agent: %s [y/N] " % question)
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_reset_all(args):
+    line = Line(Config())
+    with exclusive(line, "reset-all") as state:
+        refs = [line.snap(s["tag"]) for s in list_snapshots(line)]
+        if inspect_image(line.current) is not None:
+            refs.insert(0, line.current)
+        if not refs:
+            say("%s has no current image and no snapshots; nothing to remove" % line.repo)
+            return 0
+        if not confirm("remove %s and its %d snapshots? The environment is lost; the base "
+                       "image stays." % (line.current, len(refs) - 1), args.yes):
+            say("nothing removed")
+            return 0
+        docker("rmi", *refs)
+        remove_own_dangling(line)
+        state["snapshot_count"] = 0
+        say("removed %d images; the next pi starts from %s" % (len(refs), line.base))
+    return 0
+
+
+def cmd_rebuild_base(args):
+    line = Line(Config())
+    with exclusive(line, "rebuild-base"):
+        build_base(line, no_cache=args.no_cache)
+        remove_own_dangling(line)
+    if inspect_image(line.current) is not None:
+        say("current still holds your environment on the old base; pi-reset-system moves it "
+            "to the new base (the old one is kept as a snapshot)")
+    return 0
+
+
+def cmd_prune(args):
+    config = Config()
+    line = Line(config)
+    keep = config.snapshot_keep if args.keep is None else args.keep
+    with exclusive(line, "prune") as state:
+        doomed = prune_snapshots(line, state, keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    say("%s %d snapshots, keeping the %d newest%s" % (
+        verb, len(doomed), keep, (": " + " ".join(s["tag"] for s in doomed)) if doomed else ""))
+    return 0
+
+
+def cmd_orphans(args):
+    line = Line(Config())
+    rows = leftover_containers(line, sizes=True)
+    if not rows:
+        print("no left-behind containers of %s" % line.repo)
+        return 0
+    table = [("CONTAINER", "AGE", "TARGET", "STATE", "CHANGES")]
+    for row in rows:
+        table.append((row["names"], row.get("runningfor", ""), row.get("target", ""),
+                      row.get("state", ""), (row.get("size") or "").split(" ")[0]))
+    print_table(table)
+    return 0
+
+
+def cmd_recover(args):
+    line = Line(Config())
+    with exclusive(line, "recover", recover=False) as state:
+        rows = list_run_containers(line)
+        if args.container:
+            rows = [row for row in rows if args.container in (row["names"], row["id"])]
+            if not rows:
+                raise NotFound("no left-behind container %s; pi-orphans lists them"
+                               % args.container)
+        if not rows:
+            say("no left-behind containers of %s; nothing to recover" % line.repo)
+            return 0
+        for row in rows:
+            say(recover_container(line, state, row))
+        state.pop("failed", None)
+        state.pop("notice", None)
+    return 0
+
+
+def cmd_clean_orphans(args):
+    line = Line(Config())
+    with exclusive(line, "clean-orphans", recover=False) as state:
+        rows = list_run_containers(line)
+        if not rows:
+            say("no left-behind containers of %s" % line.repo)
+            return 0
+        names = [row["names"] for row in rows]
+        if not confirm("discard %d left-behind containers (%s)? What their runs changed in the "
+                       "environment is lost; project files are not touched."
+                       % (len(names), ", ".join(names)), args.yes):
+            say("nothing removed")
+            return 0
+        docker("rm", "-f", "-v", *names)
+        state.pop("failed", None)
+        state.pop("notice", None)
+        say("removed %d containers" % len(names))
+    return 0
+
+
+def cmd_unlock(args):
+    line = Line(Config())
+    if not lock_is_held(line):
+        say("nothing holds the lock of %s: a lock dies with its holder, so there is nothing to "
+            "unlock" % line.repo)
+        return 0
+    holder = line.read_state().get("holder")
+    raise Busy("%s is held by %s; it is released when that process ends (if it is stuck: kill "
+               "it, and the next pi recovers its work)" % (line.repo, describe_holder(holder)))
+
+
+# ---------------------------------------------------------------- parsing
+
+LIFECYCLE_FLAGS = {"--wait", "--here", "--dry-run", "-h", "--help", "--version"}
+
+EXAMPLES = """examples:
+  pi                              run the agent in this project
+  pi -- --help                    the agent's own help
+  pi-exec make test               any command in the agent's environment
+  pi-snapshots; pi-rollback       undo what the last run did to the environment
+  PI_AGENT_PASS_ENV=ANTHROPIC_API_KEY pi   give the agent one credential
+"""
+
+
+def split_wrapper_args(argv):
+    """Wrapper options come first; the first other word (or --) starts the
+    agent's (or the command's) arguments."""
+    for index, word in enumerate(argv):
+        if word == "--":
+            return argv[:index], argv[index + 1:]
+        if word not in LIFECYCLE_FLAGS:
+            return argv[:index], argv[index:]
+    return argv, []
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="pi-agent", usage="pi [--wait] [--here] [--dry-run] [--] [AGENT ARGS]\n"
+        "       pi-COMMAND [OPTIONS] [ARGS]   (pi_agent.py COMMAND ...)",
+        description=__doc__.split("\nEvery run:")[0].split("\n\n", 1)[1],
+        epilog=EXAMPLES + "\n" + __doc__[__doc__.index("Exit codes:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="pi-agent " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
+    sub.required = True
+
+    def lifecycle_parser(name, func, help_text, usage_tail):
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 prog="pi" if name == "run" else "pi-" + name,
+                                 usage="%%(prog)s [--wait] [--here] [--dry-run] %s" % usage_tail)
+        command.add_argument("--wait", action="store_true",
+                             help="wait for a running agent on this image line instead of failing")
+        command.add_argument("--here", action="store_true",
+                             help="mount the current directory, not the repository root")
+        command.add_argument("--dry-run", action="store_true",
+                             help="print the docker commands a run would use; change nothing")
+        command.set_defaults(func=func)
+
+    lifecycle_parser("run", cmd_run, "run the agent in the current project", "[--] [AGENT ARGS]")
+    lifecycle_parser("exec", cmd_exec, "run a command in the agent's environment",
+                     "[--] CMD [ARGS]")
+    lifecycle_parser("shell", cmd_shell, "an interactive shell in the agent's environment", "")
+
+    def simple(name, func, help_text):
+        command = sub.add_parser(name, help=help_text, description=help_text, prog="pi-" + name)
+        command.set_defaults(func=func)
+        return command
+
+    simple("status", cmd_status, "settings, images, lock holder, mount target")
+    simple("snapshots", cmd_snapshots, "list snapshots, newest first")
+    simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "
+           "replaced current is kept as a snapshot").add_argument("snapshot", nargs="?")
+    simple("reset-system", cmd_reset_system, "make the base image current (undoable)")
+    simple("reset-all", cmd_reset_all, "remove current and every snapshot").add_argument(
+        "--yes", "-y", action="store_true", help="do not ask")
+    simple("rebuild-base", cmd_rebuild_base, "build the base image again").add_argument(
+        "--no-cache", action="store_true", help="rebuild every step")
+    prune = simple("prune", cmd_prune, "keep only the N newest snapshots")
+    prune.add_argument("keep", nargs="?", type=int, metavar="N",
+                       help="default: PI_AGENT_SNAPSHOT_KEEP")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    simple("orphans", cmd_orphans, "list containers that interrupted runs left behind")
+    simple("recover", cmd_recover, "save left-behind containers into current now").add_argument(
+        "container", nargs="?")
+    simple("clean-orphans", cmd_clean_orphans, "discard left-behind containers").add_argument(
+        "--yes", "-y", action="store_true", help="do not ask")
+    simple("unlock", cmd_unlock, "show who holds the lock (a dead holder never does)")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
+    if argv and argv[0] in LIFECYCLE_KINDS:
+        wrapper, rest = split_wrapper_args(argv[1:])
+        if "--version" in wrapper:
+            print("pi-agent " + __version__)
+            raise SystemExit(0)
+        if argv[0] == "run" and ("--help" in wrapper or "-h" in wrapper):
+            parser.print_help()
+            raise SystemExit(0)
+        args = parser.parse_args([argv[0]] + wrapper)
+        args.argv = rest
+        return args
+    args = parser.parse_args(argv)
+    if getattr(args, "keep", None) is not None and args.keep < 0:
+        parser.error("N must be 0 or more")
+    return args
+
+
+def main(argv=None) -> int:
+    global _dry_run
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        _dry_run = bool(getattr(args, "dry_run", False))
+        return args.func(args)
+    except PiError as err:
+        say(str(err))
+        return err.code
+    except KeyboardInterrupt:
+        say("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+# shellcheck shell=bash
+# pi-agent shell functions for bash (>= 3.2) and zsh (>= 5).
+# Source this file from ~/.bashrc or ~/.zshrc. It only defines functions
+# (and remembers where pi_agent.py is); it prints nothing and is safe to
+# source again. All logic lives in pi_agent.py.
+
+# Where this file is, so that pi_agent.py is found beside it (../pi_agent.py).
+if [ -n "${ZSH_VERSION:-}" ]; then
+  eval '_PI_AGENT_SOURCE=${(%):-%x}'
+else
+  _PI_AGENT_SOURCE=${BASH_SOURCE[0]}
+fi
+case $_PI_AGENT_SOURCE in
+  /*) ;;
+  *) _PI_AGENT_SOURCE=$PWD/$_PI_AGENT_SOURCE ;;
+esac
+_PI_AGENT_PY=${_PI_AGENT_SOURCE%/*}/../pi_agent.py
+unset _PI_AGENT_SOURCE
+
+# `command` skips any alias or function of the same name; the `function`
+# keyword keeps a user's alias named pi from breaking these definitions.
+function _pi_agent {
+  command "${PI_AGENT_PYTHON:-python3}" "$_PI_AGENT_PY" "$@"
+}
+
+function pi { _pi_agent run "$@"; }
+function pi-shell { _pi_agent shell "$@"; }
+function pi-exec { _pi_agent exec "$@"; }
+function pi-status { _pi_agent status "$@"; }
+function pi-snapshots { _pi_agent snapshots "$@"; }
+function pi-rollback { _pi_agent rollback "$@"; }
+function pi-reset-system { _pi_agent reset-system "$@"; }
+function pi-reset-all { _pi_agent reset-all "$@"; }
+function pi-rebuild-base { _pi_agent rebuild-base "$@"; }
+function pi-prune { _pi_agent prune "$@"; }
+function pi-orphans { _pi_agent orphans "$@"; }
+function pi-recover { _pi_agent recover "$@"; }
+function pi-clean-orphans { _pi_agent clean-orphans "$@"; }
+function pi-unlock { _pi_agent unlock "$@"; }

@@ -14,38 +14,41 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # The agent user gets the host user's UID and GID, so files it writes in the
-# project belong to the host user. An image may already have a user with that
-# UID (Ubuntu 24.04's "ubuntu" is 1000): it gives way. A root host user (UID 0)
-# gets an agent that is root too, or it could not write the root-owned project.
+# project belong to the host user, and the host user's home path, so that ~
+# means the same path inside and out (the agent's home holds only its own
+# files). An image may already have a user with that UID (Ubuntu 24.04's
+# "ubuntu" is 1000): it gives way. A root host user (UID 0) gets an agent that
+# is root too, or it could not write the root-owned project.
 ARG AGENT_UID=1000
 ARG AGENT_GID=1000
+ARG AGENT_HOME=/home/agent
 RUN set -eu; \
     if id agent >/dev/null 2>&1; then userdel --remove agent 2>/dev/null || userdel agent; fi; \
     if [ "$AGENT_UID" = 0 ]; then \
-      useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir /home/agent \
+      useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir "$AGENT_HOME" \
               --shell /bin/bash agent; \
-      mkdir -p /home/agent; \
     else \
       other=$(getent passwd "$AGENT_UID" | cut -d: -f1); \
       if [ -n "$other" ]; then userdel --remove "$other" 2>/dev/null || userdel "$other"; fi; \
       group=$(getent group "$AGENT_GID" | cut -d: -f1); \
       if [ -z "$group" ]; then groupadd --gid "$AGENT_GID" agent; group=agent; fi; \
-      useradd --uid "$AGENT_UID" --gid "$group" --create-home --home-dir /home/agent \
+      useradd --uid "$AGENT_UID" --gid "$group" --no-create-home --home-dir "$AGENT_HOME" \
               --shell /bin/bash agent; \
     fi; \
+    mkdir -p "$AGENT_HOME/.local/bin" "$AGENT_HOME/.npm-global"; \
+    chown -R "$AGENT_UID:$AGENT_GID" "$AGENT_HOME"; \
     echo 'agent ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/agent; \
     chmod 0440 /etc/sudoers.d/agent
 
-ENV HOME=/home/agent \
-    NPM_CONFIG_PREFIX=/home/agent/.npm-global \
-    PATH=/home/agent/.local/bin:/home/agent/.npm-global/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ENV HOME=${AGENT_HOME} \
+    NPM_CONFIG_PREFIX=${AGENT_HOME}/.npm-global \
+    PATH=${AGENT_HOME}/.local/bin:${AGENT_HOME}/.npm-global/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER agent
-WORKDIR /home/agent
+WORKDIR ${AGENT_HOME}
 
 # Unsigned local commits work; there is no key inside to sign or push with.
 # This is the container's own global config, never the project's .git/config.
-RUN mkdir -p "$HOME/.local/bin" "$HOME/.npm-global" \
- && git config --global user.name Agent \
+RUN git config --global user.name Agent \
  && git config --global user.email agent@pi-agent.invalid \
  && git config --global commit.gpgsign false \
  && git config --global tag.gpgsign false \

@@ -109,10 +109,9 @@ CREDENTIAL_DIRS = (".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker",
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
                "/lib64", "/libx32", "/media", "/mnt", "/opt", "/proc", "/root",
                "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var")
-# ... and a project inside one of these would land in the image's own tree
-# (/root: the agent, not root, could not even reach it).
+# ... and a project inside one of these would land in the image's own tree.
 SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64",
-                "/libx32", "/proc", "/root", "/run", "/sbin", "/sys", "/usr")
+                "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr")
 
 SNAPSHOT_PREFIX = "snap-"
 SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
@@ -464,7 +463,7 @@ def mount_point(target, container_home, mount_at=""):
         return mount_at
     protected = SYSTEM_DIRS + (container_home,)
     if (any(is_within(path, target) for path in protected)
-            or any(is_within(target, tree) for tree in SYSTEM_TREES + (container_home,))):
+            or any(is_within(target, tree) for tree in SYSTEM_TREES)):
         return "/workspace/" + os.path.basename(target)
     return target
 
@@ -702,17 +701,33 @@ class exclusive:
 
 # ------------------------------------------------------------------ images
 
+def agent_home(environ=None):
+    """The agent's home inside: the host user's home path, so ~ means the
+    same inside and out; /home/agent where that path is unusable there."""
+    environ = os.environ if environ is None else environ
+    home = os.path.realpath(environ.get("HOME") or os.path.expanduser("~"))
+    if home == "/" or "\n" in home or any(is_within(home, tree) for tree in SYSTEM_TREES):
+        return "/home/agent"
+    return home
+
+
+def build_args(environ=None):
+    """The Dockerfile's build args for this host user."""
+    uid, gid = os.getuid(), os.getgid()
+    return {"AGENT_UID": str(uid), "AGENT_GID": str(gid if uid else 0),
+            "AGENT_HOME": agent_home(environ)}
+
+
 def build_base(line, no_cache=False):
     config = line.config
     dockerfile = os.path.abspath(config.dockerfile)
     if not os.path.isfile(dockerfile):
         raise NotFound("no Dockerfile at %s; set PI_AGENT_DOCKERFILE to yours, or reinstall "
                        "pi-agent" % dockerfile)
-    uid, gid = os.getuid(), os.getgid()
     args = ["build", "--label", LABEL + "repo=" + line.repo, "-t", line.base,
-            "--build-arg", "BASE_IMAGE=" + config.base_image,
-            "--build-arg", "AGENT_UID=%d" % uid, "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
-            "-f", dockerfile]
+            "--build-arg", "BASE_IMAGE=" + config.base_image, "-f", dockerfile]
+    for name, value in build_args().items():
+        args += ["--build-arg", "%s=%s" % (name, value)]
     if no_cache:
         args.append("--no-cache")
     args.append(os.path.dirname(dockerfile))
@@ -871,14 +886,19 @@ def known_mounts(image):
     return [m for m in mounts if isinstance(m, str)] if isinstance(mounts, list) else []
 
 
+# Where the engine mounts its init (--init) binary: a mount point it creates.
+INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init")
+
+
 def only_mountpoint_changes(diff_output, mount):
-    """docker diff shows the mount point docker created (and its parents'
-    mtimes): that alone is not a change the run made."""
+    """docker diff shows the mount points the engine created (and their
+    parents' mtimes): that alone is not a change the run made."""
     for row in diff_output.splitlines():
         kind, _, path = row.partition(" ")
         if not row.strip():
             continue
-        if kind not in ("A", "C") or not is_within(mount, path):
+        if kind not in ("A", "C") or not any(is_within(point, path)
+                                             for point in (mount,) + INIT_MOUNTS):
             return False
     return True
 
@@ -907,7 +927,7 @@ def save_container(line, state, container, image, meta, current_id=None):
     new_id = docker(*commit_args(container, image, labels, message)).stdout.strip()
     new = inspect_image(new_id)
     changed = image_layers(new) != image_layers(image)
-    if changed and mount and mount not in known_mounts(image) and new.get("Size") == image.get("Size"):
+    if changed and mount and mount not in known_mounts(image):
         changed = not only_mountpoint_changes(docker("diff", container).stdout, mount)
     snap = None
     if not changed:

@@ -1,0 +1,266 @@
+"""Fixtures: a real Docker engine, a prebuilt base image, and a sandbox per
+test (its own image line, state dir, home and project) driven through the
+shell functions exactly as a user would, as root and as an ordinary user."""
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The base the tests build their image from (no registry here: see README).
+BASE_IMAGE = os.environ.get("PI_AGENT_TEST_BASE_IMAGE", "local/debian:bookworm")
+TEST_USER = os.environ.get("PI_AGENT_TEST_USER", "pi-test")
+STRICT = os.environ.get("PI_AGENT_TEST_STRICT") == "1"
+SHELLS = ("bash", "zsh")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: needs a real Docker engine")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (PI_AGENT_TEST_STRICT=1) a skipped test is a failure: the
+    integration tests must really run."""
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = "skipped under PI_AGENT_TEST_STRICT=1: %s" % (report.longrepr,)
+
+
+def docker(*args, check=True):
+    return subprocess.run(["docker", *args], check=check, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    if shutil.which("docker") is None:
+        pytest.skip("no docker command: integration tests need a Docker engine")
+    result = docker("info", "--format", "{{.ServerVersion}}", check=False)
+    if result.returncode != 0:
+        pytest.skip("Docker engine unreachable: %s" % result.stderr.strip().splitlines()[-1:])
+    if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
+        pytest.skip("no %s image; build it with ../shared/tools/docker-engine.sh or set "
+                    "PI_AGENT_TEST_BASE_IMAGE" % BASE_IMAGE)
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def install_dir():
+    """A copy of the tool that any user can read (a checkout under /root cannot)."""
+    import pathlib
+    path = pathlib.Path(tempfile.mkdtemp(prefix="pi-agent-install-"))
+    for name in ("pi_agent.py", "Dockerfile", ".dockerignore"):
+        shutil.copy(os.path.join(ROOT, name), path / name)
+    shutil.copytree(os.path.join(ROOT, "shell"), path / "shell")
+    for dirpath, dirnames, filenames in os.walk(path):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    yield str(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class User:
+    def __init__(self, name, uid, gid, via_runuser):
+        self.name, self.uid, self.gid = name, uid, gid
+        self.via_runuser = via_runuser
+
+
+def user_for(kind):
+    me = pwd.getpwuid(os.getuid())
+    if kind == "root":
+        if os.getuid() != 0:
+            pytest.skip("the root host user variant needs the tests to run as root")
+        return User("root", 0, 0, False)
+    if os.getuid() != 0:
+        return User(me.pw_name, me.pw_uid, me.pw_gid, False)
+    try:
+        entry = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        pytest.skip("no user %s to run as (CI creates it: useradd -m -u 1234 -G docker %s)"
+                    % (TEST_USER, TEST_USER))
+    return User(entry.pw_name, entry.pw_uid, entry.pw_gid, True)
+
+
+_bases = {}
+
+
+def base_for(uid, gid, home, install_dir):
+    """The Dockerfile built once per session per host user, then shared: each
+    test tags it as its own REPO:base ("a base that exists is used as is")."""
+    key = (uid, gid, home)
+    if key not in _bases:
+        tag = "pi-agent-test/base:uid%d" % uid
+        if docker("image", "inspect", tag, check=False).returncode != 0 or \
+                os.environ.get("PI_AGENT_TEST_REBUILD") == "1":
+            subprocess.run(["docker", "build", "-q", "-t", tag, "--label", "pi-agent.repo=test",
+                            "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
+                            "--build-arg", "AGENT_UID=%d" % uid,
+                            "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
+                            "--build-arg", "AGENT_HOME=" + home,
+                            install_dir], check=True, stdout=subprocess.DEVNULL)
+        _bases[key] = tag
+    return _bases[key]
+
+
+class Sandbox:
+    """One user's world: an image line, a state dir, a home, a project."""
+
+    def __init__(self, user, shell, install_dir, workdir):
+        self.user, self.shell, self.install_dir = user, shell, install_dir
+        self.repo = "pi-agent-test/" + uuid.uuid4().hex[:10]
+        # A fake home at a path stable per user, so one base image (built
+        # with that home) serves every test; emptied for each test.
+        self.home = "/tmp/pi-agent-test-home-%d" % user.uid
+        shutil.rmtree(self.home, ignore_errors=True)
+        self.state_dir = os.path.join(workdir, "state")
+        self.project = os.path.join(workdir, "project")
+        for path in (self.home, self.project):
+            os.makedirs(path, exist_ok=True)
+        self.chown(workdir)
+        self.chown(self.home)
+        self.extra_env = {}
+
+    def chown(self, path):
+        if self.user.via_runuser:
+            for dirpath, dirnames, filenames in os.walk(path):
+                os.chown(dirpath, self.user.uid, self.user.gid)
+                for name in filenames:
+                    os.chown(os.path.join(dirpath, name), self.user.uid, self.user.gid)
+
+    def mkdir(self, path):
+        os.makedirs(path, exist_ok=True)
+        self.chown(path)
+        return path
+
+    def env(self, **extra):
+        env = {"HOME": self.home, "PATH": "/usr/local/bin:/usr/bin:/bin",
+               "LANG": "C.UTF-8", "USER": self.user.name,
+               "PI_AGENT_IMAGE_REPO": self.repo, "PI_AGENT_STATE_DIR": self.state_dir,
+               "PI_AGENT_BASE_IMAGE": BASE_IMAGE, "PI_AGENT_PYTHON": sys.executable
+               if not self.user.via_runuser else "/usr/bin/python3"}
+        env.update(self.extra_env)
+        env.update(extra)
+        return env
+
+    def sh(self, script, cwd=None, env=None, input=None, timeout=300, shell=None):
+        """Run `script` in a new bash or zsh that sourced shell/pi.sh."""
+        shell = shell or self.shell
+        source = ". %s/shell/pi.sh\n" % self.install_dir
+        argv = [shell, "--norc", "-c"] if shell == "bash" else [shell, "-f", "-c"]
+        argv += [source + script]
+        full_env = self.env(**(env or {}))
+        prefix = ["env", "-i"] + ["%s=%s" % item for item in full_env.items()]
+        if self.user.via_runuser:
+            prefix = ["runuser", "-u", self.user.name, "--"] + prefix
+        return subprocess.run(prefix + argv, cwd=cwd or self.project, text=True, input=input,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+
+    def ok(self, script, **kwargs):
+        result = self.sh(script, **kwargs)
+        assert result.returncode == 0, "exit %d\nstdout: %s\nstderr: %s" % (
+            result.returncode, result.stdout, result.stderr)
+        return result
+
+    def wait_saved(self):
+        """Block until no save holds the line (what every pi-* command does)."""
+        import fcntl
+        lock = os.path.join(self.state_dir, self.repo.replace("/", "%2F") + ".lock")
+        if not os.path.exists(lock):
+            return
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
+
+    def images(self):
+        self.wait_saved()
+        out = docker("image", "ls", self.repo, "--format", "{{.Tag}} {{.ID}}").stdout
+        return dict(line.split() for line in out.splitlines())
+
+    def snapshots(self):
+        return sorted(tag for tag in self.images() if tag.startswith("snap-"))
+
+    def inspect(self, ref):
+        return json.loads(docker("image", "inspect", ref).stdout)[0]
+
+    def containers(self):
+        return docker("ps", "-a", "-q", "--filter", "label=pi-agent.repo=" + self.repo).stdout.split()
+
+    def cleanup(self):
+        ids = self.containers()
+        if ids:
+            docker("rm", "-f", "-v", *ids, check=False)
+        self.wait_saved()
+        refs = ["%s:%s" % (self.repo, tag) for tag in
+                docker("image", "ls", self.repo, "--format", "{{.Tag}}").stdout.split()]
+        if refs:
+            docker("rmi", "-f", *refs, check=False)
+
+
+def make_sandbox(request, tmp_path, install_dir, user_kind, shell):
+    user = user_for(user_kind)
+    workdir = tempfile.mkdtemp(prefix="pi-agent-test-")
+    os.chmod(workdir, 0o755)
+    box = Sandbox(user, shell, install_dir, workdir)
+    docker("tag", base_for(user.uid, user.gid, box.home, install_dir), box.repo + ":base")
+
+    def finish():
+        box.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(box.home, ignore_errors=True)
+    request.addfinalizer(finish)
+    return box
+
+
+@pytest.fixture
+def box(request, engine, tmp_path, install_dir):
+    """The usual sandbox: an ordinary user in bash."""
+    return make_sandbox(request, tmp_path, install_dir, "user", "bash")
+
+
+@pytest.fixture(params=[(u, s) for u in ("user", "root") for s in SHELLS],
+                ids=lambda p: "%s-%s" % p)
+def any_box(request, engine, tmp_path, install_dir):
+    """A sandbox for each host user kind (root, ordinary) and shell."""
+    user_kind, shell = request.param
+    return make_sandbox(request, tmp_path, install_dir, user_kind, shell)
+
+
+@pytest.fixture(params=SHELLS)
+def shell_box(request, engine, tmp_path, install_dir):
+    return make_sandbox(request, tmp_path, install_dir, "user", request.param)
+
+
+@pytest.fixture
+def root_box(request, engine, tmp_path, install_dir):
+    return make_sandbox(request, tmp_path, install_dir, "root", "bash")
+
+
+def wait_until(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,322 @@
+"""The core lifecycle against a real Docker engine, through the shell
+functions in bash and zsh, as an ordinary user and as root."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import docker, wait_until
+
+FAKE_AGENT = ('mkdir -p "$HOME/.local/bin" && printf \'%s\\n\' \'#!/bin/sh\' '
+              '\'echo "fake-agent args: $*"\' '
+              '\'[ -t 0 ] || echo "stdin: $(cat)"\' '
+              '\'echo ran >> "$HOME/.fake-agent-runs"\' '
+              '> "$HOME/.local/bin/fake-agent" && chmod +x "$HOME/.local/bin/fake-agent" '
+              '&& echo installed-fake-agent')
+
+
+# --- the acceptance flow ----------------------------------------------------
+
+def test_environment_persists_and_rollback_is_undoable(any_box):
+    box = any_box
+    box.ok("git init -q .")
+    box.ok("pi-exec sh -c 'echo hi > ~/x && sudo touch /usr/local/share/x'")
+    assert box.ok("pi-exec cat ~/x").stdout == "hi\n"
+    box.ok("pi-exec test -e /usr/local/share/x")
+    assert len(box.snapshots()) == 1, "one run changed the environment: one snapshot"
+
+    before_write = box.snapshots()[0]
+    result = box.ok("pi-rollback %s" % before_write)
+    kept = result.stderr.split("kept as ")[1].split()[0].rstrip(";")
+    assert box.sh("pi-exec cat ~/x").returncode != 0
+    assert box.sh("pi-exec test -e /usr/local/share/x").returncode != 0
+
+    box.ok("pi-rollback %s" % kept)
+    assert box.ok("pi-exec cat ~/x").stdout == "hi\n"
+    box.ok("pi-exec test -e /usr/local/share/x")
+
+
+def test_agent_writes_into_the_project_as_the_host_user(any_box):
+    box = any_box
+    sub = box.mkdir(os.path.join(box.project, "deep", "er"))
+    box.ok("git init -q .")
+    result = box.ok("pi-exec sh -c 'pwd; echo made > made.txt'", cwd=sub)
+    assert result.stdout.strip() == sub, "same path inside, plus the subdirectory"
+    path = os.path.join(sub, "made.txt")
+    assert open(path).read() == "made\n"
+    assert os.stat(path).st_uid == box.user.uid
+
+
+# --- the save ---------------------------------------------------------------
+
+def test_each_changing_run_makes_one_snapshot_and_no_change_makes_none(box):
+    for i in range(3):
+        box.ok("pi-exec touch ~/stamp%d" % i)
+    snaps = box.snapshots()
+    assert len(snaps) == 3 and len(set(snaps)) == 3
+    layers = len(box.inspect(box.repo + ":current")["RootFS"]["Layers"])
+    current_id = box.images()["current"]
+
+    box.ok("pi-exec true")
+    box.ok("pi-exec cat /etc/hostname")
+    assert box.snapshots() == snaps, "a run that changed nothing leaves no snapshot"
+    assert box.images()["current"] == current_id
+    assert len(box.inspect(box.repo + ":current")["RootFS"]["Layers"]) == layers
+
+
+def test_first_run_in_a_new_project_that_changes_nothing_adds_nothing(box):
+    base_id = box.images()["base"]
+    box.ok("pi-exec true")
+    images = box.images()
+    assert images.get("current") == base_id and box.snapshots() == []
+
+
+def test_commits_keep_the_image_config_and_bake_in_nothing_of_the_run(box):
+    secret = "sk-test-7c1d9e55-never-in-an-image"
+    box.extra_env = {"ANTHROPIC_API_KEY": secret, "PI_AGENT_PASS_ENV": "ANTHROPIC_API_KEY"}
+    out = box.ok("pi-exec sh -c 'echo \"$ANTHROPIC_API_KEY\"; touch ~/changed'").stdout
+    assert out.strip() == secret, "the listed variable reaches the agent"
+    box.wait_saved()
+    base = box.inspect(box.repo + ":base")["Config"]
+    current = box.inspect(box.repo + ":current")["Config"]
+    for field in ("Cmd", "Entrypoint", "WorkingDir", "User", "Env"):
+        assert current.get(field) == base.get(field), field
+    assert current["Labels"]["pi-agent.pid"] == ""
+    for tag in box.images():
+        ref = "%s:%s" % (box.repo, tag)
+        assert secret not in docker("image", "inspect", ref).stdout
+        assert secret not in docker("history", "--no-trunc", ref).stdout
+
+
+def test_labels_record_the_run(box):
+    result = box.sh("pi-exec sh -c 'touch ~/a; exit 3'")
+    assert result.returncode == 3
+    box.wait_saved()
+    labels = box.inspect(box.repo + ":current")["Config"]["Labels"]
+    snap = box.snapshots()[0]
+    assert labels["pi-agent.exit_status"] == "3"
+    assert labels["pi-agent.target"] == box.project
+    assert labels["pi-agent.previous"] == box.inspect(box.repo + ":" + snap)["Id"]
+    assert labels["pi-agent.committed_at"]
+    assert "exec in %s (exit 3)" % box.project in box.ok("pi-status").stdout
+
+
+# --- boundaries -------------------------------------------------------------
+
+def test_host_credentials_and_environment_stay_outside(box):
+    box.extra_env = {"GITHUB_TOKEN": "ghp_hostsecret", "AWS_SECRET_ACCESS_KEY": "awssecret",
+                     "SSH_AUTH_SOCK": "/tmp/ssh-agent.sock", "HOST_ONLY": "hostonly",
+                     "DOCKER_HOST": "unix:///var/run/docker.sock", "TZ": "Europe/Paris"}
+    out = box.ok("pi-exec env").stdout
+    for value in ("ghp_hostsecret", "awssecret", "/tmp/ssh-agent.sock", "hostonly",
+                  "docker.sock"):
+        assert value not in out
+    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert env["GITHUB_TOKEN"] == "" and env["SSH_AUTH_SOCK"] == ""
+    assert env["TZ"] == "Europe/Paris", "the allow-list passes"
+
+
+def test_credential_in_pass_env_is_refused(box):
+    result = box.sh("pi-exec true", env={"PI_AGENT_PASS_ENV": "GITHUB_TOKEN",
+                                         "GITHUB_TOKEN": "x"})
+    assert result.returncode == 3
+    assert result.stderr.startswith("pi-agent: ") and "GITHUB_TOKEN" in result.stderr
+    assert "current" not in box.images()
+
+
+def test_only_the_project_is_mounted_and_no_docker_socket(box):
+    marker = os.path.join(box.home, ".ssh", "id_ed25519")
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as handle:
+        handle.write("PRIVATE-KEY-MARKER")
+    box.chown(box.home)
+    out = box.ok("pi-exec sh -c 'cat /proc/self/mountinfo; echo ===; "
+                 "ls -d /var/run/docker.sock /run/docker.sock 2>&1; "
+                 "grep -rl PRIVATE-KEY-MARKER / --exclude-dir=proc --exclude-dir=sys 2>/dev/null;"
+                 " echo done'").stdout
+    mounts, rest = out.split("===")
+    destinations = {line.split()[4] for line in mounts.splitlines()}
+    host_binds = destinations - {"/", "/proc", "/dev", "/sys", "/dev/pts", "/dev/mqueue",
+                                 "/dev/shm", "/sys/fs/cgroup", "/dev/console"}
+    host_binds = {d for d in host_binds if not d.startswith(("/proc/", "/sys/", "/dev/"))}
+    # besides the project: the engine's own files and its init binary (--init)
+    host_binds -= {"/sbin/docker-init", "/usr/sbin/docker-init"}
+    assert host_binds == {box.project, "/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
+    assert "No such file" in rest and rest.count("No such file") == 2
+    assert "PRIVATE-KEY-MARKER" not in rest and box.home not in rest
+
+
+def test_running_in_home_is_refused_and_starts_nothing(box):
+    result = box.sh("pi-exec true", cwd=box.home)
+    assert result.returncode == 3
+    assert "home directory" in result.stderr and result.stderr.count("\n") == 1
+    assert "current" not in box.images() and box.containers() == []
+
+
+def test_repository_at_home_needs_here(box):
+    box.ok("git init -q .", cwd=box.home)
+    proj = box.mkdir(os.path.join(box.home, "proj"))
+    result = box.sh("pi-exec pwd", cwd=proj)
+    assert result.returncode == 3 and "--here" in result.stderr
+    assert box.ok("pi-exec --here pwd", cwd=proj).stdout.strip() == proj
+
+
+def test_exit_status_passes_through(shell_box):
+    box = shell_box
+    assert box.sh("pi-exec sh -c 'exit 7'").returncode == 7
+    assert box.sh("pi-exec false").returncode == 1
+    missing = box.sh("pi-exec no-such-command-here")
+    assert missing.returncode in (126, 127), "the engine's own code for a missing command"
+    assert "no-such-command-here" in missing.stdout + missing.stderr
+
+
+@pytest.mark.parametrize("name", ['with space, comma: colon "quote" é'])
+def test_awkward_project_paths_work(box, name):
+    project = box.mkdir(os.path.join(os.path.dirname(box.project), name))
+    box.ok("pi-exec sh -c 'pwd > where.txt'", cwd=project)
+    assert open(os.path.join(project, "where.txt")).read().strip() == project
+
+
+def test_git_commits_inside_without_touching_project_config(box):
+    box.ok("git init -q .")
+    config_before = open(os.path.join(box.project, ".git", "config")).read()
+    out = box.ok("pi-exec sh -c 'echo a > a && git add a && git commit -qm agent && "
+                 "git log -1 --format=%an:%G?'").stdout
+    assert out.strip() == "Agent:N"
+    assert open(os.path.join(box.project, ".git", "config")).read() == config_before
+    assert "Agent" not in config_before
+
+
+def test_mount_at_gives_the_flat_layout(box):
+    out = box.ok("pi-exec pwd", env={"PI_AGENT_MOUNT_AT": "/workspace"}).stdout
+    assert out.strip() == "/workspace"
+
+
+# --- the agent --------------------------------------------------------------
+
+def test_pi_installs_the_agent_once_and_reads_stdin(shell_box):
+    box = shell_box
+    box.extra_env = {"PI_AGENT_COMMAND": "fake-agent", "PI_AGENT_INSTALL_CMD": FAKE_AGENT}
+    first = box.ok("echo task | pi -p hello")
+    assert "installed-fake-agent" in first.stdout
+    assert "fake-agent args: -p hello" in first.stdout and "stdin: task" in first.stdout
+    second = box.ok("pi --wait -- --help </dev/null")
+    assert "installed-fake-agent" not in second.stdout
+    assert "fake-agent args: --help" in second.stdout
+    assert box.ok("pi-exec cat ~/.fake-agent-runs").stdout == "ran\nran\n"
+
+
+def test_wrapper_help_and_version(shell_box):
+    box = shell_box
+    assert "pi-rollback" in box.ok("pi --help").stdout
+    assert box.ok("pi --version").stdout.startswith("pi-agent ")
+    assert "pi-exec" in box.ok("pi-exec --help").stdout
+
+
+# --- the lock ---------------------------------------------------------------
+
+def test_second_run_is_busy_and_wait_waits(box):
+    first = box_background(box, "pi-exec sh -c 'touch ~/first; sleep 4'")
+    assert wait_until(lambda: len(box.containers()) == 1, timeout=30)
+    busy = box.sh("pi-exec true")
+    assert busy.returncode == 5
+    assert "pid" in busy.stderr and box.project in busy.stderr and "--wait" in busy.stderr
+    waited = box.ok("pi-exec --wait sh -c 'ls ~/first'")
+    assert "first" in waited.stdout
+    assert first.wait(timeout=60) == 0
+
+
+def box_background(box, script):
+    env = box.env()
+    prefix = ["env", "-i"] + ["%s=%s" % item for item in env.items()]
+    if box.user.via_runuser:
+        prefix = ["runuser", "-u", box.user.name, "--"] + prefix
+    return subprocess.Popen(prefix + ["bash", "--norc", "-c", ". %s/shell/pi.sh\n%s"
+                                      % (box.install_dir, script)],
+                            cwd=box.project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wrapper_pid(box):
+    """The pid of the running wrapper, from its container's label."""
+    ids = box.containers()
+    if len(ids) != 1:
+        return None
+    return int(docker("inspect", "--format", '{{index .Config.Labels "pi-agent.pid"}}',
+                      ids[0]).stdout)
+
+
+def test_kill_9_of_the_wrapper_loses_nothing(box):
+    run = box_background(box, "pi-exec sh -c 'sudo touch /usr/local/kill9 && sleep 60'")
+    assert wait_until(lambda: wrapper_pid(box), timeout=30)
+    assert wait_until(lambda: docker("exec", box.containers()[0], "test", "-e",
+                                     "/usr/local/kill9", check=False).returncode == 0)
+    os.kill(wrapper_pid(box), signal.SIGKILL)
+    run.wait(timeout=60)
+    box.ok("pi-exec test -e /usr/local/kill9")
+    box.wait_saved()
+    assert box.containers() == []
+
+
+# --- failures the user can cause ---------------------------------------------
+
+def test_engine_unreachable_is_one_line_exit_7_and_builds_nothing(box):
+    result = box.sh("pi-exec true", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert result.returncode == 7
+    assert result.stderr.count("\n") == 1 and "nonexistent" in result.stderr
+    assert "current" not in box.images()
+
+
+def test_unknown_snapshot_is_exit_4(box):
+    box.ok("pi-exec touch ~/x")
+    result = box.sh("pi-rollback snap-nope")
+    assert result.returncode == 4 and "pi-snapshots" in result.stderr
+
+
+def test_dry_run_prints_docker_commands_and_changes_nothing(box):
+    out = box.ok("pi-exec --dry-run touch ~/x").stdout
+    assert "docker run -d --init" in out and "docker exec" in out and "docker commit" in out
+    assert "current" not in box.images() and box.containers() == []
+
+
+# --- housekeeping -----------------------------------------------------------
+
+def test_reset_system_prune_and_reset_all(box):
+    for i in range(4):
+        box.ok("pi-exec touch ~/f%d" % i)
+    assert len(box.snapshots()) == 4
+    box.ok("pi-reset-system")
+    assert box.images()["current"] == box.images()["base"]
+    assert len(box.snapshots()) == 5, "the replaced current is kept"
+    box.ok("pi-prune 2")
+    assert len(box.snapshots()) == 2
+    assert box.sh("pi-reset-all </dev/null").returncode == 3, "asks, or needs --yes"
+    box.ok("pi-reset-all --yes")
+    assert set(box.images()) == {"base"}
+    assert docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
+                  "label=pi-agent.repo=" + box.repo).stdout.strip() == ""
+    box.ok("pi-exec true")
+    assert box.images()["current"] == box.images()["base"]
+
+
+def test_auto_prune_keeps_the_newest(box):
+    box.extra_env = {"PI_AGENT_SNAPSHOT_KEEP": "2"}
+    for i in range(4):
+        box.ok("pi-exec touch ~/g%d" % i)
+    snaps = box.snapshots()
+    assert len(snaps) == 2
+
+
+def test_status_and_snapshots_show_the_line(box):
+    box.ok("pi-exec touch ~/s")
+    box.wait_saved()
+    status = box.ok("pi-status").stdout
+    assert box.repo + ":current" in status and "layers" in status
+    assert "PI_AGENT_IMAGE_REPO" in status and "(environment)" in status
+    assert "lock: free" in status and box.project in status
+    snaps = box.ok("pi-snapshots").stdout
+    assert box.snapshots()[0] in snaps and "the base image" in snaps

@@ -1,0 +1,314 @@
+"""The pure logic of pi_agent.py: no Docker engine involved."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pi_agent
+from conftest import ROOT
+
+HOME = "/home/alice"
+
+
+def exists_in(*paths):
+    return lambda path: path in paths
+
+
+# --- target choice and refusals ---------------------------------------------
+
+def test_target_is_the_git_root_and_subdir_is_kept():
+    target, subdir = pi_agent.find_target(
+        "/home/alice/src/app/lib/x", [HOME], exists=exists_in("/home/alice/src/app/.git"))
+    assert (target, subdir) == ("/home/alice/src/app", "lib/x")
+
+
+def test_target_is_cwd_outside_a_repository():
+    assert pi_agent.find_target("/home/alice/notes", [HOME], exists=exists_in()) == \
+        ("/home/alice/notes", "")
+
+
+def test_here_mounts_cwd_even_inside_a_repository():
+    target, subdir = pi_agent.find_target(
+        "/home/alice/src/app/lib", [HOME], here=True, exists=exists_in("/home/alice/src/app/.git"))
+    assert (target, subdir) == ("/home/alice/src/app/lib", "")
+
+
+@pytest.mark.parametrize("cwd", ["/home/alice", "/home", "/"])
+def test_home_and_above_are_refused(cwd):
+    with pytest.raises(pi_agent.Refused) as err:
+        pi_agent.find_target(cwd, [HOME], exists=exists_in())
+    assert err.value.code == pi_agent.EXIT_REFUSED
+
+
+def test_repository_rooted_at_home_is_refused_and_suggests_here():
+    with pytest.raises(pi_agent.Refused, match="--here"):
+        pi_agent.find_target("/home/alice/proj", [HOME], exists=exists_in("/home/alice/.git"))
+    assert pi_agent.find_target("/home/alice/proj", [HOME], here=True,
+                                exists=exists_in("/home/alice/.git")) == ("/home/alice/proj", "")
+
+
+def test_every_home_counts():
+    with pytest.raises(pi_agent.Refused):
+        pi_agent.find_target("/srv/real-home", ["/tmp/fake", "/srv/real-home"], exists=exists_in())
+
+
+@pytest.mark.parametrize("secret", [".ssh", ".gnupg", ".aws", ".config/gcloud"])
+def test_credential_directories_are_refused(secret):
+    with pytest.raises(pi_agent.Refused, match="credentials"):
+        pi_agent.find_target(HOME + "/" + secret + "/sub", [HOME], exists=exists_in())
+
+
+def test_sibling_of_home_with_common_prefix_is_fine():
+    assert pi_agent.find_target("/home/alice2/p", [HOME], exists=exists_in())[0] == "/home/alice2/p"
+
+
+# --- mount point ------------------------------------------------------------
+
+@pytest.mark.parametrize("target,expected", [
+    ("/home/alice/src/app", "/home/alice/src/app"),
+    ("/tmp/x y", "/tmp/x y"),
+    ("/srv/app", "/srv/app"),
+    ("/home", "/workspace/home"),
+    ("/usr", "/workspace/usr"),
+    ("/usr/local/src/app", "/workspace/app"),
+    ("/etc/nginx", "/workspace/nginx"),
+    ("/root/app", "/root/app"),
+    ("/home/agent", "/workspace/agent"),
+    ("/home/agent/app", "/home/agent/app"),
+    ("/var", "/workspace/var"),
+])
+def test_mount_point_keeps_the_host_path_unless_it_shadows_the_image(target, expected):
+    assert pi_agent.mount_point(target, "/home/agent") == expected
+
+
+@pytest.mark.parametrize("home,expected", [
+    ("/home/alice", "/home/alice"), ("/root", "/root"), ("/Users/bob", "/Users/bob"),
+    ("/", "/home/agent"), ("/usr/lib/svc", "/home/agent")])
+def test_agent_home_is_the_host_home_path_where_usable(home, expected):
+    assert pi_agent.agent_home({"HOME": home}) == expected
+
+
+def test_mount_at_setting_wins():
+    assert pi_agent.mount_point("/home/alice/app", "/home/agent", "/workspace") == "/workspace"
+
+
+@pytest.mark.parametrize("path", ["/tmp/a b", "/tmp/a,b", "/tmp/a:b", '/tmp/a"b', "/tmp/é ü",
+                                  "/tmp/'q'", " /lead"])
+def test_mount_spec_survives_csv_parsing(path):
+    fields = next(csv.reader(io.StringIO(pi_agent.mount_spec(path, path))))
+    assert fields == ["type=bind", "source=" + path, "target=" + path]
+
+
+# --- environment ------------------------------------------------------------
+
+def test_container_env_allows_only_the_short_list_and_pass_env():
+    environ = {"TERM": "xterm", "LANG": "C.UTF-8", "LC_ALL": "C", "HOME": "/home/alice",
+               "GITHUB_TOKEN": "ghp_x", "ANTHROPIC_API_KEY": "sk", "SECRET": "s",
+               "PATH": "/bin"}
+    args, names = pi_agent.container_env(environ, ["ANTHROPIC_API_KEY", "UNSET_ONE"])
+    assert names == ["TERM", "LANG", "LC_ALL", "ANTHROPIC_API_KEY"]
+    passed = [args[i + 1] for i in range(0, len(args), 2)]
+    assert "GITHUB_TOKEN=" in passed and "SSH_AUTH_SOCK=" in passed
+    # values never appear on the docker command line
+    assert not any("sk" == a.split("=", 1)[-1] or "ghp_x" in a for a in args)
+    assert "HOME" not in passed and "PATH" not in passed and "SECRET" not in passed
+
+
+@pytest.mark.parametrize("name", ["GITHUB_TOKEN", "SSH_AUTH_SOCK", "AWS_SECRET_ACCESS_KEY",
+                                  "DOCKER_HOST"])
+def test_pass_env_refuses_credentials(name):
+    with pytest.raises(pi_agent.Refused, match=name):
+        pi_agent.parse_pass_env("ANTHROPIC_API_KEY," + name)
+
+
+def test_pass_env_rejects_bad_names():
+    with pytest.raises(pi_agent.BadSetting):
+        pi_agent.parse_pass_env("OK BAD-NAME")
+    assert pi_agent.parse_pass_env(" A, B C ") == ["A", "B", "C"]
+
+
+@pytest.mark.parametrize("name,value", [
+    ("PI_AGENT_IMAGE_REPO", "Bad:Repo"), ("PI_AGENT_SNAPSHOT_KEEP", "-1"),
+    ("PI_AGENT_AUTO_PRUNE", "maybe"), ("PI_AGENT_MOUNT_AT", "relative"),
+    ("PI_AGENT_SAVE", "sometimes"), ("PI_AGENT_COMMAND", "'unclosed")])
+def test_bad_settings_are_reported_with_their_name(name, value):
+    with pytest.raises(pi_agent.BadSetting, match=name):
+        pi_agent.Config({"HOME": "/home/alice", name: value})
+
+
+def test_defaults_and_sources():
+    config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_SNAPSHOT_KEEP": "3"})
+    assert config.image_repo == "pi-agent"
+    assert config.state_dir == "/home/alice/.local/state/pi-agent"
+    assert config.snapshot_keep == 3 and config.sources["PI_AGENT_SNAPSHOT_KEEP"] == "environment"
+    assert config.sources["PI_AGENT_IMAGE_REPO"] == "default"
+    assert config.dockerfile == os.path.join(ROOT, "Dockerfile")
+
+
+# --- snapshots --------------------------------------------------------------
+
+def test_snapshot_names_sort_and_stay_unique_within_a_second():
+    epoch = 1795000000.25
+    first = pi_agent.snapshot_name(epoch)
+    assert pi_agent.SNAPSHOT_RE.match(first)
+    second = pi_agent.snapshot_name(epoch, last=first)
+    third = pi_agent.snapshot_name(epoch - 5, last=second)  # clock went back
+    assert first < second < third
+    assert abs(pi_agent.snapshot_epoch(first) - epoch) < 0.001
+
+
+# --- argument building ------------------------------------------------------
+
+def make_plan(kind="exec", argv=("make", "test"), image=None, tty=False, environ=None):
+    config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_PASS_ENV": "API_KEY"})
+    image = image or {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Entrypoint": None,
+                                                     "Env": ["HOME=/home/agent"]}}
+    return pi_agent.RunPlan(pi_agent.Line(config), kind, list(argv), image, "/home/alice/a,b",
+                            "sub", environ or {"API_KEY": "k"}, 1795000000.0, 4242, tty)
+
+
+def test_run_args_keep_the_image_entrypoint_and_label_the_container():
+    plan = make_plan()
+    args = plan.run_args
+    assert args[:3] == ["run", "-d", "--init"]
+    assert "--entrypoint" not in args and args[-3:] == ["sha256:abc", "sleep", "infinity"]
+    labels = [args[i + 1] for i, a in enumerate(args) if a == "--label"]
+    assert "pi-agent.pid=4242" in labels and "pi-agent.target=/home/alice/a,b" in labels
+    assert plan.workdir == "/home/alice/a,b/sub"
+
+
+def test_run_args_override_an_entrypoint_only_when_there_is_one():
+    plan = make_plan(image={"Id": "sha256:abc", "Config": {"Entrypoint": ["/init"]}})
+    assert plan.run_args[-4:] == ["--entrypoint", "sleep", "sha256:abc", "infinity"]
+
+
+def test_exec_args_tty_only_on_a_terminal_and_command_last():
+    assert "-t" not in make_plan().exec_args
+    args = make_plan(tty=True).exec_args
+    assert args[:3] == ["exec", "-i", "-t"] and args[-2:] == ["make", "test"]
+    assert "API_KEY" in args and "k" not in args
+
+
+def test_run_kind_installs_the_agent_when_missing():
+    args = make_plan(kind="run", argv=["-p", "hello"]).exec_args
+    assert args[-3:] == ["pi", "-p", "hello"] and "PI_AGENT_INSTALL_CMD" in args
+
+
+def test_commit_restores_config_and_overwrites_run_labels():
+    image = {"Config": {"Cmd": ["bash", "-l"], "Entrypoint": ["/e p"]}}
+    args = pi_agent.commit_args("c1", image, {"pi-agent.pid": "", "pi-agent.target": '/a "$HOME"'},
+                                "msg")
+    assert args[-1] == "c1"
+    changes = [args[i + 1] for i, a in enumerate(args) if a == "--change"]
+    assert 'ENTRYPOINT ["/e p"]' in changes and 'CMD ["bash", "-l"]' in changes
+    assert 'LABEL "pi-agent.pid"=""' in changes
+    assert 'LABEL "pi-agent.target"="/a \\"\\$HOME\\""' in changes
+
+
+def test_commit_leaves_null_cmd_alone():
+    args = pi_agent.commit_args("c1", {"Config": {"Cmd": None}}, {}, "m")
+    assert not any(a.startswith(("CMD", "ENTRYPOINT")) for a in args)
+
+
+def test_only_mountpoint_changes():
+    assert pi_agent.only_mountpoint_changes("C /tmp\nA /tmp/p q\n", "/tmp/p q")
+    assert pi_agent.only_mountpoint_changes("C /usr\nC /usr/sbin\nA /usr/sbin/docker-init\n",
+                                            "/tmp/p q")
+    assert not pi_agent.only_mountpoint_changes("C /tmp\nA /tmp/p q\nA /tmp/x\n", "/tmp/p q")
+    assert not pi_agent.only_mountpoint_changes("D /tmp/p q\n", "/tmp/p q")
+
+
+# --- parsing ----------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,wrapper,rest", [
+    (["--wait", "-p", "x"], ["--wait"], ["-p", "x"]),
+    (["--", "--help"], [], ["--help"]),
+    (["--here", "--wait", "--", "make", "--wait"], ["--here", "--wait"], ["make", "--wait"]),
+    (["make", "--wait"], [], ["make", "--wait"]),
+])
+def test_wrapper_options_come_first(argv, wrapper, rest):
+    assert pi_agent.split_wrapper_args(argv) == (wrapper, rest)
+
+
+def run_tool(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "pi_agent.py"), *args],
+                          capture_output=True, text=True, env=env)
+
+
+def test_help_lists_every_command_and_version_prints():
+    out = run_tool("run", "--help").stdout
+    for name in ("pi-shell", "pi-exec", "pi-status", "pi-snapshots", "pi-rollback",
+                 "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune"):
+        assert name in out
+    assert run_tool("run", "--version").stdout.strip() == "pi-agent " + pi_agent.__version__
+
+
+def test_usage_errors_exit_2_with_one_line():
+    result = run_tool("exec")
+    assert result.returncode == 2 and result.stderr.startswith("pi-agent: ")
+    assert run_tool("no-such-command").returncode == 2
+
+
+def test_bad_setting_is_one_line_and_exit_9():
+    env = dict(os.environ, PI_AGENT_SNAPSHOT_KEEP="many")
+    result = run_tool("status", env=env)
+    assert result.returncode == 9
+    assert result.stderr.count("\n") == 1 and "PI_AGENT_SNAPSHOT_KEEP" in result.stderr
+
+
+def test_missing_docker_is_exit_6(tmp_path):
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path / "h")}
+    result = run_tool("snapshots", env=env)
+    assert result.returncode == 6 and "docker" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def python39():
+    for candidate in (os.path.expanduser("~/.pyenv/versions/3.9.18/bin/python3"), "python3.9"):
+        try:
+            out = subprocess.run([candidate, "--version"], capture_output=True, text=True)
+        except OSError:
+            continue
+        if out.returncode == 0 and out.stdout.startswith("Python 3.9"):
+            return candidate
+    return None
+
+
+def test_runs_on_the_oldest_supported_python():
+    """Python 3.9 runs it where one is installed; its grammar is checked always."""
+    import ast
+    ast.parse(open(os.path.join(ROOT, "pi_agent.py")).read(), feature_version=(3, 9))
+    interpreter = python39()
+    if interpreter:
+        result = subprocess.run([interpreter, os.path.join(ROOT, "pi_agent.py"), "run", "--help"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_stdlib_only():
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, "pi_agent.py")).read())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert modules <= set(sys.stdlib_module_names)
+
+
+def test_json_state_roundtrip(tmp_path):
+    config = pi_agent.Config({"HOME": str(tmp_path), "PI_AGENT_STATE_DIR": str(tmp_path / "s"),
+                              "PI_AGENT_IMAGE_REPO": "a/b"})
+    line = pi_agent.Line(config)
+    assert line.read_state() == {}
+    line.write_state({"last_snapshot": "snap-x"})
+    assert line.read_state() == {"last_snapshot": "snap-x"}
+    assert os.path.basename(line.lock_path) == "a%2Fb.lock"
+    with open(line.state_path, "w") as handle:
+        handle.write("{broken")
+    assert line.read_state() == {"corrupt": True}
+    assert json.loads(json.dumps(line.read_state()))

@@ -14,12 +14,13 @@ import uuid
 
 import pytest
 
+import images
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# The base the tests build their image from (no registry here: see README).
-BASE_IMAGE = os.environ.get("PI_AGENT_TEST_BASE_IMAGE", "local/debian:bookworm")
-TEST_USER = os.environ.get("PI_AGENT_TEST_USER", "pi-test")
+BASE_IMAGE = images.BASE_IMAGE
+TEST_USER = images.TEST_USER
 STRICT = os.environ.get("PI_AGENT_TEST_STRICT") == "1"
 SHELLS = ("bash", "zsh")
 
@@ -101,25 +102,10 @@ def user_for(kind):
     return User(entry.pw_name, entry.pw_uid, entry.pw_gid, True)
 
 
-_bases = {}
-
-
 def base_for(uid, gid, home, install_dir):
-    """The Dockerfile built once per session per host user, then shared: each
-    test tags it as its own REPO:base ("a base that exists is used as is")."""
-    key = (uid, gid, home)
-    if key not in _bases:
-        tag = "pi-agent-test/base:uid%d" % uid
-        if docker("image", "inspect", tag, check=False).returncode != 0 or \
-                os.environ.get("PI_AGENT_TEST_REBUILD") == "1":
-            subprocess.run(["docker", "build", "-q", "-t", tag, "--label", "pi-agent.repo=test",
-                            "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
-                            "--build-arg", "AGENT_UID=%d" % uid,
-                            "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
-                            "--build-arg", "AGENT_HOME=" + home,
-                            install_dir], check=True, stdout=subprocess.DEVNULL)
-        _bases[key] = tag
-    return _bases[key]
+    """The Dockerfile built once per host user (UID and home), then shared:
+    each test tags it as its own REPO:base ("a base that exists is used as is")."""
+    return images.base_image(uid, gid, home, install_dir)
 
 
 class Sandbox:
@@ -130,7 +116,7 @@ class Sandbox:
         self.repo = "pi-agent-test/" + uuid.uuid4().hex[:10]
         # A fake home at a path stable per user, so one base image (built
         # with that home) serves every test; emptied for each test.
-        self.home = "/tmp/pi-agent-test-home-%d" % user.uid
+        self.home = images.test_home(user.uid)
         shutil.rmtree(self.home, ignore_errors=True)
         self.state_dir = os.path.join(workdir, "state")
         self.project = os.path.join(workdir, "project")

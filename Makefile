@@ -1,0 +1,32 @@
+# pi-agent: make test runs every test (integration tests need a Docker engine:
+# sudo tests/setup-engine.sh prepares one); make bench runs the benchmarks.
+PYTHON ?= python3
+
+.PHONY: test unit integration lint setup test-image bench clean-test-images
+
+test:
+	$(PYTHON) -m pytest -q tests/
+
+unit:
+	$(PYTHON) -m pytest -q tests/test_unit.py
+
+integration:
+	$(PYTHON) -m pytest -q -m integration tests/
+
+lint:
+	shellcheck -s bash shell/pi.sh
+	shellcheck -s sh install.sh tests/setup-engine.sh .ci/run
+
+# Root only: engine, local base image, zsh/dash/shellcheck, the test user.
+setup:
+	sh tests/setup-engine.sh
+
+# Build the tests' base images ahead of time (the tests build them if absent).
+test-image:
+	$(PYTHON) tests/images.py
+
+bench:
+	$(PYTHON) tests/bench.py
+
+clean-test-images:
+	docker images --format '{{.Repository}}:{{.Tag}}' | grep '^pi-agent-test/' | xargs -r docker rmi -f

@@ -1,0 +1,58 @@
+"""The tests' base images: the project's Dockerfile built from a local
+Debian image (no registry is reachable here), once per host user.
+
+    python3 tests/images.py     build them ahead of the test run (make test-image)
+"""
+
+import os
+import pwd
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_IMAGE = os.environ.get("PI_AGENT_TEST_BASE_IMAGE", "local/debian:bookworm")
+TEST_USER = os.environ.get("PI_AGENT_TEST_USER", "pi-test")
+
+
+def test_home(uid):
+    """A fake home at a path stable per user, so one base image (built with
+    that home) serves every test."""
+    return "/tmp/pi-agent-test-home-%d" % uid
+
+
+def base_image(uid, gid, home, context=ROOT):
+    """Built again whenever the Dockerfile or the home changes."""
+    import hashlib
+    with open(os.path.join(context, "Dockerfile"), "rb") as handle:
+        digest = hashlib.sha256(handle.read() + home.encode()).hexdigest()[:16]
+    tag = "pi-agent-test/base:uid%d" % uid
+    exists = subprocess.run(["docker", "image", "inspect", "--format",
+                             '{{index .Config.Labels "pi-agent-test.source"}}', tag],
+                            capture_output=True, text=True)
+    if exists.returncode == 0 and exists.stdout.strip() == digest:
+        return tag
+    subprocess.run(["docker", "build", "-q", "-t", tag, "--label", "pi-agent.repo=test",
+                    "--label", "pi-agent-test.source=" + digest,
+                    "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
+                    "--build-arg", "AGENT_UID=%d" % uid,
+                    "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
+                    "--build-arg", "AGENT_HOME=" + home, context],
+                   check=True, stdout=subprocess.DEVNULL)
+    return tag
+
+
+def main():
+    users = [(os.getuid(), os.getgid())]
+    if os.getuid() == 0:
+        try:
+            entry = pwd.getpwnam(TEST_USER)
+            users.append((entry.pw_uid, entry.pw_gid))
+        except KeyError:
+            pass
+    for uid, gid in users:
+        print(base_image(uid, gid, test_home(uid)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

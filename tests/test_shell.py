@@ -1,0 +1,122 @@
+"""shell/pi.sh and install.sh: lint, silent sourcing in bash and zsh, and
+installing into a fresh home (no Docker engine needed)."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+FUNCTIONS = ("pi", "pi-shell", "pi-exec", "pi-status", "pi-snapshots", "pi-rollback",
+             "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune", "pi-orphans",
+             "pi-recover", "pi-clean-orphans", "pi-unlock")
+SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-eu", "-c"],
+          "zsh": ["zsh", "-f", "-eu", "-c"]}
+
+
+def need(tool):
+    if shutil.which(tool) is None:
+        pytest.skip("%s is not installed" % tool)
+
+
+@pytest.mark.parametrize("shell,files", [("bash", ["shell/pi.sh"]),
+                                         ("sh", ["install.sh", "tests/setup-engine.sh",
+                                                 ".ci/run"])])
+def test_shellcheck_is_clean(shell, files):
+    need("shellcheck")
+    result = subprocess.run(["shellcheck", "-s", shell] + files, cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("shell", sorted(SHELLS))
+def test_sourcing_is_silent_repeatable_and_alias_proof(shell):
+    need(shell)
+    script = ("alias cd=false grep=false rm=false ls=false pi=false 2>/dev/null || true\n"
+              ". %s/shell/pi.sh\n. %s/shell/pi.sh\n" % (ROOT, ROOT))
+    script += "".join("typeset -f %s >/dev/null\n" % name for name in FUNCTIONS)
+    result = subprocess.run(SHELLS[shell] + [script], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("shell", sorted(SHELLS))
+def test_functions_reach_pi_agent_from_any_directory(shell, tmp_path):
+    need(shell)
+    script = ". %s/shell/pi.sh\ncd /\npi --version\npi-exec --help | head -n 1\n" % ROOT
+    result = subprocess.run(SHELLS[shell] + [script], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("pi-agent ")
+    assert result.stdout.splitlines()[1].startswith("usage: pi-exec")
+
+
+def install(home, *args, shell="dash", env=None):
+    need(shell)
+    full_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    full_env.update(env or {})
+    return subprocess.run([shell, os.path.join(ROOT, "install.sh"), *args],
+                          capture_output=True, text=True, env=full_env, stdin=subprocess.DEVNULL)
+
+
+def test_install_from_a_checkout_is_idempotent_and_works_in_bash_and_zsh(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    first = install(home, "-y")
+    assert first.returncode == 0, first.stderr
+    rc_before = {name: (home / name).read_text() for name in (".bashrc", ".zshrc")}
+    second = install(home, "-y")
+    assert second.returncode == 0, second.stderr
+    for name, text in rc_before.items():
+        assert (home / name).read_text() == text and text.count("# pi-agent") == 1
+    installed = home / ".local/share/pi-agent"
+    assert (installed / "pi_agent.py").read_text() == open(os.path.join(ROOT, "pi_agent.py")).read()
+    for shell, argv in (("bash", ["bash", "-i", "-c"]), ("zsh", ["zsh", "-i", "-c"])):
+        need(shell)
+        result = subprocess.run(argv + ["pi --version"], capture_output=True, text=True,
+                                env={"PATH": os.environ["PATH"], "HOME": str(home)},
+                                stdin=subprocess.DEVNULL)
+        assert result.stdout.strip().endswith("pi-agent " + get_version()), result.stderr
+
+
+def get_version():
+    import pi_agent
+    return pi_agent.__version__
+
+
+def test_install_without_rc_changes_and_uninstall_leaves_no_trace(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("# mine\n")
+    assert install(home, "-y").returncode == 0
+    assert install(home, "--uninstall").returncode == 0
+    assert (home / ".bashrc").read_text() == "# mine\n"
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc"]
+    assert install(home, "--no-modify-rc").returncode == 0
+    assert (home / ".bashrc").read_text() == "# mine\n"
+
+
+def test_install_offline_from_a_tarball(tmp_path):
+    tarball = tmp_path / "pi-agent.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", os.path.dirname(ROOT),
+                    "--exclude=.git", os.path.basename(ROOT)], check=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    # no network needed: a URL that cannot resolve proves nothing is fetched
+    result = install(home, "-y", "--from", str(tarball),
+                     env={"PI_AGENT_RELEASE_URL": "http://nonexistent.invalid/x.tar.gz"})
+    assert result.returncode == 0, result.stderr
+    assert (home / ".local/share/pi-agent/shell/pi.sh").exists()
+
+
+def test_install_refuses_an_old_python(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\n[ \"$1\" = -c ] && case $2 in *exit*) exit 1;; "
+                                  "*) echo 3.8.10;; esac\n")
+    (fake / "python3").chmod(0o755)
+    result = install(tmp_path, "-y", env={"PATH": "%s:%s" % (fake, os.environ["PATH"])})
+    assert result.returncode == 1 and "3.9" in result.stderr
+    assert not (tmp_path / ".local").exists()

@@ -40,7 +40,7 @@ Exit codes:
   130  interrupted
 """
 
-import calendar
+import datetime
 import fcntl
 import json
 import os
@@ -180,14 +180,20 @@ def say(message):
 
 
 def utc_iso(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    """2026-11-27T11:03:24.481Z: sortable, and precise enough to order runs."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + ".%03dZ" % (epoch % 1 * 1000)
+
+
+def utc_epoch(struct):
+    """calendar.timegm, without importing calendar (and locale) at start-up."""
+    return datetime.datetime(*struct[:6], tzinfo=datetime.timezone.utc).timestamp()
 
 
 def local_time(iso):
-    """'2026-11-27T11:03:24Z' -> '2026-11-27 11:03:24' in local time."""
+    """'2026-11-27T11:03:24.481Z' -> '2026-11-27 11:03:24' in local time."""
     try:
-        epoch = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
-    except (TypeError, ValueError):
+        epoch = utc_epoch(time.strptime((iso or "")[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
         return iso or "?"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
@@ -516,7 +522,7 @@ def snapshot_epoch(name):
     if not match:
         return None
     then = time.strptime(match.group(1) + match.group(2), "%Y%m%d%H%M%S")
-    return calendar.timegm(then) + int(match.group(3)) / 1000
+    return utc_epoch(then) + int(match.group(3)) / 1000
 
 
 def list_snapshots(line):
@@ -686,9 +692,11 @@ class exclusive:
 
     def __enter__(self):
         found, self.state = self.lock.acquire(self.kind, wait=self.wait)
+        if found.get("notice"):
+            say(found["notice"])
         if self.recover:
             try:
-                recover_if_needed(self.line, found, self.state)
+                recover_leftovers(self.line, self.state)
             except BaseException:
                 self.lock.release(self.state)
                 raise
@@ -918,6 +926,7 @@ def save_container(line, state, container, image, meta, current_id=None):
         mounts = (mounts + [mount])[-MAX_KNOWN_MOUNTS:]
     labels = {LABEL + key: meta.get(key, "") for key in RUN_LABELS}
     labels.update({LABEL + "pid": "", LABEL + "repo": line.repo,
+                   LABEL + "container": container,
                    LABEL + "previous": image["Id"],
                    LABEL + "committed_at": utc_iso(time.time()),
                    LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
@@ -975,16 +984,17 @@ def recover_container(line, state, row):
     """Save one left-behind container into current (or, if it started from
     another image, into a snapshot). Returns a line for the user."""
     name = row["names"]
-    if state.get("saved_container") == name:
+    current = inspect_image(line.current)
+    if state.get("saved_container") == name or \
+            image_labels(current).get(LABEL + "container") == name:
         docker("rm", "-f", "-v", name)
         state["saved_container"] = None
         line.write_state(state)
-        return "removed %s, which was already saved" % name
+        return "removed %s: its run was saved already" % name
     info = inspect_container(name)
     if info is None:
         return "%s is gone already" % name
     image = inspect_image(info["Image"])
-    current = inspect_image(line.current)
     meta = {key: row.get(key) or "" for key in RUN_LABELS}
     meta.update(exit_status="unknown", kind=(row.get("kind") or "run"),
                 mount=next((m.get("Destination") for m in info.get("Mounts") or []
@@ -1002,31 +1012,31 @@ def recover_container(line, state, row):
     return "removed %s: the interrupted run of %s changed nothing" % (name, started)
 
 
-def recover_if_needed(line, found, state):
-    """Recover what a dead holder left, oldest first, before anything else.
-
-    Cheap when the last holder finished cleanly: no docker call at all.
-    """
-    if not (found.get("holder") or found.get("corrupt") or found.get("failed")
-            or found.get("saved_container")):
-        return
+def recover_leftovers(line, state):
+    """Save what interrupted runs left behind, oldest first, before anything
+    else changes the line. One `docker ps` when there is nothing to do: the
+    labels find leftovers even when the state file was lost."""
     host = os.uname().nodename
+    recovered = False
     for row in list_run_containers(line):
         if row.get("host") and row.get("host") != host:
             say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
             continue
         try:
             say(recover_container(line, state, row))
+            recovered = True
         except PiError as err:
             state["failed"] = row["names"]
             line.write_state(state)
-            raise EngineError("could not save the environment that an interrupted run left in "
-                              "container %s: %s. Fix the engine (disk space?) and run "
-                              "pi-recover %s, or discard it with pi-clean-orphans"
-                              % (row["names"], err, row["names"]))
-    state.pop("failed", None)
-    state.pop("notice", None)
-    line.write_state(state)
+            raise PiError("could not save the environment that an interrupted run left in "
+                          "container %s: %s. Fix the engine (disk space?) and run "
+                          "pi-recover %s, or discard it with pi-clean-orphans"
+                          % (row["names"], err, row["names"]), err.code)
+    if recovered or state.get("failed") or state.get("notice"):
+        state.pop("failed", None)
+        state.pop("notice", None)
+        line.write_state(state)
+        remove_own_dangling(line)
 
 
 class Saver:
@@ -1195,7 +1205,7 @@ def lifecycle(args, kind, argv):
     try:
         if found.get("notice"):
             say(found["notice"])
-        recover_if_needed(line, found, state)
+        recover_leftovers(line, state)
         image = ensure_current(line)
         plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, time.time(),
                        os.getpid(), tty)
@@ -1214,7 +1224,7 @@ def lifecycle(args, kind, argv):
         saver.send("abort")
         saver.finish(wait=True)
         raise
-    state["holder"]["phase"] = "running"
+    state["holder"].update(phase="running", saver_pid=saver.pid)
     line.write_state(state)
     status = run_attached(plan.exec_args, env)
     if not saver.send("status %d" % status):

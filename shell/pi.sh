@@ -19,8 +19,17 @@ unset _PI_AGENT_SOURCE
 
 # `command` skips any alias or function of the same name; the `function`
 # keyword keeps a user's alias named pi from breaking these definitions.
+# The interpreter's real path is looked up once: a version manager's shim
+# (pyenv) costs a tenth of a second per call. -I -S: no user site, no .pth
+# imports; pi_agent.py needs only the standard library.
 function _pi_agent {
-  command "${PI_AGENT_PYTHON:-python3}" "$_PI_AGENT_PY" "$@"
+  if [ "${_PI_AGENT_PYTHON_FOR-}" != "${PI_AGENT_PYTHON:-python3}" ] ||
+     [ ! -x "${_PI_AGENT_PYTHON_BIN:-}" ]; then
+    _PI_AGENT_PYTHON_BIN=$(command "${PI_AGENT_PYTHON:-python3}" -I -S -c \
+      'import sys; print(sys.executable)') || return
+    _PI_AGENT_PYTHON_FOR=${PI_AGENT_PYTHON:-python3}
+  fi
+  command "$_PI_AGENT_PYTHON_BIN" -I -S "$_PI_AGENT_PY" "$@"
 }
 
 function pi { _pi_agent run "$@"; }

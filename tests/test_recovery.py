@@ -1,0 +1,249 @@
+"""Nothing lost: closed terminals, kill -9, failed commits, a dead daemon and
+concurrent starts, against the real engine. A fake `docker` in front of the
+real one injects the faults an engine cannot produce on demand (a failing,
+slow or blind command); everything else is the real engine."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import docker, wait_until
+from test_integration import box_background
+
+FAKE_DOCKER = """#!/bin/sh
+# Fault injection in front of the real docker: a file FAULTS/<command>-fails
+# holds the error text to fail with, FAULTS/<command>-slow a number of seconds
+# to sleep first, FAULTS/ps-blind makes `docker ps` list nothing.
+faults=%(faults)s
+if [ -f "$faults/$1-slow" ]; then sleep "$(cat "$faults/$1-slow")"; fi
+if [ -f "$faults/$1-fails" ]; then cat "$faults/$1-fails" >&2; exit 1; fi
+if [ "$1" = ps ] && [ -f "$faults/ps-blind" ]; then exit 0; fi
+exec %(real)s "$@"
+"""
+
+
+@pytest.fixture
+def faulty(box):
+    """The box, with a fake docker first on PATH; box.faults is its switchboard."""
+    real = shutil.which("docker")
+    bindir = box.mkdir(os.path.join(os.path.dirname(box.project), "fakebin"))
+    box.faults = box.mkdir(os.path.join(os.path.dirname(box.project), "faults"))
+    os.chmod(box.faults, 0o777)
+    path = os.path.join(bindir, "docker")
+    with open(path, "w") as handle:
+        handle.write(FAKE_DOCKER % {"faults": box.faults, "real": real})
+    os.chmod(path, 0o755)
+    box.extra_env["PATH"] = bindir + ":/usr/local/bin:/usr/bin:/bin"
+    return box
+
+
+def fault(box, name, content=""):
+    with open(os.path.join(box.faults, name), "w") as handle:
+        handle.write(content)
+
+
+def clear(box, name):
+    os.unlink(os.path.join(box.faults, name))
+
+
+def holder(box):
+    path = os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".json")
+    try:
+        with open(path) as handle:
+            return json.load(handle).get("holder") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def live_run(box):
+    """(container, wrapper pid) of the run whose wrapper is alive, or (None, None)."""
+    for cid in box.containers():
+        pid = docker("inspect", "--format", '{{index .Config.Labels "pi-agent.pid"}}',
+                     cid).stdout.strip()
+        if pid and os.path.exists("/proc/%s" % pid):
+            return cid, int(pid)
+    return None, None
+
+
+def wrapper_pid(box):
+    return live_run(box)[1]
+
+
+def in_container(box, path):
+    cid = live_run(box)[0]
+    return cid is not None and docker("exec", cid, "test", "-e", path,
+                                      check=False).returncode == 0
+
+
+def start_and_wait_for(box, path, script=None):
+    """Start a run in the background that writes `path`, then sleeps."""
+    run = box_background(box, script or "pi-exec sh -c 'sudo touch %s && sleep 60'" % path)
+    assert wait_until(lambda: in_container(box, path), timeout=60), run.stderr
+    return run
+
+
+# --- signals ----------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["SIGHUP to the terminal's process group",
+                                 "SIGINT to the terminal's process group",
+                                 "SIGTERM to the wrapper", "SIGKILL to the wrapper"])
+def test_the_run_is_saved_whatever_ends_the_wrapper(box, how):
+    path = "/usr/local/sig-" + how.split()[0].lower()
+    run = start_and_wait_for(box, path)
+    signum = getattr(signal, how.split()[0])
+    if "group" in how:
+        os.killpg(run.pid, signum)  # the session bash, the wrapper and the docker client
+    else:
+        os.kill(wrapper_pid(box), signum)
+    run.wait(timeout=60)
+    box.ok("pi-exec test -e %s" % path)
+    box.wait_saved()
+    assert box.containers() == []
+
+
+def test_kill_9_of_wrapper_and_saver_is_recovered_by_the_next_run(box):
+    run = start_and_wait_for(box, "/usr/local/both-killed")
+    saver = holder(box)["saver_pid"]
+    os.kill(wrapper_pid(box), signal.SIGKILL)
+    os.kill(saver, signal.SIGKILL)
+    run.wait(timeout=60)
+    assert len(box.containers()) == 1, "left behind"
+    assert "left-behind containers: 1" in box.ok("pi-status").stdout
+    orphans = box.ok("pi-orphans").stdout
+    assert "pi-agent-" in orphans and box.project in orphans
+    result = box.ok("pi-exec test -e /usr/local/both-killed")
+    assert "recovered the interrupted run" in result.stderr
+    assert result.stderr.count("\n") == 1, "one line"
+
+
+def test_kill_9_during_the_commit_loses_nothing(faulty):
+    box = faulty
+    fault(box, "commit-slow", "3")
+    box.ok("pi-exec sh -c 'sudo touch /usr/local/during-commit'")
+    assert wait_until(lambda: holder(box).get("phase") == "saving", timeout=30)
+    time.sleep(0.5)  # the saver is inside `docker commit` now
+    os.killpg(holder(box)["saver_pid"], signal.SIGKILL)  # the saver and its docker client
+    clear(box, "commit-slow")
+    box.ok("pi-exec test -e /usr/local/during-commit")
+    box.wait_saved()
+    assert box.containers() == []
+
+
+# --- failed saves -----------------------------------------------------------
+
+@pytest.mark.parametrize("error,code", [
+    ("Error response from daemon: write /var/lib/docker/tmp: no space left on device", 8),
+    ("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
+     "Is the docker daemon running?", 7)])
+def test_a_failed_commit_keeps_current_and_the_container_until_recovered(faulty, error, code):
+    box = faulty
+    box.ok("pi-exec touch ~/before")
+    box.wait_saved()
+    current = box.images()["current"]
+    fault(box, "commit-fails", error)
+    failed = box.sh("pi-exec sh -c 'echo kept > ~/kept'", env={"PI_AGENT_SAVE": "foreground"})
+    assert failed.returncode == code
+    assert "pi-recover" in failed.stderr
+    assert box.images()["current"] == current, "current is untouched"
+    assert len(box.containers()) == 1, "the container keeps the changes"
+
+    again = box.sh("pi-exec touch ~/not-run")
+    assert again.returncode == code, "no new run on top of an unsaved one"
+    assert "pi-recover" in again.stderr and len(box.containers()) == 1
+
+    clear(box, "commit-fails")
+    result = box.ok("pi-exec cat ~/kept")
+    assert result.stdout == "kept\n" and "recovered" in result.stderr
+    assert box.sh("pi-exec test -e ~/not-run").returncode == 1
+    box.wait_saved()
+    assert box.containers() == []
+
+
+def test_a_background_save_failure_is_reported_by_the_next_command(faulty):
+    box = faulty
+    fault(box, "commit-fails", "Error response from daemon: no space left on device")
+    assert box.sh("pi-exec touch ~/bg").returncode == 0, "the agent's own status"
+    box.wait_saved()
+    status = box.ok("pi-status").stdout
+    assert "notice: the save" in status and "no space left" in status
+    clear(box, "commit-fails")
+    result = box.ok("pi-recover")
+    assert "recovered" in result.stderr
+    assert "notice" not in box.ok("pi-status").stdout
+    box.ok("pi-exec test -e ~/bg")
+
+
+def test_two_leftovers_are_recovered_oldest_first_and_nothing_is_lost(faulty):
+    box = faulty
+    fault(box, "ps-blind")  # the second run must not see (and recover) the first
+    for name in ("first", "second"):
+        run = start_and_wait_for(box, "/usr/local/" + name, script=(
+            "pi-exec sh -c 'echo %s | sudo tee -a /usr/local/order >/dev/null; "
+            "sudo touch /usr/local/%s; sleep 60'" % (name, name)))
+        saver = holder(box)["saver_pid"]
+        os.kill(wrapper_pid(box), signal.SIGKILL)
+        os.kill(saver, signal.SIGKILL)
+        run.wait(timeout=60)
+    clear(box, "ps-blind")
+    assert len(box.containers()) == 2
+    result = box.ok("pi-exec cat /usr/local/order")
+    lines = [line for line in result.stderr.splitlines() if "run of" in line]
+    assert len(lines) == 2, result.stderr
+    assert result.stdout == "first\n", "the oldest went into current"
+    snap = [word for word in lines[1].split() if word.startswith("snap-")][0].rstrip(";)")
+    assert "older environment" in lines[1]
+    box.ok("pi-rollback %s" % snap)
+    assert box.ok("pi-exec cat /usr/local/order").stdout == "second\n", "and none is lost"
+
+
+# --- concurrency and waiting ------------------------------------------------
+
+def test_twenty_concurrent_runs_all_land(box):
+    runs = [box_background(box, "pi-exec --wait sh -c 'sudo touch /usr/local/c%02d'" % i)
+            for i in range(20)]
+    for run in runs:
+        assert run.wait(timeout=240) == 0, run.stderr.read()
+    out = box.ok("pi-exec ls /usr/local").stdout.split()
+    assert sorted(name for name in out if name.startswith("c")) == \
+        ["c%02d" % i for i in range(20)]
+    assert len(box.snapshots()) == 10, "20 saves, auto-pruned to the newest 10"
+
+
+def test_status_shows_a_save_and_readers_wait_for_it(faulty):
+    box = faulty
+    fault(box, "commit-slow", "3")
+    box.ok("pi-exec touch ~/slow")
+    assert wait_until(lambda: holder(box).get("phase") == "saving", timeout=30)
+    assert "saving the run in " + box.project in box.ok("pi-status").stdout
+    clear(box, "commit-slow")
+    snaps = box.ok("pi-snapshots")
+    assert "waiting for pid" in snaps.stderr and "snap-" in snaps.stdout
+
+
+def test_unlock_explains_and_never_breaks_a_live_lock(box):
+    assert "nothing holds the lock" in box.ok("pi-unlock").stderr
+    run = start_and_wait_for(box, "/usr/local/unlock")
+    result = box.sh("pi-unlock")
+    assert result.returncode == 5 and "pid" in result.stderr
+    assert box.sh("pi-exec true").returncode == 5, "still locked"
+    os.kill(wrapper_pid(box), signal.SIGTERM)
+    run.wait(timeout=60)
+    box.ok("pi-exec --wait test -e /usr/local/unlock")
+
+
+def test_clean_orphans_asks_then_discards(box):
+    run = start_and_wait_for(box, "/usr/local/discard-me")
+    saver = holder(box)["saver_pid"]
+    os.kill(wrapper_pid(box), signal.SIGKILL)
+    os.kill(saver, signal.SIGKILL)
+    run.wait(timeout=60)
+    assert box.sh("pi-clean-orphans </dev/null").returncode == 3
+    assert len(box.containers()) == 1
+    assert "removed 1" in box.ok("pi-clean-orphans --yes").stderr
+    assert box.containers() == []
+    assert box.sh("pi-exec test -e /usr/local/discard-me").returncode == 1

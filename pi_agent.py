@@ -77,6 +77,8 @@ SETTINGS = (
      "snapshots kept by auto-prune and pi-prune"),
     ("PI_AGENT_AUTO_PRUNE", "1",
      "prune snapshots after each saved run (1/0)"),
+    ("PI_AGENT_TRACE", "",
+     "a file to log every docker command to, with its duration"),
     ("PI_AGENT_SAVE", "background",
      "background: the prompt returns while the saver commits; "
      "foreground: wait for the save and report it"),
@@ -120,7 +122,7 @@ LABEL = "pi-agent."
 # into the committed image, so the save overwrites each with its image value;
 # only the wrapper pid, meaningless on an image, becomes empty. An empty pid
 # is also how a container started by hand from current is told from ours.
-RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind")
+RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind", "snapshot")
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
 KEEPALIVE = ["sleep", "infinity"]
@@ -332,28 +334,55 @@ def docker_failure(args, stderr):
     return EngineError("docker %s failed: %s" % (args[0], detail))
 
 
-def docker(*args, capture=True, check=True, env=None, stdin=None, stdout=None):
-    """Run `docker ARGS` (never through a shell) and return the CompletedProcess.
+def trace(argv, started, status):
+    """PI_AGENT_TRACE=FILE: one line per docker command, for finding cost."""
+    path = os.environ.get("PI_AGENT_TRACE")
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("%.6f %6.3fs pid %d exit %s: %s\n" % (
+                time.time(), time.monotonic() - started, os.getpid(), status,
+                shlex.join(argv)[:200]))
 
-    With check, a failure raises the PiError that docker's stderr calls for.
+
+class DockerCall:
+    """`docker ARGS`, started at once (never through a shell); finish() waits
+    and, with check, raises the PiError that docker's stderr calls for.
+    Starting two calls before finishing either overlaps independent reads.
     Under --dry-run, commands that change something are printed, not run.
     """
-    argv = ["docker", *args]
-    if _dry_run and args[0] in MUTATING:
-        print(shlex.join(argv))
-        return subprocess.CompletedProcess(argv, 0, "", "")
-    try:
-        result = subprocess.run(
-            argv, env=env, stdin=stdin,
-            stdout=subprocess.PIPE if capture else stdout,
-            stderr=subprocess.PIPE if capture else None,
-            universal_newlines=True if capture else None)
-    except FileNotFoundError:
-        raise PiError("the docker command is not installed (or not on PATH); install Docker "
-                      "Engine or Docker Desktop first", EXIT_NO_DOCKER)
-    if check and result.returncode != 0:
-        raise docker_failure(args, result.stderr if capture else "")
-    return result
+
+    def __init__(self, args, capture=True, env=None, stdin=None, stdout=None):
+        self.args, self.capture = args, capture
+        self.argv = ["docker", *args]
+        self.proc = None
+        if _dry_run and args[0] in MUTATING:
+            print(shlex.join(self.argv))
+            return
+        self.started = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, env=env, stdin=stdin,
+                stdout=subprocess.PIPE if capture else stdout,
+                stderr=subprocess.PIPE if capture else None,
+                universal_newlines=True if capture else None)
+        except FileNotFoundError:
+            raise PiError("the docker command is not installed (or not on PATH); install "
+                          "Docker Engine or Docker Desktop first", EXIT_NO_DOCKER)
+
+    def finish(self, check=True):
+        if self.proc is None:
+            return subprocess.CompletedProcess(self.argv, 0, "", "")
+        out, err = self.proc.communicate()
+        trace(self.argv, self.started, self.proc.returncode)
+        result = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
+        if check and result.returncode != 0:
+            raise docker_failure(self.args, err if self.capture else "")
+        return result
+
+
+def docker(*args, check=True, **options):
+    """Run `docker ARGS` and return the CompletedProcess (see DockerCall)."""
+    return DockerCall(args, **options).finish(check)
 
 
 def is_absent(result, kind):
@@ -399,8 +428,7 @@ def image_home(image):
     return "/root" if user in ("", "root", "0") else "/home/" + user
 
 
-def list_json_lines(*args):
-    output = docker(*args).stdout
+def json_lines(output):
     return [json.loads(line) for line in output.splitlines() if line.strip()]
 
 
@@ -527,10 +555,10 @@ def snapshot_epoch(name):
 
 def list_snapshots(line):
     """[{tag, id, created, size}] of REPO:snap-*, newest first (one docker call)."""
-    rows = list_json_lines(
+    rows = json_lines(docker(
         "image", "ls", line.repo, "--format",
         '{"tag":{{json .Tag}},"id":{{json .ID}},"created":{{json .CreatedAt}},'
-        '"size":{{json .Size}}}')
+        '"size":{{json .Size}}}').stdout)
     snaps = [row for row in rows if SNAPSHOT_RE.match(row["tag"])]
     snaps.sort(key=lambda row: row["tag"], reverse=True)
     return snaps
@@ -581,6 +609,14 @@ class Line:
         except (OSError, ValueError):
             return {"corrupt": True}
 
+    def open_lock(self, flags):
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            return os.open(self.lock_path, flags | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s; set it to a directory you "
+                             "can write" % (self.state_dir, err.strerror))
+
     def write_state(self, state):
         os.makedirs(self.state_dir, exist_ok=True)
         temp = "%s.%d.tmp" % (self.state_path, os.getpid())
@@ -622,6 +658,25 @@ def describe_holder(holder):
                                         local_time(holder.get("started")))
 
 
+def block_on_lock(fd, operation, holder, patient=False):
+    """Wait for the lock; say so at once when it is a running agent we wait
+    for, or after a second for a save (most saves end sooner: no message)."""
+    def announce(_signum=None, _frame=None):
+        say("waiting for %s ..." % describe_holder(holder))
+
+    if patient:
+        announce()
+        fcntl.flock(fd, operation)
+        return
+    previous = signal.signal(signal.SIGALRM, announce)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        fcntl.flock(fd, operation)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def agent_is_running(holder):
     """An agent is live on the line (as opposed to a save or a short command)."""
     return bool(holder and holder.get("phase") in ("starting", "running")
@@ -646,26 +701,22 @@ class LineLock:
         Saves and short commands are waited for; a running agent is an error
         unless `wait`.
         """
-        os.makedirs(self.line.state_dir, exist_ok=True)
-        self.fd = os.open(self.line.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + 0.3
-        while True:
+        self.fd = self.line.open_lock(os.O_RDWR)
+        for attempt in range(2):
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.02)
-                    continue
-            holder = self.line.read_state().get("holder")
-            if agent_is_running(holder) and not wait:
-                os.close(self.fd)
-                self.fd = None
-                raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
-                           % (self.line.repo, describe_holder(holder)))
-            say("waiting for %s ..." % describe_holder(holder))
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            break
+                holder = self.line.read_state().get("holder")
+                if not agent_is_running(holder) or wait:
+                    block_on_lock(self.fd, fcntl.LOCK_EX, holder, patient=agent_is_running(holder))
+                    break
+                if attempt:
+                    os.close(self.fd)
+                    self.fd = None
+                    raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
+                               % (self.line.repo, describe_holder(holder)))
+                time.sleep(0.1)  # an agent that is just exiting is not worth an error
         state = self.line.read_state()
         found = dict(state)
         state["holder"] = {"kind": kind, "target": target, "pid": os.getpid(),
@@ -746,9 +797,9 @@ def build_base(line, no_cache=False):
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
 
 
-def ensure_current(line):
+def ensure_current(line, current=None):
     """Current's inspect record; on first use tag it from base (built if absent)."""
-    current = inspect_image(line.current)
+    current = current or inspect_image(line.current)
     if current is not None:
         return current
     if inspect_image(line.base) is None:
@@ -757,14 +808,43 @@ def ensure_current(line):
     return inspect_image(line.current)
 
 
+def record_snapshot(state, name):
+    """Remember a snapshot: the newest name (to stay unique) and the list
+    auto-prune works from (absent until a listing made it)."""
+    if name > (state.get("last_snapshot") or ""):
+        state["last_snapshot"] = name
+    if state.get("snapshots") is not None and name not in state["snapshots"]:
+        state["snapshots"].append(name)
+        state["snapshots"].sort()
+
+
+def next_snapshot(state, epoch=None):
+    """Name the next snapshot after `epoch` (default now) and record it.
+    Recorded before it is tagged: a name never tagged is harmless."""
+    name = snapshot_name(time.time() if epoch is None else epoch, state.get("last_snapshot"))
+    record_snapshot(state, name)
+    return name
+
+
+def add_snapshot(line, state, image_ref, epoch=None):
+    """Tag image_ref as a new snapshot; returns its name."""
+    name = next_snapshot(state, epoch)
+    docker("tag", image_ref, line.snap(name))
+    return name
+
+
+def drop_snapshot(line, state, name):
+    """Take back a snapshot that kept nothing new (its image is current)."""
+    docker("rmi", line.snap(name), check=False)
+    if name in (state.get("snapshots") or []):
+        state["snapshots"].remove(name)
+
+
 def replace_current(line, state, old_id, new_ref, epoch=None):
     """The one way current changes: keep the old image as a new snapshot,
     then move the tag (atomic). Returns the snapshot's name."""
-    name = snapshot_name(time.time() if epoch is None else epoch, state.get("last_snapshot"))
-    docker("tag", old_id, line.snap(name))
+    name = add_snapshot(line, state, old_id, epoch)
     docker("tag", new_ref, line.current)
-    state["last_snapshot"] = name
-    state["snapshot_count"] = state.get("snapshot_count", 0) + 1
     line.write_state(state)
     return name
 
@@ -779,6 +859,7 @@ def remove_own_dangling(line):
 
 
 def prune_snapshots(line, state, keep, dry_run=False):
+    """Keep the `keep` newest snapshots (from a fresh listing)."""
     snaps = list_snapshots(line)
     doomed = snaps[keep:]
     if doomed and not dry_run:
@@ -786,18 +867,27 @@ def prune_snapshots(line, state, keep, dry_run=False):
         if result.returncode != 0:
             raise docker_failure(("rmi",), result.stderr)
     if not dry_run:
-        state["snapshot_count"] = len(snaps) - len(doomed)
+        state["snapshots"] = sorted(snap["tag"] for snap in snaps[:keep])
         line.write_state(state)
         remove_own_dangling(line)
     return doomed
 
 
 def prune_if_due(line, state):
-    """Auto-prune; the count kept in the state spares a listing per run."""
+    """Auto-prune after a save. The state keeps the names of the snapshots,
+    so a run removes the oldest without listing all of them."""
     config = line.config
-    count = state.get("snapshot_count")
-    if config.auto_prune and (count is None or count > config.snapshot_keep):
+    if not config.auto_prune:
+        return
+    snaps = state.get("snapshots")
+    if snaps is None:
         prune_snapshots(line, state, config.snapshot_keep)
+    elif len(snaps) > config.snapshot_keep:
+        cut = len(snaps) - config.snapshot_keep
+        # A tag someone removed by hand is simply gone already.
+        docker("rmi", *[line.snap(name) for name in snaps[:cut]], check=False)
+        state["snapshots"] = snaps[cut:]
+        line.write_state(state)
 
 
 # ---------------------------------------------------------- the lifecycle
@@ -812,12 +902,14 @@ LIFECYCLE_KINDS = ("run", "exec", "shell")
 
 
 class RunPlan:
-    """Everything a run needs, computed before anything starts (pure)."""
+    """Everything a run needs, computed before anything starts (pure).
+    `snapshot` names the tag that keeps current as it was before the run."""
 
-    def __init__(self, line, kind, argv, image, target, subdir, environ, now, pid, tty):
+    def __init__(self, line, kind, argv, image, target, subdir, environ, now, pid, tty,
+                 snapshot):
         config = line.config
         self.line, self.kind, self.image = line, kind, image
-        self.target, self.started = target, now
+        self.target, self.started, self.snapshot = target, now, snapshot
         self.mount_point = mount_point(target, image_home(image), config.mount_at)
         self.workdir = os.path.join(self.mount_point, subdir) if subdir else self.mount_point
         slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo)
@@ -825,7 +917,8 @@ class RunPlan:
                                                                     time.gmtime(now)), pid)
         self.labels = {LABEL + "repo": line.repo, LABEL + "pid": str(pid),
                        LABEL + "host": os.uname().nodename, LABEL + "target": target,
-                       LABEL + "started": utc_iso(now), LABEL + "kind": kind}
+                       LABEL + "started": utc_iso(now), LABEL + "kind": kind,
+                       LABEL + "snapshot": snapshot}
         env_args, self.env_names = container_env(environ, config.pass_env)
         self.run_args = self._run_args()
         self.exec_args = ["exec", "-i"] + (["-t"] if tty else []) + ["-w", self.workdir] + \
@@ -911,15 +1004,25 @@ def only_mountpoint_changes(diff_output, mount):
     return True
 
 
-def save_container(line, state, container, image, meta, current_id=None):
+def save_container(line, state, container, image, meta, snapshot=None, current_id=None,
+                   defer_remove=False):
     """Commit a finished run's container into current; the one save path.
 
     `image` is the record of the image the container started from, `meta`
-    its run labels plus exit_status. Returns the new snapshot's name, or
-    None when the run changed nothing (then no layer and no snapshot stay).
+    its run labels plus exit_status, `snapshot` the tag that already keeps
+    that image (a run takes it before it starts; made here otherwise).
+    The commit moves current itself, atomically; when it added no layer, the
+    run changed nothing and current, the snapshots and the layers are put
+    back as they were. Returns the snapshot's name, or None for no change.
     If the container started from something other than current (possible
     only for a leftover), its result becomes a snapshot and current stays.
+    With defer_remove the caller removes the container (after releasing the
+    lock, so the next run need not wait for it).
     """
+    branched = current_id is not None and current_id != image["Id"]
+    if not branched and snapshot is None:
+        snapshot = add_snapshot(line, state, image["Id"], meta.get("epoch"))
+    line.write_state(state)
     mount = meta.get("mount") or ""
     mounts = known_mounts(image)
     if mount and mount not in mounts:
@@ -933,51 +1036,68 @@ def save_container(line, state, container, image, meta, current_id=None):
                    MOUNTS_LABEL: json.dumps(mounts, ensure_ascii=False)})
     message = "pi-agent %s in %s (exit %s)" % (meta.get("kind", "run"), meta.get("target", "?"),
                                                meta.get("exit_status", "unknown"))
-    new_id = docker(*commit_args(container, image, labels, message)).stdout.strip()
+    args = commit_args(container, image, labels, message)
+    new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
     new = inspect_image(new_id)
     changed = image_layers(new) != image_layers(image)
     if changed and mount and mount not in known_mounts(image):
         changed = not only_mountpoint_changes(docker("diff", container).stdout, mount)
-    snap = None
+    snap = snapshot
     if not changed:
+        if not branched:
+            docker("tag", image["Id"], line.current)
+            drop_snapshot(line, state, snapshot)
         docker("rmi", new_id, check=False)
-    elif current_id and current_id != image["Id"]:
-        snap = snapshot_name(time.time(), state.get("last_snapshot"))
-        docker("tag", new_id, line.snap(snap))
-        state["last_snapshot"] = snap
-        state["snapshot_count"] = state.get("snapshot_count", 0) + 1
+        snap = None
+    elif branched:
+        snap = add_snapshot(line, state, new_id)
         meta["branched"] = True
-    else:
-        snap = replace_current(line, state, image["Id"], new_id, epoch=meta.get("epoch"))
-    state["saved_container"] = container
+    # Saved: from here the container is only to be removed. Recorded first,
+    # so that whoever finds it later (this remover dead) just removes it.
+    state.setdefault("removing", {})[container] = os.getpid()
     line.write_state(state)
-    docker("rm", "-f", "-v", container)
-    state["saved_container"] = None
-    line.write_state(state)
+    if not defer_remove:
+        remove_container(line, state, container)
     prune_if_due(line, state)
     return snap
 
 
-def list_run_containers(line, sizes=False):
-    """Containers this line's runs started (by label), oldest first."""
+def remove_container(line, state, name):
+    docker("rm", "-f", "-v", name)
+    state.get("removing", {}).pop(name, None)
+    line.write_state(state)
+
+
+def start_listing_runs(line, sizes=False):
     fields = ["ID", "Names", "State", "CreatedAt", "RunningFor"] + (["Size"] if sizes else [])
     parts = ['"%s":{{json .%s}}' % (field.lower(), field) for field in fields]
     parts += ['"%s":{{json (.Label "%s%s")}}' % (key, LABEL, key) for key in RUN_LABELS]
-    rows = list_json_lines("ps", "-a", *(["--size"] if sizes else []),
-                           "--filter", "label=%srepo=%s" % (LABEL, line.repo),
-                           "--format", "{" + ",".join(parts) + "}")
-    rows = [row for row in rows if row.get("pid")]
+    return DockerCall(("ps", "-a", *(["--size"] if sizes else []),
+                       "--filter", "label=%srepo=%s" % (LABEL, line.repo),
+                       "--format", "{" + ",".join(parts) + "}"))
+
+
+def list_run_containers(line, sizes=False, listing=None):
+    """Containers this line's runs started (by label), oldest first."""
+    listing = listing or start_listing_runs(line, sizes)
+    rows = [row for row in json_lines(listing.finish().stdout) if row.get("pid")]
     rows.sort(key=lambda row: (row.get("started") or "", row.get("createdat") or ""))
     return rows
+
+
+def being_removed(state, name):
+    """Saved, and its remover still at work."""
+    pid = (state.get("removing") or {}).get(name)
+    return pid is not None and pid_alive(pid)
 
 
 def leftover_containers(line, sizes=False):
     """Run containers that no live lifecycle owns."""
     rows = list_run_containers(line, sizes)
-    if lock_is_held(line):
-        holder = line.read_state().get("holder") or {}
-        rows = [row for row in rows if row["names"] != holder.get("container")]
-    return rows
+    state = line.read_state()
+    holder = (state.get("holder") or {}) if lock_is_held(line) else {}
+    return [row for row in rows if row["names"] != holder.get("container")
+            and not being_removed(state, row["names"])]
 
 
 def recover_container(line, state, row):
@@ -985,11 +1105,8 @@ def recover_container(line, state, row):
     another image, into a snapshot). Returns a line for the user."""
     name = row["names"]
     current = inspect_image(line.current)
-    if state.get("saved_container") == name or \
-            image_labels(current).get(LABEL + "container") == name:
-        docker("rm", "-f", "-v", name)
-        state["saved_container"] = None
-        line.write_state(state)
+    if image_labels(current).get(LABEL + "container") == name:
+        remove_container(line, state, name)
         return "removed %s: its run was saved already" % name
     info = inspect_container(name)
     if info is None:
@@ -999,7 +1116,13 @@ def recover_container(line, state, row):
     meta.update(exit_status="unknown", kind=(row.get("kind") or "run"),
                 mount=next((m.get("Destination") for m in info.get("Mounts") or []
                             if m.get("Type") == "bind"), ""))
-    snap = save_container(line, state, name, image, meta,
+    snapshot = None
+    if row.get("snapshot") and current and current["Id"] == image["Id"]:
+        # The run had (almost surely) tagged it; tagging again is harmless.
+        snapshot = row["snapshot"]
+        docker("tag", image["Id"], line.snap(snapshot))
+        record_snapshot(state, snapshot)
+    snap = save_container(line, state, name, image, meta, snapshot=snapshot,
                           current_id=current["Id"] if current else None)
     started = local_time(row.get("started"))
     if meta.get("branched"):
@@ -1012,13 +1135,25 @@ def recover_container(line, state, row):
     return "removed %s: the interrupted run of %s changed nothing" % (name, started)
 
 
-def recover_leftovers(line, state):
+def recover_leftovers(line, state, listing=None):
     """Save what interrupted runs left behind, oldest first, before anything
-    else changes the line. One `docker ps` when there is nothing to do: the
-    labels find leftovers even when the state file was lost."""
+    else changes the line; True when it changed current. One `docker ps`
+    when there is nothing to do: the labels find leftovers even when the
+    state file was lost."""
     host = os.uname().nodename
     recovered = False
-    for row in list_run_containers(line):
+    rows = list_run_containers(line, listing=listing)
+    removing = state.get("removing") or {}
+    if removing:
+        present = {row["names"] for row in rows}
+        state["removing"] = {name: pid for name, pid in removing.items() if name in present}
+        line.write_state(state)
+    for row in rows:
+        if row["names"] in state.get("removing", {}):
+            # Saved already: its remover is at work, or died and we finish.
+            if not being_removed(state, row["names"]):
+                remove_container(line, state, row["names"])
+            continue
         if row.get("host") and row.get("host") != host:
             say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
             continue
@@ -1037,6 +1172,7 @@ def recover_leftovers(line, state):
         state.pop("notice", None)
         line.write_state(state)
         remove_own_dangling(line)
+    return recovered
 
 
 class Saver:
@@ -1124,6 +1260,7 @@ class Saver:
         if "abort" in messages:
             # `docker run` failed; a container it may have created is junk.
             docker("rm", "-f", "-v", plan.container, check=False)
+            drop_snapshot(line, state, plan.snapshot)
             self._report(up_w, "ok")
             self.lock.release(state)
             return 0
@@ -1136,8 +1273,11 @@ class Saver:
                 line.log("%s does not exist (yet?); the next run will look again" % plan.container)
                 return 0
         try:
+            if status is None:  # the wrapper may have died before tagging it
+                docker("tag", plan.image["Id"], line.snap(plan.snapshot))
             snap = save_container(line, state, plan.container, plan.image,
-                                  plan.save_meta(status))
+                                  plan.save_meta(status), snapshot=plan.snapshot,
+                                  defer_remove=True)
         except PiError as err:
             notice = ("the save of the %s in %s failed: %s. The container %s keeps its changes; "
                       "the next pi retries, or run pi-recover %s"
@@ -1151,8 +1291,10 @@ class Saver:
             return 1
         line.log("saved %s%s" % (plan.container, " (snapshot %s)" % snap if snap else
                                  " (no change)"))
-        self._report(up_w, "ok " + (snap or ""))
         self.lock.release(state)
+        # Outside the lock: the next run may start while this one is removed.
+        docker("rm", "-f", "-v", plan.container, check=False)
+        self._report(up_w, "ok " + (snap or ""))
         return 0
 
     @staticmethod
@@ -1180,11 +1322,13 @@ def run_attached(argv, env):
 
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, forward) for signum in caught}
+    started = time.monotonic()
     try:
         status = proc.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    trace(proc.args, started, status)
     return 128 - status if status < 0 else status
 
 
@@ -1205,10 +1349,14 @@ def lifecycle(args, kind, argv):
     try:
         if found.get("notice"):
             say(found["notice"])
-        recover_leftovers(line, state)
-        image = ensure_current(line)
-        plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, time.time(),
-                       os.getpid(), tty)
+        listing = start_listing_runs(line)  # overlaps the inspect below
+        current = inspect_image(line.current)
+        if recover_leftovers(line, state, listing):
+            current = None
+        image = ensure_current(line, current)
+        now = time.time()
+        plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, now, os.getpid(),
+                       tty, snapshot=next_snapshot(state, now))
         state["holder"].update(container=plan.container)
         line.write_state(state)
     except BaseException:
@@ -1218,9 +1366,14 @@ def lifecycle(args, kind, argv):
     saver = Saver(line, lock, state, plan).start()
     env = dict(os.environ)
     env["PI_AGENT_INSTALL_CMD"] = config.install_cmd
+    # The snapshot is tagged while the container starts: both are needed
+    # before the agent runs, neither needs the other.
+    tagging = DockerCall(("tag", image["Id"], line.snap(plan.snapshot)))
     try:
         docker(*plan.run_args)
+        tagging.finish()
     except BaseException:
+        tagging.finish(check=False)
         saver.send("abort")
         saver.finish(wait=True)
         raise
@@ -1230,7 +1383,8 @@ def lifecycle(args, kind, argv):
     if not saver.send("status %d" % status):
         # The saver died (killed?): save here instead, we share its lock.
         say("the background saver is gone; saving in the foreground")
-        save_container(line, state, plan.container, plan.image, plan.save_meta(status))
+        save_container(line, state, plan.container, plan.image, plan.save_meta(status),
+                       snapshot=plan.snapshot)
         lock.release(state)
         return status
     report = saver.finish(wait=config.save_mode == "foreground")
@@ -1249,17 +1403,18 @@ def print_plan(line, kind, argv, target, subdir, tty):
             print("# %s is missing: it would be built from %s" % (line.base, line.config.dockerfile))
         print(shlex.join(["docker", "tag", line.base, line.current]))
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
-    plan = RunPlan(line, kind, argv, current, target, subdir, os.environ, time.time(),
-                   os.getpid(), tty)
+    now = time.time()
+    plan = RunPlan(line, kind, argv, current, target, subdir, os.environ, now, os.getpid(),
+                   tty, snapshot_name(now))
     print("# target %s mounted at %s, working directory %s" % (target, plan.mount_point,
                                                                plan.workdir))
+    print(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
     print(shlex.join(["docker", *plan.run_args]))
     print(shlex.join(["docker", *plan.exec_args]))
     labels = {key: "..." for key in plan.labels}
-    print(shlex.join(["docker", *commit_args(plan.container, current, labels, "...")]))
-    print("# then, if the run changed anything:")
-    print(shlex.join(["docker", "tag", current["Id"], line.snap(snapshot_name(time.time()))]))
-    print(shlex.join(["docker", "tag", "NEW-IMAGE", line.current]))
+    print(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
+                      line.current]))
+    print("# if that added no layer, the run changed nothing: current and the snapshot go back")
     print(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
     return 0
 
@@ -1345,10 +1500,9 @@ def wait_for_save(line):
     holder = line.read_state().get("holder")
     if not lock_is_held(line) or agent_is_running(holder):
         return
-    say("waiting for %s ..." % describe_holder(holder))
-    fd = os.open(line.lock_path, os.O_RDONLY)
+    fd = line.open_lock(os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        block_on_lock(fd, fcntl.LOCK_SH, holder)
     finally:
         os.close(fd)
 
@@ -1447,7 +1601,7 @@ def cmd_reset_all(args):
             return 0
         docker("rmi", *refs)
         remove_own_dangling(line)
-        state["snapshot_count"] = 0
+        state["snapshots"] = []
         say("removed %d images; the next pi starts from %s" % (len(refs), line.base))
     return 0
 

@@ -4,7 +4,7 @@
 # (and remembers where pi_agent.py is); it prints nothing and is safe to
 # source again. All logic lives in pi_agent.py.
 
-# Where this file is, so that pi_agent.py is found beside it (../pi_agent.py).
+# Where this file is, so that pi_agent.py is found (in ..).
 if [ -n "${ZSH_VERSION:-}" ]; then
   eval '_PI_AGENT_SOURCE=${(%):-%x}'
 else
@@ -14,14 +14,15 @@ case $_PI_AGENT_SOURCE in
   /*) ;;
   *) _PI_AGENT_SOURCE=$PWD/$_PI_AGENT_SOURCE ;;
 esac
-_PI_AGENT_PY=${_PI_AGENT_SOURCE%/*}/../pi_agent.py
+_PI_AGENT_DIR=${_PI_AGENT_SOURCE%/*}/..
 unset _PI_AGENT_SOURCE
 
 # `command` skips any alias or function of the same name; the `function`
 # keyword keeps a user's alias named pi from breaking these definitions.
 # The interpreter's real path is looked up once: a version manager's shim
 # (pyenv) costs a tenth of a second per call. -I -S: no user site, no .pth
-# imports; pi_agent.py needs only the standard library.
+# imports; pi_agent.py needs only the standard library. It is imported, not
+# run as a script, so its compiled form is cached beside it.
 function _pi_agent {
   if [ "${_PI_AGENT_PYTHON_FOR-}" != "${PI_AGENT_PYTHON:-python3}" ] ||
      [ ! -x "${_PI_AGENT_PYTHON_BIN:-}" ]; then
@@ -29,7 +30,9 @@ function _pi_agent {
       'import sys; print(sys.executable)') || return
     _PI_AGENT_PYTHON_FOR=${PI_AGENT_PYTHON:-python3}
   fi
-  command "$_PI_AGENT_PYTHON_BIN" -I -S "$_PI_AGENT_PY" "$@"
+  command "$_PI_AGENT_PYTHON_BIN" -I -S -c \
+    'import sys; sys.path.insert(0, sys.argv.pop(1)); import pi_agent; sys.exit(pi_agent.main())' \
+    "$_PI_AGENT_DIR" "$@"
 }
 
 function pi { _pi_agent run "$@"; }

@@ -168,16 +168,22 @@ class Sandbox:
         return result
 
     def wait_saved(self):
-        """Block until no save holds the line (what every pi-* command does)."""
+        """Block until no save holds the line (what every pi-* command does),
+        and the saved containers are removed (which happens after the lock)."""
         import fcntl
-        lock = os.path.join(self.state_dir, self.repo.replace("/", "%2F") + ".lock")
-        if not os.path.exists(lock):
+        key = os.path.join(self.state_dir, self.repo.replace("/", "%2F"))
+        if not os.path.exists(key + ".lock"):
             return
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(key + ".lock", os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
         finally:
             os.close(fd)
+        with open(key + ".json") as handle:
+            removing = set((json.load(handle).get("removing") or {}))
+        wait_until(lambda: not removing & set(docker(
+            "ps", "-a", "--format", "{{.Names}}", "--filter",
+            "label=pi-agent.repo=" + self.repo).stdout.split()), timeout=60)
 
     def images(self):
         self.wait_saved()

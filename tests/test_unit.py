@@ -169,7 +169,7 @@ def make_plan(kind="exec", argv=("make", "test"), image=None, tty=False, environ
     image = image or {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Entrypoint": None,
                                                      "Env": ["HOME=/home/agent"]}}
     return pi_agent.RunPlan(pi_agent.Line(config), kind, list(argv), image, "/home/alice/a,b",
-                            "sub", environ or {"API_KEY": "k"}, 1795000000.0, 4242, tty)
+                            "sub", environ or {"API_KEY": "k"}, 1795000000.0, 4242, tty, "snap-x")
 
 
 def test_run_args_keep_the_image_entrypoint_and_label_the_container():

@@ -25,7 +25,8 @@ err() {
 # Ask a yes/no question on the terminal (not stdin: that may be the script).
 ask() {
   [ "$assume_yes" = 1 ] && return 0
-  if ! { : </dev/tty; } 2>/dev/null; then
+  # In a subshell: a failed redirection of a special builtin would end this shell.
+  if ! (: </dev/tty) 2>/dev/null; then
     return 1
   fi
   printf 'pi-agent install: %s [Y/n] ' "$1" >/dev/tty
@@ -156,13 +157,20 @@ main() {
     for rc in "$HOME/.bashrc" "$HOME/.zshrc"; do
       remove_from_rc "$rc"
     done
-    rm -rf "$dest"
-    parent=$(dirname "$dest")
-    while [ "$parent" != "$HOME" ] && [ "$parent" != / ] && rmdir "$parent" 2>/dev/null; do
-      parent=$(dirname "$parent")
-    done
-    say "removed $dest"
-    say "images and state are kept: remove them with docker rmi \$(docker images pi-agent -q) and rm -r ${XDG_STATE_HOME:-~/.local/state}/pi-agent"
+    if [ -d "$dest" ]; then
+      rm -rf "$dest"
+      parent=$(dirname "$dest")
+      while [ "$parent" != "$HOME" ] && [ "$parent" != / ] && rmdir "$parent" 2>/dev/null; do
+        parent=$(dirname "$parent")
+      done
+      say "removed $dest"
+    else
+      say "nothing installed at $dest"
+    fi
+    repo=${PI_AGENT_IMAGE_REPO:-pi-agent}
+    state=${PI_AGENT_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/pi-agent}
+    say "your environments are kept; to remove them too:"
+    say "  docker images $repo --format '{{.Repository}}:{{.Tag}}' | xargs docker rmi; rm -r '$state'"
     return 0
   fi
 

@@ -40,6 +40,7 @@ Exit codes:
   130  interrupted
 """
 
+import argparse
 import datetime
 import fcntl
 import json
@@ -210,6 +211,10 @@ def human_size(size):
     return "%.1f GB" % (size / 1000)
 
 
+def plural(count, noun):
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
 def print_table(rows):
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -251,6 +256,10 @@ class Config:
         self.dockerfile = raw["PI_AGENT_DOCKERFILE"]
         self.base_image = raw["PI_AGENT_BASE_IMAGE"]
         self.state_dir = raw["PI_AGENT_STATE_DIR"]
+        for name in ("PI_AGENT_DOCKERFILE", "PI_AGENT_STATE_DIR"):
+            if not raw[name].startswith("/"):
+                raise BadSetting("%s=%s must be an absolute path (a relative one would change "
+                                 "with the directory you are in)" % (name, raw[name]))
         self.command = raw["PI_AGENT_COMMAND"]
         try:
             self.command_argv = shlex.split(self.command)
@@ -261,10 +270,12 @@ class Config:
         self.install_cmd = raw["PI_AGENT_INSTALL_CMD"]
         self.pass_env = parse_pass_env(raw["PI_AGENT_PASS_ENV"])
         self.mount_at = raw["PI_AGENT_MOUNT_AT"]
-        if self.mount_at and (not self.mount_at.startswith("/") or self.mount_at.rstrip("/") == ""):
-            raise BadSetting("PI_AGENT_MOUNT_AT=%s must be an absolute path other than /, "
-                             "e.g. /workspace" % self.mount_at)
-        self.mount_at = os.path.normpath(self.mount_at) if self.mount_at else ""
+        if self.mount_at:
+            self.mount_at = os.path.normpath(self.mount_at)
+            if not self.mount_at.startswith("/") or shadows_the_image(self.mount_at):
+                raise BadSetting("PI_AGENT_MOUNT_AT=%s would hide part of the image (or is not "
+                                 "absolute); use a path of its own, e.g. /workspace"
+                                 % raw["PI_AGENT_MOUNT_AT"])
         keep = raw["PI_AGENT_SNAPSHOT_KEEP"]
         if not keep.isdigit():
             raise BadSetting("PI_AGENT_SNAPSHOT_KEEP=%s is not a whole number >= 0" % keep)
@@ -289,7 +300,8 @@ def parse_pass_env(value):
     names = [name for name in re.split(r"[\s,]+", value) if name]
     for name in names:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise BadSetting("PI_AGENT_PASS_ENV: %r is not a variable name" % name)
+            raise BadSetting("PI_AGENT_PASS_ENV: %r is not a variable name; list names like "
+                             "ANTHROPIC_API_KEY, separated by commas or spaces" % name)
         if name in CREDENTIAL_ENV:
             raise Refused("PI_AGENT_PASS_ENV lists %s, a credential pi-agent never passes "
                           "into the container; remove it from PI_AGENT_PASS_ENV" % name)
@@ -490,14 +502,19 @@ def find_target(cwd, homes, here=False, exists=os.path.exists):
     return target, subdir
 
 
+def shadows_the_image(path, container_home=None):
+    """Mounting at `path` would hide (or land inside) the image's own tree."""
+    protected = SYSTEM_DIRS + ((container_home,) if container_home else ())
+    return (any(is_within(system, path) for system in protected)
+            or any(is_within(path, tree) for tree in SYSTEM_TREES))
+
+
 def mount_point(target, container_home, mount_at=""):
     """Where the project appears inside: its host path, unless that would
     shadow part of the image (then /workspace/NAME), or PI_AGENT_MOUNT_AT."""
     if mount_at:
         return mount_at
-    protected = SYSTEM_DIRS + (container_home,)
-    if (any(is_within(path, target) for path in protected)
-            or any(is_within(target, tree) for tree in SYSTEM_TREES)):
+    if shadows_the_image(target, container_home):
         return "/workspace/" + os.path.basename(target)
     return target
 
@@ -618,11 +635,15 @@ class Line:
                              "can write" % (self.state_dir, err.strerror))
 
     def write_state(self, state):
-        os.makedirs(self.state_dir, exist_ok=True)
         temp = "%s.%d.tmp" % (self.state_path, os.getpid())
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(state, handle, indent=1, sort_keys=True)
-        os.replace(temp, self.state_path)
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            with open(temp, "w", encoding="utf-8") as handle:
+                json.dump(state, handle, indent=1, sort_keys=True)
+            os.replace(temp, self.state_path)
+        except OSError as err:
+            raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
+                             "can write" % (self.state_path, err.strerror))
 
     def log(self, message):
         try:
@@ -910,8 +931,17 @@ class RunPlan:
         config = line.config
         self.line, self.kind, self.image = line, kind, image
         self.target, self.started, self.snapshot = target, now, snapshot
-        self.mount_point = mount_point(target, image_home(image), config.mount_at)
+        home = image_home(image)
+        self.mount_point = mount_point(target, home, config.mount_at)
         self.workdir = os.path.join(self.mount_point, subdir) if subdir else self.mount_point
+        # The engine creates a new mount point's missing parents as root; in
+        # the agent's home they must be the agent's (~/src of ~/src/app).
+        self.home_parents = []
+        if self.mount_point not in known_mounts(image) and self.mount_point.startswith(home + "/"):
+            parent = os.path.dirname(self.mount_point)
+            while parent != home:
+                self.home_parents.insert(0, parent)
+                parent = os.path.dirname(parent)
         slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo)
         self.container = "pi-agent-%s-%s-%d" % (slug, time.strftime("%Y%m%d-%H%M%S",
                                                                     time.gmtime(now)), pid)
@@ -948,14 +978,21 @@ class RunPlan:
 
     def _inner(self, argv):
         if self.kind == "exec":
-            return list(argv)
+            # Through sh: a missing command is the shell's one line and 127,
+            # not the runtime's OCI error and 126.
+            return ["sh", "-c", 'exec "$@"', "pi-exec"] + list(argv)
         if self.kind == "shell":
             return ["sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash; exec sh"]
         script = ('command -v "$1" >/dev/null 2>&1 || {'
                   ' echo "pi-agent: $1 is not installed here; installing: $PI_AGENT_INSTALL_CMD" >&2;'
-                  ' sh -c "$PI_AGENT_INSTALL_CMD" || exit;'
+                  ' sh -c "$PI_AGENT_INSTALL_CMD" || { status=$?;'
+                  ' echo "pi-agent: the install command failed (exit $status); fix'
+                  ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them)" >&2;'
+                  ' exit $status; };'
                   ' command -v "$1" >/dev/null 2>&1 || {'
-                  ' echo "pi-agent: the install command did not install $1" >&2; exit 127; }; };'
+                  ' echo "pi-agent: the install command did not install $1; fix'
+                  ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them)" >&2;'
+                  ' exit 127; }; };'
                   ' exec "$@"')
         return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
 
@@ -1314,14 +1351,17 @@ def run_attached(argv, env):
     except FileNotFoundError:
         raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
 
+    caught = []
+
     def forward(signum, _frame):
+        caught.append(signum)
         try:
             proc.send_signal(signum)
         except OSError:
             pass
 
-    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, forward) for signum in caught}
+    previous = {signum: signal.signal(signum, forward)
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     started = time.monotonic()
     try:
         status = proc.wait()
@@ -1329,6 +1369,9 @@ def run_attached(argv, env):
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     trace(proc.args, started, status)
+    # The docker client may exit 0 when signalled: the signal is the status.
+    if caught:
+        return 128 + caught[0]
     return 128 - status if status < 0 else status
 
 
@@ -1372,6 +1415,10 @@ def lifecycle(args, kind, argv):
     try:
         docker(*plan.run_args)
         tagging.finish()
+        if plan.home_parents:
+            user = (image.get("Config") or {}).get("User") or "root"
+            docker("exec", "-u", "0", plan.container, "chown", user.split(":")[0] + ":",
+                   *plan.home_parents, check=False)
     except BaseException:
         tagging.finish(check=False)
         saver.send("abort")
@@ -1535,7 +1582,7 @@ def resolve_snapshot(line, name):
     for snap in snaps:
         if snap["tag"] == tag:
             return snap
-    raise NotFound("no snapshot %s of %s; pi-snapshots lists them" % (name, line.repo))
+    raise NotFound("no snapshot %r of %s; pi-snapshots lists them" % (name, line.repo))
 
 
 def switch_current(line, state, new_ref, what):
@@ -1595,23 +1642,28 @@ def cmd_reset_all(args):
         if not refs:
             say("%s has no current image and no snapshots; nothing to remove" % line.repo)
             return 0
-        if not confirm("remove %s and its %d snapshots? The environment is lost; the base "
-                       "image stays." % (line.current, len(refs) - 1), args.yes):
+        if not confirm("remove %s and its %s? The environment is lost; the base image stays."
+                       % (line.current, plural(len(refs) - 1, "snapshot")), args.yes):
             say("nothing removed")
             return 0
         docker("rmi", *refs)
         remove_own_dangling(line)
         state["snapshots"] = []
-        say("removed %d images; the next pi starts from %s" % (len(refs), line.base))
+        say("removed %s; the next pi starts from %s" % (plural(len(refs), "image"), line.base))
     return 0
 
 
 def cmd_rebuild_base(args):
     line = Line(Config())
     with exclusive(line, "rebuild-base"):
+        before = inspect_image(line.base)
         build_base(line, no_cache=args.no_cache)
+        after = inspect_image(line.base)
         remove_own_dangling(line)
-    if inspect_image(line.current) is not None:
+    if before and after and before["Id"] == after["Id"]:
+        say("the base image is unchanged (everything came from the build cache; "
+            "--no-cache rebuilds every step)")
+    elif inspect_image(line.current) is not None:
         say("current still holds your environment on the old base; pi-reset-system moves it "
             "to the new base (the old one is kept as a snapshot)")
     return 0
@@ -1624,8 +1676,9 @@ def cmd_prune(args):
     with exclusive(line, "prune") as state:
         doomed = prune_snapshots(line, state, keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    say("%s %d snapshots, keeping the %d newest%s" % (
-        verb, len(doomed), keep, (": " + " ".join(s["tag"] for s in doomed)) if doomed else ""))
+    say("%s %s, keeping the %d newest%s" % (
+        verb, plural(len(doomed), "snapshot"), keep,
+        (": " + " ".join(s["tag"] for s in doomed)) if doomed else ""))
     return 0
 
 
@@ -1678,7 +1731,7 @@ def cmd_clean_orphans(args):
         docker("rm", "-f", "-v", *names)
         state.pop("failed", None)
         state.pop("notice", None)
-        say("removed %d containers" % len(names))
+        say("removed %s" % plural(len(names), "container"))
     return 0
 
 
@@ -1717,16 +1770,24 @@ def split_wrapper_args(argv):
     return argv, []
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line, like every other error, and exit 2."""
+
+    def error(self, message):
+        prefix = "" if self.prog == "pi-agent" else self.prog + ": "
+        raise PiError("%s%s; see %s --help" % (prefix, message, self.prog), EXIT_USAGE)
+
+
 def build_parser():
-    import argparse
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pi-agent", usage="pi [--wait] [--here] [--dry-run] [--] [AGENT ARGS]\n"
         "       pi-COMMAND [OPTIONS] [ARGS]   (pi_agent.py COMMAND ...)",
         description=__doc__.split("\nEvery run:")[0].split("\n\n", 1)[1],
         epilog=EXAMPLES + "\n" + __doc__[__doc__.index("Exit codes:"):],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="pi-agent " + __version__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
+                                parser_class=Parser)
     sub.required = True
 
     def lifecycle_parser(name, func, help_text, usage_tail):
@@ -1786,9 +1847,13 @@ def parse_args(argv):
         args = parser.parse_args([argv[0]] + wrapper)
         args.argv = rest
         return args
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    prog = "pi-" + args.command
+    if extra:
+        raise PiError("%s: unexpected %s; see %s --help" % (prog, " ".join(extra), prog),
+                      EXIT_USAGE)
     if getattr(args, "keep", None) is not None and args.keep < 0:
-        parser.error("N must be 0 or more")
+        raise PiError("%s: N must be 0 or more" % prog, EXIT_USAGE)
     return args
 
 

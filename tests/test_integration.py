@@ -170,8 +170,8 @@ def test_exit_status_passes_through(shell_box):
     assert box.sh("pi-exec sh -c 'exit 7'").returncode == 7
     assert box.sh("pi-exec false").returncode == 1
     missing = box.sh("pi-exec no-such-command-here")
-    assert missing.returncode in (126, 127), "the engine's own code for a missing command"
-    assert "no-such-command-here" in missing.stdout + missing.stderr
+    assert missing.returncode == 127, "a shell's code for a missing command"
+    assert "no-such-command-here: not found" in missing.stderr
 
 
 @pytest.mark.parametrize("name", ['with space, comma: colon "quote" é'])
@@ -189,6 +189,13 @@ def test_git_commits_inside_without_touching_project_config(box):
     assert out.strip() == "Agent:N"
     assert open(os.path.join(box.project, ".git", "config")).read() == config_before
     assert "Agent" not in config_before
+
+
+def test_new_directories_above_a_project_in_home_belong_to_the_agent(box):
+    project = box.mkdir(os.path.join(box.home, "src", "deeper", "app"))
+    out = box.ok("pi-exec sh -c 'stat -c %U ~/src ~/src/deeper; touch ~/src/mine && echo ok'",
+                 cwd=project).stdout.split()
+    assert out == ["agent", "agent", "ok"]
 
 
 def test_mount_at_gives_the_flat_layout(box):

@@ -100,7 +100,9 @@ def test_the_run_is_saved_whatever_ends_the_wrapper(box, how):
         os.killpg(run.pid, signum)  # the session bash, the wrapper and the docker client
     else:
         os.kill(wrapper_pid(box), signum)
-    run.wait(timeout=60)
+    status = run.wait(timeout=60)
+    if how.startswith(("SIGTERM", "SIGINT")):
+        assert status == 128 + signum, "the wrapper reports the signal, even in a pipe"
     box.ok("pi-exec test -e %s" % path)
     box.wait_saved()
     assert box.containers() == []

@@ -111,6 +111,18 @@ def test_install_offline_from_a_tarball(tmp_path):
     assert (home / ".local/share/pi-agent/shell/pi.sh").exists()
 
 
+def test_install_without_a_terminal_leaves_rc_files_and_says_what_to_add(tmp_path):
+    need("setsid")
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run(["setsid", "dash", os.path.join(ROOT, "install.sh")],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            env={"PATH": os.environ["PATH"], "HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    assert "left %s/.bashrc alone" % home in result.stdout and "shell/pi.sh" in result.stdout
+    assert not (home / ".bashrc").exists()
+
+
 def test_install_refuses_an_old_python(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()

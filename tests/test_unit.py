@@ -135,6 +135,8 @@ def test_pass_env_rejects_bad_names():
 @pytest.mark.parametrize("name,value", [
     ("PI_AGENT_IMAGE_REPO", "Bad:Repo"), ("PI_AGENT_SNAPSHOT_KEEP", "-1"),
     ("PI_AGENT_AUTO_PRUNE", "maybe"), ("PI_AGENT_MOUNT_AT", "relative"),
+    ("PI_AGENT_MOUNT_AT", "/usr"), ("PI_AGENT_MOUNT_AT", "/etc/x"), ("PI_AGENT_MOUNT_AT", "/"),
+    ("PI_AGENT_STATE_DIR", "relative/dir"), ("PI_AGENT_DOCKERFILE", "Dockerfile"),
     ("PI_AGENT_SAVE", "sometimes"), ("PI_AGENT_COMMAND", "'unclosed")])
 def test_bad_settings_are_reported_with_their_name(name, value):
     with pytest.raises(pi_agent.BadSetting, match=name):
@@ -248,10 +250,15 @@ def test_help_lists_every_command_and_version_prints():
     assert run_tool("run", "--version").stdout.strip() == "pi-agent " + pi_agent.__version__
 
 
-def test_usage_errors_exit_2_with_one_line():
-    result = run_tool("exec")
-    assert result.returncode == 2 and result.stderr.startswith("pi-agent: ")
-    assert run_tool("no-such-command").returncode == 2
+@pytest.mark.parametrize("argv,command", [
+    (["exec"], "pi-exec"), (["rollback", "a", "b"], "pi-rollback"), (["prune", "-1"], "pi-prune"),
+    (["prune", "abc"], "pi-prune"), (["status", "--bogus"], "pi-status"),
+    (["no-such-command"], "pi-agent")])
+def test_usage_errors_are_one_line_naming_the_command_and_exit_2(argv, command):
+    result = run_tool(*argv)
+    assert result.returncode == 2
+    assert result.stderr.startswith("pi-agent: ") and result.stderr.count("\n") == 1
+    assert command in result.stderr
 
 
 def test_bad_setting_is_one_line_and_exit_9():
@@ -259,6 +266,17 @@ def test_bad_setting_is_one_line_and_exit_9():
     result = run_tool("status", env=env)
     assert result.returncode == 9
     assert result.stderr.count("\n") == 1 and "PI_AGENT_SNAPSHOT_KEEP" in result.stderr
+
+
+@pytest.mark.parametrize("state_dir", ["/proc/no-such-dir", "/dev/null/below-a-file"])
+def test_an_unusable_state_dir_is_one_line_and_exit_9(tmp_path, state_dir):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PI_AGENT_STATE_DIR": state_dir}
+    project = tmp_path / "project"
+    project.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "pi_agent.py"), "exec", "true"],
+                            capture_output=True, text=True, env=env, cwd=str(project))
+    assert result.returncode == 9, result.stderr
+    assert result.stderr.count("\n") == 1 and "PI_AGENT_STATE_DIR" in result.stderr
 
 
 def test_missing_docker_is_exit_6(tmp_path):

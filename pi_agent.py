@@ -657,13 +657,19 @@ class Line:
 
 
 def pid_alive(pid):
+    """The process exists and is not a zombie (a killed saver whose new
+    parent has not reaped it yet is dead for our purposes)."""
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError, TypeError):
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open("/proc/%d/stat" % int(pid)) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): existence is all we can tell
 
 
 def describe_holder(holder):

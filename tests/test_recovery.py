@@ -51,13 +51,30 @@ def clear(box, name):
     os.unlink(os.path.join(box.faults, name))
 
 
-def holder(box):
+def read_state(box):
     path = os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".json")
     try:
         with open(path) as handle:
-            return json.load(handle).get("holder") or {}
+            return json.load(handle)
     except (OSError, ValueError):
         return {}
+
+
+def holder(box):
+    return read_state(box).get("holder") or {}
+
+
+def lock_held(box):
+    import fcntl
+    path = os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".lock")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def live_run(box):
@@ -134,6 +151,51 @@ def test_kill_9_during_the_commit_loses_nothing(faulty):
     box.ok("pi-exec test -e /usr/local/during-commit")
     box.wait_saved()
     assert box.containers() == []
+
+
+def test_kill_9_while_waiting_for_the_lock_changes_nothing(box):
+    first = start_and_wait_for(box, "/usr/local/holder")
+    waiter = box_background(box, "exec pi-exec --wait touch ~/never")
+    time.sleep(1.5)
+    waiter.kill()  # the shell exec'd python: this is the waiting wrapper
+    waiter.wait(timeout=30)
+    os.kill(wrapper_pid(box), signal.SIGTERM)
+    first.wait(timeout=60)
+    box.ok("pi-exec test -e /usr/local/holder")
+    assert box.sh("pi-exec test -e ~/never").returncode == 1
+    box.wait_saved()
+    assert box.containers() == []
+
+
+def test_kill_9_while_the_container_starts_is_cleaned_up_by_the_next_run(faulty):
+    box = faulty
+    fault(box, "run-slow", "2")
+    run = box_background(box, "pi-exec touch ~/never-ran")
+    assert wait_until(lambda: holder(box).get("container"), timeout=30)
+    time.sleep(0.5)  # the wrapper is inside `docker run` now
+    os.kill(holder(box)["pid"], signal.SIGKILL)
+    run.wait(timeout=30)
+    clear(box, "run-slow")
+    assert wait_until(lambda: len(box.containers()) == 1, timeout=30), "docker run went on"
+    result = box.ok("pi-exec true")
+    assert "changed nothing" in result.stderr
+    box.wait_saved()
+    assert box.containers() == [] and box.snapshots() == []
+
+
+def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):
+    box = faulty
+    fault(box, "rm-slow", "3")
+    box.ok("pi-exec sh -c 'sudo touch /usr/local/saved-then-killed'")
+    assert wait_until(lambda: (holder(box) or {}).get("phase") is None and
+                      box.containers() and not lock_held(box), timeout=30)
+    saver = max(int(pid) for pid in read_state(box).get("removing", {}).values())
+    os.killpg(saver, signal.SIGKILL)
+    clear(box, "rm-slow")
+    result = box.ok("pi-exec test -e /usr/local/saved-then-killed")
+    assert "interrupted" not in result.stderr, "it was saved: nothing to recover"
+    box.wait_saved()
+    assert box.containers() == [] and len(box.snapshots()) == 1
 
 
 # --- failed saves -----------------------------------------------------------

@@ -38,6 +38,13 @@ def test_environment_persists_and_rollback_is_undoable(any_box):
     box.ok("pi-rollback %s" % kept)
     assert box.ok("pi-exec cat ~/x").stdout == "hi\n"
     box.ok("pi-exec test -e /usr/local/share/x")
+    assert own_dangling(box) == [], "replaced images do not pile up untagged"
+
+
+def own_dangling(box):
+    box.wait_saved()
+    return docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
+                  "label=pi-agent.repo=" + box.repo).stdout.split()
 
 
 def test_agent_writes_into_the_project_as_the_host_user(any_box):
@@ -187,6 +194,7 @@ def test_git_commits_inside_without_touching_project_config(box):
     out = box.ok("pi-exec sh -c 'echo a > a && git add a && git commit -qm agent && "
                  "git log -1 --format=%an:%G?'").stdout
     assert out.strip() == "Agent:N"
+    box.ok("pi-exec sh -c 'test ! -e ~/.ssh && test ! -e ~/.gnupg'")  # no key to sign or push
     assert open(os.path.join(box.project, ".git", "config")).read() == config_before
     assert "Agent" not in config_before
 
@@ -215,6 +223,15 @@ def test_pi_installs_the_agent_once_and_reads_stdin(shell_box):
     assert "installed-fake-agent" not in second.stdout
     assert "fake-agent args: --help" in second.stdout
     assert box.ok("pi-exec cat ~/.fake-agent-runs").stdout == "ran\nran\n"
+
+
+def test_pi_shell_runs_a_shell_in_the_same_lifecycle(shell_box):
+    box = shell_box
+    result = box.ok("printf 'touch ~/from-shell\\necho in-$(pwd)\\nexit 4\\n' | pi-shell; "
+                    "echo status=$?")
+    assert "in-%s" % box.project in result.stdout and "status=4" in result.stdout
+    box.ok("pi-exec test -e ~/from-shell")
+    assert box.sh("pi-shell extra").returncode == 2
 
 
 def test_wrapper_help_and_version(shell_box):
@@ -302,10 +319,10 @@ def test_reset_system_prune_and_reset_all(box):
     box.ok("pi-prune 2")
     assert len(box.snapshots()) == 2
     assert box.sh("pi-reset-all </dev/null").returncode == 3, "asks, or needs --yes"
+    assert own_dangling(box) == []
     box.ok("pi-reset-all --yes")
     assert set(box.images()) == {"base"}
-    assert docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
-                  "label=pi-agent.repo=" + box.repo).stdout.strip() == ""
+    assert own_dangling(box) == []
     box.ok("pi-exec true")
     assert box.images()["current"] == box.images()["base"]
 

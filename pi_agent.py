@@ -74,6 +74,11 @@ SETTINGS = (
      "host variables passed to the agent, e.g. ANTHROPIC_API_KEY"),
     ("PI_AGENT_MOUNT_AT", "",
      "mount the project here instead of at its host path"),
+    ("PI_AGENT_NETWORK", "",
+     "the container's network: empty for the engine's default, none for offline"),
+    ("PI_AGENT_CPUS", "", "CPU limit, e.g. 2 or 1.5 (docker run --cpus)"),
+    ("PI_AGENT_MEMORY", "", "memory limit, e.g. 4g (docker run --memory)"),
+    ("PI_AGENT_PIDS", "", "process limit, e.g. 512 (docker run --pids-limit)"),
     ("PI_AGENT_SNAPSHOT_KEEP", "10",
      "snapshots kept by auto-prune and pi-prune"),
     ("PI_AGENT_AUTO_PRUNE", "1",
@@ -276,6 +281,15 @@ class Config:
                 raise BadSetting("PI_AGENT_MOUNT_AT=%s would hide part of the image (or is not "
                                  "absolute); use a path of its own, e.g. /workspace"
                                  % raw["PI_AGENT_MOUNT_AT"])
+        self.network = raw["PI_AGENT_NETWORK"]
+        if self.network == "host":
+            raise BadSetting("PI_AGENT_NETWORK=host would give the agent the host's own network "
+                             "(and every service on its localhost); use none, or a network "
+                             "made with docker network create")
+        if self.network and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.network):
+            raise BadSetting("PI_AGENT_NETWORK=%s is not a network name; use none, or a name "
+                             "from docker network ls" % self.network)
+        self.limits = parse_limits(raw)
         keep = raw["PI_AGENT_SNAPSHOT_KEEP"]
         if not keep.isdigit():
             raise BadSetting("PI_AGENT_SNAPSHOT_KEEP=%s is not a whole number >= 0" % keep)
@@ -294,6 +308,23 @@ class Config:
                 environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
             return os.path.join(base, "pi-agent")
         return default
+
+
+def parse_limits(raw):
+    """docker run options for the resource limits that are set."""
+    options = []
+    checks = (("PI_AGENT_CPUS", "--cpus", r"\d+(\.\d+)?", "a number of CPUs such as 2 or 1.5"),
+              ("PI_AGENT_MEMORY", "--memory", r"\d+(\.\d+)?[bkmgBKMG]?",
+               "a size such as 4g or 512m"),
+              ("PI_AGENT_PIDS", "--pids-limit", r"\d+", "a whole number of processes such as 512"))
+    for name, option, pattern, what in checks:
+        value = raw[name]
+        if not value:
+            continue
+        if not re.fullmatch(pattern, value) or float(re.sub(r"[a-zA-Z]", "", value)) <= 0:
+            raise BadSetting("%s=%s is not %s" % (name, value, what))
+        options += [option, value]
+    return options
 
 
 def parse_pass_env(value):
@@ -529,6 +560,114 @@ def csv_field(text):
 def mount_spec(source, destination):
     return ",".join(csv_field(field) for field in
                     ("type=bind", "source=" + source, "target=" + destination))
+
+
+# Files in a project that the host runs by itself (direnv, editors): the
+# agent may change them, the user should hear of it.
+HOST_RUN_PATHS = (".envrc", ".vscode", ".devcontainer", ".idea")
+CREDENTIAL_URL = re.compile(r"^\s*(?:push)?url\s*=\s*[a-z+.-]+://([^/@\s]+)@", re.I | re.M)
+
+
+def git_dirs(target):
+    """(git dir, common dir) of the repository at target, or None.
+    A worktree's .git is a file naming its git dir inside the common one."""
+    dot = os.path.join(target, ".git")
+    if os.path.isdir(dot):
+        return dot, dot
+    try:
+        with open(dot, encoding="utf-8") as handle:
+            text = handle.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    gitdir = os.path.normpath(os.path.join(target, text[len("gitdir:"):].strip()))
+    try:
+        with open(os.path.join(gitdir, "commondir"), encoding="utf-8") as handle:
+            common = os.path.normpath(os.path.join(gitdir, handle.read().strip()))
+    except OSError:
+        common = gitdir
+    return gitdir, common
+
+
+def git_config_text(common):
+    try:
+        with open(os.path.join(common, "config"), encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def inside_path(host_path, target, point):
+    """Where a host path appears inside, given the project's mount."""
+    if is_within(host_path, target):
+        return os.path.normpath(os.path.join(point, os.path.relpath(host_path, target)))
+    return host_path
+
+
+def git_mounts(target, point, dirs):
+    """Extra mounts that keep the host's git from running what the agent
+    writes: hooks and config read-only (a worktree's common dir, outside the
+    project, is mounted too, so git works inside). [(source, dest, ro)]"""
+    if not dirs:
+        return []
+    gitdir, common = dirs
+    mounts = []
+    if not is_within(common, target):
+        mounts.append((common, common, False))
+    hooks = os.path.join(common, "hooks")
+    try:
+        os.makedirs(hooks, exist_ok=True)  # as git init would: else the agent could make it
+    except OSError:
+        pass
+    protected = [hooks, os.path.join(common, "config")]
+    if gitdir != common:
+        protected.append(os.path.join(gitdir, "config.worktree"))
+    for path in protected:
+        if os.path.exists(path):
+            mounts.append((path, inside_path(path, target, point), True))
+    return mounts
+
+
+def credential_in_remote(config_text):
+    """The first remote URL that carries a user:secret (or a bare token)."""
+    for match in CREDENTIAL_URL.finditer(config_text):
+        userinfo = match.group(1)
+        if ":" in userinfo or re.match(r"(ghp_|gho_|ghs_|github_pat_|glpat-|x-access-token)",
+                                       userinfo):
+            return match.group(0).split("=", 1)[1].strip().replace(userinfo, "***")
+    return None
+
+
+def host_run_files(target, extra=()):
+    """{relative path: (size, mtime)} of the files the host runs by itself."""
+    found = {}
+    for name in HOST_RUN_PATHS + tuple(extra):
+        top = os.path.join(target, name)
+        if os.path.isfile(top):
+            stat = os.stat(top)
+            found[name] = (stat.st_size, stat.st_mtime_ns)
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            for filename in filenames:
+                path = os.path.join(dirpath, filename)
+                try:
+                    stat = os.lstat(path)
+                except OSError:
+                    continue
+                found[os.path.relpath(path, target)] = (stat.st_size, stat.st_mtime_ns)
+            if len(found) > 5000:
+                return found
+    return found
+
+
+def hooks_path_in_project(config_text, target):
+    """core.hooksPath when it points into the project (e.g. .husky)."""
+    match = re.search(r"^\s*hookspath\s*=\s*(.+?)\s*$", config_text, re.I | re.M)
+    if not match:
+        return ()
+    path = os.path.normpath(os.path.join(target, os.path.expanduser(match.group(1))))
+    return (os.path.relpath(path, target),) if is_within(path, target) else ()
 
 
 def container_env(environ, pass_env):
@@ -812,8 +951,10 @@ def build_base(line, no_cache=False):
                        "pi-agent" % dockerfile)
     args = ["build", "--label", LABEL + "repo=" + line.repo, "-t", line.base,
             "--build-arg", "BASE_IMAGE=" + config.base_image, "-f", dockerfile]
-    for name, value in build_args().items():
+    values = build_args()
+    for name, value in values.items():
         args += ["--build-arg", "%s=%s" % (name, value)]
+    args += ["--label", LABEL + "uid=" + values["AGENT_UID"]]
     if no_cache:
         args.append("--no-cache")
     args.append(os.path.dirname(dockerfile))
@@ -822,6 +963,18 @@ def build_base(line, no_cache=False):
     # The build's own output goes to stderr, so a pipe on stdout stays clean.
     docker(*args, capture=False, stdout=sys.stderr)
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
+
+
+def owner_mismatch(image):
+    """A line built for another UID writes files the host user does not own.
+    (Docker Desktop maps ownership itself: nothing to say on macOS.)"""
+    built_for = image_labels(image).get(LABEL + "uid")
+    if not built_for or os.uname().sysname == "Darwin" or built_for == str(os.getuid()):
+        return None
+    return ("warning: %s was built for UID %s but you are UID %d, so files the agent writes "
+            "will not be yours; pi-rebuild-base, then pi-reset-system, fixes that (your "
+            "environment stays as a snapshot)" % (image.get("RepoTags", ["current"])[0],
+                                                 built_for, os.getuid()))
 
 
 def ensure_current(line, current=None):
@@ -933,13 +1086,15 @@ class RunPlan:
     `snapshot` names the tag that keeps current as it was before the run."""
 
     def __init__(self, line, kind, argv, image, target, subdir, environ, now, pid, tty,
-                 snapshot):
+                 snapshot, git=None, offline=False):
         config = line.config
         self.line, self.kind, self.image = line, kind, image
+        self.network = "none" if offline else config.network
         self.target, self.started, self.snapshot = target, now, snapshot
         home = image_home(image)
         self.mount_point = mount_point(target, home, config.mount_at)
         self.workdir = os.path.join(self.mount_point, subdir) if subdir else self.mount_point
+        self.extra_mounts = git_mounts(target, self.mount_point, git)
         # The engine creates a new mount point's missing parents as root; in
         # the agent's home they must be the agent's (~/src of ~/src/app).
         self.home_parents = []
@@ -966,6 +1121,11 @@ class RunPlan:
         for key, value in self.labels.items():
             args += ["--label", "%s=%s" % (key, value)]
         args += ["--mount", mount_spec(self.target, self.mount_point)]
+        for source, destination, readonly in self.extra_mounts:
+            args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
+        if self.network:
+            args += ["--network", self.network]
+        args += self.line.config.limits
         # Keep the image's entrypoint when it has none, so the commit keeps
         # that null (a --change can set, but never unset, ENTRYPOINT).
         if config.get("Entrypoint"):
@@ -1391,10 +1551,14 @@ def lifecycle(args, kind, argv):
     line = Line(config)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     if args.dry_run:
-        return print_plan(line, kind, argv, target, subdir, tty)
+        return print_plan(line, kind, argv, target, subdir, tty, args.offline)
 
+    git = git_dirs(target)
+    git_config = git_config_text(git[1]) if git else ""
+    watched = hooks_path_in_project(git_config, target)
     lock = LineLock(line)
     found, state = lock.acquire(kind, target, wait=args.wait)
+    before = host_run_files(target, watched)
     try:
         if found.get("notice"):
             say(found["notice"])
@@ -1403,9 +1567,12 @@ def lifecycle(args, kind, argv):
         if recover_leftovers(line, state, listing):
             current = None
         image = ensure_current(line, current)
+        for warning in (owner_mismatch(image), remote_warning(git_config)):
+            if warning:
+                say(warning)
         now = time.time()
         plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, now, os.getpid(),
-                       tty, snapshot=next_snapshot(state, now))
+                       tty, snapshot=next_snapshot(state, now), git=git, offline=args.offline)
         state["holder"].update(container=plan.container)
         line.write_state(state)
     except BaseException:
@@ -1433,6 +1600,10 @@ def lifecycle(args, kind, argv):
     state["holder"].update(phase="running", saver_pid=saver.pid)
     line.write_state(state)
     status = run_attached(plan.exec_args, env)
+    changed = changed_files(before, host_run_files(target, watched))
+    if changed:
+        say("the agent changed %s, which your host may run by itself; review before trusting "
+            "them (git diff)" % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])))
     if not saver.send("status %d" % status):
         # The saver died (killed?): save here instead, we share its lock.
         say("the background saver is gone; saving in the foreground")
@@ -1448,7 +1619,19 @@ def lifecycle(args, kind, argv):
     return status
 
 
-def print_plan(line, kind, argv, target, subdir, tty):
+def remote_warning(config_text):
+    url = credential_in_remote(config_text)
+    if url:
+        return ("warning: a remote URL in .git/config carries a credential (%s), and the agent "
+                "can read .git; use a credential helper instead" % url)
+    return None
+
+
+def changed_files(before, after):
+    return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+
+
+def print_plan(line, kind, argv, target, subdir, tty, offline):
     """--dry-run: what a run would do, as docker commands; nothing changes."""
     current = inspect_image(line.current)
     if current is None:
@@ -1458,7 +1641,7 @@ def print_plan(line, kind, argv, target, subdir, tty):
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
     now = time.time()
     plan = RunPlan(line, kind, argv, current, target, subdir, os.environ, now, os.getpid(),
-                   tty, snapshot_name(now))
+                   tty, snapshot_name(now), git=git_dirs(target), offline=offline)
     print("# target %s mounted at %s, working directory %s" % (target, plan.mount_point,
                                                                plan.workdir))
     print(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
@@ -1754,7 +1937,7 @@ def cmd_unlock(args):
 
 # ---------------------------------------------------------------- parsing
 
-LIFECYCLE_FLAGS = {"--wait", "--here", "--dry-run", "-h", "--help", "--version"}
+LIFECYCLE_FLAGS = {"--wait", "--here", "--dry-run", "--offline", "-h", "--help", "--version"}
 
 EXAMPLES = """examples:
   pi                              run the agent in this project
@@ -1799,11 +1982,14 @@ def build_parser():
     def lifecycle_parser(name, func, help_text, usage_tail):
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  prog="pi" if name == "run" else "pi-" + name,
-                                 usage="%%(prog)s [--wait] [--here] [--dry-run] %s" % usage_tail)
+                                 usage="%%(prog)s [--wait] [--here] [--offline] [--dry-run] %s"
+                                 % usage_tail)
         command.add_argument("--wait", action="store_true",
                              help="wait for a running agent on this image line instead of failing")
         command.add_argument("--here", action="store_true",
                              help="mount the current directory, not the repository root")
+        command.add_argument("--offline", action="store_true",
+                             help="no network for this run (like PI_AGENT_NETWORK=none)")
         command.add_argument("--dry-run", action="store_true",
                              help="print the docker commands a run would use; change nothing")
         command.set_defaults(func=func)

@@ -21,22 +21,23 @@ def test_home(uid):
 
 
 def base_image(uid, gid, home, context=ROOT):
-    """Built again whenever the Dockerfile or the home changes."""
+    """Built again whenever the Dockerfile or the build arguments change."""
     import hashlib
-    with open(os.path.join(context, "Dockerfile"), "rb") as handle:
-        digest = hashlib.sha256(handle.read() + home.encode()).hexdigest()[:16]
     tag = "pi-agent-test/base:uid%d" % uid
+    args = ["--label", "pi-agent.repo=test", "--label", "pi-agent.uid=%d" % uid,
+            "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
+            "--build-arg", "AGENT_UID=%d" % uid,
+            "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
+            "--build-arg", "AGENT_HOME=" + home]
+    with open(os.path.join(context, "Dockerfile"), "rb") as handle:
+        digest = hashlib.sha256(handle.read() + "\0".join(args).encode()).hexdigest()[:16]
     exists = subprocess.run(["docker", "image", "inspect", "--format",
                              '{{index .Config.Labels "pi-agent-test.source"}}', tag],
                             capture_output=True, text=True)
     if exists.returncode == 0 and exists.stdout.strip() == digest:
         return tag
-    subprocess.run(["docker", "build", "-q", "-t", tag, "--label", "pi-agent.repo=test",
-                    "--label", "pi-agent-test.source=" + digest,
-                    "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
-                    "--build-arg", "AGENT_UID=%d" % uid,
-                    "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
-                    "--build-arg", "AGENT_HOME=" + home, context],
+    subprocess.run(["docker", "build", "-q", "-t", tag, "--label",
+                    "pi-agent-test.source=" + digest] + args + [context],
                    check=True, stdout=subprocess.DEVNULL)
     return tag
 

@@ -1,0 +1,111 @@
+"""Host safety against the real engine: file ownership, git that cannot
+plant code for the host, notices for host-run files, network and resource
+limits."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import docker, make_sandbox
+
+
+def git(box, *args, cwd=None):
+    return box.ok("git " + " ".join(args), cwd=cwd)
+
+
+def init_repo(box):
+    box.ok("git init -q . && git -c user.email=h@example.com -c user.name=Host "
+           "commit -q --allow-empty -m first")
+
+
+def test_hooks_and_config_are_read_only_inside_while_commits_work(box):
+    init_repo(box)
+    config_before = open(os.path.join(box.project, ".git", "config")).read()
+    hook = box.sh("pi-exec sh -c 'echo \"#!/bin/sh\" > .git/hooks/pre-commit'")
+    assert hook.returncode != 0 and "Read-only file system" in hook.stderr
+    assert box.sh("pi-exec git config core.hooksPath /tmp/evil").returncode != 0
+    assert box.sh("pi-exec git config core.fsmonitor 'touch /tmp/pwned'").returncode != 0
+    out = box.ok("pi-exec sh -c 'echo a > a && git add a && git commit -qm agent && "
+                 "git checkout -qb feature && git status --porcelain && git log --format=%an'")
+    assert "dubious" not in out.stderr
+    assert out.stdout.split() == ["Agent", "Host"]
+    assert not os.path.exists(os.path.join(box.project, ".git", "hooks", "pre-commit"))
+    assert open(os.path.join(box.project, ".git", "config")).read() == config_before
+    assert "feature" in box.ok("git branch").stdout
+
+
+def test_a_worktree_works_inside_with_its_common_dir_protected(box):
+    init_repo(box)
+    worktree = os.path.join(os.path.dirname(box.project), "wt")
+    box.ok("git -c user.email=h@example.com -c user.name=Host worktree add -q %s" % worktree)
+    out = box.ok("pi-exec sh -c 'echo w > w && git add w && git commit -qm in-worktree && "
+                 "git log -1 --format=%s'", cwd=worktree)
+    assert out.stdout.strip() == "in-worktree"
+    hook = box.sh("pi-exec sh -c 'echo x > %s/.git/hooks/post-checkout'" % box.project,
+                  cwd=worktree)
+    assert hook.returncode != 0
+    assert "in-worktree" in box.ok("git log --all --format=%s").stdout
+
+
+def test_changes_to_files_the_host_runs_are_announced(box):
+    result = box.ok("pi-exec sh -c 'echo \"export X=1\" > .envrc; mkdir -p .vscode; "
+                    "echo {} > .vscode/tasks.json; echo ok > README'")
+    notice = [line for line in result.stderr.splitlines() if "changed" in line]
+    assert len(notice) == 1 and ".envrc" in notice[0] and ".vscode/tasks.json" in notice[0]
+    assert "README" not in notice[0]
+    quiet = box.ok("pi-exec sh -c 'echo again > README'")
+    assert "changed" not in quiet.stderr
+
+
+def test_a_credential_in_a_remote_url_is_warned_about(box):
+    init_repo(box)
+    box.ok("git remote add origin https://me:ghp_abcdef123456@github.com/me/repo.git")
+    result = box.ok("pi-exec true")
+    assert "credential" in result.stderr and "ghp_abcdef123456" not in result.stderr
+    box.ok("git remote set-url origin https://github.com/me/repo.git")
+    assert "credential" not in box.ok("pi-exec true").stderr
+
+
+def test_offline_has_no_network(box):
+    assert box.ok("pi-exec --offline ls /sys/class/net").stdout.split() == ["lo"]
+    assert box.ok("pi-exec ls /sys/class/net", env={"PI_AGENT_NETWORK": "none"}).stdout.split() \
+        == ["lo"]
+    assert "eth0" in box.ok("pi-exec ls /sys/class/net").stdout.split()
+
+
+def cgroup_value(box, v1, v2, env):
+    script = "cat /sys/fs/cgroup/%s 2>/dev/null || cat /sys/fs/cgroup/%s" % (v2, v1)
+    return box.ok("pi-exec sh -c '%s'" % script, env=env).stdout.split()
+
+
+def test_resource_limits_are_visible_inside(box):
+    env = {"PI_AGENT_MEMORY": "256m", "PI_AGENT_PIDS": "123", "PI_AGENT_CPUS": "0.5"}
+    assert cgroup_value(box, "memory/memory.limit_in_bytes", "memory.max", env) == ["268435456"]
+    assert cgroup_value(box, "pids/pids.max", "pids.max", env) == ["123"]
+    quota = cgroup_value(box, "cpu/cpu.cfs_quota_us", "cpu.max", env)
+    assert quota[0] == "50000"
+
+
+@pytest.mark.parametrize("name,value", [("PI_AGENT_MEMORY", "lots"), ("PI_AGENT_CPUS", "0"),
+                                        ("PI_AGENT_PIDS", "-5"), ("PI_AGENT_NETWORK", "host")])
+def test_bad_limits_are_refused_before_anything_starts(box, name, value):
+    result = box.sh("pi-exec true", env={name: value})
+    assert result.returncode == 9 and name in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert box.containers() == [] and "current" not in box.images()
+
+
+def test_a_uid_mismatch_is_detected_and_explained(request, engine, tmp_path, install_dir):
+    box = make_sandbox(request, tmp_path, install_dir, "user", "bash")
+    # A line whose base was built for root, used by an ordinary user.
+    labels = box.inspect(box.repo + ":base")["Config"]["Labels"]
+    assert labels["pi-agent.uid"] == str(box.user.uid)
+    root_base = subprocess.run(["docker", "build", "-q", "--label", "pi-agent.uid=0",
+                                "-"], input="FROM %s\n" % (box.repo + ":base"),
+                               capture_output=True, text=True, check=True).stdout.strip()
+    docker("tag", root_base, box.repo + ":base")
+    box.ok("git init -q .")
+    result = box.ok("pi-exec git status --porcelain")
+    assert "built for UID 0" in result.stderr and "pi-rebuild-base" in result.stderr
+    assert "dubious" not in result.stderr

@@ -3,6 +3,8 @@
 # installs later lives in the committed images on top of it.
 ARG BASE_IMAGE=ubuntu:24.04
 FROM ${BASE_IMAGE}
+# A base may end as some other user; the steps below need root.
+USER root
 
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
@@ -23,13 +25,13 @@ ARG AGENT_UID=1000
 ARG AGENT_GID=1000
 ARG AGENT_HOME=/home/agent
 RUN set -eu; \
-    if id agent >/dev/null 2>&1; then userdel --remove agent 2>/dev/null || userdel agent; fi; \
+    if id agent >/dev/null 2>&1; then userdel --force --remove agent 2>/dev/null || userdel --force agent; fi; \
     if [ "$AGENT_UID" = 0 ]; then \
       useradd --non-unique --uid 0 --gid 0 --no-create-home --home-dir "$AGENT_HOME" \
               --shell /bin/bash agent; \
     else \
       other=$(getent passwd "$AGENT_UID" | cut -d: -f1); \
-      if [ -n "$other" ]; then userdel --remove "$other" 2>/dev/null || userdel "$other"; fi; \
+      if [ -n "$other" ]; then userdel --force --remove "$other" 2>/dev/null || userdel --force "$other"; fi; \
       group=$(getent group "$AGENT_GID" | cut -d: -f1); \
       if [ -z "$group" ]; then groupadd --gid "$AGENT_GID" agent; group=agent; fi; \
       useradd --uid "$AGENT_UID" --gid "$group" --no-create-home --home-dir "$AGENT_HOME" \

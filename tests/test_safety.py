@@ -109,3 +109,26 @@ def test_a_uid_mismatch_is_detected_and_explained(request, engine, tmp_path, ins
     result = box.ok("pi-exec git status --porcelain")
     assert "built for UID 0" in result.stderr and "pi-rebuild-base" in result.stderr
     assert "dubious" not in result.stderr
+
+
+def test_the_dockerfile_gives_way_to_a_user_that_has_the_uid(engine, install_dir):
+    """Like Ubuntu 24.04's "ubuntu" (UID 1000): a base with a user (and group)
+    at the host's UID still gets an agent user with that UID."""
+    from images import base_image, test_home
+    tools = base_image(0, 0, test_home(0), install_dir)  # has the packages already
+    occupied = subprocess.run(
+        ["docker", "build", "-q", "-"], capture_output=True, text=True, check=True,
+        input="FROM %s\nUSER root\nRUN useradd -m -u 4321 -U ubuntu\n" % tools).stdout.strip()
+    built = subprocess.run(
+        ["docker", "build", "-q", "--build-arg", "BASE_IMAGE=" + occupied,
+         "--build-arg", "AGENT_UID=4321", "--build-arg", "AGENT_GID=4321",
+         "--build-arg", "AGENT_HOME=/home/someone", install_dir],
+        capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    image = built.stdout.strip()
+    try:
+        out = docker("run", "--rm", image, "sh", "-c", "id; echo $HOME; sudo -n true && echo sudo")
+        assert "uid=4321(agent) gid=4321(agent)" in out.stdout
+        assert "/home/someone" in out.stdout and "sudo" in out.stdout
+    finally:
+        docker("rmi", image, occupied, check=False)

@@ -13,6 +13,7 @@ Commands (shell function in shell/pi.sh, pi_agent.py subcommand, what):
   pi-reset-all [--yes]             reset-all    remove current and all snapshots
   pi-rebuild-base [--no-cache]     rebuild-base build the base image again
   pi-prune [N]                     prune        keep the N newest snapshots
+  pi-flatten                       flatten      rewrite current as one layer
   pi-orphans                       orphans      containers left by interrupted runs
   pi-recover [CONTAINER]           recover      save a left-behind container now
   pi-clean-orphans [--yes]         clean-orphans discard left-behind containers
@@ -41,6 +42,7 @@ Exit codes:
 """
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import json
@@ -83,6 +85,9 @@ SETTINGS = (
      "snapshots kept by auto-prune and pi-prune"),
     ("PI_AGENT_AUTO_PRUNE", "1",
      "prune snapshots after each saved run (1/0)"),
+    ("PI_AGENT_FLATTEN_LAYER_THRESHOLD", "100",
+     "flatten current when a save leaves it with this many layers (0: never; "
+     "the engine refuses commits at 125)"),
     ("PI_AGENT_TRACE", "",
      "a file to log every docker command to, with its duration"),
     ("PI_AGENT_SAVE", "background",
@@ -132,6 +137,8 @@ RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind", "snapshot")
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
 KEEPALIVE = ["sleep", "infinity"]
+# overlay2 refuses to commit on an image this deep ("max depth exceeded").
+MAX_LAYERS = 125
 
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
@@ -294,6 +301,11 @@ class Config:
         if not keep.isdigit():
             raise BadSetting("PI_AGENT_SNAPSHOT_KEEP=%s is not a whole number >= 0" % keep)
         self.snapshot_keep = int(keep)
+        threshold = raw["PI_AGENT_FLATTEN_LAYER_THRESHOLD"]
+        if not threshold.isdigit() or (0 < int(threshold) < 2) or int(threshold) > MAX_LAYERS - 10:
+            raise BadSetting("PI_AGENT_FLATTEN_LAYER_THRESHOLD=%s: use 0 (never) or a number of "
+                             "layers from 2 to %d" % (threshold, MAX_LAYERS - 10))
+        self.flatten_threshold = int(threshold)
         self.auto_prune = parse_bool("PI_AGENT_AUTO_PRUNE", raw["PI_AGENT_AUTO_PRUNE"])
         self.save_mode = raw["PI_AGENT_SAVE"]
         if self.save_mode not in ("background", "foreground"):
@@ -765,10 +777,10 @@ class Line:
         except (OSError, ValueError):
             return {"corrupt": True}
 
-    def open_lock(self, flags):
+    def open_lock(self, flags, suffix=""):
         try:
             os.makedirs(self.state_dir, exist_ok=True)
-            return os.open(self.lock_path, flags | os.O_CREAT, 0o600)
+            return os.open(self.lock_path + suffix, flags | os.O_CREAT, 0o600)
         except OSError as err:
             raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s; set it to a directory you "
                              "can write" % (self.state_dir, err.strerror))
@@ -1053,6 +1065,40 @@ def prune_snapshots(line, state, keep, dry_run=False):
     return doomed
 
 
+def bytes_freed(line, doomed_tags):
+    """What removing these snapshot tags would free: the layers that only
+    they reach (each image's own layer is its size less its parent's)."""
+    info = {}
+
+    def load(ids):
+        ids = [i for i in ids if i and i not in info]
+        if ids:
+            for image in json.loads(docker("image", "inspect", *ids).stdout):
+                info[image["Id"]] = image
+                for tag in image.get("RepoTags") or []:
+                    info[tag] = image
+
+    def reach(refs):
+        seen, frontier = set(), list(refs)
+        while frontier:
+            load(frontier)
+            ids = [info[ref]["Id"] for ref in frontier if ref in info]
+            seen.update(ids)
+            frontier = [info[i].get("Parent") for i in ids if info[i].get("Parent")]
+            frontier = [parent for parent in frontier if parent not in seen]
+        return seen
+
+    doomed_refs = [line.snap(tag) for tag in doomed_tags]
+    kept_refs = [line.snap(s["tag"]) for s in list_snapshots(line) if s["tag"] not in doomed_tags]
+    kept_refs += [ref for ref in (line.current, line.base) if inspect_image(ref)]
+    only_doomed = reach(doomed_refs) - reach(kept_refs)
+    total = 0
+    for image_id in only_doomed:
+        parent = info[image_id].get("Parent")
+        total += info[image_id]["Size"] - (info[parent]["Size"] if parent in info else 0)
+    return total
+
+
 def prune_if_due(line, state):
     """Auto-prune after a save. The state keeps the names of the snapshots,
     so a run removes the oldest without listing all of them."""
@@ -1068,6 +1114,188 @@ def prune_if_due(line, state):
         docker("rmi", *[line.snap(name) for name in snaps[:cut]], check=False)
         state["snapshots"] = snaps[cut:]
         line.write_state(state)
+
+
+def import_changes(config):
+    """`docker import --change` lines that give a new image `config`.
+    (STOPSIGNAL, HEALTHCHECK and SHELL are not accepted there: see
+    finish_config.)"""
+    changes = []
+    for key in ("Entrypoint", "Cmd"):
+        if config.get(key):
+            changes.append("%s %s" % (key.upper(), json.dumps(config[key], ensure_ascii=False)))
+    for entry in config.get("Env") or []:
+        name, _, value = entry.partition("=")
+        changes.append("ENV %s=%s" % (name, dockerfile_quote(value)))
+    if config.get("WorkingDir"):
+        changes.append("WORKDIR " + config["WorkingDir"])
+    if config.get("User"):
+        changes.append("USER " + config["User"])
+    for port in sorted(config.get("ExposedPorts") or {}):
+        changes.append("EXPOSE " + port)
+    if config.get("Volumes"):
+        changes.append("VOLUME " + json.dumps(sorted(config["Volumes"]), ensure_ascii=False))
+    for key, value in sorted((config.get("Labels") or {}).items()):
+        changes.append("LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(value)))
+    for trigger in config.get("OnBuild") or []:
+        changes.append("ONBUILD " + trigger)
+    return changes
+
+
+def finish_config(image_id, config):
+    """Add what import cannot set, by a build that adds no layer."""
+    lines = []
+    if config.get("StopSignal"):
+        lines.append("STOPSIGNAL " + config["StopSignal"])
+    if config.get("Shell"):
+        lines.append("SHELL " + json.dumps(config["Shell"]))
+    check = config.get("Healthcheck") or {}
+    if check.get("Test"):
+        if check["Test"][0] == "NONE":
+            lines.append("HEALTHCHECK NONE")
+        else:
+            options = "".join(" --%s=%dms" % (flag, check[key] // 1000000) for flag, key in (
+                ("interval", "Interval"), ("timeout", "Timeout"),
+                ("start-period", "StartPeriod")) if check.get(key))
+            if check.get("Retries"):
+                options += " --retries=%d" % check["Retries"]
+            command = check["Test"][1:] if check["Test"][0] == "CMD" else \
+                ["/bin/sh", "-c"] + check["Test"][1:]
+            lines.append("HEALTHCHECK%s CMD %s" % (options, json.dumps(command)))
+    if not lines:
+        return image_id
+    dockerfile = "FROM %s\n%s\n" % (image_id, "\n".join(lines))
+    result = subprocess.run(["docker", "build", "-q", "-"], input=dockerfile,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise docker_failure(("build",), result.stderr)
+    return result.stdout.strip()
+
+
+def flatten_image(line, image, progress=False):
+    """A one-layer copy of `image`: the same files (export streamed into
+    import, never held whole in memory or on disk) and the same config.
+    Returns the new image's ID; nothing is tagged."""
+    config = image.get("Config") or {}
+    # Only one flatten runs at a time (see auto_flatten): any other such
+    # container is what an interrupted one left behind.
+    stale = docker("ps", "-aq", "--filter", "label=%sflatten=1" % LABEL,
+                   "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
+    if stale:
+        docker("rm", "-f", *stale, check=False)
+    holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo),
+                    "--label", LABEL + "flatten=1", image["Id"], "pi-agent-flatten").stdout.strip()
+    try:
+        started = time.monotonic()
+        export = subprocess.Popen(["docker", "export", holder], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        importing = subprocess.Popen(
+            ["docker", "import"] + [arg for change in import_changes(config)
+                                    for arg in ("--change", change)] + ["-"],
+            stdin=subprocess.PIPE if progress else export.stdout,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if progress:
+            relay(export.stdout, importing.stdin, image.get("Size") or 0, started)
+        export.stdout.close()  # import alone reads it now (and sees export die)
+        new_id, import_err = importing.communicate()
+        export_err = export.stderr.read()
+        export.wait()
+        trace(["docker", "export", holder, "|", "docker", "import", "-"], started,
+              export.returncode or importing.returncode)
+        if export.returncode != 0:
+            raise docker_failure(("export",), export_err.decode(errors="replace"))
+        if importing.returncode != 0:
+            raise docker_failure(("import",), import_err.decode(errors="replace"))
+    finally:
+        docker("rm", "-f", holder, check=False)
+    new_id = finish_config(new_id.decode().strip(), config)
+    if image_layers(inspect_image(new_id)) != 1:
+        raise EngineError("the flattened image of %s has more than one layer" % image["Id"])
+    return new_id
+
+
+def relay(source, sink, expected, started):
+    """Copy a stream in 1 MiB pieces, showing progress on the terminal."""
+    done, shown = 0, 0.0
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            break
+        sink.write(chunk)  # communicate() closes it afterwards
+        done += len(chunk)
+        now = time.monotonic()
+        if now - shown > 0.2:
+            shown = now
+            sys.stderr.write("\rpi-agent: flattening: %s of about %s, %.0f s " % (
+                human_size(done), human_size(expected), now - started))
+            sys.stderr.flush()
+    sys.stderr.write("\r\033[K")
+
+
+def flatten_current(line, state, current, progress=False):
+    """current := a one-layer copy of itself; the layered one stays as a
+    snapshot like any other replaced current. Returns the snapshot name."""
+    new_id = flatten_image(line, current, progress)
+    kept = replace_current(line, state, current["Id"], new_id)
+    remove_own_dangling(line)
+    return kept
+
+
+def auto_flatten_due(line, layers):
+    threshold = line.config.flatten_threshold
+    return bool(threshold) and layers >= threshold
+
+
+def hard_flatten_limit(config):
+    """Past this, a save flattens before it lets the next run start."""
+    if not config.flatten_threshold:
+        return MAX_LAYERS - 5
+    return min(config.flatten_threshold + 10, MAX_LAYERS - 5)
+
+
+def auto_flatten(line, state, locked):
+    """Flatten current once a save left it with too many layers. Normally
+    `locked` is False: the copy is made while runs go on, and swapped in only
+    if current is still the image it copied (else the next save tries again).
+    Never fails the run: a failure is logged and shown once as a notice."""
+    guard = line.open_lock(os.O_RDWR, suffix=".flatten")
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(guard)
+        return  # another flatten is under way
+    try:
+        if locked:
+            current = inspect_image(line.current)
+            line.log("flattening %s (%d layers) before the next run"
+                     % (line.current, image_layers(current)))
+            kept = flatten_current(line, state, current)
+        else:
+            current = inspect_image(line.current)
+            if not auto_flatten_due(line, image_layers(current)):
+                return
+            line.log("flattening %s (%d layers) in the background"
+                     % (line.current, image_layers(current)))
+            new_id = flatten_image(line, current)
+            with exclusive(line, "flatten", wait=True, recover=False) as state:
+                now = inspect_image(line.current)
+                if not now or now["Id"] != current["Id"]:
+                    docker("rmi", new_id, check=False)
+                    line.log("current changed meanwhile; the next save flattens again")
+                    return
+                kept = replace_current(line, state, current["Id"], new_id)
+                remove_own_dangling(line)
+        line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
+    except PiError as err:
+        notice = ("auto-flatten of %s failed: %s; the run was saved all the same, and "
+                  "pi-flatten retries" % (line.current, err))
+        line.log(notice)
+        with exclusive(line, "flatten", wait=True, recover=False) if not locked else \
+                contextlib.nullcontext(state) as current_state:
+            current_state["notice"] = notice
+            line.write_state(current_state)
+    finally:
+        os.close(guard)
 
 
 # ---------------------------------------------------------- the lifecycle
@@ -1242,6 +1470,7 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
     args = commit_args(container, image, labels, message)
     new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
     new = inspect_image(new_id)
+    meta["layers"] = image_layers(new)
     changed = image_layers(new) != image_layers(image)
     if changed and mount and mount not in known_mounts(image):
         changed = not only_mountpoint_changes(docker("diff", container).stdout, mount)
@@ -1475,12 +1704,12 @@ class Saver:
                 # dirty so the next lifecycle looks for it.
                 line.log("%s does not exist (yet?); the next run will look again" % plan.container)
                 return 0
+        meta = plan.save_meta(status)
         try:
             if status is None:  # the wrapper may have died before tagging it
                 docker("tag", plan.image["Id"], line.snap(plan.snapshot))
-            snap = save_container(line, state, plan.container, plan.image,
-                                  plan.save_meta(status), snapshot=plan.snapshot,
-                                  defer_remove=True)
+            snap = save_container(line, state, plan.container, plan.image, meta,
+                                  snapshot=plan.snapshot, defer_remove=True)
         except PiError as err:
             notice = ("the save of the %s in %s failed: %s. The container %s keeps its changes; "
                       "the next pi retries, or run pi-recover %s"
@@ -1494,10 +1723,19 @@ class Saver:
             return 1
         line.log("saved %s%s" % (plan.container, " (snapshot %s)" % snap if snap else
                                  " (no change)"))
+        layers = meta.get("layers", 0) if snap else 0
+        if layers >= hard_flatten_limit(line.config):
+            auto_flatten(line, state, locked=True)  # too close to the engine's limit to wait
+            layers = 0
         self.lock.release(state)
         # Outside the lock: the next run may start while this one is removed.
         docker("rm", "-f", "-v", plan.container, check=False)
         self._report(up_w, "ok " + (snap or ""))
+        os.close(up_w)
+        if auto_flatten_due(line, layers):
+            # Nobody waits for this part: its messages go to the log only.
+            sys.stderr = open(line.log_path, "a", encoding="utf-8")
+            auto_flatten(line, None, locked=False)
         return 0
 
     @staticmethod
@@ -1864,10 +2102,30 @@ def cmd_prune(args):
     keep = config.snapshot_keep if args.keep is None else args.keep
     with exclusive(line, "prune") as state:
         doomed = prune_snapshots(line, state, keep, dry_run=args.dry_run)
+        freed = bytes_freed(line, [snap["tag"] for snap in doomed]) if args.dry_run else 0
     verb = "would remove" if args.dry_run else "removed"
-    say("%s %s, keeping the %d newest%s" % (
+    say("%s %s, keeping the %d newest%s%s" % (
         verb, plural(len(doomed), "snapshot"), keep,
-        (": " + " ".join(s["tag"] for s in doomed)) if doomed else ""))
+        (": " + " ".join(s["tag"] for s in doomed)) if doomed else "",
+        "; that would free about %s" % human_size(freed) if args.dry_run else ""))
+    return 0
+
+
+def cmd_flatten(args):
+    line = Line(Config())
+    with exclusive(line, "flatten") as state:
+        current = inspect_image(line.current)
+        if current is None:
+            raise NotFound("%s does not exist yet; nothing to flatten" % line.current)
+        layers = image_layers(current)
+        if layers <= 1:
+            say("%s has a single layer already" % line.current)
+            return 0
+        started = time.monotonic()
+        kept = flatten_current(line, state, current, progress=sys.stderr.isatty())
+        say("flattened %s: %d layers into 1 in %.0f s; the layered image is kept as %s "
+            "(undo: pi-rollback %s; pi-prune frees its space)"
+            % (line.current, layers, time.monotonic() - started, kept, kept))
     return 0
 
 
@@ -2017,6 +2275,8 @@ def build_parser():
     prune.add_argument("keep", nargs="?", type=int, metavar="N",
                        help="default: PI_AGENT_SNAPSHOT_KEEP")
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    simple("flatten", cmd_flatten, "rewrite current as a single layer (same files, same "
+           "config); the layered image is kept as a snapshot")
     simple("orphans", cmd_orphans, "list containers that interrupted runs left behind")
     simple("recover", cmd_recover, "save left-behind containers into current now").add_argument(
         "container", nargs="?")

@@ -45,6 +45,7 @@ function pi-reset-system { _pi_agent reset-system "$@"; }
 function pi-reset-all { _pi_agent reset-all "$@"; }
 function pi-rebuild-base { _pi_agent rebuild-base "$@"; }
 function pi-prune { _pi_agent prune "$@"; }
+function pi-flatten { _pi_agent flatten "$@"; }
 function pi-orphans { _pi_agent orphans "$@"; }
 function pi-recover { _pi_agent recover "$@"; }
 function pi-clean-orphans { _pi_agent clean-orphans "$@"; }

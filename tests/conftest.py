@@ -194,6 +194,7 @@ class Sandbox:
         return sorted(tag for tag in self.images() if tag.startswith("snap-"))
 
     def inspect(self, ref):
+        self.wait_saved()
         return json.loads(docker("image", "inspect", ref).stdout)[0]
 
     def containers(self):

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 FUNCTIONS = ("pi", "pi-shell", "pi-exec", "pi-status", "pi-snapshots", "pi-rollback",
-             "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune", "pi-orphans",
+             "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune", "pi-flatten",
+             "pi-orphans",
              "pi-recover", "pi-clean-orphans", "pi-unlock")
 SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-eu", "-c"],
           "zsh": ["zsh", "-f", "-eu", "-c"]}

@@ -1,0 +1,141 @@
+"""State that scales, against the real engine: lossless flatten (by hand and
+automatically), pruning that frees space, no untagged images left behind.
+
+These tests use a small base of their own (Debian minbase with every kind of
+config field and file), so that flattening takes seconds."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import BASE_IMAGE, docker, make_sandbox, wait_until
+
+RICH_DOCKERFILE = """FROM %s
+RUN mkdir -p /srv/data /opt/t \\
+ && echo content > /opt/t/file && ln /opt/t/file /opt/t/hardlink \\
+ && ln -s /opt/t/file /opt/t/symlink && ln -s /nowhere /opt/t/dangling \\
+ && chmod 4755 /opt/t/file && mkdir -m 1777 /opt/t/sticky \\
+ && mkfifo /opt/t/fifo && chown 1234:5678 /opt/t/file /opt/t/sticky \\
+ && touch -d 2001-02-03T04:05:06 /opt/t/file
+ENV GREETING="hello world" EMPTY=""
+LABEL org.example.note="a \\"quoted\\" $dollar" other=1
+EXPOSE 8080/tcp 53/udp
+VOLUME ["/srv/data"]
+WORKDIR /srv
+STOPSIGNAL SIGINT
+HEALTHCHECK --interval=30s --timeout=5s --retries=2 CMD ["true"]
+ENTRYPOINT ["/bin/sh", "-c", "exec \\"$@\\"", "entry"]
+CMD ["bash"]
+"""
+# Everything but what the engine makes for each container (/.dockerenv, /etc/mtab, ...).
+LISTING = ("find / -mindepth 1 -xdev \\( -path /proc -o -path /sys -o -path /dev "
+           "-o -path /srv/data -o -path /.dockerenv -o -path /etc/mtab -o -path /etc/hostname -o -path /etc/hosts "
+           "-o -path /etc/resolv.conf \\) -prune -o -type d -printf '%p %y %m %U %G\\n' "
+           "-o -printf '%p %y %m %U %G %n %s %l %T@\\n' | sort")
+# (directory times are left out: each container's mount points touch /etc and /)
+CONFIG_FIELDS = ("Cmd", "Entrypoint", "Env", "WorkingDir", "User", "Labels", "ExposedPorts",
+                 "Volumes", "StopSignal", "Healthcheck", "OnBuild")
+
+
+@pytest.fixture(scope="module")
+def rich_base(engine):
+    tag = "pi-agent-test/rich:base"
+    subprocess.run(["docker", "build", "-q", "-t", tag, "-"], input=RICH_DOCKERFILE % BASE_IMAGE,
+                   text=True, check=True, stdout=subprocess.DEVNULL)
+    return tag
+
+
+@pytest.fixture
+def rich(request, engine, tmp_path, install_dir, rich_base):
+    box = make_sandbox(request, tmp_path, install_dir, "root", "bash")
+    docker("tag", rich_base, box.repo + ":base")
+    return box
+
+
+def listing(ref):
+    return docker("run", "--rm", "--entrypoint", "sh", ref, "-c", LISTING).stdout
+
+
+def layers(box, ref):
+    return len(box.inspect(ref)["RootFS"]["Layers"])
+
+
+def own_untagged(box):
+    return docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
+                  "label=pi-agent.repo=" + box.repo).stdout.split()
+
+
+def test_flatten_keeps_every_file_and_config_field(rich):
+    box = rich
+    box.ok("pi-exec sh -c 'echo run1 > /opt/t/run1'")
+    box.ok("pi-exec sh -c 'rm /opt/t/dangling; echo run2 > /opt/t/run2'")
+    current = box.repo + ":current"
+    before_config = box.inspect(current)["Config"]
+    before_files = listing(current)
+    assert layers(box, current) > 2 and "/opt/t/run2" in before_files
+    result = box.ok("pi-flatten")
+    assert "kept as snap-" in result.stderr
+    after = box.inspect(current)
+    assert len(after["RootFS"]["Layers"]) == 1
+    for field in CONFIG_FIELDS:
+        assert after["Config"].get(field) == before_config.get(field), field
+    assert listing(current) == before_files
+    kept = result.stderr.split("kept as ")[1].split()[0]
+    assert box.inspect(box.repo + ":" + kept)["Config"]["Labels"] == before_config["Labels"]
+    assert own_untagged(box) == []
+    assert box.ok("pi-exec cat /opt/t/run1 /opt/t/run2").stdout == "run1\nrun2\n"
+    assert "single layer already" in box.ok("pi-flatten").stderr
+
+
+def test_a_save_at_the_threshold_flattens_in_the_background(rich):
+    box = rich
+    threshold = layers(box, box.repo + ":base") + 2
+    box.extra_env = {"PI_AGENT_FLATTEN_LAYER_THRESHOLD": str(threshold)}
+    box.ok("pi-exec touch /one")
+    assert layers(box, box.repo + ":current") == threshold - 1
+    result = box.ok("pi-exec touch /two")
+    assert result.returncode == 0
+    flat = lambda: layers(box, box.repo + ":current") == 1  # noqa: E731
+    assert wait_until(flat, timeout=120), "flattened after the save"
+    box.ok("pi-exec test -e /one -a -e /two")
+    assert any(layers(box, box.repo + ":" + snap) == threshold for snap in box.snapshots())
+    log = open(os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".log")).read()
+    assert "in the background" in log and "flattened" in log
+
+
+def test_flatten_and_prune_free_space_by_the_engines_figures(rich):
+    box = rich
+    for i in range(3):  # three versions of one 20 MB file: two of them dead weight
+        box.ok("pi-exec sh -c 'head -c 20000000 /dev/urandom > /opt/big'")
+    box.ok("pi-flatten")
+    old_chain = [box.inspect(box.repo + ":" + snap)["Id"] for snap in box.snapshots()]
+    before = images_disk_usage()
+    dry = box.ok("pi-prune --dry-run 0")
+    assert "would remove %d snapshots" % len(old_chain) in dry.stderr
+    freed = float(re.search(r"free about ([\d.]+) MB", dry.stderr).group(1)) * 1e6
+    assert 40e6 < freed < 80e6, dry.stderr
+    assert len(box.snapshots()) == len(old_chain), "a dry run removes nothing"
+    box.ok("pi-prune 0")
+    assert box.snapshots() == []
+    after = images_disk_usage()
+    assert before - after > 50e6, (before, after)
+    base = box.inspect(box.repo + ":base")["Id"]
+    for image in set(old_chain) - {base}:
+        assert docker("image", "inspect", image, check=False).returncode != 0
+    assert own_untagged(box) == []
+
+
+def images_disk_usage():
+    """The engine's own figure for the disk its images use, in bytes."""
+    out = docker("system", "df", "--format", "{{.Type}}\t{{.Size}}").stdout
+    size = [line.split("\t")[1] for line in out.splitlines() if line.startswith("Images")][0]
+    number, unit = re.fullmatch(r"([\d.]+)\s*([kMGT]?B)", size).groups()
+    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+
+
+def test_flatten_threshold_is_validated(rich):
+    result = rich.sh("pi-exec true", env={"PI_AGENT_FLATTEN_LAYER_THRESHOLD": "200"})
+    assert result.returncode == 9 and "PI_AGENT_FLATTEN_LAYER_THRESHOLD" in result.stderr

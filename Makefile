@@ -1,11 +1,13 @@
 # pi-agent: make test runs every test (integration tests need a Docker engine:
 # sudo tests/setup-engine.sh prepares one); make bench runs the benchmarks.
 PYTHON ?= python3
+# Two workers when pytest-xdist is there: the tests mostly wait on the engine.
+XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2")
 
 .PHONY: test unit integration lint setup test-image bench clean-test-images
 
 test:
-	$(PYTHON) -m pytest -q tests/
+	$(PYTHON) -m pytest -q $(XDIST) tests/
 
 unit:
 	$(PYTHON) -m pytest -q tests/test_unit.py

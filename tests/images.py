@@ -14,16 +14,22 @@ BASE_IMAGE = os.environ.get("PI_AGENT_TEST_BASE_IMAGE", "local/debian:bookworm")
 TEST_USER = os.environ.get("PI_AGENT_TEST_USER", "pi-test")
 
 
-def test_home(uid):
-    """A fake home at a path stable per user, so one base image (built with
-    that home) serves every test."""
-    return "/tmp/pi-agent-test-home-%d" % uid
+def worker_suffix(worker=None):
+    """Tests run in parallel (pytest-xdist) each need a home of their own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "") if worker is None else worker
+    return "-" + worker if worker else ""
 
 
-def base_image(uid, gid, home, context=ROOT):
+def test_home(uid, worker=None):
+    """A fake home at a path stable per user (and test worker), so one base
+    image, built with that home, serves every test."""
+    return "/tmp/pi-agent-test-home-%d%s" % (uid, worker_suffix(worker))
+
+
+def base_image(uid, gid, home, context=ROOT, worker=None):
     """Built again whenever the Dockerfile or the build arguments change."""
     import hashlib
-    tag = "pi-agent-test/base:uid%d" % uid
+    tag = "pi-agent-test/base:uid%d%s" % (uid, worker_suffix(worker))
     args = ["--label", "pi-agent.repo=test", "--label", "pi-agent.uid=%d" % uid,
             "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
             "--build-arg", "AGENT_UID=%d" % uid,
@@ -50,8 +56,9 @@ def main():
             users.append((entry.pw_uid, entry.pw_gid))
         except KeyError:
             pass
-    for uid, gid in users:
-        print(base_image(uid, gid, test_home(uid)))
+    for worker in ("", "gw0", "gw1"):
+        for uid, gid in users:
+            print(base_image(uid, gid, test_home(uid, worker), worker=worker))
     return 0
 
 

@@ -4,7 +4,7 @@ PYTHON ?= python3
 # Two workers when pytest-xdist is there: the tests mostly wait on the engine.
 XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2")
 
-.PHONY: test unit integration lint setup test-image bench clean-test-images
+.PHONY: test unit integration lint setup test-image bench bench-quick clean-test-images
 
 test:
 	$(PYTHON) -m pytest -q $(XDIST) tests/
@@ -27,8 +27,13 @@ setup:
 test-image:
 	$(PYTHON) tests/images.py
 
+# Everything, the 1000-run soak included (about 30 minutes here);
+# bench-quick: fewer repetitions, a 100-run soak.
 bench:
 	$(PYTHON) tests/bench.py
+
+bench-quick:
+	$(PYTHON) tests/bench.py --quick
 
 clean-test-images:
 	docker images --format '{{.Repository}}:{{.Tag}}' | grep '^pi-agent-test/' | xargs -r docker rmi -f

@@ -63,7 +63,7 @@ fetch_source() {
   else
     mkdir -p "$work/src"
     url=${PI_AGENT_RELEASE_URL:-https://github.com/pi-agent/pi-agent/archive/refs/heads/main.tar.gz}
-    say "downloading $url"
+    say "downloading $url" >&2  # stdout is the directory this function returns
     if command -v curl >/dev/null 2>&1; then
       curl -fsSL "$url" -o "$work/release.tar.gz" || err "could not download $url; install offline with --from"
     elif command -v wget >/dev/null 2>&1; then

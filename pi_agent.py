@@ -1,23 +1,27 @@
 #!/usr/bin/env python3
 """pi-agent: run a coding agent in a snapshotted, contained Docker workstation.
 
-Commands (shell function in shell/pi.sh, pi_agent.py subcommand, what):
+Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
 
-  pi [OPTIONS] [--] [AGENT ARGS]   run          the agent in the current project
-  pi-shell [OPTIONS]               shell        an interactive shell, same lifecycle
-  pi-exec [OPTIONS] [--] CMD ...   exec         any command, same lifecycle
-  pi-status                        status       settings, images, lock, target
-  pi-snapshots                     snapshots    snapshots, newest first
-  pi-rollback [SNAPSHOT]           rollback     current := a snapshot (undoable)
-  pi-reset-system                  reset-system current := base (undoable)
-  pi-reset-all [--yes]             reset-all    remove current and all snapshots
-  pi-rebuild-base [--no-cache]     rebuild-base build the base image again
-  pi-prune [N]                     prune        keep the N newest snapshots
-  pi-flatten                       flatten      rewrite current as one layer
-  pi-orphans                       orphans      containers left by interrupted runs
-  pi-recover [CONTAINER]           recover      save a left-behind container now
+ Run the agent, or anything, in your environment:
+  pi [OPTIONS] [--] [AGENT ARGS]   run           the agent in the current project
+  pi-exec [OPTIONS] [--] CMD ...   exec          a command, same lifecycle
+  pi-shell [OPTIONS]               shell         an interactive shell, same lifecycle
+ Look:
+  pi-status                        status        settings, images, lock, target
+  pi-snapshots                     snapshots     snapshots, newest first
+  pi-orphans                       orphans       containers left by interrupted runs
+ Undo:
+  pi-rollback [SNAPSHOT]           rollback      current := a snapshot (undoable)
+  pi-reset-system                  reset-system  current := base (undoable)
+  pi-reset-all [--yes]             reset-all     remove current and all snapshots
+ Keep it tidy:
+  pi-prune [N] [--dry-run]         prune         keep the N newest snapshots
+  pi-flatten                       flatten       rewrite current as one layer
+  pi-rebuild-base [--no-cache]     rebuild-base  build the base image again
+  pi-recover [CONTAINER]           recover       save a left-behind container now
   pi-clean-orphans [--yes]         clean-orphans discard left-behind containers
-  pi-unlock                        unlock       who holds the lock, and why
+  pi-unlock                        unlock        who holds the lock, and why
 
 Every run: find the project (git root, else the current directory), take the
 image line's lock, start a container from REPO:current with only the project
@@ -186,10 +190,22 @@ class BadSetting(PiError):
 
 # ----------------------------------------------------------------- output
 
-def say(message):
-    """One line for the user on stderr; a closed terminal is not an error."""
+def colour(code):
+    """An ANSI colour for stderr: only on a terminal, never with NO_COLOR."""
     try:
-        print("pi-agent: " + message, file=sys.stderr, flush=True)
+        wanted = sys.stderr.isatty() and "NO_COLOR" not in os.environ and \
+            os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        wanted = False
+    return ("\033[%sm" % code, "\033[0m") if wanted else ("", "")
+
+
+def say(message, kind=None):
+    """One line for the user on stderr (errors red, warnings yellow on a
+    terminal); a closed terminal is not an error."""
+    start, end = colour({"error": "1;31", "warning": "33"}.get(kind, "")) if kind else ("", "")
+    try:
+        print("%spi-agent:%s %s" % (start, end, message), file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
 
@@ -245,21 +261,80 @@ def parse_bool(name, value):
     raise BadSetting("%s=%s is not a yes/no value; use 1 or 0" % (name, value))
 
 
+def config_path(environ):
+    """PI_AGENT_CONFIG, else ${XDG_CONFIG_HOME:-~/.config}/pi-agent/config."""
+    if environ.get("PI_AGENT_CONFIG"):
+        return environ["PI_AGENT_CONFIG"]
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return os.path.join(base, "pi-agent", "config")
+
+
+def read_config_file(path):
+    """{NAME: (value, line number)} from KEY=value lines. Blank lines and
+    lines starting with # are skipped; `export ` before a line and one pair
+    of quotes around a value are allowed, so the file can also be sourced."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadSetting("cannot read the config file %s: %s" % (path, err))
+    known = [name for name, _default, _meaning in SETTINGS]
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry.startswith("export "):
+            entry = entry[len("export "):].lstrip()
+        name, equals, value = entry.partition("=")
+        name, value = name.strip(), value.strip()
+        if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise BadSetting("%s line %d: expected NAME=value, not %r" % (path, number, line))
+        if name not in known:
+            import difflib
+            close = difflib.get_close_matches(name, known, 1)
+            raise BadSetting("%s line %d: unknown setting %s%s" % (
+                path, number, name, "; did you mean %s?" % close[0] if close else
+                "; pi-status lists them"))
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name] = (value, number)
+    return values
+
+
 class Config:
-    """The effective settings: defaults, overridden by the environment."""
+    """The effective settings. Precedence: defaults < the config file <
+    the environment < command-line flags; `sources` says where each came from."""
 
     def __init__(self, environ=None):
         environ = os.environ if environ is None else environ
         self.environ = environ
+        self.path = config_path(environ)
+        from_file = read_config_file(self.path)
         self.sources = {}
         raw = {}
         for name, default, _meaning in SETTINGS:
             if environ.get(name, "") != "":
                 raw[name], self.sources[name] = environ[name], "environment"
+            elif name in from_file:
+                raw[name] = from_file[name][0]
+                self.sources[name] = "%s line %d" % (self.path, from_file[name][1])
             else:
                 raw[name], self.sources[name] = self._default(name, default, environ), "default"
         self.raw = raw
+        try:
+            self._check(raw)
+        except BadSetting as err:
+            # Say where a bad value came from when it was the config file.
+            name = next((name for name, _d, _m in SETTINGS if name in str(err)), None)
+            if name and self.sources[name] not in ("environment", "default"):
+                raise BadSetting("%s: %s" % (self.sources[name], err))
+            raise
 
+    def _check(self, raw):
         self.image_repo = raw["PI_AGENT_IMAGE_REPO"]
         if not re.fullmatch(r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*",
                             self.image_repo):
@@ -972,8 +1047,11 @@ def build_base(line, no_cache=False):
     args.append(os.path.dirname(dockerfile))
     say("building %s from %s (first use; this takes a few minutes)" % (line.base, dockerfile))
     started = time.monotonic()
-    # The build's own output goes to stderr, so a pipe on stdout stays clean.
-    docker(*args, capture=False, stdout=sys.stderr)
+    if sys.stderr.isatty():
+        # docker's own output is the progress; on stderr, so stdout stays clean.
+        docker(*args, capture=False, stdout=sys.stderr)
+    else:
+        docker(*args[:1], "-q", *args[1:])
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
 
 
@@ -1671,12 +1749,23 @@ class Saver:
         if not wait:
             os.close(self.from_saver)
             return None
-        chunks = []
+        import select
+        chunks, started, shown = [], time.monotonic(), False
         while True:
+            ready, _, _ = select.select([self.from_saver], [], [], 1.0)
+            if not ready:
+                if sys.stderr.isatty():  # a large change takes a while to commit
+                    sys.stderr.write("\rpi-agent: saving the environment... %.0f s "
+                                     % (time.monotonic() - started))
+                    sys.stderr.flush()
+                    shown = True
+                continue
             chunk = os.read(self.from_saver, 4096)
             if not chunk:
                 break
             chunks.append(chunk)
+        if shown:
+            sys.stderr.write("\r\033[K")
         os.close(self.from_saver)
         return b"".join(chunks).decode(errors="replace").strip()
 
@@ -1807,7 +1896,7 @@ def lifecycle(args, kind, argv):
         image = ensure_current(line, current)
         for warning in (owner_mismatch(image), remote_warning(git_config)):
             if warning:
-                say(warning)
+                say(warning, "warning")
         now = time.time()
         plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, now, os.getpid(),
                        tty, snapshot=next_snapshot(state, now), git=git, offline=args.offline)
@@ -1841,7 +1930,8 @@ def lifecycle(args, kind, argv):
     changed = changed_files(before, host_run_files(target, watched))
     if changed:
         say("the agent changed %s, which your host may run by itself; review before trusting "
-            "them (git diff)" % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])))
+            "them (git diff)" % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])),
+            "warning")
     if not saver.send("status %d" % status):
         # The saver died (killed?): save here instead, we share its lock.
         say("the background saver is gone; saving in the foreground")
@@ -1916,7 +2006,8 @@ def cmd_status(args):
     config = Config()
     line = Line(config)
     print("pi-agent %s" % __version__)
-    print("\nsettings:")
+    print("\nsettings (config file: %s%s):" % (
+        config.path, "" if os.path.exists(config.path) else ", absent"))
     rows = [(name, config.raw[name], "(%s)" % config.sources[name]) for name, _d, _m in SETTINGS]
     print_table(rows)
     print("\nimages:")
@@ -2182,6 +2273,20 @@ def cmd_clean_orphans(args):
     return 0
 
 
+def cmd_complete(args):
+    """For shell completion: one candidate per line, nothing on any error."""
+    line = Line(Config())
+    try:
+        if args.what == "snapshots":
+            names = [snap["tag"] for snap in list_snapshots(line)]
+        else:
+            names = [row["names"] for row in leftover_containers(line)]
+    except PiError:
+        return 1
+    print("\n".join(names))
+    return 0
+
+
 def cmd_unlock(args):
     line = Line(Config())
     if not lock_is_held(line):
@@ -2227,7 +2332,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = Parser(
-        prog="pi-agent", usage="pi [--wait] [--here] [--dry-run] [--] [AGENT ARGS]\n"
+        prog="pi-agent", usage="pi [--wait] [--here] [--offline] [--dry-run] [--] [AGENT ARGS]\n"
         "       pi-COMMAND [OPTIONS] [ARGS]   (pi_agent.py COMMAND ...)",
         description=__doc__.split("\nEvery run:")[0].split("\n\n", 1)[1],
         epilog=EXAMPLES + "\n" + __doc__[__doc__.index("Exit codes:"):],
@@ -2283,6 +2388,9 @@ def build_parser():
     simple("clean-orphans", cmd_clean_orphans, "discard left-behind containers").add_argument(
         "--yes", "-y", action="store_true", help="do not ask")
     simple("unlock", cmd_unlock, "show who holds the lock (a dead holder never does)")
+    complete = sub.add_parser("complete", prog="pi-agent complete")
+    complete.add_argument("what", choices=("snapshots", "orphans"))
+    complete.set_defaults(func=cmd_complete)
     return parser
 
 
@@ -2317,7 +2425,7 @@ def main(argv=None) -> int:
         _dry_run = bool(getattr(args, "dry_run", False))
         return args.func(args)
     except PiError as err:
-        say(str(err))
+        say(str(err), "error")
         return err.code
     except KeyboardInterrupt:
         say("interrupted")

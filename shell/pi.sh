@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # pi-agent shell functions for bash (>= 3.2) and zsh (>= 5).
-# Source this file from ~/.bashrc or ~/.zshrc. It only defines functions
-# (and remembers where pi_agent.py is); it prints nothing and is safe to
-# source again. All logic lives in pi_agent.py.
+# Source this file from ~/.bashrc or ~/.zshrc. It defines functions,
+# remembers where pi_agent.py is and registers their completion; it prints
+# nothing and is safe to source again. All logic lives in pi_agent.py.
 
 # Where this file is, so that pi_agent.py is found (in ..).
 if [ -n "${ZSH_VERSION:-}" ]; then
@@ -50,3 +50,50 @@ function pi-orphans { _pi_agent orphans "$@"; }
 function pi-recover { _pi_agent recover "$@"; }
 function pi-clean-orphans { _pi_agent clean-orphans "$@"; }
 function pi-unlock { _pi_agent unlock "$@"; }
+
+# Completion: wrapper options, snapshot names for pi-rollback, left-behind
+# containers for pi-recover, commands after pi-exec's options.
+function _pi_agent_candidates {
+  case $1 in
+    pi|pi-shell) printf '%s\n' --wait --here --offline --dry-run --help --version -- ;;
+    pi-exec) printf '%s\n' --wait --here --offline --dry-run --help -- ;;
+    pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --help ;;
+    pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --help ;;
+    pi-prune) printf '%s\n' --dry-run --help ;;
+    pi-reset-all|pi-clean-orphans) printf '%s\n' --yes --help ;;
+    pi-rebuild-base) printf '%s\n' --no-cache --help ;;
+    *) printf '%s\n' --help ;;
+  esac
+}
+
+function _pi_agent_complete_bash {
+  local word=${COMP_WORDS[COMP_CWORD]} IFS=$'\n'
+  if [ "${COMP_WORDS[0]}" = pi-exec ] && [ "${word#-}" = "$word" ]; then
+    # shellcheck disable=SC2207
+    COMPREPLY=($(compgen -c -- "$word"))
+  else
+    # shellcheck disable=SC2207
+    COMPREPLY=($(compgen -W "$(_pi_agent_candidates "${COMP_WORDS[0]}")" -- "$word"))
+  fi
+}
+
+if [ -n "${ZSH_VERSION:-}" ]; then
+  # zsh syntax, kept from bash's parser: registered once compinit has run.
+  eval '
+    function _pi_agent_complete_zsh {
+      if [[ $service == pi-exec && $PREFIX != -* ]]; then
+        _command_names
+      else
+        compadd -- ${(f)"$(_pi_agent_candidates $service)"}
+      fi
+    }
+    if (( $+functions[compdef] )); then
+      compdef _pi_agent_complete_zsh pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
+        pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans \
+        pi-recover pi-clean-orphans pi-unlock
+    fi'
+elif command -v complete >/dev/null 2>&1; then
+  complete -F _pi_agent_complete_bash pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
+    pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans pi-recover \
+    pi-clean-orphans pi-unlock
+fi

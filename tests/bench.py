@@ -6,10 +6,14 @@ The floor is the least any snapshot-and-commit wrapper must do per run:
 change. Every figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
+
+NAMES: source, imports, prompt, five, big, snapshots, flatten, disk, soak
+(all by default; the soak alone makes 1000 runs, about 15 minutes here).
 """
 
 import argparse
 import fcntl
+import json
 import os
 import platform
 import shutil
@@ -144,22 +148,211 @@ def bench_source(line, count):
                  "pass" if ours < 0.005 else "FAIL"))
 
 
+def bench_big(line, sizes, rounds):
+    """Goal 3: prompt back after a run writing a lot, vs a plain docker run."""
+    for size in sizes:
+        write = "head -c %d /dev/zero > ~/big" % size
+        ours, plain = [], []
+        for _ in range(rounds):
+            line.wait_saved()
+            ours.append(line.timed("pi-exec sh -c %s" % shlex_quote(write)))
+            line.wait_saved()
+            start = time.perf_counter()
+            sh("docker", "run", "--rm", line.repo + ":current", "sh", "-c", write)
+            plain.append(time.perf_counter() - start)
+        row("prompt back after writing %s (median of %d)" % (human(size), rounds),
+            statistics.median(ours), statistics.median(plain), 1.3)
+
+
+def shlex_quote(text):
+    import shlex
+    return shlex.quote(text)
+
+
+def human(size):
+    return "%d MB" % (size // 1000000) if size < 1e9 else "%.0f GB" % (size / 1e9)
+
+
+def run_cost(line, count):
+    """Median full cost (save included) of small changing runs."""
+    times = []
+    for i in range(count):
+        line.wait_saved()
+        start = time.perf_counter()
+        subprocess.run(line.script("pi-exec touch ~/cost%d" % i), cwd=line.project, env=line.env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        line.wait_saved()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_snapshots(line, count):
+    """Goal 4: a run costs the same with 10 or 500 snapshots."""
+    line.env["PI_AGENT_SNAPSHOT_KEEP"] = "1000"
+    few = run_cost(line, count)
+    current = line.repo + ":current"
+    for i in range(490):
+        sh("docker", "tag", current, "%s:snap-20000101-000000.%03d" % (line.repo, i))
+    line.timed("pi-prune 1000")  # the state learns the snapshots
+    many = run_cost(line, count)
+    row("run with 500 snapshots vs with 10 (median of %d)" % count, many, few, 1.05)
+    line.timed("pi-prune 10")
+    del line.env["PI_AGENT_SNAPSHOT_KEEP"]
+
+
+def bench_imports():
+    """Goal 5: what pi_agent.py imports at start-up, and how long that takes."""
+    out = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", "-c",
+                          "import sys; sys.path.insert(0, %r); import pi_agent" % ROOT],
+                         capture_output=True, text=True).stderr
+    total = 0
+    for entry in out.splitlines():
+        parts = entry.split("|")
+        if len(parts) == 3 and parts[2].strip() == "pi_agent":
+            total = int(parts[1])
+    bare = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", "-c", "pass"],
+                          capture_output=True, text=True)
+    ROWS.append(("import pi_agent (python3 -X importtime, cumulative)",
+                 "%.1f ms" % (total / 1000), "-", "-", "stdlib only",
+                 "pass" if bare.returncode == 0 else "FAIL"))
+
+
+def bench_flatten(line, rounds):
+    """Issue 5: pi-flatten vs a bare docker export | docker import."""
+    line.timed("pi-exec touch ~/layer")
+    ours, bare = [], []
+    for _ in range(rounds):
+        line.wait_saved()
+        line.timed("pi-exec touch ~/again")  # a layer to flatten
+        line.wait_saved()
+        ours.append(line.timed("pi-flatten"))
+        start = time.perf_counter()
+        holder = sh("docker", "create", line.repo + ":current", "x").stdout.strip()
+        subprocess.run("docker export %s | docker import - >/dev/null" % holder, shell=True,
+                       check=True)
+        bare.append(time.perf_counter() - start)
+        sh("docker", "rm", holder)
+    image = json.loads(sh("docker", "image", "inspect", line.repo + ":current").stdout)[0]
+    row("pi-flatten of %s vs export|import (median of %d)" % (human(image["Size"]), rounds),
+        statistics.median(ours), statistics.median(bare), 1.10)
+    subprocess.run("docker image prune -f >/dev/null", shell=True)
+
+
+def reach(refs, info):
+    """Image IDs reachable from refs through their parents (engine figures)."""
+    seen, frontier = set(), list(refs)
+    while frontier:
+        images = json.loads(sh("docker", "image", "inspect", *frontier).stdout)
+        for image in images:
+            info[image["Id"]] = image
+        ids = [image["Id"] for image in images if image["Id"] not in seen]
+        seen.update(ids)
+        frontier = [info[i]["Parent"] for i in ids if info[i].get("Parent")]
+    return seen
+
+
+def own_bytes(ids, info):
+    """The bytes of these images' own layers (size less the parent's)."""
+    total = 0
+    for image_id in ids:
+        parent = info[image_id].get("Parent")
+        total += info[image_id]["Size"] - (info[parent]["Size"] if parent in info else 0)
+    return total
+
+
+def line_figures(line):
+    """(disk the environment holds beyond REPO:base, live size of current,
+    bytes only the snapshots hold), all from the engine's image sizes."""
+    info = {}
+    tags = sh("docker", "image", "ls", line.repo, "--format", "{{.Tag}}").stdout.split()
+    refs = ["%s:%s" % (line.repo, tag) for tag in tags]
+    snaps = [ref for ref in refs if ref.split(":")[1].startswith("snap-")]
+    base = reach([line.repo + ":base"], info)
+    current = reach([line.repo + ":current"], info)
+    everything = reach(refs, info)
+    disk = own_bytes(everything - base, info)
+    only_snapshots = own_bytes(reach(snaps, info) - current - base, info) if snaps else 0
+    live = info[json.loads(sh("docker", "image", "inspect", line.repo + ":current").stdout)[0]
+                ["Id"]]["Size"]
+    return disk, live, only_snapshots
+
+
+def bench_disk(line, runs):
+    """Issue 5: runs rewriting one 50 MB file; the disk the line uses."""
+    for i in range(runs):
+        line.wait_saved()
+        line.timed("pi-exec sh -c 'head -c 50000000 /dev/urandom > ~/blob'")
+    line.wait_saved()
+    disk, live, only_snapshots = line_figures(line)
+    row("%d runs x 50 MB: disk vs 2 x live + snapshots' own" % runs, disk / 1e6,
+        (2 * live + only_snapshots) / 1e6, 1.0, unit="MB")
+    line.timed("pi-prune 0")
+    line.timed("pi-flatten")
+    line.timed("pi-prune 0")
+    disk, live, only_snapshots = line_figures(line)
+    row("after pi-prune 0 + pi-flatten: disk vs live", disk / 1e6, live / 1e6, 1.10, unit="MB")
+
+
+def bench_soak(line, runs):
+    """Issue 5: 1000 changing runs with the default threshold."""
+    times, most_layers = [], 0
+    for i in range(runs):
+        line.wait_saved()
+        start = time.perf_counter()
+        result = subprocess.run(line.script("pi-exec touch ~/soak"), cwd=line.project,
+                                env=line.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        line.wait_saved()
+        times.append(time.perf_counter() - start)
+        if result.returncode != 0:
+            raise SystemExit("soak run %d failed: %s" % (i + 1, result.stderr))
+        layers = len(json.loads(sh("docker", "image", "inspect", line.repo + ":current").stdout)
+                     [0]["RootFS"]["Layers"])
+        most_layers = max(most_layers, layers)
+    early = statistics.median(times[5:15])
+    late = statistics.median(times[-10:])
+    row("%d runs: time per run at the end vs run 10" % runs, late, early, 1.10)
+    ROWS.append(("%d runs: most layers seen (threshold 100)" % runs, str(most_layers), "100",
+                 "-", "<= 100", "pass" if most_layers <= 100 else "FAIL"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--only", default="", help="comma-separated: prompt,five,source")
+    parser.add_argument("--only", default="", help="comma-separated names (see above)")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
+    quick = args.quick
+
+    def wanted(name):
+        return name in only if only else True
+
     line = Line()
     try:
-        if not only or "source" in only:
+        if wanted("source"):
             bench_source(line, 200)
-        if not only or "prompt" in only:
-            bench_prompt(line, 4 if args.quick else 12)
-        if not only or "five" in only:
-            bench_five(line, 2 if args.quick else 5)
+        if wanted("imports"):
+            bench_imports()
+        if wanted("prompt"):
+            bench_prompt(line, 4 if quick else 12)
+        if wanted("five"):
+            bench_five(line, 2 if quick else 5)
+        if wanted("big"):
+            bench_big(line, [300000000] if quick else [300000000, 1000000000], 2 if quick else 3)
+        if wanted("snapshots"):
+            bench_snapshots(line, 5 if quick else 10)
+        if wanted("flatten"):
+            bench_flatten(line, 1 if quick else 3)
+        if wanted("disk"):
+            bench_disk(line, 20 if quick else 100)
     finally:
         line.close()
+    if wanted("soak"):
+        soak = Line()
+        try:
+            bench_soak(soak, 100 if quick else 1000)
+        finally:
+            soak.close()
     server = sh("docker", "version", "--format", "{{.Server.Version}}").stdout.strip()
     print("machine: %s, %d cores, Linux %s, Docker %s, Python %s" % (
         platform.machine(), os.cpu_count(), platform.release(), server,

@@ -234,6 +234,35 @@ def test_pi_shell_runs_a_shell_in_the_same_lifecycle(shell_box):
     assert box.sh("pi-shell extra").returncode == 2
 
 
+def test_completion_offers_snapshots_and_options(shell_box):
+    box = shell_box
+    box.ok("pi-exec touch ~/one")
+    box.ok("pi-exec touch ~/two")
+    snaps = box.snapshots()
+    if box.shell == "bash":
+        script = ("COMP_WORDS=(pi-rollback snap-); COMP_CWORD=1; _pi_agent_complete_bash; "
+                  "printf '%s\\n' \"${COMPREPLY[@]}\"; COMP_WORDS=(pi --w); "
+                  "_pi_agent_complete_bash; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    else:
+        script = "_pi_agent_candidates pi-rollback; _pi_agent_candidates pi | grep -e --w"
+    out = box.ok(script).stdout.split()
+    assert set(snaps) <= set(out) and "--wait" in out
+
+
+def test_status_says_where_each_setting_comes_from(box):
+    config = os.path.join(box.home, ".config", "pi-agent", "config")
+    os.makedirs(os.path.dirname(config))
+    with open(config, "w") as handle:
+        handle.write("# my settings\nPI_AGENT_SNAPSHOT_KEEP=4\nPI_AGENT_MEMORY=2g\n")
+    box.chown(box.home)
+    status = box.ok("pi-status", env={"PI_AGENT_MEMORY": "1g"}).stdout
+    keep = [line for line in status.splitlines() if line.startswith("PI_AGENT_SNAPSHOT_KEEP")][0]
+    memory = [line for line in status.splitlines() if line.startswith("PI_AGENT_MEMORY")][0]
+    assert "4" in keep and "%s line 2" % config in keep
+    assert "1g" in memory and "(environment)" in memory
+    assert "config file: %s" % config in status
+
+
 def test_wrapper_help_and_version(shell_box):
     box = shell_box
     assert "pi-rollback" in box.ok("pi --help").stdout

@@ -99,17 +99,53 @@ def test_install_without_rc_changes_and_uninstall_leaves_no_trace(tmp_path):
     assert (home / ".bashrc").read_text() == "# mine\n"
 
 
-def test_install_offline_from_a_tarball(tmp_path):
+def release_tarball(tmp_path):
     tarball = tmp_path / "pi-agent.tar.gz"
     subprocess.run(["tar", "-czf", str(tarball), "-C", os.path.dirname(ROOT),
-                    "--exclude=.git", os.path.basename(ROOT)], check=True)
+                    "--exclude=.git", "--exclude=__pycache__", os.path.basename(ROOT)],
+                   check=True)
+    return tarball
+
+
+def test_install_offline_from_a_tarball_with_no_network(tmp_path):
+    need("unshare")
+    if os.getuid() != 0:
+        pytest.skip("a network namespace needs root")
+    tarball = release_tarball(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
-    # no network needed: a URL that cannot resolve proves nothing is fetched
-    result = install(home, "-y", "--from", str(tarball),
-                     env={"PI_AGENT_RELEASE_URL": "http://nonexistent.invalid/x.tar.gz"})
+    result = subprocess.run(["unshare", "--net", "dash", os.path.join(ROOT, "install.sh"), "-y",
+                             "--from", str(tarball)], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env={"PATH": os.environ["PATH"], "HOME": str(home)})
     assert result.returncode == 0, result.stderr
     assert (home / ".local/share/pi-agent/shell/pi.sh").exists()
+
+
+def test_install_piped_from_a_url(tmp_path):
+    """curl -fsSL URL/install.sh | sh: the script fetches the release tarball."""
+    import functools
+    import http.server
+    import threading
+    release_tarball(tmp_path)
+    shutil.copy(os.path.join(ROOT, "install.sh"), tmp_path / "install.sh")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = "http://127.0.0.1:%d" % server.server_address[1]
+    home = tmp_path / "home"
+    home.mkdir()
+    try:
+        result = subprocess.run(
+            "curl -fsSL %s/install.sh | sh -s -- -y" % url, shell=True, capture_output=True,
+            text=True, env={"PATH": os.environ["PATH"], "HOME": str(home),
+                            "PI_AGENT_RELEASE_URL": url + "/pi-agent.tar.gz"})
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert "downloading %s/pi-agent.tar.gz" % url in result.stderr
+    installed = home / ".local/share/pi-agent/pi_agent.py"
+    assert installed.read_text() == open(os.path.join(ROOT, "pi_agent.py")).read()
 
 
 def test_install_without_a_terminal_leaves_rc_files_and_says_what_to_add(tmp_path):

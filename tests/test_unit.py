@@ -330,3 +330,76 @@ def test_json_state_roundtrip(tmp_path):
         handle.write("{broken")
     assert line.read_state() == {"corrupt": True}
     assert json.loads(json.dumps(line.read_state()))
+
+
+# --- the config file and precedence -----------------------------------------
+
+def write_config(tmp_path, text):
+    path = tmp_path / "config"
+    path.write_text(text)
+    return {"HOME": str(tmp_path), "PI_AGENT_CONFIG": str(path)}
+
+
+@pytest.mark.parametrize("in_file,in_env,expected,source", [
+    (None, None, 10, "default"),
+    ("3", None, 3, "file"),
+    ("3", "5", 5, "environment"),
+    (None, "5", 5, "environment"),
+])
+def test_precedence_defaults_then_file_then_environment(tmp_path, in_file, in_env, expected,
+                                                        source):
+    environ = write_config(tmp_path, "# mine\n\nPI_AGENT_SNAPSHOT_KEEP=%s\n" % in_file
+                           if in_file else "")
+    if in_env:
+        environ["PI_AGENT_SNAPSHOT_KEEP"] = in_env
+    config = pi_agent.Config(environ)
+    assert config.snapshot_keep == expected
+    where = config.sources["PI_AGENT_SNAPSHOT_KEEP"]
+    assert where == ("%s line 3" % environ["PI_AGENT_CONFIG"] if source == "file" else source)
+
+
+def test_a_flag_beats_every_setting(tmp_path):
+    environ = write_config(tmp_path, "PI_AGENT_NETWORK=bridge\n")
+    config = pi_agent.Config(environ)
+    assert config.network == "bridge"
+    image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
+    plan = pi_agent.RunPlan(pi_agent.Line(config), "exec", ["true"], image, "/tmp/p", "", {},
+                            1.0, 1, False, "snap-x", offline=True)
+    assert plan.run_args[plan.run_args.index("--network") + 1] == "none"
+
+
+def test_config_file_syntax(tmp_path):
+    environ = write_config(tmp_path, "export PI_AGENT_COMMAND='claude --verbose'\n"
+                                     '  PI_AGENT_PASS_ENV = "A B"  \n#PI_AGENT_IMAGE_REPO=x\n')
+    config = pi_agent.Config(environ)
+    assert config.command_argv == ["claude", "--verbose"] and config.pass_env == ["A", "B"]
+    assert config.image_repo == "pi-agent"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("PI_AGENT_SNAPSHOT_KEPE=3\n", "line 1: unknown setting PI_AGENT_SNAPSHOT_KEPE; did you mean "
+                                   "PI_AGENT_SNAPSHOT_KEEP?"),
+    ("\nnot a setting\n", "line 2: expected NAME=value"),
+    ("PI_AGENT_SNAPSHOT_KEEP=ten\n", "line 1: PI_AGENT_SNAPSHOT_KEEP=ten is not a whole number"),
+])
+def test_config_file_mistakes_name_the_file_and_line(tmp_path, text, needle):
+    environ = write_config(tmp_path, text)
+    with pytest.raises(pi_agent.BadSetting) as err:
+        pi_agent.Config(environ)
+    assert environ["PI_AGENT_CONFIG"] in str(err.value) and needle in str(err.value)
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path):
+    import pty
+    for extra, coloured in (({}, True), ({"NO_COLOR": "1"}, False)):
+        main, secondary = pty.openpty()
+        env = dict(os.environ, PI_AGENT_SNAPSHOT_KEEP="x", TERM="xterm", **extra)
+        env.pop("NO_COLOR", None) if not extra else None
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "pi_agent.py"), "status"],
+                              stderr=secondary, stdout=subprocess.DEVNULL, env=env)
+        os.close(secondary)
+        output = os.read(main, 4096).decode()
+        os.close(main)
+        assert proc.returncode == 9 and ("\033[" in output) == coloured, output
+    piped = run_tool("status", env=dict(os.environ, PI_AGENT_SNAPSHOT_KEEP="x"))
+    assert "\033[" not in piped.stderr

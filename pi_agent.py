@@ -41,7 +41,7 @@ Exit codes:
   6    the docker command is not installed
   7    the Docker engine is unreachable
   8    the Docker engine failed (build, commit, tag, ...)
-  9    bad setting (a PI_AGENT_* variable)
+  9    bad setting (a PI_AGENT_* variable or a line of the config file)
   130  interrupted
 """
 
@@ -984,6 +984,32 @@ class LineLock:
         self.line.write_state(state)
         os.close(self.fd)
         self.fd = None
+
+
+def lock_is_held(line):
+    try:
+        fd = os.open(line.lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def wait_for_save(line):
+    """Readers wait for a save in progress instead of racing it."""
+    holder = line.read_state().get("holder")
+    if not lock_is_held(line) or agent_is_running(holder):
+        return
+    fd = line.open_lock(os.O_RDONLY)
+    try:
+        block_on_lock(fd, fcntl.LOCK_SH, holder)
+    finally:
+        os.close(fd)
 
 
 class exclusive:
@@ -2044,32 +2070,6 @@ def cmd_status(args):
     except (PiError, FileNotFoundError) as err:
         print("target: none here: %s" % err)
     return 0
-
-
-def lock_is_held(line):
-    try:
-        fd = os.open(line.lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def wait_for_save(line):
-    """Readers wait for a save in progress instead of racing it."""
-    holder = line.read_state().get("holder")
-    if not lock_is_held(line) or agent_is_running(holder):
-        return
-    fd = line.open_lock(os.O_RDONLY)
-    try:
-        block_on_lock(fd, fcntl.LOCK_SH, holder)
-    finally:
-        os.close(fd)
 
 
 def cmd_snapshots(args):

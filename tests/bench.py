@@ -327,32 +327,27 @@ def main():
     def wanted(name):
         return name in only if only else True
 
-    line = Line()
-    try:
-        if wanted("source"):
-            bench_source(line, 200)
-        if wanted("imports"):
-            bench_imports()
-        if wanted("prompt"):
-            bench_prompt(line, 4 if quick else 12)
-        if wanted("five"):
-            bench_five(line, 2 if quick else 5)
-        if wanted("big"):
-            bench_big(line, [300000000] if quick else [300000000, 1000000000], 2 if quick else 3)
-        if wanted("snapshots"):
-            bench_snapshots(line, 5 if quick else 10)
-        if wanted("flatten"):
-            bench_flatten(line, 1 if quick else 3)
-        if wanted("disk"):
-            bench_disk(line, 20 if quick else 100)
-    finally:
-        line.close()
-    if wanted("soak"):
-        soak = Line()
-        try:
-            bench_soak(soak, 100 if quick else 1000)
-        finally:
-            soak.close()
+    # Each section on a line of its own: what one writes (a 1 GB file, say)
+    # must not slow the next one down.
+    sections = [
+        ("source", lambda line: bench_source(line, 200)),
+        ("imports", lambda line: bench_imports()),
+        ("prompt", lambda line: bench_prompt(line, 4 if quick else 12)),
+        ("five", lambda line: bench_five(line, 2 if quick else 5)),
+        ("big", lambda line: bench_big(line, [300000000] if quick else
+                                       [300000000, 1000000000], 2 if quick else 3)),
+        ("snapshots", lambda line: bench_snapshots(line, 5 if quick else 10)),
+        ("flatten", lambda line: bench_flatten(line, 1 if quick else 3)),
+        ("disk", lambda line: bench_disk(line, 20 if quick else 100)),
+        ("soak", lambda line: bench_soak(line, 100 if quick else 1000)),
+    ]
+    for name, measure in sections:
+        if wanted(name):
+            line = Line()
+            try:
+                measure(line)
+            finally:
+                line.close()
     server = sh("docker", "version", "--format", "{{.Server.Version}}").stdout.strip()
     print("machine: %s, %d cores, Linux %s, Docker %s, Python %s" % (
         platform.machine(), os.cpu_count(), platform.release(), server,

@@ -521,23 +521,19 @@ def is_absent(result, kind):
     return result.returncode != 0 and ("no such " + kind) in text
 
 
+def inspect(kind, ref):
+    """The inspect record of an image or container, or None when it does not
+    exist (any other failure is an error, never "absent")."""
+    result = docker(kind, "inspect", ref, check=False)
+    if result.returncode == 0:
+        return json.loads(result.stdout)[0]
+    if is_absent(result, kind):
+        return None
+    raise docker_failure((kind, "inspect"), result.stderr)
+
+
 def inspect_image(ref):
-    """The image's inspect record, or None when it does not exist."""
-    result = docker("image", "inspect", ref, check=False)
-    if result.returncode == 0:
-        return json.loads(result.stdout)[0]
-    if is_absent(result, "image"):
-        return None
-    raise docker_failure(("image", "inspect"), result.stderr)
-
-
-def inspect_container(ref):
-    result = docker("container", "inspect", ref, check=False)
-    if result.returncode == 0:
-        return json.loads(result.stdout)[0]
-    if is_absent(result, "container"):
-        return None
-    raise docker_failure(("container", "inspect"), result.stderr)
+    return inspect("image", ref)
 
 
 def image_layers(image):
@@ -1644,7 +1640,7 @@ def recover_container(line, state, row):
     if image_labels(current).get(LABEL + "container") == name:
         remove_container(line, state, name)
         return "removed %s: its run was saved already" % name
-    info = inspect_container(name)
+    info = inspect("container", name)
     if info is None:
         return "%s is gone already" % name
     image = inspect_image(info["Image"])
@@ -1814,7 +1810,7 @@ class Saver:
         if status is None:
             line.log("the wrapper of %s ended without an exit status; saving it anyway"
                      % plan.container)
-            if inspect_container(plan.container) is None:
+            if inspect("container", plan.container) is None:
                 # `docker run` may still be creating it: leave the state
                 # dirty so the next lifecycle looks for it.
                 line.log("%s does not exist (yet?); the next run will look again" % plan.container)

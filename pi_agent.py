@@ -46,7 +46,6 @@ Exit codes:
 """
 
 import argparse
-import contextlib
 import datetime
 import fcntl
 import json
@@ -848,10 +847,10 @@ class Line:
         except (OSError, ValueError):
             return {"corrupt": True}
 
-    def open_lock(self, flags, suffix=""):
+    def open_lock(self, flags):
         try:
             os.makedirs(self.state_dir, exist_ok=True)
-            return os.open(self.lock_path + suffix, flags | os.O_CREAT, 0o600)
+            return os.open(self.lock_path, flags | os.O_CREAT, 0o600)
         except OSError as err:
             raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s; set it to a directory you "
                              "can write" % (self.state_dir, err.strerror))
@@ -900,9 +899,10 @@ def describe_holder(holder):
     phase = holder.get("phase", "working")
     what = {"running": "running %s in" % holder.get("kind", "run"),
             "saving": "saving the run in",
+            "flattening": "flattening current after the run in",
             "starting": "starting %s in" % holder.get("kind", "run")}.get(
                 phase, "%s for" % holder.get("kind", "a command"))
-    pid = holder.get("saver_pid") if phase == "saving" else holder.get("pid")
+    pid = holder.get("saver_pid") if phase in ("saving", "flattening") else holder.get("pid")
     return "pid %s (%s %s, since %s)" % (pid, what, holder.get("target", "?"),
                                         local_time(holder.get("started")))
 
@@ -1277,7 +1277,7 @@ def flatten_image(line, image, progress=False):
     import, never held whole in memory or on disk) and the same config.
     Returns the new image's ID; nothing is tagged."""
     config = image.get("Config") or {}
-    # Only one flatten runs at a time (see auto_flatten): any other such
+    # Flattens run under the line's lock, one at a time: any other such
     # container is what an interrupted one left behind.
     stale = docker("ps", "-aq", "--filter", "label=%sflatten=1" % LABEL,
                    "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
@@ -1341,61 +1341,29 @@ def flatten_current(line, state, current, progress=False):
     return kept
 
 
-def auto_flatten_due(line, layers):
-    threshold = line.config.flatten_threshold
-    return bool(threshold) and layers >= threshold
+def flatten_limit(config):
+    """The layer count at which a save flattens current."""
+    # "0, never" still keeps commits possible: the engine refuses them at 125.
+    return config.flatten_threshold or MAX_LAYERS - 5
 
 
-def hard_flatten_limit(config):
-    """Past this, a save flattens before it lets the next run start."""
-    if not config.flatten_threshold:
-        return MAX_LAYERS - 5
-    return min(config.flatten_threshold + 10, MAX_LAYERS - 5)
-
-
-def auto_flatten(line, state, locked):
-    """Flatten current once a save left it with too many layers. Normally
-    `locked` is False: the copy is made while runs go on, and swapped in only
-    if current is still the image it copied (else the next save tries again).
+def auto_flatten(line, state):
+    """Flatten current as part of the (detached) save that took it to the
+    limit: the prompt is back already, and the next run waits for it with a
+    message. Not in parallel with runs: while `docker import` writes the
+    copy, the engine holds back the commits and tags of other saves anyway.
     Never fails the run: a failure is logged and shown once as a notice."""
-    guard = line.open_lock(os.O_RDWR, suffix=".flatten")
+    current = inspect_image(line.current)
+    line.log("flattening %s (%d layers)" % (line.current, image_layers(current)))
     try:
-        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(guard)
-        return  # another flatten is under way
-    try:
-        if locked:
-            current = inspect_image(line.current)
-            line.log("flattening %s (%d layers) before the next run"
-                     % (line.current, image_layers(current)))
-            kept = flatten_current(line, state, current)
-        else:
-            current = inspect_image(line.current)
-            if not auto_flatten_due(line, image_layers(current)):
-                return
-            line.log("flattening %s (%d layers) in the background"
-                     % (line.current, image_layers(current)))
-            new_id = flatten_image(line, current)
-            with exclusive(line, "flatten", wait=True, recover=False) as state:
-                now = inspect_image(line.current)
-                if not now or now["Id"] != current["Id"]:
-                    docker("rmi", new_id, check=False)
-                    line.log("current changed meanwhile; the next save flattens again")
-                    return
-                kept = replace_current(line, state, current["Id"], new_id)
-                remove_own_dangling(line)
-        line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
+        kept = flatten_current(line, state, current)
     except PiError as err:
-        notice = ("auto-flatten of %s failed: %s; the run was saved all the same, and "
-                  "pi-flatten retries" % (line.current, err))
-        line.log(notice)
-        with exclusive(line, "flatten", wait=True, recover=False) if not locked else \
-                contextlib.nullcontext(state) as current_state:
-            current_state["notice"] = notice
-            line.write_state(current_state)
-    finally:
-        os.close(guard)
+        state["notice"] = ("auto-flatten of %s failed: %s; the run was saved all the same, "
+                           "and pi-flatten retries" % (line.current, err))
+        line.write_state(state)
+        line.log(state["notice"])
+        return
+    line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
 
 
 # ---------------------------------------------------------- the lifecycle
@@ -1834,19 +1802,14 @@ class Saver:
             return 1
         line.log("saved %s%s" % (plan.container, " (snapshot %s)" % snap if snap else
                                  " (no change)"))
-        layers = meta.get("layers", 0) if snap else 0
-        if layers >= hard_flatten_limit(line.config):
-            auto_flatten(line, state, locked=True)  # too close to the engine's limit to wait
-            layers = 0
+        if snap and meta.get("layers", 0) >= flatten_limit(line.config):
+            state["holder"]["phase"] = "flattening"
+            line.write_state(state)
+            auto_flatten(line, state)
         self.lock.release(state)
         # Outside the lock: the next run may start while this one is removed.
         docker("rm", "-f", "-v", plan.container, check=False)
         self._report(up_w, "ok " + (snap or ""))
-        os.close(up_w)
-        if auto_flatten_due(line, layers):
-            # Nobody waits for this part: its messages go to the log only.
-            sys.stderr = open(line.log_path, "a", encoding="utf-8")
-            auto_flatten(line, None, locked=False)
         return 0
 
     @staticmethod

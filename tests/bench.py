@@ -105,6 +105,7 @@ def row(measure, ours, reference, goal, unit="s"):
     ratio = ours / reference if reference else float("inf")
     ROWS.append((measure, "%.3f %s" % (ours, unit), "%.3f %s" % (reference, unit),
                  "%.2f" % ratio, "<= %.2f" % goal, "pass" if ratio <= goal else "FAIL"))
+    print("# " + " | ".join(ROWS[-1]), file=sys.stderr, flush=True)  # as it comes
 
 
 def bench_prompt(line, pairs):

@@ -1635,19 +1635,23 @@ def recover_container(line, state, row):
     return "removed %s: the interrupted run of %s changed nothing" % (name, started)
 
 
-def recover_leftovers(line, state, listing=None):
+def recover_leftovers(line, state, listing=None, only=None):
     """Save what interrupted runs left behind, oldest first, before anything
-    else changes the line; True when it changed current. One `docker ps`
-    when there is nothing to do: the labels find leftovers even when the
-    state file was lost."""
+    else changes the line; returns how many it saved. One `docker ps` when
+    there is nothing to do: the labels find leftovers even when the state
+    file was lost. `only` (pi-recover CONTAINER) picks one by name or ID."""
     host = os.uname().nodename
-    recovered = False
+    recovered = 0
     rows = list_run_containers(line, listing=listing)
     removing = state.get("removing") or {}
     if removing:
         present = {row["names"] for row in rows}
         state["removing"] = {name: pid for name, pid in removing.items() if name in present}
         line.write_state(state)
+    if only:
+        rows = [row for row in rows if only in (row["names"], row["id"])]
+        if not rows:
+            raise NotFound("no left-behind container %s; pi-orphans lists them" % only)
     for row in rows:
         if row["names"] in state.get("removing", {}):
             # Saved already: its remover is at work, or died and we finish.
@@ -1659,7 +1663,7 @@ def recover_leftovers(line, state, listing=None):
             continue
         try:
             say(recover_container(line, state, row))
-            recovered = True
+            recovered += 1
         except PiError as err:
             state["failed"] = row["names"]
             line.write_state(state)
@@ -2196,26 +2200,15 @@ def cmd_orphans(args):
 def cmd_recover(args):
     line = Line(Config())
     with exclusive(line, "recover", recover=False) as state:
-        rows = list_run_containers(line)
-        if args.container:
-            rows = [row for row in rows if args.container in (row["names"], row["id"])]
-            if not rows:
-                raise NotFound("no left-behind container %s; pi-orphans lists them"
-                               % args.container)
-        if not rows:
+        if not recover_leftovers(line, state, only=args.container):
             say("no left-behind containers of %s; nothing to recover" % line.repo)
-            return 0
-        for row in rows:
-            say(recover_container(line, state, row))
-        state.pop("failed", None)
-        state.pop("notice", None)
     return 0
 
 
 def cmd_clean_orphans(args):
     line = Line(Config())
     with exclusive(line, "clean-orphans", recover=False) as state:
-        rows = list_run_containers(line)
+        rows = leftover_containers(line)
         if not rows:
             say("no left-behind containers of %s" % line.repo)
             return 0

@@ -1,11 +1,9 @@
 """The core lifecycle against a real Docker engine, through the shell
 functions in bash and zsh, as an ordinary user and as root."""
 
-import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
@@ -65,16 +64,8 @@ def holder(box):
 
 
 def lock_held(box):
-    import fcntl
-    path = os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".lock")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    import pi_agent
+    return pi_agent.lock_is_held(pi_agent.Line(pi_agent.Config(box.env())))
 
 
 def live_run(box):

@@ -25,7 +25,7 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
 
 Every run: find the project (git root, else the current directory), take the
 image line's lock, start a container from REPO:current with only the project
-mounted, run the agent inside with `docker exec`, then save: commit the
+mounted, run the agent as its main process, then save: commit the
 container, keep the replaced image as REPO:snap-<time>, move REPO:current.
 The save runs in a detached saver process that holds the lock, so the prompt
 comes back at once and a closed terminal or a killed wrapper loses nothing.
@@ -139,7 +139,16 @@ LABEL = "pi-agent."
 RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind", "snapshot")
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
-KEEPALIVE = ["sleep", "infinity"]
+# A run's environment and command reach the container as a script in a
+# private host directory mounted here, never as `-e` or command arguments,
+# which the engine would keep in the container's config and commit into the
+# image. /dev is the engine's tmpfs, so the mount point leaves no trace in
+# the container's own layer.
+RUN_DIR_INSIDE = "/dev/pi-agent"
+RUN_SCRIPT = "run"
+# The CMD a committed image gets when its image had neither CMD nor
+# ENTRYPOINT: a commit keeps the container's command unless told another.
+FALLBACK_CMD = ["sh"]
 # overlay2 refuses to commit on an image this deep ("max depth exceeded").
 MAX_LAYERS = 125
 
@@ -753,20 +762,12 @@ def hooks_path_in_project(config_text, target):
 
 
 def container_env(environ, pass_env):
-    """(docker exec -e arguments, the names they read from our environment).
-
-    Values travel through the docker client's environment (`-e NAME`), never
-    its command line, so no host process listing shows a secret.
-    """
+    """[(name, value)] a run exports inside: the short list, LC_*, and
+    PI_AGENT_PASS_ENV from our environment; credentials set empty."""
     names = [name for name in ALLOWED_ENV if name in environ]
     names += sorted(name for name in environ if name.startswith("LC_"))
     names += [name for name in pass_env if name in environ and name not in names]
-    args = []
-    for name in names:
-        args += ["-e", name]
-    for name in CREDENTIAL_ENV:
-        args += ["-e", name + "="]
-    return args, names
+    return [(name, environ[name]) for name in names] + [(name, "") for name in CREDENTIAL_ENV]
 
 
 # -------------------------------------------------------------- snapshots
@@ -833,6 +834,7 @@ class Line:
         self.lock_path = os.path.join(self.state_dir, key + ".lock")
         self.state_path = os.path.join(self.state_dir, key + ".json")
         self.log_path = os.path.join(self.state_dir, key + ".log")
+        self.run_dir = os.path.join(self.state_dir, "run")
 
     def snap(self, name):
         return "%s:%s" % (self.repo, name)
@@ -980,6 +982,12 @@ class LineLock:
         self.line.write_state(state)
         os.close(self.fd)
         self.fd = None
+
+
+def released_cleanly(found):
+    """The state the lock's last holder left says it finished its work."""
+    return bool(found) and not any(found.get(key) for key in
+                                   ("holder", "corrupt", "failed", "notice"))
 
 
 def lock_is_held(line):
@@ -1368,9 +1376,11 @@ def auto_flatten(line, state):
 
 # ---------------------------------------------------------- the lifecycle
 #
-# acquire lock -> recover leftovers -> ensure images -> fork the saver ->
-# docker run -d (keepalive) -> docker exec the agent -> hand the exit status
-# to the saver -> [saver] commit, snapshot + move current, remove, prune.
+# acquire lock -> recover leftovers -> ensure images -> write the run script
+# -> fork the saver [saver: tag the snapshot] -> docker run the agent as the
+# container's main process -> hand the exit status to the saver -> [saver]
+# commit into current, or put it back when nothing changed; prune, flatten
+# at the threshold, release the lock, remove the container.
 # Recovery, rollback, reset and flatten reuse replace_current() and
 # save_container(), under the same lock.
 
@@ -1384,49 +1394,67 @@ class RunPlan:
     def __init__(self, line, kind, argv, image, target, subdir, environ, now, pid, tty,
                  snapshot, git=None, offline=False):
         config = line.config
-        self.line, self.kind, self.image = line, kind, image
+        self.line, self.kind, self.argv, self.image = line, kind, list(argv), image
+        self.environ, self.tty, self.offline, self.git = environ, tty, offline, git
         self.network = "none" if offline else config.network
-        self.target, self.started, self.snapshot = target, now, snapshot
+        self.target, self.subdir, self.started, self.snapshot = target, subdir, now, snapshot
         home = image_home(image)
         self.mount_point = mount_point(target, home, config.mount_at)
         self.workdir = os.path.join(self.mount_point, subdir) if subdir else self.mount_point
         self.extra_mounts = git_mounts(target, self.mount_point, git)
         # The engine creates a new mount point's missing parents as root; in
-        # the agent's home they must be the agent's (~/src of ~/src/app).
+        # a non-root agent's home they must be the agent's (~/src of
+        # ~/src/app). Parents of a mount point the image has seen were made then.
+        known = known_mounts(image)
         self.home_parents = []
-        if self.mount_point not in known_mounts(image) and self.mount_point.startswith(home + "/"):
+        user = ((image.get("Config") or {}).get("User") or "").split(":")[0]
+        if (self.mount_point not in known and self.mount_point.startswith(home + "/")
+                and user not in ("", "root", "0")):
             parent = os.path.dirname(self.mount_point)
             while parent != home:
-                self.home_parents.insert(0, parent)
+                if not any(is_within(seen, parent) for seen in known):
+                    self.home_parents.insert(0, parent)
                 parent = os.path.dirname(parent)
         slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo)
         self.container = "pi-agent-%s-%s-%d" % (slug, time.strftime("%Y%m%d-%H%M%S",
                                                                     time.gmtime(now)), pid)
+        self.run_dir = os.path.join(line.run_dir, self.container)
         self.labels = {LABEL + "repo": line.repo, LABEL + "pid": str(pid),
                        LABEL + "host": os.uname().nodename, LABEL + "target": target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot}
-        env_args, self.env_names = container_env(environ, config.pass_env)
+        self.env = container_env(environ, config.pass_env)
+        if kind == "run":
+            self.env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
         self.run_args = self._run_args()
-        self.exec_args = ["exec", "-i"] + (["-t"] if tty else []) + ["-w", self.workdir] + \
-            env_args + self._inner_env_args() + [self.container] + self._inner(argv)
+
+    def on(self, image):
+        """The same run, started from another image."""
+        return RunPlan(self.line, self.kind, self.argv, image, self.target, self.subdir,
+                       self.environ, self.started, int(self.labels[LABEL + "pid"]), self.tty,
+                       self.snapshot, self.git, self.offline)
 
     def _run_args(self):
-        config = (self.image.get("Config") or {})
-        args = ["run", "-d", "--init", "--name", self.container]
-        for key, value in self.labels.items():
-            args += ["--label", "%s=%s" % (key, value)]
+        args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
+        args += label_args(self.labels)
         args += ["--mount", mount_spec(self.target, self.mount_point)]
         for source, destination, readonly in self.extra_mounts:
             args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
         if self.network:
             args += ["--network", self.network]
-        args += self.line.config.limits
-        # Keep the image's entrypoint when it has none, so the commit keeps
-        # that null (a --change can set, but never unset, ENTRYPOINT).
-        if config.get("Entrypoint"):
-            return args + ["--entrypoint", KEEPALIVE[0], self.image["Id"]] + KEEPALIVE[1:]
-        return args + [self.image["Id"]] + KEEPALIVE
+        return args + self.line.config.limits + script_command(self.image, self.run_dir)
+
+    def script(self, redact=False):
+        """The run script: the environment, the working directory, the command."""
+        lines = ["#!/bin/sh",
+                 "# pi-agent: the environment and command of %s (removed when it ends)"
+                 % self.container]
+        for name, value in self.env:
+            shown = "<from your environment>" if redact and value else value
+            lines.append("export %s=%s" % (name, shlex.quote(shown)))
+        lines.append("cd %s || exit 1" % shlex.quote(self.workdir))
+        lines.append("exec " + shlex.join(self._inner(self.argv)))
+        return "\n".join(lines) + "\n"
 
     def save_meta(self, exit_status):
         """The run's labels and outcome, as save_container() takes them."""
@@ -1434,9 +1462,6 @@ class RunPlan:
         meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
                     mount=self.mount_point, epoch=self.started)
         return meta
-
-    def _inner_env_args(self):
-        return ["-e", "PI_AGENT_INSTALL_CMD"] if self.kind == "run" else []
 
     def _inner(self, argv):
         if self.kind == "exec":
@@ -1459,20 +1484,101 @@ class RunPlan:
         return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
 
 
+def label_args(labels):
+    args = []
+    for key, value in labels.items():
+        args += ["--label", "%s=%s" % (key, value)]
+    return args
+
+
+def script_command(image, run_dir):
+    """The end of a `docker run` that runs the script in run_dir. An
+    image's entrypoint is replaced by the script itself, so the container
+    has no command to leave in the commit; without one, the command runs
+    it, and the commit puts the image's CMD back."""
+    script = RUN_DIR_INSIDE + "/" + RUN_SCRIPT
+    args = ["--mount", mount_spec(run_dir, RUN_DIR_INSIDE) + ",readonly"]
+    if (image.get("Config") or {}).get("Entrypoint"):
+        return args + ["--entrypoint", script, image["Id"]]
+    return args + [image["Id"], "sh", script]
+
+
+def write_run_dir(run_dir, script):
+    """A run's script in a directory of its own, which only the user can
+    reach on the host (the parent is 0700); readable inside, whatever the
+    container's user."""
+    parent = os.path.dirname(run_dir)
+    path = os.path.join(run_dir, RUN_SCRIPT)
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.chmod(parent, 0o700)
+        os.mkdir(run_dir, 0o755)
+        os.chmod(run_dir, 0o755)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(script)
+        os.chmod(path, 0o755)
+    except OSError as err:
+        raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
+                         "can write" % (path, err.strerror))
+
+
+def remove_run_dir(run_dir):
+    for remove, path in ((os.remove, os.path.join(run_dir, RUN_SCRIPT)), (os.rmdir, run_dir)):
+        try:
+            remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def make_home_parents(line, plan):
+    """Create a new mount point and its parents in the agent's home, owned
+    by the agent (the engine would make them root's), and commit that into
+    current; returns the new current. Once per new directory: the image
+    then knows the mount point."""
+    image = plan.image
+    user = image["Config"]["User"].split(":")[0]
+    name = plan.container + "-prepare"
+    run_dir = os.path.join(line.run_dir, name)
+    labels = dict(plan.labels)
+    labels[LABEL + "kind"] = "prepare"
+    write_run_dir(run_dir, "#!/bin/sh\nmkdir -p %s && chown %s %s\n" % (
+        shlex.quote(plan.mount_point), shlex.quote(user + ":"), shlex.join(plan.home_parents)))
+    try:
+        docker("run", "--name", name, "--network", "none", "-u", "0", *label_args(labels),
+               *script_command(image, run_dir))
+    except BaseException:
+        docker("rm", "-f", "-v", name, check=False)
+        raise
+    finally:
+        remove_run_dir(run_dir)
+    labels = {LABEL + key: image_labels(image).get(LABEL + key, "") for key in RUN_LABELS}
+    labels[MOUNTS_LABEL] = json.dumps((known_mounts(image) + [plan.mount_point])
+                                      [-MAX_KNOWN_MOUNTS:], ensure_ascii=False)
+    docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
+                        % ", ".join(plan.home_parents)), line.current)
+    docker("rm", "-v", name, check=False)
+    return inspect_image(line.current)
+
+
 def dockerfile_quote(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
 
 def commit_args(container, image, labels, message):
     """docker commit arguments that give the new image the old image's own
-    config: the keepalive command is replaced by the image's CMD/ENTRYPOINT,
-    and every run label by its image value."""
+    config: the run's command is replaced by the image's CMD/ENTRYPOINT (or
+    FALLBACK_CMD), its user by the image's, and every run label by its
+    image value."""
     config = image.get("Config") or {}
     args = ["commit", "-m", message]
     if config.get("Entrypoint"):
         args += ["--change", "ENTRYPOINT " + json.dumps(config["Entrypoint"], ensure_ascii=False)]
-    if config.get("Cmd"):
-        args += ["--change", "CMD " + json.dumps(config["Cmd"], ensure_ascii=False)]
+    if config.get("Cmd") or not config.get("Entrypoint"):
+        command = config.get("Cmd") or FALLBACK_CMD
+        args += ["--change", "CMD " + json.dumps(command, ensure_ascii=False)]
+    if config.get("User"):
+        args += ["--change", "USER " + config["User"]]
     for key in sorted(labels):
         args += ["--change", "LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(labels[key]))]
     return args + [container]
@@ -1564,6 +1670,7 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
 
 def remove_container(line, state, name):
     docker("rm", "-f", "-v", name)
+    remove_run_dir(os.path.join(line.run_dir, name))
     state.get("removing", {}).pop(name, None)
     line.write_state(state)
 
@@ -1615,7 +1722,8 @@ def recover_container(line, state, row):
     meta = {key: row.get(key) or "" for key in RUN_LABELS}
     meta.update(exit_status="unknown", kind=(row.get("kind") or "run"),
                 mount=next((m.get("Destination") for m in info.get("Mounts") or []
-                            if m.get("Type") == "bind"), ""))
+                            if m.get("Type") == "bind" and m.get("RW")
+                            and m.get("Destination") != RUN_DIR_INSIDE), ""))
     snapshot = None
     if row.get("snapshot") and current and current["Id"] == image["Id"]:
         # The run had (almost surely) tagged it; tagging again is harmless.
@@ -1684,8 +1792,9 @@ class Saver:
     starts. It shares the lock, listens on a pipe for the wrapper's word, and
     when the wrapper is gone (exit, Ctrl-C, hangup, kill -9) saves anyway."""
 
-    def __init__(self, line, lock, state, plan):
+    def __init__(self, line, lock, state, plan, stale=()):
         self.line, self.lock, self.state, self.plan = line, lock, state, plan
+        self.stale = list(stale)
         self.pid = None
         self.to_saver = None
         self.from_saver = None
@@ -1764,11 +1873,21 @@ class Saver:
         return b"".join(chunks).decode(errors="replace").strip()
 
     def _main(self, down_r, up_w):
+        line, state, plan = self.line, self.state, self.plan
+        # Before the run starts: the snapshot keeps current as it was; and
+        # containers of earlier runs whose removers died go.
+        tagging = DockerCall(("tag", plan.image["Id"], line.snap(plan.snapshot)))
+        removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
         messages = []
         with os.fdopen(down_r, "r") as pipe:
             for text in pipe:
                 messages.append(text.strip())
-        line, state, plan = self.line, self.state, self.plan
+        tagged = tagging.finish(check=False).returncode == 0
+        if removing and removing.finish(check=False).returncode == 0:
+            for name in self.stale:
+                state["removing"].pop(name, None)
+                remove_run_dir(os.path.join(line.run_dir, name))
+        remove_run_dir(plan.run_dir)
         status = next((m.split()[1] for m in messages if m.startswith("status ")), None)
         state["holder"].update(phase="saving", saver_pid=os.getpid())
         line.write_state(state)
@@ -1789,7 +1908,7 @@ class Saver:
                 return 0
         meta = plan.save_meta(status)
         try:
-            if status is None:  # the wrapper may have died before tagging it
+            if not tagged:
                 docker("tag", plan.image["Id"], line.snap(plan.snapshot))
             snap = save_container(line, state, plan.container, plan.image, meta,
                                   snapshot=plan.snapshot, defer_remove=True)
@@ -1825,11 +1944,12 @@ class Saver:
             return False
 
 
-def run_attached(argv, env):
+def run_attached(argv):
     """Run the docker client in the foreground; pass hangup, terminate and
-    interrupt on to it and still return, so the saver hears the status."""
+    interrupt on to it (it passes them to the container) and still return,
+    so the saver hears the status."""
     try:
-        proc = subprocess.Popen(["docker", *argv], env=env)
+        proc = subprocess.Popen(["docker", *argv])
     except FileNotFoundError:
         raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
 
@@ -1878,10 +1998,18 @@ def lifecycle(args, kind, argv):
     try:
         if found.get("notice"):
             say(found["notice"])
-        listing = start_listing_runs(line)  # overlaps the inspect below
-        current = inspect_image(line.current)
-        if recover_leftovers(line, state, listing):
-            current = None
+        stale = []
+        if released_cleanly(found):
+            # No lifecycle died holding the lock: nothing was left behind but
+            # containers already saved, which this run's saver removes.
+            stale = [name for name, pid in (state.get("removing") or {}).items()
+                     if not pid_alive(pid)]
+            current = inspect_image(line.current)
+        else:
+            listing = start_listing_runs(line)  # overlaps the inspect below
+            current = inspect_image(line.current)
+            if recover_leftovers(line, state, listing):
+                current = None
         image = ensure_current(line, current)
         for warning in (owner_mismatch(image), remote_warning(git_config)):
             if warning:
@@ -1889,33 +2017,30 @@ def lifecycle(args, kind, argv):
         now = time.time()
         plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, now, os.getpid(),
                        tty, snapshot=next_snapshot(state, now), git=git, offline=args.offline)
-        state["holder"].update(container=plan.container)
-        line.write_state(state)
+        if plan.home_parents:
+            plan = plan.on(make_home_parents(line, plan))
+        write_run_dir(plan.run_dir, plan.script())
     except BaseException:
         lock.release(state)
         raise
 
-    saver = Saver(line, lock, state, plan).start()
-    env = dict(os.environ)
-    env["PI_AGENT_INSTALL_CMD"] = config.install_cmd
-    # The snapshot is tagged while the container starts: both are needed
-    # before the agent runs, neither needs the other.
-    tagging = DockerCall(("tag", image["Id"], line.snap(plan.snapshot)))
+    # The saver tags the snapshot while the container starts.
+    saver = Saver(line, lock, state, plan, stale).start()
+    state["holder"].update(container=plan.container, phase="running", saver_pid=saver.pid)
+    line.write_state(state)
     try:
-        docker(*plan.run_args)
-        tagging.finish()
-        if plan.home_parents:
-            user = (image.get("Config") or {}).get("User") or "root"
-            docker("exec", "-u", "0", plan.container, "chown", user.split(":")[0] + ":",
-                   *plan.home_parents, check=False)
-    except BaseException:
-        tagging.finish(check=False)
+        status = run_attached(plan.run_args)
+    except PiError:
+        remove_run_dir(plan.run_dir)
         saver.send("abort")
         saver.finish(wait=True)
         raise
-    state["holder"].update(phase="running", saver_pid=saver.pid)
-    line.write_state(state)
-    status = run_attached(plan.exec_args, env)
+    remove_run_dir(plan.run_dir)
+    if status == 125 and not has_started(plan.container):
+        saver.send("abort")
+        saver.finish(wait=True)
+        raise EngineError("docker could not start the container (its error is above); "
+                          "pi-status shows the settings it used")
     changed = changed_files(before, host_run_files(target, watched))
     if changed:
         say("the agent changed %s, which your host may run by itself; review before trusting "
@@ -1924,6 +2049,7 @@ def lifecycle(args, kind, argv):
     if not saver.send("status %d" % status):
         # The saver died (killed?): save here instead, we share its lock.
         say("the background saver is gone; saving in the foreground")
+        docker("tag", plan.image["Id"], line.snap(plan.snapshot))
         save_container(line, state, plan.container, plan.image, plan.save_meta(status),
                        snapshot=plan.snapshot)
         lock.release(state)
@@ -1934,6 +2060,13 @@ def lifecycle(args, kind, argv):
         say(message)
         return status or int(code)
     return status
+
+
+def has_started(container):
+    """`docker run` exits 125 for its own failures, and so may the agent:
+    a container that never started tells them apart."""
+    info = inspect("container", container)
+    return bool(info) and not (info.get("State") or {}).get("StartedAt", "").startswith("0001-")
 
 
 def remote_warning(config_text):
@@ -1961,9 +2094,15 @@ def print_plan(line, kind, argv, target, subdir, tty, offline):
                    tty, snapshot_name(now), git=git_dirs(target), offline=offline)
     print("# target %s mounted at %s, working directory %s" % (target, plan.mount_point,
                                                                plan.workdir))
+    if plan.home_parents:
+        print("# first, %s made the agent's in a container committed into current"
+              % ", ".join(plan.home_parents))
     print(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
+    print("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
+                                              RUN_DIR_INSIDE))
+    for text in plan.script(redact=True).splitlines():
+        print("#   " + text)
     print(shlex.join(["docker", *plan.run_args]))
-    print(shlex.join(["docker", *plan.exec_args]))
     labels = {key: "..." for key in plan.labels}
     print(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
                       line.current]))

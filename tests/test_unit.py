@@ -110,13 +110,11 @@ def test_container_env_allows_only_the_short_list_and_pass_env():
     environ = {"TERM": "xterm", "LANG": "C.UTF-8", "LC_ALL": "C", "HOME": "/home/alice",
                "GITHUB_TOKEN": "ghp_x", "ANTHROPIC_API_KEY": "sk", "SECRET": "s",
                "PATH": "/bin"}
-    args, names = pi_agent.container_env(environ, ["ANTHROPIC_API_KEY", "UNSET_ONE"])
-    assert names == ["TERM", "LANG", "LC_ALL", "ANTHROPIC_API_KEY"]
-    passed = [args[i + 1] for i in range(0, len(args), 2)]
-    assert "GITHUB_TOKEN=" in passed and "SSH_AUTH_SOCK=" in passed
-    # values never appear on the docker command line
-    assert not any("sk" == a.split("=", 1)[-1] or "ghp_x" in a for a in args)
-    assert "HOME" not in passed and "PATH" not in passed and "SECRET" not in passed
+    env = dict(pi_agent.container_env(environ, ["ANTHROPIC_API_KEY", "UNSET_ONE"]))
+    assert {k: v for k, v in env.items() if v} == {
+        "TERM": "xterm", "LANG": "C.UTF-8", "LC_ALL": "C", "ANTHROPIC_API_KEY": "sk"}
+    assert env["GITHUB_TOKEN"] == "" and env["SSH_AUTH_SOCK"] == ""
+    assert "HOME" not in env and "PATH" not in env and "SECRET" not in env
 
 
 @pytest.mark.parametrize("name", ["GITHUB_TOKEN", "SSH_AUTH_SOCK", "AWS_SECRET_ACCESS_KEY",
@@ -166,39 +164,80 @@ def test_snapshot_names_sort_and_stay_unique_within_a_second():
 
 # --- argument building ------------------------------------------------------
 
-def make_plan(kind="exec", argv=("make", "test"), image=None, tty=False, environ=None):
+def make_plan(kind="exec", argv=("make", "test"), image=None, tty=False, environ=None,
+              target="/home/alice/a,b", subdir="sub"):
     config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_PASS_ENV": "API_KEY"})
     image = image or {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Entrypoint": None,
                                                      "Env": ["HOME=/home/agent"]}}
-    return pi_agent.RunPlan(pi_agent.Line(config), kind, list(argv), image, "/home/alice/a,b",
-                            "sub", environ or {"API_KEY": "k"}, 1795000000.0, 4242, tty, "snap-x")
+    return pi_agent.RunPlan(pi_agent.Line(config), kind, list(argv), image, target,
+                            subdir, environ or {"API_KEY": "k"}, 1795000000.0, 4242, tty,
+                            "snap-x")
 
 
-def test_run_args_keep_the_image_entrypoint_and_label_the_container():
+def test_run_args_run_the_script_and_label_the_container():
     plan = make_plan()
     args = plan.run_args
-    assert args[:3] == ["run", "-d", "--init"]
-    assert "--entrypoint" not in args and args[-3:] == ["sha256:abc", "sleep", "infinity"]
+    assert args[:3] == ["run", "-i", "--init"]
+    assert "--entrypoint" not in args and args[-3:] == ["sha256:abc", "sh", "/dev/pi-agent/run"]
     labels = [args[i + 1] for i, a in enumerate(args) if a == "--label"]
     assert "pi-agent.pid=4242" in labels and "pi-agent.target=/home/alice/a,b" in labels
+    mounts = [args[i + 1] for i, a in enumerate(args) if a == "--mount"]
+    assert pi_agent.mount_spec(plan.run_dir, "/dev/pi-agent") + ",readonly" in mounts
     assert plan.workdir == "/home/alice/a,b/sub"
+    # neither values nor the command are in the container's config
+    assert "k" not in args and "make" not in args and "-e" not in args and "-w" not in args
 
 
-def test_run_args_override_an_entrypoint_only_when_there_is_one():
+def test_run_args_replace_an_entrypoint_only_when_there_is_one():
     plan = make_plan(image={"Id": "sha256:abc", "Config": {"Entrypoint": ["/init"]}})
-    assert plan.run_args[-4:] == ["--entrypoint", "sleep", "sha256:abc", "infinity"]
+    assert plan.run_args[-3:] == ["--entrypoint", "/dev/pi-agent/run", "sha256:abc"]
 
 
-def test_exec_args_tty_only_on_a_terminal_and_command_last():
-    assert "-t" not in make_plan().exec_args
-    args = make_plan(tty=True).exec_args
-    assert args[:3] == ["exec", "-i", "-t"] and args[-2:] == ["make", "test"]
-    assert "API_KEY" in args and "k" not in args
+def test_tty_only_on_a_terminal():
+    assert "-t" not in make_plan().run_args
+    assert make_plan(tty=True).run_args[:4] == ["run", "-i", "-t", "--init"]
+
+
+def test_run_script_carries_values_directory_and_arguments_exactly(tmp_path):
+    work = tmp_path / "my project"
+    (work / "sub dir").mkdir(parents=True)
+    tricky = "it's \"$HOME\" `x`\nline two"
+    argv = ["sh", "-c", 'printf "%s|" "$PWD" "$API_KEY" "$GITHUB_TOKEN" "$@"', "x",
+            "a b", "$HOME", "'q'", ""]
+    plan = make_plan(argv=argv, target=str(work), subdir="sub dir",
+                     environ={"API_KEY": tricky, "GITHUB_TOKEN": "ghp_host"})
+    script = tmp_path / "run"
+    script.write_text(plan.script())
+    out = subprocess.run(["sh", str(script)], env={"PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "|".join([str(work / "sub dir"), tricky, "", "a b", "$HOME", "'q'", ""]) + "|"
+    assert tricky not in plan.script(redact=True)
 
 
 def test_run_kind_installs_the_agent_when_missing():
-    args = make_plan(kind="run", argv=["-p", "hello"]).exec_args
-    assert args[-3:] == ["pi", "-p", "hello"] and "PI_AGENT_INSTALL_CMD" in args
+    script = make_plan(kind="run", argv=["-p", "hello"]).script()
+    assert "export PI_AGENT_INSTALL_CMD=" in script
+    assert script.rstrip().endswith("pi -p hello")
+
+
+def test_a_new_mount_point_in_a_non_root_home_gets_its_parents_made():
+    config = {"Cmd": ["bash"], "User": "agent", "Env": ["HOME=/home/agent"]}
+    image = {"Id": "sha256:abc", "Config": dict(config)}
+    plan = make_plan(image=image, target="/home/agent/src/app/x", subdir="")
+    assert plan.home_parents == ["/home/agent/src", "/home/agent/src/app"]
+    known = dict(config, Labels={"pi-agent.mounts": '["/home/agent/src/other"]'})
+    plan = make_plan(image={"Id": "sha256:abc", "Config": known},
+                     target="/home/agent/src/app/x", subdir="")
+    assert plan.home_parents == ["/home/agent/src/app"]
+    root = {"Id": "sha256:abc", "Config": dict(config, User="root", Env=["HOME=/home/agent"])}
+    assert make_plan(image=root, target="/home/agent/src/app", subdir="").home_parents == []
+
+
+def test_released_cleanly():
+    assert not pi_agent.released_cleanly({})  # no state file: look for leftovers
+    assert pi_agent.released_cleanly({"holder": None, "removing": {"c": 1}})
+    assert not pi_agent.released_cleanly({"holder": {"pid": 1}})
+    assert not pi_agent.released_cleanly({"holder": None, "failed": "c"})
 
 
 def test_commit_restores_config_and_overwrites_run_labels():
@@ -212,9 +251,16 @@ def test_commit_restores_config_and_overwrites_run_labels():
     assert 'LABEL "pi-agent.target"="/a \\"\\$HOME\\""' in changes
 
 
-def test_commit_leaves_null_cmd_alone():
+def test_commit_gives_an_image_without_a_command_the_fallback():
     args = pi_agent.commit_args("c1", {"Config": {"Cmd": None}}, {}, "m")
-    assert not any(a.startswith(("CMD", "ENTRYPOINT")) for a in args)
+    assert "CMD [\"sh\"]" in args and not any(a.startswith("ENTRYPOINT") for a in args)
+
+
+def test_commit_leaves_an_entrypoint_image_without_cmd_alone():
+    args = pi_agent.commit_args("c1", {"Config": {"Entrypoint": ["/e"], "User": "1000:1000"}},
+                                {}, "m")
+    assert 'ENTRYPOINT ["/e"]' in args and "USER 1000:1000" in args
+    assert not any(a.startswith("CMD") for a in args)
 
 
 def test_only_mountpoint_changes():

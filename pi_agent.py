@@ -149,6 +149,8 @@ RUN_SCRIPT = "run"
 # The CMD a committed image gets when its image had neither CMD nor
 # ENTRYPOINT: a commit keeps the container's command unless told another.
 FALLBACK_CMD = ["sh"]
+# Seconds an agent has to stop after a signal before the save goes ahead.
+STOP_GRACE = 3
 # overlay2 refuses to commit on an image this deep ("max depth exceeded").
 MAX_LAYERS = 125
 
@@ -1902,8 +1904,11 @@ class Saver:
             line.log("the wrapper of %s ended without an exit status; saving it anyway"
                      % plan.container)
             if inspect("container", plan.container) is None:
-                # `docker run` may still be creating it: leave the state
-                # dirty so the next lifecycle looks for it.
+                # `docker run` may still be creating it (without its run
+                # script, it fails): leave the state dirty so the next
+                # lifecycle looks for it. Its recovery tags the snapshot again.
+                drop_snapshot(line, state, plan.snapshot)
+                line.write_state(state)
                 line.log("%s does not exist (yet?); the next run will look again" % plan.container)
                 return 0
         meta = plan.save_meta(status)
@@ -1945,9 +1950,13 @@ class Saver:
 
 
 def run_attached(argv):
-    """Run the docker client in the foreground; pass hangup, terminate and
-    interrupt on to it (it passes them to the container) and still return,
-    so the saver hears the status."""
+    """Run the docker client in the foreground and return the status.
+
+    Hangup, terminate and interrupt go on to the client, which passes them
+    to the container's init and it to the agent. An agent that does not stop
+    within STOP_GRACE seconds (or a second signal) is left to the saver: the
+    client is killed, and the saver commits the container, then removes it.
+    """
     try:
         proc = subprocess.Popen(["docker", *argv])
     except FileNotFoundError:
@@ -1955,19 +1964,30 @@ def run_attached(argv):
 
     caught = []
 
+    def stop_waiting(_signum=None, _frame=None):
+        try:
+            proc.kill()
+        except OSError:
+            pass
+
     def forward(signum, _frame):
         caught.append(signum)
+        if len(caught) > 1:
+            return stop_waiting()
         try:
             proc.send_signal(signum)
         except OSError:
             pass
+        signal.setitimer(signal.ITIMER_REAL, STOP_GRACE)
 
-    previous = {signum: signal.signal(signum, forward)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
+    previous = {signum: signal.signal(signum, stop_waiting if signum == signal.SIGALRM
+                                      else forward) for signum in handled}
     started = time.monotonic()
     try:
         status = proc.wait()
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     trace(proc.args, started, status)

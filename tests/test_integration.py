@@ -330,8 +330,10 @@ def test_unknown_snapshot_is_exit_4(box):
 
 def test_dry_run_prints_docker_commands_and_changes_nothing(box):
     out = box.ok("pi-exec --dry-run touch ~/x").stdout
-    assert "docker run -d --init" in out and "docker exec" in out and "docker commit" in out
+    assert "docker run -i --init" in out and "docker commit" in out
+    assert "#   exec sh -c 'exec \"$@\"' pi-exec touch " in out, "the run script, shown"
     assert "current" not in box.images() and box.containers() == []
+    assert not os.path.exists(os.path.join(box.state_dir, "run")), "no run script written"
 
 
 # --- housekeeping -----------------------------------------------------------

@@ -116,6 +116,31 @@ def test_the_run_is_saved_whatever_ends_the_wrapper(box, how):
     assert box.containers() == []
 
 
+def test_the_agent_hears_an_interrupt_and_stops_in_its_own_time(box):
+    script = ("pi-exec sh -c 'trap \"echo stopped > ~/stopped; exit 0\" INT; touch ~/started;"
+              " while :; do sleep 0.1; done'")
+    run = start_and_wait_for(box, box.home + "/started", script)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    assert box.ok("pi-exec cat ~/stopped").stdout == "stopped\n", "its trap ran, and was saved"
+
+
+def test_while_it_runs_the_container_shows_no_value_and_no_argument(box):
+    secret = "sk-test-0b7e-never-in-inspect"
+    box.extra_env = {"ANTHROPIC_API_KEY": secret, "PI_AGENT_PASS_ENV": "ANTHROPIC_API_KEY"}
+    run = start_and_wait_for(box, "/tmp/marker-argument",
+                             "pi-exec sh -c 'touch /tmp/marker-argument; sleep 60'")
+    cid = live_run(box)[0]
+    shown = docker("inspect", cid).stdout + docker("ps", "-a", "--no-trunc").stdout
+    assert secret not in shown and "marker-argument" not in shown
+    script = docker("exec", cid, "cat", "/dev/pi-agent/run").stdout
+    assert secret in script, "it reaches the agent through the run script"
+    os.kill(wrapper_pid(box), signal.SIGTERM)
+    run.wait(timeout=60)
+    box.wait_saved()
+    assert os.listdir(os.path.join(box.state_dir, "run")) == [], "and it is gone after"
+
+
 def test_kill_9_of_wrapper_and_saver_is_recovered_by_the_next_run(box):
     run = start_and_wait_for(box, "/usr/local/both-killed")
     saver = holder(box)["saver_pid"]
@@ -158,20 +183,23 @@ def test_kill_9_while_waiting_for_the_lock_changes_nothing(box):
     assert box.containers() == []
 
 
-def test_kill_9_while_the_container_starts_is_cleaned_up_by_the_next_run(faulty):
+def test_kill_9_while_the_container_starts_runs_nothing_and_leaves_nothing(faulty):
     box = faulty
+    box.ok("pi-exec touch ~/before")
     fault(box, "run-slow", "2")
     run = box_background(box, "pi-exec touch ~/never-ran")
-    assert wait_until(lambda: holder(box).get("container"), timeout=30)
+    assert wait_until(lambda: holder(box).get("phase") == "running", timeout=30)
     time.sleep(0.5)  # the wrapper is inside `docker run` now
     os.kill(holder(box)["pid"], signal.SIGKILL)
     run.wait(timeout=30)
+    time.sleep(2.5)  # the orphaned client goes on, and finds no run script
     clear(box, "run-slow")
-    assert wait_until(lambda: len(box.containers()) == 1, timeout=30), "docker run went on"
-    result = box.ok("pi-exec true")
-    assert "changed nothing" in result.stderr
+    assert box.containers() == [], "docker run went on without its script"
+    result = box.ok("pi-exec test ! -e ~/never-ran")
+    assert result.stderr == ""
     box.wait_saved()
-    assert box.containers() == [] and box.snapshots() == []
+    assert box.containers() == [] and len(box.snapshots()) == 1, "only the first run's"
+    assert os.listdir(os.path.join(box.state_dir, "run")) == [], "no run script is left"
 
 
 def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):

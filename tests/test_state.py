@@ -93,6 +93,31 @@ def state_log(box):
     return open(os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".log")).read()
 
 
+@pytest.mark.parametrize("dockerfile,cmd,entrypoint", [
+    # ENTRYPOINT in a Dockerfile resets the inherited CMD: none
+    ('FROM %s\nENTRYPOINT ["/bin/sh", "-c", "exec \\"$@\\"", "entry"]\n',
+     None, ["/bin/sh", "-c", "exec \"$@\"", "entry"]),
+    (None, ["sh"], None),  # the plain imported image: neither (a commit cannot unset CMD)
+], ids=["entrypoint without cmd", "neither"])
+def test_images_without_a_command_keep_their_config(rich, rich_base, dockerfile, cmd,
+                                                    entrypoint):
+    box = rich
+    if dockerfile:
+        subprocess.run(["docker", "build", "-q", "-t", box.repo + ":base", "-"],
+                       input=dockerfile % rich_base, text=True, check=True,
+                       stdout=subprocess.DEVNULL)
+    else:
+        docker("tag", BASE_IMAGE, box.repo + ":base")
+    base = box.inspect(box.repo + ":base")["Config"]
+    box.ok("pi-exec touch /changed")
+    assert box.ok("pi-exec sh -c 'test -e /changed && echo yes'").stdout == "yes\n"
+    box.wait_saved()
+    current = box.inspect(box.repo + ":current")["Config"]
+    assert (current["Cmd"], current["Entrypoint"]) == (cmd, entrypoint)
+    for field in ("Env", "WorkingDir", "User"):
+        assert current.get(field) == base.get(field), field
+
+
 def test_at_the_threshold_the_background_save_flattens_current(rich):
     box = rich
     base_layers = layers(box, box.repo + ":base")

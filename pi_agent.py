@@ -976,6 +976,8 @@ class LineLock:
                            "host": os.uname().nodename, "started": utc_iso(time.time()),
                            "phase": "working" if kind not in LIFECYCLE_KINDS else "starting"}
         state.pop("corrupt", None)
+        if kind not in LIFECYCLE_KINDS:  # it may change current its own way
+            state.pop("current", None)
         self.line.write_state(state)
         return found, state
 
@@ -1099,6 +1101,20 @@ def owner_mismatch(image):
                                                  built_for, os.getuid()))
 
 
+def remember_current(state, image):
+    """Keep current's record in the state, so that a run after a clean
+    release need not inspect it (its saver checks it while the agent runs)."""
+    state["current"] = {key: image.get(key) for key in ("Id", "Config", "RootFS", "RepoTags")}
+
+
+def remembered_current(state):
+    record = state.get("current")
+    if (isinstance(record, dict) and isinstance(record.get("Id"), str)
+            and isinstance(record.get("Config"), dict) and isinstance(record.get("RootFS"), dict)):
+        return record
+    return None
+
+
 def ensure_current(line, current=None):
     """Current's inspect record; on first use tag it from base (built if absent)."""
     current = current or inspect_image(line.current)
@@ -1146,6 +1162,7 @@ def replace_current(line, state, old_id, new_ref, epoch=None):
     """The one way current changes: keep the old image as a new snapshot,
     then move the tag (atomic). Returns the snapshot's name."""
     name = add_snapshot(line, state, old_id, epoch)
+    state.pop("current", None)
     docker("tag", new_ref, line.current)
     line.write_state(state)
     return name
@@ -1655,11 +1672,15 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
         if not branched:
             docker("tag", image["Id"], line.current)
             drop_snapshot(line, state, snapshot)
+            remember_current(state, image)
         docker("rmi", new_id, check=False)
         snap = None
     elif branched:
         snap = add_snapshot(line, state, new_id)
         meta["branched"] = True
+        state.pop("current", None)
+    else:
+        remember_current(state, new)
     # Saved: from here the container is only to be removed. Recorded first,
     # so that whoever finds it later (this remover dead) just removes it.
     state.setdefault("removing", {})[container] = os.getpid()
@@ -1794,9 +1815,9 @@ class Saver:
     starts. It shares the lock, listens on a pipe for the wrapper's word, and
     when the wrapper is gone (exit, Ctrl-C, hangup, kill -9) saves anyway."""
 
-    def __init__(self, line, lock, state, plan, stale=()):
+    def __init__(self, line, lock, state, plan, stale=(), verify=False):
         self.line, self.lock, self.state, self.plan = line, lock, state, plan
-        self.stale = list(stale)
+        self.stale, self.verify = list(stale), verify
         self.pid = None
         self.to_saver = None
         self.from_saver = None
@@ -1880,11 +1901,20 @@ class Saver:
         # containers of earlier runs whose removers died go.
         tagging = DockerCall(("tag", plan.image["Id"], line.snap(plan.snapshot)))
         removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
+        # A remembered current is checked: changed by hand since, the run
+        # is saved as a snapshot and current stays.
+        checking = DockerCall(("image", "inspect", "--format", "{{.Id}}", line.current)) \
+            if self.verify else None
         messages = []
         with os.fdopen(down_r, "r") as pipe:
             for text in pipe:
                 messages.append(text.strip())
         tagged = tagging.finish(check=False).returncode == 0
+        current_id = None
+        if checking:
+            found = checking.finish(check=False)
+            if found.returncode == 0 and found.stdout.strip() != plan.image["Id"]:
+                current_id = found.stdout.strip()
         if removing and removing.finish(check=False).returncode == 0:
             for name in self.stale:
                 state["removing"].pop(name, None)
@@ -1897,6 +1927,7 @@ class Saver:
             # `docker run` failed; a container it may have created is junk.
             docker("rm", "-f", "-v", plan.container, check=False)
             drop_snapshot(line, state, plan.snapshot)
+            state.pop("current", None)  # perhaps what made it fail
             self._report(up_w, "ok")
             self.lock.release(state)
             return 0
@@ -1916,7 +1947,8 @@ class Saver:
             if not tagged:
                 docker("tag", plan.image["Id"], line.snap(plan.snapshot))
             snap = save_container(line, state, plan.container, plan.image, meta,
-                                  snapshot=plan.snapshot, defer_remove=True)
+                                  snapshot=plan.snapshot, current_id=current_id,
+                                  defer_remove=True)
         except PiError as err:
             notice = ("the save of the %s in %s failed: %s. The container %s keeps its changes; "
                       "the next pi retries, or run pi-recover %s"
@@ -1930,6 +1962,11 @@ class Saver:
             return 1
         line.log("saved %s%s" % (plan.container, " (snapshot %s)" % snap if snap else
                                  " (no change)"))
+        if meta.get("branched"):
+            state["notice"] = ("%s was changed outside pi-agent before the %s in %s was saved; "
+                               "current stays as it is and the run is snapshot %s (pi-rollback "
+                               "%s to use it)" % (line.current, plan.kind, plan.target, snap, snap))
+            line.log(state["notice"])
         if snap and meta.get("layers", 0) >= flatten_limit(line.config):
             state["holder"]["phase"] = "flattening"
             line.write_state(state)
@@ -2018,13 +2055,14 @@ def lifecycle(args, kind, argv):
     try:
         if found.get("notice"):
             say(found["notice"])
-        stale = []
+        stale, remembered = [], None
         if released_cleanly(found):
             # No lifecycle died holding the lock: nothing was left behind but
             # containers already saved, which this run's saver removes.
             stale = [name for name, pid in (state.get("removing") or {}).items()
                      if not pid_alive(pid)]
-            current = inspect_image(line.current)
+            remembered = remembered_current(state)
+            current = remembered or inspect_image(line.current)
         else:
             listing = start_listing_runs(line)  # overlaps the inspect below
             current = inspect_image(line.current)
@@ -2045,7 +2083,7 @@ def lifecycle(args, kind, argv):
         raise
 
     # The saver tags the snapshot while the container starts.
-    saver = Saver(line, lock, state, plan, stale).start()
+    saver = Saver(line, lock, state, plan, stale, verify=remembered is not None).start()
     state["holder"].update(container=plan.container, phase="running", saver_pid=saver.pid)
     line.write_state(state)
     try:

@@ -141,6 +141,20 @@ def test_while_it_runs_the_container_shows_no_value_and_no_argument(box):
     assert os.listdir(os.path.join(box.state_dir, "run")) == [], "and it is gone after"
 
 
+def test_current_changed_by_hand_between_runs_is_never_overwritten(box):
+    box.ok("pi-exec touch ~/one")
+    box.wait_saved()
+    docker("tag", box.repo + ":base", box.repo + ":current")
+    box.ok("pi-exec touch ~/two")  # starts from the current its line remembers
+    box.wait_saved()
+    assert box.images()["current"] == box.images()["base"], "the hand-made current stays"
+    result = box.ok("pi-exec test ! -e ~/one")  # and the next run uses it
+    assert "changed outside pi-agent" in result.stderr and result.stderr.count("\n") == 1
+    snap = result.stderr.split("the run is snapshot ")[1].split()[0]
+    box.ok("pi-rollback " + snap)
+    box.ok("pi-exec test -e ~/one -a -e ~/two")
+
+
 def test_kill_9_of_wrapper_and_saver_is_recovered_by_the_next_run(box):
     run = start_and_wait_for(box, "/usr/local/both-killed")
     saver = holder(box)["saver_pid"]

@@ -233,6 +233,13 @@ def test_a_new_mount_point_in_a_non_root_home_gets_its_parents_made():
     assert make_plan(image=root, target="/home/agent/src/app", subdir="").home_parents == []
 
 
+def test_a_remembered_current_is_used_only_when_whole():
+    record = {"Id": "sha256:a", "Config": {}, "RootFS": {"Layers": []}, "RepoTags": []}
+    assert pi_agent.remembered_current({"current": record}) is record
+    for broken in (None, "x", {"Id": "sha256:a"}, dict(record, Config=None), dict(record, Id=1)):
+        assert pi_agent.remembered_current({"current": broken}) is None
+
+
 def test_released_cleanly():
     assert not pi_agent.released_cleanly({})  # no state file: look for leftovers
     assert pi_agent.released_cleanly({"holder": None, "removing": {"c": 1}})

@@ -475,7 +475,9 @@ def docker_failure(args, stderr):
 
 
 def trace(argv, started, status):
-    """PI_AGENT_TRACE=FILE: one line per docker command, for finding cost."""
+    """PI_AGENT_TRACE=FILE: one line per docker command, for finding cost:
+    when its result was collected, and how long after it started (a call
+    overlapped with others may have ended earlier)."""
     path = os.environ.get("PI_AGENT_TRACE")
     if path:
         with open(path, "a", encoding="utf-8") as handle:

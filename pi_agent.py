@@ -98,6 +98,10 @@ SETTINGS = (
      "foreground: wait for the save and report it"),
 )
 
+# PI_AGENT_* variables that are not settings: the shell functions' and the
+# installer's.
+OTHER_VARIABLES = ("PI_AGENT_PYTHON", "PI_AGENT_CONFIG", "PI_AGENT_HOME", "PI_AGENT_RELEASE_URL")
+
 # Host variables the container sees (besides PI_AGENT_PASS_ENV); LC_* too.
 ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ")
 
@@ -405,6 +409,19 @@ class Config:
                 environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
             return os.path.join(base, "pi-agent")
         return default
+
+
+def misspelled_settings(environ):
+    """A line for each PI_AGENT_* variable whose name is a near miss of a
+    setting's: set in the environment, it would be silently ignored."""
+    known = [name for name, _d, _m in SETTINGS] + list(OTHER_VARIABLES)
+    unknown = sorted(name for name in environ if name.startswith("PI_AGENT_")
+                     and name not in known)
+    if not unknown:
+        return []
+    import difflib
+    return ["warning: %s is not a setting; did you mean %s?" % (name, close[0]) for name in unknown
+            for close in [difflib.get_close_matches(name, known, 1, 0.9)] if close]
 
 
 def parse_limits(raw):
@@ -814,6 +831,8 @@ def describe_origin(image):
         return "the base image"
     kind = labels.get(LABEL + "kind") or "run"
     target = labels.get(LABEL + "target") or "?"
+    if kind == "prepare":
+        return "the agent's directories above %s" % target
     status = labels.get(LABEL + "exit_status") or "?"
     return "%s in %s (exit %s)" % (kind, target, status)
 
@@ -1491,6 +1510,11 @@ class RunPlan:
             return ["sh", "-c", 'exec "$@"', "pi-exec"] + list(argv)
         if self.kind == "shell":
             return ["sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash; exec sh"]
+        if self.network == "none":
+            script = ('command -v "$1" >/dev/null 2>&1 || {'
+                      ' echo "pi-agent: $1 is not installed here, and an offline run cannot'
+                      ' install it; run pi once with the network" >&2; exit 127; }; exec "$@"')
+            return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
         script = ('command -v "$1" >/dev/null 2>&1 || {'
                   ' echo "pi-agent: $1 is not installed here; installing: $PI_AGENT_INSTALL_CMD" >&2;'
                   ' sh -c "$PI_AGENT_INSTALL_CMD" || { status=$?;'
@@ -1566,16 +1590,21 @@ def make_home_parents(line, plan):
     write_run_dir(run_dir, "#!/bin/sh\nmkdir -p %s && chown %s %s\n" % (
         shlex.quote(plan.mount_point), shlex.quote(user + ":"), shlex.join(plan.home_parents)))
     try:
-        docker("run", "--name", name, "--network", "none", "-u", "0", *label_args(labels),
-               *script_command(image, run_dir))
+        # --init as in a run, so that its mount point is made here too.
+        docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
+               *label_args(labels), *script_command(image, run_dir))
     except BaseException:
         docker("rm", "-f", "-v", name, check=False)
         raise
     finally:
         remove_run_dir(run_dir)
     labels = {LABEL + key: image_labels(image).get(LABEL + key, "") for key in RUN_LABELS}
-    labels[MOUNTS_LABEL] = json.dumps((known_mounts(image) + [plan.mount_point])
-                                      [-MAX_KNOWN_MOUNTS:], ensure_ascii=False)
+    labels.update({LABEL + "kind": "prepare", LABEL + "target": plan.target,
+                   LABEL + "snapshot": "", LABEL + "container": name,
+                   LABEL + "previous": image["Id"], LABEL + "exit_status": "0",
+                   LABEL + "committed_at": utc_iso(time.time()),
+                   MOUNTS_LABEL: json.dumps((known_mounts(image) + [plan.mount_point])
+                                            [-MAX_KNOWN_MOUNTS:], ensure_ascii=False)})
     docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
                         % ", ".join(plan.home_parents)), line.current)
     docker("rm", "-v", name, check=False)
@@ -1724,12 +1753,16 @@ def being_removed(state, name):
 
 
 def leftover_containers(line, sizes=False):
-    """Run containers that no live lifecycle owns."""
-    rows = list_run_containers(line, sizes)
+    """Run containers that no live lifecycle owns. The state is read before
+    the listing: a save that ends in between removes its container after
+    writing that it does, so it is never taken for a leftover."""
     state = line.read_state()
     holder = (state.get("holder") or {}) if lock_is_held(line) else {}
-    return [row for row in rows if row["names"] != holder.get("container")
-            and not being_removed(state, row["names"])]
+    host = os.uname().nodename
+    return [row for row in list_run_containers(line, sizes)
+            if row["names"] != holder.get("container")
+            and not being_removed(state, row["names"])
+            and not (row.get("host") == host and pid_alive(row["pid"]))]
 
 
 def recover_container(line, state, row):
@@ -2071,7 +2104,8 @@ def lifecycle(args, kind, argv):
             if recover_leftovers(line, state, listing):
                 current = None
         image = ensure_current(line, current)
-        for warning in (owner_mismatch(image), remote_warning(git_config)):
+        for warning in misspelled_settings(os.environ) + [owner_mismatch(image),
+                                                          remote_warning(git_config)]:
             if warning:
                 say(warning, "warning")
         now = time.time()
@@ -2084,9 +2118,11 @@ def lifecycle(args, kind, argv):
         lock.release(state)
         raise
 
-    # The saver tags the snapshot while the container starts.
+    # The saver tags the snapshot while the container starts. Its copy of
+    # the state names the container too.
+    state["holder"]["container"] = plan.container
     saver = Saver(line, lock, state, plan, stale, verify=remembered is not None).start()
-    state["holder"].update(container=plan.container, phase="running", saver_pid=saver.pid)
+    state["holder"].update(phase="running", saver_pid=saver.pid)
     line.write_state(state)
     try:
         status = run_attached(plan.run_args)
@@ -2146,7 +2182,9 @@ def print_plan(line, kind, argv, target, subdir, tty, offline):
     current = inspect_image(line.current)
     if current is None:
         if inspect_image(line.base) is None:
-            print("# %s is missing: it would be built from %s" % (line.base, line.config.dockerfile))
+            print("# %s is missing: it would be built from %s (until then its CMD, USER and "
+                  "home are unknown: the commands below show none)"
+                  % (line.base, line.config.dockerfile))
         print(shlex.join(["docker", "tag", line.base, line.current]))
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
     now = time.time()
@@ -2198,6 +2236,10 @@ def cmd_status(args):
         config.path, "" if os.path.exists(config.path) else ", absent"))
     rows = [(name, config.raw[name], "(%s)" % config.sources[name]) for name, _d, _m in SETTINGS]
     print_table(rows)
+    for warning in misspelled_settings(os.environ):
+        print(warning)
+    print("python: %s (PI_AGENT_PYTHON=%s)" % (sys.executable,
+                                              os.environ.get("PI_AGENT_PYTHON", "python3")))
     print("\nimages:")
     rows = []
     for role, ref in (("base", line.base), ("current", line.current)):
@@ -2357,9 +2399,9 @@ def cmd_prune(args):
         doomed = prune_snapshots(line, state, keep, dry_run=args.dry_run)
         freed = bytes_freed(line, [snap["tag"] for snap in doomed]) if args.dry_run else 0
     verb = "would remove" if args.dry_run else "removed"
-    say("%s %s, keeping the %d newest%s%s" % (
-        verb, plural(len(doomed), "snapshot"), keep,
-        (": " + " ".join(s["tag"] for s in doomed)) if doomed else "",
+    say("%s %s%s, keeping the %d newest%s" % (
+        verb, plural(len(doomed), "snapshot"),
+        (" (" + " ".join(s["tag"] for s in doomed) + ")") if doomed else "", keep,
         "; that would free about %s" % human_size(freed) if args.dry_run else ""))
     return 0
 
@@ -2555,6 +2597,10 @@ def parse_args(argv):
         if argv[0] == "run" and ("--help" in wrapper or "-h" in wrapper):
             parser.print_help()
             raise SystemExit(0)
+        if (argv[0] == "exec" and rest and rest[0].startswith("-")
+                and argv[1 + len(wrapper)] != "--"):
+            raise PiError("pi-exec: unknown option %s; options come before the command, and "
+                          "-- before a command that starts with -" % rest[0], EXIT_USAGE)
         args = parser.parse_args([argv[0]] + wrapper)
         args.argv = rest
         return args

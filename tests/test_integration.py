@@ -197,6 +197,19 @@ def test_git_commits_inside_without_touching_project_config(box):
     assert "Agent" not in config_before
 
 
+def test_a_first_run_below_home_that_changes_nothing_leaves_no_snapshot(box):
+    project = box.mkdir(os.path.join(box.home, "src", "app"))
+    box.ok("pi-exec true", cwd=project)
+    box.wait_saved()
+    assert box.snapshots() == [], "making ~/src the agent's is not a run's change"
+    box.ok("pi-exec touch ~/kept")
+    box.ok("pi-reset-system")
+    box.ok("pi-exec true", cwd=project)  # from base again: ~/src again, still no snapshot
+    box.ok("pi-rollback")  # so this undoes the reset
+    box.ok("pi-exec test -e ~/kept")
+    assert "the agent's directories above %s" % project in box.ok("pi-snapshots").stdout
+
+
 def test_new_directories_above_a_project_in_home_belong_to_the_agent(box):
     project = box.mkdir(os.path.join(box.home, "src", "deeper", "app"))
     out = box.ok("pi-exec sh -c 'stat -c %U ~/src ~/src/deeper; touch ~/src/mine && echo ok'",
@@ -320,6 +333,19 @@ def test_engine_unreachable_is_one_line_exit_7_and_builds_nothing(box):
     assert result.returncode == 7
     assert result.stderr.count("\n") == 1 and "nonexistent" in result.stderr
     assert "current" not in box.images()
+
+
+def test_a_mistyped_option_of_pi_exec_starts_nothing(box):
+    result = box.sh("pi-exec --ofline make")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unknown option --ofline" in result.stderr and "current" not in box.images()
+    assert box.ok("pi-exec -- sh -c 'echo ok'").stdout == "ok\n"
+
+
+def test_a_near_miss_setting_in_the_environment_is_named(box):
+    result = box.ok("pi-exec true", env={"PI_AGENT_SNAPSHOT_KEPE": "3"})
+    assert "PI_AGENT_SNAPSHOT_KEPE is not a setting; did you mean PI_AGENT_SNAPSHOT_KEEP?" \
+        in result.stderr
 
 
 def test_unknown_snapshot_is_exit_4(box):

@@ -333,6 +333,12 @@ def test_unlock_explains_and_never_breaks_a_live_lock(box):
     box.ok("pi-exec --wait test -e /usr/local/unlock")
 
 
+def test_a_finished_run_is_never_listed_as_left_behind(box):
+    for i in range(5):  # its saver may still be removing it
+        out = box.ok("pi-exec touch ~/o%d; pi-orphans" % i).stdout
+        assert out.startswith("no left-behind containers"), out
+
+
 def test_clean_orphans_asks_then_discards(box):
     run = start_and_wait_for(box, "/usr/local/discard-me")
     saver = holder(box)["saver_pid"]

@@ -240,6 +240,21 @@ def test_a_remembered_current_is_used_only_when_whole():
         assert pi_agent.remembered_current({"current": broken}) is None
 
 
+def test_near_misses_of_setting_names_are_named():
+    environ = {"PI_AGENT_MEMORI": "4g", "PI_AGENT_FOO": "1", "PI_AGENT_PYTHON": "python3",
+               "PI_AGENT_MEMORY": "1g", "OTHER": "x"}
+    assert pi_agent.misspelled_settings(environ) == [
+        "warning: PI_AGENT_MEMORI is not a setting; did you mean PI_AGENT_MEMORY?"]
+
+
+def test_an_offline_run_does_not_try_to_install():
+    config = pi_agent.Config({"HOME": "/home/alice"})
+    image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
+    plan = pi_agent.RunPlan(pi_agent.Line(config), "run", [], image, "/tmp/p", "", {},
+                            1.0, 1, False, "snap-x", offline=True)
+    assert "PI_AGENT_INSTALL_CMD\" >&2" not in plan.script() and "offline" in plan.script()
+
+
 def test_released_cleanly():
     assert not pi_agent.released_cleanly({})  # no state file: look for leftovers
     assert pi_agent.released_cleanly({"holder": None, "removing": {"c": 1}})

@@ -70,7 +70,7 @@ SETTINGS = (
     ("PI_AGENT_BASE_IMAGE", "ubuntu:24.04",
      "the image that Dockerfile starts FROM (build arg BASE_IMAGE)"),
     ("PI_AGENT_STATE_DIR", "<${XDG_STATE_HOME:-~/.local/state}/pi-agent>",
-     "locks, run state and the save log"),
+     "locks, run state, the save log and each run's script"),
     ("PI_AGENT_COMMAND", "pi",
      "the agent command that pi runs"),
     ("PI_AGENT_INSTALL_CMD", "curl -fsSL https://pi.dev/install.sh | sh",

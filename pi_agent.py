@@ -1598,13 +1598,8 @@ def make_home_parents(line, plan):
         raise
     finally:
         remove_run_dir(run_dir)
-    labels = {LABEL + key: image_labels(image).get(LABEL + key, "") for key in RUN_LABELS}
-    labels.update({LABEL + "kind": "prepare", LABEL + "target": plan.target,
-                   LABEL + "snapshot": "", LABEL + "container": name,
-                   LABEL + "previous": image["Id"], LABEL + "exit_status": "0",
-                   LABEL + "committed_at": utc_iso(time.time()),
-                   MOUNTS_LABEL: json.dumps((known_mounts(image) + [plan.mount_point])
-                                            [-MAX_KNOWN_MOUNTS:], ensure_ascii=False)})
+    labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
+                                              "exit_status": 0, "mount": plan.mount_point})
     docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
                         % ", ".join(plan.home_parents)), line.current)
     docker("rm", "-v", name, check=False)
@@ -1659,25 +1654,9 @@ def only_mountpoint_changes(diff_output, mount):
     return True
 
 
-def save_container(line, state, container, image, meta, snapshot=None, current_id=None,
-                   defer_remove=False):
-    """Commit a finished run's container into current; the one save path.
-
-    `image` is the record of the image the container started from, `meta`
-    its run labels plus exit_status, `snapshot` the tag that already keeps
-    that image (a run takes it before it starts; made here otherwise).
-    The commit moves current itself, atomically; when it added no layer, the
-    run changed nothing and current, the snapshots and the layers are put
-    back as they were. Returns the snapshot's name, or None for no change.
-    If the container started from something other than current (possible
-    only for a leftover), its result becomes a snapshot and current stays.
-    With defer_remove the caller removes the container (after releasing the
-    lock, so the next run need not wait for it).
-    """
-    branched = current_id is not None and current_id != image["Id"]
-    if not branched and snapshot is None:
-        snapshot = add_snapshot(line, state, image["Id"], meta.get("epoch"))
-    line.write_state(state)
+def saved_labels(line, container, image, meta):
+    """The labels a save puts on the image it commits: the run's (`meta`),
+    its outcome, and the mount points the image now has."""
     mount = meta.get("mount") or ""
     mounts = known_mounts(image)
     if mount and mount not in mounts:
@@ -1689,6 +1668,31 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
                    LABEL + "committed_at": utc_iso(time.time()),
                    LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
                    MOUNTS_LABEL: json.dumps(mounts, ensure_ascii=False)})
+    return labels
+
+
+def save_container(line, state, container, image, meta, snapshot=None, current_id=None,
+                   defer_remove=False):
+    """Commit a finished run's container into current; the one save path.
+
+    `image` is the record of the image the container started from, `meta`
+    its run labels plus exit_status, `snapshot` the tag that already keeps
+    that image (a run takes it before it starts; made here otherwise).
+    The commit moves current itself, atomically; when it added no layer, the
+    run changed nothing and current, the snapshots and the layers are put
+    back as they were. Returns the snapshot's name, or None for no change.
+    If the container started from something other than current (a
+    leftover, or current changed by hand), its result becomes a snapshot
+    and current stays.
+    With defer_remove the caller removes the container (after releasing the
+    lock, so the next run need not wait for it).
+    """
+    branched = current_id is not None and current_id != image["Id"]
+    if not branched and snapshot is None:
+        snapshot = add_snapshot(line, state, image["Id"], meta.get("epoch"))
+    line.write_state(state)
+    mount = meta.get("mount") or ""
+    labels = saved_labels(line, container, image, meta)
     message = "pi-agent %s in %s (exit %s)" % (meta.get("kind", "run"), meta.get("target", "?"),
                                                meta.get("exit_status", "unknown"))
     args = commit_args(container, image, labels, message)
@@ -2127,11 +2131,9 @@ def lifecycle(args, kind, argv):
     try:
         status = run_attached(plan.run_args)
     except PiError:
-        remove_run_dir(plan.run_dir)
         saver.send("abort")
         saver.finish(wait=True)
         raise
-    remove_run_dir(plan.run_dir)
     if status == 125 and not has_started(plan.container):
         saver.send("abort")
         saver.finish(wait=True)

@@ -1568,8 +1568,13 @@ def write_run_dir(run_dir, script):
                          "can write" % (path, err.strerror))
 
 
-def remove_run_dir(run_dir):
-    for remove, path in ((os.remove, os.path.join(run_dir, RUN_SCRIPT)), (os.rmdir, run_dir)):
+def remove_run_dir(run_dir, script_only=False):
+    """The script goes when the run ends; the empty directory stays until
+    the container is removed, so that a saved container whose remover died
+    is told from one it removed without asking the engine."""
+    doomed = ((os.remove, os.path.join(run_dir, RUN_SCRIPT)),) + (
+        () if script_only else ((os.rmdir, run_dir),))
+    for remove, path in doomed:
         try:
             remove(path)
         except FileNotFoundError:
@@ -1958,13 +1963,14 @@ class Saver:
             for name in self.stale:
                 state["removing"].pop(name, None)
                 remove_run_dir(os.path.join(line.run_dir, name))
-        remove_run_dir(plan.run_dir)
+        remove_run_dir(plan.run_dir, script_only=True)
         status = next((m.split()[1] for m in messages if m.startswith("status ")), None)
         state["holder"].update(phase="saving", saver_pid=os.getpid())
         line.write_state(state)
         if "abort" in messages:
             # `docker run` failed; a container it may have created is junk.
             docker("rm", "-f", "-v", plan.container, check=False)
+            remove_run_dir(plan.run_dir)
             drop_snapshot(line, state, plan.snapshot)
             state.pop("current", None)  # perhaps what made it fail
             self._report(up_w, "ok")
@@ -1977,6 +1983,7 @@ class Saver:
                 # `docker run` may still be creating it (without its run
                 # script, it fails): leave the state dirty so the next
                 # lifecycle looks for it. Its recovery tags the snapshot again.
+                remove_run_dir(plan.run_dir)
                 drop_snapshot(line, state, plan.snapshot)
                 line.write_state(state)
                 line.log("%s does not exist (yet?); the next run will look again" % plan.container)
@@ -2012,7 +2019,8 @@ class Saver:
             auto_flatten(line, state)
         self.lock.release(state)
         # Outside the lock: the next run may start while this one is removed.
-        docker("rm", "-f", "-v", plan.container, check=False)
+        if docker("rm", "-f", "-v", plan.container, check=False).returncode == 0:
+            remove_run_dir(plan.run_dir)
         self._report(up_w, "ok " + (snap or ""))
         return 0
 
@@ -2097,9 +2105,15 @@ def lifecycle(args, kind, argv):
         stale, remembered = [], None
         if released_cleanly(found):
             # No lifecycle died holding the lock: nothing was left behind but
-            # containers already saved, which this run's saver removes.
-            stale = [name for name, pid in (state.get("removing") or {}).items()
-                     if not pid_alive(pid)]
+            # saved containers whose removers died, which this run's saver
+            # removes (a remover that finished took its run directory).
+            removing = state.get("removing") or {}
+            for name, pid in list(removing.items()):
+                if not pid_alive(pid):
+                    if os.path.isdir(os.path.join(line.run_dir, name)):
+                        stale.append(name)
+                    else:
+                        del removing[name]
             remembered = remembered_current(state)
             current = remembered or inspect_image(line.current)
         else:

@@ -4,6 +4,7 @@ functions in bash and zsh, as an ordinary user and as root."""
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -95,6 +96,22 @@ def test_commits_keep_the_image_config_and_bake_in_nothing_of_the_run(box):
         ref = "%s:%s" % (box.repo, tag)
         assert secret not in docker("image", "inspect", ref).stdout
         assert secret not in docker("history", "--no-trunc", ref).stdout
+
+
+def test_a_run_after_a_clean_release_makes_six_docker_calls(box):
+    trace = os.path.join(box.state_dir, "trace")
+    box.extra_env = {"PI_AGENT_TRACE": trace}
+    for i in range(3):
+        box.ok("pi-exec touch ~/t%d" % i)
+        box.wait_saved()
+        if i == 1:
+            os.remove(trace)  # the first runs inspect and list; keep the third's alone
+    time.sleep(0.5)  # the saver's last call is logged just after the container goes
+    with open(trace) as handle:
+        calls = sorted(" ".join(line.split(": docker ", 1)[1].split()[:2])
+                       for line in handle)
+    assert [call.split()[0] for call in calls] == [
+        "commit", "image", "image", "rm", "run", "tag"], calls
 
 
 def test_labels_record_the_run(box):

@@ -138,7 +138,8 @@ def test_while_it_runs_the_container_shows_no_value_and_no_argument(box):
     os.kill(wrapper_pid(box), signal.SIGTERM)
     run.wait(timeout=60)
     box.wait_saved()
-    assert os.listdir(os.path.join(box.state_dir, "run")) == [], "and it is gone after"
+    run_dir = os.path.join(box.state_dir, "run")
+    assert wait_until(lambda: os.listdir(run_dir) == [], timeout=10), "and it is gone after"
 
 
 def test_current_changed_by_hand_between_runs_is_never_overwritten(box):
@@ -213,7 +214,8 @@ def test_kill_9_while_the_container_starts_runs_nothing_and_leaves_nothing(fault
     assert result.stderr == ""
     box.wait_saved()
     assert box.containers() == [] and len(box.snapshots()) == 1, "only the first run's"
-    assert os.listdir(os.path.join(box.state_dir, "run")) == [], "no run script is left"
+    run_dir = os.path.join(box.state_dir, "run")
+    assert wait_until(lambda: os.listdir(run_dir) == [], timeout=10), "no run script is left"
 
 
 def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):

@@ -1598,16 +1598,13 @@ def make_home_parents(line, plan):
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
                *label_args(labels), *script_command(image, run_dir))
-    except BaseException:
-        docker("rm", "-f", "-v", name, check=False)
-        raise
+        labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
+                                                  "exit_status": 0, "mount": plan.mount_point})
+        docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
+                            % ", ".join(plan.home_parents)), line.current)
     finally:
         remove_run_dir(run_dir)
-    labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
-                                              "exit_status": 0, "mount": plan.mount_point})
-    docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
-                        % ", ".join(plan.home_parents)), line.current)
-    docker("rm", "-v", name, check=False)
+        docker("rm", "-f", "-v", name, check=False)
     return inspect_image(line.current)
 
 
@@ -2131,6 +2128,7 @@ def lifecycle(args, kind, argv):
                        tty, snapshot=next_snapshot(state, now), git=git, offline=args.offline)
         if plan.home_parents:
             plan = plan.on(make_home_parents(line, plan))
+            state.pop("current", None)
         write_run_dir(plan.run_dir, plan.script())
     except BaseException:
         lock.release(state)

@@ -53,6 +53,8 @@ import os
 import re
 import shlex
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import time
@@ -77,6 +79,8 @@ SETTINGS = (
      "run inside when the agent command is missing"),
     ("PI_AGENT_PASS_ENV", "",
      "host variables passed to the agent, e.g. ANTHROPIC_API_KEY"),
+    ("PI_AGENT_GIT_IDENTITY", "Agent <agent@pi-agent.invalid>",
+     "the author and committer of commits made inside, whatever the project's git config says"),
     ("PI_AGENT_MOUNT_AT", "",
      "mount the project here instead of at its host path"),
     ("PI_AGENT_NETWORK", "",
@@ -132,6 +136,25 @@ SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
 # ... and a project inside one of these would land in the image's own tree.
 SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64",
                 "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr")
+
+# Never a project: directories many programs share (their sockets and files
+# are there; a project goes in a directory of its own inside one) ...
+SHARED_DIRS = ("/tmp", "/var/tmp", "/var", "/usr", "/usr/local", "/opt", "/srv", "/home", "/mnt",
+               "/media", "/root", "/Users", "/Volumes", "/private", "/private/tmp",
+               "/private/var")
+# ... nor anything inside these: devices, sockets (the Docker socket among
+# them), the system's programs, configuration and state.
+HOST_TREES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/var/lock", "/boot", "/etc",
+              "/var/lib", "/var/log", "/var/spool", "/var/cache", "/var/mail", "/bin", "/sbin",
+              "/lib", "/lib32", "/lib64", "/libx32", "/usr/bin", "/usr/sbin", "/usr/lib",
+              "/usr/lib32", "/usr/lib64", "/usr/libexec", "/usr/share", "/usr/include",
+              "/System", "/Library", "/private/etc")
+
+# Capabilities that root inside (sudo) does not need to install software
+# (apt, npm and pip work without them) and that would let it make what the
+# host must not get from a project: device nodes, file capabilities, raw
+# packets on the network, chroot escapes.
+CAP_DROP = ("MKNOD", "SETFCAP", "NET_RAW", "SYS_CHROOT", "SETPCAP")
 
 SNAPSHOT_PREFIX = "snap-"
 SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
@@ -214,12 +237,25 @@ def colour(code):
     return ("\033[%sm" % code, "\033[0m") if wanted else ("", "")
 
 
+# Control characters (C0, DEL, C1) and the marks that reorder text: a file
+# name the agent chose must not move the cursor, erase a line or recolour one.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text):
+    """`text` with every character that could steer a terminal escaped."""
+    return UNPRINTABLE.sub(lambda match: "\\x%02x" % ord(match.group()) if ord(match.group())
+                           < 0x100 else "\\u%04x" % ord(match.group()), str(text))
+
+
 def say(message, kind=None):
     """One line for the user on stderr (errors red, warnings yellow on a
-    terminal); a closed terminal is not an error."""
+    terminal); a closed terminal is not an error. Whatever the message
+    holds is made printable first: much of it comes from the agent's world."""
     start, end = colour({"error": "1;31", "warning": "33"}.get(kind, "")) if kind else ("", "")
     try:
-        print("%spi-agent:%s %s" % (start, end, message), file=sys.stderr, flush=True)
+        print("%spi-agent:%s %s" % (start, end, printable(message)), file=sys.stderr,
+              flush=True)
     except (OSError, ValueError):
         pass
 
@@ -258,6 +294,7 @@ def plural(count, noun):
 
 
 def print_table(rows):
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
@@ -356,11 +393,17 @@ class Config:
                              "(lowercase letters, digits, . _ - /; no tag)" % self.image_repo)
         self.dockerfile = raw["PI_AGENT_DOCKERFILE"]
         self.base_image = raw["PI_AGENT_BASE_IMAGE"]
-        self.state_dir = raw["PI_AGENT_STATE_DIR"]
+        self.state_dir = os.path.normpath(raw["PI_AGENT_STATE_DIR"])
         for name in ("PI_AGENT_DOCKERFILE", "PI_AGENT_STATE_DIR"):
             if not raw[name].startswith("/"):
                 raise BadSetting("%s=%s must be an absolute path (a relative one would change "
                                  "with the directory you are in)" % (name, raw[name]))
+        state = os.path.realpath(self.state_dir)
+        if state == "/" or state in SHARED_DIRS or any(is_within(state, tree) for tree in HOST_TREES) \
+                or any(is_within(home, state) for home in home_dirs(self.environ)):
+            raise BadSetting("PI_AGENT_STATE_DIR=%s is shared with other files; pi-agent makes "
+                             "it private (0700): use a directory of its own, e.g. "
+                             "~/.local/state/pi-agent" % self.state_dir)
         self.command = raw["PI_AGENT_COMMAND"]
         try:
             self.command_argv = shlex.split(self.command)
@@ -370,6 +413,12 @@ class Config:
             raise BadSetting("PI_AGENT_COMMAND is empty; set it to the agent command, e.g. pi")
         self.install_cmd = raw["PI_AGENT_INSTALL_CMD"]
         self.pass_env = parse_pass_env(raw["PI_AGENT_PASS_ENV"])
+        identity = re.fullmatch(r"\s*([^<>\n]*[^<>\s])\s*<([^<>\s]+)>\s*",
+                                raw["PI_AGENT_GIT_IDENTITY"])
+        if not identity:
+            raise BadSetting("PI_AGENT_GIT_IDENTITY=%s is not like Name <email>"
+                             % raw["PI_AGENT_GIT_IDENTITY"])
+        self.git_identity = identity.groups()
         self.mount_at = raw["PI_AGENT_MOUNT_AT"]
         if self.mount_at:
             self.mount_at = os.path.normpath(self.mount_at)
@@ -588,6 +637,12 @@ def json_lines(output):
 
 
 # ------------------------------------------------------------ the project
+#
+# The project is the one host directory a run mounts. Everything the agent
+# can write is untrusted input, the project's files and anything named .git
+# in it included: what is mounted, and what host git reads, is decided only
+# from what the host alone could have written, resolved physically, checked,
+# and read without following a symlink the agent could have planted.
 
 def home_dirs(environ=None):
     """The user's home directories: $HOME and the password database's."""
@@ -608,41 +663,188 @@ def is_within(path, parent):
     return path == parent or parent == "/" or path.startswith(parent + "/")
 
 
-def find_target(cwd, homes, here=False, exists=os.path.exists):
-    """The directory to mount and the run's subdirectory inside it.
-
-    The git repository root when cwd is inside one (or cwd itself with
-    --here); refused when it is /, a home directory, a directory above one,
-    or a credential directory.
-    """
-    target = cwd
-    if not here:
-        probe = cwd
-        while True:
-            if exists(os.path.join(probe, ".git")):
-                target = probe
-                break
-            parent = os.path.dirname(probe)
-            if parent == probe:
-                break
-            probe = parent
-    if "\n" in target:
-        raise Refused("cannot mount %r: a path with a newline cannot be mounted safely" % target)
-    if target == "/":
-        raise Refused("refusing to mount /: it holds the whole host; cd into a project directory")
+def refusal(path, homes, guarded=()):
+    """(reason, hint) when `path` must never be mounted into a container,
+    else None. A hint of None means: home or above (the caller knows what
+    to suggest)."""
+    if "\n" in path:
+        return "a path with a newline cannot be mounted safely", "rename it"
+    if path == "/":
+        return "it holds the whole host", "cd into a project directory"
     for home in homes:
-        if is_within(home, target):
-            what = "your home directory" if target == home else "a directory above your home"
-            hint = ("use --here to mount only the current directory" if cwd != target and
-                    not is_within(home, cwd) else "cd into a project directory")
-            raise Refused("refusing to mount %s: it is %s, which would hand the agent ~/.ssh "
-                          "and every credential; %s" % (target, what, hint))
+        if is_within(home, path):
+            return ("it is %s, which would hand the agent ~/.ssh and every credential"
+                    % ("your home directory" if path == home else "a directory above your home"),
+                    None)
         for secret in CREDENTIAL_DIRS:
-            if is_within(target, os.path.join(home, secret)):
-                raise Refused("refusing to mount %s: it holds credentials (~/%s); "
-                              "cd into a project directory" % (target, secret))
+            if is_within(path, os.path.join(home, secret)):
+                return "it holds credentials (~/%s)" % secret, "cd into a project directory"
+    if path in SHARED_DIRS:
+        return ("it is a directory many programs share, their sockets and files among them",
+                "make a directory for the project inside it")
+    tree = next((tree for tree in HOST_TREES if is_within(path, tree)), None)
+    if tree:
+        return ("it is part of the system (%s: devices, sockets, system files)" % tree,
+                "cd into a project directory")
+    for own in guarded:
+        if is_within(path, own) or is_within(own, path):
+            return ("it holds pi-agent's own files (%s), which the agent could rewrite for your "
+                    "next command" % own, "keep projects apart from pi-agent's install, state "
+                    "and config directories (./install.sh puts a copy of a checkout elsewhere)")
+    return None
+
+
+def read_regular(path, limit=1 << 20, dir_fd=None):
+    """The bytes of a regular file, or None: never through a symlink (its
+    last component), never blocking on a FIFO, never more than `limit`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        chunks, left = [], info.st_size + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return data if len(data) <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def git_dir_problem(path, main=True):
+    """Why `path` is not a git directory, or None: it needs HEAD, objects/
+    and refs/, none a symlink. A repository's own git directory (`main`) has
+    no commondir file; with one, git would take another's config."""
+    for name, is_kind, what in (("HEAD", stat.S_ISREG, "file"), ("objects", stat.S_ISDIR, "directory"),
+                                ("refs", stat.S_ISDIR, "directory")):
+        try:
+            mode = os.lstat(os.path.join(path, name)).st_mode
+        except OSError:
+            return "it has no %s" % name
+        if not is_kind(mode):
+            return "its %s is not a plain %s" % (name, what)
+    if main and os.path.lexists(os.path.join(path, "commondir")):
+        return "it has a commondir file, which only a worktree's git directory has"
+    return None
+
+
+class GitRepo:
+    """A repository as host git sees it from a work tree: `gitdir` holds its
+    HEAD and index (a linked worktree's own admin directory), `common` its
+    objects, refs and config (the same directory for a main work tree)."""
+
+    def __init__(self, gitdir, common):
+        self.gitdir, self.common = gitdir, common
+
+    @property
+    def linked(self):
+        return self.gitdir != self.common
+
+    def __eq__(self, other):
+        return isinstance(other, GitRepo) and (self.gitdir, self.common) == (other.gitdir,
+                                                                           other.common)
+
+    def __repr__(self):
+        return "GitRepo(%r, %r)" % (self.gitdir, self.common)
+
+
+def linked_worktree(work_tree):
+    """(GitRepo, None) when work_tree/.git is the file of a worktree: it names
+    <common>/worktrees/<name>, whose gitdir file points back at it and whose
+    commondir leads to <common>, a git directory. Else (None, why): only git
+    worktree add, on the host, writes such a pair."""
+    dot = os.path.join(work_tree, ".git")
+    text = read_regular(dot, 4096)
+    if text is None or not text.startswith(b"gitdir:"):
+        return None, "it is neither a git directory nor the .git file of a worktree"
+    named = os.fsdecode(text[len(b"gitdir:"):].strip())
+    gitdir = os.path.realpath(os.path.join(work_tree, named))
+    common = os.path.dirname(os.path.dirname(gitdir))
+    back = read_regular(os.path.join(gitdir, "gitdir"), 4096)
+    via = read_regular(os.path.join(gitdir, "commondir"), 4096)
+    if (os.path.basename(os.path.dirname(gitdir)) != "worktrees" or back is None or via is None
+            or os.path.realpath(os.path.join(gitdir, os.fsdecode(back.strip()))) != dot
+            or os.path.realpath(os.path.join(gitdir, os.fsdecode(via.strip()))) != common):
+        return None, ("it names %s, which is not a worktree of a repository that points back "
+                      "here" % named)
+    problem = git_dir_problem(common)
+    if problem is None and read_regular(os.path.join(gitdir, "HEAD"), 4096) is None:
+        problem = "the worktree has no HEAD"
+    if problem:
+        return None, "its repository %s is not a git directory: %s" % (common, problem)
+    return GitRepo(gitdir, common), None
+
+
+def git_repo_at(work_tree):
+    """What work_tree/.git is: (GitRepo, None) when host git may trust it;
+    (None, None) when there is none (an empty directory counts as none, as
+    for git); (None, why) for one that is not to be trusted."""
+    dot = os.path.join(work_tree, ".git")
+    try:
+        mode = os.lstat(dot).st_mode
+    except FileNotFoundError:
+        return None, None
+    except OSError as err:
+        return None, err.strerror
+    if stat.S_ISDIR(mode):
+        problem = git_dir_problem(dot)
+        if problem is None:
+            return GitRepo(dot, dot), None
+        try:
+            return None, (None if not os.listdir(dot) else problem)
+        except OSError as err:
+            return None, err.strerror
+    if stat.S_ISREG(mode):
+        return linked_worktree(work_tree)
+    return None, "it is a symlink" if stat.S_ISLNK(mode) else "it is not a file or a directory"
+
+
+def find_target(cwd, homes, here=False, guarded=()):
+    """The project to mount: (target, subdir, repo, notes).
+
+    The work tree of the repository cwd is in (with --here, cwd itself),
+    else cwd. A .git on the way up counts only when git_repo_at() trusts it
+    and its repository may be mounted; any other is passed over with a line
+    in `notes`, so nothing the agent wrote ever chooses what is mounted.
+    Refused (Refused): see refusal(), and a git directory itself.
+    """
+    target, repo, notes = cwd, None, []
+    probe = cwd
+    while True:
+        found, problem = git_repo_at(probe)
+        refused = found and refusal(found.common, homes, guarded)
+        if refused:
+            problem = "its repository %s may not be mounted: %s" % (found.common, refused[0])
+        if problem:
+            notes.append("ignoring %s: %s" % (os.path.join(probe, ".git"), problem))
+        elif found:
+            target, repo = probe, found
+            break
+        parent = os.path.dirname(probe)
+        if here or parent == probe:
+            break
+        probe = parent
+    refused = refusal(target, homes, guarded)
+    if not refused and (".git" in target.split("/") or git_dir_problem(target, main=False) is None):
+        refused = "it is (inside) a git directory, not a work tree", "cd into the work tree"
+    if refused:
+        reason, hint = refused
+        if hint is None:
+            hint = ("use --here to mount only the current directory"
+                    if cwd != target and not any(is_within(home, cwd) for home in homes)
+                    else "cd into a project directory")
+        raise Refused("refusing to mount %s: %s; %s" % (target, reason, hint))
     subdir = os.path.relpath(cwd, target) if cwd != target else ""
-    return target, subdir
+    return target, subdir, repo, notes
 
 
 def shadows_the_image(path, container_home=None):
@@ -662,6 +864,11 @@ def mount_point(target, container_home, mount_at=""):
     return target
 
 
+def inside_path(host_path, target, point):
+    """Where a host path in the project appears inside."""
+    return os.path.normpath(os.path.join(point, os.path.relpath(host_path, target)))
+
+
 def csv_field(text):
     """One field of docker's --mount value, which docker parses as CSV."""
     if any(char in text for char in ',"\r\n') or text != text.strip():
@@ -674,71 +881,1029 @@ def mount_spec(source, destination):
                     ("type=bind", "source=" + source, "target=" + destination))
 
 
-# Files in a project that the host runs by itself (direnv, editors): the
-# agent may change them, the user should hear of it.
-HOST_RUN_PATHS = (".envrc", ".vscode", ".devcontainer", ".idea")
-CREDENTIAL_URL = re.compile(r"^\s*(?:push)?url\s*=\s*[a-z+.-]+://([^/@\s]+)@", re.I | re.M)
+class ProjectScan:
+    """One `find` over the project, started at once and read later (so it
+    overlaps other work): C speed, never into another file system, nor into
+    the .git a run replaces with its own. Unreadable paths are passed over."""
+
+    def __init__(self, target, predicate, skip_git):
+        self.target = target
+        argv = ["find", ".", "-xdev"] + (["-path", "./.git", "-prune", "-o"] if skip_git else [])
+        argv += ["("] + predicate + [")", "-print0"]
+        try:
+            self.proc = subprocess.Popen(argv, cwd=target, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL)
+        except OSError as err:
+            raise PiError("cannot look through %s with find: %s" % (target, err.strerror))
+
+    def results(self):
+        """[(relative path, lstat)] of what matched (and still exists)."""
+        out = self.proc.communicate()[0]
+        found = []
+        for raw in out.split(b"\0"):
+            if raw.startswith(b"./"):
+                path = os.fsdecode(raw[2:])
+                try:
+                    found.append((path, os.lstat(os.path.join(self.target, path))))
+                except OSError:
+                    pass
+        return found
 
 
-def git_dirs(target):
-    """(git dir, common dir) of the repository at target, or None.
-    A worktree's .git is a file naming its git dir inside the common one."""
-    dot = os.path.join(target, ".git")
-    if os.path.isdir(dot):
-        return dot, dot
+# Pre-run: what a run must know (git directories to protect, sockets).
+SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s"]
+
+
+def scan_after(uid):
+    """Post-run: git directories and files, and what is privileged."""
+    return ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "b", "-o", "-type", "c",
+            "-o", "-perm", "-4000", "-o", "-perm", "-2000", "-o", "!", "-user", str(uid)]
+
+
+def looks_like_git_dir(path):
+    """What git's discovery would take for a git directory (HEAD beside
+    objects/ and refs/, or a worktree's commondir): cd there, and a shell
+    prompt's git status reads its config."""
+    return os.path.lexists(os.path.join(path, "HEAD")) and (
+        os.path.lexists(os.path.join(path, "commondir")) or
+        (os.path.lexists(os.path.join(path, "objects")) and
+         os.path.lexists(os.path.join(path, "refs"))))
+
+
+def git_entries(target, found):
+    """From a scan: the git directories inside the project ({relative path:
+    (dev, ino)}) and the .git files ({relative path: (dev, ino, ctime)})."""
+    dirs, files = {}, {}
+    for path, info in found:
+        name, parent = os.path.basename(path), os.path.dirname(path)
+        if name == "HEAD" and parent and looks_like_git_dir(os.path.join(target, parent)):
+            try:
+                parent_info = os.lstat(os.path.join(target, parent))
+            except OSError:
+                continue
+            dirs[parent] = (parent_info.st_dev, parent_info.st_ino)
+        elif name == ".git" and not stat.S_ISDIR(info.st_mode):
+            files[path] = (info.st_dev, info.st_ino, info.st_ctime_ns)
+    return dirs, files
+
+
+def outermost(paths):
+    """The paths not inside another of them."""
+    kept = []
+    for path in sorted(paths):
+        if not any(is_within(path, other) for other in kept):
+            kept.append(path)
+    return kept
+
+
+# ----------------------------------------------------------- the git gate
+#
+# The host's git directory is never mounted. A run gets a private one in its
+# run directory, seeded from the host's (HEAD, refs, index, config; the
+# host's objects read-only, as alternates), mounted where the agent expects
+# .git, a mount point it cannot rename. After the run, what the agent did
+# comes back as data: its new objects copied out without following a link
+# and verified on the way in (index-pack --strict), refs moved compare-and-
+# swap, HEAD, the index and a merge in progress following. Host git never
+# reads a file the agent wrote as its configuration, hooks or git directory.
+
+GATE_DIR = "git"             # in the run directory: the private git directory
+GATE_FILE = "gitfile"        # a linked worktree's .git inside: "gitdir: <the gate>"
+GATE_OBJECTS = "objects"     # where the host's objects are mounted (read-only)
+RUN_RECORD = "run.json"      # what the run found and seeded, for whoever ends it
+KEPT_DIR = "kept"            # in the state directory: git data that could not come back
+# Files of an operation in progress that are data (object IDs, a message):
+# they travel both ways. A rebase's todo list runs commands: never carried.
+GIT_STATE_FILES = ("MERGE_HEAD", "MERGE_MSG", "MERGE_MODE", "CHERRY_PICK_HEAD", "REVERT_HEAD",
+                   "ORIG_HEAD")
+OID_RE = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+ZERO_OID = "0" * 40
+# A run refuses a project with more git directories than this inside: each
+# is mounted read-only (use --here in a part of it).
+MAX_NESTED_GIT = 100
+
+
+def valid_refname(name):
+    """git check-ref-format's rules, for a full name under refs/."""
+    if not name.startswith("refs/") or name.endswith((".", "/")) or ".." in name \
+            or "@{" in name:
+        return False
+    for part in name.split("/"):
+        if not part or part.startswith(".") or part.endswith(".lock"):
+            return False
+        if any(char < " " or char in "\x7f ~^:?*[\\" for char in part):
+            return False
+    return True
+
+
+def ref_value(data):
+    """An object ID or 'ref: TARGET' from a loose ref's (or HEAD's) bytes."""
+    text = (data or b"").decode("utf-8", "replace").strip()
+    if OID_RE.fullmatch(text):
+        return text
+    if text.startswith("ref: ") and valid_refname(text[5:].strip()):
+        return "ref: " + text[5:].strip()
+    return None
+
+
+def open_dir(name, dir_fd=None):
+    """A directory's fd, never through a symlink (nor a non-directory)."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+def read_ref_store(dir_fd):
+    """{refname: value} of a files-backend ref store: packed-refs, then the
+    loose refs over them; a symbolic ref's value is 'ref: TARGET'. Only
+    plain files and directories are read (never a link), with limits."""
+    refs = {}
+    for line in (read_regular("packed-refs", 256 << 20, dir_fd=dir_fd) or b"").splitlines():
+        oid, _, name = line.decode("utf-8", "replace").partition(" ")
+        if OID_RE.fullmatch(oid) and valid_refname(name):
+            refs[name] = oid
     try:
-        with open(dot, encoding="utf-8") as handle:
-            text = handle.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not text.startswith("gitdir:"):
-        return None
-    gitdir = os.path.normpath(os.path.join(target, text[len("gitdir:"):].strip()))
-    try:
-        with open(os.path.join(gitdir, "commondir"), encoding="utf-8") as handle:
-            common = os.path.normpath(os.path.join(gitdir, handle.read().strip()))
+        top = open_dir("refs", dir_fd)
     except OSError:
-        common = gitdir
-    return gitdir, common
+        return refs
+    pending, budget = [(top, "refs/", 0)], [100000]
+    while pending:
+        fd, prefix, depth = pending.pop()
+        try:
+            for entry in os.scandir(fd):
+                budget[0] -= 1
+                if budget[0] < 0:
+                    break
+                if entry.is_dir(follow_symlinks=False) and depth < 32:
+                    try:
+                        pending.append((open_dir(entry.name, fd), prefix + entry.name + "/",
+                                        depth + 1))
+                    except OSError:
+                        pass
+                elif entry.is_file(follow_symlinks=False) and valid_refname(prefix + entry.name):
+                    value = ref_value(read_regular(entry.name, 4096, dir_fd=fd))
+                    if value:
+                        refs[prefix + entry.name] = value
+        finally:
+            os.close(fd)
+    return refs
 
 
-def git_config_text(common):
+def read_head(dir_fd):
+    return ref_value(read_regular("HEAD", 4096, dir_fd=dir_fd))
+
+
+def host_git(repo_dir, *args, stdin=None, env=None, check=True):
+    """Host git on a repository pi-agent trusts, named explicitly (never
+    discovered), with none of the caller's GIT_* redirections."""
+    clean = {name: value for name, value in os.environ.items()
+             if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
+                                                        "GIT_CONFIG_NOSYSTEM", "GIT_EXEC_PATH")}
+    clean.update(env or {}, GIT_TERMINAL_PROMPT="0")
     try:
-        with open(os.path.join(common, "config"), encoding="utf-8", errors="replace") as handle:
-            return handle.read()
+        result = subprocess.run(["git", "--git-dir", repo_dir, *args], input=stdin, env=clean,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise PiError("git is not installed on this host", EXIT_NOT_FOUND)
+    if check and result.returncode != 0:
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        raise PiError("git %s failed: %s" % (args[0], lines[-1] if lines else "no message"))
+    return result
+
+
+# --- the index: read, checked, written back without what could hide a change
+
+class IndexEntry:
+    __slots__ = ("path", "stage", "stat", "mode", "oid", "flags", "extended")
+
+    def __init__(self, path, stage, stat_fields, mode, oid, flags, extended):
+        self.path, self.stage, self.stat, self.mode = path, stage, stat_fields, mode
+        self.oid, self.flags, self.extended = oid, flags, extended
+
+    def same_content(self, other):
+        return (self.path, self.stage, self.mode, self.oid) == \
+            (other.path, other.stage, other.mode, other.oid)
+
+
+INDEX_ASSUME_VALID = 0x8000
+INDEX_EXTENDED = 0x4000
+INDEX_SKIP_WORKTREE = 0x4000   # of the extended flags
+INDEX_INTENT_TO_ADD = 0x2000   # of the extended flags
+INDEX_MODES = (0o100644, 0o100755, 0o120000, 0o160000)
+
+
+def index_path_ok(path):
+    """A path git could check out without leaving the work tree or writing
+    into a .git (as git's own verify_path insists)."""
+    if not path or path.startswith(b"/") or path.endswith(b"/"):
+        return False
+    for part in path.split(b"/"):
+        folded = part.lower().rstrip(b". ")
+        if part in (b"", b".", b"..") or folded == b".git" or folded == b"git~1" \
+                or any(byte < 0x20 or byte == 0x7f for byte in part):
+            return False
+    return True
+
+
+def varint(data, pos):
+    """git's offset varint (index v4 path prefix lengths)."""
+    byte = data[pos]
+    value = byte & 127
+    pos += 1
+    while byte & 128:
+        byte = data[pos]
+        value = ((value + 1) << 7) | (byte & 127)
+        pos += 1
+    return value, pos
+
+
+def parse_index(data, hash_len):
+    """The entries of a git index (versions 2 to 4), checked: its checksum,
+    sort order, modes and paths. Required extensions (a split or sparse
+    index) are refused; optional ones dropped. ValueError if anything is
+    off."""
+    import hashlib
+    if len(data) < 12 + hash_len or data[:4] != b"DIRC":
+        raise ValueError("not an index file")
+    digest = data[-hash_len:]
+    algorithm = "sha1" if hash_len == 20 else "sha256"
+    if digest != bytes(hash_len) and hashlib.new(algorithm, data[:-hash_len]).digest() != digest:
+        raise ValueError("its checksum is wrong")
+    version, count = struct.unpack_from(">LL", data, 4)
+    if version not in (2, 3, 4):
+        raise ValueError("index version %d" % version)
+    entries, pos, previous, fixed = [], 12, b"", 40 + hash_len + 2
+    end_of_entries = len(data) - hash_len
+    for _ in range(count):
+        start = pos
+        fields = struct.unpack_from(">10L", data, pos)
+        oid = data[pos + 40:pos + 40 + hash_len].hex()
+        flags, = struct.unpack_from(">H", data, pos + 40 + hash_len)
+        pos += fixed
+        extended = 0
+        if flags & INDEX_EXTENDED:
+            if version < 3:
+                raise ValueError("extended flags in a version 2 index")
+            extended, = struct.unpack_from(">H", data, pos)
+            pos += 2
+        if version == 4:
+            strip, pos = varint(data, pos)
+            end = data.index(b"\0", pos)
+            if strip > len(previous):
+                raise ValueError("a bad path prefix")
+            path = previous[:len(previous) - strip] + data[pos:end]
+            pos = end + 1
+        else:
+            end = data.index(b"\0", pos)
+            path = data[pos:end]
+            pos = start + ((end - start + 8) & ~7)
+        if pos > end_of_entries:
+            raise ValueError("it is truncated")
+        mode = fields[6]
+        if mode not in INDEX_MODES:
+            raise ValueError("an entry of mode %o (a sparse index?)" % mode)
+        if not index_path_ok(path):
+            raise ValueError("a path git would refuse: %r" % path)
+        stage = (flags >> 12) & 3
+        if entries and (entries[-1].path, entries[-1].stage) >= (path, stage):
+            raise ValueError("its entries are out of order")
+        entries.append(IndexEntry(path, stage, fields[:6] + fields[7:], mode, oid,
+                                  flags & INDEX_ASSUME_VALID, extended))
+        previous = path
+    while pos + 8 <= end_of_entries:
+        signature = data[pos:pos + 4]
+        size, = struct.unpack_from(">L", data, pos + 4)
+        if not b"A" <= signature[:1] <= b"Z":
+            raise ValueError("a %s extension" % signature.decode("ascii", "replace"))
+        pos += 8 + size
+    return entries
+
+
+def write_index(entries, hash_len):
+    """A version 2 index (3 when an entry needs extended flags) of `entries`,
+    with no extension: git rebuilds its caches itself."""
+    import hashlib
+    version = 3 if any(entry.extended for entry in entries) else 2
+    out = [struct.pack(">4sLL", b"DIRC", version, len(entries))]
+    fixed = 40 + hash_len + 2
+    for entry in entries:
+        flags = entry.flags | (entry.stage << 12) | min(len(entry.path), 0xFFF) | (
+            INDEX_EXTENDED if entry.extended else 0)
+        fields = entry.stat[:6] + (entry.mode,) + entry.stat[6:]
+        record = struct.pack(">10L", *fields) + bytes.fromhex(entry.oid) + struct.pack(">H", flags)
+        if entry.extended:
+            record += struct.pack(">H", entry.extended)
+        length = fixed + (2 if entry.extended else 0) + len(entry.path)
+        out.append(record + entry.path + b"\0" * (((length + 8) & ~7) - length))
+    body = b"".join(out)
+    return body + hashlib.new("sha1" if hash_len == 20 else "sha256", body).digest()
+
+
+def sanitized_entries(agent, host):
+    """The agent's index, made unable to hide a change from host git: an
+    entry the host had as it is keeps the host's stat data and flags; any
+    other gets none (git compares its content with the file's) and loses
+    assume-unchanged and skip-worktree. None when nothing staged differs."""
+    known = {(entry.path, entry.stage): entry for entry in host}
+    merged, differs = [], len(agent) != len(host)
+    for entry in agent:
+        before = known.get((entry.path, entry.stage))
+        if before is not None and before.same_content(entry) and \
+                (entry.extended & INDEX_INTENT_TO_ADD) == (before.extended & INDEX_INTENT_TO_ADD):
+            merged.append(before)
+            continue
+        differs = True
+        merged.append(IndexEntry(entry.path, entry.stage, (0,) * 9, entry.mode, entry.oid, 0,
+                                 entry.extended & INDEX_INTENT_TO_ADD))
+    return merged if differs else None
+
+
+# --- seeding: the private git directory, from the host's (read, never written)
+
+def config_quote(value):
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def gate_config(host_text, point, identity):
+    """The private git directory's config: the host repository's (remotes,
+    branches, format), then what makes commits inside the agent's own and
+    keeps git from running or repacking anything of the host's."""
+    name, email = identity
+    who = "\tname = %s\n\temail = %s\n" % (config_quote(name), config_quote(email))
+    return (host_text.rstrip("\n") + "\n# pi-agent: the agent's own commits, whatever is above\n"
+            "[core]\n\tfsmonitor = false\n\tworktree = %s\n"
+            "[user]\n%s[author]\n%s[committer]\n%s"
+            "[commit]\n\tgpgsign = false\n[tag]\n\tgpgsign = false\n"
+            "[gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n"
+            % (config_quote(point), who, who, who))
+
+
+def write_file(path, data, mode=0o644):
+    """A new file (never through an existing one or a link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def copy_tree_files(source, dest, skip=lambda name: False):
+    """The plain files of a host directory (one level), as copies."""
+    try:
+        names = sorted(os.listdir(source))
     except OSError:
-        return ""
+        return
+    for name in names:
+        data = None if skip(name) else read_regular(os.path.join(source, name), 16 << 20)
+        if data is not None:
+            mode = os.lstat(os.path.join(source, name)).st_mode & 0o755
+            write_file(os.path.join(dest, name), data, mode)
 
 
-def inside_path(host_path, target, point):
-    """Where a host path appears inside, given the project's mount."""
-    if is_within(host_path, target):
-        return os.path.normpath(os.path.join(point, os.path.relpath(host_path, target)))
-    return host_path
+def seed_gate(run_dir, record, identity):
+    """Make the run's private git directory (GATE_DIR), and record what it
+    was seeded with. For a project that is not a repository it starts empty,
+    and the project gets the empty .git a mount point needs (the hand-back
+    removes it again unless the agent made a repository)."""
+    gate = os.path.join(run_dir, GATE_DIR)
+    os.mkdir(gate, 0o755)
+    repo = record["repo"]
+    if repo is None:
+        dot = os.path.join(record["target"], ".git")
+        if not os.path.lexists(dot):
+            os.mkdir(dot, 0o755)
+            record["made_dot"] = True
+        return
+    gitdir, common = repo["gitdir"], repo["common"]
+    for sub in ("objects", "objects/info", "objects/pack", "refs", "refs/heads", "refs/tags",
+                "info", "hooks"):
+        os.mkdir(os.path.join(gate, sub), 0o755)
+    head = read_regular(os.path.join(gitdir, "HEAD"), 4096)
+    record["head"] = ref_value(head)
+    write_file(os.path.join(gate, "HEAD"), head or b"ref: refs/heads/main\n")
+    fd = open_dir(common)
+    try:
+        refs = read_ref_store(fd)
+    finally:
+        os.close(fd)
+    record["refs"] = refs
+    packed = ["# pack-refs with: sorted \n"]
+    for name in sorted(refs):
+        if refs[name].startswith("ref: "):
+            path = os.path.join(gate, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_file(path, (refs[name] + "\n").encode())
+        else:
+            packed.append("%s %s\n" % (refs[name], name))
+    write_file(os.path.join(gate, "packed-refs"), "".join(packed).encode())
+    index = os.path.join(gitdir, "index")
+    try:
+        info = os.lstat(index)
+        record["index"] = [info.st_size, info.st_mtime_ns, info.st_ino]
+    except OSError:
+        record["index"] = None
+    data = read_regular(index, 1 << 30) if record["index"] else None
+    if data is not None:
+        write_file(os.path.join(gate, "index"), data)
+        info = os.lstat(os.path.join(gate, "index"))
+        record["gate_index"] = [info.st_size, info.st_mtime_ns]
+    copy_tree_files(gitdir, gate, skip=lambda name: not name.startswith("sharedindex."))
+    config = read_regular(os.path.join(common, "config"), 4 << 20) or b""
+    if repo["linked"]:
+        config += b"\n" + (read_regular(os.path.join(gitdir, "config.worktree"), 4 << 20) or b"")
+    text = gate_config(config.decode("utf-8", "surrogateescape"), record["point"], identity)
+    write_file(os.path.join(gate, "config"), text.encode("utf-8", "surrogateescape"))
+    record["gate_config"] = text
+    for name in ("exclude", "attributes", "sparse-checkout"):
+        data = read_regular(os.path.join(gitdir if name == "sparse-checkout" else common,
+                                         "info", name), 16 << 20)
+        if data is not None:
+            write_file(os.path.join(gate, "info", name), data)
+    copy_tree_files(os.path.join(common, "hooks"), os.path.join(gate, "hooks"),
+                    skip=lambda name: name.endswith(".sample"))
+    for name in ("shallow",) + GIT_STATE_FILES:
+        data = read_regular(os.path.join(common if name == "shallow" else gitdir, name), 16 << 20)
+        if data is not None:
+            write_file(os.path.join(gate, name), data)
+        if name != "shallow":
+            record["state"][name] = None if data is None else data.decode("utf-8", "replace")
+    write_file(os.path.join(gate, "objects", "info", "alternates"),
+               (RUN_DIR_INSIDE + "/" + GATE_OBJECTS + "\n").encode())
+    os.mkdir(os.path.join(run_dir, GATE_OBJECTS), 0o755)
+    if repo["modules"]:
+        os.mkdir(os.path.join(gate, "modules"), 0o755)
+    if repo["linked"]:
+        write_file(os.path.join(run_dir, GATE_FILE),
+                   ("gitdir: %s/%s\n" % (RUN_DIR_INSIDE, GATE_DIR)).encode())
 
 
-def git_mounts(target, point, dirs):
-    """Extra mounts that keep the host's git from running what the agent
-    writes: hooks and config read-only (a worktree's common dir, outside the
-    project, is mounted too, so git works inside). [(source, dest, ro)]"""
-    if not dirs:
+def gate_mounts(record, run_dir):
+    """[(source, destination inside, read-only)] that put the private git
+    directory where the agent expects .git, the host's objects under it
+    (read-only) and the submodules' git directories (read-only: a submodule
+    can be read and built inside, not committed to)."""
+    if not record.get("gated"):
         return []
-    gitdir, common = dirs
-    mounts = []
-    if not is_within(common, target):
-        mounts.append((common, common, False))
-    hooks = os.path.join(common, "hooks")
-    try:
-        os.makedirs(hooks, exist_ok=True)  # as git init would: else the agent could make it
-    except OSError:
-        pass
-    protected = [hooks, os.path.join(common, "config")]
-    if gitdir != common:
-        protected.append(os.path.join(gitdir, "config.worktree"))
-    for path in protected:
-        if os.path.exists(path):
-            mounts.append((path, inside_path(path, target, point), True))
+    gate, dot = os.path.join(run_dir, GATE_DIR), os.path.join(record["point"], ".git")
+    repo = record["repo"]
+    if repo is None:
+        return [(gate, dot, False)]
+    inside = RUN_DIR_INSIDE + "/" + GATE_DIR if repo["linked"] else dot
+    mounts = [(os.path.join(run_dir, GATE_FILE), dot, True), (gate, inside, False)] \
+        if repo["linked"] else [(gate, dot, False)]
+    mounts.append((os.path.join(repo["common"], "objects"), RUN_DIR_INSIDE + "/" + GATE_OBJECTS,
+                   True))
+    if repo["modules"]:
+        mounts.append((os.path.join(repo["gitdir"], "modules"), inside + "/modules", True))
     return mounts
+
+
+# --- the hand-back: what the agent did to git, brought back as data
+
+def copy_objects(gate_fd, dest):
+    """Copy the agent's loose objects and packs out of its git directory,
+    reading only plain files through directories that are not links.
+    Returns how many files were copied."""
+    copied = 0
+    try:
+        objects = open_dir("objects", gate_fd)
+    except OSError:
+        return 0
+    try:
+        for entry in os.scandir(objects):
+            if re.fullmatch(r"[0-9a-f]{2}", entry.name):
+                pattern, sub = r"[0-9a-f]{38}(?:[0-9a-f]{24})?", entry.name
+            elif entry.name == "pack":
+                pattern, sub = r"pack-[0-9a-f]{40,64}\.(?:pack|idx)", "pack"
+            else:
+                continue
+            try:
+                fd = open_dir(entry.name, objects)
+            except OSError:
+                continue
+            try:
+                for item in os.scandir(fd):
+                    if not re.fullmatch(pattern, item.name):
+                        continue
+                    data = read_regular(item.name, 1 << 40, dir_fd=fd)
+                    if data is not None:
+                        os.makedirs(os.path.join(dest, sub), exist_ok=True)
+                        write_file(os.path.join(dest, sub, item.name), data)
+                        copied += 1
+            finally:
+                os.close(fd)
+    finally:
+        os.close(objects)
+    return copied
+
+
+def import_objects(gitdir, incoming, wanted, have):
+    """Into the host repository: the objects reachable from `wanted` and
+    not from `have`, packed by host git from the copied ones, then checked
+    object by object and for completeness (index-pack --strict)."""
+    revs = "".join(oid + "\n" for oid in sorted(wanted)) + "--not\n" + \
+        "".join(oid + "\n" for oid in sorted(have))
+    packed = host_git(gitdir, "pack-objects", "--revs", "--stdout", "-q", stdin=revs.encode(),
+                      env={"GIT_ALTERNATE_OBJECT_DIRECTORIES": incoming})
+    host_git(gitdir, "index-pack", "--stdin", "--strict", stdin=packed.stdout)
+
+
+def adopt_repository(record, gate_fd):
+    """The agent made a repository in a project that had none: host git
+    makes a clean one there (host git's own config and hooks) for what
+    comes back. Returns its GitRepo record, or None with a note."""
+    dot = os.path.join(record["target"], ".git")
+    try:
+        empty = stat.S_ISDIR(os.lstat(dot).st_mode) and not os.listdir(dot)
+    except OSError:
+        empty = False
+    if not empty:
+        record["notes"].append("the agent made a git repository, but %s is in the way: it was "
+                               "not brought back" % dot)
+        return None
+    agent_config = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8",
+                                                                                  "replace")
+    sha256 = re.search(r"^\s*objectformat\s*=\s*sha256\s*$", agent_config, re.I | re.M)
+    host_git(dot, "init", "-q", *(["--object-format=sha256"] if sha256 else []), record["target"])
+    fd = open_dir(dot)
+    try:
+        record["head"] = read_head(fd)
+    finally:
+        os.close(fd)
+    record["repo"] = {"gitdir": dot, "common": dot, "linked": False, "modules": False}
+    record["format"] = "sha256" if sha256 else "sha1"
+    record["gate_config"] = ""
+    return record["repo"]
+
+
+def branches_checked_out_elsewhere(repo):
+    """Branches that another work tree of the repository has checked out:
+    moving one under it would leave that work tree wrong."""
+    heads = [os.path.join(repo["common"], "HEAD")] if repo["linked"] else []
+    try:
+        names = os.listdir(os.path.join(repo["common"], "worktrees"))
+    except OSError:
+        names = []
+    heads += [os.path.join(repo["common"], "worktrees", name, "HEAD") for name in names]
+    elsewhere = set()
+    for path in heads:
+        value = ref_value(read_regular(path, 4096))
+        if path != os.path.join(repo["gitdir"], "HEAD") and value and value.startswith("ref: "):
+            elsewhere.add(value[5:])
+    return elsewhere
+
+
+def ref_updates(record, agent_refs, host_refs, elsewhere):
+    """The update-ref --stdin lines for the agent's ref changes, and notes.
+    Compare-and-swap against what the run started from: a ref the user
+    moved meanwhile (or checked out in another work tree) is not touched,
+    and the agent's version goes under refs/pi-agent/<run>/."""
+    seeded, lines, notes = record["refs"], [], []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(record["started"]))
+    for name in sorted(set(seeded) | set(agent_refs)):
+        old, new = seeded.get(name), agent_refs.get(name)
+        if old == new or name.startswith("refs/pi-agent/"):
+            continue
+        if (old or "").startswith("ref: ") or (new or "").startswith("ref: "):
+            notes.append("the agent changed the symbolic ref %s; that is not brought back" % name)
+            continue
+        current = host_refs.get(name)
+        if current == new:
+            continue
+        if current != old or (new and name in elsewhere):
+            if new:
+                kept = "refs/pi-agent/%s/%s" % (stamp, name[len("refs/"):])
+                lines.append("create %s %s" % (kept, new))
+                notes.append("%s moved on the host during the run (or is checked out elsewhere); "
+                             "the agent's is kept as %s" % (name, kept))
+            else:
+                notes.append("the agent deleted %s, which moved on the host meanwhile: kept" % name)
+        elif new is None:
+            lines.append("delete %s %s" % (name, old))
+            notes.append("the agent deleted %s (it was %s)" % (name, old[:12]))
+        elif old is None:
+            lines.append("create %s %s" % (name, new))
+        else:
+            lines.append("update %s %s %s" % (name, new, old))
+    return lines, notes
+
+
+def apply_index(record, repo, gate_fd, hash_len, wanted):
+    """The agent's staging area, sanitized, as the host's index: only if
+    the host's is as the run found it (else the user's staging wins), and
+    under git's own index.lock. Adds the objects it needs to `wanted`;
+    returns the bytes to write, or None."""
+    try:
+        info = os.stat("index", dir_fd=gate_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    if [info.st_size, info.st_mtime_ns] == record.get("gate_index"):
+        return None
+    host_path = os.path.join(repo["gitdir"], "index")
+    try:
+        now = os.lstat(host_path)
+        host_now = [now.st_size, now.st_mtime_ns, now.st_ino]
+    except OSError:
+        host_now = None
+    if host_now != record.get("index"):
+        record["notes"].append("the staging area (index) changed on the host during the run: "
+                               "yours stays, and what the agent staged is not applied")
+        return None
+    try:
+        agent = parse_index(read_regular("index", 1 << 30, dir_fd=gate_fd) or b"", hash_len)
+        host = parse_index(read_regular(host_path, 1 << 30) or b"", hash_len) \
+            if host_now else []
+    except ValueError as err:
+        record["notes"].append("the agent's staging area (index) is not applied: %s" % err)
+        return None
+    merged = sanitized_entries(agent, host)
+    if merged is None:
+        return None
+    wanted.update(entry.oid for entry in merged if entry.stat == (0,) * 9
+                  and entry.mode != 0o160000)
+    return write_index(merged, hash_len)
+
+
+def write_host_index(repo, data, record):
+    """Replace the host's index the way git does: through index.lock."""
+    path = os.path.join(repo["gitdir"], "index")
+    try:
+        fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        record["notes"].append("%s.lock exists (a git command is running?): the agent's staging "
+                               "area is not applied" % path)
+        return
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(path + ".lock", path)
+
+
+def state_file_ok(name, text):
+    if name in ("MERGE_MSG", "MERGE_MODE"):
+        return True
+    lines = text.split()
+    return bool(lines) and all(OID_RE.fullmatch(oid) for oid in lines)
+
+
+def apply_state_files(record, repo, agent_state):
+    """A merge (or cherry-pick, revert) the agent finished or started: the
+    host's files follow, unless the user changed them meanwhile."""
+    for name in GIT_STATE_FILES:
+        before, after = record["state"].get(name), agent_state.get(name)
+        if before == after:
+            continue
+        path = os.path.join(repo["gitdir"], name)
+        now = read_regular(path, 16 << 20)
+        if (None if now is None else now.decode("utf-8", "replace")) != before:
+            record["notes"].append("%s changed on the host during the run: yours stays" % name)
+        elif after is None:
+            os.remove(path)
+        elif state_file_ok(name, after):
+            temp = "%s.pi-agent-%d" % (path, os.getpid())
+            write_file(temp, after.encode())
+            os.replace(temp, path)
+
+
+def keep_gate(run_dir, gate, record, why):
+    """Git data that could not come back is kept, not lost."""
+    kept = os.path.join(os.path.dirname(os.path.dirname(run_dir)), KEPT_DIR,
+                        os.path.basename(run_dir))
+    try:
+        os.makedirs(os.path.dirname(kept), mode=0o700, exist_ok=True)
+        os.rename(gate, kept)
+        where = "it is kept in %s (an agent-made git directory: read, do not run git there)" % kept
+    except OSError:
+        where = "it could not be kept"
+    record["notes"].append("the agent's git work could not be brought back (%s); %s"
+                           % (why, where))
+
+
+def hand_back_git(run_dir, record):
+    """What the agent did to git, brought back as data (see above); notes
+    for the user go to record["notes"]. Safe to repeat: whoever ends the
+    run (the wrapper, the saver, recovery) does it, and a second time
+    changes nothing."""
+    gate = os.path.join(run_dir, GATE_DIR)
+    try:
+        gate_fd = open_dir(gate)
+    except OSError:
+        return
+    try:
+        head = read_head(gate_fd)
+        repo = record["repo"]
+        if repo is None:
+            if head is None:
+                return
+            record["refs"], record["state"] = {}, {}
+            repo = adopt_repository(record, gate_fd)
+            if repo is None:
+                return
+        agent_refs = read_ref_store(gate_fd)
+        agent_state = {}
+        for name in GIT_STATE_FILES:
+            data = read_regular(name, 16 << 20, dir_fd=gate_fd)
+            agent_state[name] = None if data is None else data.decode("utf-8", "replace")
+        hash_len = 32 if record.get("format") == "sha256" else 20
+        wanted = {oid for name, oid in agent_refs.items()
+                  if record["refs"].get(name) != oid and OID_RE.fullmatch(oid)}
+        if head and OID_RE.fullmatch(head):
+            wanted.add(head)
+        for name, text in agent_state.items():
+            if text and name not in ("MERGE_MSG", "MERGE_MODE"):
+                wanted.update(oid for oid in text.split() if OID_RE.fullmatch(oid))
+        index = apply_index(record, repo, gate_fd, hash_len, wanted)
+        have = {oid for oid in record["refs"].values() if OID_RE.fullmatch(oid)}
+        incoming = os.path.join(run_dir, "incoming")
+        if wanted - have and copy_objects(gate_fd, incoming):
+            try:
+                import_objects(repo["gitdir"], incoming, wanted, have)
+            except PiError as err:
+                keep_gate(run_dir, gate, record, err)
+                return
+        move_refs(record, repo, agent_refs, head)
+        if index is not None:
+            write_host_index(repo, index, record)
+        apply_state_files(record, repo, agent_state)
+        keep_agent_config(record, repo, gate_fd)
+    finally:
+        os.close(gate_fd)
+
+
+def move_refs(record, repo, agent_refs, head):
+    """The agent's ref changes, then HEAD, through host git (its reflogs
+    say pi-agent)."""
+    message = "pi-agent: %s in %s" % (record["kind"], record["container"])
+    fd = open_dir(repo["common"])
+    try:
+        host_refs = read_ref_store(fd)
+    finally:
+        os.close(fd)
+    lines, notes = ref_updates(record, agent_refs, host_refs,
+                               branches_checked_out_elsewhere(repo))
+    record["notes"].extend(notes)
+    try:
+        if lines:
+            host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
+                     stdin="".join(line + "\n" for line in lines).encode())
+        if head is None or head == record["head"]:
+            return
+        now = ref_value(read_regular(os.path.join(repo["gitdir"], "HEAD"), 4096))
+        if now != record["head"]:
+            record["notes"].append("HEAD changed on the host during the run: it stays (the "
+                                   "agent's was %s)" % head)
+        elif head.startswith("ref: refs/heads/"):
+            host_git(repo["gitdir"], "symbolic-ref", "-m", message, "HEAD", head[5:])
+        elif OID_RE.fullmatch(head):
+            host_git(repo["gitdir"], "update-ref", "--no-deref", "-m", message, "HEAD", head)
+    except PiError as err:
+        record["notes"].append("the agent's branches could not all be moved: %s" % err)
+
+
+def keep_agent_config(record, repo, gate_fd):
+    """The agent's own git settings (remotes it added, say) stay its own;
+    a copy is left where the user can read it, never where git reads it."""
+    text = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8", "replace")
+    if not text or text == record.get("gate_config"):
+        return
+    path = os.path.join(repo["gitdir"], "pi-agent", "agent-config")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = "%s.%d" % (path, os.getpid())
+        write_file(temp, text.encode())
+        os.replace(temp, path)
+    except OSError:
+        return
+    record["notes"].append("the agent changed its git config (remotes, settings); yours is "
+                           "unchanged, and its version is in %s" % path)
+
+
+# ------------------------------------------------- before and after a run
+
+def guarded_dirs(config):
+    """pi-agent's own directories: no project may hold (or be inside) one,
+    or the agent could rewrite what the host runs next."""
+    return [os.path.realpath(path) for path in (HERE, config.state_dir,
+                                                os.path.dirname(config.path))]
+
+
+def start_config_listing(repo):
+    """Host git's own list of the configuration it reads for the repository
+    (each value with the file it came from), started now, read later."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("GIT_")
+             or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CONFIG_NOSYSTEM")}
+    try:
+        return subprocess.Popen(["git", "--git-dir", repo.gitdir, "config", "--list",
+                                 "--show-origin", "-z"], env=clean, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def config_facts(listing, target):
+    """From that listing: the object format, and the paths host git reads
+    as configuration or runs as hooks that lie in the project (outside its
+    .git): files it included, a core.hooksPath there. The agent must not
+    write those: they are mounted read-only, and must exist (else the
+    agent could create them)."""
+    facts = {"format": "sha1", "protected": []}
+    if listing is None:
+        return facts
+    out = listing.communicate()[0].decode("utf-8", "surrogateescape")
+    files, hooks = set(), None
+    fields = out.split("\0")
+    for origin, pair in zip(fields[0::2], fields[1::2]):
+        key, _, value = pair.partition("\n")
+        key = key.lower()
+        source = origin[len("file:"):] if origin.startswith("file:") else None
+        if source:
+            files.add(os.path.normpath(os.path.join(target, source)))
+        if key == "extensions.objectformat":
+            facts["format"] = value.strip().lower()
+        elif key == "extensions.refstorage" and value.strip().lower() != "files":
+            raise Refused("the repository in %s keeps its refs in %s, which pi-agent cannot "
+                          "read yet" % (target, value.strip()))
+        elif re.fullmatch(r"include(?:if\..*)?\.path", key) and source:
+            files.add(os.path.normpath(os.path.join(os.path.dirname(source),
+                                                    os.path.expanduser(value))))
+        elif key == "core.hookspath":
+            hooks = os.path.normpath(os.path.join(target, os.path.expanduser(value)))
+    git_dir = os.path.join(target, ".git")
+    for path in sorted(files) + ([hooks] if hooks else []):
+        if not is_within(path, target) or is_within(path, git_dir):
+            continue
+        try:
+            info = os.lstat(path)
+        except OSError:
+            raise Refused("your git config %s %s, which does not exist in the project: the agent "
+                          "could create it; create it, or change the setting"
+                          % ("runs hooks from" if path == hooks else "includes", path))
+        if stat.S_ISLNK(info.st_mode):
+            raise Refused("your git config %s %s, a symbolic link in the project; make it a "
+                          "file, or change the setting"
+                          % ("runs hooks from" if path == hooks else "includes", path))
+        facts["protected"].append((path, info.st_dev, info.st_ino))
+    return facts
+
+
+class Project:
+    """The project as a run finds it, read before anything starts: where it
+    is, its repository, whether the run mounts a private .git there
+    (`gated`), the git directories and .git files already inside it (the
+    git directories are mounted read-only), what host git reads from it."""
+
+    def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
+                 git_files=None, protected=(), object_format="sha1"):
+        self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
+        self.gated, self.protected, self.format = gated, list(protected), object_format
+        self.git_dirs, self.git_files = git_dirs or {}, git_files or {}
+
+    @classmethod
+    def inspect(cls, config, cwd, here):
+        """Find and read the project; refusals (Refused) come from here,
+        with nothing changed."""
+        target, subdir, repo, notes = find_target(cwd, home_dirs(), here, guarded_dirs(config))
+        try:
+            gated = repo is not None or stat.S_ISDIR(os.lstat(os.path.join(target, ".git")).st_mode)
+        except OSError:
+            gated = True
+        scan = ProjectScan(target, SCAN_BEFORE, skip_git=gated)
+        listing = start_config_listing(repo) if repo else None
+        found = scan.results()
+        sockets = sorted(path for path, info in found if stat.S_ISSOCK(info.st_mode))
+        if sockets:
+            raise Refused("refusing to mount %s: it holds Unix sockets (%s), doors to programs "
+                          "on your host that the agent could use; stop what listens there or "
+                          "give it a socket outside the project" % (
+                              target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
+        git_dirs, git_files = git_entries(target, found)
+        facts = config_facts(listing, target)
+        if len(outermost(git_dirs)) > MAX_NESTED_GIT:
+            raise Refused("refusing to mount %s: it holds %d git repositories, each of which "
+                          "would be mounted read-only; cd into one and use --here"
+                          % (target, len(git_dirs)))
+        return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
+                   facts["format"])
+
+    def protect_mounts(self, point):
+        """Read-only mounts of what host git reads in the project: the git
+        directories inside it, and its config's files there."""
+        paths = [os.path.join(self.target, path) for path in outermost(self.git_dirs)]
+        paths += [path for path, _dev, _ino in self.protected]
+        return [(path, inside_path(path, self.target, point), True) for path in paths]
+
+
+def host_run_files(target, extra=()):
+    """{relative path: (size, mtime)} of the files the host runs by itself
+    (never following a link: the agent may have made one)."""
+    found = {}
+    for name in HOST_RUN_PATHS + tuple(extra):
+        top = os.path.join(target, name)
+        try:
+            info = os.lstat(top)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            found[name] = [info.st_size, info.st_mtime_ns]
+            continue
+        for dirpath, _dirnames, filenames in os.walk(top):
+            for filename in filenames:
+                path = os.path.join(dirpath, filename)
+                try:
+                    info = os.lstat(path)
+                except OSError:
+                    continue
+                found[os.path.relpath(path, target)] = [info.st_size, info.st_mtime_ns]
+            if len(found) > 5000:
+                return found
+    return found
+
+
+def changed_files(before, after):
+    return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+
+
+UNTRUSTED_SUFFIX = ".pi-agent-untrusted"
+
+
+def sweep_project(record, found):
+    """What a run left in the project that the host must not trust: git
+    directories and .git files that appeared (disarmed), and what is
+    privileged, newer than the run (setuid/setgid bits cleared, device
+    nodes removed). Returns (notes, paths only root can fix)."""
+    target, uid = record["target"], record["uid"]
+    since = int((record["started"] - 1) * 1e9)
+    trusted = {tuple(pair) for pair in record["git_dirs"]}
+    notes, for_root = [], []
+    for path, info in found:
+        full, name = os.path.join(target, path), os.path.basename(path)
+        try:
+            if name == "HEAD" and os.path.dirname(path):
+                parent = os.lstat(os.path.dirname(full))
+                if (parent.st_dev, parent.st_ino) not in trusted and \
+                        looks_like_git_dir(os.path.dirname(full)):
+                    os.replace(full, full + UNTRUSTED_SUFFIX)
+                    notes.append("disabled %s, a git directory made during the run (host git "
+                                 "would run its config and hooks): check them, then rename "
+                                 "HEAD%s back to HEAD" % (os.path.dirname(path), UNTRUSTED_SUFFIX))
+                    continue
+            if name == ".git" and not stat.S_ISDIR(info.st_mode) and \
+                    record["git_files"].get(path) != [info.st_dev, info.st_ino, info.st_ctime_ns]:
+                os.replace(full, full + UNTRUSTED_SUFFIX)
+                notes.append("disabled %s, a .git file written during the run (it could send host "
+                             "git to a directory of the agent's): it is now .git%s"
+                             % (path, UNTRUSTED_SUFFIX))
+                continue
+            if info.st_ctime_ns < since:
+                continue
+            if stat.S_ISBLK(info.st_mode) or stat.S_ISCHR(info.st_mode):
+                os.unlink(full)
+                notes.append("removed %s, a device node made during the run" % path)
+            elif info.st_uid != uid:
+                for_root.append(path)
+            elif info.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(info.st_mode):
+                os.chmod(full, stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                notes.append("cleared the setuid/setgid bit of %s" % path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            for_root.append(path)
+    return notes, for_root
+
+
+# Run as root in a container of REPO:base (never current: the agent's),
+# with only the project mounted: what the host user cannot do themselves.
+GIVE_BACK_SCRIPT = """cd "$1" || exit 1; owner=$2; shift 2
+for path do
+  find "./$path" -xdev \\( -type b -o -type c \\) -exec rm -f {} +
+  if [ -e "./$path" ] || [ -L "./$path" ]; then
+    chown -hR "$owner" "./$path"
+    find "./$path" -xdev ! -type l ! -type d \\( -perm -4000 -o -perm -2000 \\) -exec chmod ug-s {} +
+  fi
+done"""
+
+
+def give_back(line, root, paths, uid, gid):
+    """Give `paths` (relative to root) back to the user, as root: device
+    nodes removed, owner the user, no setuid/setgid bit. Returns notes."""
+    base = inspect_image(line.base)
+    if base is None:
+        return ["%s is not yours and could not be given back (%s is missing); run: sudo chown "
+                "-R %d:%d %s" % (path, line.base, uid, gid, os.path.join(root, path))
+                for path in paths]
+    docker("run", "--rm", "--network", "none", "-u", "0", "--cap-drop", "ALL",
+           "--cap-add", "CHOWN", "--cap-add", "FOWNER", "--cap-add", "DAC_OVERRIDE",
+           "--entrypoint", "sh", "--mount", mount_spec(root, "/pi-agent-fix"), base["Id"],
+           "-c", GIVE_BACK_SCRIPT, "sh", "/pi-agent-fix", "%d:%d" % (uid, gid), *paths)
+    return ["gave %s back to you: it was another user's or privileged" % path for path in paths]
+
+
+# Files in a project that tools on the host run (or read commands from) by
+# themselves: the agent may change them, the user should hear of it. Out of
+# scope: files the user runs knowingly (Makefiles, package scripts).
+HOST_RUN_PATHS = (
+    ".envrc", ".vscode", ".devcontainer", ".idea", ".zed", ".helix", ".nvim.lua", ".nvimrc",
+    ".exrc", ".vimrc", ".dir-locals.el", ".pre-commit-config.yaml", "lefthook.yml",
+    "lefthook.yaml", ".lefthook.yml", "lefthook-local.yml", ".husky", ".yarnrc.yml", ".npmrc",
+    "rust-toolchain", "rust-toolchain.toml", ".tool-versions", "mise.toml", ".mise.toml",
+    ".cargo/config", ".cargo/config.toml", ".gitmodules", ".claude", ".mcp.json", ".cursor",
+    ".aider.conf.yml")
+CREDENTIAL_URL = re.compile(r"^\s*(?:push)?url\s*=\s*[a-z+.-]+://([^/@\s]+)@", re.I | re.M)
 
 
 def credential_in_remote(config_text):
@@ -749,37 +1914,6 @@ def credential_in_remote(config_text):
                                        userinfo):
             return match.group(0).split("=", 1)[1].strip().replace(userinfo, "***")
     return None
-
-
-def host_run_files(target, extra=()):
-    """{relative path: (size, mtime)} of the files the host runs by itself."""
-    found = {}
-    for name in HOST_RUN_PATHS + tuple(extra):
-        top = os.path.join(target, name)
-        if os.path.isfile(top):
-            stat = os.stat(top)
-            found[name] = (stat.st_size, stat.st_mtime_ns)
-            continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            for filename in filenames:
-                path = os.path.join(dirpath, filename)
-                try:
-                    stat = os.lstat(path)
-                except OSError:
-                    continue
-                found[os.path.relpath(path, target)] = (stat.st_size, stat.st_mtime_ns)
-            if len(found) > 5000:
-                return found
-    return found
-
-
-def hooks_path_in_project(config_text, target):
-    """core.hooksPath when it points into the project (e.g. .husky)."""
-    match = re.search(r"^\s*hookspath\s*=\s*(.+?)\s*$", config_text, re.I | re.M)
-    if not match:
-        return ()
-    path = os.path.normpath(os.path.join(target, os.path.expanduser(match.group(1))))
-    return (os.path.relpath(path, target),) if is_within(path, target) else ()
 
 
 def container_env(environ, pass_env):
@@ -874,7 +2008,9 @@ class Line:
 
     def open_lock(self, flags):
         try:
-            os.makedirs(self.state_dir, exist_ok=True)
+            # Private: run scripts hold the values of PI_AGENT_PASS_ENV.
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.state_dir, 0o700)
             return os.open(self.lock_path, flags | os.O_CREAT, 0o600)
         except OSError as err:
             raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s; set it to a directory you "
@@ -883,8 +2019,9 @@ class Line:
     def write_state(self, state):
         temp = "%s.%d.tmp" % (self.state_path, os.getpid())
         try:
-            os.makedirs(self.state_dir, exist_ok=True)
-            with open(temp, "w", encoding="utf-8") as handle:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                           encoding="utf-8") as handle:
                 json.dump(state, handle, indent=1, sort_keys=True)
             os.replace(temp, self.state_path)
         except OSError as err:
@@ -896,8 +2033,10 @@ class Line:
             os.makedirs(self.state_dir, exist_ok=True)
             if os.path.exists(self.log_path) and os.path.getsize(self.log_path) > 1 << 20:
                 os.replace(self.log_path, self.log_path + ".1")
-            with open(self.log_path, "a", encoding="utf-8") as handle:
-                handle.write("%s [%d] %s\n" % (utc_iso(time.time()), os.getpid(), message))
+            with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                           "a", encoding="utf-8") as handle:
+                handle.write("%s [%d] %s\n" % (utc_iso(time.time()), os.getpid(),
+                                               printable(message)))
         except OSError:
             pass
 
@@ -1431,17 +2570,18 @@ class RunPlan:
     """Everything a run needs, computed before anything starts (pure).
     `snapshot` names the tag that keeps current as it was before the run."""
 
-    def __init__(self, line, kind, argv, image, target, subdir, environ, now, pid, tty,
-                 snapshot, git=None, offline=False):
+    def __init__(self, line, kind, argv, image, project, environ, now, pid, tty, snapshot,
+                 offline=False):
         config = line.config
         self.line, self.kind, self.argv, self.image = line, kind, list(argv), image
-        self.environ, self.tty, self.offline, self.git = environ, tty, offline, git
+        self.environ, self.tty, self.offline, self.project = environ, tty, offline, project
         self.network = "none" if offline else config.network
-        self.target, self.subdir, self.started, self.snapshot = target, subdir, now, snapshot
+        self.target, self.subdir = project.target, project.subdir
+        self.started, self.snapshot = now, snapshot
         home = image_home(image)
-        self.mount_point = mount_point(target, home, config.mount_at)
-        self.workdir = os.path.join(self.mount_point, subdir) if subdir else self.mount_point
-        self.extra_mounts = git_mounts(target, self.mount_point, git)
+        self.mount_point = mount_point(self.target, home, config.mount_at)
+        self.workdir = os.path.join(self.mount_point, self.subdir) if self.subdir \
+            else self.mount_point
         # The engine creates a new mount point's missing parents as root; in
         # a non-root agent's home they must be the agent's (~/src of
         # ~/src/app). Parents of a mount point the image has seen were made then.
@@ -1460,25 +2600,46 @@ class RunPlan:
                                                                     time.gmtime(now)), pid)
         self.run_dir = os.path.join(line.run_dir, self.container)
         self.labels = {LABEL + "repo": line.repo, LABEL + "pid": str(pid),
-                       LABEL + "host": os.uname().nodename, LABEL + "target": target,
+                       LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot}
         self.env = container_env(environ, config.pass_env)
         if kind == "run":
             self.env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
+        self.record = self._record()
+        self.mounts = ([(self.target, self.mount_point, False)]
+                       + gate_mounts(self.record, self.run_dir)
+                       + project.protect_mounts(self.mount_point))
         self.run_args = self._run_args()
 
     def on(self, image):
         """The same run, started from another image."""
-        return RunPlan(self.line, self.kind, self.argv, image, self.target, self.subdir,
-                       self.environ, self.started, int(self.labels[LABEL + "pid"]), self.tty,
-                       self.snapshot, self.git, self.offline)
+        return RunPlan(self.line, self.kind, self.argv, image, self.project, self.environ,
+                       self.started, int(self.labels[LABEL + "pid"]), self.tty, self.snapshot,
+                       self.offline)
+
+    def _record(self):
+        """What whoever ends the run (see end_run) needs, kept in its run
+        directory; the seeding of the git gate adds what it found."""
+        project, repo = self.project, self.project.repo
+        return {
+            "container": self.container, "kind": self.kind, "target": self.target,
+            "point": self.mount_point, "uid": os.getuid(), "gid": os.getgid(),
+            "started": self.started, "gated": project.gated, "format": project.format,
+            "repo": repo and {"gitdir": repo.gitdir, "common": repo.common,
+                              "linked": repo.linked,
+                              "modules": os.path.isdir(os.path.join(repo.gitdir, "modules"))},
+            "git_dirs": [list(value) for value in project.git_dirs.values()],
+            "git_files": {path: list(value) for path, value in project.git_files.items()},
+            "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
+            "notes": [], "host_run": {}}
 
     def _run_args(self):
         args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
         args += label_args(self.labels)
-        args += ["--mount", mount_spec(self.target, self.mount_point)]
-        for source, destination, readonly in self.extra_mounts:
+        for name in CAP_DROP:
+            args += ["--cap-drop", name]
+        for source, destination, readonly in self.mounts:
             args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
         if self.network:
             args += ["--network", self.network]
@@ -1548,10 +2709,11 @@ def script_command(image, run_dir):
     return args + [image["Id"], "sh", script]
 
 
-def write_run_dir(run_dir, script):
-    """A run's script in a directory of its own, which only the user can
-    reach on the host (the parent is 0700); readable inside, whatever the
-    container's user."""
+def write_run_dir(run_dir, script, record=None, identity=None):
+    """A run's directory, which only the user can reach on the host (the
+    parent is 0700), readable inside whatever the container's user: its
+    script and, for a run in a project, its private git directory (see the
+    git gate) and its record (RUN_RECORD)."""
     parent = os.path.dirname(run_dir)
     path = os.path.join(run_dir, RUN_SCRIPT)
     try:
@@ -1566,19 +2728,37 @@ def write_run_dir(run_dir, script):
     except OSError as err:
         raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
                          "can write" % (path, err.strerror))
+    if record is None:
+        return
+    try:
+        if record["gated"]:
+            seed_gate(run_dir, record, identity)
+        write_file(os.path.join(run_dir, RUN_RECORD), json.dumps(record).encode())
+    except OSError as err:
+        raise PiError("cannot prepare the run's git directory in %s: %s" % (run_dir, err))
+
+
+def read_run_record(run_dir):
+    """The record a run left in its directory, or None."""
+    try:
+        record = json.loads(read_regular(os.path.join(run_dir, RUN_RECORD), 1 << 30) or b"")
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def remove_run_dir(run_dir, script_only=False):
-    """The script goes when the run ends; the empty directory stays until
-    the container is removed, so that a saved container whose remover died
-    is told from one it removed without asking the engine."""
-    doomed = ((os.remove, os.path.join(run_dir, RUN_SCRIPT)),) + (
-        () if script_only else ((os.rmdir, run_dir),))
-    for remove, path in doomed:
+    """The script goes when the run ends; the rest of the directory stays
+    until the container is removed, so that a saved container whose remover
+    died is told from one it removed without asking the engine."""
+    if script_only:
         try:
-            remove(path)
+            os.remove(os.path.join(run_dir, RUN_SCRIPT))
         except FileNotFoundError:
             pass
+        return
+    import shutil
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def make_home_parents(line, plan):
@@ -1729,10 +2909,22 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
 
 
 def remove_container(line, state, name):
+    """The one teardown of a saved run's container: it goes (an agent still
+    in it too), then its run directory (see finish_run_dir), then its entry
+    in the state."""
     docker("rm", "-f", "-v", name)
-    remove_run_dir(os.path.join(line.run_dir, name))
+    finish_run_dir(line, os.path.join(line.run_dir, name))
     state.get("removing", {}).pop(name, None)
     line.write_state(state)
+
+
+def finish_run_dir(line, run_dir):
+    """A run directory goes once its container is gone; if the run was not
+    ended (end_run removes the record when done), it is ended now."""
+    record = read_run_record(run_dir)
+    if record is not None:
+        show_notes(line, end_run(line, run_dir, record))
+    remove_run_dir(run_dir)
 
 
 def start_listing_runs(line, sizes=False):
@@ -1959,7 +3151,7 @@ class Saver:
         if removing and removing.finish(check=False).returncode == 0:
             for name in self.stale:
                 state["removing"].pop(name, None)
-                remove_run_dir(os.path.join(line.run_dir, name))
+                finish_run_dir(line, os.path.join(line.run_dir, name))
         remove_run_dir(plan.run_dir, script_only=True)
         status = next((m.split()[1] for m in messages if m.startswith("status ")), None)
         state["holder"].update(phase="saving", saver_pid=os.getpid())
@@ -1967,6 +3159,7 @@ class Saver:
         if "abort" in messages:
             # `docker run` failed; a container it may have created is junk.
             docker("rm", "-f", "-v", plan.container, check=False)
+            discard_gate(line, plan.run_dir, plan.record)
             remove_run_dir(plan.run_dir)
             drop_snapshot(line, state, plan.snapshot)
             state.pop("current", None)  # perhaps what made it fail
@@ -1980,6 +3173,7 @@ class Saver:
                 # `docker run` may still be creating it (without its run
                 # script, it fails): leave the state dirty so the next
                 # lifecycle looks for it. Its recovery tags the snapshot again.
+                discard_gate(line, plan.run_dir, plan.record)
                 remove_run_dir(plan.run_dir)
                 drop_snapshot(line, state, plan.snapshot)
                 line.write_state(state)
@@ -2010,16 +3204,36 @@ class Saver:
                                "current stays as it is and the run is snapshot %s (pi-rollback "
                                "%s to use it)" % (line.current, plan.kind, plan.target, snap, snap))
             line.log(state["notice"])
+        if status is None:
+            # The wrapper is gone before it ended the run: the container
+            # goes first (its agent may still be at work), then what the run
+            # left in the project is dealt with, and the next command says so.
+            self._end_for_the_wrapper()
         if snap and meta.get("layers", 0) >= flatten_limit(line.config):
             state["holder"]["phase"] = "flattening"
             line.write_state(state)
             auto_flatten(line, state)
         self.lock.release(state)
         # Outside the lock: the next run may start while this one is removed.
-        if docker("rm", "-f", "-v", plan.container, check=False).returncode == 0:
+        if status is not None and docker("rm", "-f", "-v", plan.container,
+                                         check=False).returncode == 0:
             remove_run_dir(plan.run_dir)
         self._report(up_w, "ok " + (snap or ""))
         return 0
+
+    def _end_for_the_wrapper(self):
+        line, state, plan = self.line, self.state, self.plan
+        if docker("rm", "-f", "-v", plan.container, check=False).returncode != 0:
+            return  # recovery ends it, after removing it
+        notes = end_run(line, plan.run_dir, plan.record)
+        remove_run_dir(plan.run_dir)
+        state["removing"].pop(plan.container, None)
+        if notes:
+            state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
+                                                         "; ".join(notes))
+        line.write_state(state)
+        for note in notes:
+            line.log(note)
 
     @staticmethod
     def _report(fd, text):
@@ -2078,24 +3292,97 @@ def run_attached(argv):
     return 128 - status if status < 0 else status
 
 
+def end_run(line, run_dir, record):
+    """Everything a finished run leaves to do in the project before the
+    user can act on it: git back through the gate, the private git
+    directory gone, the sweep (and what only root can fix), a word on files
+    the host runs by itself. Returns lines for the user. The container must
+    have stopped. Safe to repeat: whoever ends the run does it (the
+    wrapper; the saver or recovery when the wrapper is gone)."""
+    target = record["target"]
+    try:
+        scan = ProjectScan(target, scan_after(record["uid"]), record["gated"])
+    except (PiError, OSError):
+        scan = None  # the project is gone
+    record["notes"] = []
+    try:
+        hand_back_git(run_dir, record)
+    except (PiError, OSError) as err:
+        record["notes"].append("the agent's git work could not be brought back: %s" % err)
+    notes = record["notes"]
+    notes += discard_gate(line, run_dir, record)
+    if scan is not None:
+        swept, for_root = sweep_project(record, scan.results())
+        notes += swept
+        if for_root:
+            try:
+                notes += give_back(line, target, for_root, record["uid"], record["gid"])
+            except PiError as err:
+                notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
+    changed = changed_files(record["host_run"], host_run_files(target))
+    if changed:
+        notes.append("the agent changed %s, which your host may run by itself; review before "
+                     "trusting them (git diff)"
+                     % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])))
+    try:
+        os.remove(os.path.join(run_dir, RUN_RECORD))  # ended: nobody need do it again
+    except FileNotFoundError:
+        pass
+    return notes
+
+
+def discard_gate(line, run_dir, record):
+    """The private git directory goes once its work came back (as root, if
+    the agent left files there as root); so does the empty .git that was
+    its mount point in a project that is not a repository."""
+    import shutil
+    notes = []
+    for name in (GATE_DIR, "incoming"):
+        path = os.path.join(run_dir, name)
+        if not os.path.lexists(path):
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError:
+            try:
+                give_back(line, run_dir, [name], record["uid"], record["gid"])
+            except PiError as err:
+                notes.append("could not remove %s: %s" % (path, err))
+            shutil.rmtree(path, ignore_errors=True)
+    if record.get("made_dot"):
+        try:
+            os.rmdir(os.path.join(record["target"], ".git"))
+        except OSError:
+            pass
+    return notes
+
+
+def show_notes(line, notes, limit=8):
+    for note in notes[:limit]:
+        say(note, "warning")
+    if len(notes) > limit:
+        say("... and %d more, in %s" % (len(notes) - limit, line.log_path), "warning")
+    for note in notes:
+        line.log(note)
+
+
 def lifecycle(args, kind, argv):
     config = Config()
     try:
         cwd = os.path.realpath(os.getcwd())
     except FileNotFoundError:
         raise NotFound("the current directory no longer exists; cd somewhere that does")
-    target, subdir = find_target(cwd, home_dirs(), here=args.here)
+    project = Project.inspect(config, cwd, args.here)
     line = Line(config)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
+    for note in project.notes:
+        say(note, "warning")
     if args.dry_run:
-        return print_plan(line, kind, argv, target, subdir, tty, args.offline)
+        return print_plan(line, kind, argv, project, tty, args.offline)
 
-    git = git_dirs(target)
-    git_config = git_config_text(git[1]) if git else ""
-    watched = hooks_path_in_project(git_config, target)
     lock = LineLock(line)
-    found, state = lock.acquire(kind, target, wait=args.wait)
-    before = host_run_files(target, watched)
+    found, state = lock.acquire(kind, project.target, wait=args.wait)
+    plan = None
     try:
         if found.get("notice"):
             say(found["notice"])
@@ -2119,18 +3406,24 @@ def lifecycle(args, kind, argv):
             if recover_leftovers(line, state, listing):
                 current = None
         image = ensure_current(line, current)
+        repo_config = (read_regular(os.path.join(project.repo.common, "config"), 4 << 20)
+                       or b"").decode("utf-8", "replace") if project.repo else ""
         for warning in misspelled_settings(os.environ) + [owner_mismatch(image),
-                                                          remote_warning(git_config)]:
+                                                          remote_warning(repo_config)]:
             if warning:
                 say(warning, "warning")
         now = time.time()
-        plan = RunPlan(line, kind, argv, image, target, subdir, os.environ, now, os.getpid(),
-                       tty, snapshot=next_snapshot(state, now), git=git, offline=args.offline)
+        plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
+                       snapshot=next_snapshot(state, now), offline=args.offline)
         if plan.home_parents:
             plan = plan.on(make_home_parents(line, plan))
             state.pop("current", None)
-        write_run_dir(plan.run_dir, plan.script())
+        plan.record["host_run"] = host_run_files(project.target)
+        write_run_dir(plan.run_dir, plan.script(), plan.record, config.git_identity)
     except BaseException:
+        if plan is not None and os.path.isdir(plan.run_dir):
+            discard_gate(line, plan.run_dir, plan.record)
+            remove_run_dir(plan.run_dir)
         lock.release(state)
         raise
 
@@ -2151,11 +3444,9 @@ def lifecycle(args, kind, argv):
         saver.finish(wait=True)
         raise EngineError("docker could not start the container (its error is above); "
                           "pi-status shows the settings it used")
-    changed = changed_files(before, host_run_files(target, watched))
-    if changed:
-        say("the agent changed %s, which your host may run by itself; review before trusting "
-            "them (git diff)" % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])),
-            "warning")
+    # Before the prompt, and before the saver hears the status: the saver
+    # takes a status as word that this is done.
+    show_notes(line, end_run(line, plan.run_dir, plan.record))
     if not saver.send("status %d" % status):
         # The saver died (killed?): save here instead, we share its lock.
         say("the background saver is gone; saving in the foreground")
@@ -2187,11 +3478,7 @@ def remote_warning(config_text):
     return None
 
 
-def changed_files(before, after):
-    return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
-
-
-def print_plan(line, kind, argv, target, subdir, tty, offline):
+def print_plan(line, kind, argv, project, tty, offline):
     """--dry-run: what a run would do, as docker commands; nothing changes."""
     current = inspect_image(line.current)
     if current is None:
@@ -2202,10 +3489,13 @@ def print_plan(line, kind, argv, target, subdir, tty, offline):
         print(shlex.join(["docker", "tag", line.base, line.current]))
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
     now = time.time()
-    plan = RunPlan(line, kind, argv, current, target, subdir, os.environ, now, os.getpid(),
-                   tty, snapshot_name(now), git=git_dirs(target), offline=offline)
-    print("# target %s mounted at %s, working directory %s" % (target, plan.mount_point,
+    plan = RunPlan(line, kind, argv, current, project, os.environ, now, os.getpid(), tty,
+                   snapshot_name(now), offline=offline)
+    print("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
                                                                plan.workdir))
+    if project.repo:
+        print("# its git directory stays outside: the agent gets a private one at %s (see the "
+              "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
     if plan.home_parents:
         print("# first, %s made the agent's in a container committed into current"
               % ", ".join(plan.home_parents))
@@ -2474,6 +3764,8 @@ def cmd_clean_orphans(args):
             say("nothing removed")
             return 0
         docker("rm", "-f", "-v", *names)
+        for name in names:
+            finish_run_dir(line, os.path.join(line.run_dir, name))
         state.pop("failed", None)
         state.pop("notice", None)
         say("removed %s" % plural(len(names), "container"))
@@ -2527,6 +3819,16 @@ def split_wrapper_args(argv):
         if word not in LIFECYCLE_FLAGS:
             return argv[:index], argv[index:]
     return argv, []
+
+
+def near_miss(word):
+    """The wrapper option a word looks like a slip of (--ofline, -offline,
+    --Wait, --dryrun), or None."""
+    import difflib
+    name = "--" + word.split("=", 1)[0].lstrip("-").lower()
+    options = sorted(flag for flag in LIFECYCLE_FLAGS if flag.startswith("--"))
+    close = difflib.get_close_matches(name, options, 1, 0.8)
+    return close[0] if close and word != "--" else None
 
 
 class Parser(argparse.ArgumentParser):
@@ -2611,8 +3913,15 @@ def parse_args(argv):
         if argv[0] == "run" and ("--help" in wrapper or "-h" in wrapper):
             parser.print_help()
             raise SystemExit(0)
-        if (argv[0] == "exec" and rest and rest[0].startswith("-")
-                and argv[1 + len(wrapper)] != "--"):
+        prog = "pi" if argv[0] == "run" else "pi-" + argv[0]
+        unsure = rest and rest[0].startswith("-") and argv[1 + len(wrapper)] != "--"
+        meant = near_miss(rest[0]) if unsure else None
+        if meant:
+            # A safety option mistyped must not reach the agent (online).
+            raise PiError("%s: unknown option %s; did you mean %s? (an option for the %s goes "
+                          "after --)" % (prog, rest[0], meant, "agent" if argv[0] == "run"
+                                         else "command"), EXIT_USAGE)
+        if argv[0] == "exec" and unsure:
             raise PiError("pi-exec: unknown option %s; options come before the command, and "
                           "-- before a command that starts with -" % rest[0], EXIT_USAGE)
         args = parser.parse_args([argv[0]] + wrapper)

@@ -15,56 +15,176 @@ from conftest import ROOT
 HOME = "/home/alice"
 
 
-def exists_in(*paths):
-    return lambda path: path in paths
+def git_init(path):
+    subprocess.run(["git", "init", "-q", path], check=True)
+    return os.path.join(path, ".git")
+
+
+@pytest.fixture
+def home(tmp_path):
+    path = tmp_path / "home" / "alice"
+    path.mkdir(parents=True)
+    return str(path)
 
 
 # --- target choice and refusals ---------------------------------------------
 
-def test_target_is_the_git_root_and_subdir_is_kept():
-    target, subdir = pi_agent.find_target(
-        "/home/alice/src/app/lib/x", [HOME], exists=exists_in("/home/alice/src/app/.git"))
-    assert (target, subdir) == ("/home/alice/src/app", "lib/x")
+def test_target_is_the_git_root_and_subdir_is_kept(home):
+    app = os.path.join(home, "src", "app")
+    os.makedirs(os.path.join(app, "lib", "x"))
+    dot = git_init(app)
+    target, subdir, repo, notes = pi_agent.find_target(os.path.join(app, "lib", "x"), [home])
+    assert (target, subdir, repo, notes) == (app, "lib/x", pi_agent.GitRepo(dot, dot), [])
 
 
-def test_target_is_cwd_outside_a_repository():
-    assert pi_agent.find_target("/home/alice/notes", [HOME], exists=exists_in()) == \
-        ("/home/alice/notes", "")
+def test_target_is_cwd_outside_a_repository(home):
+    notes = os.path.join(home, "notes")
+    os.mkdir(notes)
+    assert pi_agent.find_target(notes, [home]) == (notes, "", None, [])
 
 
-def test_here_mounts_cwd_even_inside_a_repository():
-    target, subdir = pi_agent.find_target(
-        "/home/alice/src/app/lib", [HOME], here=True, exists=exists_in("/home/alice/src/app/.git"))
-    assert (target, subdir) == ("/home/alice/src/app/lib", "")
+def test_here_mounts_cwd_even_inside_a_repository(home):
+    app = os.path.join(home, "app")
+    os.makedirs(os.path.join(app, "lib"))
+    git_init(app)
+    assert pi_agent.find_target(os.path.join(app, "lib"), [home], here=True)[:3] == (
+        os.path.join(app, "lib"), "", None)
 
 
 @pytest.mark.parametrize("cwd", ["/home/alice", "/home", "/"])
 def test_home_and_above_are_refused(cwd):
     with pytest.raises(pi_agent.Refused) as err:
-        pi_agent.find_target(cwd, [HOME], exists=exists_in())
+        pi_agent.find_target(cwd, [HOME])
     assert err.value.code == pi_agent.EXIT_REFUSED
 
 
-def test_repository_rooted_at_home_is_refused_and_suggests_here():
+def test_repository_rooted_at_home_is_refused_and_suggests_here(home):
+    git_init(home)
+    proj = os.path.join(home, "proj")
+    os.mkdir(proj)
     with pytest.raises(pi_agent.Refused, match="--here"):
-        pi_agent.find_target("/home/alice/proj", [HOME], exists=exists_in("/home/alice/.git"))
-    assert pi_agent.find_target("/home/alice/proj", [HOME], here=True,
-                                exists=exists_in("/home/alice/.git")) == ("/home/alice/proj", "")
+        pi_agent.find_target(proj, [home])
+    assert pi_agent.find_target(proj, [home], here=True)[:2] == (proj, "")
 
 
 def test_every_home_counts():
     with pytest.raises(pi_agent.Refused):
-        pi_agent.find_target("/srv/real-home", ["/tmp/fake", "/srv/real-home"], exists=exists_in())
+        pi_agent.find_target("/srv/real-home", ["/tmp/fake", "/srv/real-home"])
 
 
 @pytest.mark.parametrize("secret", [".ssh", ".gnupg", ".aws", ".config/gcloud"])
 def test_credential_directories_are_refused(secret):
     with pytest.raises(pi_agent.Refused, match="credentials"):
-        pi_agent.find_target(HOME + "/" + secret + "/sub", [HOME], exists=exists_in())
+        pi_agent.find_target(HOME + "/" + secret + "/sub", [HOME])
 
 
 def test_sibling_of_home_with_common_prefix_is_fine():
-    assert pi_agent.find_target("/home/alice2/p", [HOME], exists=exists_in())[0] == "/home/alice2/p"
+    assert pi_agent.find_target("/home/alice2/p", [HOME])[0] == "/home/alice2/p"
+
+
+@pytest.mark.parametrize("path", ["/tmp", "/var/tmp", "/dev/shm", "/run", "/run/user/1000",
+                                  "/var", "/etc", "/etc/nginx", "/usr", "/var/lib/docker",
+                                  "/proc/1", "/opt"])
+def test_shared_and_system_directories_are_refused(path):
+    with pytest.raises(pi_agent.Refused, match="share|system"):
+        pi_agent.find_target(path, [HOME])
+
+
+def test_a_project_inside_tmp_is_fine(tmp_path):
+    assert pi_agent.find_target(str(tmp_path), [HOME])[0] == str(tmp_path)
+
+
+def test_pi_agents_own_directories_are_never_a_project(home):
+    state = os.path.join(home, "proj", "state")
+    os.makedirs(state)
+    for cwd in (os.path.join(home, "proj"), state):
+        with pytest.raises(pi_agent.Refused, match="pi-agent's own files"):
+            pi_agent.find_target(cwd, [home], guarded=[state])
+
+
+def test_a_git_directory_is_not_a_work_tree(home):
+    dot = git_init(os.path.join(home, "app"))
+    for cwd in (dot, os.path.join(dot, "hooks")):
+        with pytest.raises(pi_agent.Refused, match="git directory"):
+            pi_agent.find_target(cwd, [home], here=True)
+
+
+# --- a .git the agent may have written never chooses what is mounted --------
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+@pytest.mark.parametrize("gitdir", ["/run", "/root", "../../..", "/etc"])
+def test_a_gitdir_file_naming_any_directory_is_ignored(home, gitdir):
+    project = os.path.join(home, "p")
+    write(os.path.join(project, ".git"), "gitdir: %s\n" % gitdir)
+    target, subdir, repo, notes = pi_agent.find_target(project, [home])
+    assert (target, repo) == (project, None)
+    assert len(notes) == 1 and notes[0].startswith("ignoring %s/.git: " % project)
+
+
+def test_a_gitdir_file_in_a_subdirectory_of_a_repository_is_ignored(home):
+    app = os.path.join(home, "app")
+    os.makedirs(os.path.join(home, ".ssh"))
+    dot = git_init(app)
+    write(os.path.join(app, "lib", ".git"), "gitdir: %s\n" % os.path.join(home, ".ssh"))
+    target, subdir, repo, notes = pi_agent.find_target(os.path.join(app, "lib"), [home])
+    assert (target, subdir, repo) == (app, "lib", pi_agent.GitRepo(dot, dot))
+    assert "ignoring %s/lib/.git" % app in notes[0]
+
+
+def test_a_worktree_must_be_one_its_repository_points_back_at(home):
+    main = os.path.join(home, "main")
+    git_init(main)
+    subprocess.run(["git", "-C", main, "-c", "user.name=a", "-c", "user.email=a@b", "commit",
+                    "-q", "--allow-empty", "-m", "x"], check=True)
+    wt = os.path.join(home, "wt")
+    subprocess.run(["git", "-C", main, "worktree", "add", "-q", wt], check=True)
+    target, subdir, repo, notes = pi_agent.find_target(wt, [home])
+    assert target == wt and repo.linked and notes == []
+    assert repo.common == os.path.join(main, ".git")
+    # The same .git file copied elsewhere: the repository does not point back.
+    other = os.path.join(home, "other")
+    write(os.path.join(other, ".git"), open(os.path.join(wt, ".git")).read())
+    assert pi_agent.find_target(other, [home])[2:] == (None, [
+        "ignoring %s/.git: it names %s, which is not a worktree of a repository that points "
+        "back here" % (other, repo.gitdir)])
+
+
+def test_paths_are_resolved_physically_not_lexically(home):
+    """link/.. is where link points, up one: not the directory link is in."""
+    main = os.path.join(home, "deep", "main")
+    git_init(main)
+    project = os.path.join(home, "p")
+    os.makedirs(os.path.join(project, "d"))
+    os.symlink(os.path.join(home, "deep", "main", ".git"), os.path.join(project, "d", "link"))
+    write(os.path.join(project, ".git"), "gitdir: d/link/../.git\n")
+    assert pi_agent.find_target(project, [home])[2] is None
+
+
+@pytest.mark.parametrize("plant", ["symlink", "commondir", "empty-config"])
+def test_a_doctored_git_directory_is_ignored(home, plant):
+    project = os.path.join(home, "p")
+    os.makedirs(project)
+    if plant == "symlink":
+        git_init(os.path.join(home, "real"))
+        os.symlink(os.path.join(home, "real", ".git"), os.path.join(project, ".git"))
+    elif plant == "commondir":
+        dot = git_init(project)
+        write(os.path.join(dot, "commondir"), "c\n")
+    else:
+        os.makedirs(os.path.join(project, ".git", "objects"))
+    target, subdir, repo, notes = pi_agent.find_target(project, [home])
+    assert repo is None and len(notes) == 1 and "ignoring" in notes[0]
+
+
+def test_an_empty_git_directory_counts_as_none(home):
+    project = os.path.join(home, "p")
+    os.makedirs(os.path.join(project, ".git"))
+    assert pi_agent.find_target(project, [home])[2:] == (None, [])
 
 
 # --- mount point ------------------------------------------------------------
@@ -169,9 +289,9 @@ def make_plan(kind="exec", argv=("make", "test"), image=None, tty=False, environ
     config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_PASS_ENV": "API_KEY"})
     image = image or {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Entrypoint": None,
                                                      "Env": ["HOME=/home/agent"]}}
-    return pi_agent.RunPlan(pi_agent.Line(config), kind, list(argv), image, target,
-                            subdir, environ or {"API_KEY": "k"}, 1795000000.0, 4242, tty,
-                            "snap-x")
+    return pi_agent.RunPlan(pi_agent.Line(config), kind, list(argv), image,
+                            pi_agent.Project(target, subdir), environ or {"API_KEY": "k"},
+                            1795000000.0, 4242, tty, "snap-x")
 
 
 def test_run_args_run_the_script_and_label_the_container():
@@ -250,8 +370,8 @@ def test_near_misses_of_setting_names_are_named():
 def test_an_offline_run_does_not_try_to_install():
     config = pi_agent.Config({"HOME": "/home/alice"})
     image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
-    plan = pi_agent.RunPlan(pi_agent.Line(config), "run", [], image, "/tmp/p", "", {},
-                            1.0, 1, False, "snap-x", offline=True)
+    plan = pi_agent.RunPlan(pi_agent.Line(config), "run", [], image, pi_agent.Project("/tmp/p"),
+                            {}, 1.0, 1, False, "snap-x", offline=True)
     assert "PI_AGENT_INSTALL_CMD\" >&2" not in plan.script() and "offline" in plan.script()
 
 
@@ -431,8 +551,8 @@ def test_a_flag_beats_every_setting(tmp_path):
     config = pi_agent.Config(environ)
     assert config.network == "bridge"
     image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
-    plan = pi_agent.RunPlan(pi_agent.Line(config), "exec", ["true"], image, "/tmp/p", "", {},
-                            1.0, 1, False, "snap-x", offline=True)
+    plan = pi_agent.RunPlan(pi_agent.Line(config), "exec", ["true"], image,
+                            pi_agent.Project("/tmp/p"), {}, 1.0, 1, False, "snap-x", offline=True)
     assert plan.run_args[plan.run_args.index("--network") + 1] == "none"
 
 

@@ -1053,13 +1053,15 @@ def read_head(dir_fd):
 
 def host_git(repo_dir, *args, stdin=None, env=None, check=True):
     """Host git on a repository pi-agent trusts, named explicitly (never
-    discovered), with none of the caller's GIT_* redirections."""
+    discovered; None for git init), with none of the caller's GIT_*
+    redirections."""
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
                                                         "GIT_CONFIG_NOSYSTEM", "GIT_EXEC_PATH")}
     clean.update(env or {}, GIT_TERMINAL_PROMPT="0")
     try:
-        result = subprocess.run(["git", "--git-dir", repo_dir, *args], input=stdin, env=clean,
+        result = subprocess.run(["git", *(["--git-dir", repo_dir] if repo_dir else []), *args],
+                                input=stdin, env=clean,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise PiError("git is not installed on this host", EXIT_NOT_FOUND)
@@ -1420,7 +1422,7 @@ def adopt_repository(record, gate_fd):
     agent_config = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8",
                                                                                   "replace")
     sha256 = re.search(r"^\s*objectformat\s*=\s*sha256\s*$", agent_config, re.I | re.M)
-    host_git(dot, "init", "-q", *(["--object-format=sha256"] if sha256 else []), record["target"])
+    host_git(None, "init", "-q", *(["--object-format=sha256"] if sha256 else []), record["target"])
     fd = open_dir(dot)
     try:
         record["head"] = read_head(fd)
@@ -1863,6 +1865,22 @@ def sweep_project(record, found):
             continue
         except OSError:
             for_root.append(path)
+    for path, dev, ino in record.get("protected", ()):
+        # Read-only inside, yet a directory above it can be renamed away
+        # and the path made anew: then what is there is the agent's.
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) != (dev, ino):
+            try:
+                os.replace(path, path + UNTRUSTED_SUFFIX)
+            except OSError:
+                for_root.append(os.path.relpath(path, target))
+                continue
+            notes.append("disabled %s, which your git config reads, made anew during the run "
+                         "(yours was moved): it is now %s%s" % (path, os.path.basename(path),
+                                                                UNTRUSTED_SUFFIX))
     return notes, for_root
 
 
@@ -2631,6 +2649,7 @@ class RunPlan:
                               "modules": os.path.isdir(os.path.join(repo.gitdir, "modules"))},
             "git_dirs": [list(value) for value in project.git_dirs.values()],
             "git_files": {path: list(value) for path, value in project.git_files.items()},
+            "protected": [list(entry) for entry in project.protected],
             "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
             "notes": [], "host_run": {}}
 
@@ -3570,7 +3589,7 @@ def cmd_status(args):
               % len(leftovers))
     try:
         cwd = os.path.realpath(os.getcwd())
-        target, subdir = find_target(cwd, home_dirs())
+        target, subdir = find_target(cwd, home_dirs(), guarded=guarded_dirs(config))[:2]
         image = inspect_image(line.current) or {}
         point = mount_point(target, image_home(image), config.mount_at)
         print("target: %s (inside: %s)" % (target, os.path.join(point, subdir) if subdir

@@ -167,7 +167,9 @@ def test_only_the_project_is_mounted_and_no_docker_socket(box):
     host_binds = {d for d in host_binds if not d.startswith(("/proc/", "/sys/", "/dev/"))}
     # besides the project: the engine's own files and its init binary (--init)
     host_binds -= {"/sbin/docker-init", "/usr/sbin/docker-init"}
-    assert host_binds == {box.project, "/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
+    # the project has no repository: its .git is the run's own (see the git gate)
+    assert host_binds == {box.project, box.project + "/.git", "/etc/hosts", "/etc/hostname",
+                          "/etc/resolv.conf"}
     assert "No such file" in rest and rest.count("No such file") == 2
     assert "PRIVATE-KEY-MARKER" not in rest and box.home not in rest
 

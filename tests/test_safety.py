@@ -1,8 +1,7 @@
-"""Host safety against the real engine: file ownership, git that cannot
-plant code for the host, notices for host-run files, network and resource
-limits."""
+"""Host safety against the real engine: file ownership, notices for
+host-run files, credential URLs, network and resource limits. (What a
+hostile agent cannot do to the host is in test_containment.py.)"""
 
-import os
 import subprocess
 
 import pytest
@@ -17,35 +16,6 @@ def git(box, *args, cwd=None):
 def init_repo(box):
     box.ok("git init -q . && git -c user.email=h@example.com -c user.name=Host "
            "commit -q --allow-empty -m first")
-
-
-def test_hooks_and_config_are_read_only_inside_while_commits_work(box):
-    init_repo(box)
-    config_before = open(os.path.join(box.project, ".git", "config")).read()
-    hook = box.sh("pi-exec sh -c 'echo \"#!/bin/sh\" > .git/hooks/pre-commit'")
-    assert hook.returncode != 0 and "Read-only file system" in hook.stderr
-    assert box.sh("pi-exec git config core.hooksPath /tmp/evil").returncode != 0
-    assert box.sh("pi-exec git config core.fsmonitor 'touch /tmp/pwned'").returncode != 0
-    out = box.ok("pi-exec sh -c 'echo a > a && git add a && git commit -qm agent && "
-                 "git checkout -qb feature && git status --porcelain && git log --format=%an'")
-    assert "dubious" not in out.stderr
-    assert out.stdout.split() == ["Agent", "Host"]
-    assert not os.path.exists(os.path.join(box.project, ".git", "hooks", "pre-commit"))
-    assert open(os.path.join(box.project, ".git", "config")).read() == config_before
-    assert "feature" in box.ok("git branch").stdout
-
-
-def test_a_worktree_works_inside_with_its_common_dir_protected(box):
-    init_repo(box)
-    worktree = os.path.join(os.path.dirname(box.project), "wt")
-    box.ok("git -c user.email=h@example.com -c user.name=Host worktree add -q %s" % worktree)
-    out = box.ok("pi-exec sh -c 'echo w > w && git add w && git commit -qm in-worktree && "
-                 "git log -1 --format=%s'", cwd=worktree)
-    assert out.stdout.strip() == "in-worktree"
-    hook = box.sh("pi-exec sh -c 'echo x > %s/.git/hooks/post-checkout'" % box.project,
-                  cwd=worktree)
-    assert hook.returncode != 0
-    assert "in-worktree" in box.ok("git log --all --format=%s").stdout
 
 
 def test_changes_to_files_the_host_runs_are_announced(box):

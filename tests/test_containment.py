@@ -1,0 +1,371 @@
+"""Containment, tried as a hostile agent would, against the real engine and
+as an ordinary host user: each test plants its attack from inside a run (or,
+where a run can no longer plant it, as an earlier version let it), then the
+next run, or the host's own git, must not mount it, run it or be fooled by
+it. A marker file outside the project must not appear; a canary the host
+user alone can read must not be readable inside."""
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+
+import pytest
+
+from conftest import wait_until
+from test_integration import box_background
+from test_recovery import holder, start_and_wait_for, wrapper_pid
+
+
+def marker(box):
+    """A file outside the project that planted code would create."""
+    return os.path.join(os.path.dirname(box.project), "pwned")
+
+
+def init_repo(box, path=None):
+    box.ok("git init -q . && git -c user.email=h@example.com -c user.name=Host "
+           "commit -q --allow-empty -m first", cwd=path)
+
+
+def host_git(box, command, cwd=None):
+    """The host user's own git, as a shell prompt or an editor runs it."""
+    return box.sh("git " + command, cwd=cwd)
+
+
+def canary(box, where):
+    """A directory with a secret only the host user can read."""
+    path = box.mkdir(where)
+    with open(os.path.join(path, "secret"), "w") as handle:
+        handle.write("CANARY-7f3a")
+    box.chown(path)
+    os.chmod(path, 0o700)
+    return path
+
+
+def agent(box, script, **kwargs):
+    """What the agent does in a run: a shell script, given on stdin."""
+    return box.sh("pi-exec sh -s", input=script, **kwargs)
+
+
+def warnings(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("pi-agent:")]
+
+
+# --- 1. no host path is mounted because a file in the project said so -------
+
+@pytest.mark.parametrize("gitdir", ["/run", "canary"])
+def test_a_gitdir_file_never_chooses_a_mount(box, gitdir):
+    secret = canary(box, os.path.join(box.home, "private"))
+    named = secret if gitdir == "canary" else gitdir
+    # Inside, .git is the run's own directory: the agent cannot even write it.
+    assert agent(box, "printf 'gitdir: %s\\n' > .git" % named).returncode != 0
+    # As an earlier version let it: the file is there when the next run starts.
+    with open(os.path.join(box.project, ".git"), "w") as handle:
+        handle.write("gitdir: %s\n" % named)
+    result = agent(box, "ls /run/docker.sock; cat %s/secret; echo ===; "
+                        "cat /proc/self/mountinfo" % secret)
+    shown, mountinfo = result.stdout.split("===")
+    assert "CANARY-7f3a" not in shown and "docker.sock" not in shown
+    assert named not in [line.split()[4] for line in mountinfo.strip().splitlines()]
+    assert "ignoring %s/.git" % box.project in result.stderr
+
+
+def test_a_gitdir_file_in_a_subdirectory_never_chooses_the_target(box):
+    init_repo(box)
+    ssh = canary(box, os.path.join(box.home, ".ssh"))
+    planted = agent(box, "mkdir -p lib && printf 'gitdir: %s\\n' > lib/.git" % ssh)
+    assert "disabled lib/.git" in planted.stderr, "the run that wrote it disarms it"
+    lib = os.path.join(box.project, "lib")
+    with open(os.path.join(lib, ".git"), "w") as handle:  # and planted as before
+        handle.write("gitdir: %s\n" % ssh)
+    result = agent(box, "pwd; cat %s/secret" % ssh, cwd=lib)
+    assert result.stdout.split()[0] == lib and "CANARY-7f3a" not in result.stdout
+    assert "ignoring %s/.git" % lib in result.stderr
+
+
+# --- 2. host git never reads what the agent wrote ----------------------------
+
+def test_the_private_git_dir_cannot_be_swapped_and_nothing_reaches_host_git(box):
+    init_repo(box)
+    config = open(os.path.join(box.project, ".git", "config")).read()
+    agent(box, """
+        mv .git .o && mkdir .git && cp -a .o/. .git/
+        git config core.fsmonitor 'touch {m}'
+        printf '#!/bin/sh\\ntouch {m}\\n' > .git/hooks/pre-commit
+        chmod +x .git/hooks/pre-commit
+        echo c > .git/commondir
+        mkdir -p c && cp -r .git/objects .git/refs .git/HEAD c/
+        printf '[core]\\n\\tfsmonitor = "touch {m}"\\n' > c/config
+        """.format(m=marker(box)))
+    assert box.sh("pi-exec mv .git .o").returncode != 0, "its mount point cannot be renamed"
+    assert open(os.path.join(box.project, ".git", "config")).read() == config
+    assert not os.path.exists(os.path.join(box.project, ".git", "commondir"))
+    assert not os.path.exists(os.path.join(box.project, ".git", "hooks", "pre-commit"))
+    host_git(box, "status")
+    host_git(box, "-c user.name=H -c user.email=h@x commit -q --allow-empty -m host")
+    host_git(box, "status", cwd=os.path.join(box.project, "c"))
+    assert not os.path.exists(marker(box))
+
+
+def test_a_repository_the_agent_makes_inside_is_disarmed(box):
+    init_repo(box)
+    result = agent(box, """
+        mkdir sub && cd sub && git init -q && git config core.fsmonitor 'touch {m}' && cd ..
+        git init -q --bare trap && git -C trap config core.bare false
+        git -C trap config core.worktree .. && git -C trap config core.fsmonitor 'touch {m}'
+        """.format(m=marker(box)))
+    assert "disabled sub/.git" in result.stderr and "disabled trap" in result.stderr
+    for where in ("sub", "trap"):
+        host_git(box, "status", cwd=os.path.join(box.project, where))
+    assert not os.path.exists(marker(box))
+
+
+def test_a_repository_already_inside_is_read_only_and_cannot_be_swapped(box):
+    init_repo(box)
+    lib = box.mkdir(os.path.join(box.project, "vendor", "lib"))
+    init_repo(box, lib)
+    write = agent(box, "git -C vendor/lib config core.fsmonitor 'touch %s'" % marker(box))
+    assert write.returncode != 0, "read-only inside"
+    assert box.ok("pi-exec git -C vendor/lib log --format=%s").stdout == "first\n"
+    swap = agent(box, """
+        mv vendor vendor2 && mkdir -p vendor/lib && cp -a vendor2/lib/.git vendor/lib/
+        git -C vendor/lib config core.fsmonitor 'touch {m}'
+        """.format(m=marker(box)))
+    assert "disabled vendor/lib/.git" in swap.stderr
+    host_git(box, "status", cwd=os.path.join(box.project, "vendor", "lib"))
+    host_git(box, "status", cwd=os.path.join(box.project, "vendor2", "lib"))
+    assert not os.path.exists(marker(box))
+
+
+def test_submodules_work_inside_read_only_and_their_git_dirs_stay_the_hosts(box):
+    upstream = box.mkdir(os.path.join(os.path.dirname(box.project), "upstream"))
+    init_repo(box, upstream)
+    box.ok("echo u > file && git add file && git -c user.name=U -c user.email=u@x commit -qm u",
+           cwd=upstream)
+    init_repo(box)
+    box.ok("git -c protocol.file.allow=always submodule add -q %s sub && "
+           "git -c user.name=H -c user.email=h@x commit -qm sub" % upstream)
+    modules = os.path.join(box.project, ".git", "modules", "sub")
+    config = open(os.path.join(modules, "config")).read()
+    inside = box.ok("pi-exec sh -c 'cat sub/file; git -C sub log -1 --format=%s; git status "
+                    "--short'")
+    assert inside.stdout == "u\nu\n"
+    attack = agent(box, """
+        git -C sub config core.fsmonitor 'touch {m}' || echo refused
+        printf x > .git/modules/sub/hooks/post-checkout || echo refused
+        """.format(m=marker(box)))
+    assert attack.stdout.split() == ["refused", "refused"]
+    assert open(os.path.join(modules, "config")).read() == config
+    host_git(box, "status")
+    host_git(box, "-c protocol.file.allow=always submodule update --init")
+    assert not os.path.exists(marker(box))
+
+
+def test_config_files_git_reads_from_the_project_are_read_only(box):
+    init_repo(box)
+    box.mkdir(os.path.join(box.project, "conf"))
+    with open(os.path.join(box.project, "conf", "git.cfg"), "w") as handle:
+        handle.write("[alias]\n\tst = status\n")
+    box.chown(box.project)
+    box.ok("git config include.path ../conf/git.cfg")
+    evil = "printf '[core]\\n\\tfsmonitor = touch %s\\n'" % marker(box)
+    write = agent(box, evil + " >> conf/git.cfg")
+    assert write.returncode != 0 and "Read-only" in write.stderr
+    swap = agent(box, "mv conf conf2 && mkdir conf && %s > conf/git.cfg" % evil)
+    assert "disabled %s/conf/git.cfg" % box.project in swap.stderr
+    host_git(box, "status")
+    assert not os.path.exists(marker(box))
+    box.ok("git config include.path ../conf/missing.cfg")
+    missing = box.sh("pi-exec true")
+    assert missing.returncode == 3 and "could create it" in missing.stderr
+
+
+# --- the gate: the agent's git work comes back as data ------------------------
+
+def test_commits_staging_and_a_new_branch_come_back_before_the_prompt(box):
+    init_repo(box)
+    box.ok("echo one > tracked && git add tracked && "
+           "git -c user.name=H -c user.email=h@x commit -qm tracked")
+    agent(box, "echo a > a && git add a && git commit -qm agent && git checkout -qb feature "
+               "&& echo b > b && git add b && echo two > tracked")
+    assert host_git(box, "log --format=%an:%s feature").stdout.split() == [
+        "Agent:agent", "H:tracked", "Host:first"]
+    assert host_git(box, "symbolic-ref --short HEAD").stdout == "feature\n"
+    assert host_git(box, "status --short").stdout.splitlines() == ["A  b", " M tracked"]
+    assert host_git(box, "fsck --no-progress").returncode == 0
+
+
+def test_a_change_hidden_from_git_status_inside_shows_on_the_host(box):
+    init_repo(box)
+    box.ok("echo one > tracked && git add tracked && "
+           "git -c user.name=H -c user.email=h@x commit -qm tracked")
+    agent(box, "echo evil > tracked && git update-index --assume-unchanged tracked && "
+               "git update-index --skip-worktree tracked && git status --short")
+    assert host_git(box, "status --short").stdout == " M tracked\n"
+
+
+def test_a_branch_the_user_moved_during_the_run_is_not_overwritten(box):
+    init_repo(box)
+    ready, go = (os.path.join(box.project, name) for name in ("ready", "go"))
+    run = box_background(box, "pi-exec sh -c 'git commit -q --allow-empty -m agent && "
+                              "touch ready && while [ ! -e go ]; do sleep 0.1; done'")
+    assert wait_until(lambda: os.path.exists(ready), timeout=60)
+    box.ok("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m host-meanwhile")
+    open(go, "w").close()
+    box.chown(go)
+    _out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    branch = host_git(box, "symbolic-ref --short HEAD").stdout.strip()
+    assert host_git(box, "log -1 --format=%s").stdout == "host-meanwhile\n"
+    kept = host_git(box, "for-each-ref --format='%(refname)' refs/pi-agent/").stdout.split()
+    assert len(kept) == 1 and kept[0].endswith("/heads/" + branch)
+    assert host_git(box, "log -1 --format=%s " + kept[0]).stdout == "agent\n"
+    assert "moved on the host during the run" in err and kept[0] in err
+
+
+def test_a_broken_object_is_refused_on_the_way_in(box):
+    init_repo(box)
+    before = host_git(box, "rev-parse HEAD").stdout
+    result = agent(box, """
+        oid=$(printf 'tree 0000000000000000000000000000000000000000\\nauthor nobody\\n\\nbad\\n' |
+              git hash-object -t commit --literally -w --stdin)
+        git update-ref refs/heads/master $oid && git update-ref refs/heads/main $oid
+        """)
+    assert "could not be brought back" in result.stderr
+    assert host_git(box, "rev-parse HEAD").stdout == before
+    assert host_git(box, "fsck --no-progress").returncode == 0
+
+
+def test_a_new_repository_in_a_plain_project_comes_back_clean(box):
+    box.ok("pi-exec true")
+    assert not os.path.exists(os.path.join(box.project, ".git")), "no repository, no trace"
+    result = agent(box, """
+        git init -q && git config core.fsmonitor 'touch {m}'
+        printf '#!/bin/sh\\ntouch {m}\\n' > .git/hooks/post-commit
+        chmod +x .git/hooks/post-commit
+        echo x > x && git add x && git commit -qm first-by-agent
+        git remote add origin https://example.com/r.git
+        """.format(m=marker(box)))
+    assert "agent-config" in result.stderr
+    assert host_git(box, "log --format=%an:%s").stdout == "Agent:first-by-agent\n"
+    assert "fsmonitor" not in host_git(box, "config --list").stdout
+    host_git(box, "status")
+    host_git(box, "-c user.name=H -c user.email=h@x commit -q --allow-empty -m host")
+    assert not os.path.exists(marker(box))
+
+
+def test_agent_commits_carry_the_agents_identity(box):
+    init_repo(box)
+    box.ok("git config user.name 'Host Person' && git config user.email host@example.com")
+    box.ok("pi-exec git commit -q --allow-empty -m one")
+    box.ok("pi-exec git commit -q --allow-empty -m two",
+           env={"PI_AGENT_GIT_IDENTITY": "Review Bot <bot@example.com>"})
+    assert host_git(box, "log -2 --format=%an/%ae/%cn/%G?").stdout.splitlines() == [
+        "Review Bot/bot@example.com/Review Bot/N", "Agent/agent@pi-agent.invalid/Agent/N"]
+
+
+def test_a_worktree_works_inside_and_its_repository_stays_the_hosts(box):
+    init_repo(box)
+    worktree = os.path.join(os.path.dirname(box.project), "wt")
+    box.ok("git -c user.email=h@example.com -c user.name=Host worktree add -q %s" % worktree)
+    common = os.path.join(box.project, ".git")
+    out = agent(box, "echo w > w && git add w && git commit -qm in-worktree && "
+                     "git log -1 --format=%%s; ls %s 2>&1" % common, cwd=worktree)
+    assert out.stdout.startswith("in-worktree\n") and "No such file" in out.stdout
+    assert host_git(box, "log -1 --format=%s wt").stdout == "in-worktree\n"
+    assert host_git(box, "status --short", cwd=worktree).stdout == ""
+
+
+# --- 3. nothing privileged stays in the project -------------------------------
+
+def test_setuid_files_and_root_owned_files_are_given_back(box):
+    result = agent(box, """
+        sudo cp /bin/sh sh-root && sudo chmod 4755 sh-root
+        cp /bin/sh mine && chmod 6755 mine
+        sudo mkdir -m 700 rootdir && sudo cp /bin/sh rootdir/inner
+        sudo chmod 4755 rootdir/inner
+        """)
+    for name in ("sh-root", "mine", "rootdir", os.path.join("rootdir", "inner")):
+        info = os.lstat(os.path.join(box.project, name))
+        assert info.st_uid == box.user.uid, name
+        assert not info.st_mode & (stat.S_ISUID | stat.S_ISGID), name
+    said = "\n".join(warnings(result))
+    assert "sh-root" in said and "mine" in said and "rootdir" in said
+    box.ok("rm -rf rootdir sh-root mine")  # the host user can remove them again
+
+
+def test_device_nodes_and_file_capabilities_cannot_be_made(box):
+    result = agent(box, """
+        sudo mknod kmsg c 1 11 || echo no-mknod
+        cp /bin/ls capls
+        sudo python3 -c "import os; os.setxattr('capls', 'security.capability', \\
+            bytes.fromhex('0100000280000000000000000000000000000000'))" || echo no-setcap
+        """)
+    assert "no-mknod" in result.stdout and "no-setcap" in result.stdout
+    assert not os.path.exists(os.path.join(box.project, "kmsg"))
+    with pytest.raises(OSError):
+        os.getxattr(os.path.join(box.project, "capls"), "security.capability")
+
+
+# --- 4. nothing from the agent's world steers the terminal --------------------
+
+def test_control_characters_in_file_names_reach_no_terminal(box):
+    result = agent(box, "mkdir -p .vscode && touch \".vscode/$(printf '\\033[2K\\rinnocent')\"")
+    notice = [line for line in warnings(result) if ".vscode" in line]
+    assert len(notice) == 1 and "\\x1b[2K\\x0dinnocent" in notice[0]
+    assert "\033" not in result.stderr and "\r" not in result.stderr
+
+
+# --- 5. no host socket reaches the container -----------------------------------
+
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm", "/run"])
+def test_shared_system_directories_are_refused(box, where):
+    result = box.sh("pi-exec true", cwd=where)
+    assert result.returncode == 3 and result.stderr.count("\n") == 1
+    assert box.containers() == [] and "current" not in box.images()
+
+
+def test_a_project_holding_a_socket_is_refused(box):
+    path = os.path.join(box.project, "tmp", "server.sock")
+    os.makedirs(os.path.dirname(path))
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    try:
+        result = box.sh("pi-exec true")
+        assert result.returncode == 3 and "tmp/server.sock" in result.stderr
+        assert box.containers() == [] and "current" not in box.images()
+    finally:
+        server.close()
+
+
+# --- 6. safety options are never mistaken ---------------------------------------
+
+@pytest.mark.parametrize("typo,meant", [("--ofline", "--offline"), ("--wiat", "--wait"),
+                                        ("--hre", "--here")])
+def test_a_near_miss_of_a_wrapper_option_is_an_error(box, typo, meant):
+    result = box.sh("pi %s -p hello" % typo)
+    assert result.returncode == 2 and "did you mean %s?" % meant in result.stderr
+    assert box.containers() == [] and "current" not in box.images()
+
+
+# --- 8. secrets do not outlive the run -----------------------------------------
+
+def test_state_is_private_and_discarded_leftovers_take_their_secrets(box):
+    secret = "sk-canary-2b9d"
+    box.extra_env = {"API_TOKEN": secret, "PI_AGENT_PASS_ENV": "API_TOKEN"}
+    run = start_and_wait_for(box, "/usr/local/left")
+    state = box.state_dir
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    for name in os.listdir(state):
+        if name.endswith((".json", ".log", ".lock")):
+            assert stat.S_IMODE(os.stat(os.path.join(state, name)).st_mode) == 0o600, name
+    os.kill(holder(box)["saver_pid"], signal.SIGKILL)  # before it hears the wrapper end
+    os.kill(wrapper_pid(box), signal.SIGKILL)
+    run.wait(timeout=60)
+    assert subprocess.run(["grep", "-rlq", secret, state]).returncode == 0, "left behind"
+    box.ok("pi-clean-orphans --yes")
+    assert box.containers() == []
+    assert subprocess.run(["grep", "-rlq", secret, state]).returncode == 1, \
+        "no file in the state directory holds the secret any more"
+    assert os.listdir(os.path.join(state, "run")) == []

@@ -882,13 +882,15 @@ def mount_spec(source, destination):
 
 
 class ProjectScan:
-    """One `find` over the project, started at once and read later (so it
-    overlaps other work): C speed, never into another file system, nor into
-    the .git a run replaces with its own. Unreadable paths are passed over."""
+    """One `find` over the project (or parts of it: `starts`), started at
+    once and read later, so that it overlaps other work: C speed, never into
+    another file system, nor into the .git a run replaces with its own.
+    Unreadable paths are passed over."""
 
-    def __init__(self, target, predicate, skip_git):
+    def __init__(self, target, predicate, skip_git, starts=(".",)):
         self.target = target
-        argv = ["find", ".", "-xdev"] + (["-path", "./.git", "-prune", "-o"] if skip_git else [])
+        argv = ["find", *starts, "-xdev"] + (["-path", "./.git", "-prune", "-o"]
+                                             if skip_git else [])
         argv += ["("] + predicate + [")", "-print0"]
         try:
             self.proc = subprocess.Popen(argv, cwd=target, stdout=subprocess.PIPE,
@@ -899,19 +901,103 @@ class ProjectScan:
     def results(self):
         """[(relative path, lstat)] of what matched (and still exists)."""
         out = self.proc.communicate()[0]
-        found = []
-        for raw in out.split(b"\0"):
-            if raw.startswith(b"./"):
-                path = os.fsdecode(raw[2:])
-                try:
-                    found.append((path, os.lstat(os.path.join(self.target, path))))
-                except OSError:
-                    pass
+        return lstat_all(self.target, (os.fsdecode(raw[2:]) if raw.startswith(b"./") else ""
+                                       for raw in out.split(b"\0") if raw))
+
+
+def lstat_all(target, paths):
+    found = []
+    for path in paths:
+        try:
+            found.append((path, os.lstat(os.path.join(target, path))))
+        except OSError:
+            pass
+    return found
+
+
+class ProjectWatch:
+    """inotify on every directory of the project, armed before the run, so
+    that the sweep after it looks only at what changed instead of at every
+    file. At any doubt (no inotify here, too many directories, events lost,
+    a directory moved) it says so and the sweep looks at everything."""
+
+    # inotify(7): ATTRIB, CLOSE_WRITE, MOVED_FROM, MOVED_TO, CREATE, MOVE_SELF
+    MASK = 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x800
+    ONLYDIR, DONT_FOLLOW, OVERFLOW, ISDIR = 0x01000000, 0x02000000, 0x4000, 0x40000000
+    MOVED_FROM, MOVED_TO, CREATE, SELF = 0x40, 0x80, 0x100, 0x800
+    MAX_DIRS = 20000
+
+    def __init__(self, target, dirs):
+        self.target, self.fd, self.paths = target, None, {}
+        if len(dirs) > self.MAX_DIRS:
+            return
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        except (ImportError, OSError, AttributeError):
+            return
+        if fd < 0:
+            return
+        for path in dirs:
+            wd = libc.inotify_add_watch(fd, os.fsencode(os.path.join(target, path)),
+                                        self.MASK | self.ONLYDIR | self.DONT_FOLLOW)
+            if wd < 0:  # a watch limit, most likely
+                os.close(fd)
+                return
+            self.paths[wd] = path
+        self.fd = fd
+
+    def changed(self):
+        """(paths that changed, new directories), relative; or None: the
+        sweep must look at everything. (Closing the watch is cheap only if
+        another process still holds it: see the saver.)"""
+        if self.fd is None:
+            return None
+        chunks = []
+        try:
+            while True:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        data, pos, paths, new_dirs = b"".join(chunks), 0, set(), set()
+        while pos + 16 <= len(data):
+            wd, mask, _cookie, size = struct.unpack_from("iIII", data, pos)
+            name = os.fsdecode(data[pos + 16:pos + 16 + size].rstrip(b"\0"))
+            pos += 16 + size
+            if mask & self.OVERFLOW or mask & self.SELF or (
+                    mask & self.ISDIR and mask & self.MOVED_FROM):
+                return None
+            if wd not in self.paths or not name:
+                continue
+            path = os.path.join(self.paths[wd], name)
+            (new_dirs if mask & self.ISDIR and mask & (self.CREATE | self.MOVED_TO)
+             else paths).add(path)
+        return paths, new_dirs
+
+    def found(self, predicate, skip_git):
+        """What a full scan with `predicate` would find among the changes,
+        or None."""
+        changes = self.changed()
+        if changes is None:
+            return None
+        paths, new_dirs = changes
+        found = lstat_all(self.target, sorted(paths))
+        if new_dirs:
+            found += ProjectScan(self.target, predicate, skip_git,
+                                 ["./" + path for path in sorted(new_dirs)]).results()
         return found
 
 
-# Pre-run: what a run must know (git directories to protect, sockets).
-SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s"]
+# Pre-run: what a run must know (git directories to protect, sockets), and
+# the directories to watch.
+SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s", "-o", "-type", "d"]
 
 
 def scan_after(uid):
@@ -1051,24 +1137,34 @@ def read_head(dir_fd):
     return ref_value(read_regular("HEAD", 4096, dir_fd=dir_fd))
 
 
-def host_git(repo_dir, *args, stdin=None, env=None, check=True):
+def host_git_process(repo_dir, *args, env=None, stdin=None):
     """Host git on a repository pi-agent trusts, named explicitly (never
     discovered; None for git init), with none of the caller's GIT_*
-    redirections."""
+    redirections; started, with its output piped."""
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
                                                         "GIT_CONFIG_NOSYSTEM", "GIT_EXEC_PATH")}
     clean.update(env or {}, GIT_TERMINAL_PROMPT="0")
     try:
-        result = subprocess.run(["git", *(["--git-dir", repo_dir] if repo_dir else []), *args],
-                                input=stdin, env=clean,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(["git", *(["--git-dir", repo_dir] if repo_dir else []), *args],
+                                env=clean, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise PiError("git is not installed on this host", EXIT_NOT_FOUND)
-    if check and result.returncode != 0:
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
-        raise PiError("git %s failed: %s" % (args[0], lines[-1] if lines else "no message"))
-    return result
+
+
+def git_failure(args, stderr):
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return PiError("git %s failed: %s" % (args[0], lines[-1] if lines else "no message"))
+
+
+def host_git(repo_dir, *args, stdin=None, check=True):
+    """Run host git (see host_git_process) to the end."""
+    proc = host_git_process(repo_dir, *args, stdin=subprocess.PIPE if stdin else None)
+    out, err = proc.communicate(stdin)
+    if check and proc.returncode != 0:
+        raise git_failure(args, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # --- the index: read, checked, written back without what could hide a change
@@ -1080,29 +1176,20 @@ class IndexEntry:
         self.path, self.stage, self.stat, self.mode = path, stage, stat_fields, mode
         self.oid, self.flags, self.extended = oid, flags, extended
 
-    def same_content(self, other):
-        return (self.path, self.stage, self.mode, self.oid) == \
-            (other.path, other.stage, other.mode, other.oid)
-
 
 INDEX_ASSUME_VALID = 0x8000
 INDEX_EXTENDED = 0x4000
 INDEX_SKIP_WORKTREE = 0x4000   # of the extended flags
 INDEX_INTENT_TO_ADD = 0x2000   # of the extended flags
-INDEX_MODES = (0o100644, 0o100755, 0o120000, 0o160000)
-
-
-def index_path_ok(path):
-    """A path git could check out without leaving the work tree or writing
-    into a .git (as git's own verify_path insists)."""
-    if not path or path.startswith(b"/") or path.endswith(b"/"):
-        return False
-    for part in path.split(b"/"):
-        folded = part.lower().rstrip(b". ")
-        if part in (b"", b".", b"..") or folded == b".git" or folded == b"git~1" \
-                or any(byte < 0x20 or byte == 0x7f for byte in part):
-            return False
-    return True
+INDEX_MODES = frozenset((0o100644, 0o100755, 0o120000, 0o160000))
+# A path git could check out without leaving the work tree or writing into
+# a .git (git's own verify_path insists on as much): this finds any other.
+BAD_INDEX_PATH = re.compile(
+    rb"[\x00-\x1f\x7f]|^/|/$|(?:^|/)(?:\.{0,2}|\.git[. ]*|git~1)(?:/|$)", re.I)
+NO_STAT = (0,) * 9
+# Directories without a cached tree past which host git rebuilds the cache
+# (git write-tree) after the agent's index is brought back.
+STALE_TREES = 8
 
 
 def varint(data, pos):
@@ -1117,59 +1204,63 @@ def varint(data, pos):
     return value, pos
 
 
-def parse_index(data, hash_len):
-    """The entries of a git index (versions 2 to 4), checked: its checksum,
-    sort order, modes and paths. Required extensions (a split or sparse
-    index) are refused; optional ones dropped. ValueError if anything is
-    off."""
+def parse_index(data, hash_len, trusted=False):
+    """The entries of a git index (versions 2 to 4), checked unless it is
+    the host's own (`trusted`): its checksum, sort order, modes and paths.
+    Required extensions (a split or sparse index) are refused; optional ones
+    dropped. ValueError if anything is off."""
     import hashlib
     if len(data) < 12 + hash_len or data[:4] != b"DIRC":
         raise ValueError("not an index file")
     digest = data[-hash_len:]
     algorithm = "sha1" if hash_len == 20 else "sha256"
-    if digest != bytes(hash_len) and hashlib.new(algorithm, data[:-hash_len]).digest() != digest:
+    if not trusted and digest != bytes(hash_len) and \
+            hashlib.new(algorithm, data[:-hash_len]).digest() != digest:
         raise ValueError("its checksum is wrong")
     version, count = struct.unpack_from(">LL", data, 4)
     if version not in (2, 3, 4):
         raise ValueError("index version %d" % version)
-    entries, pos, previous, fixed = [], 12, b"", 40 + hash_len + 2
+    head = struct.Struct(">10L%dsH" % hash_len)
+    unpack, find, fixed, short = head.unpack_from, data.index, head.size, struct.Struct(">H")
+    entries, pos, previous, last = [], 12, b"", (b"", -1)
     end_of_entries = len(data) - hash_len
-    for _ in range(count):
-        start = pos
-        fields = struct.unpack_from(">10L", data, pos)
-        oid = data[pos + 40:pos + 40 + hash_len].hex()
-        flags, = struct.unpack_from(">H", data, pos + 40 + hash_len)
-        pos += fixed
-        extended = 0
-        if flags & INDEX_EXTENDED:
-            if version < 3:
-                raise ValueError("extended flags in a version 2 index")
-            extended, = struct.unpack_from(">H", data, pos)
-            pos += 2
-        if version == 4:
-            strip, pos = varint(data, pos)
-            end = data.index(b"\0", pos)
-            if strip > len(previous):
-                raise ValueError("a bad path prefix")
-            path = previous[:len(previous) - strip] + data[pos:end]
-            pos = end + 1
-        else:
-            end = data.index(b"\0", pos)
-            path = data[pos:end]
-            pos = start + ((end - start + 8) & ~7)
-        if pos > end_of_entries:
-            raise ValueError("it is truncated")
-        mode = fields[6]
-        if mode not in INDEX_MODES:
-            raise ValueError("an entry of mode %o (a sparse index?)" % mode)
-        if not index_path_ok(path):
-            raise ValueError("a path git would refuse: %r" % path)
-        stage = (flags >> 12) & 3
-        if entries and (entries[-1].path, entries[-1].stage) >= (path, stage):
-            raise ValueError("its entries are out of order")
-        entries.append(IndexEntry(path, stage, fields[:6] + fields[7:], mode, oid,
-                                  flags & INDEX_ASSUME_VALID, extended))
-        previous = path
+    try:
+        for _ in range(count):
+            start = pos
+            c_s, c_n, m_s, m_n, dev, ino, mode, uid, gid, size, oid, flags = unpack(data, pos)
+            pos += fixed
+            extended = 0
+            if flags & INDEX_EXTENDED:
+                if version < 3:
+                    raise ValueError("extended flags in a version 2 index")
+                extended, = short.unpack_from(data, pos)
+                pos += 2
+            if version == 4:
+                strip, pos = varint(data, pos)
+                end = find(b"\0", pos)
+                if strip > len(previous):
+                    raise ValueError("a bad path prefix")
+                path = previous[:len(previous) - strip] + data[pos:end]
+                pos = end + 1
+            else:
+                end = find(b"\0", pos)
+                path = data[pos:end]
+                pos = start + ((end - start + 8) & ~7)
+            key = (path, (flags >> 12) & 3)
+            if not trusted:
+                if mode not in INDEX_MODES:
+                    raise ValueError("an entry of mode %o (a sparse index?)" % mode)
+                if BAD_INDEX_PATH.search(path):
+                    raise ValueError("a path git would refuse: %r" % path)
+                if key <= last:
+                    raise ValueError("its entries are out of order")
+            entries.append(IndexEntry(path, key[1], (c_s, c_n, m_s, m_n, dev, ino, uid, gid, size),
+                                      mode, oid, flags & INDEX_ASSUME_VALID, extended))
+            previous, last = path, key
+    except (struct.error, IndexError):
+        raise ValueError("it is truncated")
+    if pos > end_of_entries:
+        raise ValueError("it is truncated")
     while pos + 8 <= end_of_entries:
         signature = data[pos:pos + 4]
         size, = struct.unpack_from(">L", data, pos + 4)
@@ -1179,43 +1270,181 @@ def parse_index(data, hash_len):
     return entries
 
 
-def write_index(entries, hash_len):
-    """A version 2 index (3 when an entry needs extended flags) of `entries`,
-    with no extension: git rebuilds its caches itself."""
+def entry_bytes(entry, hash_len):
+    """One entry as an index of version 2 or 3 stores it."""
+    path, extended = entry.path, entry.extended
+    flags = entry.flags | (entry.stage << 12) | min(len(path), 0xFFF) | (
+        INDEX_EXTENDED if extended else 0)
+    c_s, c_n, m_s, m_n, dev, ino, uid, gid, size = entry.stat
+    record = struct.pack(">10L%dsH" % hash_len, c_s, c_n, m_s, m_n, dev, ino, entry.mode, uid,
+                         gid, size, entry.oid, flags)
+    if extended:
+        record += struct.pack(">H", extended)
+    length = len(record) + len(path)
+    return record + path + b"\0" * (((length + 8) & ~7) - length)
+
+
+def index_entries(data, hash_len, trusted=False):
+    """The entries of a git index, each as the bytes of a version 2/3 entry
+    (a version 4 index is decoded), after checking the header, checksum and
+    extensions unless it is the host's own (`trusted`)."""
     import hashlib
-    version = 3 if any(entry.extended for entry in entries) else 2
-    out = [struct.pack(">4sLL", b"DIRC", version, len(entries))]
+    if len(data) < 12 + hash_len or data[:4] != b"DIRC":
+        raise ValueError("not an index file")
+    version, count = struct.unpack_from(">LL", data, 4)
+    if version == 4:
+        return [entry_bytes(entry, hash_len) for entry in parse_index(data, hash_len, trusted)]
+    if version not in (2, 3):
+        raise ValueError("index version %d" % version)
+    digest = data[-hash_len:]
+    if not trusted and digest != bytes(hash_len) and hashlib.new(
+            "sha1" if hash_len == 20 else "sha256", data[:-hash_len]).digest() != digest:
+        raise ValueError("its checksum is wrong")
+    fixed, find, entries, pos = 40 + hash_len + 2, data.index, [], 12
+    end_of_entries = len(data) - hash_len
+    try:
+        for _ in range(count):
+            end = find(b"\0", pos + fixed + (2 if data[pos + fixed - 2] & 0x40 else 0))
+            after = pos + ((end - pos + 8) & ~7)
+            entries.append(data[pos:after])
+            pos = after
+    except (IndexError, ValueError):
+        raise ValueError("it is truncated")
+    if pos > end_of_entries:
+        raise ValueError("it is truncated")
+    while not trusted and pos + 8 <= end_of_entries:
+        signature = data[pos:pos + 4]
+        if not b"A" <= signature[:1] <= b"Z":
+            raise ValueError("a %s extension" % signature.decode("ascii", "replace"))
+        pos += 8 + struct.unpack_from(">L", data, pos + 4)[0]
+    return entries
+
+
+def index_extension(data, hash_len, entries, name):
+    """The data of one extension of a (trusted) index, or None."""
+    pos, end = 12 + sum(map(len, entries)), len(data) - hash_len
+    while pos + 8 <= end:
+        size = struct.unpack_from(">L", data, pos + 4)[0]
+        if data[pos:pos + 4] == name:
+            return data[pos + 8:pos + 8 + size]
+        pos += 8 + size
+    return None
+
+
+def parse_cache_tree(data, hash_len):
+    """A TREE extension as nested [name, entry count, tree ID, subtrees];
+    a count of -1 (and no ID) marks a directory whose tree must be made."""
+    pos = 0
+
+    def node():
+        nonlocal pos
+        end = data.index(b"\0", pos)
+        name, pos = data[pos:end], end + 1
+        end = data.index(b"\n", pos)
+        count, subtrees = (int(field) for field in data[pos:end].split(b" "))
+        pos, oid = end + 1, None
+        if count >= 0:
+            oid, pos = data[pos:pos + hash_len], pos + hash_len
+        return [name, count, oid, [node() for _ in range(subtrees)]]
+    return node()
+
+
+def invalidate_tree(root, path):
+    """The directories holding `path` lose their cached trees."""
+    node = root
+    node[1:3] = -1, None
+    for part in path.split(b"/")[:-1]:
+        node = next((child for child in node[3] if child[0] == part), None)
+        if node is None:
+            return
+        node[1:3] = -1, None
+
+
+def cache_tree_bytes(node):
+    head = node[0] + b"\0" + b"%d %d\n" % (node[1], len(node[3])) + (node[2] or b"")
+    return head + b"".join(cache_tree_bytes(child) for child in node[3])
+
+
+def invalid_trees(node):
+    return (node[1] < 0) + sum(invalid_trees(child) for child in node[3])
+
+
+def entry_key(raw, fixed):
+    """(path, stage) of an entry's bytes; `fixed` is the size of its head."""
+    high = raw[fixed - 2]
+    start = fixed + (2 if high & 0x40 else 0)
+    return raw[start:raw.index(b"\0", start)], (high >> 4) & 3
+
+
+def decode_entry(raw, hash_len, trusted=False):
+    head = struct.Struct(">10L%dsH" % hash_len)
+    c_s, c_n, m_s, m_n, dev, ino, mode, uid, gid, size, oid, flags = head.unpack_from(raw)
+    extended = struct.unpack_from(">H", raw, head.size)[0] if flags & INDEX_EXTENDED else 0
+    path, stage = entry_key(raw, head.size)
+    if not trusted and mode not in INDEX_MODES:
+        raise ValueError("an entry of mode %o (a sparse index?)" % mode)
+    if not trusted and BAD_INDEX_PATH.search(path):
+        raise ValueError("a path git would refuse: %r" % path)
+    return IndexEntry(path, stage, (c_s, c_n, m_s, m_n, dev, ino, uid, gid, size), mode, oid,
+                      flags & INDEX_ASSUME_VALID, extended)
+
+
+def sanitized_index(agent_data, host_data, hash_len):
+    """The agent's index made unable to hide a change from host git, and
+    the objects it needs: an entry the host had exactly is kept as it is; one
+    whose content the host had (only the agent's stat data or flags differ)
+    becomes the host's; any other gets no stat data (git compares its
+    content with the file's) and loses assume-unchanged and skip-worktree.
+    No extension is kept: git rebuilds its caches. (None, ...) when nothing
+    staged differs; ValueError for an index that is not to be used."""
+    import hashlib
     fixed = 40 + hash_len + 2
-    for entry in entries:
-        flags = entry.flags | (entry.stage << 12) | min(len(entry.path), 0xFFF) | (
-            INDEX_EXTENDED if entry.extended else 0)
-        fields = entry.stat[:6] + (entry.mode,) + entry.stat[6:]
-        record = struct.pack(">10L", *fields) + bytes.fromhex(entry.oid) + struct.pack(">H", flags)
-        if entry.extended:
-            record += struct.pack(">H", entry.extended)
-        length = fixed + (2 if entry.extended else 0) + len(entry.path)
-        out.append(record + entry.path + b"\0" * (((length + 8) & ~7) - length))
-    body = b"".join(out)
-    return body + hashlib.new("sha1" if hash_len == 20 else "sha256", body).digest()
-
-
-def sanitized_entries(agent, host):
-    """The agent's index, made unable to hide a change from host git: an
-    entry the host had as it is keeps the host's stat data and flags; any
-    other gets none (git compares its content with the file's) and loses
-    assume-unchanged and skip-worktree. None when nothing staged differs."""
-    known = {(entry.path, entry.stage): entry for entry in host}
-    merged, differs = [], len(agent) != len(host)
-    for entry in agent:
-        before = known.get((entry.path, entry.stage))
-        if before is not None and before.same_content(entry) and \
-                (entry.extended & INDEX_INTENT_TO_ADD) == (before.extended & INDEX_INTENT_TO_ADD):
-            merged.append(before)
+    agent = index_entries(agent_data, hash_len)
+    host = index_entries(host_data, hash_len, trusted=True) if host_data else []
+    merged, needed, changed, j = [], set(), set(), 0
+    # Both are sorted: walk them side by side. An entry equal to the host's
+    # next one is the host's own and costs a comparison; only the others
+    # are decoded, checked and placed.
+    for raw in agent:
+        if j < len(host) and raw == host[j]:
+            merged.append(raw)
+            j += 1
             continue
-        differs = True
-        merged.append(IndexEntry(entry.path, entry.stage, (0,) * 9, entry.mode, entry.oid, 0,
-                                 entry.extended & INDEX_INTENT_TO_ADD))
-    return merged if differs else None
+        entry = decode_entry(raw, hash_len)
+        key = (entry.path, entry.stage)
+        if merged and entry_key(merged[-1], fixed) >= key:
+            raise ValueError("its entries are out of order")
+        while j < len(host) and entry_key(host[j], fixed) < key:
+            changed.add(entry_key(host[j], fixed)[0])  # the agent removed it
+            j += 1
+        if j < len(host) and entry_key(host[j], fixed) == key:
+            before, j = host[j], j + 1
+            old = decode_entry(before, hash_len, trusted=True)
+            if (old.mode, old.oid, old.extended & INDEX_INTENT_TO_ADD) == \
+                    (entry.mode, entry.oid, entry.extended & INDEX_INTENT_TO_ADD):
+                merged.append(before)
+                continue
+        merged.append(entry_bytes(IndexEntry(entry.path, entry.stage, NO_STAT, entry.mode,
+                                             entry.oid, 0, entry.extended & INDEX_INTENT_TO_ADD),
+                                  hash_len))
+        changed.add(entry.path)
+        if entry.mode != 0o160000:
+            needed.add(entry.oid.hex())
+    changed.update(entry_key(raw, fixed)[0] for raw in host[j:])
+    if merged == host:
+        return None, set(), False
+    # The host's own tree cache, less the directories whose entries changed:
+    # without it every later commit would make every tree again.
+    tree = index_extension(host_data, hash_len, host, b"TREE") if host_data else None
+    tree = parse_cache_tree(tree, hash_len) if tree else [b"", -1, None, []]
+    for path in changed:
+        invalidate_tree(tree, path)
+    version = 3 if any(raw[fixed - 2] & 0x40 for raw in merged) else 2
+    tree_data = cache_tree_bytes(tree)
+    body = struct.pack(">4sLL", b"DIRC", version, len(merged)) + b"".join(merged) + \
+        b"TREE" + struct.pack(">L", len(tree_data)) + tree_data
+    digest = hashlib.new("sha1" if hash_len == 20 else "sha256", body).digest()
+    return body + digest, needed, invalid_trees(tree) > STALE_TREES
 
 
 # --- seeding: the private git directory, from the host's (read, never written)
@@ -1358,11 +1587,13 @@ def gate_mounts(record, run_dir):
 
 # --- the hand-back: what the agent did to git, brought back as data
 
-def copy_objects(gate_fd, dest):
-    """Copy the agent's loose objects and packs out of its git directory,
-    reading only plain files through directories that are not links.
-    Returns how many files were copied."""
-    copied = 0
+def link_objects(gate_fd, dest):
+    """Hard links in `dest` to the agent's loose objects and packs (a copy
+    where a link is not allowed): only plain files, reached through
+    directories that are not links. The container has stopped, so none of
+    them can change any more. Returns how many there are."""
+    import shutil
+    count = 0
     try:
         objects = open_dir("objects", gate_fd)
     except OSError:
@@ -1370,9 +1601,9 @@ def copy_objects(gate_fd, dest):
     try:
         for entry in os.scandir(objects):
             if re.fullmatch(r"[0-9a-f]{2}", entry.name):
-                pattern, sub = r"[0-9a-f]{38}(?:[0-9a-f]{24})?", entry.name
+                pattern = r"[0-9a-f]{38}(?:[0-9a-f]{24})?"
             elif entry.name == "pack":
-                pattern, sub = r"pack-[0-9a-f]{40,64}\.(?:pack|idx)", "pack"
+                pattern = r"pack-[0-9a-f]{40,64}\.(?:pack|idx)"
             else:
                 continue
             try:
@@ -1381,29 +1612,46 @@ def copy_objects(gate_fd, dest):
                 continue
             try:
                 for item in os.scandir(fd):
-                    if not re.fullmatch(pattern, item.name):
+                    if not (re.fullmatch(pattern, item.name) and
+                            item.is_file(follow_symlinks=False)):
                         continue
-                    data = read_regular(item.name, 1 << 40, dir_fd=fd)
-                    if data is not None:
-                        os.makedirs(os.path.join(dest, sub), exist_ok=True)
-                        write_file(os.path.join(dest, sub, item.name), data)
-                        copied += 1
+                    os.makedirs(os.path.join(dest, entry.name), exist_ok=True)
+                    target = os.path.join(dest, entry.name, item.name)
+                    try:
+                        os.link(item.name, target, src_dir_fd=fd, follow_symlinks=False)
+                    except OSError:  # not ours to link (protected_hardlinks)
+                        source = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+                        with os.fdopen(source, "rb") as reading, open(target, "xb") as writing:
+                            shutil.copyfileobj(reading, writing)
+                    count += 1
             finally:
                 os.close(fd)
     finally:
         os.close(objects)
-    return copied
+    return count
 
 
 def import_objects(gitdir, incoming, wanted, have):
     """Into the host repository: the objects reachable from `wanted` and
-    not from `have`, packed by host git from the copied ones, then checked
-    object by object and for completeness (index-pack --strict)."""
+    not from `have`, packed by host git from the linked ones, and checked
+    on the way in, object by object and for completeness (index-pack
+    --strict), the one piping into the other."""
     revs = "".join(oid + "\n" for oid in sorted(wanted)) + "--not\n" + \
         "".join(oid + "\n" for oid in sorted(have))
-    packed = host_git(gitdir, "pack-objects", "--revs", "--stdout", "-q", stdin=revs.encode(),
-                      env={"GIT_ALTERNATE_OBJECT_DIRECTORIES": incoming})
-    host_git(gitdir, "index-pack", "--stdin", "--strict", stdin=packed.stdout)
+    packing = host_git_process(gitdir, "pack-objects", "--revs", "--stdout", "-q",
+                               env={"GIT_ALTERNATE_OBJECT_DIRECTORIES": incoming},
+                               stdin=subprocess.PIPE)
+    indexing = host_git_process(gitdir, "index-pack", "--stdin", "--strict",
+                                stdin=packing.stdout)
+    packing.stdout.close()  # index-pack alone reads it now
+    packing.stdin.write(revs.encode())
+    packing.stdin.close()
+    index_err = indexing.communicate()[1]
+    pack_err = packing.stderr.read()
+    if packing.wait() != 0:
+        raise git_failure(("pack-objects",), pack_err)
+    if indexing.returncode != 0:
+        raise git_failure(("index-pack",), index_err)
 
 
 def adopt_repository(record, gate_fd):
@@ -1508,22 +1756,20 @@ def apply_index(record, repo, gate_fd, hash_len, wanted):
                                "yours stays, and what the agent staged is not applied")
         return None
     try:
-        agent = parse_index(read_regular("index", 1 << 30, dir_fd=gate_fd) or b"", hash_len)
-        host = parse_index(read_regular(host_path, 1 << 30) or b"", hash_len) \
-            if host_now else []
+        data, needed, stale = sanitized_index(
+            read_regular("index", 1 << 30, dir_fd=gate_fd) or b"",
+            read_regular(host_path, 1 << 30) if host_now else b"", hash_len)
     except ValueError as err:
         record["notes"].append("the agent's staging area (index) is not applied: %s" % err)
         return None
-    merged = sanitized_entries(agent, host)
-    if merged is None:
-        return None
-    wanted.update(entry.oid for entry in merged if entry.stat == (0,) * 9
-                  and entry.mode != 0o160000)
-    return write_index(merged, hash_len)
+    wanted.update(needed)
+    return data and (data, stale)
 
 
-def write_host_index(repo, data, record):
-    """Replace the host's index the way git does: through index.lock."""
+def write_host_index(repo, index, record):
+    """Replace the host's index the way git does, through index.lock; then,
+    when its tree cache has gone stale, host git rebuilds it."""
+    data, stale = index
     path = os.path.join(repo["gitdir"], "index")
     try:
         fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -1534,6 +1780,8 @@ def write_host_index(repo, data, record):
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     os.replace(path + ".lock", path)
+    if stale:
+        host_git(repo["gitdir"], "write-tree", check=False)  # not with a merge unresolved
 
 
 def state_file_ok(name, text):
@@ -1612,7 +1860,7 @@ def hand_back_git(run_dir, record):
         index = apply_index(record, repo, gate_fd, hash_len, wanted)
         have = {oid for oid in record["refs"].values() if OID_RE.fullmatch(oid)}
         incoming = os.path.join(run_dir, "incoming")
-        if wanted - have and copy_objects(gate_fd, incoming):
+        if wanted - have and link_objects(gate_fd, incoming):
             try:
                 import_objects(repo["gitdir"], incoming, wanted, have)
             except PiError as err:
@@ -1687,13 +1935,9 @@ def guarded_dirs(config):
 def start_config_listing(repo):
     """Host git's own list of the configuration it reads for the repository
     (each value with the file it came from), started now, read later."""
-    clean = {name: value for name, value in os.environ.items() if not name.startswith("GIT_")
-             or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CONFIG_NOSYSTEM")}
     try:
-        return subprocess.Popen(["git", "--git-dir", repo.gitdir, "config", "--list",
-                                 "--show-origin", "-z"], env=clean, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-    except OSError:
+        return host_git_process(repo.gitdir, "config", "--list", "--show-origin", "-z")
+    except PiError:
         return None
 
 
@@ -1750,10 +1994,10 @@ class Project:
     git directories are mounted read-only), what host git reads from it."""
 
     def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
-                 git_files=None, protected=(), object_format="sha1"):
+                 git_files=None, protected=(), object_format="sha1", dirs=()):
         self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
         self.gated, self.protected, self.format = gated, list(protected), object_format
-        self.git_dirs, self.git_files = git_dirs or {}, git_files or {}
+        self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
 
     @classmethod
     def inspect(cls, config, cwd, here):
@@ -1779,8 +2023,9 @@ class Project:
             raise Refused("refusing to mount %s: it holds %d git repositories, each of which "
                           "would be mounted read-only; cd into one and use --here"
                           % (target, len(git_dirs)))
+        dirs = [path for path, info in found if stat.S_ISDIR(info.st_mode)]
         return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
-                   facts["format"])
+                   facts["format"], dirs)
 
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
@@ -1961,7 +2206,9 @@ def snapshot_epoch(name):
     match = SNAPSHOT_RE.match(name)
     if not match:
         return None
-    then = time.strptime(match.group(1) + match.group(2), "%Y%m%d%H%M%S")
+    digits = match.group(1) + match.group(2)  # not strptime: its import costs every run
+    then = [int(digits[start:end]) for start, end in ((0, 4), (4, 6), (6, 8), (8, 10),
+                                                      (10, 12), (12, 14))]
     return utc_epoch(then) + int(match.group(3)) / 1000
 
 
@@ -2329,9 +2576,10 @@ def add_snapshot(line, state, image_ref, epoch=None):
     return name
 
 
-def drop_snapshot(line, state, name):
-    """Take back a snapshot that kept nothing new (its image is current)."""
-    docker("rmi", line.snap(name), check=False)
+def drop_snapshot(line, state, name, also=()):
+    """Take back a snapshot that kept nothing new (its image is current);
+    `also`: other images to remove in the same call."""
+    docker("rmi", line.snap(name), *also, check=False)
     if name in (state.get("snapshots") or []):
         state["snapshots"].remove(name)
 
@@ -2766,18 +3014,41 @@ def read_run_record(run_dir):
     return record if isinstance(record, dict) else None
 
 
-def remove_run_dir(run_dir, script_only=False):
+def remove_run_dir(run_dir, script_only=False, line=None):
     """The script goes when the run ends; the rest of the directory stays
     until the container is removed, so that a saved container whose remover
-    died is told from one it removed without asking the engine."""
+    died is told from one it removed without asking the engine. What the
+    agent left there as root (in its git directory) goes as root."""
+    import shutil
     if script_only:
         try:
             os.remove(os.path.join(run_dir, RUN_SCRIPT))
         except FileNotFoundError:
             pass
         return
-    import shutil
-    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        shutil.rmtree(run_dir)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if line is not None:
+            try:
+                give_back(line, os.path.dirname(run_dir), [os.path.basename(run_dir)],
+                          os.getuid(), os.getgid())
+            except PiError:
+                pass
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def abandon_run_dir(run_dir, record):
+    """The directory of a run that never started goes, with the empty .git
+    it made in a project that has no repository."""
+    if record.get("made_dot"):
+        try:
+            os.rmdir(os.path.join(record["target"], ".git"))
+        except OSError:
+            pass
+    remove_run_dir(run_dir)
 
 
 def make_home_parents(line, plan):
@@ -2905,11 +3176,12 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
         changed = not only_mountpoint_changes(docker("diff", container).stdout, mount)
     snap = snapshot
     if not changed:
-        if not branched:
+        if branched:
+            docker("rmi", new_id, check=False)
+        else:
             docker("tag", image["Id"], line.current)
-            drop_snapshot(line, state, snapshot)
+            drop_snapshot(line, state, snapshot, also=[new_id])
             remember_current(state, image)
-        docker("rmi", new_id, check=False)
         snap = None
     elif branched:
         snap = add_snapshot(line, state, new_id)
@@ -2943,7 +3215,7 @@ def finish_run_dir(line, run_dir):
     record = read_run_record(run_dir)
     if record is not None:
         show_notes(line, end_run(line, run_dir, record))
-    remove_run_dir(run_dir)
+    remove_run_dir(run_dir, line=line)
 
 
 def start_listing_runs(line, sizes=False):
@@ -3062,14 +3334,20 @@ def recover_leftovers(line, state, listing=None, only=None):
     return recovered
 
 
+# The wrapper's words to the saver, one line each: the container could not
+# start; it stopped, with this status (the save begins); the run was ended
+# (end_run). The saver answers "ok [SNAPSHOT]" or "error CODE MESSAGE".
+SAID_ABORT, SAID_STATUS, SAID_ENDED = "abort", "status", "ended"
+
+
 class Saver:
     """The detached process that saves a run, forked before the container
     starts. It shares the lock, listens on a pipe for the wrapper's word, and
     when the wrapper is gone (exit, Ctrl-C, hangup, kill -9) saves anyway."""
 
-    def __init__(self, line, lock, state, plan, stale=(), verify=False):
+    def __init__(self, line, lock, state, plan, stale=(), verify=False, keep=()):
         self.line, self.lock, self.state, self.plan = line, lock, state, plan
-        self.stale, self.verify = list(stale), verify
+        self.stale, self.verify, self.keep = list(stale), verify, set(keep)
         self.pid = None
         self.to_saver = None
         self.from_saver = None
@@ -3088,7 +3366,7 @@ class Saver:
                 os.setsid()
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                self._detach_stdio(keep={self.lock.fd, down_r, up_w})
+                self._detach_stdio(keep={self.lock.fd, down_r, up_w} | self.keep)
                 code = self._main(down_r, up_w)
             except BaseException as err:  # the saver must never die silently
                 self.line.log("saver crashed: %r" % (err,))
@@ -3157,10 +3435,11 @@ class Saver:
         # is saved as a snapshot and current stays.
         checking = DockerCall(("image", "inspect", "--format", "{{.Id}}", line.current)) \
             if self.verify else None
-        messages = []
-        with os.fdopen(down_r, "r") as pipe:
-            for text in pipe:
-                messages.append(text.strip())
+        messages, pipe = [], os.fdopen(down_r, "r")
+        for text in pipe:  # until the container has stopped, or the wrapper is gone
+            messages.append(text.strip())
+            if text.startswith((SAID_STATUS, SAID_ABORT)):
+                break
         tagged = tagging.finish(check=False).returncode == 0
         current_id = None
         if checking:
@@ -3172,14 +3451,13 @@ class Saver:
                 state["removing"].pop(name, None)
                 finish_run_dir(line, os.path.join(line.run_dir, name))
         remove_run_dir(plan.run_dir, script_only=True)
-        status = next((m.split()[1] for m in messages if m.startswith("status ")), None)
+        status = next((m.split()[1] for m in messages if m.startswith(SAID_STATUS)), None)
         state["holder"].update(phase="saving", saver_pid=os.getpid())
         line.write_state(state)
-        if "abort" in messages:
+        if SAID_ABORT in messages:
             # `docker run` failed; a container it may have created is junk.
             docker("rm", "-f", "-v", plan.container, check=False)
-            discard_gate(line, plan.run_dir, plan.record)
-            remove_run_dir(plan.run_dir)
+            abandon_run_dir(plan.run_dir, plan.record)
             drop_snapshot(line, state, plan.snapshot)
             state.pop("current", None)  # perhaps what made it fail
             self._report(up_w, "ok")
@@ -3192,8 +3470,7 @@ class Saver:
                 # `docker run` may still be creating it (without its run
                 # script, it fails): leave the state dirty so the next
                 # lifecycle looks for it. Its recovery tags the snapshot again.
-                discard_gate(line, plan.run_dir, plan.record)
-                remove_run_dir(plan.run_dir)
+                abandon_run_dir(plan.run_dir, plan.record)
                 drop_snapshot(line, state, plan.snapshot)
                 line.write_state(state)
                 line.log("%s does not exist (yet?); the next run will look again" % plan.container)
@@ -3213,6 +3490,8 @@ class Saver:
             state["notice"] = notice
             line.write_state(state)
             line.log(notice)
+            for _ in pipe:  # the wrapper is still ending the run: let it
+                pass
             if not self._report(up_w, "error %d %s" % (err.code, notice)):
                 say(notice)
             return 1
@@ -3223,10 +3502,14 @@ class Saver:
                                "current stays as it is and the run is snapshot %s (pi-rollback "
                                "%s to use it)" % (line.current, plan.kind, plan.target, snap, snap))
             line.log(state["notice"])
-        if status is None:
-            # The wrapper is gone before it ended the run: the container
-            # goes first (its agent may still be at work), then what the run
-            # left in the project is dealt with, and the next command says so.
+        # Meanwhile the wrapper ended the run (end_run); its word says so,
+        # its pipe closing without it says it is gone.
+        messages += [text.strip() for text in pipe]
+        pipe.close()
+        if SAID_ENDED not in messages:
+            # The container goes first (its agent may still be at work), then
+            # what the run left in the project is dealt with, and the next
+            # command says so.
             self._end_for_the_wrapper()
         if snap and meta.get("layers", 0) >= flatten_limit(line.config):
             state["holder"]["phase"] = "flattening"
@@ -3234,9 +3517,9 @@ class Saver:
             auto_flatten(line, state)
         self.lock.release(state)
         # Outside the lock: the next run may start while this one is removed.
-        if status is not None and docker("rm", "-f", "-v", plan.container,
-                                         check=False).returncode == 0:
-            remove_run_dir(plan.run_dir)
+        if SAID_ENDED in messages and docker("rm", "-f", "-v", plan.container,
+                                             check=False).returncode == 0:
+            remove_run_dir(plan.run_dir, line=line)
         self._report(up_w, "ok " + (snap or ""))
         return 0
 
@@ -3245,7 +3528,7 @@ class Saver:
         if docker("rm", "-f", "-v", plan.container, check=False).returncode != 0:
             return  # recovery ends it, after removing it
         notes = end_run(line, plan.run_dir, plan.record)
-        remove_run_dir(plan.run_dir)
+        remove_run_dir(plan.run_dir, line=line)
         state["removing"].pop(plan.container, None)
         if notes:
             state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
@@ -3263,22 +3546,24 @@ class Saver:
             return False
 
 
-def run_attached(argv):
+def run_attached(argv, container):
     """Run the docker client in the foreground and return the status.
 
     Hangup, terminate and interrupt go on to the client, which passes them
     to the container's init and it to the agent. An agent that does not stop
-    within STOP_GRACE seconds (or a second signal) is left to the saver: the
-    client is killed, and the saver commits the container, then removes it.
+    within STOP_GRACE seconds (or a second signal) is stopped: the client is
+    killed and so is the container (nothing more happens in the project
+    once this returns); the saver commits it as it was, then removes it.
     """
     try:
         proc = subprocess.Popen(["docker", *argv])
     except FileNotFoundError:
         raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
 
-    caught = []
+    caught, killed = [], []
 
     def stop_waiting(_signum=None, _frame=None):
+        killed.append(True)
         try:
             proc.kill()
         except OSError:
@@ -3305,39 +3590,49 @@ def run_attached(argv):
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     trace(proc.args, started, status)
+    if killed:
+        docker("kill", container, check=False)
     # The docker client may exit 0 when signalled: the signal is the status.
     if caught:
         return 128 + caught[0]
     return 128 - status if status < 0 else status
 
 
-def end_run(line, run_dir, record):
+def end_run(line, run_dir, record, watch=None):
     """Everything a finished run leaves to do in the project before the
     user can act on it: git back through the gate, the private git
     directory gone, the sweep (and what only root can fix), a word on files
     the host runs by itself. Returns lines for the user. The container must
     have stopped. Safe to repeat: whoever ends the run does it (the
     wrapper; the saver or recovery when the wrapper is gone)."""
-    target = record["target"]
+    target, predicate = record["target"], scan_after(record["uid"])
+    scan, found = None, None
     try:
-        scan = ProjectScan(target, scan_after(record["uid"]), record["gated"])
+        found = watch.found(predicate, record["gated"]) if watch else None
+        if found is None:
+            scan = ProjectScan(target, predicate, record["gated"])
     except (PiError, OSError):
-        scan = None  # the project is gone
+        found = []  # the project is gone
     record["notes"] = []
     try:
         hand_back_git(run_dir, record)
     except (PiError, OSError) as err:
         record["notes"].append("the agent's git work could not be brought back: %s" % err)
     notes = record["notes"]
-    notes += discard_gate(line, run_dir, record)
+    if record.get("made_dot"):
+        try:  # the mount point of a project with no repository, if nothing came of it
+            os.rmdir(os.path.join(target, ".git"))
+        except OSError:
+            pass
     if scan is not None:
-        swept, for_root = sweep_project(record, scan.results())
-        notes += swept
-        if for_root:
-            try:
-                notes += give_back(line, target, for_root, record["uid"], record["gid"])
-            except PiError as err:
-                notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
+        found = scan.results()
+    swept, for_root = sweep_project(record, found)
+    notes += swept
+    if for_root:
+        try:
+            notes += give_back(line, target, for_root, record["uid"], record["gid"])
+        except PiError as err:
+            notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
     changed = changed_files(record["host_run"], host_run_files(target))
     if changed:
         notes.append("the agent changed %s, which your host may run by itself; review before "
@@ -3347,32 +3642,6 @@ def end_run(line, run_dir, record):
         os.remove(os.path.join(run_dir, RUN_RECORD))  # ended: nobody need do it again
     except FileNotFoundError:
         pass
-    return notes
-
-
-def discard_gate(line, run_dir, record):
-    """The private git directory goes once its work came back (as root, if
-    the agent left files there as root); so does the empty .git that was
-    its mount point in a project that is not a repository."""
-    import shutil
-    notes = []
-    for name in (GATE_DIR, "incoming"):
-        path = os.path.join(run_dir, name)
-        if not os.path.lexists(path):
-            continue
-        try:
-            shutil.rmtree(path)
-        except OSError:
-            try:
-                give_back(line, run_dir, [name], record["uid"], record["gid"])
-            except PiError as err:
-                notes.append("could not remove %s: %s" % (path, err))
-            shutil.rmtree(path, ignore_errors=True)
-    if record.get("made_dot"):
-        try:
-            os.rmdir(os.path.join(record["target"], ".git"))
-        except OSError:
-            pass
     return notes
 
 
@@ -3386,6 +3655,8 @@ def show_notes(line, notes, limit=8):
 
 
 def lifecycle(args, kind, argv):
+    import threading  # ctypes (for the project watch) loads meanwhile, off the path
+    threading.Thread(target=__import__, args=("ctypes",), daemon=True).start()
     config = Config()
     try:
         cwd = os.path.realpath(os.getcwd())
@@ -3439,34 +3710,38 @@ def lifecycle(args, kind, argv):
             state.pop("current", None)
         plan.record["host_run"] = host_run_files(project.target)
         write_run_dir(plan.run_dir, plan.script(), plan.record, config.git_identity)
+        watch = ProjectWatch(project.target, project.dirs)
     except BaseException:
         if plan is not None and os.path.isdir(plan.run_dir):
-            discard_gate(line, plan.run_dir, plan.record)
-            remove_run_dir(plan.run_dir)
+            abandon_run_dir(plan.run_dir, plan.record)
         lock.release(state)
         raise
 
     # The saver tags the snapshot while the container starts. Its copy of
     # the state names the container too.
     state["holder"]["container"] = plan.container
-    saver = Saver(line, lock, state, plan, stale, verify=remembered is not None).start()
+    # The saver keeps the watch open: closing the last reference to it takes
+    # the kernel a while, better spent after the prompt is back.
+    saver = Saver(line, lock, state, plan, stale, verify=remembered is not None,
+                  keep=[watch.fd] if watch.fd is not None else []).start()
     state["holder"].update(phase="running", saver_pid=saver.pid)
     line.write_state(state)
     try:
-        status = run_attached(plan.run_args)
+        status = run_attached(plan.run_args, plan.container)
     except PiError:
-        saver.send("abort")
+        saver.send(SAID_ABORT)
         saver.finish(wait=True)
         raise
     if status == 125 and not has_started(plan.container):
-        saver.send("abort")
+        saver.send(SAID_ABORT)
         saver.finish(wait=True)
         raise EngineError("docker could not start the container (its error is above); "
                           "pi-status shows the settings it used")
-    # Before the prompt, and before the saver hears the status: the saver
-    # takes a status as word that this is done.
-    show_notes(line, end_run(line, plan.run_dir, plan.record))
-    if not saver.send("status %d" % status):
+    # The container has stopped: the saver commits it while the run is
+    # ended here, before the prompt.
+    saved_elsewhere = saver.send("%s %d" % (SAID_STATUS, status))
+    show_notes(line, end_run(line, plan.run_dir, plan.record, watch))
+    if not saved_elsewhere or not saver.send(SAID_ENDED):
         # The saver died (killed?): save here instead, we share its lock.
         say("the background saver is gone; saving in the foreground")
         docker("tag", plan.image["Id"], line.snap(plan.snapshot))
@@ -3923,14 +4198,13 @@ def build_parser():
 
 
 def parse_args(argv):
-    parser = build_parser()
     if argv and argv[0] in LIFECYCLE_KINDS:
         wrapper, rest = split_wrapper_args(argv[1:])
         if "--version" in wrapper:
             print("pi-agent " + __version__)
             raise SystemExit(0)
         if argv[0] == "run" and ("--help" in wrapper or "-h" in wrapper):
-            parser.print_help()
+            build_parser().print_help()
             raise SystemExit(0)
         prog = "pi" if argv[0] == "run" else "pi-" + argv[0]
         unsure = rest and rest[0].startswith("-") and argv[1 + len(wrapper)] != "--"
@@ -3943,10 +4217,15 @@ def parse_args(argv):
         if argv[0] == "exec" and unsure:
             raise PiError("pi-exec: unknown option %s; options come before the command, and "
                           "-- before a command that starts with -" % rest[0], EXIT_USAGE)
-        args = parser.parse_args([argv[0]] + wrapper)
-        args.argv = rest
-        return args
-    args, extra = parser.parse_known_args(argv)
+        if "--help" in wrapper or "-h" in wrapper:
+            build_parser().parse_args([argv[0], "--help"])
+        # Only known flags are left: no parser needed (building one costs
+        # more than the rest of a run's start).
+        return argparse.Namespace(
+            command=argv[0], func={"run": cmd_run, "exec": cmd_exec, "shell": cmd_shell}[argv[0]],
+            wait="--wait" in wrapper, here="--here" in wrapper, offline="--offline" in wrapper,
+            dry_run="--dry-run" in wrapper, argv=rest)
+    args, extra = build_parser().parse_known_args(argv)
     prog = "pi-" + args.command
     if extra:
         raise PiError("%s: unexpected %s; see %s --help" % (prog, " ".join(extra), prog),

@@ -7,7 +7,7 @@ change. Every figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
 
-NAMES: source, imports, prompt, five, big, snapshots, flatten, disk, soak
+NAMES: source, imports, prompt, five, repo, sweep, big, snapshots, flatten, disk, soak
 (all by default; the soak alone makes 1000 runs, about 15 minutes here).
 """
 
@@ -59,15 +59,17 @@ class Line:
         return ["bash", "--norc", "-c", self.source + body]
 
     def wait_saved(self):
-        """Until the save is done and its container removed (no running
-        container is left: the removal happens after the lock)."""
+        """Until the save is done and its container removed: the lock is
+        free, and the run directory, which goes once the container has gone,
+        is gone (asking the engine instead would cost more than the wait)."""
         lock = os.path.join(self.state, self.repo.replace("/", "%2F") + ".lock")
         if os.path.exists(lock):
             fd = os.open(lock, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_SH)
             os.close(fd)
-        while sh("docker", "ps", "-aq", "--filter", "label=pi-agent.repo=" + self.repo).stdout:
-            time.sleep(0.01)
+        runs = os.path.join(self.state, "run")
+        while os.path.isdir(runs) and os.listdir(runs):
+            time.sleep(0.002)
 
     def timed(self, body):
         start = time.perf_counter()
@@ -75,16 +77,25 @@ class Line:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - start
 
-    def floor(self, command, count=1):
-        """tag + run + commit + rm, `count` times, on this line's current image."""
+    def floor(self, command, count=1, mount=False):
+        """tag + run + commit + rm, `count` times, on this line's current image
+        (with the project mounted, read-write, .git and all: a wrapper with no
+        gate)."""
         start = time.perf_counter()
+        volume = ["--mount", "type=bind,source=%s,target=%s" % (self.project, self.project),
+                  "-w", self.project] if mount else []
         for i in range(count):
             name = "pi-agent-bench-floor-%s" % uuid.uuid4().hex[:8]
             sh("docker", "tag", self.repo + ":current", "%s:floor-%d" % (self.repo, i))
-            sh("docker", "run", "--name", name, self.repo + ":current", "sh", "-c", command)
+            sh("docker", "run", "--name", name, *volume, self.repo + ":current", "sh", "-c",
+               command)
             sh("docker", "commit", name, self.repo + ":floor-result")
             sh("docker", "rm", name)
-        return time.perf_counter() - start
+        took = time.perf_counter() - start
+        # Untimed: the floor's images go, or the engine slows as they pile up.
+        sh("docker", "rmi", self.repo + ":floor-result",
+           *["%s:floor-%d" % (self.repo, i) for i in range(count)])
+        return took
 
     def close(self):
         self.wait_saved()
@@ -135,6 +146,67 @@ def bench_five(line, rounds):
         floor.append(line.floor("touch ~/ffive", count=5))
     row("5 back-to-back runs, saves included (median of %d)" % rounds,
         statistics.median(ours), statistics.median(floor), 1.25)
+
+
+def make_tree(path, files):
+    """`files` small files in directories of 100."""
+    for i in range(files):
+        directory = os.path.join(path, "d%03d" % (i // 100))
+        if i % 100 == 0:
+            os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "f%d.txt" % i), "w") as handle:
+            handle.write("%d\n" % i)
+
+
+def bench_repo(line, pairs):
+    """Issue 11: in a repository of 10,000 files the git gate costs the
+    user nothing at the prompt, and a run that commits little more."""
+    make_tree(line.project, 10000)
+    git = ["git", "-C", line.project, "-c", "user.name=b", "-c", "user.email=b@b"]
+    sh(*git[:3], "init", "-q")
+    sh(*git, "add", "-A")
+    sh(*git, "commit", "-qm", "tree")
+    line.timed("pi-exec touch ~/warm")
+    ours, floor = [], []
+    for i in range(pairs):
+        line.wait_saved()
+        ours.append(line.timed("pi-exec touch ~/r%d" % i))
+        line.wait_saved()
+        floor.append(line.floor("touch ~/f%d" % i, mount=True))
+    row("prompt back, 10,000-file repository, no commit (median of %d)" % pairs,
+        statistics.median(ours), statistics.median(floor), 1.0)
+    ours, floor = [], []
+    for i in range(pairs):
+        line.wait_saved()
+        start = time.perf_counter()
+        line.timed("pi-exec sh -c 'echo %d >> d000/f0.txt && git commit -qam ours%d'" % (i, i))
+        line.wait_saved()
+        ours.append(time.perf_counter() - start)
+        floor.append(line.floor("echo %d >> d000/f0.txt && git commit -qam floor%d" % (i, i),
+                                mount=True))
+    row("a run making one commit there, save included (median of %d)" % pairs,
+        statistics.median(ours), statistics.median(floor), 1.3)
+
+
+def bench_sweep(line, sizes):
+    """Issue 11: the scans before and after a run, against one plain
+    `find` pass that stats every file, on trees of these sizes."""
+    sys.path.insert(0, ROOT)
+    import pi_agent
+    for files in sizes:
+        tree = os.path.join(line.work, "tree%d" % files)
+        make_tree(tree, files)
+        ours, plain = [], []
+        for _ in range(5):
+            start = time.perf_counter()
+            pi_agent.ProjectScan(tree, pi_agent.SCAN_BEFORE, True).results()
+            pi_agent.ProjectScan(tree, pi_agent.scan_after(os.getuid()), True).results()
+            ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            sh("find", tree, "-xdev", "-perm", "-4000")
+            plain.append(time.perf_counter() - start)
+        row("scans before and after a run, %d files, vs one find (median of 5)" % files,
+            statistics.median(ours), statistics.median(plain), 2.5)
 
 
 def bench_source(line, count):
@@ -345,6 +417,8 @@ def main():
         ("imports", lambda line: bench_imports()),
         ("prompt", lambda line: bench_prompt(line, 4 if quick else 12)),
         ("five", lambda line: bench_five(line, 2 if quick else 5)),
+        ("repo", lambda line: bench_repo(line, 4 if quick else 12)),
+        ("sweep", lambda line: bench_sweep(line, [10000, 100000])),
         ("big", lambda line: bench_big(line, [300000000] if quick else
                                        [300000000, 1000000000], 2 if quick else 3)),
         ("snapshots", lambda line: bench_snapshots(line, 5 if quick else 15)),

@@ -111,7 +111,8 @@ def test_the_run_is_saved_whatever_ends_the_wrapper(box, how):
     status = run.wait(timeout=60)
     if how.startswith(("SIGTERM", "SIGINT")):
         assert status == 128 + signum, "the wrapper reports the signal, even in a pipe"
-    box.ok("pi-exec test -e %s" % path)
+    # (the session's shell is gone at once; the wrapper may still be ending the run)
+    box.ok("pi-exec --wait test -e %s" % path)
     box.wait_saved()
     assert box.containers() == []
 

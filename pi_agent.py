@@ -3838,6 +3838,7 @@ def cmd_status(args):
         print(warning)
     print("python: %s (PI_AGENT_PYTHON=%s)" % (sys.executable,
                                               os.environ.get("PI_AGENT_PYTHON", "python3")))
+    print("engine: %s" % describe_engine())
     print("\nimages:")
     rows = []
     for role, ref in (("base", line.base), ("current", line.current)):
@@ -3857,7 +3858,7 @@ def cmd_status(args):
     holder = state.get("holder")
     print("\nlock: %s" % (describe_holder(holder) if lock_is_held(line) else "free"))
     if state.get("notice"):
-        print("notice: %s" % state["notice"])
+        print("notice: %s" % printable(state["notice"]))
     leftovers = leftover_containers(line)
     if leftovers:
         print("left-behind containers: %d (see pi-orphans; the next pi recovers them)"
@@ -3867,11 +3868,25 @@ def cmd_status(args):
         target, subdir = find_target(cwd, home_dirs(), guarded=guarded_dirs(config))[:2]
         image = inspect_image(line.current) or {}
         point = mount_point(target, image_home(image), config.mount_at)
-        print("target: %s (inside: %s)" % (target, os.path.join(point, subdir) if subdir
-                                           else point))
+        print("target: %s (inside: %s)" % (printable(target), printable(
+            os.path.join(point, subdir) if subdir else point)))
     except (PiError, FileNotFoundError) as err:
-        print("target: none here: %s" % err)
+        print("target: none here: %s" % printable(err))
     return 0
+
+
+def describe_engine():
+    """The engine's version, and whether root inside is root on the host:
+    under a user namespace (rootless Docker, userns-remap, Podman) it is
+    not, and what root inside leaves in the project is harmless."""
+    info = docker("info", "--format", "{{.ServerVersion}} {{json .SecurityOptions}}").stdout
+    version, _, options = info.strip().partition(" ")
+    if "name=rootless" in options or "name=userns" in options:
+        return ("Docker %s, with user namespaces: root inside is not root on the host"
+                % version)
+    return ("Docker %s, no user namespace: root inside (sudo) is root on the host, so each run "
+            "ends with a sweep of the project for what it left privileged; rootless Docker or "
+            "userns-remap makes that harmless (see the README)" % version)
 
 
 def cmd_snapshots(args):

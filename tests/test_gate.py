@@ -1,0 +1,295 @@
+"""The git gate and the sweep, without an engine: real git repositories in
+temporary directories, the agent's side played by hand (as a hostile agent
+would write it), the host's side checked with host git itself."""
+
+import os
+import stat
+import struct
+import subprocess
+
+import pytest
+
+import pi_agent
+
+
+def git(repo, *args, env=None, check=True):
+    return subprocess.run(["git", "-C", repo, *args], check=check, capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {})))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    path = str(tmp_path / "repo")
+    os.makedirs(os.path.join(path, "src", "deep"))
+    for name in ("a.txt", "src/b.txt", "src/deep/c.txt"):
+        with open(os.path.join(path, name), "w") as handle:
+            handle.write(name + "\n")
+    git(path, "init", "-q")
+    git(path, "add", "-A")
+    git(path, "-c", "user.name=H", "-c", "user.email=h@x", "commit", "-qm", "one")
+    return path
+
+
+def index_of(repo):
+    with open(os.path.join(repo, ".git", "index"), "rb") as handle:
+        return handle.read()
+
+
+def agent_index(repo, tmp_path, *commands):
+    """A copy of the host's index, changed by git as the agent would."""
+    path = str(tmp_path / "agent-index")
+    with open(path, "wb") as handle:
+        handle.write(index_of(repo))
+    for command in commands:
+        git(repo, *command, env={"GIT_INDEX_FILE": path})
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def with_index(repo, tmp_path, data, *args):
+    path = str(tmp_path / "result-index")
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return git(repo, *args, env={"GIT_INDEX_FILE": path}).stdout
+
+
+def rebuilt(entries, hash_len=20, version=2, extensions=b""):
+    import hashlib
+    body = struct.pack(">4sLL", b"DIRC", version, len(entries)) + b"".join(
+        pi_agent.entry_bytes(entry, hash_len) for entry in entries) + extensions
+    return body + hashlib.sha1(body).digest()
+
+
+# --- the index ------------------------------------------------------------------
+
+def test_an_index_the_agent_only_refreshed_changes_nothing(repo, tmp_path):
+    os.utime(os.path.join(repo, "a.txt"))  # new stat data for the agent's git to record
+    data = agent_index(repo, tmp_path, ["update-index", "--refresh"])
+    assert pi_agent.sanitized_index(data, index_of(repo), 20)[0] is None
+
+
+def test_flags_that_hide_a_change_do_not_come_back(repo, tmp_path):
+    data = agent_index(repo, tmp_path, ["update-index", "--assume-unchanged", "a.txt"],
+                       ["update-index", "--skip-worktree", "src/b.txt"])
+    assert pi_agent.sanitized_index(data, index_of(repo), 20)[0] is None, "the host's entries"
+
+
+def test_forged_stat_data_cannot_hide_a_change(repo, tmp_path):
+    """The agent changes a file and writes the new stat data into the old
+    entry: host git would believe the file unchanged without reading it."""
+    blob = git(repo, "hash-object", "-w", "a.txt").stdout.strip()
+    with open(os.path.join(repo, "new.txt"), "w") as handle:
+        handle.write("a.txt\n")
+    staged = agent_index(repo, tmp_path, ["update-index", "--add", "--cacheinfo",
+                                          "100644,%s,new.txt" % blob])
+    with open(os.path.join(repo, "a.txt"), "w") as handle:
+        handle.write("changed by the agent\n")
+    os.utime(os.path.join(repo, "a.txt"), (1e9, 1e9))  # old enough not to look racy
+    info = os.lstat(os.path.join(repo, "a.txt"))
+    entries = [pi_agent.decode_entry(raw, 20) for raw in pi_agent.index_entries(staged, 20)]
+    for entry in entries:
+        if entry.path == b"a.txt":
+            entry.stat = (int(info.st_ctime), info.st_ctime_ns % 10**9, int(info.st_mtime),
+                          info.st_mtime_ns % 10**9, info.st_dev & 0xFFFFFFFF, info.st_ino
+                          & 0xFFFFFFFF, info.st_uid, info.st_gid, info.st_size)
+    forged = rebuilt(entries)
+    assert with_index(repo, tmp_path, forged, "status", "--short").splitlines() == [
+        "A  new.txt"], "as the agent wrote it, git would not see the change"
+    data, needed, _stale = pi_agent.sanitized_index(forged, index_of(repo), 20)
+    assert with_index(repo, tmp_path, data, "status", "--short").splitlines() == [
+        " M a.txt", "A  new.txt"]
+    assert needed == {blob}
+
+
+@pytest.mark.parametrize("path", [b".git/hooks/post-checkout", b"../outside", b"a/../../b",
+                                  b"sub/.GIT/config", b".git", b"/abs", b"dir/", b"x\x1by"])
+def test_paths_git_would_refuse_are_refused(repo, path):
+    entry = pi_agent.IndexEntry(path, 0, pi_agent.NO_STAT, 0o100644, b"\1" * 20, 0, 0)
+    with pytest.raises(ValueError, match="refuse"):
+        pi_agent.sanitized_index(rebuilt([entry]), index_of(repo), 20)
+
+
+def test_entries_out_of_order_or_twice_are_refused(repo):
+    entries = [pi_agent.decode_entry(raw, 20)
+               for raw in pi_agent.index_entries(index_of(repo), 20)]
+    for broken in (entries[::-1], entries + entries[-1:]):
+        with pytest.raises(ValueError, match="order"):
+            pi_agent.sanitized_index(rebuilt(broken), index_of(repo), 20)
+
+
+def test_a_split_index_and_a_bad_checksum_are_refused(repo, tmp_path):
+    split = agent_index(repo, tmp_path, ["update-index", "--split-index"])
+    with pytest.raises(ValueError, match="link"):
+        pi_agent.sanitized_index(split, index_of(repo), 20)
+    damaged = bytearray(index_of(repo))
+    damaged[20] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        pi_agent.sanitized_index(bytes(damaged), index_of(repo), 20)
+
+
+def test_a_version_4_index_is_read(repo, tmp_path):
+    data = agent_index(repo, tmp_path, ["update-index", "--index-version", "4"],
+                       ["rm", "-q", "--cached", "src/b.txt"])
+    result = pi_agent.sanitized_index(data, index_of(repo), 20)[0]
+    assert with_index(repo, tmp_path, result, "status", "--short").splitlines() == [
+        "D  src/b.txt", "?? src/b.txt"]
+
+
+def test_the_tree_cache_kept_is_true(repo, tmp_path):
+    """Host git trusts the tree cache when it commits: the one brought back
+    must give the same trees as an index with no cache at all."""
+    with open(os.path.join(repo, "src", "deep", "c.txt"), "a") as handle:
+        handle.write("more\n")
+    data = agent_index(repo, tmp_path, ["add", "src/deep/c.txt"])
+    result = pi_agent.sanitized_index(data, index_of(repo), 20)[0]
+    assert pi_agent.index_extension(result, 20, pi_agent.index_entries(result, 20, True),
+                                    b"TREE"), "a cache is kept"
+    cached = with_index(repo, tmp_path, result, "write-tree").strip()
+    listing = with_index(repo, tmp_path, result, "ls-files", "-s")
+    fresh = str(tmp_path / "fresh")
+    subprocess.run(["git", "-C", repo, "update-index", "--index-info"], input="".join(
+        "%s %s\t%s\n" % tuple(line.split(None, 3)[i] for i in (0, 1, 3))
+        for line in listing.splitlines()), text=True, check=True,
+        env=dict(os.environ, GIT_INDEX_FILE=fresh))
+    assert git(repo, "write-tree", env={"GIT_INDEX_FILE": fresh}).stdout.strip() == cached
+
+
+# --- refs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,ok", [("refs/heads/main", True), ("refs/heads/a/b", True),
+                                     ("refs/heads/..x", False), ("refs/heads/x.lock", False),
+                                     ("refs/heads/.x", False), ("refs/heads/a b", False),
+                                     ("refs/heads/a~1", False), ("refs/heads/a@{1", False),
+                                     ("heads/main", False), ("refs/heads/a\nb", False)])
+def test_ref_names_follow_gits_rules(name, ok):
+    assert pi_agent.valid_refname(name) is ok
+
+
+def test_ref_updates_never_overwrite_what_the_user_moved():
+    record = {"refs": {"refs/heads/main": "1" * 40, "refs/heads/old": "2" * 40,
+                       "refs/heads/moved": "3" * 40},
+              "started": 0}
+    agent = {"refs/heads/main": "4" * 40, "refs/heads/new": "5" * 40,
+             "refs/heads/moved": "6" * 40, "refs/pi-agent/x": "7" * 40}
+    host = {"refs/heads/main": "1" * 40, "refs/heads/old": "2" * 40,
+            "refs/heads/moved": "8" * 40}
+    lines, notes = pi_agent.ref_updates(record, agent, host, set())
+    assert lines == ["update refs/heads/main %s %s" % ("4" * 40, "1" * 40),
+                     "create refs/pi-agent/19700101-000000/heads/moved %s" % ("6" * 40),
+                     "create refs/heads/new %s" % ("5" * 40),
+                     "delete refs/heads/old %s" % ("2" * 40)]
+    assert any("moved on the host" in note for note in notes)
+    lines, _notes = pi_agent.ref_updates(record, agent, host, {"refs/heads/main"})
+    assert "update refs/heads/main" not in " ".join(lines), "checked out elsewhere: kept aside"
+
+
+def test_the_agents_ref_store_is_read_without_following_links(tmp_path):
+    gate = tmp_path / "gate"
+    (gate / "refs" / "heads").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "heads").mkdir(parents=True)
+    (elsewhere / "heads" / "stolen").write_text("9" * 40 + "\n")
+    os.symlink(str(elsewhere), str(gate / "refs" / "remotes"))
+    os.symlink(str(elsewhere / "heads" / "stolen"), str(gate / "refs" / "heads" / "linked"))
+    (gate / "refs" / "heads" / "main").write_text("1" * 40 + "\n")
+    os.mkfifo(str(gate / "refs" / "heads" / "fifo"))
+    (gate / "packed-refs").write_text("# pack-refs with: sorted \n%s refs/tags/v1\n"
+                                      "%s refs/heads/bad..name\n" % ("2" * 40, "3" * 40))
+    fd = pi_agent.open_dir(str(gate))
+    try:
+        assert pi_agent.read_ref_store(fd) == {"refs/heads/main": "1" * 40,
+                                               "refs/tags/v1": "2" * 40}
+    finally:
+        os.close(fd)
+
+
+def test_objects_are_taken_only_as_plain_files(tmp_path):
+    gate = tmp_path / "gate"
+    (gate / "objects" / "ab").mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_text("host file")
+    (gate / "objects" / "ab" / ("c" * 38)).write_bytes(b"object")
+    os.symlink(str(secret), str(gate / "objects" / "ab" / ("d" * 38)))
+    os.mkfifo(str(gate / "objects" / "ab" / ("e" * 38)))
+    os.symlink(str(tmp_path), str(gate / "objects" / "cd"))
+    fd = pi_agent.open_dir(str(gate))
+    try:
+        assert pi_agent.link_objects(fd, str(tmp_path / "in")) == 1
+    finally:
+        os.close(fd)
+    assert os.listdir(str(tmp_path / "in")) == ["ab"]
+    assert os.listdir(str(tmp_path / "in" / "ab")) == ["c" * 38]
+
+
+# --- the sweep ------------------------------------------------------------------
+
+def sweep_record(root, started, **extra):
+    record = {"target": root, "uid": os.getuid(), "started": started, "git_dirs": [],
+              "git_files": {}, "protected": []}
+    record.update(extra)
+    return record
+
+
+def test_the_sweep_disarms_new_git_directories_and_clears_setuid_bits(tmp_path):
+    import time
+    root = str(tmp_path / "p")
+    os.makedirs(root)
+    kept = os.path.join(root, "kept")
+    git(root, "init", "-q", "kept")
+    before = os.lstat(os.path.join(kept, ".git"))
+    started = time.time()
+    git(root, "init", "-q", "made")
+    git(root, "init", "-q", "--bare", "bare")
+    with open(os.path.join(root, "made", "sub.git"), "w"):
+        pass
+    os.makedirs(os.path.join(root, "w"))
+    with open(os.path.join(root, "w", ".git"), "w") as handle:
+        handle.write("gitdir: ../bare\n")
+    tool = os.path.join(root, "tool")
+    with open(tool, "w"):
+        pass
+    os.chmod(tool, 0o6755)
+    record = sweep_record(root, started, git_dirs=[[before.st_dev, before.st_ino]])
+    found = pi_agent.ProjectScan(root, pi_agent.scan_after(os.getuid()), False).results()
+    notes, for_root = pi_agent.sweep_project(record, found)
+    assert for_root == []
+    assert os.path.exists(os.path.join(kept, ".git", "HEAD")), "it was there before: trusted"
+    for gitdir in ("made/.git", "bare"):
+        assert not os.path.exists(os.path.join(root, gitdir, "HEAD"))
+        assert os.path.exists(os.path.join(root, gitdir, "HEAD.pi-agent-untrusted"))
+    assert not os.path.exists(os.path.join(root, "w", ".git"))
+    assert stat.S_IMODE(os.stat(tool).st_mode) == 0o755
+    assert len(notes) == 4 and all(pi_agent.printable(note) == note for note in notes)
+    assert git(root, "rev-parse", "--git-dir", check=False).returncode != 0, \
+        "host git finds no repository the agent made"
+
+
+def test_the_watch_sees_what_changed(tmp_path):
+    root = str(tmp_path / "p")
+    os.makedirs(os.path.join(root, "a"))
+    watch = pi_agent.ProjectWatch(root, ["", "a"])
+    if watch.fd is None:
+        pytest.skip("no inotify here")
+    with open(os.path.join(root, "a", "f"), "w"):
+        pass
+    os.chmod(os.path.join(root, "a", "f"), 0o4755)
+    os.makedirs(os.path.join(root, "new", "deeper"))
+    assert watch.changed() == ({"a/f"}, {"new"})
+    moved = pi_agent.ProjectWatch(root, ["", "a"])
+    os.rename(os.path.join(root, "a"), os.path.join(root, "b"))
+    assert moved.changed() is None, "a directory moved: look at everything"
+
+
+# --- output and options ---------------------------------------------------------
+
+def test_nothing_printed_can_steer_a_terminal():
+    assert pi_agent.printable("a\x1b[2K\rb\u202ec\x07") == "a\\x1b[2K\\x0db\\u202ec\\x07"
+    assert pi_agent.printable("plain ünïcode / path") == "plain ünïcode / path"
+
+
+@pytest.mark.parametrize("word,meant", [("--ofline", "--offline"), ("--wiat", "--wait"),
+                                        ("--hre", "--here"), ("-offline", "--offline"),
+                                        ("--Dry-Run", "--dry-run"), ("--model", None),
+                                        ("--print", None), ("--verbose", None), ("-p", None)])
+def test_a_slip_of_a_wrapper_option_is_caught(word, meant):
+    assert pi_agent.near_miss(word) == meant

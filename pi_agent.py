@@ -1048,7 +1048,7 @@ def outermost(paths):
 # run directory, seeded from the host's (HEAD, refs, index, config; the
 # host's objects read-only, as alternates), mounted where the agent expects
 # .git, a mount point it cannot rename. After the run, what the agent did
-# comes back as data: its new objects copied out without following a link
+# comes back as data: its new objects taken out without following a link
 # and verified on the way in (index-pack --strict), refs moved compare-and-
 # swap, HEAD, the index and a merge in progress following. Host git never
 # reads a file the agent wrote as its configuration, hooks or git directory.
@@ -1063,7 +1063,6 @@ KEPT_DIR = "kept"            # in the state directory: git data that could not c
 GIT_STATE_FILES = ("MERGE_HEAD", "MERGE_MSG", "MERGE_MODE", "CHERRY_PICK_HEAD", "REVERT_HEAD",
                    "ORIG_HEAD")
 OID_RE = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
-ZERO_OID = "0" * 40
 # A run refuses a project with more git directories than this inside: each
 # is mounted read-only (use --here in a part of it).
 MAX_NESTED_GIT = 100
@@ -1110,13 +1109,13 @@ def read_ref_store(dir_fd):
         top = open_dir("refs", dir_fd)
     except OSError:
         return refs
-    pending, budget = [(top, "refs/", 0)], [100000]
+    pending, budget = [(top, "refs/", 0)], 100000
     while pending:
         fd, prefix, depth = pending.pop()
         try:
             for entry in os.scandir(fd):
-                budget[0] -= 1
-                if budget[0] < 0:
+                budget -= 1
+                if budget < 0:
                     break
                 if entry.is_dir(follow_symlinks=False) and depth < 32:
                     try:
@@ -1179,8 +1178,7 @@ class IndexEntry:
 
 INDEX_ASSUME_VALID = 0x8000
 INDEX_EXTENDED = 0x4000
-INDEX_SKIP_WORKTREE = 0x4000   # of the extended flags
-INDEX_INTENT_TO_ADD = 0x2000   # of the extended flags
+INDEX_INTENT_TO_ADD = 0x2000   # of the extended flags (skip-worktree, 0x4000, is not kept)
 INDEX_MODES = frozenset((0o100644, 0o100755, 0o120000, 0o160000))
 # A path git could check out without leaving the work tree or writing into
 # a .git (git's own verify_path insists on as much): this finds any other.
@@ -2019,6 +2017,9 @@ class Project:
                               target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
         git_dirs, git_files = git_entries(target, found)
         facts = config_facts(listing, target)
+        if repo and os.path.exists(os.path.join(repo.common, "objects", "info", "alternates")):
+            notes.append("the repository borrows objects from another (git clone --shared or "
+                         "--reference); inside, those objects are missing")
         if len(outermost(git_dirs)) > MAX_NESTED_GIT:
             raise Refused("refusing to mount %s: it holds %d git repositories, each of which "
                           "would be mounted read-only; cd into one and use --here"
@@ -2030,9 +2031,9 @@ class Project:
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
         directories inside it, and its config's files there."""
-        paths = [os.path.join(self.target, path) for path in outermost(self.git_dirs)]
+        paths = [os.path.join(self.target, path) for path in self.git_dirs]
         paths += [path for path, _dev, _ino in self.protected]
-        return [(path, inside_path(path, self.target, point), True) for path in paths]
+        return [(path, inside_path(path, self.target, point), True) for path in outermost(paths)]
 
 
 def host_run_files(target, extra=()):

@@ -1552,6 +1552,11 @@ def seed_gate(run_dir, record, identity):
             write_file(os.path.join(gate, name), data)
         if name != "shallow":
             record["state"][name] = None if data is None else data.decode("utf-8", "replace")
+    stash = read_regular(os.path.join(common, "logs", "refs", "stash"), 16 << 20)
+    record["stash"] = [oid for oid, _message in stash_entries(stash)]
+    if stash is not None:  # git stash list reads the reflog, which refs alone lack
+        os.makedirs(os.path.join(gate, "logs", "refs"))
+        write_file(os.path.join(gate, "logs", "refs", "stash"), stash)
     write_file(os.path.join(gate, "objects", "info", "alternates"),
                (RUN_DIR_INSIDE + "/" + GATE_OBJECTS + "\n").encode())
     os.mkdir(os.path.join(run_dir, GATE_OBJECTS), 0o755)
@@ -1560,6 +1565,48 @@ def seed_gate(run_dir, record, identity):
     if repo["linked"]:
         write_file(os.path.join(run_dir, GATE_FILE),
                    ("gitdir: %s/%s\n" % (RUN_DIR_INSIDE, GATE_DIR)).encode())
+
+
+def stash_entries(log):
+    """[(commit, message)] of a refs/stash reflog, oldest first."""
+    entries = []
+    for line in (log or b"").decode("utf-8", "replace").splitlines():
+        head, _, message = line.partition("\t")
+        fields = head.split(" ")
+        if len(fields) > 1 and OID_RE.fullmatch(fields[1]):
+            entries.append((fields[1], message))
+    return entries
+
+
+def agent_stash(gate_fd):
+    """The agent's stash entries, read as the rest of its git directory is."""
+    try:
+        logs = open_dir("logs", gate_fd)
+    except OSError:
+        return []
+    try:
+        refs = open_dir("refs", logs)
+    except OSError:
+        return []
+    finally:
+        os.close(logs)
+    try:
+        return stash_entries(read_regular("stash", 16 << 20, dir_fd=refs))
+    finally:
+        os.close(refs)
+
+
+def carry_stash(record, repo, entries):
+    """Stash entries the agent made become the host's (git stash list), in
+    its order; one of the user's it dropped stays."""
+    known = set(record.get("stash") or ())
+    for oid, message in entries:
+        if oid not in known:
+            host_git(repo["gitdir"], "update-ref", "--create-reflog", "-m", message or "stash",
+                     "refs/stash", oid)
+    if known - {oid for oid, _message in entries}:
+        record["notes"].append("the agent dropped stash entries of yours; they are kept "
+                               "(git stash list)")
 
 
 def gate_mounts(record, run_dir):
@@ -1681,19 +1728,23 @@ def adopt_repository(record, gate_fd):
 
 
 def branches_checked_out_elsewhere(repo):
-    """Branches that another work tree of the repository has checked out:
-    moving one under it would leave that work tree wrong."""
-    heads = [os.path.join(repo["common"], "HEAD")] if repo["linked"] else []
+    """{branch: work tree} of the branches the repository's other work trees
+    have checked out: moving one under it would leave that work tree wrong."""
+    common = repo["common"]
+    admin = [common] if repo["linked"] else []
     try:
-        names = os.listdir(os.path.join(repo["common"], "worktrees"))
+        admin += [os.path.join(common, "worktrees", name)
+                  for name in os.listdir(os.path.join(common, "worktrees"))]
     except OSError:
-        names = []
-    heads += [os.path.join(repo["common"], "worktrees", name, "HEAD") for name in names]
-    elsewhere = set()
-    for path in heads:
-        value = ref_value(read_regular(path, 4096))
-        if path != os.path.join(repo["gitdir"], "HEAD") and value and value.startswith("ref: "):
-            elsewhere.add(value[5:])
+        pass
+    elsewhere = {}
+    for gitdir in admin:
+        value = ref_value(read_regular(os.path.join(gitdir, "HEAD"), 4096))
+        if gitdir == repo["gitdir"] or not (value and value.startswith("ref: ")):
+            continue
+        dot = read_regular(os.path.join(gitdir, "gitdir"), 4096) if gitdir != common else None
+        elsewhere[value[5:]] = os.path.dirname(os.fsdecode(dot.strip())) if dot else \
+            os.path.dirname(common)
     return elsewhere
 
 
@@ -1706,7 +1757,7 @@ def ref_updates(record, agent_refs, host_refs, elsewhere):
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(record["started"]))
     for name in sorted(set(seeded) | set(agent_refs)):
         old, new = seeded.get(name), agent_refs.get(name)
-        if old == new or name.startswith("refs/pi-agent/"):
+        if old == new or name.startswith("refs/pi-agent/") or name == "refs/stash":
             continue
         if (old or "").startswith("ref: ") or (new or "").startswith("ref: "):
             notes.append("the agent changed the symbolic ref %s; that is not brought back" % name)
@@ -1718,8 +1769,10 @@ def ref_updates(record, agent_refs, host_refs, elsewhere):
             if new:
                 kept = "refs/pi-agent/%s/%s" % (stamp, name[len("refs/"):])
                 lines.append("create %s %s" % (kept, new))
-                notes.append("%s moved on the host during the run (or is checked out elsewhere); "
-                             "the agent's is kept as %s" % (name, kept))
+                why = ("is checked out in %s" % elsewhere[name] if current == old
+                       else "moved on the host during the run")
+                notes.append("%s %s, so the agent's is kept as %s: git log or git merge it, "
+                             "then git update-ref -d it" % (name, why, kept))
             else:
                 notes.append("the agent deleted %s, which moved on the host meanwhile: kept" % name)
         elif new is None:
@@ -1848,8 +1901,10 @@ def hand_back_git(run_dir, record):
             data = read_regular(name, 16 << 20, dir_fd=gate_fd)
             agent_state[name] = None if data is None else data.decode("utf-8", "replace")
         hash_len = 32 if record.get("format") == "sha256" else 20
+        stash = agent_stash(gate_fd)
         wanted = {oid for name, oid in agent_refs.items()
                   if record["refs"].get(name) != oid and OID_RE.fullmatch(oid)}
+        wanted.update(oid for oid, _message in stash if oid not in record.get("stash", ()))
         if head and OID_RE.fullmatch(head):
             wanted.add(head)
         for name, text in agent_state.items():
@@ -1857,6 +1912,7 @@ def hand_back_git(run_dir, record):
                 wanted.update(oid for oid in text.split() if OID_RE.fullmatch(oid))
         index = apply_index(record, repo, gate_fd, hash_len, wanted)
         have = {oid for oid in record["refs"].values() if OID_RE.fullmatch(oid)}
+        have.update(record.get("stash", ()))
         incoming = os.path.join(run_dir, "incoming")
         if wanted - have and link_objects(gate_fd, incoming):
             try:
@@ -1865,6 +1921,10 @@ def hand_back_git(run_dir, record):
                 keep_gate(run_dir, gate, record, err)
                 return
         move_refs(record, repo, agent_refs, head)
+        try:
+            carry_stash(record, repo, stash)
+        except PiError as err:
+            record["notes"].append("the agent's stash could not be brought back: %s" % err)
         if index is not None:
             write_host_index(repo, index, record)
         apply_state_files(record, repo, agent_state)
@@ -1882,8 +1942,8 @@ def move_refs(record, repo, agent_refs, head):
         host_refs = read_ref_store(fd)
     finally:
         os.close(fd)
-    lines, notes = ref_updates(record, agent_refs, host_refs,
-                               branches_checked_out_elsewhere(repo))
+    elsewhere = branches_checked_out_elsewhere(repo)
+    lines, notes = ref_updates(record, agent_refs, host_refs, elsewhere)
     record["notes"].extend(notes)
     try:
         if lines:
@@ -1895,6 +1955,9 @@ def move_refs(record, repo, agent_refs, head):
         if now != record["head"]:
             record["notes"].append("HEAD changed on the host during the run: it stays (the "
                                    "agent's was %s)" % head)
+        elif head[5:] in elsewhere:
+            record["notes"].append("the agent checked out %s, which %s has checked out: HEAD "
+                                   "stays" % (head[5:], elsewhere[head[5:]]))
         elif head.startswith("ref: refs/heads/"):
             host_git(repo["gitdir"], "symbolic-ref", "-m", message, "HEAD", head[5:])
         elif OID_RE.fullmatch(head):
@@ -1907,8 +1970,9 @@ def keep_agent_config(record, repo, gate_fd):
     """The agent's own git settings (remotes it added, say) stay its own;
     a copy is left where the user can read it, never where git reads it."""
     text = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8", "replace")
-    if not text or text == record.get("gate_config"):
-        return
+    if not text or text == record.get("gate_config") or record.get("gate_config") == "" and \
+            not re.search(r"^\s*\[(?!core\])", text, re.M):
+        return  # (a repository it made: git init's own [core] is nothing to report)
     path = os.path.join(repo["gitdir"], "pi-agent", "agent-config")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -2012,8 +2076,9 @@ class Project:
         sockets = sorted(path for path, info in found if stat.S_ISSOCK(info.st_mode))
         if sockets:
             raise Refused("refusing to mount %s: it holds Unix sockets (%s), doors to programs "
-                          "on your host that the agent could use; stop what listens there or "
-                          "give it a socket outside the project" % (
+                          "on your host that the agent could use; stop what listens there and "
+                          "remove the socket (or give it one outside the project), or cd into "
+                          "a subdirectory without one and use --here" % (
                               target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
         git_dirs, git_files = git_entries(target, found)
         facts = config_facts(listing, target)
@@ -3637,7 +3702,7 @@ def end_run(line, run_dir, record, watch=None):
     changed = changed_files(record["host_run"], host_run_files(target))
     if changed:
         notes.append("the agent changed %s, which your host may run by itself; review before "
-                     "trusting them (git diff)"
+                     "trusting them (git status, git diff)"
                      % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])))
     try:
         os.remove(os.path.join(run_dir, RUN_RECORD))  # ended: nobody need do it again
@@ -3866,11 +3931,13 @@ def cmd_status(args):
               % len(leftovers))
     try:
         cwd = os.path.realpath(os.getcwd())
-        target, subdir = find_target(cwd, home_dirs(), guarded=guarded_dirs(config))[:2]
+        project = Project.inspect(config, cwd, here=False)
         image = inspect_image(line.current) or {}
-        point = mount_point(target, image_home(image), config.mount_at)
-        print("target: %s (inside: %s)" % (printable(target), printable(
-            os.path.join(point, subdir) if subdir else point)))
+        point = mount_point(project.target, image_home(image), config.mount_at)
+        print("target: %s (inside: %s)" % (printable(project.target), printable(
+            os.path.join(point, project.subdir) if project.subdir else point)))
+        for note in project.notes:
+            print("  " + printable(note))
     except (PiError, FileNotFoundError) as err:
         print("target: none here: %s" % printable(err))
     return 0
@@ -4227,9 +4294,13 @@ def parse_args(argv):
         meant = near_miss(rest[0]) if unsure else None
         if meant:
             # A safety option mistyped must not reach the agent (online).
-            raise PiError("%s: unknown option %s; did you mean %s? (an option for the %s goes "
-                          "after --)" % (prog, rest[0], meant, "agent" if argv[0] == "run"
-                                         else "command"), EXIT_USAGE)
+            raise PiError("%s: unknown option %s; did you mean %s?%s" % (
+                prog, rest[0], meant, {"run": " (an option for the agent goes after --)",
+                                       "exec": " (an option for the command goes after --)"}
+                .get(argv[0], "")), EXIT_USAGE)
+        if argv[0] == "shell" and unsure:
+            raise PiError("pi-shell: unknown option %s; see pi-shell --help" % rest[0],
+                          EXIT_USAGE)
         if argv[0] == "exec" and unsure:
             raise PiError("pi-exec: unknown option %s; options come before the command, and "
                           "-- before a command that starts with -" % rest[0], EXIT_USAGE)

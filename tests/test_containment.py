@@ -224,6 +224,28 @@ def test_a_branch_the_user_moved_during_the_run_is_not_overwritten(box):
     assert "moved on the host during the run" in err and kept[0] in err
 
 
+def test_stash_entries_come_back_with_their_list(box):
+    init_repo(box)
+    box.ok("echo 0 > f && git add f && git -c user.name=H -c user.email=h@x commit -qm f && "
+           "echo mine >> f && git stash -q")
+    agent(box, "echo a >> f && git stash -q && echo b >> f && git stash -q")
+    listing = host_git(box, "stash list --format=%gs").stdout.splitlines()
+    assert len(listing) == 3 and listing[-1].startswith("WIP on"), listing
+    assert "+b" in host_git(box, "stash show -p stash@{0}").stdout
+    assert "+mine" in host_git(box, "stash show -p stash@{2}").stdout
+
+
+def test_head_never_follows_onto_a_branch_another_worktree_has(box):
+    init_repo(box)
+    branch = host_git(box, "symbolic-ref --short HEAD").stdout.strip()
+    worktree = os.path.join(os.path.dirname(box.project), "wt2")
+    box.ok("git worktree add -q %s" % worktree)
+    result = agent(box, "git checkout -q %s" % branch, cwd=worktree)
+    assert "HEAD stays" in result.stderr
+    assert host_git(box, "symbolic-ref --short HEAD", cwd=worktree).stdout.strip() == "wt2"
+    box.ok("git switch -q -c elsewhere && git switch -q %s" % branch)  # still possible
+
+
 def test_a_broken_object_is_refused_on_the_way_in(box):
     init_repo(box)
     before = host_git(box, "rev-parse HEAD").stdout

@@ -239,13 +239,18 @@ def colour(code):
 
 # Control characters (C0, DEL, C1) and the marks that reorder text: a file
 # name the agent chose must not move the cursor, erase a line or recolour one.
-UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                         "\ud800-\udfff]")  # (the last: bytes of a name that is not UTF-8)
 
 
 def printable(text):
     """`text` with every character that could steer a terminal escaped."""
-    return UNPRINTABLE.sub(lambda match: "\\x%02x" % ord(match.group()) if ord(match.group())
-                           < 0x100 else "\\u%04x" % ord(match.group()), str(text))
+    def escape(match):
+        code = ord(match.group())
+        if 0xdc80 <= code <= 0xdcff:  # a byte that was not UTF-8
+            return "\\x%02x" % (code - 0xdc00)
+        return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+    return UNPRINTABLE.sub(escape, str(text))
 
 
 def say(message, kind=None):
@@ -399,7 +404,8 @@ class Config:
                 raise BadSetting("%s=%s must be an absolute path (a relative one would change "
                                  "with the directory you are in)" % (name, raw[name]))
         state = os.path.realpath(self.state_dir)
-        if state == "/" or state in SHARED_DIRS or any(is_within(state, tree) for tree in HOST_TREES) \
+        if state == "/" or state in SHARED_DIRS or \
+                any(is_within(state, tree) for tree in HOST_TREES) \
                 or any(is_within(home, state) for home in home_dirs(self.environ)):
             raise BadSetting("PI_AGENT_STATE_DIR=%s is shared with other files; pi-agent makes "
                              "it private (0700): use a directory of its own, e.g. "
@@ -471,6 +477,22 @@ def misspelled_settings(environ):
     import difflib
     return ["warning: %s is not a setting; did you mean %s?" % (name, close[0]) for name in unknown
             for close in [difflib.get_close_matches(name, known, 1, 0.9)] if close]
+
+
+def network_typos(environ):
+    """A PI_AGENT_* name that is not a setting but looks meant to choose the
+    network (PI_AGENT_NETWROK, PI_AGENT_OFFLINE): BadSetting, because the
+    run it would have cut off would go online."""
+    import difflib
+    known = [name for name, _d, _m in SETTINGS] + list(OTHER_VARIABLES)
+    for name in sorted(environ):
+        if not name.startswith("PI_AGENT_") or name in known:
+            continue
+        if difflib.get_close_matches(name, ["PI_AGENT_NETWORK"], 1, 0.85) or \
+                any(word in name for word in ("NETW", "OFFLINE", "ONLINE")):
+            raise BadSetting("%s is not a setting; a run it was meant to keep offline would "
+                             "go online, so none starts: use PI_AGENT_NETWORK=none (or pi "
+                             "--offline), and unset %s" % (name, name))
 
 
 def parse_limits(raw):
@@ -559,8 +581,8 @@ class DockerCall:
     Under --dry-run, commands that change something are printed, not run.
     """
 
-    def __init__(self, args, capture=True, env=None, stdin=None, stdout=None):
-        self.args, self.capture = args, capture
+    def __init__(self, args, capture=True, env=None, stdin=None, stdout=None, feed=None):
+        self.args, self.capture, self.feed = args, capture, feed
         self.argv = ["docker", *args]
         self.proc = None
         if _dry_run and args[0] in MUTATING:
@@ -569,18 +591,21 @@ class DockerCall:
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
-                self.argv, env=env, stdin=stdin,
+                self.argv, env=env, stdin=subprocess.PIPE if feed is not None else stdin,
                 stdout=subprocess.PIPE if capture else stdout,
                 stderr=subprocess.PIPE if capture else None,
-                universal_newlines=True if capture else None)
+                universal_newlines=True if capture else None,
+                errors="surrogateescape" if capture else None)
         except FileNotFoundError:
             raise PiError("the docker command is not installed (or not on PATH); install "
                           "Docker Engine or Docker Desktop first", EXIT_NO_DOCKER)
+        except OSError as err:
+            raise EngineError("cannot run docker %s: %s" % (args[0], err.strerror))
 
     def finish(self, check=True):
         if self.proc is None:
             return subprocess.CompletedProcess(self.argv, 0, "", "")
-        out, err = self.proc.communicate()
+        out, err = self.proc.communicate(self.feed)
         trace(self.argv, self.started, self.proc.returncode)
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
         if check and result.returncode != 0:
@@ -724,7 +749,8 @@ def git_dir_problem(path, main=True):
     """Why `path` is not a git directory, or None: it needs HEAD, objects/
     and refs/, none a symlink. A repository's own git directory (`main`) has
     no commondir file; with one, git would take another's config."""
-    for name, is_kind, what in (("HEAD", stat.S_ISREG, "file"), ("objects", stat.S_ISDIR, "directory"),
+    for name, is_kind, what in (("HEAD", stat.S_ISREG, "file"),
+                                ("objects", stat.S_ISDIR, "directory"),
                                 ("refs", stat.S_ISDIR, "directory")):
         try:
             mode = os.lstat(os.path.join(path, name)).st_mode
@@ -750,8 +776,8 @@ class GitRepo:
         return self.gitdir != self.common
 
     def __eq__(self, other):
-        return isinstance(other, GitRepo) and (self.gitdir, self.common) == (other.gitdir,
-                                                                           other.common)
+        return isinstance(other, GitRepo) and \
+            (self.gitdir, self.common) == (other.gitdir, other.common)
 
     def __repr__(self):
         return "GitRepo(%r, %r)" % (self.gitdir, self.common)
@@ -900,19 +926,15 @@ class ProjectScan:
 
     def results(self):
         """[(relative path, lstat)] of what matched (and still exists)."""
-        out = self.proc.communicate()[0]
-        return lstat_all(self.target, (os.fsdecode(raw[2:]) if raw.startswith(b"./") else ""
-                                       for raw in out.split(b"\0") if raw))
-
-
-def lstat_all(target, paths):
-    found = []
-    for path in paths:
-        try:
-            found.append((path, os.lstat(os.path.join(target, path))))
-        except OSError:
-            pass
-    return found
+        found = []
+        for raw in self.proc.communicate()[0].split(b"\0"):
+            path = os.fsdecode(raw[2:]) if raw.startswith(b"./") else ""
+            try:
+                if raw:
+                    found.append((path, os.lstat(os.path.join(self.target, path))))
+            except OSError:
+                pass
+        return found
 
 
 class ProjectWatch:
@@ -974,9 +996,10 @@ class ProjectWatch:
             if mask & self.OVERFLOW or mask & self.SELF or (
                     mask & self.ISDIR and mask & self.MOVED_FROM):
                 return None
-            if wd not in self.paths or not name:
+            if wd not in self.paths:
                 continue
-            path = os.path.join(self.paths[wd], name)
+            # (no name: the watched directory itself changed, the top one too)
+            path = os.path.join(self.paths[wd], name) if name else self.paths[wd]
             (new_dirs if mask & self.ISDIR and mask & (self.CREATE | self.MOVED_TO)
              else paths).add(path)
         return paths, new_dirs
@@ -988,7 +1011,17 @@ class ProjectWatch:
         if changes is None:
             return None
         paths, new_dirs = changes
-        found = lstat_all(self.target, sorted(paths))
+        found = []
+        for path in sorted(paths):
+            try:
+                info = os.lstat(os.path.join(self.target, path))
+            except OSError:
+                return None  # gone: it may have been another name of what changed (a hard link)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+                return None  # changed through this name, it is also seen through another
+            found.append((path, info))
+        if not all(os.path.isdir(os.path.join(self.target, path)) for path in new_dirs):
+            return None
         if new_dirs:
             found += ProjectScan(self.target, predicate, skip_git,
                                  ["./" + path for path in sorted(new_dirs)]).results()
@@ -1001,9 +1034,17 @@ SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s", "-o",
 
 
 def scan_after(uid):
-    """Post-run: git directories and files, and what is privileged."""
-    return ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "b", "-o", "-type", "c",
-            "-o", "-perm", "-4000", "-o", "-perm", "-2000", "-o", "!", "-user", str(uid)]
+    """Post-run: what could make a git directory, .git files, what is
+    privileged or another user's, sockets, directories the user cannot
+    look into (what they hide must be looked at too)."""
+    names = sum((["-name", name, "-o"] for name in GIT_DIR_PARTS + (".git",)), [])
+    return names + ["-type", "b", "-o", "-type", "c", "-o", "-type", "s", "-o", "-perm", "-4000",
+                    "-o", "-perm", "-2000", "-o", "!", "-user", str(uid), "-o", "-type", "d",
+                    "!", "-perm", "-500"]
+
+
+# What git needs to take a directory for a git directory.
+GIT_DIR_PARTS = ("HEAD", "objects", "refs", "commondir")
 
 
 def looks_like_git_dir(path):
@@ -1034,10 +1075,11 @@ def git_entries(target, found):
 
 
 def outermost(paths):
-    """The paths not inside another of them."""
+    """The paths not inside another of them. Sorted by their components,
+    what is inside a path comes right after it: one comparison each."""
     kept = []
-    for path in sorted(paths):
-        if not any(is_within(path, other) for other in kept):
+    for path in sorted(set(paths), key=lambda path: path.split("/")):
+        if not kept or not is_within(path, kept[-1]):
             kept.append(path)
     return kept
 
@@ -1069,9 +1111,9 @@ MAX_NESTED_GIT = 100
 
 
 def valid_refname(name):
-    """git check-ref-format's rules, for a full name under refs/."""
+    """git check-ref-format's rules, for a full name under refs/, in UTF-8."""
     if not name.startswith("refs/") or name.endswith((".", "/")) or ".." in name \
-            or "@{" in name:
+            or "@{" in name or not name.isprintable():
         return False
     for part in name.split("/"):
         if not part or part.startswith(".") or part.endswith(".lock"):
@@ -1465,6 +1507,11 @@ def gate_config(host_text, point, identity):
             % (config_quote(point), who, who, who))
 
 
+def text_digest(text):
+    import hashlib
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def write_file(path, data, mode=0o644):
     """A new file (never through an existing one or a link)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -1472,17 +1519,50 @@ def write_file(path, data, mode=0o644):
         handle.write(data)
 
 
-def copy_tree_files(source, dest, skip=lambda name: False):
-    """The plain files of a host directory (one level), as copies."""
+def open_beneath(base, *parts):
+    """An fd of base/parts..., no component of `parts` a symlink, or None:
+    even a repository the host trusts may hold links the agent planted in
+    an earlier life of it, and they must not lead a copy elsewhere."""
     try:
-        names = sorted(os.listdir(source))
+        fd = open_dir(base)
     except OSError:
+        return None
+    for part in parts:
+        try:
+            inner = open_dir(part, fd)
+        except OSError:
+            inner = None
+        os.close(fd)
+        if inner is None:
+            return None
+        fd = inner
+    return fd
+
+
+def read_beneath(base, *parts, limit=16 << 20):
+    """The bytes of the plain file base/parts... (see open_beneath), or None."""
+    fd = open_beneath(base, *parts[:-1])
+    if fd is None:
+        return None
+    try:
+        return read_regular(parts[-1], limit, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def copy_tree_files(source, dest, keep=lambda name: True):
+    """The plain files of a host directory (one level), as copies."""
+    fd = open_beneath(source)
+    if fd is None:
         return
-    for name in names:
-        data = None if skip(name) else read_regular(os.path.join(source, name), 16 << 20)
-        if data is not None:
-            mode = os.lstat(os.path.join(source, name)).st_mode & 0o755
-            write_file(os.path.join(dest, name), data, mode)
+    try:
+        for entry in sorted(os.scandir(fd), key=lambda entry: entry.name):
+            data = read_regular(entry.name, 16 << 20, dir_fd=fd) if keep(entry.name) else None
+            if data is not None:
+                mode = entry.stat(follow_symlinks=False).st_mode & 0o755
+                write_file(os.path.join(dest, entry.name), data, mode)
+    finally:
+        os.close(fd)
 
 
 def seed_gate(run_dir, record, identity):
@@ -1532,27 +1612,26 @@ def seed_gate(run_dir, record, identity):
         write_file(os.path.join(gate, "index"), data)
         info = os.lstat(os.path.join(gate, "index"))
         record["gate_index"] = [info.st_size, info.st_mtime_ns]
-    copy_tree_files(gitdir, gate, skip=lambda name: not name.startswith("sharedindex."))
+    copy_tree_files(gitdir, gate, keep=lambda name: name.startswith("sharedindex."))
     config = read_regular(os.path.join(common, "config"), 4 << 20) or b""
     if repo["linked"]:
         config += b"\n" + (read_regular(os.path.join(gitdir, "config.worktree"), 4 << 20) or b"")
     text = gate_config(config.decode("utf-8", "surrogateescape"), record["point"], identity)
     write_file(os.path.join(gate, "config"), text.encode("utf-8", "surrogateescape"))
-    record["gate_config"] = text
+    record["gate_config"] = text_digest(text)
     for name in ("exclude", "attributes", "sparse-checkout"):
-        data = read_regular(os.path.join(gitdir if name == "sparse-checkout" else common,
-                                         "info", name), 16 << 20)
+        data = read_beneath(gitdir if name == "sparse-checkout" else common, "info", name)
         if data is not None:
             write_file(os.path.join(gate, "info", name), data)
     copy_tree_files(os.path.join(common, "hooks"), os.path.join(gate, "hooks"),
-                    skip=lambda name: name.endswith(".sample"))
+                    keep=lambda name: not name.endswith(".sample"))
     for name in ("shallow",) + GIT_STATE_FILES:
         data = read_regular(os.path.join(common if name == "shallow" else gitdir, name), 16 << 20)
         if data is not None:
             write_file(os.path.join(gate, name), data)
         if name != "shallow":
             record["state"][name] = None if data is None else data.decode("utf-8", "replace")
-    stash = read_regular(os.path.join(common, "logs", "refs", "stash"), 16 << 20)
+    stash = read_beneath(common, "logs", "refs", "stash")
     record["stash"] = [oid for oid, _message in stash_entries(stash)]
     if stash is not None:  # git stash list reads the reflog, which refs alone lack
         os.makedirs(os.path.join(gate, "logs", "refs"))
@@ -1578,22 +1657,9 @@ def stash_entries(log):
     return entries
 
 
-def agent_stash(gate_fd):
+def agent_stash(gate):
     """The agent's stash entries, read as the rest of its git directory is."""
-    try:
-        logs = open_dir("logs", gate_fd)
-    except OSError:
-        return []
-    try:
-        refs = open_dir("refs", logs)
-    except OSError:
-        return []
-    finally:
-        os.close(logs)
-    try:
-        return stash_entries(read_regular("stash", 16 << 20, dir_fd=refs))
-    finally:
-        os.close(refs)
+    return stash_entries(read_beneath(gate, "logs", "refs", "stash"))
 
 
 def carry_stash(record, repo, entries):
@@ -1676,6 +1742,32 @@ def link_objects(gate_fd, dest):
     return count
 
 
+def foreign_commits(incoming, identity):
+    """[(commit, who)] of the agent's new commits (loose, as git commit
+    writes them) whose author or committer is not the agent's identity: a
+    rebase keeps authors, and a hostile agent can write any name."""
+    import zlib
+    found = []
+    for sub in sorted(os.listdir(incoming)) if os.path.isdir(incoming) else ():
+        if len(sub) != 2:
+            continue
+        for name in sorted(os.listdir(os.path.join(incoming, sub))):
+            with open(os.path.join(incoming, sub, name), "rb") as handle:
+                try:
+                    head = zlib.decompressobj().decompress(handle.read(1 << 16), 1 << 14)
+                except zlib.error:
+                    continue
+            if not head.startswith(b"commit "):
+                continue
+            for line in head.split(b"\0", 1)[-1].split(b"\n\n", 1)[0].splitlines():
+                field, _, value = line.partition(b" ")
+                who = value.rsplit(b" ", 2)[0].decode("utf-8", "replace")
+                if field in (b"author", b"committer") and who != identity:
+                    found.append((sub + name, who))
+                    break
+    return found
+
+
 def import_objects(gitdir, incoming, wanted, have):
     """Into the host repository: the objects reachable from `wanted` and
     not from `have`, packed by host git from the linked ones, and checked
@@ -1712,8 +1804,8 @@ def adopt_repository(record, gate_fd):
         record["notes"].append("the agent made a git repository, but %s is in the way: it was "
                                "not brought back" % dot)
         return None
-    agent_config = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8",
-                                                                                  "replace")
+    agent_config = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode(
+        "utf-8", "replace")
     sha256 = re.search(r"^\s*objectformat\s*=\s*sha256\s*$", agent_config, re.I | re.M)
     host_git(None, "init", "-q", *(["--object-format=sha256"] if sha256 else []), record["target"])
     fd = open_dir(dot)
@@ -1868,7 +1960,9 @@ def keep_gate(run_dir, gate, record, why):
     try:
         os.makedirs(os.path.dirname(kept), mode=0o700, exist_ok=True)
         os.rename(gate, kept)
-        where = "it is kept in %s (an agent-made git directory: read, do not run git there)" % kept
+        set_aside(os.path.join(kept, "HEAD"))  # so that no git in it reads the agent's config
+        where = "it is kept in %s (an agent-made git directory, disabled: read it, do not " \
+            "run anything from it)" % kept
     except OSError:
         where = "it could not be kept"
     record["notes"].append("the agent's git work could not be brought back (%s); %s"
@@ -1901,7 +1995,7 @@ def hand_back_git(run_dir, record):
             data = read_regular(name, 16 << 20, dir_fd=gate_fd)
             agent_state[name] = None if data is None else data.decode("utf-8", "replace")
         hash_len = 32 if record.get("format") == "sha256" else 20
-        stash = agent_stash(gate_fd)
+        stash = agent_stash(gate)
         wanted = {oid for name, oid in agent_refs.items()
                   if record["refs"].get(name) != oid and OID_RE.fullmatch(oid)}
         wanted.update(oid for oid, _message in stash if oid not in record.get("stash", ()))
@@ -1920,6 +2014,13 @@ def hand_back_git(run_dir, record):
             except PiError as err:
                 keep_gate(run_dir, gate, record, err)
                 return
+            foreign = foreign_commits(incoming, record.get("identity"))
+            if foreign:
+                record["notes"].append(
+                    "%s brought back name%s someone else as author or committer (%s: %s): a "
+                    "rebase keeps authors, and an agent can write any name" % (
+                        plural(len(foreign), "commit"), "" if len(foreign) > 1 else "s",
+                        foreign[0][0][:12], foreign[0][1]))
         move_refs(record, repo, agent_refs, head)
         try:
             carry_stash(record, repo, stash)
@@ -1931,6 +2032,26 @@ def hand_back_git(run_dir, record):
         keep_agent_config(record, repo, gate_fd)
     finally:
         os.close(gate_fd)
+
+
+def apply_ref_lines(repo, lines, message, record):
+    """update-ref --stdin, all at once; if that fails (a name clash with a
+    ref the user made meanwhile, say), one by one, so one failure costs
+    one ref, which is named with its object ID."""
+    try:
+        host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
+                 stdin="".join(line + "\n" for line in lines).encode())
+        return
+    except PiError:
+        pass
+    for line in lines:
+        try:
+            host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
+                     stdin=(line + "\n").encode())
+        except PiError as err:
+            verb, name, *ids = line.split(" ")
+            record["notes"].append("could not %s %s%s: %s" % (
+                verb, name, " to " + ids[0] if verb != "delete" else "", err))
 
 
 def move_refs(record, repo, agent_refs, head):
@@ -1947,8 +2068,7 @@ def move_refs(record, repo, agent_refs, head):
     record["notes"].extend(notes)
     try:
         if lines:
-            host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
-                     stdin="".join(line + "\n" for line in lines).encode())
+            apply_ref_lines(repo, lines, message, record)
         if head is None or head == record["head"]:
             return
         now = ref_value(read_regular(os.path.join(repo["gitdir"], "HEAD"), 4096))
@@ -1970,7 +2090,8 @@ def keep_agent_config(record, repo, gate_fd):
     """The agent's own git settings (remotes it added, say) stay its own;
     a copy is left where the user can read it, never where git reads it."""
     text = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8", "replace")
-    if not text or text == record.get("gate_config") or record.get("gate_config") == "" and \
+    if not text or text_digest(text) == record.get("gate_config") or \
+            record.get("gate_config") == "" and \
             not re.search(r"^\s*\[(?!core\])", text, re.M):
         return  # (a repository it made: git init's own [core] is nothing to report)
     path = os.path.join(repo["gitdir"], "pi-agent", "agent-config")
@@ -2049,6 +2170,23 @@ def config_facts(listing, target):
     return facts
 
 
+def submodules_mountable(repo, notes):
+    """The submodules' git directories (GITDIR/modules) may be mounted
+    read-only inside: a real directory, with no socket in it (a host
+    program's, such as git's fsmonitor daemon)."""
+    path = os.path.join(repo.gitdir, "modules")
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    if ProjectScan(path, ["-type", "s"], False).results():
+        notes.append("the submodules' git directories hold sockets (a git fsmonitor daemon's?): "
+                     "they are not mounted, so submodules cannot be looked into inside")
+        return False
+    return True
+
+
 class Project:
     """The project as a run finds it, read before anything starts: where it
     is, its repository, whether the run mounts a private .git there
@@ -2056,16 +2194,20 @@ class Project:
     git directories are mounted read-only), what host git reads from it."""
 
     def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
-                 git_files=None, protected=(), object_format="sha1", dirs=()):
+                 git_files=None, protected=(), object_format="sha1", dirs=(), modules=False):
         self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
         self.gated, self.protected, self.format = gated, list(protected), object_format
         self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
+        self.modules = modules
 
     @classmethod
-    def inspect(cls, config, cwd, here):
+    def inspect(cls, config, cwd, here, hold=None):
         """Find and read the project; refusals (Refused) come from here,
-        with nothing changed."""
+        with nothing changed. `hold(target)` runs before it is read (a lock
+        that keeps another run's agent from changing it meanwhile)."""
         target, subdir, repo, notes = find_target(cwd, home_dirs(), here, guarded_dirs(config))
+        if hold:
+            hold(target)
         try:
             gated = repo is not None or stat.S_ISDIR(os.lstat(os.path.join(target, ".git")).st_mode)
         except OSError:
@@ -2091,7 +2233,7 @@ class Project:
                           % (target, len(git_dirs)))
         dirs = [path for path, info in found if stat.S_ISDIR(info.st_mode)]
         return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
-                   facts["format"], dirs)
+                   facts["format"], dirs, repo is not None and submodules_mountable(repo, notes))
 
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
@@ -2102,8 +2244,9 @@ class Project:
 
 
 def host_run_files(target, extra=()):
-    """{relative path: (size, mtime)} of the files the host runs by itself
-    (never following a link: the agent may have made one)."""
+    """{relative path: [size, ctime]} of the files the host runs by itself
+    (never following a link: the agent may have made one; ctime, which no
+    one can set back)."""
     found = {}
     for name in HOST_RUN_PATHS + tuple(extra):
         top = os.path.join(target, name)
@@ -2112,7 +2255,7 @@ def host_run_files(target, extra=()):
         except OSError:
             continue
         if not stat.S_ISDIR(info.st_mode):
-            found[name] = [info.st_size, info.st_mtime_ns]
+            found[name] = [info.st_size, info.st_ctime_ns]
             continue
         for dirpath, _dirnames, filenames in os.walk(top):
             for filename in filenames:
@@ -2121,7 +2264,7 @@ def host_run_files(target, extra=()):
                     info = os.lstat(path)
                 except OSError:
                     continue
-                found[os.path.relpath(path, target)] = [info.st_size, info.st_mtime_ns]
+                found[os.path.relpath(path, target)] = [info.st_size, info.st_ctime_ns]
             if len(found) > 5000:
                 return found
     return found
@@ -2134,43 +2277,94 @@ def changed_files(before, after):
 UNTRUSTED_SUFFIX = ".pi-agent-untrusted"
 
 
+def set_aside(full):
+    """Rename `full` to a free name ending in UNTRUSTED_SUFFIX, so that git
+    no longer takes it for what it was; returns the new name, or None when
+    it cannot (its directory is not the user's)."""
+    for number in range(100):
+        aside = full + UNTRUSTED_SUFFIX + (".%d" % number if number else "")
+        if not os.path.lexists(aside):
+            try:
+                os.rename(full, aside)
+            except OSError:
+                return None
+            return aside
+    return None
+
+
+def stale_socket(path):
+    """Nothing listens on the socket: the container that made it is gone."""
+    import socket
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+        return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def sweep_project(record, found):
     """What a run left in the project that the host must not trust: git
-    directories and .git files that appeared (disarmed), and what is
-    privileged, newer than the run (setuid/setgid bits cleared, device
-    nodes removed). Returns (notes, paths only root can fix)."""
+    directories and .git files that appeared (disarmed), and, newer than
+    the run, what is privileged (setuid/setgid bits cleared, device nodes
+    removed), sockets nothing listens on (removed: one would refuse the next
+    run), what another user owns. Returns (notes, paths only root can fix,
+    directories to look into again once fixed)."""
     target, uid = record["target"], record["uid"]
     since = int((record["started"] - 1) * 1e9)
     trusted = {tuple(pair) for pair in record["git_dirs"]}
-    notes, for_root = [], []
+    notes, for_root, reopen = [], [], []
+
+    def disarm(path, what):
+        full = os.path.join(target, path)
+        aside = set_aside(full)
+        if aside:
+            notes.append("disabled %s, %s (host git would run its config and hooks): it is "
+                         "now %s; read it before you rename it back"
+                         % (path or ".", what, os.path.basename(aside)))
+        else:
+            for_root.append(os.path.dirname(path))
+            reopen.append(os.path.dirname(path))
+
     for path, info in found:
-        full, name = os.path.join(target, path), os.path.basename(path)
+        full, name, parent = os.path.join(target, path), os.path.basename(path), \
+            os.path.dirname(path)
         try:
-            if name == "HEAD" and os.path.dirname(path):
-                parent = os.lstat(os.path.dirname(full))
-                if (parent.st_dev, parent.st_ino) not in trusted and \
-                        looks_like_git_dir(os.path.dirname(full)):
-                    os.replace(full, full + UNTRUSTED_SUFFIX)
-                    notes.append("disabled %s, a git directory made during the run (host git "
-                                 "would run its config and hooks): check them, then rename "
-                                 "HEAD%s back to HEAD" % (os.path.dirname(path), UNTRUSTED_SUFFIX))
+            if name in GIT_DIR_PARTS and os.path.lexists(os.path.join(target, parent, "HEAD")):
+                directory = os.lstat(os.path.join(target, parent))
+                if (directory.st_dev, directory.st_ino) not in trusted and \
+                        looks_like_git_dir(os.path.join(target, parent)):
+                    disarm(os.path.join(parent, "HEAD"), "the HEAD of a git directory made "
+                           "during the run")
                     continue
             if name == ".git" and not stat.S_ISDIR(info.st_mode) and \
                     record["git_files"].get(path) != [info.st_dev, info.st_ino, info.st_ctime_ns]:
-                os.replace(full, full + UNTRUSTED_SUFFIX)
-                notes.append("disabled %s, a .git file written during the run (it could send host "
-                             "git to a directory of the agent's): it is now .git%s"
-                             % (path, UNTRUSTED_SUFFIX))
+                disarm(path, "a .git file written during the run, which could send host git to "
+                       "a directory of the agent's")
                 continue
             if info.st_ctime_ns < since:
                 continue
-            if stat.S_ISBLK(info.st_mode) or stat.S_ISCHR(info.st_mode):
+            mode = info.st_mode
+            if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
                 os.unlink(full)
                 notes.append("removed %s, a device node made during the run" % path)
             elif info.st_uid != uid:
                 for_root.append(path)
-            elif info.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(info.st_mode):
-                os.chmod(full, stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                if stat.S_ISDIR(mode):
+                    reopen.append(path)
+            elif stat.S_ISSOCK(mode):
+                if stale_socket(full):
+                    os.unlink(full)
+                    notes.append("removed %s, a socket the agent left" % path)
+            elif stat.S_ISDIR(mode) and mode & 0o500 != 0o500:
+                os.chmod(full, stat.S_IMODE(mode) | 0o500)  # what it hides must be seen
+                reopen.append(path)
+            elif mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
+                os.chmod(full, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
                 notes.append("cleared the setuid/setgid bit of %s" % path)
         except FileNotFoundError:
             continue
@@ -2184,42 +2378,38 @@ def sweep_project(record, found):
         except OSError:
             continue
         if (info.st_dev, info.st_ino) != (dev, ino):
-            try:
-                os.replace(path, path + UNTRUSTED_SUFFIX)
-            except OSError:
-                for_root.append(os.path.relpath(path, target))
-                continue
-            notes.append("disabled %s, which your git config reads, made anew during the run "
-                         "(yours was moved): it is now %s%s" % (path, os.path.basename(path),
-                                                                UNTRUSTED_SUFFIX))
-    return notes, for_root
+            disarm(os.path.relpath(path, target), "which your git config reads, made anew "
+                   "during the run (yours was moved away)")
+    return notes, sorted(set(for_root)), sorted(set(reopen))
 
 
 # Run as root in a container of REPO:base (never current: the agent's),
 # with only the project mounted: what the host user cannot do themselves.
-GIVE_BACK_SCRIPT = """cd "$1" || exit 1; owner=$2; shift 2
-for path do
-  find "./$path" -xdev \\( -type b -o -type c \\) -exec rm -f {} +
-  if [ -e "./$path" ] || [ -L "./$path" ]; then
-    chown -hR "$owner" "./$path"
-    find "./$path" -xdev ! -type l ! -type d \\( -perm -4000 -o -perm -2000 \\) -exec chmod ug-s {} +
-  fi
-done"""
+GIVE_BACK_SCRIPT = """owner=$0
+find "$@" -xdev \\( -type b -o -type c \\) -exec rm -f {} +
+chown -hR "$owner" "$@"
+find "$@" -xdev ! -type l ! -type d \\( -perm -4000 -o -perm -2000 \\) -exec chmod ug-s {} +
+true"""
 
 
 def give_back(line, root, paths, uid, gid):
-    """Give `paths` (relative to root) back to the user, as root: device
-    nodes removed, owner the user, no setuid/setgid bit. Returns notes."""
+    """Give `paths` (relative to root; "" for root itself) back to the user,
+    as root: device nodes removed, owner the user, no setuid/setgid bit.
+    The paths go on standard input, however many. Returns notes."""
+    paths = outermost(paths) if "" not in paths else [""]
     base = inspect_image(line.base)
     if base is None:
         return ["%s is not yours and could not be given back (%s is missing); run: sudo chown "
-                "-R %d:%d %s" % (path, line.base, uid, gid, os.path.join(root, path))
+                "-R %d:%d %s" % (path or ".", line.base, uid, gid, os.path.join(root, path))
                 for path in paths]
-    docker("run", "--rm", "--network", "none", "-u", "0", "--cap-drop", "ALL",
+    docker("run", "--rm", "-i", "--network", "none", "-u", "0", "--cap-drop", "ALL",
            "--cap-add", "CHOWN", "--cap-add", "FOWNER", "--cap-add", "DAC_OVERRIDE",
-           "--entrypoint", "sh", "--mount", mount_spec(root, "/pi-agent-fix"), base["Id"],
-           "-c", GIVE_BACK_SCRIPT, "sh", "/pi-agent-fix", "%d:%d" % (uid, gid), *paths)
-    return ["gave %s back to you: it was another user's or privileged" % path for path in paths]
+           "--entrypoint", "sh", "-w", "/pi-agent-fix",
+           "--mount", mount_spec(root, "/pi-agent-fix"), base["Id"],
+           "-c", 'exec xargs -0 -r sh -c "$1" "$0"', "%d:%d" % (uid, gid), GIVE_BACK_SCRIPT,
+           feed="".join("./%s\0" % path for path in paths))
+    return ["gave %s back to you: it was another user's or privileged" % (path or ".")
+            for path in paths]
 
 
 # Files in a project that tools on the host run (or read commands from) by
@@ -2230,8 +2420,8 @@ HOST_RUN_PATHS = (
     ".exrc", ".vimrc", ".dir-locals.el", ".pre-commit-config.yaml", "lefthook.yml",
     "lefthook.yaml", ".lefthook.yml", "lefthook-local.yml", ".husky", ".yarnrc.yml", ".npmrc",
     "rust-toolchain", "rust-toolchain.toml", ".tool-versions", "mise.toml", ".mise.toml",
-    ".cargo/config", ".cargo/config.toml", ".gitmodules", ".claude", ".mcp.json", ".cursor",
-    ".aider.conf.yml")
+    ".cargo/config", ".cargo/config.toml", ".gitmodules", ".mailmap", ".claude", ".mcp.json",
+    ".cursor", ".aider.conf.yml")
 CREDENTIAL_URL = re.compile(r"^\s*(?:push)?url\s*=\s*[a-z+.-]+://([^/@\s]+)@", re.I | re.M)
 
 
@@ -2477,6 +2667,31 @@ class LineLock:
         self.line.write_state(state)
         os.close(self.fd)
         self.fd = None
+
+
+def lock_project(line, target, wait):
+    """An fcntl lock on the project for the whole run, whatever the image
+    line: another run's agent (of another line) must not change the project
+    between this run's look at it and its container's start, nor while this
+    run ends. Returns the fd; Busy if taken, unless `wait`."""
+    import hashlib
+    directory = os.path.join(line.state_dir, "projects")
+    path = os.path.join(directory, hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + ".lock")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s" % (line.state_dir, err.strerror))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            os.close(fd)
+            raise Busy("another run is working in %s (on another image line); add --wait to "
+                       "wait for it" % target)
+        say("waiting for the other run in %s ..." % target)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def released_cleanly(found):
@@ -2960,7 +3175,7 @@ class RunPlan:
             "started": self.started, "gated": project.gated, "format": project.format,
             "repo": repo and {"gitdir": repo.gitdir, "common": repo.common,
                               "linked": repo.linked,
-                              "modules": os.path.isdir(os.path.join(repo.gitdir, "modules"))},
+                              "modules": project.modules},
             "git_dirs": [list(value) for value in project.git_dirs.values()],
             "git_files": {path: list(value) for path, value in project.git_files.items()},
             "protected": [list(entry) for entry in project.protected],
@@ -3133,6 +3348,7 @@ def make_home_parents(line, plan):
     try:
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
+               *sum((["--cap-drop", cap] for cap in CAP_DROP), []),
                *label_args(labels), *script_command(image, run_dir))
         labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
                                                   "exit_status": 0, "mount": plan.mount_point})
@@ -3411,9 +3627,11 @@ class Saver:
     starts. It shares the lock, listens on a pipe for the wrapper's word, and
     when the wrapper is gone (exit, Ctrl-C, hangup, kill -9) saves anyway."""
 
-    def __init__(self, line, lock, state, plan, stale=(), verify=False, keep=()):
+    def __init__(self, line, lock, state, plan, stale=(), verify=False, keep=(),
+                 project_fd=None):
         self.line, self.lock, self.state, self.plan = line, lock, state, plan
         self.stale, self.verify, self.keep = list(stale), verify, set(keep)
+        self.project_fd = project_fd
         self.pid = None
         self.to_saver = None
         self.from_saver = None
@@ -3432,7 +3650,8 @@ class Saver:
                 os.setsid()
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                self._detach_stdio(keep={self.lock.fd, down_r, up_w} | self.keep)
+                self._detach_stdio(keep={self.lock.fd, down_r, up_w, self.project_fd}
+                                   | self.keep)
                 code = self._main(down_r, up_w)
             except BaseException as err:  # the saver must never die silently
                 self.line.log("saver crashed: %r" % (err,))
@@ -3454,7 +3673,7 @@ class Saver:
             os.dup2(log, 2)
             os.close(log)
         os.close(devnull)
-        keep = sorted(keep | {0, 1, 2})
+        keep = sorted((keep - {None}) | {0, 1, 2})
         for low, high in zip(keep, keep[1:] + [65536]):
             os.closerange(low + 1, high)
 
@@ -3577,6 +3796,8 @@ class Saver:
             # what the run left in the project is dealt with, and the next
             # command says so.
             self._end_for_the_wrapper()
+        if self.project_fd is not None:
+            os.close(self.project_fd)  # the run has ended: the project is free
         if snap and meta.get("layers", 0) >= flatten_limit(line.config):
             state["holder"]["phase"] = "flattening"
             line.write_state(state)
@@ -3598,7 +3819,7 @@ class Saver:
         state["removing"].pop(plan.container, None)
         if notes:
             state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
-                                                         "; ".join(notes))
+                                                          "; ".join(notes))
         line.write_state(state)
         for note in notes:
             line.log(note)
@@ -3682,7 +3903,7 @@ def end_run(line, run_dir, record, watch=None):
     record["notes"] = []
     try:
         hand_back_git(run_dir, record)
-    except (PiError, OSError) as err:
+    except Exception as err:  # whatever went wrong, the sweep below must happen
         record["notes"].append("the agent's git work could not be brought back: %s" % err)
     notes = record["notes"]
     if record.get("made_dot"):
@@ -3692,13 +3913,7 @@ def end_run(line, run_dir, record, watch=None):
             pass
     if scan is not None:
         found = scan.results()
-    swept, for_root = sweep_project(record, found)
-    notes += swept
-    if for_root:
-        try:
-            notes += give_back(line, target, for_root, record["uid"], record["gid"])
-        except PiError as err:
-            notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
+    notes += sweep(line, record, found, predicate)
     changed = changed_files(record["host_run"], host_run_files(target))
     if changed:
         notes.append("the agent changed %s, which your host may run by itself; review before "
@@ -3709,6 +3924,29 @@ def end_run(line, run_dir, record, watch=None):
     except FileNotFoundError:
         pass
     return notes
+
+
+def sweep(line, record, found, predicate):
+    """sweep_project() on what was found, and again on what it could not
+    look into until it was given back (or made readable). Returns notes."""
+    notes, target = [], record["target"]
+    for _ in range(4):
+        swept, for_root, reopen = sweep_project(record, found)
+        notes += swept
+        if for_root:
+            try:
+                notes += give_back(line, target, for_root, record["uid"], record["gid"])
+            except PiError as err:
+                notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
+        if not reopen:
+            return notes
+        try:
+            found = ProjectScan(target, predicate, record["gated"],
+                                ["./" + path for path in reopen]).results()
+        except PiError:
+            return notes
+    return notes + ["could not look into %s: check it before you use it"
+                    % ", ".join(reopen[:5])]
 
 
 def show_notes(line, notes, limit=8):
@@ -3728,8 +3966,11 @@ def lifecycle(args, kind, argv):
         cwd = os.path.realpath(os.getcwd())
     except FileNotFoundError:
         raise NotFound("the current directory no longer exists; cd somewhere that does")
-    project = Project.inspect(config, cwd, args.here)
+    network_typos(os.environ)
     line = Line(config)
+    held = []
+    project = Project.inspect(config, cwd, args.here, hold=None if args.dry_run else (
+        lambda target: held.append(lock_project(line, target, args.wait))))
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     for note in project.notes:
         say(note, "warning")
@@ -3775,6 +4016,7 @@ def lifecycle(args, kind, argv):
             plan = plan.on(make_home_parents(line, plan))
             state.pop("current", None)
         plan.record["host_run"] = host_run_files(project.target)
+        plan.record["identity"] = "%s <%s>" % config.git_identity
         write_run_dir(plan.run_dir, plan.script(), plan.record, config.git_identity)
         watch = ProjectWatch(project.target, project.dirs)
     except BaseException:
@@ -3789,7 +4031,7 @@ def lifecycle(args, kind, argv):
     # The saver keeps the watch open: closing the last reference to it takes
     # the kernel a while, better spent after the prompt is back.
     saver = Saver(line, lock, state, plan, stale, verify=remembered is not None,
-                  keep=[watch.fd] if watch.fd is not None else []).start()
+                  keep=[watch.fd] if watch.fd is not None else [], project_fd=held[0]).start()
     state["holder"].update(phase="running", saver_pid=saver.pid)
     line.write_state(state)
     try:
@@ -3798,6 +4040,8 @@ def lifecycle(args, kind, argv):
         saver.send(SAID_ABORT)
         saver.finish(wait=True)
         raise
+    if plan.tty:
+        ensure_stopped(plan.container)
     if status == 125 and not has_started(plan.container):
         saver.send(SAID_ABORT)
         saver.finish(wait=True)
@@ -3823,6 +4067,18 @@ def lifecycle(args, kind, argv):
     return status
 
 
+def ensure_stopped(container):
+    """On a terminal, docker's detach keys (ctrl-p ctrl-q) end docker run
+    with the container still running: pi-agent ends the run instead of
+    leaving an agent at work in the project it is about to sweep."""
+    info = inspect("container", container)
+    if info and (info.get("State") or {}).get("Running"):
+        docker("kill", container, check=False)
+        say("the terminal detached from the container (ctrl-p ctrl-q?); pi-agent does not leave "
+            "an agent running in the background: it was stopped, and its work is saved",
+            "warning")
+
+
 def has_started(container):
     """`docker run` exits 125 for its own failures, and so may the agent:
     a container that never started tells them apart."""
@@ -3839,37 +4095,42 @@ def remote_warning(config_text):
 
 
 def print_plan(line, kind, argv, project, tty, offline):
-    """--dry-run: what a run would do, as docker commands; nothing changes."""
+    """--dry-run: what a run would do, as docker commands; nothing changes.
+    (Printable only: the names come from the project, which the agent may
+    have named.)"""
+    def show(text):
+        print(printable(text))
+
     current = inspect_image(line.current)
     if current is None:
         if inspect_image(line.base) is None:
-            print("# %s is missing: it would be built from %s (until then its CMD, USER and "
-                  "home are unknown: the commands below show none)"
-                  % (line.base, line.config.dockerfile))
-        print(shlex.join(["docker", "tag", line.base, line.current]))
+            show("# %s is missing: it would be built from %s (until then its CMD, USER and "
+                 "home are unknown: the commands below show none)"
+                 % (line.base, line.config.dockerfile))
+        show(shlex.join(["docker", "tag", line.base, line.current]))
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
     now = time.time()
     plan = RunPlan(line, kind, argv, current, project, os.environ, now, os.getpid(), tty,
                    snapshot_name(now), offline=offline)
-    print("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
-                                                               plan.workdir))
+    show("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
+                                                              plan.workdir))
     if project.repo:
-        print("# its git directory stays outside: the agent gets a private one at %s (see the "
-              "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
+        show("# its git directory stays outside: the agent gets a private one at %s (see the "
+             "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
     if plan.home_parents:
-        print("# first, %s made the agent's in a container committed into current"
-              % ", ".join(plan.home_parents))
-    print(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
-    print("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
-                                              RUN_DIR_INSIDE))
+        show("# first, %s made the agent's in a container committed into current"
+             % ", ".join(plan.home_parents))
+    show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
+    show("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
+                                             RUN_DIR_INSIDE))
     for text in plan.script(redact=True).splitlines():
-        print("#   " + text)
-    print(shlex.join(["docker", *plan.run_args]))
+        show("#   " + text)
+    show(shlex.join(["docker", *plan.run_args]))
     labels = {key: "..." for key in plan.labels}
-    print(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
-                      line.current]))
-    print("# if that added no layer, the run changed nothing: current and the snapshot go back")
-    print(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
+    show(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
+                     line.current]))
+    show("# if that added no layer, the run changed nothing: current and the snapshot go back")
+    show(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
     return 0
 
 
@@ -3922,7 +4183,7 @@ def cmd_status(args):
     print_table(rows)
     state = line.read_state()
     holder = state.get("holder")
-    print("\nlock: %s" % (describe_holder(holder) if lock_is_held(line) else "free"))
+    print("\nlock: %s" % printable(describe_holder(holder) if lock_is_held(line) else "free"))
     if state.get("notice"):
         print("notice: %s" % printable(state["notice"]))
     leftovers = leftover_containers(line)
@@ -4198,14 +4459,24 @@ def split_wrapper_args(argv):
     return argv, []
 
 
+# Dashes a keyboard, a word processor or a web page may put for "-".
+DASHES = "-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
+
+
 def near_miss(word):
     """The wrapper option a word looks like a slip of (--ofline, -offline,
-    --Wait, --dryrun), or None."""
+    --Wait, --dryrun, \u2014offline, --dry, --offline-mode), or None."""
     import difflib
-    name = "--" + word.split("=", 1)[0].lstrip("-").lower()
+    stem = word.split("=", 1)[0].lstrip(DASHES).lower()
+    if word == "--" or not word.startswith(tuple(DASHES)) or not stem:
+        return None
+    name = "--" + stem
     options = sorted(flag for flag in LIFECYCLE_FLAGS if flag.startswith("--"))
+    for option in options:
+        if len(stem) >= 3 and (option.startswith(name) or name.startswith(option + "-")):
+            return option
     close = difflib.get_close_matches(name, options, 1, 0.8)
-    return close[0] if close and word != "--" else None
+    return close[0] if close else None
 
 
 class Parser(argparse.ArgumentParser):
@@ -4290,7 +4561,7 @@ def parse_args(argv):
             build_parser().print_help()
             raise SystemExit(0)
         prog = "pi" if argv[0] == "run" else "pi-" + argv[0]
-        unsure = rest and rest[0].startswith("-") and argv[1 + len(wrapper)] != "--"
+        unsure = rest and rest[0].startswith(tuple(DASHES)) and argv[1 + len(wrapper)] != "--"
         meant = near_miss(rest[0]) if unsure else None
         if meant:
             # A safety option mistyped must not reach the agent (online).

@@ -6,6 +6,7 @@ it. A marker file outside the project must not appear; a canary the host
 user alone can read must not be readable inside."""
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -13,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import wait_until
+from conftest import docker, wait_until
 from test_integration import box_background
 from test_recovery import holder, start_and_wait_for, wrapper_pid
 
@@ -330,6 +331,90 @@ def test_device_nodes_and_file_capabilities_cannot_be_made(box):
         os.getxattr(os.path.join(box.project, "capls"), "security.capability")
 
 
+def test_nothing_the_agent_does_makes_the_sweep_miss(box):
+    """One run, every way found to slip past the sweep: a ref name that is
+    not UTF-8 (once crashed the hand-back before the sweep), setuid through
+    a hard link since removed, the project root taken by root, a directory
+    the user cannot read, the name a disabled HEAD would get taken first,
+    a gitlink that makes the top-level git status look into a repository."""
+    init_repo(box)
+    box.ok("cp /bin/true tool && git add tool && git -c user.name=H -c user.email=h@x "
+           "commit -qm tool")
+    m = marker(box)
+    result = agent(box, """
+        printf '%s\\n' "$(git rev-parse HEAD)" > ".git/refs/heads/$(printf '\\377')"
+        ln tool tmp && sudo chown root:root tmp && sudo chmod 4755 tmp && rm -f tmp
+        mkdir d && sudo cp /bin/sh d/rootsh && sudo chmod 4755 d/rootsh
+        git init -q d/sub && git -C d/sub config core.fsmonitor 'touch {m}; false'
+        chmod 111 d
+        git init -q sub && git -C sub config core.fsmonitor 'touch {m}; false'
+        mkdir sub/.git/HEAD.pi-agent-untrusted
+        git -C sub commit -q --allow-empty -m x && git add sub
+        sudo chown root:root .
+        """.format(m=m))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    for name in ("tool", "d/rootsh"):
+        info = os.lstat(os.path.join(box.project, name))
+        assert info.st_uid == box.user.uid and not info.st_mode & stat.S_ISUID, name
+    assert os.stat(box.project).st_uid == box.user.uid
+    host_git(box, "status")
+    for where in ("sub", "d/sub"):
+        host_git(box, "status", cwd=os.path.join(box.project, where))
+    assert not os.path.exists(m)
+
+
+def test_many_privileged_files_are_all_given_back(box):
+    result = agent(box, """
+        sudo python3 -c "import os; [open('%0200d' % i, 'w').close() for i in range(15000)]"
+        sudo cp /bin/sh rootsh && sudo chmod 4755 rootsh
+        """)
+    assert "Traceback" not in result.stderr
+    assert not os.lstat(os.path.join(box.project, "rootsh")).st_mode & stat.S_ISUID
+    assert {os.lstat(os.path.join(box.project, name)).st_uid
+            for name in os.listdir(box.project)} == {box.user.uid}
+
+
+def test_a_planted_repository_with_links_reaches_nothing_of_the_host(box):
+    ssh = canary(box, os.path.join(box.home, ".ssh"))
+    planted = box.mkdir(os.path.join(box.project, "s"))
+    init_repo(box, planted)  # as if an earlier run had left it, undisabled
+    os.symlink(ssh, os.path.join(planted, ".git", "modules"))
+    shutil.rmtree(os.path.join(planted, ".git", "hooks"))
+    os.symlink(ssh, os.path.join(planted, ".git", "hooks"))
+    result = agent(box, "cat .git/modules/secret .git/hooks/secret; cat /proc/self/mountinfo",
+                   cwd=planted)
+    assert "CANARY-7f3a" not in result.stdout and ssh not in result.stdout
+
+
+def test_runs_of_two_image_lines_take_turns_in_one_project(box):
+    run = box_background(box, "pi-exec sh -c 'touch started; sleep 4'")
+    assert wait_until(lambda: os.path.exists(os.path.join(box.project, "started")), timeout=60)
+    other = box.sh("pi-exec true", env={"PI_AGENT_IMAGE_REPO": box.repo + "-other"})
+    assert other.returncode == 5 and "another run is working in" in other.stderr
+    assert run.wait(timeout=60) == 0
+    docker("rmi", "-f", box.repo + "-other:base", check=False)
+
+
+def test_commits_naming_someone_else_are_named(box):
+    init_repo(box)
+    result = agent(box, "GIT_COMMITTER_NAME=Host GIT_COMMITTER_EMAIL=h@example.com "
+                        "GIT_AUTHOR_NAME=Host GIT_AUTHOR_EMAIL=h@example.com "
+                        "git commit -q --allow-empty -m posing")
+    assert "someone else as author or committer" in result.stderr
+    assert "Host <h@example.com>" in result.stderr
+
+
+def test_a_ref_that_clashes_costs_that_ref_only(box):
+    init_repo(box)
+    run = box_background(box, "pi-exec sh -c 'git branch feature && git branch keep && "
+                              "touch ready && while [ ! -e go ]; do sleep 0.1; done'")
+    assert wait_until(lambda: os.path.exists(os.path.join(box.project, "ready")), timeout=60)
+    box.ok("git branch feature/x && touch go")
+    _out, err = run.communicate(timeout=60)
+    assert "keep" in host_git(box, "branch --format='%(refname:short)'").stdout.split()
+    assert "could not create refs/heads/feature" in err
+
+
 # --- 4. nothing from the agent's world steers the terminal --------------------
 
 def test_control_characters_in_file_names_reach_no_terminal(box):
@@ -364,7 +449,7 @@ def test_a_project_holding_a_socket_is_refused(box):
 # --- 6. safety options are never mistaken ---------------------------------------
 
 @pytest.mark.parametrize("typo,meant", [("--ofline", "--offline"), ("--wiat", "--wait"),
-                                        ("--hre", "--here")])
+                                        ("--hre", "--here"), ("\u2014offline", "--offline")])
 def test_a_near_miss_of_a_wrapper_option_is_an_error(box, typo, meant):
     result = box.sh("pi %s -p hello" % typo)
     assert result.returncode == 2 and "did you mean %s?" % meant in result.stderr

@@ -157,6 +157,8 @@ def test_the_tree_cache_kept_is_true(repo, tmp_path):
 # --- refs -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,ok", [("refs/heads/main", True), ("refs/heads/a/b", True),
+                                     ("refs/heads/\udcff", False), ("refs/heads/\u202ex", False),
+                                     ("refs/heads/caf\u00e9", True),
                                      ("refs/heads/..x", False), ("refs/heads/x.lock", False),
                                      ("refs/heads/.x", False), ("refs/heads/a b", False),
                                      ("refs/heads/a~1", False), ("refs/heads/a@{1", False),
@@ -173,14 +175,15 @@ def test_ref_updates_never_overwrite_what_the_user_moved():
              "refs/heads/moved": "6" * 40, "refs/pi-agent/x": "7" * 40}
     host = {"refs/heads/main": "1" * 40, "refs/heads/old": "2" * 40,
             "refs/heads/moved": "8" * 40}
-    lines, notes = pi_agent.ref_updates(record, agent, host, set())
+    lines, notes = pi_agent.ref_updates(record, agent, host, {})
     assert lines == ["update refs/heads/main %s %s" % ("4" * 40, "1" * 40),
                      "create refs/pi-agent/19700101-000000/heads/moved %s" % ("6" * 40),
                      "create refs/heads/new %s" % ("5" * 40),
                      "delete refs/heads/old %s" % ("2" * 40)]
     assert any("moved on the host" in note for note in notes)
-    lines, _notes = pi_agent.ref_updates(record, agent, host, {"refs/heads/main"})
+    lines, notes = pi_agent.ref_updates(record, agent, host, {"refs/heads/main": "/src/wt"})
     assert "update refs/heads/main" not in " ".join(lines), "checked out elsewhere: kept aside"
+    assert any("checked out in /src/wt" in note for note in notes)
 
 
 def test_the_agents_ref_store_is_read_without_following_links(tmp_path):
@@ -251,8 +254,8 @@ def test_the_sweep_disarms_new_git_directories_and_clears_setuid_bits(tmp_path):
     os.chmod(tool, 0o6755)
     record = sweep_record(root, started, git_dirs=[[before.st_dev, before.st_ino]])
     found = pi_agent.ProjectScan(root, pi_agent.scan_after(os.getuid()), False).results()
-    notes, for_root = pi_agent.sweep_project(record, found)
-    assert for_root == []
+    notes, for_root, reopen = pi_agent.sweep_project(record, found)
+    assert for_root == [] and reopen == []
     assert os.path.exists(os.path.join(kept, ".git", "HEAD")), "it was there before: trusted"
     for gitdir in ("made/.git", "bare"):
         assert not os.path.exists(os.path.join(root, gitdir, "HEAD"))
@@ -262,6 +265,86 @@ def test_the_sweep_disarms_new_git_directories_and_clears_setuid_bits(tmp_path):
     assert len(notes) == 4 and all(pi_agent.printable(note) == note for note in notes)
     assert git(root, "rev-parse", "--git-dir", check=False).returncode != 0, \
         "host git finds no repository the agent made"
+
+
+def sweep_all(root, record):
+    found = pi_agent.ProjectScan(root, pi_agent.scan_after(os.getuid()), False).results()
+    return pi_agent.sweep_project(record, found)
+
+
+def test_a_git_directory_cannot_dodge_being_disabled(tmp_path):
+    """The free name taken (so the rename fails), or a git directory made
+    over two runs (so no HEAD is new in the second)."""
+    import time
+    root = str(tmp_path / "p")
+    os.makedirs(root)
+    git(root, "init", "-q", "blocked")
+    os.makedirs(os.path.join(root, "blocked", ".git", "HEAD.pi-agent-untrusted"))
+    half = os.path.join(root, "half", ".git")
+    os.makedirs(os.path.join(half, "objects"))
+    with open(os.path.join(half, "HEAD"), "w") as handle:
+        handle.write("ref: refs/heads/main\n")
+    started = time.time()
+    os.makedirs(os.path.join(half, "refs"))  # the second run completes it
+    notes, _for_root, _reopen = sweep_all(root, sweep_record(root, started))
+    assert os.path.exists(os.path.join(root, "blocked", ".git", "HEAD.pi-agent-untrusted.1"))
+    assert not os.path.exists(os.path.join(half, "HEAD"))
+    for where in ("blocked", "half"):
+        assert git(os.path.join(root, where), "rev-parse", "--git-dir",
+                   check=False).returncode != 0
+
+
+def test_a_directory_the_user_cannot_read_is_opened_and_looked_into(tmp_path):
+    import time
+    root = str(tmp_path / "p")
+    hidden = os.path.join(root, "d")
+    os.makedirs(hidden)
+    started = time.time()
+    git(hidden, "init", "-q", "sub")
+    os.chmod(hidden, 0o111)
+    record = sweep_record(root, started)
+    first, _for_root, reopen = sweep_all(root, record)
+    assert reopen == ["d"] and stat.S_IMODE(os.stat(hidden).st_mode) & 0o500 == 0o500
+    found = pi_agent.ProjectScan(root, pi_agent.scan_after(os.getuid()), False,
+                                 ["./d"]).results()
+    second, _for_root, reopen = pi_agent.sweep_project(record, found)
+    assert reopen == [] and any("d/sub/.git/HEAD" in note for note in first + second)
+
+
+def test_a_stale_socket_the_agent_left_is_removed_a_live_one_stays(tmp_path):
+    import socket
+    import time
+    root = str(tmp_path / "p")
+    os.makedirs(root)
+    started = time.time()
+    stale, live = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    stale.bind(os.path.join(root, "stale.sock"))
+    stale.close()
+    live.bind(os.path.join(root, "live.sock"))
+    live.listen()
+    try:
+        notes, _for_root, _reopen = sweep_all(root, sweep_record(root, started))
+        assert sorted(os.listdir(root)) == ["live.sock"]
+        assert notes == ["removed stale.sock, a socket the agent left"]
+    finally:
+        live.close()
+
+
+def test_the_watch_gives_up_when_what_changed_has_another_name(tmp_path):
+    root = str(tmp_path / "p")
+    os.makedirs(root)
+    with open(os.path.join(root, "tool"), "w"):
+        pass
+    watch = pi_agent.ProjectWatch(root, [""])
+    if watch.fd is None:
+        pytest.skip("no inotify here")
+    os.link(os.path.join(root, "tool"), os.path.join(root, "tmp"))
+    os.chmod(os.path.join(root, "tmp"), 0o4755)
+    os.unlink(os.path.join(root, "tmp"))  # tool is setuid now; tmp is gone
+    assert watch.found(pi_agent.scan_after(os.getuid()), False) is None, "look at everything"
+    top = pi_agent.ProjectWatch(root, [""])
+    os.chmod(root, 0o700)
+    assert top.changed() == ({""}, set()), "the top directory itself counts"
 
 
 def test_the_watch_sees_what_changed(tmp_path):
@@ -289,7 +372,19 @@ def test_nothing_printed_can_steer_a_terminal():
 
 @pytest.mark.parametrize("word,meant", [("--ofline", "--offline"), ("--wiat", "--wait"),
                                         ("--hre", "--here"), ("-offline", "--offline"),
-                                        ("--Dry-Run", "--dry-run"), ("--model", None),
+                                        ("--Dry-Run", "--dry-run"), ("\u2014offline", "--offline"),
+                                        ("\u2013wait", "--wait"), ("--dry", "--dry-run"),
+                                        ("--offline-mode", "--offline"), ("--model", None),
                                         ("--print", None), ("--verbose", None), ("-p", None)])
 def test_a_slip_of_a_wrapper_option_is_caught(word, meant):
     assert pi_agent.near_miss(word) == meant
+
+
+@pytest.mark.parametrize("name,refused", [("PI_AGENT_NETWROK", True), ("PI_AGENT_OFFLINE", True),
+                                          ("PI_AGENT_NET", True), ("PI_AGENT_MEMORI", False)])
+def test_a_misnamed_network_setting_stops_the_run(name, refused):
+    if refused:
+        with pytest.raises(pi_agent.BadSetting, match=name):
+            pi_agent.network_typos({name: "none"})
+    else:
+        pi_agent.network_typos({name: "4g"})

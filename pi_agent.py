@@ -34,14 +34,17 @@ Exit codes:
   0    success
   N    run, exec, shell: the exit status of the agent or command
   2    usage error
-  3    refused: unsafe mount target, credential in PI_AGENT_PASS_ENV,
+  3    refused: unsafe mount target (a shared or system directory, one
+       holding a Unix socket, ...), credential in PI_AGENT_PASS_ENV,
        destructive command without --yes
   4    not found: unknown snapshot, container, image or Dockerfile
-  5    busy: an agent is running on this image line (use --wait)
+  5    busy: an agent is running on this image line or in this project
+       (use --wait)
   6    the docker command is not installed
   7    the Docker engine is unreachable
   8    the Docker engine failed (build, commit, tag, ...)
   9    bad setting (a PI_AGENT_* variable or a line of the config file)
+  127  run, exec: the command is not there inside
   130  interrupted
 """
 
@@ -1429,7 +1432,7 @@ def decode_entry(raw, hash_len, trusted=False):
                       flags & INDEX_ASSUME_VALID, extended)
 
 
-def sanitized_index(agent_data, host_data, hash_len):
+def sanitized_index(agent_data, host_data, hash_len, host_mtime=0):
     """The agent's index made unable to hide a change from host git, and
     the objects it needs: an entry the host had exactly is kept as it is; one
     whose content the host had (only the agent's stat data or flags differ)
@@ -1473,6 +1476,12 @@ def sanitized_index(agent_data, host_data, hash_len):
     changed.update(entry_key(raw, fixed)[0] for raw in host[j:])
     if merged == host:
         return None, set(), False
+    # Racy git: an entry stamped in the second the host's index was written
+    # may hide a change made later in that second, which git learns from
+    # the index file's own time; a new index file would hide it for good, so
+    # such entries lose their size, as git's own rewrite does.
+    merged = [raw[:36] + bytes(4) + raw[40:] if int.from_bytes(raw[8:12], "big") >= host_mtime
+              else raw for raw in merged]
     # The host's own tree cache, less the directories whose entries changed:
     # without it every later commit would make every tree again.
     tree = index_extension(host_data, hash_len, host, b"TREE") if host_data else None
@@ -1901,7 +1910,8 @@ def apply_index(record, repo, gate_fd, hash_len, wanted):
     try:
         data, needed, stale = sanitized_index(
             read_regular("index", 1 << 30, dir_fd=gate_fd) or b"",
-            read_regular(host_path, 1 << 30) if host_now else b"", hash_len)
+            read_regular(host_path, 1 << 30) if host_now else b"", hash_len,
+            host_now[1] // 10**9 if host_now else 0)
     except ValueError as err:
         record["notes"].append("the agent's staging area (index) is not applied: %s" % err)
         return None
@@ -2669,11 +2679,13 @@ class LineLock:
         self.fd = None
 
 
-def lock_project(line, target, wait):
+def lock_project(line, target, kind, wait):
     """An fcntl lock on the project for the whole run, whatever the image
     line: another run's agent (of another line) must not change the project
     between this run's look at it and its container's start, nor while this
-    run ends. Returns the fd; Busy if taken, unless `wait`."""
+    run ends. The lock file says who holds it. Returns the fd; Busy if a
+    live run has it (after a second's grace for one that is ending), unless
+    `wait`."""
     import hashlib
     directory = os.path.join(line.state_dir, "projects")
     path = os.path.join(directory, hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + ".lock")
@@ -2682,15 +2694,34 @@ def lock_project(line, target, wait):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as err:
         raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s" % (line.state_dir, err.strerror))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        if not wait:
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not wait and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        who = "pid %s (%s on image line %s, since %s)" % (
+            holder.get("pid", "?"), holder.get("kind", "a run"), holder.get("repo", "?"),
+            local_time(holder.get("started")))
+        if not wait and pid_alive(holder.get("pid")):
             os.close(fd)
-            raise Busy("another run is working in %s (on another image line); add --wait to "
-                       "wait for it" % target)
-        say("waiting for the other run in %s ..." % target)
+            raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
+                       % (target, who))
+        # (a holder that is gone left the end of its run to its saver)
+        say("waiting for %s ..." % who)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        break
+    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.repo,
+                         "started": utc_iso(time.time())}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder, 0)
     return fd
 
 
@@ -3737,6 +3768,10 @@ class Saver:
                 finish_run_dir(line, os.path.join(line.run_dir, name))
         remove_run_dir(plan.run_dir, script_only=True)
         status = next((m.split()[1] for m in messages if m.startswith(SAID_STATUS)), None)
+        if status is not None:
+            # The container has stopped; the wrapper holds the project until
+            # it has ended the run, and the next run need not wait for a save.
+            self.release_project()
         state["holder"].update(phase="saving", saver_pid=os.getpid())
         line.write_state(state)
         if SAID_ABORT in messages:
@@ -3796,8 +3831,7 @@ class Saver:
             # what the run left in the project is dealt with, and the next
             # command says so.
             self._end_for_the_wrapper()
-        if self.project_fd is not None:
-            os.close(self.project_fd)  # the run has ended: the project is free
+        self.release_project()  # the run has ended: the project is free
         if snap and meta.get("layers", 0) >= flatten_limit(line.config):
             state["holder"]["phase"] = "flattening"
             line.write_state(state)
@@ -3809,6 +3843,11 @@ class Saver:
             remove_run_dir(plan.run_dir, line=line)
         self._report(up_w, "ok " + (snap or ""))
         return 0
+
+    def release_project(self):
+        if self.project_fd is not None:
+            os.close(self.project_fd)
+            self.project_fd = None
 
     def _end_for_the_wrapper(self):
         line, state, plan = self.line, self.state, self.plan
@@ -3970,7 +4009,7 @@ def lifecycle(args, kind, argv):
     line = Line(config)
     held = []
     project = Project.inspect(config, cwd, args.here, hold=None if args.dry_run else (
-        lambda target: held.append(lock_project(line, target, args.wait))))
+        lambda target: held.append(lock_project(line, target, kind, args.wait))))
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     for note in project.notes:
         say(note, "warning")

@@ -174,7 +174,7 @@ def test_config_files_git_reads_from_the_project_are_read_only(box):
     write = agent(box, evil + " >> conf/git.cfg")
     assert write.returncode != 0 and "Read-only" in write.stderr
     swap = agent(box, "mv conf conf2 && mkdir conf && %s > conf/git.cfg" % evil)
-    assert "disabled %s/conf/git.cfg" % box.project in swap.stderr
+    assert "disabled conf/git.cfg" in swap.stderr
     host_git(box, "status")
     assert not os.path.exists(marker(box))
     box.ok("git config include.path ../conf/missing.cfg")
@@ -390,7 +390,7 @@ def test_runs_of_two_image_lines_take_turns_in_one_project(box):
     run = box_background(box, "pi-exec sh -c 'touch started; sleep 4'")
     assert wait_until(lambda: os.path.exists(os.path.join(box.project, "started")), timeout=60)
     other = box.sh("pi-exec true", env={"PI_AGENT_IMAGE_REPO": box.repo + "-other"})
-    assert other.returncode == 5 and "another run is working in" in other.stderr
+    assert other.returncode == 5 and "%s is in use by pid" % box.project in other.stderr
     assert run.wait(timeout=60) == 0
     docker("rmi", "-f", box.repo + "-other:base", check=False)
 

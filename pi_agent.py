@@ -1574,24 +1574,19 @@ def copy_tree_files(source, dest, keep=lambda name: True):
         os.close(fd)
 
 
-def seed_gate(run_dir, record, identity):
-    """Make the run's private git directory (GATE_DIR), and record what it
-    was seeded with. For a project that is not a repository it starts empty,
-    and the project gets the empty .git a mount point needs (the hand-back
-    removes it again unless the agent made a repository)."""
-    gate = os.path.join(run_dir, GATE_DIR)
-    os.mkdir(gate, 0o755)
-    repo = record["repo"]
-    if repo is None:
-        dot = os.path.join(record["target"], ".git")
-        if not os.path.lexists(dot):
-            os.mkdir(dot, 0o755)
-            record["made_dot"] = True
-        return
-    gitdir, common = repo["gitdir"], repo["common"]
-    for sub in ("objects", "objects/info", "objects/pack", "refs", "refs/heads", "refs/tags",
-                "info", "hooks"):
-        os.mkdir(os.path.join(gate, sub), 0o755)
+def stash_entries(log):
+    """[(commit, message)] of a refs/stash reflog, oldest first."""
+    entries = []
+    for line in (log or b"").decode("utf-8", "replace").splitlines():
+        head, _, message = line.partition("\t")
+        fields = head.split(" ")
+        if len(fields) > 1 and OID_RE.fullmatch(fields[1]):
+            entries.append((fields[1], message))
+    return entries
+
+
+def seed_refs(gate, gitdir, common, record):
+    """HEAD, and every ref as packed-refs (symbolic ones loose)."""
     head = read_regular(os.path.join(gitdir, "HEAD"), 4096)
     record["head"] = ref_value(head)
     write_file(os.path.join(gate, "HEAD"), head or b"ref: refs/heads/main\n")
@@ -1610,6 +1605,11 @@ def seed_gate(run_dir, record, identity):
         else:
             packed.append("%s %s\n" % (refs[name], name))
     write_file(os.path.join(gate, "packed-refs"), "".join(packed).encode())
+
+
+def seed_index(gate, gitdir, record):
+    """The index, and what the hand-back compares with: the host's as it was
+    (to leave the user's staging alone if it changed) and the copy's."""
     index = os.path.join(gitdir, "index")
     try:
         info = os.lstat(index)
@@ -1622,12 +1622,12 @@ def seed_gate(run_dir, record, identity):
         info = os.lstat(os.path.join(gate, "index"))
         record["gate_index"] = [info.st_size, info.st_mtime_ns]
     copy_tree_files(gitdir, gate, keep=lambda name: name.startswith("sharedindex."))
-    config = read_regular(os.path.join(common, "config"), 4 << 20) or b""
-    if repo["linked"]:
-        config += b"\n" + (read_regular(os.path.join(gitdir, "config.worktree"), 4 << 20) or b"")
-    text = gate_config(config.decode("utf-8", "surrogateescape"), record["point"], identity)
-    write_file(os.path.join(gate, "config"), text.encode("utf-8", "surrogateescape"))
-    record["gate_config"] = text_digest(text)
+
+
+def seed_files(gate, gitdir, common, record):
+    """What git reads besides: ignore and attribute files, sparse-checkout,
+    hooks (they run inside, as ever), a shallow clone's boundary, an
+    operation in progress, the stash's reflog (its list)."""
     for name in ("exclude", "attributes", "sparse-checkout"):
         data = read_beneath(gitdir if name == "sparse-checkout" else common, "info", name)
         if data is not None:
@@ -1642,28 +1642,44 @@ def seed_gate(run_dir, record, identity):
             record["state"][name] = None if data is None else data.decode("utf-8", "replace")
     stash = read_beneath(common, "logs", "refs", "stash")
     record["stash"] = [oid for oid, _message in stash_entries(stash)]
-    if stash is not None:  # git stash list reads the reflog, which refs alone lack
+    if stash is not None:
         os.makedirs(os.path.join(gate, "logs", "refs"))
         write_file(os.path.join(gate, "logs", "refs", "stash"), stash)
+
+
+def seed_gate(run_dir, record, identity):
+    """Make the run's private git directory (GATE_DIR), and record what it
+    was seeded with. For a project that is not a repository it starts empty,
+    and the project gets the empty .git a mount point needs (the end of the
+    run removes it again unless the agent made a repository)."""
+    gate = os.path.join(run_dir, GATE_DIR)
+    os.mkdir(gate, 0o755)
+    repo = record["repo"]
+    if repo is None:
+        dot = os.path.join(record["target"], ".git")
+        if not os.path.lexists(dot):
+            os.mkdir(dot, 0o755)
+            record["made_dot"] = True
+        return
+    gitdir, common = repo["gitdir"], repo["common"]
+    for sub in ("objects", "objects/info", "objects/pack", "refs", "refs/heads", "refs/tags",
+                "info", "hooks") + (("modules",) if repo["modules"] else ()):
+        os.mkdir(os.path.join(gate, sub), 0o755)
+    seed_refs(gate, gitdir, common, record)
+    seed_index(gate, gitdir, record)
+    config = read_regular(os.path.join(common, "config"), 4 << 20) or b""
+    if repo["linked"]:
+        config += b"\n" + (read_regular(os.path.join(gitdir, "config.worktree"), 4 << 20) or b"")
+    text = gate_config(config.decode("utf-8", "surrogateescape"), record["point"], identity)
+    write_file(os.path.join(gate, "config"), text.encode("utf-8", "surrogateescape"))
+    record["gate_config"] = text_digest(text)
+    seed_files(gate, gitdir, common, record)
     write_file(os.path.join(gate, "objects", "info", "alternates"),
                (RUN_DIR_INSIDE + "/" + GATE_OBJECTS + "\n").encode())
     os.mkdir(os.path.join(run_dir, GATE_OBJECTS), 0o755)
-    if repo["modules"]:
-        os.mkdir(os.path.join(gate, "modules"), 0o755)
     if repo["linked"]:
         write_file(os.path.join(run_dir, GATE_FILE),
                    ("gitdir: %s/%s\n" % (RUN_DIR_INSIDE, GATE_DIR)).encode())
-
-
-def stash_entries(log):
-    """[(commit, message)] of a refs/stash reflog, oldest first."""
-    entries = []
-    for line in (log or b"").decode("utf-8", "replace").splitlines():
-        head, _, message = line.partition("\t")
-        fields = head.split(" ")
-        if len(fields) > 1 and OID_RE.fullmatch(fields[1]):
-            entries.append((fields[1], message))
-    return entries
 
 
 def agent_stash(gate):
@@ -1775,6 +1791,16 @@ def foreign_commits(incoming, identity):
                     found.append((sub + name, who))
                     break
     return found
+
+
+def name_foreign_commits(record, incoming):
+    foreign = foreign_commits(incoming, record.get("identity"))
+    if foreign:
+        record["notes"].append(
+            "%s brought back name%s someone else as author or committer (%s: %s): a rebase "
+            "keeps authors, and an agent can write any name" % (
+                plural(len(foreign), "commit"), "" if len(foreign) > 1 else "s",
+                foreign[0][0][:12], foreign[0][1]))
 
 
 def import_objects(gitdir, incoming, wanted, have):
@@ -1979,41 +2005,46 @@ def keep_gate(run_dir, gate, record, why):
                            % (why, where))
 
 
+def agent_git_work(record, gate, gate_fd):
+    """What the agent left in its git directory: (HEAD, refs, operation
+    files, stash entries), and the objects they need that the host did not
+    have when the run began."""
+    head, refs, stash = read_head(gate_fd), read_ref_store(gate_fd), agent_stash(gate)
+    state = {}
+    for name in GIT_STATE_FILES:
+        data = read_regular(name, 16 << 20, dir_fd=gate_fd)
+        state[name] = None if data is None else data.decode("utf-8", "replace")
+    wanted = {oid for name, oid in refs.items()
+              if record["refs"].get(name) != oid and OID_RE.fullmatch(oid)}
+    wanted.update(oid for oid, _message in stash if oid not in record.get("stash", ()))
+    if head and OID_RE.fullmatch(head):
+        wanted.add(head)
+    for name, text in state.items():
+        if text and name not in ("MERGE_MSG", "MERGE_MODE"):
+            wanted.update(oid for oid in text.split() if OID_RE.fullmatch(oid))
+    return (head, refs, state, stash), wanted
+
+
 def hand_back_git(run_dir, record):
     """What the agent did to git, brought back as data (see above); notes
-    for the user go to record["notes"]. Safe to repeat: whoever ends the
-    run (the wrapper, the saver, recovery) does it, and a second time
-    changes nothing."""
+    for the user go to record["notes"]. Done once: the private directory is
+    then marked done, and whoever ends the run again (the saver, recovery)
+    finds nothing more to bring back."""
     gate = os.path.join(run_dir, GATE_DIR)
     try:
         gate_fd = open_dir(gate)
     except OSError:
         return
     try:
-        head = read_head(gate_fd)
-        repo = record["repo"]
-        if repo is None:
-            if head is None:
-                return
+        if record["repo"] is None:
+            if read_head(gate_fd) is None:
+                return  # the agent made no repository
             record["refs"], record["state"] = {}, {}
-            repo = adopt_repository(record, gate_fd)
-            if repo is None:
+            if adopt_repository(record, gate_fd) is None:
                 return
-        agent_refs = read_ref_store(gate_fd)
-        agent_state = {}
-        for name in GIT_STATE_FILES:
-            data = read_regular(name, 16 << 20, dir_fd=gate_fd)
-            agent_state[name] = None if data is None else data.decode("utf-8", "replace")
+        repo = record["repo"]
+        (head, refs, state, stash), wanted = agent_git_work(record, gate, gate_fd)
         hash_len = 32 if record.get("format") == "sha256" else 20
-        stash = agent_stash(gate)
-        wanted = {oid for name, oid in agent_refs.items()
-                  if record["refs"].get(name) != oid and OID_RE.fullmatch(oid)}
-        wanted.update(oid for oid, _message in stash if oid not in record.get("stash", ()))
-        if head and OID_RE.fullmatch(head):
-            wanted.add(head)
-        for name, text in agent_state.items():
-            if text and name not in ("MERGE_MSG", "MERGE_MODE"):
-                wanted.update(oid for oid in text.split() if OID_RE.fullmatch(oid))
         index = apply_index(record, repo, gate_fd, hash_len, wanted)
         have = {oid for oid in record["refs"].values() if OID_RE.fullmatch(oid)}
         have.update(record.get("stash", ()))
@@ -2024,22 +2055,17 @@ def hand_back_git(run_dir, record):
             except PiError as err:
                 keep_gate(run_dir, gate, record, err)
                 return
-            foreign = foreign_commits(incoming, record.get("identity"))
-            if foreign:
-                record["notes"].append(
-                    "%s brought back name%s someone else as author or committer (%s: %s): a "
-                    "rebase keeps authors, and an agent can write any name" % (
-                        plural(len(foreign), "commit"), "" if len(foreign) > 1 else "s",
-                        foreign[0][0][:12], foreign[0][1]))
-        move_refs(record, repo, agent_refs, head)
+            name_foreign_commits(record, incoming)
+        move_refs(record, repo, refs, head)
         try:
             carry_stash(record, repo, stash)
         except PiError as err:
             record["notes"].append("the agent's stash could not be brought back: %s" % err)
         if index is not None:
             write_host_index(repo, index, record)
-        apply_state_files(record, repo, agent_state)
+        apply_state_files(record, repo, state)
         keep_agent_config(record, repo, gate_fd)
+        os.rename(gate, gate + ".done")
     finally:
         os.close(gate_fd)
 

@@ -2206,6 +2206,57 @@ def config_facts(listing, target):
     return facts
 
 
+def project_file(state_dir, target, suffix):
+    """A file of pi-agent's about one project, in the state directory."""
+    import hashlib
+    return os.path.join(state_dir, "projects",
+                        hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + suffix)
+
+
+def look_through(target, skip_git, cache):
+    """What SCAN_BEFORE finds in the project, as (relative path, lstat).
+    From the last look, kept in `cache`, when no directory of the project
+    has changed since: no entry is added, removed or renamed without its
+    directory's ctime changing, and no one can set a ctime back. Else from
+    a fresh scan, which is kept for the next run (if no directory changed in
+    the last second, so that a coarse clock cannot hide a change)."""
+    try:
+        known = json.loads(read_regular(cache, 64 << 20) or b"null") if cache else None
+    except ValueError:
+        known = None
+    if isinstance(known, dict) and known.get("target") == target and \
+            known.get("skip_git") == skip_git:
+        found = []
+        for path, stamp in known.get("dirs", {}).items():
+            try:
+                info = os.lstat(os.path.join(target, path))
+            except OSError:
+                break
+            if not stat.S_ISDIR(info.st_mode) or [info.st_mtime_ns, info.st_ctime_ns] != stamp:
+                break
+            found.append((path, info))
+        else:
+            try:
+                return found + [(path, os.lstat(os.path.join(target, path)))
+                                for path in known.get("entries", [])]
+            except OSError:
+                pass
+    found = ProjectScan(target, SCAN_BEFORE, skip_git=skip_git).results()
+    dirs = {path: [info.st_mtime_ns, info.st_ctime_ns] for path, info in found
+            if stat.S_ISDIR(info.st_mode)}
+    if cache and max((stamp[1] for stamp in dirs.values()), default=0) < time.time_ns() - 10**9:
+        try:
+            temp = "%s.%d" % (cache, os.getpid())
+            write_file(temp, json.dumps({
+                "target": target, "skip_git": skip_git, "dirs": dirs,
+                "entries": [path for path, info in found if not stat.S_ISDIR(info.st_mode)]})
+                .encode("utf-8", "surrogateescape"), 0o600)
+            os.replace(temp, cache)
+        except OSError:
+            pass
+    return found
+
+
 def submodules_mountable(repo, notes):
     """The submodules' git directories (GITDIR/modules) may be mounted
     read-only inside: a real directory, with no socket in it (a host
@@ -2248,9 +2299,10 @@ class Project:
             gated = repo is not None or stat.S_ISDIR(os.lstat(os.path.join(target, ".git")).st_mode)
         except OSError:
             gated = True
-        scan = ProjectScan(target, SCAN_BEFORE, skip_git=gated)
         listing = start_config_listing(repo) if repo else None
-        found = scan.results()
+        # (a look for a dry run or pi-status keeps nothing: those write no state)
+        found = look_through(target, gated, project_file(config.state_dir, target, ".scan")
+                             if hold else None)
         sockets = sorted(path for path, info in found if stat.S_ISSOCK(info.st_mode))
         if sockets:
             raise Refused("refusing to mount %s: it holds Unix sockets (%s), doors to programs "
@@ -2712,11 +2764,9 @@ def lock_project(line, target, kind, wait):
     run ends. The lock file says who holds it. Returns the fd; Busy if a
     live run has it (after a second's grace for one that is ending), unless
     `wait`."""
-    import hashlib
-    directory = os.path.join(line.state_dir, "projects")
-    path = os.path.join(directory, hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + ".lock")
+    path = project_file(line.state_dir, target, ".lock")
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as err:
         raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s" % (line.state_dir, err.strerror))
@@ -3483,7 +3533,7 @@ def saved_labels(line, container, image, meta):
 
 
 def save_container(line, state, container, image, meta, snapshot=None, current_id=None,
-                   defer_remove=False):
+                   defer_remove=False, tagging=None):
     """Commit a finished run's container into current; the one save path.
 
     `image` is the record of the image the container started from, `meta`
@@ -3495,8 +3545,11 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
     If the container started from something other than current (a
     leftover, or current changed by hand), its result becomes a snapshot
     and current stays.
-    With defer_remove the caller removes the container (after releasing the
-    lock, so the next run need not wait for it).
+    With defer_remove the caller removes the container: its removal starts
+    here, beside the rest, unless docker diff still needs it, and
+    meta["removal"] is that call; the caller finishes it after releasing the
+    lock (the next run need not wait for it). `tagging`: the snapshot's tag
+    still under way (the commit need not wait for it).
     """
     branched = current_id is not None and current_id != image["Id"]
     if not branched and snapshot is None:
@@ -3508,6 +3561,15 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
                                                meta.get("exit_status", "unknown"))
     args = commit_args(container, image, labels, message)
     new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
+    if defer_remove and not (mount and mount not in known_mounts(image)):
+        # Saved: from here the container is only to be removed. Recorded
+        # first, so that whoever finds it later (this remover dead) just
+        # removes it.
+        state.setdefault("removing", {})[container] = os.getpid()
+        line.write_state(state)
+        meta["removal"] = DockerCall(("rm", "-f", "-v", container))
+    if tagging is not None and tagging.finish(check=False).returncode != 0:
+        docker("tag", image["Id"], line.snap(snapshot))
     new = inspect_image(new_id)
     meta["layers"] = image_layers(new)
     changed = image_layers(new) != image_layers(image)
@@ -3528,8 +3590,6 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
         state.pop("current", None)
     else:
         remember_current(state, new)
-    # Saved: from here the container is only to be removed. Recorded first,
-    # so that whoever finds it later (this remover dead) just removes it.
     state.setdefault("removing", {})[container] = os.getpid()
     line.write_state(state)
     if not defer_remove:
@@ -3769,20 +3829,21 @@ class Saver:
 
     def _main(self, down_r, up_w):
         line, state, plan = self.line, self.state, self.plan
-        # Before the run starts: the snapshot keeps current as it was; and
-        # containers of earlier runs whose removers died go.
-        tagging = DockerCall(("tag", plan.image["Id"], line.snap(plan.snapshot)))
-        removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
-        # A remembered current is checked: changed by hand since, the run
-        # is saved as a snapshot and current stays.
-        checking = DockerCall(("image", "inspect", "--format", "{{.Id}}", line.current)) \
-            if self.verify else None
         messages, pipe = [], os.fdopen(down_r, "r")
         for text in pipe:  # until the container has stopped, or the wrapper is gone
             messages.append(text.strip())
             if text.startswith((SAID_STATUS, SAID_ABORT)):
                 break
-        tagged = tagging.finish(check=False).returncode == 0
+        # Only now, so as not to slow the container's start: the snapshot
+        # keeps the image the run started from (by its ID, which stays); a
+        # remembered current is checked (changed by hand since, the run is
+        # saved as a snapshot and current stays); containers of earlier
+        # runs whose removers died go.
+        tagging = DockerCall(("tag", plan.image["Id"], line.snap(plan.snapshot))) \
+            if SAID_ABORT not in messages else None
+        removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
+        checking = DockerCall(("image", "inspect", "--format", "{{.Id}}", line.current)) \
+            if self.verify else None
         current_id = None
         if checking:
             found = checking.finish(check=False)
@@ -3817,17 +3878,16 @@ class Saver:
                 # script, it fails): leave the state dirty so the next
                 # lifecycle looks for it. Its recovery tags the snapshot again.
                 abandon_run_dir(plan.run_dir, plan.record)
+                tagging.finish(check=False)  # (before its tag is taken back)
                 drop_snapshot(line, state, plan.snapshot)
                 line.write_state(state)
                 line.log("%s does not exist (yet?); the next run will look again" % plan.container)
                 return 0
         meta = plan.save_meta(status)
         try:
-            if not tagged:
-                docker("tag", plan.image["Id"], line.snap(plan.snapshot))
             snap = save_container(line, state, plan.container, plan.image, meta,
                                   snapshot=plan.snapshot, current_id=current_id,
-                                  defer_remove=True)
+                                  defer_remove=True, tagging=tagging)
         except PiError as err:
             notice = ("the save of the %s in %s failed: %s. The container %s keeps its changes; "
                       "the next pi retries, or run pi-recover %s"
@@ -3852,11 +3912,14 @@ class Saver:
         # its pipe closing without it says it is gone.
         messages += [text.strip() for text in pipe]
         pipe.close()
+        removal = meta.pop("removal", None) or DockerCall(
+            ("rm", "-f", "-v", plan.container))
         if SAID_ENDED not in messages:
             # The container goes first (its agent may still be at work), then
             # what the run left in the project is dealt with, and the next
             # command says so.
-            self._end_for_the_wrapper()
+            self._end_for_the_wrapper(removal)
+            removal = None
         self.release_project()  # the run has ended: the project is free
         if snap and meta.get("layers", 0) >= flatten_limit(line.config):
             state["holder"]["phase"] = "flattening"
@@ -3864,8 +3927,7 @@ class Saver:
             auto_flatten(line, state)
         self.lock.release(state)
         # Outside the lock: the next run may start while this one is removed.
-        if SAID_ENDED in messages and docker("rm", "-f", "-v", plan.container,
-                                             check=False).returncode == 0:
+        if removal is not None and removal.finish(check=False).returncode == 0:
             remove_run_dir(plan.run_dir, line=line)
         self._report(up_w, "ok " + (snap or ""))
         return 0
@@ -3875,9 +3937,9 @@ class Saver:
             os.close(self.project_fd)
             self.project_fd = None
 
-    def _end_for_the_wrapper(self):
+    def _end_for_the_wrapper(self, removal):
         line, state, plan = self.line, self.state, self.plan
-        if docker("rm", "-f", "-v", plan.container, check=False).returncode != 0:
+        if removal.finish(check=False).returncode != 0:
             return  # recovery ends it, after removing it
         notes = end_run(line, plan.run_dir, plan.record)
         remove_run_dir(plan.run_dir, line=line)

@@ -118,10 +118,13 @@ add_to_rc() {
   fi
 }
 
+# Only the exact line this install added: a user's own lines that mention
+# pi-agent, and another install's line, stay.
 remove_from_rc() {
   rc=$1
-  [ -f "$rc" ] && grep -qF '# pi-agent' "$rc" || return 0
-  grep -vF '# pi-agent' "$rc" >"$work/rc" || :
+  line=$(rc_line)
+  [ -f "$rc" ] && grep -qxF "$line" "$rc" || return 0
+  grep -vxF "$line" "$rc" >"$work/rc" || :
   if [ -s "$work/rc" ]; then
     # cat, not mv: keeps the file's owner, mode and any symlink to it.
     cat "$work/rc" >"$rc" || err "cannot write $rc"
@@ -181,7 +184,9 @@ main() {
       */install.sh) [ -f "$(dirname "$0")/pi_agent.py" ] && from=$(cd "$(dirname "$0")" && pwd) ;;
     esac
   fi
-  install_files "$(fetch_source)"
+  # (fetch_source runs in a subshell: its err ends only that)
+  src=$(fetch_source) || return 1
+  install_files "$src"
   say "installed pi-agent $(python3 "$dest/pi_agent.py" run --version | cut -d' ' -f2) in $dest"
 
   if [ "$modify_rc" = 1 ]; then

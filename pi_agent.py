@@ -386,14 +386,18 @@ class Config:
         self.raw = raw
         try:
             self._check(raw)
-        except BadSetting as err:
+        except PiError as err:
             # Say where a bad value came from when it was the config file.
-            name = next((name for name, _d, _m in SETTINGS if name in str(err)), None)
-            if name and self.sources[name] not in ("environment", "default"):
-                raise BadSetting("%s: %s" % (self.sources[name], err))
+            name = re.match(r"PI_AGENT_[A-Z_]+", str(err))
+            if name and self.sources.get(name.group()) not in (None, "environment", "default"):
+                raise type(err)("%s: %s" % (self.sources[name.group()], err), err.code)
             raise
+        global _trace_file
+        _trace_file = raw["PI_AGENT_TRACE"]
 
     def _check(self, raw):
+        """Every error here starts with the name of the setting it is about:
+        __init__ adds the config file's line when the value came from there."""
         self.image_repo = raw["PI_AGENT_IMAGE_REPO"]
         if not re.fullmatch(r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*",
                             self.image_repo):
@@ -527,13 +531,7 @@ def parse_pass_env(value):
     return names
 
 
-# ------------------------------------------------------------------ docker
-
-# Docker subcommands that change something: --dry-run prints them instead.
-MUTATING = {"build", "commit", "create", "exec", "import", "kill", "rm", "rmi",
-            "run", "start", "stop", "tag"}
-_dry_run = False
-
+# ----------------------------------------------------------------- docker
 
 def docker_endpoint():
     host = os.environ.get("DOCKER_HOST")
@@ -565,11 +563,15 @@ def docker_failure(args, stderr):
     return EngineError("docker %s failed: %s" % (args[0], detail))
 
 
+# PI_AGENT_TRACE as the settings have it, once read (the environment's until then).
+_trace_file = None
+
+
 def trace(argv, started, status):
     """PI_AGENT_TRACE=FILE: one line per docker command, for finding cost:
     when its result was collected, and how long after it started (a call
     overlapped with others may have ended earlier)."""
-    path = os.environ.get("PI_AGENT_TRACE")
+    path = os.environ.get("PI_AGENT_TRACE") if _trace_file is None else _trace_file
     if path:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write("%.6f %6.3fs pid %d exit %s: %s\n" % (
@@ -581,16 +583,11 @@ class DockerCall:
     """`docker ARGS`, started at once (never through a shell); finish() waits
     and, with check, raises the PiError that docker's stderr calls for.
     Starting two calls before finishing either overlaps independent reads.
-    Under --dry-run, commands that change something are printed, not run.
     """
 
     def __init__(self, args, capture=True, env=None, stdin=None, stdout=None, feed=None):
         self.args, self.capture, self.feed = args, capture, feed
         self.argv = ["docker", *args]
-        self.proc = None
-        if _dry_run and args[0] in MUTATING:
-            print(shlex.join(self.argv))
-            return
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
@@ -606,8 +603,6 @@ class DockerCall:
             raise EngineError("cannot run docker %s: %s" % (args[0], err.strerror))
 
     def finish(self, check=True):
-        if self.proc is None:
-            return subprocess.CompletedProcess(self.argv, 0, "", "")
         out, err = self.proc.communicate(self.feed)
         trace(self.argv, self.started, self.proc.returncode)
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
@@ -662,6 +657,304 @@ def image_home(image):
 
 def json_lines(output):
     return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+# -------------------------------------------------------- state and locks
+
+class Line:
+    """One image line: REPO:base, REPO:current, REPO:snap-*, and its files.
+
+    Everything that changes the line's images holds its lock. The lock file
+    is never deleted; the state file is written only by the lock holder,
+    always whole (temp file, then rename). Its keys (JSON):
+
+      holder         who holds the lock (null once released): kind, target,
+                     pid, host, started, phase (starting, running, saving,
+                     flattening; working for other commands), saver_pid,
+                     container
+      current        current's inspect record (Id, Config, RootFS,
+                     RepoTags) as the last holder left it, so that a run
+                     after a clean release need not inspect it (its saver
+                     checks it); dropped by anything that moves current
+      last_snapshot  the newest snapshot name given (names stay unique)
+      snapshots      the snapshots' names, for auto-prune (absent until a
+                     listing made it)
+      removing       {container: pid}: saved containers, being removed by pid
+      failed         the container whose save failed (recovery retries it)
+      notice         a line for the next command to show
+      corrupt        (read_state only) the file could not be read
+
+    A holder that finds holder, failed, notice or corrupt set knows that
+    the last one did not finish cleanly (released_cleanly).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.repo = config.image_repo
+        self.base = self.repo + ":base"
+        self.current = self.repo + ":current"
+        key = self.repo.replace("%", "%25").replace("/", "%2F")
+        self.state_dir = config.state_dir
+        self.lock_path = os.path.join(self.state_dir, key + ".lock")
+        self.state_path = os.path.join(self.state_dir, key + ".json")
+        self.log_path = os.path.join(self.state_dir, key + ".log")
+        self.run_dir = os.path.join(self.state_dir, "run")
+
+    def snap(self, name):
+        return "%s:%s" % (self.repo, name)
+
+    def read_state(self):
+        try:
+            with open(self.state_path, encoding="utf-8") as handle:
+                state = json.load(handle)
+            return state if isinstance(state, dict) else {"corrupt": True}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {"corrupt": True}
+
+    def open_lock(self, flags):
+        try:
+            # Private: run scripts hold the values of PI_AGENT_PASS_ENV.
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.state_dir, 0o700)
+            return os.open(self.lock_path, flags | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s; set it to a directory you "
+                             "can write" % (self.state_dir, err.strerror))
+
+    def write_state(self, state):
+        temp = "%s.%d.tmp" % (self.state_path, os.getpid())
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                           encoding="utf-8") as handle:
+                json.dump(state, handle, indent=1, sort_keys=True)
+            os.replace(temp, self.state_path)
+        except OSError as err:
+            raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
+                             "can write" % (self.state_path, err.strerror))
+
+    def log(self, message):
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            if os.path.exists(self.log_path) and os.path.getsize(self.log_path) > 1 << 20:
+                os.replace(self.log_path, self.log_path + ".1")
+            with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                           "a", encoding="utf-8") as handle:
+                handle.write("%s [%d] %s\n" % (utc_iso(time.time()), os.getpid(),
+                                               printable(message)))
+        except OSError:
+            pass
+
+
+def pid_alive(pid):
+    """The process exists and is not a zombie (a killed saver whose new
+    parent has not reaped it yet is dead for our purposes)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open("/proc/%d/stat" % int(pid)) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): existence is all we can tell
+
+
+def describe_holder(holder):
+    if not holder:
+        return "another pi-agent command"
+    phase = holder.get("phase", "working")
+    what = {"running": "running %s in" % holder.get("kind", "run"),
+            "saving": "saving the run in",
+            "flattening": "flattening current after the run in",
+            "starting": "starting %s in" % holder.get("kind", "run")}.get(
+                phase, "%s for" % holder.get("kind", "a command"))
+    pid = holder.get("saver_pid") if phase in ("saving", "flattening") else holder.get("pid")
+    return "pid %s (%s %s, since %s)" % (pid, what, holder.get("target", "?"),
+                                        local_time(holder.get("started")))
+
+
+def block_on_lock(fd, operation, holder, patient=False):
+    """Wait for the lock; say so at once when it is a running agent we wait
+    for, or after a second for a save (most saves end sooner: no message)."""
+    def announce(_signum=None, _frame=None):
+        say("waiting for %s ..." % describe_holder(holder))
+
+    if patient:
+        announce()
+        fcntl.flock(fd, operation)
+        return
+    previous = signal.signal(signal.SIGALRM, announce)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        fcntl.flock(fd, operation)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def agent_is_running(holder):
+    """An agent is live on the line (as opposed to a save or a short command)."""
+    return bool(holder and holder.get("phase") in ("starting", "running")
+                and holder.get("host") == os.uname().nodename and pid_alive(holder.get("pid")))
+
+
+class LineLock:
+    """The image line's fcntl lock.
+
+    flock belongs to the open file description, so a forked saver that keeps
+    the descriptor keeps the lock after the wrapper exits, and the kernel
+    drops it when the last holder dies: a dead holder never leaves it behind.
+    """
+
+    def __init__(self, line):
+        self.line = line
+        self.fd = None
+
+    def acquire(self, kind, target="", wait=False):
+        """Take the lock and record the holder; return the state it found.
+
+        Saves and short commands are waited for; a running agent is an error
+        unless `wait`.
+        """
+        self.fd = self.line.open_lock(os.O_RDWR)
+        for attempt in range(2):
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = self.line.read_state().get("holder")
+                if not agent_is_running(holder) or wait:
+                    block_on_lock(self.fd, fcntl.LOCK_EX, holder, patient=agent_is_running(holder))
+                    break
+                if attempt:
+                    os.close(self.fd)
+                    self.fd = None
+                    raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
+                               % (self.line.repo, describe_holder(holder)))
+                time.sleep(0.1)  # an agent that is just exiting is not worth an error
+        state = self.line.read_state()
+        found = dict(state)
+        state["holder"] = {"kind": kind, "target": target, "pid": os.getpid(),
+                           "host": os.uname().nodename, "started": utc_iso(time.time()),
+                           "phase": "working" if kind not in LIFECYCLE_KINDS else "starting"}
+        state.pop("corrupt", None)
+        if kind not in LIFECYCLE_KINDS:  # it may change current its own way
+            state.pop("current", None)
+        self.line.write_state(state)
+        return found, state
+
+    def release(self, state):
+        state["holder"] = None
+        self.line.write_state(state)
+        os.close(self.fd)
+        self.fd = None
+
+
+def lock_project(line, target, kind, wait):
+    """An fcntl lock on the project for the whole run, whatever the image
+    line: another run's agent (of another line) must not change the project
+    between this run's look at it and its container's start, nor while this
+    run ends. The lock file says who holds it. Returns the fd; Busy if a
+    live run has it (after a second's grace for one that is ending), unless
+    `wait`."""
+    path = project_file(line.state_dir, target, ".lock")
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s" % (line.state_dir, err.strerror))
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not wait and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        who = "pid %s (%s on image line %s, since %s)" % (
+            holder.get("pid", "?"), holder.get("kind", "a run"), holder.get("repo", "?"),
+            local_time(holder.get("started")))
+        if not wait and pid_alive(holder.get("pid")):
+            os.close(fd)
+            raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
+                       % (target, who))
+        # (a holder that is gone left the end of its run to its saver)
+        say("waiting for %s ..." % who)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        break
+    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.repo,
+                         "started": utc_iso(time.time())}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder, 0)
+    return fd
+
+
+def released_cleanly(found):
+    """The state the lock's last holder left says it finished its work."""
+    return bool(found) and not any(found.get(key) for key in
+                                   ("holder", "corrupt", "failed", "notice"))
+
+
+def lock_is_held(line):
+    try:
+        fd = os.open(line.lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def wait_for_save(line):
+    """Readers wait for a save in progress instead of racing it."""
+    holder = line.read_state().get("holder")
+    if not lock_is_held(line) or agent_is_running(holder):
+        return
+    fd = line.open_lock(os.O_RDONLY)
+    try:
+        block_on_lock(fd, fcntl.LOCK_SH, holder)
+    finally:
+        os.close(fd)
+
+
+class exclusive:
+    """`with exclusive(line, kind) as state:` for commands that change images:
+    waits for any save, recovers what an interrupted run left, and releases."""
+
+    def __init__(self, line, kind, wait=False, recover=True):
+        self.lock = LineLock(line)
+        self.line, self.kind, self.wait, self.recover = line, kind, wait, recover
+
+    def __enter__(self):
+        found, self.state = self.lock.acquire(self.kind, wait=self.wait)
+        if found.get("notice"):
+            say(found["notice"])
+        if self.recover:
+            try:
+                recover_leftovers(self.line, self.state)
+            except BaseException:
+                self.lock.release(self.state)
+                raise
+        return self.state
+
+    def __exit__(self, *exc):
+        self.lock.release(self.state)
+        return False
+
 
 
 # ------------------------------------------------------------ the project
@@ -2532,7 +2825,81 @@ def container_env(environ, pass_env):
     return [(name, environ[name]) for name in names] + [(name, "") for name in CREDENTIAL_ENV]
 
 
-# -------------------------------------------------------------- snapshots
+def end_run(line, run_dir, record, watch=None):
+    """Everything a finished run leaves to do in the project before the
+    user can act on it: git back through the gate, the private git
+    directory gone, the sweep (and what only root can fix), a word on files
+    the host runs by itself. Returns lines for the user. The container must
+    have stopped. Safe to repeat: whoever ends the run does it (the
+    wrapper; the saver or recovery when the wrapper is gone)."""
+    target, predicate = record["target"], scan_after(record["uid"])
+    scan, found = None, None
+    try:
+        found = watch.found(predicate, record["gated"]) if watch else None
+        if found is None:
+            scan = ProjectScan(target, predicate, record["gated"])
+    except (PiError, OSError):
+        found = []  # the project is gone
+    record["notes"] = []
+    try:
+        hand_back_git(run_dir, record)
+    except Exception as err:  # whatever went wrong, the sweep below must happen
+        record["notes"].append("the agent's git work could not be brought back: %s" % err)
+    notes = record["notes"]
+    if record.get("made_dot"):
+        try:  # the mount point of a project with no repository, if nothing came of it
+            os.rmdir(os.path.join(target, ".git"))
+        except OSError:
+            pass
+    if scan is not None:
+        found = scan.results()
+    notes += sweep(line, record, found, predicate)
+    changed = changed_files(record["host_run"], host_run_files(target))
+    if changed:
+        notes.append("the agent changed %s, which your host may run by itself; review before "
+                     "trusting them (git status, git diff)"
+                     % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])))
+    try:
+        os.remove(os.path.join(run_dir, RUN_RECORD))  # ended: nobody need do it again
+    except FileNotFoundError:
+        pass
+    return notes
+
+
+def sweep(line, record, found, predicate):
+    """sweep_project() on what was found, and again on what it could not
+    look into until it was given back (or made readable). Returns notes."""
+    notes, target = [], record["target"]
+    for _ in range(4):
+        swept, for_root, reopen = sweep_project(record, found)
+        notes += swept
+        if for_root:
+            try:
+                notes += give_back(line, target, for_root, record["uid"], record["gid"])
+            except PiError as err:
+                notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
+        if not reopen:
+            return notes
+        try:
+            found = ProjectScan(target, predicate, record["gated"],
+                                ["./" + path for path in reopen]).results()
+        except PiError:
+            return notes
+    return notes + ["could not look into %s: check it before you use it"
+                    % ", ".join(reopen[:5])]
+
+
+def show_notes(line, notes, limit=8):
+    for note in notes[:limit]:
+        say(note, "warning")
+    if len(notes) > limit:
+        say("... and %d more, in %s" % (len(notes) - limit, line.log_path), "warning")
+    for note in notes:
+        line.log(note)
+
+
+
+# --------------------------------------------------- images and snapshots
 
 def snapshot_name(epoch, last=None):
     """snap-YYYYMMDD-HHMMSS.mmm (UTC), strictly after `last`: unique for runs
@@ -2579,286 +2946,6 @@ def describe_origin(image):
     status = labels.get(LABEL + "exit_status") or "?"
     return "%s in %s (exit %s)" % (kind, target, status)
 
-
-# ------------------------------------------------------- state and locks
-
-class Line:
-    """One image line: REPO:base, REPO:current, REPO:snap-*, and its files.
-
-    Everything that changes the line's images holds its lock. The lock file
-    is never deleted; the state file is written only by the lock holder,
-    always whole (temp file, then rename).
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.repo = config.image_repo
-        self.base = self.repo + ":base"
-        self.current = self.repo + ":current"
-        key = self.repo.replace("%", "%25").replace("/", "%2F")
-        self.state_dir = config.state_dir
-        self.lock_path = os.path.join(self.state_dir, key + ".lock")
-        self.state_path = os.path.join(self.state_dir, key + ".json")
-        self.log_path = os.path.join(self.state_dir, key + ".log")
-        self.run_dir = os.path.join(self.state_dir, "run")
-
-    def snap(self, name):
-        return "%s:%s" % (self.repo, name)
-
-    def read_state(self):
-        try:
-            with open(self.state_path, encoding="utf-8") as handle:
-                state = json.load(handle)
-            return state if isinstance(state, dict) else {"corrupt": True}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return {"corrupt": True}
-
-    def open_lock(self, flags):
-        try:
-            # Private: run scripts hold the values of PI_AGENT_PASS_ENV.
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            os.chmod(self.state_dir, 0o700)
-            return os.open(self.lock_path, flags | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s; set it to a directory you "
-                             "can write" % (self.state_dir, err.strerror))
-
-    def write_state(self, state):
-        temp = "%s.%d.tmp" % (self.state_path, os.getpid())
-        try:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
-                           encoding="utf-8") as handle:
-                json.dump(state, handle, indent=1, sort_keys=True)
-            os.replace(temp, self.state_path)
-        except OSError as err:
-            raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
-                             "can write" % (self.state_path, err.strerror))
-
-    def log(self, message):
-        try:
-            os.makedirs(self.state_dir, exist_ok=True)
-            if os.path.exists(self.log_path) and os.path.getsize(self.log_path) > 1 << 20:
-                os.replace(self.log_path, self.log_path + ".1")
-            with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
-                           "a", encoding="utf-8") as handle:
-                handle.write("%s [%d] %s\n" % (utc_iso(time.time()), os.getpid(),
-                                               printable(message)))
-        except OSError:
-            pass
-
-
-def pid_alive(pid):
-    """The process exists and is not a zombie (a killed saver whose new
-    parent has not reaped it yet is dead for our purposes)."""
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open("/proc/%d/stat" % int(pid)) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): existence is all we can tell
-
-
-def describe_holder(holder):
-    if not holder:
-        return "another pi-agent command"
-    phase = holder.get("phase", "working")
-    what = {"running": "running %s in" % holder.get("kind", "run"),
-            "saving": "saving the run in",
-            "flattening": "flattening current after the run in",
-            "starting": "starting %s in" % holder.get("kind", "run")}.get(
-                phase, "%s for" % holder.get("kind", "a command"))
-    pid = holder.get("saver_pid") if phase in ("saving", "flattening") else holder.get("pid")
-    return "pid %s (%s %s, since %s)" % (pid, what, holder.get("target", "?"),
-                                        local_time(holder.get("started")))
-
-
-def block_on_lock(fd, operation, holder, patient=False):
-    """Wait for the lock; say so at once when it is a running agent we wait
-    for, or after a second for a save (most saves end sooner: no message)."""
-    def announce(_signum=None, _frame=None):
-        say("waiting for %s ..." % describe_holder(holder))
-
-    if patient:
-        announce()
-        fcntl.flock(fd, operation)
-        return
-    previous = signal.signal(signal.SIGALRM, announce)
-    signal.setitimer(signal.ITIMER_REAL, 1.0)
-    try:
-        fcntl.flock(fd, operation)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def agent_is_running(holder):
-    """An agent is live on the line (as opposed to a save or a short command)."""
-    return bool(holder and holder.get("phase") in ("starting", "running")
-                and holder.get("host") == os.uname().nodename and pid_alive(holder.get("pid")))
-
-
-class LineLock:
-    """The image line's fcntl lock.
-
-    flock belongs to the open file description, so a forked saver that keeps
-    the descriptor keeps the lock after the wrapper exits, and the kernel
-    drops it when the last holder dies: a dead holder never leaves it behind.
-    """
-
-    def __init__(self, line):
-        self.line = line
-        self.fd = None
-
-    def acquire(self, kind, target="", wait=False):
-        """Take the lock and record the holder; return the state it found.
-
-        Saves and short commands are waited for; a running agent is an error
-        unless `wait`.
-        """
-        self.fd = self.line.open_lock(os.O_RDWR)
-        for attempt in range(2):
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = self.line.read_state().get("holder")
-                if not agent_is_running(holder) or wait:
-                    block_on_lock(self.fd, fcntl.LOCK_EX, holder, patient=agent_is_running(holder))
-                    break
-                if attempt:
-                    os.close(self.fd)
-                    self.fd = None
-                    raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
-                               % (self.line.repo, describe_holder(holder)))
-                time.sleep(0.1)  # an agent that is just exiting is not worth an error
-        state = self.line.read_state()
-        found = dict(state)
-        state["holder"] = {"kind": kind, "target": target, "pid": os.getpid(),
-                           "host": os.uname().nodename, "started": utc_iso(time.time()),
-                           "phase": "working" if kind not in LIFECYCLE_KINDS else "starting"}
-        state.pop("corrupt", None)
-        if kind not in LIFECYCLE_KINDS:  # it may change current its own way
-            state.pop("current", None)
-        self.line.write_state(state)
-        return found, state
-
-    def release(self, state):
-        state["holder"] = None
-        self.line.write_state(state)
-        os.close(self.fd)
-        self.fd = None
-
-
-def lock_project(line, target, kind, wait):
-    """An fcntl lock on the project for the whole run, whatever the image
-    line: another run's agent (of another line) must not change the project
-    between this run's look at it and its container's start, nor while this
-    run ends. The lock file says who holds it. Returns the fd; Busy if a
-    live run has it (after a second's grace for one that is ending), unless
-    `wait`."""
-    path = project_file(line.state_dir, target, ".lock")
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as err:
-        raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s" % (line.state_dir, err.strerror))
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if not wait and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            holder = {}
-        who = "pid %s (%s on image line %s, since %s)" % (
-            holder.get("pid", "?"), holder.get("kind", "a run"), holder.get("repo", "?"),
-            local_time(holder.get("started")))
-        if not wait and pid_alive(holder.get("pid")):
-            os.close(fd)
-            raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
-                       % (target, who))
-        # (a holder that is gone left the end of its run to its saver)
-        say("waiting for %s ..." % who)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        break
-    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.repo,
-                         "started": utc_iso(time.time())}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, holder, 0)
-    return fd
-
-
-def released_cleanly(found):
-    """The state the lock's last holder left says it finished its work."""
-    return bool(found) and not any(found.get(key) for key in
-                                   ("holder", "corrupt", "failed", "notice"))
-
-
-def lock_is_held(line):
-    try:
-        fd = os.open(line.lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def wait_for_save(line):
-    """Readers wait for a save in progress instead of racing it."""
-    holder = line.read_state().get("holder")
-    if not lock_is_held(line) or agent_is_running(holder):
-        return
-    fd = line.open_lock(os.O_RDONLY)
-    try:
-        block_on_lock(fd, fcntl.LOCK_SH, holder)
-    finally:
-        os.close(fd)
-
-
-class exclusive:
-    """`with exclusive(line, kind) as state:` for commands that change images:
-    waits for any save, recovers what an interrupted run left, and releases."""
-
-    def __init__(self, line, kind, wait=False, recover=True):
-        self.lock = LineLock(line)
-        self.line, self.kind, self.wait, self.recover = line, kind, wait, recover
-
-    def __enter__(self):
-        found, self.state = self.lock.acquire(self.kind, wait=self.wait)
-        if found.get("notice"):
-            say(found["notice"])
-        if self.recover:
-            try:
-                recover_leftovers(self.line, self.state)
-            except BaseException:
-                self.lock.release(self.state)
-                raise
-        return self.state
-
-    def __exit__(self, *exc):
-        self.lock.release(self.state)
-        return False
-
-
-# ------------------------------------------------------------------ images
 
 def agent_home(environ=None):
     """The agent's home inside: the host user's home path, so ~ means the
@@ -2991,18 +3078,18 @@ def remove_own_dangling(line):
     return ids
 
 
-def prune_snapshots(line, state, keep, dry_run=False):
-    """Keep the `keep` newest snapshots (from a fresh listing)."""
+def prune_snapshots(line, state, keep):
+    """Keep the `keep` newest snapshots (from a fresh listing); returns
+    those it removed."""
     snaps = list_snapshots(line)
     doomed = snaps[keep:]
-    if doomed and not dry_run:
+    if doomed:
         result = docker("rmi", *[line.snap(snap["tag"]) for snap in doomed], check=False)
         if result.returncode != 0:
             raise docker_failure(("rmi",), result.stderr)
-    if not dry_run:
-        state["snapshots"] = sorted(snap["tag"] for snap in snaps[:keep])
-        line.write_state(state)
-        remove_own_dangling(line)
+    state["snapshots"] = sorted(snap["tag"] for snap in snaps[:keep])
+    line.write_state(state)
+    remove_own_dangling(line)
     return doomed
 
 
@@ -3056,6 +3143,9 @@ def prune_if_due(line, state):
         state["snapshots"] = snaps[cut:]
         line.write_state(state)
 
+
+
+# ---------------------------------------------------------------- flatten
 
 def import_changes(config):
     """`docker import --change` lines that give a new image `config`.
@@ -3207,15 +3297,23 @@ def auto_flatten(line, state):
     line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
 
 
-# ---------------------------------------------------------- the lifecycle
+
+# ----------------------------------------------------------- the run plan
 #
-# acquire lock -> recover leftovers -> ensure images -> write the run script
-# -> fork the saver [saver: tag the snapshot] -> docker run the agent as the
-# container's main process -> hand the exit status to the saver -> [saver]
-# commit into current, or put it back when nothing changed; prune, flatten
-# at the threshold, release the lock, remove the container.
-# Recovery, rollback, reset and flatten reuse replace_current() and
-# save_container(), under the same lock.
+# The run, its save and its recovery, as one story:
+#   lifecycle: the project is found and held (Project.inspect, lock_project)
+#   -> prepare_run, under the line's lock (LineLock): leftovers recovered,
+#      current there, the run planned (RunPlan) and written down
+#      (write_run_dir, the git gate)
+#   -> the saver forked (Saver), the container run in the foreground
+#      (run_container)
+#   -> hand_over: the saver saves (save_run: commit into current, or put
+#      back when nothing changed; prune; flatten at the threshold) while the
+#      wrapper ends the run in the project (end_run); the container goes
+#      (teardown).
+# Recovery (recover_leftovers) saves what an interrupted run left with the
+# same save_run; rollback, reset and flatten move current with
+# replace_current(), under the same lock.
 
 LIFECYCLE_KINDS = ("run", "exec", "shell")
 
@@ -3313,7 +3411,7 @@ class RunPlan:
         return "\n".join(lines) + "\n"
 
     def save_meta(self, exit_status):
-        """The run's labels and outcome, as save_container() takes them."""
+        """The run's labels and outcome, as save_run() takes them."""
         meta = {key[len(LABEL):]: value for key, value in self.labels.items()}
         meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
                     mount=self.mount_point, epoch=self.started)
@@ -3467,6 +3565,57 @@ def make_home_parents(line, plan):
     return inspect_image(line.current)
 
 
+def remote_warning(config_text):
+    url = credential_in_remote(config_text)
+    if url:
+        return ("warning: a remote URL in .git/config carries a credential (%s), and the agent "
+                "can read .git; use a credential helper instead" % url)
+    return None
+
+
+def print_plan(line, kind, argv, project, tty, offline):
+    """--dry-run: what a run would do, as docker commands; nothing changes.
+    (Printable only: the names come from the project, which the agent may
+    have named.)"""
+    def show(text):
+        print(printable(text))
+
+    current = inspect_image(line.current)
+    if current is None:
+        if inspect_image(line.base) is None:
+            show("# %s is missing: it would be built from %s (until then its CMD, USER and "
+                 "home are unknown: the commands below show none)"
+                 % (line.base, line.config.dockerfile))
+        show(shlex.join(["docker", "tag", line.base, line.current]))
+        current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
+    now = time.time()
+    plan = RunPlan(line, kind, argv, current, project, os.environ, now, os.getpid(), tty,
+                   snapshot_name(now), offline=offline)
+    show("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
+                                                              plan.workdir))
+    if project.repo:
+        show("# its git directory stays outside: the agent gets a private one at %s (see the "
+             "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
+    if plan.home_parents:
+        show("# first, %s made the agent's in a container committed into current"
+             % ", ".join(plan.home_parents))
+    show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
+    show("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
+                                             RUN_DIR_INSIDE))
+    for text in plan.script(redact=True).splitlines():
+        show("#   " + text)
+    show(shlex.join(["docker", *plan.run_args]))
+    labels = {key: "..." for key in plan.labels}
+    show(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
+                     line.current]))
+    show("# if that added no layer, the run changed nothing: current and the snapshot go back")
+    show(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
+    return 0
+
+
+
+# --------------------------------------------------------------- the save
+
 def dockerfile_quote(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
@@ -3532,28 +3681,21 @@ def saved_labels(line, container, image, meta):
     return labels
 
 
-def save_container(line, state, container, image, meta, snapshot=None, current_id=None,
-                   defer_remove=False, tagging=None):
-    """Commit a finished run's container into current; the one save path.
 
-    `image` is the record of the image the container started from, `meta`
-    its run labels plus exit_status, `snapshot` the tag that already keeps
-    that image (a run takes it before it starts; made here otherwise).
-    The commit moves current itself, atomically; when it added no layer, the
-    run changed nothing and current, the snapshots and the layers are put
-    back as they were. Returns the snapshot's name, or None for no change.
-    If the container started from something other than current (a
-    leftover, or current changed by hand), its result becomes a snapshot
-    and current stays.
-    With defer_remove the caller removes the container: its removal starts
-    here, beside the rest, unless docker diff still needs it, and
-    meta["removal"] is that call; the caller finishes it after releasing the
-    lock (the next run need not wait for it). `tagging`: the snapshot's tag
-    still under way (the commit need not wait for it).
-    """
-    branched = current_id is not None and current_id != image["Id"]
-    if not branched and snapshot is None:
-        snapshot = add_snapshot(line, state, image["Id"], meta.get("epoch"))
+def keep_snapshot(line, state, image_id, name):
+    """The one tag of the image a run started from as its snapshot `name`
+    (recorded first: a name never tagged is harmless, and tagging again
+    is too). Returns the call under way; the caller finishes it."""
+    record_snapshot(state, name)
+    return DockerCall(("tag", image_id, line.snap(name)))
+
+
+def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
+               defer_remove=False):
+    """The commit of save_run(): into current, or into a snapshot when the
+    container did not start from current. Returns the snapshot's name, or
+    None for no change."""
+    branched = current_id != image["Id"]
     line.write_state(state)
     mount = meta.get("mount") or ""
     labels = saved_labels(line, container, image, meta)
@@ -3569,7 +3711,7 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
         line.write_state(state)
         meta["removal"] = DockerCall(("rm", "-f", "-v", container))
     if tagging is not None and tagging.finish(check=False).returncode != 0:
-        docker("tag", image["Id"], line.snap(snapshot))
+        keep_snapshot(line, state, image["Id"], snapshot).finish()
     new = inspect_image(new_id)
     meta["layers"] = image_layers(new)
     changed = image_layers(new) != image_layers(image)
@@ -3592,30 +3734,102 @@ def save_container(line, state, container, image, meta, snapshot=None, current_i
         remember_current(state, new)
     state.setdefault("removing", {})[container] = os.getpid()
     line.write_state(state)
+    return snap
+
+
+def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
+             defer_remove=False):
+    """Save a finished run's container: the one save, whoever saves it (the
+    saver; the wrapper, when its saver died; recovery, for a container an
+    interrupted run left).
+
+    `image` is the record of the image the container started from, `meta`
+    its run labels and exit_status (RunPlan.save_meta), `snapshot` the name
+    that keeps that image (keep_snapshot() tags it, unless `tagging` is
+    that tag under way; None: a new name, unless the image is not current
+    and kept already, as a leftover's is), `current_id` current's ID
+    as it is now (None: there is none). The commit moves current itself,
+    atomically. If the commit added no layer, the run changed nothing, and
+    current, the snapshots and the layers are as they were. If the
+    container did not start from current (a leftover, current changed by
+    hand, reset or removed), its result becomes a snapshot and current
+    stays (meta["branched"]; the notice says so). Snapshots beyond the
+    setting are pruned. Returns the snapshot's name, or None for no change.
+
+    A failure is kept in the state (failed, notice: the next command says
+    so, and recovery retries) and raised. The container goes (teardown())
+    unless `defer_remove`: then its removal starts here beside the rest
+    (meta["removal"], unless docker diff still needs it), and the caller
+    finishes it, after releasing the lock, so the next run need not wait.
+    """
+    what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
+    if snapshot is None and current_id == image["Id"]:
+        snapshot = next_snapshot(state, meta.get("epoch"))
+    if snapshot is not None and tagging is None:
+        tagging = keep_snapshot(line, state, image["Id"], snapshot)
+    try:
+        snap = commit_run(line, state, container, image, meta, snapshot, current_id, tagging,
+                          defer_remove)
+    except PiError as err:
+        state["failed"] = container
+        state["notice"] = ("the save of the %s failed: %s. The container %s keeps its "
+                           "changes: fix the engine (disk space?), then the next pi retries "
+                           "(or pi-recover %s now; pi-clean-orphans discards them)"
+                           % (what, err, container, container))
+        line.write_state(state)
+        line.log(state["notice"])
+        raise PiError(state["notice"], err.code)
+    line.log("saved %s%s" % (container, " (snapshot %s)" % snap if snap else " (no change)"))
+    if meta.get("branched"):
+        state["notice"] = ("%s was %s before the %s was saved; current stays as it is and the "
+                           "run is snapshot %s (pi-rollback %s to use it)"
+                           % (line.current, "changed outside pi-agent" if current_id else
+                              "gone (reset or removed)", what, snap, snap))
+        line.log(state["notice"])
     if not defer_remove:
-        remove_container(line, state, container)
+        show_notes(line, teardown(line, [container], state) or [])
     prune_if_due(line, state)
     return snap
 
 
-def remove_container(line, state, name):
-    """The one teardown of a saved run's container: it goes (an agent still
-    in it too), then its run directory (see finish_run_dir), then its entry
-    in the state."""
-    docker("rm", "-f", "-v", name)
-    finish_run_dir(line, os.path.join(line.run_dir, name))
-    state.get("removing", {}).pop(name, None)
-    line.write_state(state)
+def flatten_if_due(line, state, layers):
+    """After a save that took current to `layers` (see auto_flatten)."""
+    if layers >= flatten_limit(line.config):
+        if state.get("holder"):
+            state["holder"]["phase"] = "flattening"
+        line.write_state(state)
+        auto_flatten(line, state)
 
 
-def finish_run_dir(line, run_dir):
-    """A run directory goes once its container is gone; if the run was not
-    ended (end_run removes the record when done), it is ended now."""
-    record = read_run_record(run_dir)
-    if record is not None:
-        show_notes(line, end_run(line, run_dir, record))
-    remove_run_dir(run_dir, line=line)
+def teardown(line, names, state=None, removal=None, check=False):
+    """The one teardown of finished runs' containers: they go (an agent
+    still in one too), then their run directories (a run that nobody ended
+    is ended first, see end_run: its notes are returned), then their
+    entries in the state. Without `state` (the lock is not held) the next
+    holder drops those entries. `removal`: their `docker rm`, under way.
+    If the engine did not remove them, all stays for recovery: None is
+    returned, or with `check` the error raised."""
+    removal = removal or DockerCall(("rm", "-f", "-v", *names))
+    result = removal.finish(check=False)
+    if result.returncode != 0:
+        if check:
+            raise docker_failure(("rm",), result.stderr)
+        return None
+    notes = []
+    for name in names:
+        run_dir = os.path.join(line.run_dir, name)
+        record = read_run_record(run_dir)
+        if record is not None:
+            notes += end_run(line, run_dir, record)
+        remove_run_dir(run_dir, line=line)
+        if state is not None:
+            (state.get("removing") or {}).pop(name, None)
+    if state is not None:
+        line.write_state(state)
+    return notes
 
+
+# --------------------------------------------------------------- recovery
 
 def start_listing_runs(line, sizes=False):
     fields = ["ID", "Names", "State", "CreatedAt", "RunningFor"] + (["Size"] if sizes else [])
@@ -3653,32 +3867,37 @@ def leftover_containers(line, sizes=False):
             and not (row.get("host") == host and pid_alive(row["pid"]))]
 
 
+
 def recover_container(line, state, row):
-    """Save one left-behind container into current (or, if it started from
-    another image, into a snapshot). Returns a line for the user."""
+    """Save one left-behind container (see save_run). Returns a line for
+    the user."""
     name = row["names"]
     current = inspect_image(line.current)
     if image_labels(current).get(LABEL + "container") == name:
-        remove_container(line, state, name)
+        show_notes(line, teardown(line, [name], state, check=True))
         return "removed %s: its run was saved already" % name
     info = inspect("container", name)
     if info is None:
         return "%s is gone already" % name
     image = inspect_image(info["Image"])
+    if image is None:
+        raise EngineError("the image that %s started from is gone, so it cannot be saved; "
+                          "pi-clean-orphans discards it" % name)
     meta = {key: row.get(key) or "" for key in RUN_LABELS}
     meta.update(exit_status="unknown", kind=(row.get("kind") or "run"),
                 mount=next((m.get("Destination") for m in info.get("Mounts") or []
                             if m.get("Type") == "bind" and m.get("RW")
                             and m.get("Destination") != RUN_DIR_INSIDE), ""))
-    snapshot = None
-    if row.get("snapshot") and current and current["Id"] == image["Id"]:
-        # The run had (almost surely) tagged it; tagging again is harmless.
-        snapshot = row["snapshot"]
-        docker("tag", image["Id"], line.snap(snapshot))
-        record_snapshot(state, snapshot)
-    snap = save_container(line, state, name, image, meta, snapshot=snapshot,
-                          current_id=current["Id"] if current else None)
+    current_id = current["Id"] if current else None
+    # The run (almost surely) tagged its snapshot; a leftover of another
+    # image than current's is kept by a snapshot already, or is current's past.
+    snapshot = (row.get("snapshot") or None) if current_id == image["Id"] else None
+    snap = save_run(line, state, name, image, meta, snapshot, current_id)
     started = local_time(row.get("started"))
+    if meta.get("branched") and current is None:
+        return ("saved the run of %s in %s as snapshot %s: there was no current (reset or "
+                "removed), so the next run starts from base (pi-rollback %s to use the run)"
+                % (started, row.get("target"), snap, snap))
     if meta.get("branched"):
         return ("saved the run of %s in %s, which started from an older environment, as "
                 "snapshot %s; current is unchanged (pi-rollback %s to use it)"
@@ -3693,7 +3912,8 @@ def recover_leftovers(line, state, listing=None, only=None):
     """Save what interrupted runs left behind, oldest first, before anything
     else changes the line; returns how many it saved. One `docker ps` when
     there is nothing to do: the labels find leftovers even when the state
-    file was lost. `only` (pi-recover CONTAINER) picks one by name or ID."""
+    file was lost. `only` (pi-recover CONTAINER) picks one by name or ID.
+    A save that fails stops it (save_run keeps the failure for the next)."""
     host = os.uname().nodename
     recovered = 0
     rows = list_run_containers(line, listing=listing)
@@ -3710,39 +3930,44 @@ def recover_leftovers(line, state, listing=None, only=None):
         if row["names"] in state.get("removing", {}):
             # Saved already: its remover is at work, or died and we finish.
             if not being_removed(state, row["names"]):
-                remove_container(line, state, row["names"])
+                show_notes(line, teardown(line, [row["names"]], state, check=True))
             continue
         if row.get("host") and row.get("host") != host:
             say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
             continue
-        try:
-            say(recover_container(line, state, row))
-            recovered += 1
-        except PiError as err:
-            state["failed"] = row["names"]
-            line.write_state(state)
-            raise PiError("could not save the environment that an interrupted run left in "
-                          "container %s: %s. Fix the engine (disk space?) and run "
-                          "pi-recover %s, or discard it with pi-clean-orphans"
-                          % (row["names"], err, row["names"]), err.code)
+        say(recover_container(line, state, row))
+        recovered += 1
     if recovered or state.get("failed") or state.get("notice"):
         state.pop("failed", None)
         state.pop("notice", None)
         line.write_state(state)
         remove_own_dangling(line)
+    if recovered:
+        flatten_if_due(line, state, image_layers(inspect_image(line.current)))
     return recovered
 
 
-# The wrapper's words to the saver, one line each: the container could not
-# start; it stopped, with this status (the save begins); the run was ended
-# (end_run). The saver answers "ok [SNAPSHOT]" or "error CODE MESSAGE".
-SAID_ABORT, SAID_STATUS, SAID_ENDED = "abort", "status", "ended"
+# -------------------------------------------------- the saver and the run
+
+# The wrapper's words to the saver, one line each, and its answers.
+SAID_ABORT = "abort"    # the container could not start: take the run back
+SAID_STATUS = "status"  # "status N": the container stopped with N; save
+SAID_ENDED = "ended"    # the wrapper has ended the run (end_run)
+SAID_OK = "ok"          # "ok [SNAPSHOT]": saved
+SAID_ERROR = "error"    # "error CODE MESSAGE": the save failed
 
 
 class Saver:
     """The detached process that saves a run, forked before the container
-    starts. It shares the lock, listens on a pipe for the wrapper's word, and
-    when the wrapper is gone (exit, Ctrl-C, hangup, kill -9) saves anyway."""
+    starts. It shares the line's lock and the project's, and hears the
+    wrapper on a pipe (SAID_ABORT, SAID_STATUS N, SAID_ENDED); it answers on
+    another (SAID_OK, SAID_ERROR). When the wrapper is gone (exit, Ctrl-C,
+    hangup, kill -9: its pipe closes), it saves anyway and ends the run
+    itself. Its phases, in _main: wait for the word; tidy (tag the run's
+    snapshot, check current, tear down earlier runs' containers whose
+    removers died); save (save_run); end (the run ended by whoever is
+    there, the project released, current flattened if due, the line
+    released, the container removed)."""
 
     def __init__(self, line, lock, state, plan, stale=(), verify=False, keep=(),
                  project_fd=None):
@@ -3769,7 +3994,7 @@ class Saver:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 self._detach_stdio(keep={self.lock.fd, down_r, up_w, self.project_fd}
                                    | self.keep)
-                code = self._main(down_r, up_w)
+                code = self._main(os.fdopen(down_r, "r"), up_w)
             except BaseException as err:  # the saver must never die silently
                 self.line.log("saver crashed: %r" % (err,))
             finally:
@@ -3794,6 +4019,8 @@ class Saver:
         for low, high in zip(keep, keep[1:] + [65536]):
             os.closerange(low + 1, high)
 
+    # --- the wrapper's side
+
     def send(self, message):
         try:
             os.write(self.to_saver, (message + "\n").encode())
@@ -3802,7 +4029,7 @@ class Saver:
             return False
 
     def finish(self, wait):
-        """Close the pipe (the saver's cue); with `wait`, return its report."""
+        """Close the pipe (the saver's cue); with `wait`, return its answer."""
         os.close(self.to_saver)
         if not wait:
             os.close(self.from_saver)
@@ -3827,132 +4054,127 @@ class Saver:
         os.close(self.from_saver)
         return b"".join(chunks).decode(errors="replace").strip()
 
-    def _main(self, down_r, up_w):
-        line, state, plan = self.line, self.state, self.plan
-        messages, pipe = [], os.fdopen(down_r, "r")
-        for text in pipe:  # until the container has stopped, or the wrapper is gone
-            messages.append(text.strip())
-            if text.startswith((SAID_STATUS, SAID_ABORT)):
-                break
-        # Only now, so as not to slow the container's start: the snapshot
-        # keeps the image the run started from (by its ID, which stays); a
-        # remembered current is checked (changed by hand since, the run is
-        # saved as a snapshot and current stays); containers of earlier
-        # runs whose removers died go.
-        tagging = DockerCall(("tag", plan.image["Id"], line.snap(plan.snapshot))) \
-            if SAID_ABORT not in messages else None
-        removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
-        checking = DockerCall(("image", "inspect", "--format", "{{.Id}}", line.current)) \
-            if self.verify else None
-        current_id = None
-        if checking:
-            found = checking.finish(check=False)
-            if found.returncode == 0 and found.stdout.strip() != plan.image["Id"]:
-                current_id = found.stdout.strip()
-        if removing and removing.finish(check=False).returncode == 0:
-            for name in self.stale:
-                state["removing"].pop(name, None)
-                finish_run_dir(line, os.path.join(line.run_dir, name))
-        remove_run_dir(plan.run_dir, script_only=True)
+    # --- the saver's side
+
+    def _main(self, pipe, up_w):
+        messages = self._hear(pipe, until=(SAID_STATUS, SAID_ABORT))
+        if SAID_ABORT in messages:
+            self._abort()
+            self._answer(up_w, SAID_OK)
+            return 0
+        tagging, current_id = self._tidy()
         status = next((m.split()[1] for m in messages if m.startswith(SAID_STATUS)), None)
         if status is not None:
             # The container has stopped; the wrapper holds the project until
             # it has ended the run, and the next run need not wait for a save.
             self.release_project()
-        state["holder"].update(phase="saving", saver_pid=os.getpid())
-        line.write_state(state)
-        if SAID_ABORT in messages:
-            # `docker run` failed; a container it may have created is junk.
-            docker("rm", "-f", "-v", plan.container, check=False)
-            abandon_run_dir(plan.run_dir, plan.record)
-            drop_snapshot(line, state, plan.snapshot)
-            state.pop("current", None)  # perhaps what made it fail
-            self._report(up_w, "ok")
-            self.lock.release(state)
+        self.state["holder"].update(phase="saving", saver_pid=os.getpid())
+        self.line.write_state(self.state)
+        if status is None and not self._container_exists(tagging):
             return 0
-        if status is None:
-            line.log("the wrapper of %s ended without an exit status; saving it anyway"
-                     % plan.container)
-            if inspect("container", plan.container) is None:
-                # `docker run` may still be creating it (without its run
-                # script, it fails): leave the state dirty so the next
-                # lifecycle looks for it. Its recovery tags the snapshot again.
-                abandon_run_dir(plan.run_dir, plan.record)
-                tagging.finish(check=False)  # (before its tag is taken back)
-                drop_snapshot(line, state, plan.snapshot)
-                line.write_state(state)
-                line.log("%s does not exist (yet?); the next run will look again" % plan.container)
-                return 0
-        meta = plan.save_meta(status)
+        meta = self.plan.save_meta(status)
         try:
-            snap = save_container(line, state, plan.container, plan.image, meta,
-                                  snapshot=plan.snapshot, current_id=current_id,
-                                  defer_remove=True, tagging=tagging)
+            snap = save_run(self.line, self.state, self.plan.container, self.plan.image, meta,
+                            self.plan.snapshot, current_id, tagging, defer_remove=True)
         except PiError as err:
-            notice = ("the save of the %s in %s failed: %s. The container %s keeps its changes; "
-                      "the next pi retries, or run pi-recover %s"
-                      % (plan.kind, plan.target, err, plan.container, plan.container))
-            state["failed"] = plan.container
-            state["notice"] = notice
-            line.write_state(state)
-            line.log(notice)
-            for _ in pipe:  # the wrapper is still ending the run: let it
-                pass
-            if not self._report(up_w, "error %d %s" % (err.code, notice)):
-                say(notice)
+            self._hear(pipe)  # the wrapper is still ending the run: let it
+            if not self._answer(up_w, "%s %d %s" % (SAID_ERROR, err.code, err)):
+                say(str(err))
             return 1
-        line.log("saved %s%s" % (plan.container, " (snapshot %s)" % snap if snap else
-                                 " (no change)"))
-        if meta.get("branched"):
-            state["notice"] = ("%s was changed outside pi-agent before the %s in %s was saved; "
-                               "current stays as it is and the run is snapshot %s (pi-rollback "
-                               "%s to use it)" % (line.current, plan.kind, plan.target, snap, snap))
-            line.log(state["notice"])
-        # Meanwhile the wrapper ended the run (end_run); its word says so,
-        # its pipe closing without it says it is gone.
-        messages += [text.strip() for text in pipe]
-        pipe.close()
-        removal = meta.pop("removal", None) or DockerCall(
-            ("rm", "-f", "-v", plan.container))
-        if SAID_ENDED not in messages:
-            # The container goes first (its agent may still be at work), then
-            # what the run left in the project is dealt with, and the next
-            # command says so.
-            self._end_for_the_wrapper(removal)
-            removal = None
-        self.release_project()  # the run has ended: the project is free
-        if snap and meta.get("layers", 0) >= flatten_limit(line.config):
-            state["holder"]["phase"] = "flattening"
-            line.write_state(state)
-            auto_flatten(line, state)
-        self.lock.release(state)
-        # Outside the lock: the next run may start while this one is removed.
-        if removal is not None and removal.finish(check=False).returncode == 0:
-            remove_run_dir(plan.run_dir, line=line)
-        self._report(up_w, "ok " + (snap or ""))
+        self._end(messages + self._hear(pipe), meta, snap)
+        self._answer(up_w, SAID_OK + " " + (snap or ""))
         return 0
+
+    @staticmethod
+    def _hear(pipe, until=()):
+        """The wrapper's words up to one of `until`, or until its pipe closes."""
+        messages = []
+        for text in pipe:
+            messages.append(text.strip())
+            if until and text.startswith(until):
+                break
+        return messages
+
+    def _abort(self):
+        """`docker run` failed: a container it may have created is junk, and
+        the run is taken back (its snapshot was never tagged)."""
+        line, state, plan = self.line, self.state, self.plan
+        self.release_project()
+        docker("rm", "-f", "-v", plan.container, check=False)
+        abandon_run_dir(plan.run_dir, plan.record)
+        drop_snapshot(line, state, plan.snapshot)
+        state.pop("current", None)  # perhaps what made it fail
+        self.lock.release(state)
+
+    def _tidy(self):
+        """Only once the container has stopped, so as not to slow its start:
+        the snapshot's tag (by the image's ID, which stays), the check of a
+        remembered current (changed by hand since, the run is saved as a
+        snapshot and current stays), the teardown of earlier runs' saved
+        containers whose removers died. Returns the tag under way and
+        current's ID."""
+        line, plan = self.line, self.plan
+        tagging = keep_snapshot(line, self.state, plan.image["Id"], plan.snapshot)
+        removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
+        current_id = plan.image["Id"]
+        if self.verify:
+            found = docker("image", "inspect", "--format", "{{.Id}}", line.current, check=False)
+            if found.returncode == 0:
+                current_id = found.stdout.strip()
+            elif is_absent(found, "image"):
+                current_id = None
+        if removing:
+            for note in teardown(line, self.stale, self.state, removing) or []:
+                line.log(note)
+        remove_run_dir(plan.run_dir, script_only=True)
+        return tagging, current_id
+
+    def _container_exists(self, tagging):
+        """Without an exit status the wrapper died; if it died while `docker
+        run` was still creating the container (which then fails, its run
+        script gone), the state stays dirty so that the next lifecycle looks
+        for it, and its recovery tags the snapshot again."""
+        line, state, plan = self.line, self.state, self.plan
+        line.log("the wrapper of %s ended without an exit status; saving it anyway"
+                 % plan.container)
+        if inspect("container", plan.container) is not None:
+            return True
+        abandon_run_dir(plan.run_dir, plan.record)
+        tagging.finish(check=False)  # (before its tag is taken back)
+        drop_snapshot(line, state, plan.snapshot)
+        line.write_state(state)
+        line.log("%s does not exist (yet?); the next run will look again" % plan.container)
+        return False
+
+    def _end(self, messages, meta, snap):
+        """The run is ended by the wrapper (SAID_ENDED) or, if it is gone,
+        here: the container goes first (its agent may still be at work),
+        then end_run, whose notes the next command shows. Then the project
+        is free, current is flattened if due, the line is released, and the
+        container goes outside the lock (the next run need not wait)."""
+        line, state, plan = self.line, self.state, self.plan
+        removal = meta.pop("removal", None) or DockerCall(("rm", "-f", "-v", plan.container))
+        if SAID_ENDED not in messages:
+            notes = teardown(line, [plan.container], state, removal)
+            removal = None
+            if notes:
+                state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
+                                                              "; ".join(notes))
+                line.write_state(state)
+        self.release_project()
+        if snap and not meta.get("branched"):
+            flatten_if_due(line, state, meta["layers"])
+        self.lock.release(state)
+        if removal is not None:
+            teardown(line, [plan.container], removal=removal)
 
     def release_project(self):
         if self.project_fd is not None:
             os.close(self.project_fd)
             self.project_fd = None
 
-    def _end_for_the_wrapper(self, removal):
-        line, state, plan = self.line, self.state, self.plan
-        if removal.finish(check=False).returncode != 0:
-            return  # recovery ends it, after removing it
-        notes = end_run(line, plan.run_dir, plan.record)
-        remove_run_dir(plan.run_dir, line=line)
-        state["removing"].pop(plan.container, None)
-        if notes:
-            state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
-                                                          "; ".join(notes))
-        line.write_state(state)
-        for note in notes:
-            line.log(note)
-
     @staticmethod
-    def _report(fd, text):
+    def _answer(fd, text):
         try:
             os.write(fd, (text + "\n").encode())
             return True
@@ -4012,80 +4234,138 @@ def run_attached(argv, container):
     return 128 - status if status < 0 else status
 
 
-def end_run(line, run_dir, record, watch=None):
-    """Everything a finished run leaves to do in the project before the
-    user can act on it: git back through the gate, the private git
-    directory gone, the sweep (and what only root can fix), a word on files
-    the host runs by itself. Returns lines for the user. The container must
-    have stopped. Safe to repeat: whoever ends the run does it (the
-    wrapper; the saver or recovery when the wrapper is gone)."""
-    target, predicate = record["target"], scan_after(record["uid"])
-    scan, found = None, None
+def ensure_stopped(container):
+    """On a terminal, docker's detach keys (ctrl-p ctrl-q) end docker run
+    with the container still running: pi-agent ends the run instead of
+    leaving an agent at work in the project it is about to sweep."""
+    info = inspect("container", container)
+    if info and (info.get("State") or {}).get("Running"):
+        docker("kill", container, check=False)
+        say("the terminal detached from the container (ctrl-p ctrl-q?); pi-agent does not leave "
+            "an agent running in the background: it was stopped, and its work is saved",
+            "warning")
+
+
+def has_started(container):
+    """`docker run` exits 125 for its own failures, and so may the agent:
+    a container that never started tells them apart."""
+    info = inspect("container", container)
+    return bool(info) and not (info.get("State") or {}).get("StartedAt", "").startswith("0001-")
+
+
+
+def prepare_run(line, found, state, project, kind, argv, offline, tty):
+    """Under the line's lock, before anything starts: what the last holder
+    left is dealt with (recovery, unless it released cleanly), current is
+    there, warnings are said, the run is planned and written down (its
+    run directory, the git gate), the project watched. Returns (plan,
+    watch, stale, verify): stale, the saved
+    containers whose removers died, for the saver to tear down, and whether
+    current's remembered record is to be checked (by the saver: off the
+    path to the prompt)."""
+    config = line.config
+    if found.get("notice"):
+        say(found["notice"])
+    stale, remembered = [], None
+    if released_cleanly(found):
+        # No lifecycle died holding the lock: nothing was left behind but
+        # saved containers whose removers died (a remover that finished
+        # took its run directory).
+        removing = state.get("removing") or {}
+        for name, pid in list(removing.items()):
+            if not pid_alive(pid):
+                if os.path.isdir(os.path.join(line.run_dir, name)):
+                    stale.append(name)
+                else:
+                    del removing[name]
+        remembered = remembered_current(state)
+        current = remembered or inspect_image(line.current)
+    else:
+        listing = start_listing_runs(line)  # overlaps the inspect below
+        current = inspect_image(line.current)
+        if recover_leftovers(line, state, listing):
+            current = None
+    image = ensure_current(line, current)
+    repo_config = (read_regular(os.path.join(project.repo.common, "config"), 4 << 20)
+                   or b"").decode("utf-8", "replace") if project.repo else ""
+    for warning in misspelled_settings(os.environ) + [owner_mismatch(image),
+                                                      remote_warning(repo_config)]:
+        if warning:
+            say(warning, "warning")
+    now = time.time()
+    plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
+                   snapshot=next_snapshot(state, now), offline=offline)
     try:
-        found = watch.found(predicate, record["gated"]) if watch else None
-        if found is None:
-            scan = ProjectScan(target, predicate, record["gated"])
-    except (PiError, OSError):
-        found = []  # the project is gone
-    record["notes"] = []
+        if plan.home_parents:
+            plan = plan.on(make_home_parents(line, plan))
+            state.pop("current", None)
+        plan.record["host_run"] = host_run_files(project.target)
+        plan.record["identity"] = "%s <%s>" % config.git_identity
+        write_run_dir(plan.run_dir, plan.script(), plan.record, config.git_identity)
+        watch = ProjectWatch(project.target, project.dirs)
+    except BaseException:
+        if os.path.isdir(plan.run_dir):
+            abandon_run_dir(plan.run_dir, plan.record)
+        raise
+    return plan, watch, stale, remembered is not None
+
+
+def run_container(plan, saver):
+    """The container, in the foreground; returns its exit status. One that
+    could not start is taken back by the saver (SAID_ABORT)."""
     try:
-        hand_back_git(run_dir, record)
-    except Exception as err:  # whatever went wrong, the sweep below must happen
-        record["notes"].append("the agent's git work could not be brought back: %s" % err)
-    notes = record["notes"]
-    if record.get("made_dot"):
-        try:  # the mount point of a project with no repository, if nothing came of it
-            os.rmdir(os.path.join(target, ".git"))
-        except OSError:
-            pass
-    if scan is not None:
-        found = scan.results()
-    notes += sweep(line, record, found, predicate)
-    changed = changed_files(record["host_run"], host_run_files(target))
-    if changed:
-        notes.append("the agent changed %s, which your host may run by itself; review before "
-                     "trusting them (git status, git diff)"
-                     % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])))
+        status = run_attached(plan.run_args, plan.container)
+    except PiError:
+        saver.send(SAID_ABORT)
+        saver.finish(wait=True)
+        raise
+    if plan.tty:
+        ensure_stopped(plan.container)
+    if status == 125 and not has_started(plan.container):
+        saver.send(SAID_ABORT)
+        saver.finish(wait=True)
+        raise EngineError("docker could not start the container (its error is above); "
+                          "pi-status shows the settings it used")
+    return status
+
+
+def hand_over(line, lock, state, plan, saver, status, watch):
+    """The container has stopped: the saver saves it while the run is ended
+    here (end_run), before the prompt. If the saver is gone (killed?), the
+    save is done here, the same way (they share the lock). Returns the
+    run's exit status (a failed save's code, if the run itself succeeded
+    and the save was waited for)."""
+    saved_elsewhere = saver.send("%s %d" % (SAID_STATUS, status))
+    show_notes(line, end_run(line, plan.run_dir, plan.record, watch))
+    if saved_elsewhere and saver.send(SAID_ENDED):
+        answer = saver.finish(wait=line.config.save_mode == "foreground")
+        if answer and answer.startswith(SAID_ERROR):
+            _, code, message = answer.split(" ", 2)
+            say(message)
+            return status or int(code)
+        return status
+    say("the background saver is gone; saving in the foreground")
     try:
-        os.remove(os.path.join(run_dir, RUN_RECORD))  # ended: nobody need do it again
-    except FileNotFoundError:
-        pass
-    return notes
-
-
-def sweep(line, record, found, predicate):
-    """sweep_project() on what was found, and again on what it could not
-    look into until it was given back (or made readable). Returns notes."""
-    notes, target = [], record["target"]
-    for _ in range(4):
-        swept, for_root, reopen = sweep_project(record, found)
-        notes += swept
-        if for_root:
-            try:
-                notes += give_back(line, target, for_root, record["uid"], record["gid"])
-            except PiError as err:
-                notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
-        if not reopen:
-            return notes
-        try:
-            found = ProjectScan(target, predicate, record["gated"],
-                                ["./" + path for path in reopen]).results()
-        except PiError:
-            return notes
-    return notes + ["could not look into %s: check it before you use it"
-                    % ", ".join(reopen[:5])]
-
-
-def show_notes(line, notes, limit=8):
-    for note in notes[:limit]:
-        say(note, "warning")
-    if len(notes) > limit:
-        say("... and %d more, in %s" % (len(notes) - limit, line.log_path), "warning")
-    for note in notes:
-        line.log(note)
+        current = inspect_image(line.current)
+        meta = plan.save_meta(status)
+        snap = save_run(line, state, plan.container, plan.image, meta, plan.snapshot,
+                        current["Id"] if current else None)
+        if state.get("notice") and meta.get("branched"):
+            say(state.pop("notice"))
+        if snap and not meta.get("branched"):
+            flatten_if_due(line, state, meta["layers"])
+    except PiError as err:
+        say(str(err))
+        return status or err.code
+    finally:
+        lock.release(state)
+    return status
 
 
 def lifecycle(args, kind, argv):
+    """A run, start to end: the project found and held, the run prepared
+    under the line's lock, the saver forked, the container run in the
+    foreground, then handed over."""
     import threading  # ctypes (for the project watch) loads meanwhile, off the path
     threading.Thread(target=__import__, args=("ctypes",), daemon=True).start()
     config = Config()
@@ -4106,162 +4386,25 @@ def lifecycle(args, kind, argv):
 
     lock = LineLock(line)
     found, state = lock.acquire(kind, project.target, wait=args.wait)
-    plan = None
     try:
-        if found.get("notice"):
-            say(found["notice"])
-        stale, remembered = [], None
-        if released_cleanly(found):
-            # No lifecycle died holding the lock: nothing was left behind but
-            # saved containers whose removers died, which this run's saver
-            # removes (a remover that finished took its run directory).
-            removing = state.get("removing") or {}
-            for name, pid in list(removing.items()):
-                if not pid_alive(pid):
-                    if os.path.isdir(os.path.join(line.run_dir, name)):
-                        stale.append(name)
-                    else:
-                        del removing[name]
-            remembered = remembered_current(state)
-            current = remembered or inspect_image(line.current)
-        else:
-            listing = start_listing_runs(line)  # overlaps the inspect below
-            current = inspect_image(line.current)
-            if recover_leftovers(line, state, listing):
-                current = None
-        image = ensure_current(line, current)
-        repo_config = (read_regular(os.path.join(project.repo.common, "config"), 4 << 20)
-                       or b"").decode("utf-8", "replace") if project.repo else ""
-        for warning in misspelled_settings(os.environ) + [owner_mismatch(image),
-                                                          remote_warning(repo_config)]:
-            if warning:
-                say(warning, "warning")
-        now = time.time()
-        plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
-                       snapshot=next_snapshot(state, now), offline=args.offline)
-        if plan.home_parents:
-            plan = plan.on(make_home_parents(line, plan))
-            state.pop("current", None)
-        plan.record["host_run"] = host_run_files(project.target)
-        plan.record["identity"] = "%s <%s>" % config.git_identity
-        write_run_dir(plan.run_dir, plan.script(), plan.record, config.git_identity)
-        watch = ProjectWatch(project.target, project.dirs)
+        plan, watch, stale, verify = prepare_run(line, found, state, project, kind, argv,
+                                                 args.offline, tty)
     except BaseException:
-        if plan is not None and os.path.isdir(plan.run_dir):
-            abandon_run_dir(plan.run_dir, plan.record)
         lock.release(state)
         raise
-
-    # The saver tags the snapshot while the container starts. Its copy of
-    # the state names the container too.
+    # The saver's copy of the state names the container too. It keeps the
+    # watch open: closing the last reference to it takes the kernel a
+    # while, better spent after the prompt is back.
     state["holder"]["container"] = plan.container
-    # The saver keeps the watch open: closing the last reference to it takes
-    # the kernel a while, better spent after the prompt is back.
-    saver = Saver(line, lock, state, plan, stale, verify=remembered is not None,
+    saver = Saver(line, lock, state, plan, stale, verify,
                   keep=[watch.fd] if watch.fd is not None else [], project_fd=held[0]).start()
     state["holder"].update(phase="running", saver_pid=saver.pid)
     line.write_state(state)
-    try:
-        status = run_attached(plan.run_args, plan.container)
-    except PiError:
-        saver.send(SAID_ABORT)
-        saver.finish(wait=True)
-        raise
-    if plan.tty:
-        ensure_stopped(plan.container)
-    if status == 125 and not has_started(plan.container):
-        saver.send(SAID_ABORT)
-        saver.finish(wait=True)
-        raise EngineError("docker could not start the container (its error is above); "
-                          "pi-status shows the settings it used")
-    # The container has stopped: the saver commits it while the run is
-    # ended here, before the prompt.
-    saved_elsewhere = saver.send("%s %d" % (SAID_STATUS, status))
-    show_notes(line, end_run(line, plan.run_dir, plan.record, watch))
-    if not saved_elsewhere or not saver.send(SAID_ENDED):
-        # The saver died (killed?): save here instead, we share its lock.
-        say("the background saver is gone; saving in the foreground")
-        docker("tag", plan.image["Id"], line.snap(plan.snapshot))
-        save_container(line, state, plan.container, plan.image, plan.save_meta(status),
-                       snapshot=plan.snapshot)
-        lock.release(state)
-        return status
-    report = saver.finish(wait=config.save_mode == "foreground")
-    if report and report.startswith("error"):
-        _, code, message = report.split(" ", 2)
-        say(message)
-        return status or int(code)
-    return status
+    status = run_container(plan, saver)
+    return hand_over(line, lock, state, plan, saver, status, watch)
 
 
-def ensure_stopped(container):
-    """On a terminal, docker's detach keys (ctrl-p ctrl-q) end docker run
-    with the container still running: pi-agent ends the run instead of
-    leaving an agent at work in the project it is about to sweep."""
-    info = inspect("container", container)
-    if info and (info.get("State") or {}).get("Running"):
-        docker("kill", container, check=False)
-        say("the terminal detached from the container (ctrl-p ctrl-q?); pi-agent does not leave "
-            "an agent running in the background: it was stopped, and its work is saved",
-            "warning")
-
-
-def has_started(container):
-    """`docker run` exits 125 for its own failures, and so may the agent:
-    a container that never started tells them apart."""
-    info = inspect("container", container)
-    return bool(info) and not (info.get("State") or {}).get("StartedAt", "").startswith("0001-")
-
-
-def remote_warning(config_text):
-    url = credential_in_remote(config_text)
-    if url:
-        return ("warning: a remote URL in .git/config carries a credential (%s), and the agent "
-                "can read .git; use a credential helper instead" % url)
-    return None
-
-
-def print_plan(line, kind, argv, project, tty, offline):
-    """--dry-run: what a run would do, as docker commands; nothing changes.
-    (Printable only: the names come from the project, which the agent may
-    have named.)"""
-    def show(text):
-        print(printable(text))
-
-    current = inspect_image(line.current)
-    if current is None:
-        if inspect_image(line.base) is None:
-            show("# %s is missing: it would be built from %s (until then its CMD, USER and "
-                 "home are unknown: the commands below show none)"
-                 % (line.base, line.config.dockerfile))
-        show(shlex.join(["docker", "tag", line.base, line.current]))
-        current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
-    now = time.time()
-    plan = RunPlan(line, kind, argv, current, project, os.environ, now, os.getpid(), tty,
-                   snapshot_name(now), offline=offline)
-    show("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
-                                                              plan.workdir))
-    if project.repo:
-        show("# its git directory stays outside: the agent gets a private one at %s (see the "
-             "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
-    if plan.home_parents:
-        show("# first, %s made the agent's in a container committed into current"
-             % ", ".join(plan.home_parents))
-    show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
-    show("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
-                                             RUN_DIR_INSIDE))
-    for text in plan.script(redact=True).splitlines():
-        show("#   " + text)
-    show(shlex.join(["docker", *plan.run_args]))
-    labels = {key: "..." for key in plan.labels}
-    show(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
-                     line.current]))
-    show("# if that added no layer, the run changed nothing: current and the snapshot go back")
-    show(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
-    return 0
-
-
-# ------------------------------------------------------------- commands
+# --------------------------------------------------------------- commands
 
 def cmd_run(args):
     return lifecycle(args, "run", args.argv)
@@ -4464,12 +4607,16 @@ def cmd_prune(args):
     config = Config()
     line = Line(config)
     keep = config.snapshot_keep if args.keep is None else args.keep
-    with exclusive(line, "prune") as state:
-        doomed = prune_snapshots(line, state, keep, dry_run=args.dry_run)
-        freed = bytes_freed(line, [snap["tag"] for snap in doomed]) if args.dry_run else 0
-    verb = "would remove" if args.dry_run else "removed"
+    if args.dry_run:
+        # A plain read: no lock taken, nothing recovered, nothing written.
+        wait_for_save(line)
+        doomed = list_snapshots(line)[keep:]
+        freed = bytes_freed(line, [snap["tag"] for snap in doomed])
+    else:
+        with exclusive(line, "prune") as state:
+            doomed = prune_snapshots(line, state, keep)
     say("%s %s%s, keeping the %d newest%s" % (
-        verb, plural(len(doomed), "snapshot"),
+        "would remove" if args.dry_run else "removed", plural(len(doomed), "snapshot"),
         (" (" + " ".join(s["tag"] for s in doomed) + ")") if doomed else "", keep,
         "; that would free about %s" % human_size(freed) if args.dry_run else ""))
     return 0
@@ -4528,9 +4675,7 @@ def cmd_clean_orphans(args):
                        % (len(names), ", ".join(names)), args.yes):
             say("nothing removed")
             return 0
-        docker("rm", "-f", "-v", *names)
-        for name in names:
-            finish_run_dir(line, os.path.join(line.run_dir, name))
+        show_notes(line, teardown(line, names, state, check=True))
         state.pop("failed", None)
         state.pop("notice", None)
         say("removed %s" % plural(len(names), "container"))
@@ -4721,11 +4866,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    global _dry_run
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
-        _dry_run = bool(getattr(args, "dry_run", False))
         return args.func(args)
     except PiError as err:
         say(str(err), "error")

@@ -17,8 +17,15 @@ esac
 _PI_AGENT_DIR=${_PI_AGENT_SOURCE%/*}/..
 unset _PI_AGENT_SOURCE
 
-# `command` skips any alias or function of the same name; the `function`
-# keyword keeps a user's alias named pi from breaking these definitions.
+# A user's aliases must not change these functions: `\command` and
+# `\builtin` are never alias-expanded (an alias is expanded where a
+# function is defined, in zsh always); `command` skips any function of the
+# same name; the `function` keyword keeps an alias named pi from breaking
+# the definitions, and the aliases named as ours go, as they would shadow
+# them at the prompt.
+\builtin unalias pi pi-shell pi-exec pi-status pi-snapshots pi-rollback pi-reset-system \
+  pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans pi-recover pi-clean-orphans \
+  pi-unlock >/dev/null 2>&1 || \builtin true
 # The interpreter's real path is looked up once: a version manager's shim
 # (pyenv) costs a tenth of a second per call. -I -S: no user site, no .pth
 # imports; pi_agent.py needs only the standard library. It is imported, not
@@ -26,11 +33,11 @@ unset _PI_AGENT_SOURCE
 function _pi_agent {
   if [ "${_PI_AGENT_PYTHON_FOR-}" != "${PI_AGENT_PYTHON:-python3}" ] ||
      [ ! -x "${_PI_AGENT_PYTHON_BIN:-}" ]; then
-    _PI_AGENT_PYTHON_BIN=$(command "${PI_AGENT_PYTHON:-python3}" -I -S -c \
+    _PI_AGENT_PYTHON_BIN=$(\command "${PI_AGENT_PYTHON:-python3}" -I -S -c \
       'import sys; print(sys.executable)') || return
     _PI_AGENT_PYTHON_FOR=${PI_AGENT_PYTHON:-python3}
   fi
-  command "$_PI_AGENT_PYTHON_BIN" -I -S -c \
+  \command "$_PI_AGENT_PYTHON_BIN" -I -S -c \
     'import sys; sys.path.insert(0, sys.argv.pop(1)); import pi_agent; sys.exit(pi_agent.main())' \
     "$_PI_AGENT_DIR" "$@"
 }
@@ -92,7 +99,7 @@ if [ -n "${ZSH_VERSION:-}" ]; then
         pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans \
         pi-recover pi-clean-orphans pi-unlock
     fi'
-elif command -v complete >/dev/null 2>&1; then
+elif \command -v complete >/dev/null 2>&1; then
   complete -F _pi_agent_complete_bash pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
     pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans pi-recover \
     pi-clean-orphans pi-unlock

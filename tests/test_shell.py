@@ -33,14 +33,28 @@ def test_shellcheck_is_clean(shell, files):
 
 
 @pytest.mark.parametrize("shell", sorted(SHELLS))
-def test_sourcing_is_silent_repeatable_and_alias_proof(shell):
+def test_sourcing_is_silent_repeatable_and_alias_proof(shell, tmp_path):
+    """A user's aliases, `command` and the functions' own names included,
+    are really expanded here (bash expands none in a script without
+    expand_aliases); the functions work all the same, at the "prompt" too."""
     need(shell)
-    script = ("alias cd=false grep=false rm=false ls=false pi=false 2>/dev/null || true\n"
-              ". %s/shell/pi.sh\n. %s/shell/pi.sh\n" % (ROOT, ROOT))
-    script += "".join("typeset -f %s >/dev/null\n" % name for name in FUNCTIONS)
+    aliases = ["command=false", "builtin=false", "cd=false", "grep=false", "rm=false",
+               "ls=false", "pi=false", "pi-exec=false", "pi-status=false"]
+    # A sourced file is read a command at a time, so its aliases apply to
+    # what follows them (a -c string may be parsed whole first).
+    rc = tmp_path / "rc"
+    rc.write_text("alias %s\n" % " ".join(aliases)
+                  + "command -v true >/dev/null && exit 90\n"  # the aliases are live
+                  + ". %s/shell/pi.sh\n. %s/shell/pi.sh\n" % (ROOT, ROOT)
+                  + "".join("typeset -f %s >/dev/null\n" % name for name in FUNCTIONS)
+                  + "pi --version\npi-exec --help | head -n 1\n")
+    script = ("shopt -s expand_aliases\n" if shell == "bash" else "") + ". %s\n" % rc
     result = subprocess.run(SHELLS[shell] + [script], capture_output=True, text=True,
-                            env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
-    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("pi-agent ") and lines[1].startswith("usage: pi-exec")
 
 
 @pytest.mark.parametrize("shell", sorted(SHELLS))
@@ -97,6 +111,33 @@ def test_install_without_rc_changes_and_uninstall_leaves_no_trace(tmp_path):
     assert sorted(p.name for p in home.iterdir()) == [".bashrc"]
     assert install(home, "--no-modify-rc").returncode == 0
     assert (home / ".bashrc").read_text() == "# mine\n"
+
+
+def test_uninstall_removes_only_its_own_line(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    mine = "export PI_AGENT_CPUS=2  # pi-agent settings\n"
+    (home / ".bashrc").write_text(mine)
+    other = tmp_path / "other"
+    assert install(home, "-y", env={"PI_AGENT_HOME": str(other)}).returncode == 0
+    assert install(home, "-y").returncode == 0
+    assert install(home, "--uninstall").returncode == 0
+    lines = (home / ".bashrc").read_text().splitlines(keepends=True)
+    assert lines[0] == mine, "the user's own line stays"
+    assert len(lines) == 2 and str(other) in lines[1], "and so does the other install's"
+
+
+@pytest.mark.parametrize("source", ["missing-dir", "not-a-tarball"])
+def test_a_failed_source_is_one_error(tmp_path, source):
+    bad = tmp_path / source
+    if source == "not-a-tarball":
+        bad.write_text("hello\n")
+    result = install(tmp_path, "-y", "--from", str(bad))
+    assert result.returncode == 1
+    errors = result.stderr.strip().splitlines()
+    assert len([line for line in errors if line.startswith("pi-agent install:")]) == 1, errors
+    assert str(bad) in errors[-1]
+    assert not (tmp_path / ".local").exists()
 
 
 def release_tarball(tmp_path):

@@ -18,6 +18,7 @@ import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import pi_agent  # noqa: E402 (from ROOT)
 
 BASE_IMAGE = images.BASE_IMAGE
 TEST_USER = images.TEST_USER
@@ -167,20 +168,58 @@ class Sandbox:
             result.returncode, result.stdout, result.stderr)
         return result
 
+    def background(self, script):
+        """Start `script` (with the shell functions) in a session of its own."""
+        prefix = ["env", "-i"] + ["%s=%s" % item for item in self.env().items()]
+        if self.user.via_runuser:
+            prefix = ["runuser", "-u", self.user.name, "--"] + prefix
+        return subprocess.Popen(prefix + ["bash", "--norc", "-c", ". %s/shell/pi.sh\n%s"
+                                          % (self.install_dir, script)],
+                                cwd=self.project, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def line(self):
+        """The image line as pi_agent sees it (its state, lock and log paths)."""
+        return pi_agent.Line(pi_agent.Config(self.env()))
+
+    def state(self):
+        return self.line().read_state()
+
+    def holder(self):
+        return self.state().get("holder") or {}
+
+    def lock_held(self):
+        return pi_agent.lock_is_held(self.line())
+
+    def live_run(self):
+        """(container, wrapper pid) of the run whose wrapper is alive, or (None, None)."""
+        for cid in self.containers():
+            pid = docker("inspect", "--format", '{{index .Config.Labels "pi-agent.pid"}}',
+                         cid).stdout.strip()
+            if pid and os.path.exists("/proc/%s" % pid):
+                return cid, int(pid)
+        return None, None
+
+    def wrapper_pid(self):
+        return self.live_run()[1]
+
+    def init_repo(self, path=None):
+        self.ok("git init -q . && git -c user.email=h@example.com -c user.name=Host "
+                "commit -q --allow-empty -m first", cwd=path)
+
     def wait_saved(self):
         """Block until no save holds the line (what every pi-* command does),
         and the saved containers are removed (which happens after the lock)."""
         import fcntl
-        key = os.path.join(self.state_dir, self.repo.replace("/", "%2F"))
-        if not os.path.exists(key + ".lock"):
+        line = self.line()
+        if not os.path.exists(line.lock_path):
             return
-        fd = os.open(key + ".lock", os.O_RDONLY)
+        fd = os.open(line.lock_path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
         finally:
             os.close(fd)
-        with open(key + ".json") as handle:
-            removing = set((json.load(handle).get("removing") or {}))
+        removing = set(line.read_state().get("removing") or {})
         wait_until(lambda: not removing & set(docker(
             "ps", "-a", "--format", "{{.Names}}", "--filter",
             "label=pi-agent.repo=" + self.repo).stdout.split()), timeout=60)
@@ -211,7 +250,7 @@ class Sandbox:
             docker("rmi", "-f", *refs, check=False)
 
 
-def make_sandbox(request, tmp_path, install_dir, user_kind, shell):
+def make_sandbox(request, install_dir, user_kind, shell):
     user = user_for(user_kind)
     workdir = tempfile.mkdtemp(prefix="pi-agent-test-")
     os.chmod(workdir, 0o755)
@@ -227,27 +266,22 @@ def make_sandbox(request, tmp_path, install_dir, user_kind, shell):
 
 
 @pytest.fixture
-def box(request, engine, tmp_path, install_dir):
+def box(request, engine, install_dir):
     """The usual sandbox: an ordinary user in bash."""
-    return make_sandbox(request, tmp_path, install_dir, "user", "bash")
+    return make_sandbox(request, install_dir, "user", "bash")
 
 
 @pytest.fixture(params=[(u, s) for u in ("user", "root") for s in SHELLS],
                 ids=lambda p: "%s-%s" % p)
-def any_box(request, engine, tmp_path, install_dir):
+def any_box(request, engine, install_dir):
     """A sandbox for each host user kind (root, ordinary) and shell."""
     user_kind, shell = request.param
-    return make_sandbox(request, tmp_path, install_dir, user_kind, shell)
+    return make_sandbox(request, install_dir, user_kind, shell)
 
 
 @pytest.fixture(params=SHELLS)
-def shell_box(request, engine, tmp_path, install_dir):
-    return make_sandbox(request, tmp_path, install_dir, "user", request.param)
-
-
-@pytest.fixture
-def root_box(request, engine, tmp_path, install_dir):
-    return make_sandbox(request, tmp_path, install_dir, "root", "bash")
+def shell_box(request, engine, install_dir):
+    return make_sandbox(request, install_dir, "user", request.param)
 
 
 def wait_until(predicate, timeout=30.0, interval=0.1):

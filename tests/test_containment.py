@@ -15,18 +15,12 @@ import subprocess
 import pytest
 
 from conftest import docker, wait_until
-from test_integration import box_background
-from test_recovery import holder, start_and_wait_for, wrapper_pid
+from test_recovery import start_and_wait_for
 
 
 def marker(box):
     """A file outside the project that planted code would create."""
     return os.path.join(os.path.dirname(box.project), "pwned")
-
-
-def init_repo(box, path=None):
-    box.ok("git init -q . && git -c user.email=h@example.com -c user.name=Host "
-           "commit -q --allow-empty -m first", cwd=path)
 
 
 def host_git(box, command, cwd=None):
@@ -73,7 +67,7 @@ def test_a_gitdir_file_never_chooses_a_mount(box, gitdir):
 
 
 def test_a_gitdir_file_in_a_subdirectory_never_chooses_the_target(box):
-    init_repo(box)
+    box.init_repo()
     ssh = canary(box, os.path.join(box.home, ".ssh"))
     planted = agent(box, "mkdir -p lib && printf 'gitdir: %s\\n' > lib/.git" % ssh)
     assert "disabled lib/.git" in planted.stderr, "the run that wrote it disarms it"
@@ -88,7 +82,7 @@ def test_a_gitdir_file_in_a_subdirectory_never_chooses_the_target(box):
 # --- 2. host git never reads what the agent wrote ----------------------------
 
 def test_the_private_git_dir_cannot_be_swapped_and_nothing_reaches_host_git(box):
-    init_repo(box)
+    box.init_repo()
     config = open(os.path.join(box.project, ".git", "config")).read()
     agent(box, """
         mv .git .o && mkdir .git && cp -a .o/. .git/
@@ -110,7 +104,7 @@ def test_the_private_git_dir_cannot_be_swapped_and_nothing_reaches_host_git(box)
 
 
 def test_a_repository_the_agent_makes_inside_is_disarmed(box):
-    init_repo(box)
+    box.init_repo()
     result = agent(box, """
         mkdir sub && cd sub && git init -q && git config core.fsmonitor 'touch {m}' && cd ..
         git init -q --bare trap && git -C trap config core.bare false
@@ -123,9 +117,9 @@ def test_a_repository_the_agent_makes_inside_is_disarmed(box):
 
 
 def test_a_repository_already_inside_is_read_only_and_cannot_be_swapped(box):
-    init_repo(box)
+    box.init_repo()
     lib = box.mkdir(os.path.join(box.project, "vendor", "lib"))
-    init_repo(box, lib)
+    box.init_repo(lib)
     write = agent(box, "git -C vendor/lib config core.fsmonitor 'touch %s'" % marker(box))
     assert write.returncode != 0, "read-only inside"
     assert box.ok("pi-exec git -C vendor/lib log --format=%s").stdout == "first\n"
@@ -141,10 +135,10 @@ def test_a_repository_already_inside_is_read_only_and_cannot_be_swapped(box):
 
 def test_submodules_work_inside_read_only_and_their_git_dirs_stay_the_hosts(box):
     upstream = box.mkdir(os.path.join(os.path.dirname(box.project), "upstream"))
-    init_repo(box, upstream)
+    box.init_repo(upstream)
     box.ok("echo u > file && git add file && git -c user.name=U -c user.email=u@x commit -qm u",
            cwd=upstream)
-    init_repo(box)
+    box.init_repo()
     box.ok("git -c protocol.file.allow=always submodule add -q %s sub && "
            "git -c user.name=H -c user.email=h@x commit -qm sub" % upstream)
     modules = os.path.join(box.project, ".git", "modules", "sub")
@@ -164,7 +158,7 @@ def test_submodules_work_inside_read_only_and_their_git_dirs_stay_the_hosts(box)
 
 
 def test_config_files_git_reads_from_the_project_are_read_only(box):
-    init_repo(box)
+    box.init_repo()
     box.mkdir(os.path.join(box.project, "conf"))
     with open(os.path.join(box.project, "conf", "git.cfg"), "w") as handle:
         handle.write("[alias]\n\tst = status\n")
@@ -185,7 +179,7 @@ def test_config_files_git_reads_from_the_project_are_read_only(box):
 # --- the gate: the agent's git work comes back as data ------------------------
 
 def test_commits_staging_and_a_new_branch_come_back_before_the_prompt(box):
-    init_repo(box)
+    box.init_repo()
     box.ok("echo one > tracked && git add tracked && "
            "git -c user.name=H -c user.email=h@x commit -qm tracked")
     agent(box, "echo a > a && git add a && git commit -qm agent && git checkout -qb feature "
@@ -198,7 +192,7 @@ def test_commits_staging_and_a_new_branch_come_back_before_the_prompt(box):
 
 
 def test_a_change_hidden_from_git_status_inside_shows_on_the_host(box):
-    init_repo(box)
+    box.init_repo()
     box.ok("echo one > tracked && git add tracked && "
            "git -c user.name=H -c user.email=h@x commit -qm tracked")
     agent(box, "echo evil > tracked && git update-index --assume-unchanged tracked && "
@@ -207,9 +201,9 @@ def test_a_change_hidden_from_git_status_inside_shows_on_the_host(box):
 
 
 def test_a_branch_the_user_moved_during_the_run_is_not_overwritten(box):
-    init_repo(box)
+    box.init_repo()
     ready, go = (os.path.join(box.project, name) for name in ("ready", "go"))
-    run = box_background(box, "pi-exec sh -c 'git commit -q --allow-empty -m agent && "
+    run = box.background("pi-exec sh -c 'git commit -q --allow-empty -m agent && "
                               "touch ready && while [ ! -e go ]; do sleep 0.1; done'")
     assert wait_until(lambda: os.path.exists(ready), timeout=60)
     box.ok("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m host-meanwhile")
@@ -226,7 +220,7 @@ def test_a_branch_the_user_moved_during_the_run_is_not_overwritten(box):
 
 
 def test_stash_entries_come_back_with_their_list(box):
-    init_repo(box)
+    box.init_repo()
     box.ok("echo 0 > f && git add f && git -c user.name=H -c user.email=h@x commit -qm f && "
            "echo mine >> f && git stash -q")
     agent(box, "echo a >> f && git stash -q && echo b >> f && git stash -q")
@@ -237,7 +231,7 @@ def test_stash_entries_come_back_with_their_list(box):
 
 
 def test_head_never_follows_onto_a_branch_another_worktree_has(box):
-    init_repo(box)
+    box.init_repo()
     branch = host_git(box, "symbolic-ref --short HEAD").stdout.strip()
     worktree = os.path.join(os.path.dirname(box.project), "wt2")
     box.ok("git worktree add -q %s" % worktree)
@@ -248,7 +242,7 @@ def test_head_never_follows_onto_a_branch_another_worktree_has(box):
 
 
 def test_a_broken_object_is_refused_on_the_way_in(box):
-    init_repo(box)
+    box.init_repo()
     before = host_git(box, "rev-parse HEAD").stdout
     result = agent(box, """
         oid=$(printf 'tree 0000000000000000000000000000000000000000\\nauthor nobody\\n\\nbad\\n' |
@@ -279,7 +273,7 @@ def test_a_new_repository_in_a_plain_project_comes_back_clean(box):
 
 
 def test_agent_commits_carry_the_agents_identity(box):
-    init_repo(box)
+    box.init_repo()
     box.ok("git config user.name 'Host Person' && git config user.email host@example.com")
     box.ok("pi-exec git commit -q --allow-empty -m one")
     box.ok("pi-exec git commit -q --allow-empty -m two",
@@ -289,7 +283,7 @@ def test_agent_commits_carry_the_agents_identity(box):
 
 
 def test_a_worktree_works_inside_and_its_repository_stays_the_hosts(box):
-    init_repo(box)
+    box.init_repo()
     worktree = os.path.join(os.path.dirname(box.project), "wt")
     box.ok("git -c user.email=h@example.com -c user.name=Host worktree add -q %s" % worktree)
     common = os.path.join(box.project, ".git")
@@ -337,7 +331,7 @@ def test_nothing_the_agent_does_makes_the_sweep_miss(box):
     a hard link since removed, the project root taken by root, a directory
     the user cannot read, the name a disabled HEAD would get taken first,
     a gitlink that makes the top-level git status look into a repository."""
-    init_repo(box)
+    box.init_repo()
     box.ok("cp /bin/true tool && git add tool && git -c user.name=H -c user.email=h@x "
            "commit -qm tool")
     m = marker(box)
@@ -377,7 +371,7 @@ def test_many_privileged_files_are_all_given_back(box):
 def test_a_planted_repository_with_links_reaches_nothing_of_the_host(box):
     ssh = canary(box, os.path.join(box.home, ".ssh"))
     planted = box.mkdir(os.path.join(box.project, "s"))
-    init_repo(box, planted)  # as if an earlier run had left it, undisabled
+    box.init_repo(planted)  # as if an earlier run had left it, undisabled
     os.symlink(ssh, os.path.join(planted, ".git", "modules"))
     shutil.rmtree(os.path.join(planted, ".git", "hooks"))
     os.symlink(ssh, os.path.join(planted, ".git", "hooks"))
@@ -387,7 +381,7 @@ def test_a_planted_repository_with_links_reaches_nothing_of_the_host(box):
 
 
 def test_runs_of_two_image_lines_take_turns_in_one_project(box):
-    run = box_background(box, "pi-exec sh -c 'touch started; sleep 4'")
+    run = box.background("pi-exec sh -c 'touch started; sleep 4'")
     assert wait_until(lambda: os.path.exists(os.path.join(box.project, "started")), timeout=60)
     other = box.sh("pi-exec true", env={"PI_AGENT_IMAGE_REPO": box.repo + "-other"})
     assert other.returncode == 5 and "%s is in use by pid" % box.project in other.stderr
@@ -396,7 +390,7 @@ def test_runs_of_two_image_lines_take_turns_in_one_project(box):
 
 
 def test_commits_naming_someone_else_are_named(box):
-    init_repo(box)
+    box.init_repo()
     result = agent(box, "GIT_COMMITTER_NAME=Host GIT_COMMITTER_EMAIL=h@example.com "
                         "GIT_AUTHOR_NAME=Host GIT_AUTHOR_EMAIL=h@example.com "
                         "git commit -q --allow-empty -m posing")
@@ -405,8 +399,8 @@ def test_commits_naming_someone_else_are_named(box):
 
 
 def test_a_ref_that_clashes_costs_that_ref_only(box):
-    init_repo(box)
-    run = box_background(box, "pi-exec sh -c 'git branch feature && git branch keep && "
+    box.init_repo()
+    run = box.background("pi-exec sh -c 'git branch feature && git branch keep && "
                               "touch ready && while [ ! -e go ]; do sleep 0.1; done'")
     assert wait_until(lambda: os.path.exists(os.path.join(box.project, "ready")), timeout=60)
     box.ok("git branch feature/x && touch go")
@@ -467,8 +461,8 @@ def test_state_is_private_and_discarded_leftovers_take_their_secrets(box):
     for name in os.listdir(state):
         if name.endswith((".json", ".log", ".lock")):
             assert stat.S_IMODE(os.stat(os.path.join(state, name)).st_mode) == 0o600, name
-    os.kill(holder(box)["saver_pid"], signal.SIGKILL)  # before it hears the wrapper end
-    os.kill(wrapper_pid(box), signal.SIGKILL)
+    os.kill(box.holder()["saver_pid"], signal.SIGKILL)  # before it hears the wrapper end
+    os.kill(box.wrapper_pid(), signal.SIGKILL)
     run.wait(timeout=60)
     assert subprocess.run(["grep", "-rlq", secret, state]).returncode == 0, "left behind"
     box.ok("pi-clean-orphans --yes")

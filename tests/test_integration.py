@@ -2,9 +2,8 @@
 functions in bash and zsh, as an ordinary user and as root."""
 
 import os
+import shutil
 import signal
-import subprocess
-import time
 
 import pytest
 
@@ -106,7 +105,8 @@ def test_a_run_after_a_clean_release_makes_six_docker_calls(box):
         box.wait_saved()
         if i == 1:
             os.remove(trace)  # the first runs inspect and list; keep the third's alone
-    time.sleep(0.5)  # the saver's last call is logged just after the container goes
+    # The saver's last call (the container's removal) is logged once it is gone.
+    assert wait_until(lambda: " rm " in open(trace).read(), timeout=30)
     with open(trace) as handle:
         calls = sorted(" ".join(line.split(": docker ", 1)[1].split()[:2])
                        for line in handle)
@@ -303,7 +303,7 @@ def test_wrapper_help_and_version(shell_box):
 # --- the lock ---------------------------------------------------------------
 
 def test_second_run_is_busy_and_wait_waits(box):
-    first = box_background(box, "pi-exec sh -c 'touch ~/first; sleep 4'")
+    first = box.background("pi-exec sh -c 'touch ~/first; sleep 4'")
     assert wait_until(lambda: len(box.containers()) == 1, timeout=30)
     busy = box.sh("pi-exec true")
     assert busy.returncode == 5
@@ -313,32 +313,12 @@ def test_second_run_is_busy_and_wait_waits(box):
     assert first.wait(timeout=60) == 0
 
 
-def box_background(box, script):
-    env = box.env()
-    prefix = ["env", "-i"] + ["%s=%s" % item for item in env.items()]
-    if box.user.via_runuser:
-        prefix = ["runuser", "-u", box.user.name, "--"] + prefix
-    return subprocess.Popen(prefix + ["bash", "--norc", "-c", ". %s/shell/pi.sh\n%s"
-                                      % (box.install_dir, script)],
-                            cwd=box.project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def wrapper_pid(box):
-    """The pid of the running wrapper, from its container's label."""
-    ids = box.containers()
-    if len(ids) != 1:
-        return None
-    return int(docker("inspect", "--format", '{{index .Config.Labels "pi-agent.pid"}}',
-                      ids[0]).stdout)
-
-
 def test_kill_9_of_the_wrapper_loses_nothing(box):
-    run = box_background(box, "pi-exec sh -c 'sudo touch /usr/local/kill9 && sleep 60'")
-    assert wait_until(lambda: wrapper_pid(box), timeout=30)
+    run = box.background("pi-exec sh -c 'sudo touch /usr/local/kill9 && sleep 60'")
+    assert wait_until(lambda: box.wrapper_pid(), timeout=30)
     assert wait_until(lambda: docker("exec", box.containers()[0], "test", "-e",
                                      "/usr/local/kill9", check=False).returncode == 0)
-    os.kill(wrapper_pid(box), signal.SIGKILL)
+    os.kill(box.wrapper_pid(), signal.SIGKILL)
     run.wait(timeout=60)
     box.ok("pi-exec test -e /usr/local/kill9")
     box.wait_saved()
@@ -373,12 +353,26 @@ def test_unknown_snapshot_is_exit_4(box):
     assert result.returncode == 4 and "pi-snapshots" in result.stderr
 
 
+def tree(path):
+    """Every path below `path`, with its type and mode."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            found[os.path.relpath(full, path)] = os.lstat(full).st_mode
+    return found
+
+
 def test_dry_run_prints_docker_commands_and_changes_nothing(box):
+    box.init_repo()
+    shutil.rmtree(os.path.join(box.project, ".git", "hooks"))
+    before = tree(box.project)
     out = box.ok("pi-exec --dry-run touch ~/x").stdout
     assert "docker run -i --init" in out and "docker commit" in out
     assert "#   exec sh -c 'exec \"$@\"' pi-exec touch " in out, "the run script, shown"
     assert "current" not in box.images() and box.containers() == []
-    assert not os.path.exists(os.path.join(box.state_dir, "run")), "no run script written"
+    assert tree(box.project) == before, "not even .git/hooks is made"
+    assert not os.path.exists(box.state_dir), "no lock, no state, no run script"
 
 
 # --- housekeeping -----------------------------------------------------------
@@ -403,10 +397,14 @@ def test_reset_system_prune_and_reset_all(box):
 
 def test_auto_prune_keeps_the_newest(box):
     box.extra_env = {"PI_AGENT_SNAPSHOT_KEEP": "2"}
+    seen = set()
     for i in range(4):
         box.ok("pi-exec touch ~/g%d" % i)
+        seen.update(box.snapshots())
     snaps = box.snapshots()
-    assert len(snaps) == 2
+    assert len(seen) == 4 and snaps == sorted(seen)[-2:], "the two newest"
+    box.ok("pi-rollback %s" % snaps[-1])  # the state before the last run
+    box.ok("pi-exec sh -c 'test -e ~/g2 && test ! -e ~/g3'")
 
 
 def test_status_and_snapshots_show_the_line(box):

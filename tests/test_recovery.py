@@ -3,22 +3,22 @@ concurrent starts, against the real engine. A fake `docker` in front of the
 real one injects the faults an engine cannot produce on demand (a failing,
 slow or blind command); everything else is the real engine."""
 
-import json
 import os
+import select
 import shutil
 import signal
-import time
 
 import pytest
 
-from conftest import docker, wait_until
-from test_integration import box_background
+from conftest import docker, pi_agent, wait_until
 
 FAKE_DOCKER = """#!/bin/sh
 # Fault injection in front of the real docker: a file FAULTS/<command>-fails
 # holds the error text to fail with, FAULTS/<command>-slow a number of seconds
-# to sleep first, FAULTS/ps-blind makes `docker ps` list nothing.
+# to sleep first, FAULTS/ps-blind makes `docker ps` list nothing. Each call
+# adds its pid (the docker client's, once exec'd) to FAULTS/<command>-started.
 faults=%(faults)s
+echo $$ >>"$faults/$1-started"
 if [ -f "$faults/$1-slow" ]; then sleep "$(cat "$faults/$1-slow")"; fi
 if [ -f "$faults/$1-fails" ]; then cat "$faults/$1-fails" >&2; exit 1; fi
 if [ "$1" = ps ] && [ -f "$faults/ps-blind" ]; then exit 0; fi
@@ -50,47 +50,24 @@ def clear(box, name):
     os.unlink(os.path.join(box.faults, name))
 
 
-def read_state(box):
-    path = os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".json")
+def started(box, command):
+    """The pids of the `docker COMMAND` calls made so far."""
     try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return {}
-
-
-def holder(box):
-    return read_state(box).get("holder") or {}
-
-
-def lock_held(box):
-    import pi_agent
-    return pi_agent.lock_is_held(pi_agent.Line(pi_agent.Config(box.env())))
-
-
-def live_run(box):
-    """(container, wrapper pid) of the run whose wrapper is alive, or (None, None)."""
-    for cid in box.containers():
-        pid = docker("inspect", "--format", '{{index .Config.Labels "pi-agent.pid"}}',
-                     cid).stdout.strip()
-        if pid and os.path.exists("/proc/%s" % pid):
-            return cid, int(pid)
-    return None, None
-
-
-def wrapper_pid(box):
-    return live_run(box)[1]
+        with open(os.path.join(box.faults, command + "-started")) as handle:
+            return [int(pid) for pid in handle.read().split()]
+    except FileNotFoundError:
+        return []
 
 
 def in_container(box, path):
-    cid = live_run(box)[0]
+    cid = box.live_run()[0]
     return cid is not None and docker("exec", cid, "test", "-e", path,
                                       check=False).returncode == 0
 
 
 def start_and_wait_for(box, path, script=None):
     """Start a run in the background that writes `path`, then sleeps."""
-    run = box_background(box, script or "pi-exec sh -c 'sudo touch %s && sleep 60'" % path)
+    run = box.background(script or "pi-exec sh -c 'sudo touch %s && sleep 60'" % path)
     assert wait_until(lambda: in_container(box, path), timeout=60), run.stderr
     return run
 
@@ -107,7 +84,7 @@ def test_the_run_is_saved_whatever_ends_the_wrapper(box, how):
     if "group" in how:
         os.killpg(run.pid, signum)  # the session bash, the wrapper and the docker client
     else:
-        os.kill(wrapper_pid(box), signum)
+        os.kill(box.wrapper_pid(), signum)
     status = run.wait(timeout=60)
     if how.startswith(("SIGTERM", "SIGINT")):
         assert status == 128 + signum, "the wrapper reports the signal, even in a pipe"
@@ -131,12 +108,12 @@ def test_while_it_runs_the_container_shows_no_value_and_no_argument(box):
     box.extra_env = {"ANTHROPIC_API_KEY": secret, "PI_AGENT_PASS_ENV": "ANTHROPIC_API_KEY"}
     run = start_and_wait_for(box, "/tmp/marker-argument",
                              "pi-exec sh -c 'touch /tmp/marker-argument; sleep 60'")
-    cid = live_run(box)[0]
+    cid = box.live_run()[0]
     shown = docker("inspect", cid).stdout + docker("ps", "-a", "--no-trunc").stdout
     assert secret not in shown and "marker-argument" not in shown
     script = docker("exec", cid, "cat", "/dev/pi-agent/run").stdout
     assert secret in script, "it reaches the agent through the run script"
-    os.kill(wrapper_pid(box), signal.SIGTERM)
+    os.kill(box.wrapper_pid(), signal.SIGTERM)
     run.wait(timeout=60)
     box.wait_saved()
     run_dir = os.path.join(box.state_dir, "run")
@@ -159,8 +136,8 @@ def test_current_changed_by_hand_between_runs_is_never_overwritten(box):
 
 def test_kill_9_of_wrapper_and_saver_is_recovered_by_the_next_run(box):
     run = start_and_wait_for(box, "/usr/local/both-killed")
-    saver = holder(box)["saver_pid"]
-    os.kill(wrapper_pid(box), signal.SIGKILL)
+    saver = box.holder()["saver_pid"]
+    os.kill(box.wrapper_pid(), signal.SIGKILL)
     os.kill(saver, signal.SIGKILL)
     run.wait(timeout=60)
     assert len(box.containers()) == 1, "left behind"
@@ -176,9 +153,8 @@ def test_kill_9_during_the_commit_loses_nothing(faulty):
     box = faulty
     fault(box, "commit-slow", "3")
     box.ok("pi-exec sh -c 'sudo touch /usr/local/during-commit'")
-    assert wait_until(lambda: holder(box).get("phase") == "saving", timeout=30)
-    time.sleep(0.5)  # the saver is inside `docker commit` now
-    os.killpg(holder(box)["saver_pid"], signal.SIGKILL)  # the saver and its docker client
+    assert wait_until(lambda: started(box, "commit"), timeout=30)  # inside `docker commit`
+    os.killpg(box.holder()["saver_pid"], signal.SIGKILL)  # the saver and its docker client
     clear(box, "commit-slow")
     box.ok("pi-exec test -e /usr/local/during-commit")
     box.wait_saved()
@@ -187,11 +163,14 @@ def test_kill_9_during_the_commit_loses_nothing(faulty):
 
 def test_kill_9_while_waiting_for_the_lock_changes_nothing(box):
     first = start_and_wait_for(box, "/usr/local/holder")
-    waiter = box_background(box, "exec pi-exec --wait touch ~/never")
-    time.sleep(1.5)
-    waiter.kill()  # the shell exec'd python: this is the waiting wrapper
+    waiter = box.background("pi-exec --wait touch ~/never")
+    assert select.select([waiter.stderr], [], [], 30)[0], "it says what it waits for"
+    said = waiter.stderr.readline()
+    assert said.startswith("pi-agent: waiting for pid %d" % box.wrapper_pid()), said
+    assert waiter.poll() is None, "it waits"
+    os.killpg(waiter.pid, signal.SIGKILL)  # the waiting wrapper, and the shell around it
     waiter.wait(timeout=30)
-    os.kill(wrapper_pid(box), signal.SIGTERM)
+    os.kill(box.wrapper_pid(), signal.SIGTERM)
     first.wait(timeout=60)
     box.ok("pi-exec test -e /usr/local/holder")
     assert box.sh("pi-exec test -e ~/never").returncode == 1
@@ -203,12 +182,13 @@ def test_kill_9_while_the_container_starts_runs_nothing_and_leaves_nothing(fault
     box = faulty
     box.ok("pi-exec touch ~/before")
     fault(box, "run-slow", "2")
-    run = box_background(box, "pi-exec touch ~/never-ran")
-    assert wait_until(lambda: holder(box).get("phase") == "running", timeout=30)
-    time.sleep(0.5)  # the wrapper is inside `docker run` now
-    os.kill(holder(box)["pid"], signal.SIGKILL)
+    runs = len(started(box, "run"))
+    run = box.background("pi-exec touch ~/never-ran")
+    assert wait_until(lambda: len(started(box, "run")) > runs, timeout=30)  # in `docker run`
+    os.kill(box.holder()["pid"], signal.SIGKILL)
     run.wait(timeout=30)
-    time.sleep(2.5)  # the orphaned client goes on, and finds no run script
+    client = started(box, "run")[-1]  # goes on, orphaned, and finds no run script
+    assert wait_until(lambda: not pi_agent.pid_alive(client), timeout=30)
     clear(box, "run-slow")
     assert box.containers() == [], "docker run went on without its script"
     result = box.ok("pi-exec test ! -e ~/never-ran")
@@ -223,15 +203,72 @@ def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):
     box = faulty
     fault(box, "rm-slow", "3")
     box.ok("pi-exec sh -c 'sudo touch /usr/local/saved-then-killed'")
-    assert wait_until(lambda: (holder(box) or {}).get("phase") is None and
-                      box.containers() and not lock_held(box), timeout=30)
-    saver = max(int(pid) for pid in read_state(box).get("removing", {}).values())
+    assert wait_until(lambda: (box.holder() or {}).get("phase") is None and
+                      box.containers() and not box.lock_held(), timeout=30)
+    saver = max(int(pid) for pid in box.state().get("removing", {}).values())
     os.killpg(saver, signal.SIGKILL)
     clear(box, "rm-slow")
     result = box.ok("pi-exec test -e /usr/local/saved-then-killed")
     assert "interrupted" not in result.stderr, "it was saved: nothing to recover"
     box.wait_saved()
     assert box.containers() == [] and len(box.snapshots()) == 1
+
+
+def leave_behind(box, path):
+    """A run killed with its saver: its container is left behind."""
+    run = start_and_wait_for(box, path)
+    saver = box.holder()["saver_pid"]
+    os.kill(box.wrapper_pid(), signal.SIGKILL)
+    os.kill(saver, signal.SIGKILL)
+    run.wait(timeout=60)
+    assert len(box.containers()) == 1
+
+
+def test_a_leftover_whose_current_is_gone_is_kept_as_a_snapshot(box):
+    leave_behind(box, "/usr/local/left")
+    docker("rmi", box.repo + ":current")
+    shutil.rmtree(box.state_dir)  # and a fresh state directory: the labels still find it
+    result = box.ok("pi-exec test ! -e /usr/local/left")
+    said = [line for line in result.stderr.splitlines() if "no current" in line]
+    assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
+    snap = [word for word in said[0].split() if word.startswith("snap-")][0].rstrip(":;)")
+    box.ok("pi-rollback " + snap)
+    box.ok("pi-exec test -e /usr/local/left")
+    box.wait_saved()
+    assert box.containers() == []
+
+
+def test_prune_dry_run_is_a_plain_read(box):
+    for name in ("one", "two"):
+        box.ok("pi-exec touch ~/" + name)
+    leave_behind(box, "/usr/local/left")
+    state = open(box.line().state_path).read()
+    result = box.ok("pi-prune 0 --dry-run")
+    assert "would remove 2 snapshots" in result.stderr and "Traceback" not in result.stderr
+    assert open(box.line().state_path).read() == state, "no state written"
+    assert len(box.containers()) == 1 and len(box.snapshots()) == 2, "nothing recovered or gone"
+
+
+def test_a_saver_killed_during_the_run_is_replaced_by_the_same_save(box):
+    """The wrapper saves in its place, as carefully: current changed by hand
+    meanwhile is not overwritten."""
+    box.ok("pi-exec touch ~/before")
+    box.wait_saved()
+    run = start_and_wait_for(box, "/usr/local/during", script=(
+        "pi-exec sh -c 'sudo touch /usr/local/during; while [ ! -e ~/go ]; do sleep 0.1; done'"))
+    os.kill(box.holder()["saver_pid"], signal.SIGKILL)
+    docker("tag", box.repo + ":base", box.repo + ":current")
+    cid = box.live_run()[0]
+    docker("exec", cid, "touch", box.home + "/go")
+    assert run.wait(timeout=60) == 0
+    stderr = run.stderr.read()
+    assert "saving in the foreground" in stderr and "changed outside pi-agent" in stderr, stderr
+    assert box.images()["current"] == box.images()["base"], "the hand-made current stays"
+    snap = stderr.split("the run is snapshot ")[1].split()[0]
+    box.ok("pi-rollback " + snap)
+    box.ok("pi-exec test -e /usr/local/during")
+    box.wait_saved()
+    assert box.containers() == []
 
 
 # --- failed saves -----------------------------------------------------------
@@ -285,8 +322,8 @@ def test_two_leftovers_are_recovered_oldest_first_and_nothing_is_lost(faulty):
         run = start_and_wait_for(box, "/usr/local/" + name, script=(
             "pi-exec sh -c 'echo %s | sudo tee -a /usr/local/order >/dev/null; "
             "sudo touch /usr/local/%s; sleep 60'" % (name, name)))
-        saver = holder(box)["saver_pid"]
-        os.kill(wrapper_pid(box), signal.SIGKILL)
+        saver = box.holder()["saver_pid"]
+        os.kill(box.wrapper_pid(), signal.SIGKILL)
         os.kill(saver, signal.SIGKILL)
         run.wait(timeout=60)
     clear(box, "ps-blind")
@@ -304,7 +341,7 @@ def test_two_leftovers_are_recovered_oldest_first_and_nothing_is_lost(faulty):
 # --- concurrency and waiting ------------------------------------------------
 
 def test_twenty_concurrent_runs_all_land(box):
-    runs = [box_background(box, "pi-exec --wait sh -c 'sudo touch /usr/local/c%02d'" % i)
+    runs = [box.background("pi-exec --wait sh -c 'sudo touch /usr/local/c%02d'" % i)
             for i in range(20)]
     for run in runs:
         assert run.wait(timeout=240) == 0, run.stderr.read()
@@ -318,7 +355,7 @@ def test_status_shows_a_save_and_readers_wait_for_it(faulty):
     box = faulty
     fault(box, "commit-slow", "3")
     box.ok("pi-exec touch ~/slow")
-    assert wait_until(lambda: holder(box).get("phase") == "saving", timeout=30)
+    assert wait_until(lambda: box.holder().get("phase") == "saving", timeout=30)
     assert "saving the run in " + box.project in box.ok("pi-status").stdout
     clear(box, "commit-slow")
     snaps = box.ok("pi-snapshots")
@@ -331,7 +368,7 @@ def test_unlock_explains_and_never_breaks_a_live_lock(box):
     result = box.sh("pi-unlock")
     assert result.returncode == 5 and "pid" in result.stderr
     assert box.sh("pi-exec true").returncode == 5, "still locked"
-    os.kill(wrapper_pid(box), signal.SIGTERM)
+    os.kill(box.wrapper_pid(), signal.SIGTERM)
     run.wait(timeout=60)
     box.ok("pi-exec --wait test -e /usr/local/unlock")
 
@@ -343,13 +380,13 @@ def test_a_finished_run_is_never_listed_as_left_behind(box):
 
 
 def test_clean_orphans_asks_then_discards(box):
-    run = start_and_wait_for(box, "/usr/local/discard-me")
-    saver = holder(box)["saver_pid"]
-    os.kill(wrapper_pid(box), signal.SIGKILL)
-    os.kill(saver, signal.SIGKILL)
-    run.wait(timeout=60)
+    box.extra_env = {"API_TOKEN": "tok-3e1d", "PI_AGENT_PASS_ENV": "API_TOKEN"}
+    leave_behind(box, "/usr/local/discard-me")
+    run_dir = box.line().run_dir
+    assert "tok-3e1d" in open(os.path.join(run_dir, os.listdir(run_dir)[0], "run")).read()
     assert box.sh("pi-clean-orphans </dev/null").returncode == 3
     assert len(box.containers()) == 1
     assert "removed 1" in box.ok("pi-clean-orphans --yes").stderr
     assert box.containers() == []
+    assert os.listdir(run_dir) == [], "its run script, with the passed value, went too"
     assert box.sh("pi-exec test -e /usr/local/discard-me").returncode == 1

@@ -13,11 +13,6 @@ def git(box, *args, cwd=None):
     return box.ok("git " + " ".join(args), cwd=cwd)
 
 
-def init_repo(box):
-    box.ok("git init -q . && git -c user.email=h@example.com -c user.name=Host "
-           "commit -q --allow-empty -m first")
-
-
 def test_changes_to_files_the_host_runs_are_announced(box):
     result = box.ok("pi-exec sh -c 'echo \"export X=1\" > .envrc; mkdir -p .vscode; "
                     "echo {} > .vscode/tasks.json; echo ok > README'")
@@ -29,7 +24,7 @@ def test_changes_to_files_the_host_runs_are_announced(box):
 
 
 def test_a_credential_in_a_remote_url_is_warned_about(box):
-    init_repo(box)
+    box.init_repo()
     box.ok("git remote add origin https://me:ghp_abcdef123456@github.com/me/repo.git")
     result = box.ok("pi-exec true")
     assert "credential" in result.stderr and "ghp_abcdef123456" not in result.stderr
@@ -66,8 +61,8 @@ def test_bad_limits_are_refused_before_anything_starts(box, name, value):
     assert box.containers() == [] and "current" not in box.images()
 
 
-def test_a_uid_mismatch_is_detected_and_explained(request, engine, tmp_path, install_dir):
-    box = make_sandbox(request, tmp_path, install_dir, "user", "bash")
+def test_a_uid_mismatch_is_detected_and_explained(request, engine, install_dir):
+    box = make_sandbox(request, install_dir, "user", "bash")
     # A line whose base was built for root, used by an ordinary user.
     labels = box.inspect(box.repo + ":base")["Config"]["Labels"]
     assert labels["pi-agent.uid"] == str(box.user.uid)

@@ -4,7 +4,6 @@ automatically), pruning that frees space, no untagged images left behind.
 These tests use a small base of their own (Debian minbase with every kind of
 config field and file), so that flattening takes seconds."""
 
-import os
 import re
 import subprocess
 
@@ -48,8 +47,8 @@ def rich_base(engine):
 
 
 @pytest.fixture
-def rich(request, engine, tmp_path, install_dir, rich_base):
-    box = make_sandbox(request, tmp_path, install_dir, "root", "bash")
+def rich(request, engine, install_dir, rich_base):
+    box = make_sandbox(request, install_dir, "root", "bash")
     docker("tag", rich_base, box.repo + ":base")
     return box
 
@@ -90,7 +89,7 @@ def test_flatten_keeps_every_file_and_config_field(rich):
 
 
 def state_log(box):
-    return open(os.path.join(box.state_dir, box.repo.replace("/", "%2F") + ".log")).read()
+    return open(box.line().log_path).read()
 
 
 @pytest.mark.parametrize("dockerfile,cmd,entrypoint", [

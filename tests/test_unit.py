@@ -577,6 +577,34 @@ def test_config_file_mistakes_name_the_file_and_line(tmp_path, text, needle):
     assert environ["PI_AGENT_CONFIG"] in str(err.value) and needle in str(err.value)
 
 
+@pytest.mark.parametrize("text,error,line", [
+    ("\nPI_AGENT_PASS_ENV=A, AWS_SECRET_ACCESS_KEY\n", pi_agent.Refused, 2),
+    ("PI_AGENT_CPUS=2\nPI_AGENT_MEMORY=lots\n", pi_agent.BadSetting, 2),
+    ("PI_AGENT_STATE_DIR=/tmp\n", pi_agent.BadSetting, 1),
+])
+def test_a_bad_value_names_the_line_it_came_from_whatever_the_check(tmp_path, text, error,
+                                                                    line):
+    environ = write_config(tmp_path, text)
+    with pytest.raises(error) as err:
+        pi_agent.Config(environ)
+    assert str(err.value).startswith("%s line %d: " % (environ["PI_AGENT_CONFIG"], line))
+    assert err.value.code == error.code
+
+
+def test_the_trace_setting_works_from_the_config_file(tmp_path):
+    trace = tmp_path / "trace"
+    environ = dict(os.environ, **write_config(tmp_path, "PI_AGENT_TRACE=%s\n" % trace))
+    environ.pop("PI_AGENT_TRACE", None)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "docker").chmod(0o755)
+    environ["PATH"] = "%s:%s" % (fake, environ["PATH"])
+    result = run_tool("snapshots", env=environ)
+    assert result.returncode == 0, result.stderr
+    assert "docker image ls" in trace.read_text()
+
+
 def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path):
     import pty
     for extra, coloured in (({}, True), ({"NO_COLOR": "1"}, False)):

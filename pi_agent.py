@@ -956,7 +956,6 @@ class exclusive:
         return False
 
 
-
 # ------------------------------------------------------------ the project
 #
 # The project is the one host directory a run mounts. Everything the agent
@@ -2898,7 +2897,6 @@ def show_notes(line, notes, limit=8):
         line.log(note)
 
 
-
 # --------------------------------------------------- images and snapshots
 
 def snapshot_name(epoch, last=None):
@@ -3144,7 +3142,6 @@ def prune_if_due(line, state):
         line.write_state(state)
 
 
-
 # ---------------------------------------------------------------- flatten
 
 def import_changes(config):
@@ -3295,7 +3292,6 @@ def auto_flatten(line, state):
         line.log(state["notice"])
         return
     line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
-
 
 
 # ----------------------------------------------------------- the run plan
@@ -3613,7 +3609,6 @@ def print_plan(line, kind, argv, project, tty, offline):
     return 0
 
 
-
 # --------------------------------------------------------------- the save
 
 def dockerfile_quote(text):
@@ -3679,7 +3674,6 @@ def saved_labels(line, container, image, meta):
                    LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
                    MOUNTS_LABEL: json.dumps(mounts, ensure_ascii=False)})
     return labels
-
 
 
 def keep_snapshot(line, state, image_id, name):
@@ -3865,7 +3859,6 @@ def leftover_containers(line, sizes=False):
             if row["names"] != holder.get("container")
             and not being_removed(state, row["names"])
             and not (row.get("host") == host and pid_alive(row["pid"]))]
-
 
 
 def recover_container(line, state, row):
@@ -4253,7 +4246,6 @@ def has_started(container):
     return bool(info) and not (info.get("State") or {}).get("StartedAt", "").startswith("0001-")
 
 
-
 def prepare_run(line, found, state, project, kind, argv, offline, tty):
     """Under the line's lock, before anything starts: what the last holder
     left is dealt with (recovery, unless it released cleanly), current is
@@ -4355,6 +4347,7 @@ def hand_over(line, lock, state, plan, saver, status, watch):
         if snap and not meta.get("branched"):
             flatten_if_due(line, state, meta["layers"])
     except PiError as err:
+        state.setdefault("failed", plan.container)  # not a clean release: recovery looks
         say(str(err))
         return status or err.code
     finally:

@@ -3928,7 +3928,19 @@ def recover_leftovers(line, state, listing=None, only=None):
         if row.get("host") and row.get("host") != host:
             say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
             continue
-        say(recover_container(line, state, row))
+        try:
+            say(recover_container(line, state, row))
+        except BaseException as err:
+            # Not saved (Ctrl-C too): the next command must look again.
+            first = state.get("failed") != row["names"]  # save_run says it its own way
+            state["failed"] = row["names"]
+            line.write_state(state)
+            if first and isinstance(err, PiError):
+                raise PiError("could not save the environment that an interrupted run left in "
+                              "container %s: %s. Fix the engine, then pi-recover %s saves it "
+                              "(pi-clean-orphans discards it)"
+                              % (row["names"], err, row["names"]), err.code)
+            raise
         recovered += 1
     if recovered or state.get("failed") or state.get("notice"):
         state.pop("failed", None)
@@ -4339,19 +4351,28 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     say("the background saver is gone; saving in the foreground")
     try:
         current = inspect_image(line.current)
-        meta = plan.save_meta(status)
-        snap = save_run(line, state, plan.container, plan.image, meta, plan.snapshot,
-                        current["Id"] if current else None)
-        if state.get("notice") and meta.get("branched"):
-            say(state.pop("notice"))
-        if snap and not meta.get("branched"):
-            flatten_if_due(line, state, meta["layers"])
-    except PiError as err:
-        state.setdefault("failed", plan.container)  # not a clean release: recovery looks
+        if image_labels(current).get(LABEL + "container") == plan.container:
+            # It died after its commit: what it wrote stands, only the
+            # container is left to go.
+            state = line.read_state()
+            show_notes(line, teardown(line, [plan.container], state) or [])
+        else:
+            meta = plan.save_meta(status)
+            snap = save_run(line, state, plan.container, plan.image, meta, plan.snapshot,
+                            current["Id"] if current else None)
+            if state.get("notice") and meta.get("branched"):
+                say(state.pop("notice"))
+            if snap and not meta.get("branched"):
+                flatten_if_due(line, state, meta["layers"])
+    except BaseException as err:
+        # Not a clean release (Ctrl-C too): the next command recovers the run.
+        state.setdefault("failed", plan.container)
+        lock.release(state)
+        if not isinstance(err, PiError):
+            raise
         say(str(err))
         return status or err.code
-    finally:
-        lock.release(state)
+    lock.release(state)
     return status
 
 

@@ -270,6 +270,40 @@ def test_a_saver_killed_during_the_run_is_replaced_by_the_same_save(box):
     assert box.containers() == []
 
 
+def test_ctrl_c_during_the_foreground_save_leaves_it_to_recovery(faulty):
+    box = faulty
+    box.ok("pi-exec touch ~/before")
+    box.wait_saved()
+    run = start_and_wait_for(box, "/usr/local/during", script=(
+        "pi-exec sh -c 'sudo touch /usr/local/during; while [ ! -e ~/go ]; do sleep 0.1; done'"))
+    os.kill(box.holder()["saver_pid"], signal.SIGKILL)
+    wrapper = box.wrapper_pid()
+    fault(box, "commit-slow", "5")
+    commits = len(started(box, "commit"))
+    docker("exec", box.live_run()[0], "touch", box.home + "/go")
+    assert wait_until(lambda: len(started(box, "commit")) > commits, timeout=60)
+    os.kill(wrapper, signal.SIGINT)  # inside the foreground save's commit
+    assert run.wait(timeout=60) == 130
+    clear(box, "commit-slow")
+    result = box.ok("pi-exec test -e /usr/local/during")
+    assert "recovered" in result.stderr or "saved already" in result.stderr, result.stderr
+    box.wait_saved()
+    assert box.containers() == []
+
+
+def test_a_recovery_that_fails_before_its_save_is_tried_again(faulty):
+    box = faulty
+    box.ok("pi-exec touch ~/before")
+    leave_behind(box, "/usr/local/left")
+    fault(box, "container-fails", "Cannot connect to the Docker daemon at unix:///x. "
+                                  "Is the docker daemon running?")
+    first = box.sh("pi-exec true")
+    assert first.returncode == 7 and "Traceback" not in first.stderr, first.stderr
+    clear(box, "container-fails")
+    result = box.ok("pi-exec test -e /usr/local/left")
+    assert "recovered the interrupted run" in result.stderr
+
+
 # --- failed saves -----------------------------------------------------------
 
 @pytest.mark.parametrize("error,code", [

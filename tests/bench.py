@@ -119,17 +119,23 @@ def row(measure, ours, reference, goal, unit="s"):
     print("# " + " | ".join(ROWS[-1]), file=sys.stderr, flush=True)  # as it comes
 
 
-def bench_prompt(line, pairs):
-    """Goal 1: prompt back after a small changing run vs the floor script."""
+def prompt_pairs(line, pairs, title, names=("stamp", "floor"), mount=False):
+    """Prompt back after a small changing run vs the floor script, taking
+    turns, after one run to warm up; each run makes a new file, `names`%d."""
     line.timed("pi-exec touch ~/warm")
     ours, floor = [], []
     for i in range(pairs):
         line.wait_saved()
-        ours.append(line.timed("pi-exec touch ~/stamp%d" % i))
+        ours.append(line.timed("pi-exec touch ~/%s%d" % (names[0], i)))
         line.wait_saved()
-        floor.append(line.floor("touch ~/floor%d" % i))
-    row("prompt back, small change (median of %d)" % pairs, statistics.median(ours),
+        floor.append(line.floor("touch ~/%s%d" % (names[1], i), mount=mount))
+    row("%s (median of %d)" % (title, pairs), statistics.median(ours),
         statistics.median(floor), 1.0)
+
+
+def bench_prompt(line, pairs):
+    """Goal 1: prompt back after a small changing run vs the floor script."""
+    prompt_pairs(line, pairs, "prompt back, small change")
 
 
 def bench_five(line, rounds):
@@ -166,15 +172,8 @@ def bench_repo(line, pairs):
     sh(*git[:3], "init", "-q")
     sh(*git, "add", "-A")
     sh(*git, "commit", "-qm", "tree")
-    line.timed("pi-exec touch ~/warm")
-    ours, floor = [], []
-    for i in range(pairs):
-        line.wait_saved()
-        ours.append(line.timed("pi-exec touch ~/r%d" % i))
-        line.wait_saved()
-        floor.append(line.floor("touch ~/f%d" % i, mount=True))
-    row("prompt back, 10,000-file repository, no commit (median of %d)" % pairs,
-        statistics.median(ours), statistics.median(floor), 1.0)
+    prompt_pairs(line, pairs, "prompt back, 10,000-file repository, no commit", ("r", "f"),
+                 mount=True)
     # As an agent does: it commits, and writes its own session in its home.
     commit = "echo %d >> d000/f0.txt && git commit -qam %s%d && echo %d >> ~/session"
     ours, floor = [], []

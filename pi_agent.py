@@ -166,7 +166,7 @@ LABEL = "pi-agent."
 # into the committed image, so the save overwrites each with its image value;
 # only the wrapper pid, meaningless on an image, becomes empty. An empty pid
 # is also how a container started by hand from current is told from ours.
-RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind", "snapshot")
+RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind", "snapshot", "kept")
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
 # A run's environment and command reach the container as a script in a
@@ -682,6 +682,8 @@ class Line:
       removing       {container: pid}: saved containers, being removed by pid
       failed         the container whose save failed (recovery retries it)
       notice         a line for the next command to show
+      pruned         snapshots a detached auto-prune removed, for the next
+                     command to say
       corrupt        (read_state only) the file could not be read
 
     A holder that finds holder, failed, notice or corrupt set knows that
@@ -905,6 +907,15 @@ def released_cleanly(found):
                                    ("holder", "corrupt", "failed", "notice"))
 
 
+def say_what_was_left(line, found, state):
+    """What the last holder left for the next one to say: its notice, and
+    the snapshots its auto-prune removed out of sight (a detached save)."""
+    if found.get("notice"):
+        say(found["notice"])
+    if state.pop("pruned", None):
+        say(pruned_message(found["pruned"], line.config.snapshot_keep))
+
+
 def lock_is_held(line):
     try:
         fd = os.open(line.lock_path, os.O_RDONLY)
@@ -941,8 +952,7 @@ class exclusive:
 
     def __enter__(self):
         found, self.state = self.lock.acquire(self.kind, wait=self.wait)
-        if found.get("notice"):
-            say(found["notice"])
+        say_what_was_left(self.line, found, self.state)
         if self.recover:
             try:
                 recover_leftovers(self.line, self.state)
@@ -3057,14 +3067,27 @@ def drop_snapshot(line, state, name, also=()):
         state["snapshots"].remove(name)
 
 
-def replace_current(line, state, old_id, new_ref, epoch=None):
-    """The one way current changes: keep the old image as a new snapshot,
-    then move the tag (atomic). Returns the snapshot's name."""
-    name = add_snapshot(line, state, old_id, epoch)
+def kept_as(line, image):
+    """The snapshot that keeps this image already (from its inspect
+    record's tags), or None: an image is never kept under two names."""
+    prefix = line.repo + ":"
+    names = [tag[len(prefix):] for tag in (image or {}).get("RepoTags") or []
+             if tag.startswith(prefix) and SNAPSHOT_RE.match(tag[len(prefix):])]
+    return max(names) if names else None
+
+
+def replace_current(line, state, old, new_ref):
+    """The one way current changes by hand: the old image stays kept (by
+    the snapshot that keeps it already, else a new one), then the tag moves
+    (atomic). Returns (the snapshot's name, whether it is new)."""
+    name = kept_as(line, old)
+    fresh = name is None
+    if fresh:
+        name = add_snapshot(line, state, old["Id"])
     state.pop("current", None)
     docker("tag", new_ref, line.current)
     line.write_state(state)
-    return name
+    return name, fresh
 
 
 def remove_own_dangling(line):
@@ -3125,21 +3148,36 @@ def bytes_freed(line, doomed_tags):
     return total
 
 
-def prune_if_due(line, state):
-    """Auto-prune after a save. The state keeps the names of the snapshots,
-    so a run removes the oldest without listing all of them."""
+def prune_if_due(line, state, protect=()):
+    """Auto-prune after a save: the oldest snapshots beyond the setting go,
+    never one in `protect` (the run's own, which may be an old name that
+    keeps current's image again). The state keeps the names, so a run
+    prunes without listing them. What went is said: at once on a terminal,
+    else by the next command (state["pruned"]); always in the log."""
     config = line.config
     if not config.auto_prune:
         return
     snaps = state.get("snapshots")
     if snaps is None:
-        prune_snapshots(line, state, config.snapshot_keep)
-    elif len(snaps) > config.snapshot_keep:
-        cut = len(snaps) - config.snapshot_keep
+        snaps = sorted(snap["tag"] for snap in list_snapshots(line))
+    excess = len(snaps) - config.snapshot_keep
+    doomed = [name for name in snaps if name not in protect][:max(excess, 0)]
+    state["snapshots"] = [name for name in snaps if name not in doomed]
+    if doomed:
         # A tag someone removed by hand is simply gone already.
-        docker("rmi", *[line.snap(name) for name in snaps[:cut]], check=False)
-        state["snapshots"] = snaps[cut:]
-        line.write_state(state)
+        docker("rmi", *[line.snap(name) for name in doomed], check=False)
+        message = pruned_message(doomed, config.snapshot_keep)
+        line.log(message)
+        if sys.stderr.isatty():
+            say(message)
+        else:
+            state["pruned"] = (state.get("pruned") or []) + doomed
+    line.write_state(state)
+
+
+def pruned_message(names, keep):
+    return ("auto-prune removed %s (%s): PI_AGENT_SNAPSHOT_KEEP=%d keeps the newest"
+            % (plural(len(names), "snapshot"), ", ".join(names), keep))
 
 
 # ---------------------------------------------------------------- flatten
@@ -3264,7 +3302,7 @@ def flatten_current(line, state, current, progress=False):
     """current := a one-layer copy of itself; the layered one stays as a
     snapshot like any other replaced current. Returns the snapshot name."""
     new_id = flatten_image(line, current, progress)
-    kept = replace_current(line, state, current["Id"], new_id)
+    kept, _ = replace_current(line, state, current, new_id)
     remove_own_dangling(line)
     return kept
 
@@ -3316,16 +3354,18 @@ LIFECYCLE_KINDS = ("run", "exec", "shell")
 
 class RunPlan:
     """Everything a run needs, computed before anything starts (pure).
-    `snapshot` names the tag that keeps current as it was before the run."""
+    `snapshot` names the tag that keeps current as it was before the run;
+    `kept`: that snapshot kept it already (after a rollback), so the run
+    makes no new one, and never takes that one back."""
 
     def __init__(self, line, kind, argv, image, project, environ, now, pid, tty, snapshot,
-                 offline=False):
+                 offline=False, kept=False):
         config = line.config
         self.line, self.kind, self.argv, self.image = line, kind, list(argv), image
         self.environ, self.tty, self.offline, self.project = environ, tty, offline, project
         self.network = "none" if offline else config.network
         self.target, self.subdir = project.target, project.subdir
-        self.started, self.snapshot = now, snapshot
+        self.started, self.snapshot, self.kept = now, snapshot, kept
         home = image_home(image)
         self.mount_point = mount_point(self.target, home, config.mount_at)
         self.workdir = os.path.join(self.mount_point, self.subdir) if self.subdir \
@@ -3350,7 +3390,7 @@ class RunPlan:
         self.labels = {LABEL + "repo": line.repo, LABEL + "pid": str(pid),
                        LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
-                       LABEL + "snapshot": snapshot}
+                       LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
         self.env = container_env(environ, config.pass_env)
         if kind == "run":
             self.env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
@@ -3360,10 +3400,10 @@ class RunPlan:
                        + project.protect_mounts(self.mount_point))
         self.run_args = self._run_args()
 
-    def on(self, image):
-        """The same run, started from another image."""
+    def on(self, image, snapshot):
+        """The same run, started from another image, kept by a new snapshot."""
         return RunPlan(self.line, self.kind, self.argv, image, self.project, self.environ,
-                       self.started, int(self.labels[LABEL + "pid"]), self.tty, self.snapshot,
+                       self.started, int(self.labels[LABEL + "pid"]), self.tty, snapshot,
                        self.offline)
 
     def _record(self):
@@ -3585,8 +3625,9 @@ def print_plan(line, kind, argv, project, tty, offline):
         show(shlex.join(["docker", "tag", line.base, line.current]))
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
     now = time.time()
+    kept = kept_as(line, current)
     plan = RunPlan(line, kind, argv, current, project, os.environ, now, os.getpid(), tty,
-                   snapshot_name(now), offline=offline)
+                   kept or snapshot_name(now), offline=offline, kept=bool(kept))
     show("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
                                                               plan.workdir))
     if project.repo:
@@ -3595,7 +3636,10 @@ def print_plan(line, kind, argv, project, tty, offline):
     if plan.home_parents:
         show("# first, %s made the agent's in a container committed into current"
              % ", ".join(plan.home_parents))
-    show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
+    if plan.kept:
+        show("# current is kept already, as %s: no new snapshot" % plan.snapshot)
+    else:
+        show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
     show("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
                                              RUN_DIR_INSIDE))
     for text in plan.script(redact=True).splitlines():
@@ -3717,7 +3761,10 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
             docker("rmi", new_id, check=False)
         else:
             docker("tag", image["Id"], line.current)
-            drop_snapshot(line, state, snapshot, also=[new_id])
+            if meta.get("kept"):
+                docker("rmi", new_id, check=False)
+            else:
+                drop_snapshot(line, state, snapshot, also=[new_id])
             remember_current(state, image)
         snap = None
     elif branched:
@@ -3758,7 +3805,9 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     """
     what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
     if snapshot is None and current_id == image["Id"]:
-        snapshot = next_snapshot(state, meta.get("epoch"))
+        snapshot = kept_as(line, image)
+        meta["kept"] = "1" if snapshot else ""
+        snapshot = snapshot or next_snapshot(state, meta.get("epoch"))
     if snapshot is not None and tagging is None:
         tagging = keep_snapshot(line, state, image["Id"], snapshot)
     try:
@@ -3782,7 +3831,7 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
         line.log(state["notice"])
     if not defer_remove:
         show_notes(line, teardown(line, [container], state) or [])
-    prune_if_due(line, state)
+    prune_if_due(line, state, protect=(snapshot,))
     return snap
 
 
@@ -4107,7 +4156,8 @@ class Saver:
         self.release_project()
         docker("rm", "-f", "-v", plan.container, check=False)
         abandon_run_dir(plan.run_dir, plan.record)
-        drop_snapshot(line, state, plan.snapshot)
+        if not plan.kept:
+            drop_snapshot(line, state, plan.snapshot)
         state.pop("current", None)  # perhaps what made it fail
         self.lock.release(state)
 
@@ -4146,7 +4196,8 @@ class Saver:
             return True
         abandon_run_dir(plan.run_dir, plan.record)
         tagging.finish(check=False)  # (before its tag is taken back)
-        drop_snapshot(line, state, plan.snapshot)
+        if not plan.kept:
+            drop_snapshot(line, state, plan.snapshot)
         line.write_state(state)
         line.log("%s does not exist (yet?); the next run will look again" % plan.container)
         return False
@@ -4268,8 +4319,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
     current's remembered record is to be checked (by the saver: off the
     path to the prompt)."""
     config = line.config
-    if found.get("notice"):
-        say(found["notice"])
+    say_what_was_left(line, found, state)
     stale, remembered = [], None
     if released_cleanly(found):
         # No lifecycle died holding the lock: nothing was left behind but
@@ -4297,11 +4347,13 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
         if warning:
             say(warning, "warning")
     now = time.time()
+    kept = kept_as(line, image)
     plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
-                   snapshot=next_snapshot(state, now), offline=offline)
+                   snapshot=kept or next_snapshot(state, now), offline=offline, kept=bool(kept))
     try:
         if plan.home_parents:
-            plan = plan.on(make_home_parents(line, plan))
+            plan = plan.on(make_home_parents(line, plan),
+                           next_snapshot(state, now) if kept else plan.snapshot)
             state.pop("current", None)
         plan.record["host_run"] = host_run_files(project.target)
         plan.record["identity"] = "%s <%s>" % config.git_identity
@@ -4510,13 +4562,20 @@ def cmd_snapshots(args):
         print("no snapshots of %s yet: each run that changes the environment makes one"
               % line.repo)
         return 0
+    current = inspect_image(line.current) or {}
     images = json.loads(docker("image", "inspect", *[s["id"] for s in snaps]).stdout)
     by_id = {image["Id"].split(":")[-1][:12]: image for image in images}
-    rows = [("NAME", "CREATED", "SIZE", "MADE BY")]
+    rows = [("", "NAME (KEPT AT, UTC)", "STATE MADE", "SIZE", "MADE BY")]
     for snap in snaps:
-        rows.append((snap["tag"], snap["created"][:19], snap["size"],
-                     describe_origin(by_id.get(snap["id"]))))
+        image = by_id.get(snap["id"]) or {}
+        rows.append(("*" if image.get("Id") == current.get("Id") else "", snap["tag"],
+                     local_time((image.get("Created") or "")[:19] + "Z"), snap["size"],
+                     describe_origin(image)))
     print_table(rows)
+    print("A snapshot is named for when it was kept (the start of the run, or the rollback, "
+          "that replaced it); STATE MADE is when that state was made.")
+    if any(row[0] for row in rows):
+        print("* is current's image: pi-rollback to it changes nothing.")
     return 0
 
 
@@ -4546,10 +4605,11 @@ def switch_current(line, state, new_ref, what):
     if current["Id"] == new["Id"]:
         say("current is already %s; nothing to do" % what)
         return 0
-    kept = replace_current(line, state, current["Id"], new_ref)
-    say("current is now %s; the replaced environment is kept as %s (undo: pi-rollback %s)"
-        % (what, kept, kept))
-    prune_if_due(line, state)
+    # No prune here: moving current between kept states never drops one
+    # (the next run's auto-prune does, and says so).
+    kept, fresh = replace_current(line, state, current, new_ref)
+    say("current is now %s; the replaced environment is %s as %s (undo: pi-rollback %s)"
+        % (what, "kept" if fresh else "still kept", kept, kept))
     remove_own_dangling(line)
     return 0
 

@@ -407,6 +407,36 @@ def test_auto_prune_keeps_the_newest(box):
     box.ok("pi-exec sh -c 'test -e ~/g2 && test ! -e ~/g3'")
 
 
+def test_rollback_and_its_undo_keep_every_state_under_one_name(box):
+    box.extra_env = {"PI_AGENT_SNAPSHOT_KEEP": "3"}
+    for i in range(3):
+        box.ok("pi-exec touch ~/r%d" % i)
+    states = set(box.images().values())
+    assert len(states) == 4, "current and three snapshots (the first is base)"
+    box.ok("pi-rollback")
+    undo = box.ok("pi-rollback")
+    snaps = box.snapshots()
+    images = box.images()
+    assert set(images.values()) == states, "rollback and undo drop no state"
+    assert len({images[s] for s in snaps}) == len(snaps), "no image kept under two names"
+    assert "still kept as %s" % snaps[-2] in undo.stderr
+    listing = box.ok("pi-snapshots").stdout
+    marked = [row.split()[1] for row in listing.splitlines()
+              if row.split()[:1] == ["*"] and row.split()[1].startswith("snap-")]
+    assert marked == [snaps[-1]] and images[snaps[-1]] == images["current"]
+
+    # A run from a state kept already keeps it under its name; the prune it
+    # triggers spares it, and what the prune dropped is said.
+    box.ok("pi-exec touch ~/r3")
+    assert box.snapshots() == snaps[1:], "the oldest went, the run's own stayed"
+    told = box.ok("pi-exec true").stderr
+    assert "auto-prune removed 1 snapshot (%s)" % snaps[0] in told
+    box.ok("pi-rollback %s" % snaps[1])
+    box.ok("pi-exec true")  # changes nothing: the kept snapshot stays
+    assert snaps[1] in box.snapshots()
+    box.ok("pi-exec sh -c 'test -e ~/r0 && test ! -e ~/r1'")
+
+
 def test_status_and_snapshots_show_the_line(box):
     box.ok("pi-exec touch ~/s")
     box.wait_saved()

@@ -44,7 +44,7 @@ RUN set -eu; \
 
 ENV HOME=${AGENT_HOME} \
     NPM_CONFIG_PREFIX=${AGENT_HOME}/.npm-global \
-    PATH=${AGENT_HOME}/.local/bin:${AGENT_HOME}/.npm-global/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    PATH=${AGENT_HOME}/.local/bin:${AGENT_HOME}/.npm-global/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/games:/usr/local/games
 USER agent
 WORKDIR ${AGENT_HOME}
 

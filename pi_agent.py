@@ -329,10 +329,12 @@ def config_path(environ):
     return os.path.join(base, "pi-agent", "config")
 
 
-def read_config_file(path):
-    """{NAME: (value, line number)} from KEY=value lines. Blank lines and
-    lines starting with # are skipped; `export ` before a line and one pair
-    of quotes around a value are allowed, so the file can also be sourced."""
+def read_config_file(path, home, problems=None):
+    """{NAME: (value, line number)} from NAME=value lines, read as a POSIX
+    shell would assign them (so the file can be sourced, and means the same):
+    blank lines, # comments, `export `, quotes, a leading ~. What a shell
+    would read differently is refused, each line with its number; with
+    `problems` (a list), bad lines are put there and skipped instead."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
@@ -346,33 +348,88 @@ def read_config_file(path):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        if entry.startswith("export "):
-            entry = entry[len("export "):].lstrip()
-        name, equals, value = entry.partition("=")
-        name, value = name.strip(), value.strip()
-        if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise BadSetting("%s line %d: expected NAME=value, not %r" % (path, number, line))
-        if name not in known:
-            import difflib
-            close = difflib.get_close_matches(name, known, 1)
-            raise BadSetting("%s line %d: unknown setting %s%s" % (
-                path, number, name, "; did you mean %s?" % close[0] if close else
-                "; pi-status lists them"))
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[name] = (value, number)
+        try:
+            if entry.startswith("export "):
+                entry = entry[len("export "):].lstrip()
+            name, equals, value = entry.partition("=")
+            if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise BadSetting("expected NAME=value with no spaces around =, not %r" % line)
+            if name not in known:
+                import difflib
+                close = difflib.get_close_matches(name, known, 1)
+                raise BadSetting("unknown setting %s%s" % (
+                    name, "; did you mean %s?" % close[0] if close else "; pi-status lists them"))
+            values[name] = (shell_value(value, home), number)
+        except BadSetting as err:
+            err = BadSetting("%s line %d: %s" % (path, number, err))
+            if problems is None:
+                raise err
+            problems.append(str(err))
     return values
+
+
+def shell_value(text, home):
+    """The value a POSIX shell assigns for NAME=text: '...' literal, "..."
+    with its backslash escapes, a backslash outside quotes, a ~ or ~/ at the
+    start, and a trailing # comment. An expansion ($, `), a second word or
+    an operator is refused: the shell would expand it or run it."""
+    value, index = [], 0
+    while index < len(text):
+        char = text[index]
+        if char in " \t":
+            rest = text[index:].lstrip()
+            if rest and not rest.startswith("#"):
+                raise BadSetting("a value with spaces needs quotes (a shell would run %r as a "
+                                 "command)" % rest.split()[0])
+            break
+        if char == "'":
+            end = text.find("'", index + 1)
+            if end < 0:
+                raise BadSetting("unterminated ' quote")
+            value.append(text[index + 1:end])
+            index = end + 1
+        elif char == '"':
+            index += 1
+            while index < len(text) and text[index] != '"':
+                if text[index] == "\\" and text[index + 1:index + 2] in ("$", "`", '"', "\\"):
+                    index += 1
+                elif text[index] in "$`":
+                    raise BadSetting("%s is not expanded here: write the value out (or put it "
+                                     "in single quotes)" % text[index])
+                value.append(text[index])
+                index += 1
+            if index >= len(text):
+                raise BadSetting('unterminated " quote')
+            index += 1
+        elif char == "\\" and index + 1 < len(text):
+            value.append(text[index + 1])
+            index += 2
+        elif char in "$`;&|<>()":
+            raise BadSetting("%s is not expanded here: write the value out, or quote it ('...')"
+                             % char)
+        elif char == "~" and index == 0:
+            prefix = re.match(r"~[^/\s'\"\\$`]*", text).group()
+            value.append(home if prefix == "~" else os.path.expanduser(prefix))
+            index += len(prefix)
+        else:
+            value.append(char)
+            index += 1
+    return "".join(value)
 
 
 class Config:
     """The effective settings. Precedence: defaults < the config file <
     the environment < command-line flags; `sources` says where each came from."""
 
-    def __init__(self, environ=None):
+    def __init__(self, environ=None, lenient=False):
+        """`lenient` (for pi-status): a bad line or value is kept in
+        `problems` and its setting left at the default, instead of raised."""
         environ = os.environ if environ is None else environ
         self.environ = environ
         self.path = config_path(environ)
-        from_file = read_config_file(self.path)
+        self.problems = [] if lenient else None
+        from_file = read_config_file(self.path, environ.get("HOME") or os.path.expanduser("~"),
+                                     self.problems)
         self.sources = {}
         raw = {}
         for name, default, _meaning in SETTINGS:
@@ -384,14 +441,22 @@ class Config:
             else:
                 raw[name], self.sources[name] = self._default(name, default, environ), "default"
         self.raw = raw
-        try:
-            self._check(raw)
-        except PiError as err:
-            # Say where a bad value came from when it was the config file.
-            name = re.match(r"PI_AGENT_[A-Z_]+", str(err))
-            if name and self.sources.get(name.group()) not in (None, "environment", "default"):
-                raise type(err)("%s: %s" % (self.sources[name.group()], err), err.code)
-            raise
+        for _attempt in SETTINGS:
+            try:
+                self._check(raw)
+                break
+            except PiError as err:
+                # Say where a bad value came from when it was the config file.
+                name = re.match(r"PI_AGENT_[A-Z_]+", str(err))
+                name = name and name.group()
+                if name and self.sources.get(name) not in (None, "environment", "default"):
+                    err = type(err)("%s: %s" % (self.sources[name], err), err.code)
+                if not lenient or name not in raw or self.sources[name] == "default":
+                    raise err
+                self.problems.append(str(err))
+                raw[name] = self._default(name, dict((n, d) for n, d, _ in SETTINGS)[name],
+                                          environ)
+                self.sources[name] = "default, as the value is bad"
         global _trace_file
         _trace_file = raw["PI_AGENT_TRACE"]
 
@@ -534,11 +599,84 @@ def parse_pass_env(value):
 # ----------------------------------------------------------------- docker
 
 def docker_endpoint():
+    """Where the docker command looks for the engine, and what chose it
+    (None: the default socket)."""
     host = os.environ.get("DOCKER_HOST")
     if host:
-        return host
+        return host, "DOCKER_HOST"
     context = os.environ.get("DOCKER_CONTEXT")
-    return ("context " + context) if context else "unix:///var/run/docker.sock"
+    if context:
+        return "context " + context, "DOCKER_CONTEXT"
+    config_dir = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
+    try:
+        with open(os.path.join(config_dir, "config.json"), encoding="utf-8") as handle:
+            context = json.load(handle).get("currentContext")
+    except (OSError, ValueError, AttributeError):
+        context = None
+    if context and context != "default":
+        return "context " + str(context), "docker context use"
+    return "unix:///var/run/docker.sock", None
+
+
+def engine_unreachable():
+    endpoint, chosen_by = docker_endpoint()
+    if chosen_by is None:
+        hint = "start it (sudo systemctl start docker, or open Docker Desktop), then retry"
+    elif chosen_by == "docker context use":
+        hint = ("the docker context in use chose it: start that engine, or switch (docker "
+                "context ls; docker context use default)")
+    else:
+        hint = ("%s chose it: start that engine, or unset %s to use the default socket"
+                % (chosen_by, chosen_by))
+    return PiError("cannot reach the Docker engine at %s; %s" % (endpoint, hint),
+                   EXIT_ENGINE_DOWN)
+
+
+def check_network(config):
+    """A network that is not there is a bad setting (exit 9), said before
+    the run, not docker run's own error. Asked only for a network other
+    than the engine's own: a default run pays nothing."""
+    name = config.network
+    if name in ("", "none", "bridge"):
+        return
+    result = docker("network", "inspect", "--format", "{{.Name}}", name, check=False)
+    if is_absent(result, "network") or "not found" in result.stderr:
+        source = config.sources["PI_AGENT_NETWORK"]
+        raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; docker network "
+                         "ls lists them (unset it for the engine's default)"
+                         % ("" if source == "environment" else source + ": ", name))
+    if result.returncode != 0:
+        raise docker_failure(("network",), result.stderr)
+
+
+def socket_denied():
+    return PiError("permission denied on the Docker socket (%s); add yourself to the docker "
+                   "group (sudo usermod -aG docker $USER) and log in again"
+                   % docker_endpoint()[0], EXIT_ENGINE_DOWN)
+
+
+def check_engine():
+    """Before a run whose way to `docker run` has not asked the engine
+    anything: an engine that is not there would get docker's own lines
+    first. Its socket is tried directly (a Unix socket in microseconds);
+    ssh:// and contexts are left to docker."""
+    endpoint, _ = docker_endpoint()
+    import socket
+    try:
+        if endpoint.startswith("unix://"):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(endpoint[len("unix://"):])
+            finally:
+                probe.close()
+        elif endpoint.startswith("tcp://"):
+            host, _, port = endpoint[len("tcp://"):].split("/")[0].rpartition(":")
+            if port.isdigit():
+                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except PermissionError:
+        raise socket_denied()
+    except OSError:
+        raise engine_unreachable()
 
 
 def docker_failure(args, stderr):
@@ -547,13 +685,9 @@ def docker_failure(args, stderr):
     lowered = text.lower()
     if ("cannot connect to the docker daemon" in lowered or "error during connect" in lowered
             or "is the docker daemon running" in lowered):
-        return PiError("cannot reach the Docker engine at %s; start it (sudo systemctl start "
-                       "docker, or open Docker Desktop), then retry" % docker_endpoint(),
-                       EXIT_ENGINE_DOWN)
+        return engine_unreachable()
     if "permission denied" in lowered and "docker" in lowered and ".sock" in lowered:
-        return PiError("permission denied on the Docker socket (%s); add yourself to the docker "
-                       "group (sudo usermod -aG docker $USER) and log in again"
-                       % docker_endpoint(), EXIT_ENGINE_DOWN)
+        return socket_denied()
     lines = [line for line in text.splitlines() if line.strip()]
     detail = lines[-1] if lines else "no error message"
     for line in lines:
@@ -585,7 +719,8 @@ class DockerCall:
     Starting two calls before finishing either overlaps independent reads.
     """
 
-    def __init__(self, args, capture=True, env=None, stdin=None, stdout=None, feed=None):
+    def __init__(self, args, capture=True, env=None, stdin=None, stdout=None, stderr=None,
+                 feed=None):
         self.args, self.capture, self.feed = args, capture, feed
         self.argv = ["docker", *args]
         self.started = time.monotonic()
@@ -593,7 +728,7 @@ class DockerCall:
             self.proc = subprocess.Popen(
                 self.argv, env=env, stdin=subprocess.PIPE if feed is not None else stdin,
                 stdout=subprocess.PIPE if capture else stdout,
-                stderr=subprocess.PIPE if capture else None,
+                stderr=subprocess.PIPE if capture else stderr,
                 universal_newlines=True if capture else None,
                 errors="surrogateescape" if capture else None)
         except FileNotFoundError:
@@ -609,6 +744,22 @@ class DockerCall:
         if check and result.returncode != 0:
             raise docker_failure(self.args, err if self.capture else "")
         return result
+
+
+def docker_shown(*args):
+    """`docker ARGS` with its output (both streams) shown on our stderr as
+    it comes, as progress; its last lines make the error it raises."""
+    import collections
+    call = DockerCall(args, capture=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = collections.deque(maxlen=20)
+    for raw in call.proc.stdout:
+        sys.stderr.buffer.write(raw)
+        sys.stderr.flush()
+        tail.append(raw.decode("utf-8", "replace"))
+    result = call.finish(check=False)
+    if result.returncode != 0:
+        raise docker_failure(args, "".join(tail))
+    return result
 
 
 def docker(*args, check=True, **options):
@@ -770,11 +921,12 @@ def describe_holder(holder):
     if not holder:
         return "another pi-agent command"
     phase = holder.get("phase", "working")
-    what = {"running": "running %s in" % holder.get("kind", "run"),
+    kind = holder.get("kind", "run")
+    runs = {"run": "the agent", "exec": "a command", "shell": "a shell"}.get(kind, kind)
+    what = {"running": "running %s in" % runs,
             "saving": "saving the run in",
             "flattening": "flattening current after the run in",
-            "starting": "starting %s in" % holder.get("kind", "run")}.get(
-                phase, "%s for" % holder.get("kind", "a command"))
+            "starting": "starting %s in" % runs}.get(phase, "%s for" % kind)
     pid = holder.get("saver_pid") if phase in ("saving", "flattening") else holder.get("pid")
     return "pid %s (%s %s, since %s)" % (pid, what, holder.get("target", "?"),
                                         local_time(holder.get("started")))
@@ -2972,28 +3124,66 @@ def build_args(environ=None):
             "AGENT_HOME": agent_home(environ)}
 
 
-def build_base(line, no_cache=False):
+def dockerfile_digest(path):
+    import hashlib
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def base_labels(config, values):
+    """What a base is built from, kept in its labels (see base_drift)."""
+    return {LABEL + "base_image": config.base_image,
+            LABEL + "dockerfile": dockerfile_digest(config.dockerfile) or "",
+            LABEL + "uid": values["AGENT_UID"], LABEL + "home": values["AGENT_HOME"]}
+
+
+def base_drift(config, base):
+    """How the settings now differ from what `base` was built from (a base
+    built before pi-agent kept that, or brought by the user, says nothing)."""
+    built = image_labels(base)
+    wanted = base_labels(config, build_args())
+    said = {"base_image": "PI_AGENT_BASE_IMAGE is {now}, the base was built FROM {then}",
+            "dockerfile": "the Dockerfile ({path}) has changed since the base was built",
+            "uid": "you are UID {now}, the base was built for UID {then}",
+            "home": "your home is {now}, the base was built for {then}"}
+    return [text.format(now=wanted[LABEL + key], then=built[LABEL + key], path=config.dockerfile)
+            for key, text in said.items() if built.get(LABEL + key) and wanted[LABEL + key]
+            and built[LABEL + key] != wanted[LABEL + key]]
+
+
+def build_base(line, no_cache=False, first=True):
     config = line.config
     dockerfile = os.path.abspath(config.dockerfile)
     if not os.path.isfile(dockerfile):
         raise NotFound("no Dockerfile at %s; set PI_AGENT_DOCKERFILE to yours, or reinstall "
                        "pi-agent" % dockerfile)
-    args = ["build", "--label", LABEL + "repo=" + line.repo, "-t", line.base,
-            "--build-arg", "BASE_IMAGE=" + config.base_image, "-f", dockerfile]
     values = build_args()
+    labels = dict(base_labels(config, values), **{LABEL + "repo": line.repo})
+    args = ["build", "-t", line.base, "--build-arg", "BASE_IMAGE=" + config.base_image,
+            "-f", dockerfile] + label_args(labels)
     for name, value in values.items():
         args += ["--build-arg", "%s=%s" % (name, value)]
-    args += ["--label", LABEL + "uid=" + values["AGENT_UID"]]
     if no_cache:
         args.append("--no-cache")
     args.append(os.path.dirname(dockerfile))
-    say("building %s from %s (first use; this takes a few minutes)" % (line.base, dockerfile))
+    say("%sbuilding %s from %s, FROM %s (this takes a few minutes)"
+        % ("first use: " if first else "", line.base, dockerfile, config.base_image))
     started = time.monotonic()
-    if sys.stderr.isatty():
-        # docker's own output is the progress; on stderr, so stdout stays clean.
-        docker(*args, capture=False, stdout=sys.stderr)
-    else:
-        docker(*args[:1], "-q", *args[1:])
+    try:
+        if sys.stderr.isatty():
+            docker_shown(*args)  # docker's own output is the progress
+        else:
+            docker(*args[:1], "-q", *args[1:])
+    except EngineError as err:
+        if ("BASE_IMAGE" in (read_regular(dockerfile) or b"").decode("utf-8", "replace")
+                and inspect_image(config.base_image) is None):
+            raise EngineError("could not get %s, the image the base is built FROM (%s); set "
+                              "PI_AGENT_BASE_IMAGE to an image you have (docker images) or "
+                              "can pull" % (config.base_image, str(err).split(": ", 1)[-1]))
+        raise
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
 
 
@@ -3469,7 +3659,9 @@ class RunPlan:
                   ' echo "pi-agent: $1 is not installed here; installing: $PI_AGENT_INSTALL_CMD" >&2;'
                   ' sh -c "$PI_AGENT_INSTALL_CMD" || { status=$?;'
                   ' echo "pi-agent: the install command failed (exit $status); fix'
-                  ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them)" >&2;'
+                  ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them). Paths it'
+                  ' named are inside the environment, not on your host: pi-exec cat PATH shows'
+                  ' one" >&2;'
                   ' exit $status; };'
                   ' command -v "$1" >/dev/null 2>&1 || {'
                   ' echo "pi-agent: the install command did not install $1; fix'
@@ -3619,9 +3811,12 @@ def print_plan(line, kind, argv, project, tty, offline):
     current = inspect_image(line.current)
     if current is None:
         if inspect_image(line.base) is None:
-            show("# %s is missing: it would be built from %s (until then its CMD, USER and "
-                 "home are unknown: the commands below show none)"
-                 % (line.base, line.config.dockerfile))
+            base_image = line.config.base_image
+            show("# %s is missing: it would be built from %s, FROM %s (%s; until then its "
+                 "CMD, USER and home are unknown: the commands below show none)"
+                 % (line.base, line.config.dockerfile, base_image,
+                    "here already" if inspect_image(base_image) else
+                    "not here: the build would pull it; PI_AGENT_BASE_IMAGE picks another"))
         show(shlex.join(["docker", "tag", line.base, line.current]))
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
     now = time.time()
@@ -4319,6 +4514,9 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
     current's remembered record is to be checked (by the saver: off the
     path to the prompt)."""
     config = line.config
+    check_engine()
+    if not offline:
+        check_network(config)
     say_what_was_left(line, found, state)
     stale, remembered = [], None
     if released_cleanly(found):
@@ -4369,19 +4567,27 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
 def run_container(plan, saver):
     """The container, in the foreground; returns its exit status. One that
     could not start is taken back by the saver (SAID_ABORT)."""
+    def take_back():
+        saver.send(SAID_ABORT)
+        saver.finish(wait=True)
+
     try:
         status = run_attached(plan.run_args, plan.container)
     except PiError:
-        saver.send(SAID_ABORT)
-        saver.finish(wait=True)
+        take_back()
         raise
     if plan.tty:
         ensure_stopped(plan.container)
-    if status == 125 and not has_started(plan.container):
-        saver.send(SAID_ABORT)
-        saver.finish(wait=True)
-        raise EngineError("docker could not start the container (its error is above); "
-                          "pi-status shows the settings it used")
+    if status == 125:
+        try:
+            started = has_started(plan.container)
+        except PiError:  # the engine went away before any agent ran
+            take_back()
+            raise
+        if not started:
+            take_back()
+            raise EngineError("docker could not start the container (its error is above); "
+                              "pi-status shows the settings it used")
     return status
 
 
@@ -4490,20 +4696,26 @@ def cmd_shell(args):
 
 
 def cmd_status(args):
-    config = Config()
+    """Everything, even with a bad setting: the diagnostic command must not
+    go blind when it is needed most. A bad setting is shown (its default
+    used meanwhile) and is the exit status."""
+    config = Config(lenient=True)
     line = Line(config)
     print("pi-agent %s" % __version__)
     print("\nsettings (config file: %s%s):" % (
         config.path, "" if os.path.exists(config.path) else ", absent"))
     rows = [(name, config.raw[name], "(%s)" % config.sources[name]) for name, _d, _m in SETTINGS]
     print_table(rows)
+    sys.stdout.flush()
+    for problem in config.problems:
+        say(problem, "error")
     for warning in misspelled_settings(os.environ):
-        print(warning)
+        say(warning, "warning")
     print("python: %s (PI_AGENT_PYTHON=%s)" % (sys.executable,
                                               os.environ.get("PI_AGENT_PYTHON", "python3")))
     print("engine: %s" % describe_engine())
     print("\nimages:")
-    rows = []
+    rows, drift = [], []
     for role, ref in (("base", line.base), ("current", line.current)):
         image = inspect_image(ref)
         if image is None:
@@ -4512,11 +4724,16 @@ def cmd_status(args):
         made = describe_origin(image) if role == "current" else "built " + local_time(
             (image.get("Created") or "")[:19] + "Z")
         rows.append((role, ref, human_size(image.get("Size", 0)),
-                     "%d layers" % image_layers(image), made))
+                     plural(image_layers(image), "layer"), made))
+        if role == "base":
+            drift = base_drift(config, image)
     snaps = list_snapshots(line)
     rows.append(("snapshots", "%d" % len(snaps), "newest " + snaps[0]["tag"] if snaps else "", "",
                  ""))
     print_table(rows)
+    if drift:
+        print("the base differs from your settings: %s; pi-rebuild-base builds it again (then "
+              "pi-reset-system moves current onto it)" % "; ".join(drift))
     state = line.read_state()
     holder = state.get("holder")
     print("\nlock: %s" % printable(describe_holder(holder) if lock_is_held(line) else "free"))
@@ -4537,6 +4754,9 @@ def cmd_status(args):
             print("  " + printable(note))
     except (PiError, FileNotFoundError) as err:
         print("target: none here: %s" % printable(err))
+    if config.problems:
+        raise PiError("%s: see above; pi-status used the defaults in their place"
+                      % plural(len(config.problems), "bad setting"), EXIT_BAD_SETTING)
     return 0
 
 
@@ -4630,15 +4850,18 @@ def cmd_reset_system(args):
 
 
 def confirm(question, yes):
+    """Go on only on yes (--yes, or asked on the terminal): anything else
+    is a refusal (exit 3), with nothing changed."""
     if yes:
-        return True
+        return
     if not sys.stdin.isatty():
         raise Refused("%s Refusing without --yes (no terminal to ask on)" % question)
     try:
         answer = input("pi-agent: %s [y/N] " % question)
     except EOFError:
         answer = ""
-    return answer.strip().lower() in ("y", "yes")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise Refused("nothing removed (answered no)")
 
 
 def cmd_reset_all(args):
@@ -4650,10 +4873,8 @@ def cmd_reset_all(args):
         if not refs:
             say("%s has no current image and no snapshots; nothing to remove" % line.repo)
             return 0
-        if not confirm("remove %s and its %s? The environment is lost; the base image stays."
-                       % (line.current, plural(len(refs) - 1, "snapshot")), args.yes):
-            say("nothing removed")
-            return 0
+        confirm("remove %s and its %s? The environment is lost; the base image stays."
+                % (line.current, plural(len(refs) - 1, "snapshot")), args.yes)
         docker("rmi", *refs)
         remove_own_dangling(line)
         state["snapshots"] = []
@@ -4665,7 +4886,7 @@ def cmd_rebuild_base(args):
     line = Line(Config())
     with exclusive(line, "rebuild-base"):
         before = inspect_image(line.base)
-        build_base(line, no_cache=args.no_cache)
+        build_base(line, no_cache=args.no_cache, first=False)
         after = inspect_image(line.base)
         remove_own_dangling(line)
     if before and after and before["Id"] == after["Id"]:
@@ -4744,11 +4965,9 @@ def cmd_clean_orphans(args):
             say("no left-behind containers of %s" % line.repo)
             return 0
         names = [row["names"] for row in rows]
-        if not confirm("discard %d left-behind containers (%s)? What their runs changed in the "
-                       "environment is lost; project files are not touched."
-                       % (len(names), ", ".join(names)), args.yes):
-            say("nothing removed")
-            return 0
+        confirm("discard %d left-behind containers (%s)? What their runs changed in the "
+                "environment is lost; project files are not touched."
+                % (len(names), ", ".join(names)), args.yes)
         show_notes(line, teardown(line, names, state, check=True))
         state.pop("failed", None)
         state.pop("notice", None)

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -451,7 +452,7 @@ def test_usage_errors_are_one_line_naming_the_command_and_exit_2(argv, command):
 
 def test_bad_setting_is_one_line_and_exit_9():
     env = dict(os.environ, PI_AGENT_SNAPSHOT_KEEP="many")
-    result = run_tool("status", env=env)
+    result = run_tool("snapshots", env=env)
     assert result.returncode == 9
     assert result.stderr.count("\n") == 1 and "PI_AGENT_SNAPSHOT_KEEP" in result.stderr
 
@@ -556,12 +557,97 @@ def test_a_flag_beats_every_setting(tmp_path):
     assert plan.run_args[plan.run_args.index("--network") + 1] == "none"
 
 
-def test_config_file_syntax(tmp_path):
-    environ = write_config(tmp_path, "export PI_AGENT_COMMAND='claude --verbose'\n"
-                                     '  PI_AGENT_PASS_ENV = "A B"  \n#PI_AGENT_IMAGE_REPO=x\n')
+@pytest.mark.parametrize("line", [
+    "PI_AGENT_DOCKERFILE=~/df/Dockerfile",
+    "PI_AGENT_DOCKERFILE=~",
+    "PI_AGENT_COMMAND='~/x'",
+    "PI_AGENT_COMMAND=claude # the agent",
+    "export PI_AGENT_COMMAND='claude --verbose'  # quoted",
+    '  PI_AGENT_COMMAND="say \\"hi\\" \\$x \\\\ \\n"  ',
+    "PI_AGENT_COMMAND=a#b",
+    "PI_AGENT_COMMAND=a\\ b'c'\"d\"",
+    "PI_AGENT_PASS_ENV=",
+])
+def test_config_file_lines_mean_what_a_shell_assigns(tmp_path, line):
+    environ = write_config(tmp_path, "# mine\n%s\n#PI_AGENT_IMAGE_REPO=x\n" % line)
+    name = line.strip().replace("export ", "").split("=")[0]
+    shell = subprocess.run(["sh", "-c", '. "$1"; eval "printf %%s \\"\\$%s\\""' % name, "sh",
+                            environ["PI_AGENT_CONFIG"]], env={"HOME": environ["HOME"]},
+                           capture_output=True, text=True, check=True)
     config = pi_agent.Config(environ)
-    assert config.command_argv == ["claude", "--verbose"] and config.pass_env == ["A", "B"]
+    assert config.raw[name] == shell.stdout or (not shell.stdout and config.sources[name]
+                                                == "default")
     assert config.image_repo == "pi-agent"
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("PI_AGENT_CPUS = 2", "no spaces around ="),
+    ("PI_AGENT_CPUS= 2", "needs quotes"),
+    ("PI_AGENT_COMMAND=claude --verbose", "needs quotes"),
+    ("PI_AGENT_DOCKERFILE=$HOME/Dockerfile", "$ is not expanded"),
+    ('PI_AGENT_COMMAND="$(id)"', "$ is not expanded"),
+    ("PI_AGENT_COMMAND=a;b", "; is not expanded"),
+    ("PI_AGENT_COMMAND='a", "unterminated"),
+])
+def test_config_file_lines_a_shell_would_read_otherwise_are_refused(tmp_path, line, needle):
+    environ = write_config(tmp_path, "\n" + line + "\n")
+    with pytest.raises(pi_agent.BadSetting) as err:
+        pi_agent.Config(environ)
+    assert str(err.value).startswith(environ["PI_AGENT_CONFIG"] + " line 2: ")
+    assert needle in str(err.value)
+
+
+def fake_docker(tmp_path, images=""):
+    """A docker on PATH for what a real engine cannot be made to do on
+    demand: it knows no image or container but `images` (image ls
+    output), and logs its calls to tmp_path/calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "images").write_text(images)
+    (bin_dir / "docker").write_text(
+        '#!/bin/sh\necho "$*" >> "%s/calls"\ncase "$1 $2" in\n'
+        '  "image inspect"|"container inspect") echo "Error: No such $1: $3" >&2; exit 1 ;;\n'
+        '  "image ls") cat "%s/images" ;;\nesac\nexit 0\n' % (tmp_path, bin_dir))
+    (bin_dir / "docker").chmod(0o755)
+    return "%s:%s" % (bin_dir, os.environ["PATH"])
+
+
+def test_status_with_a_bad_setting_shows_everything_else_and_the_bad_lines(tmp_path):
+    environ = dict(os.environ, **write_config(
+        tmp_path, "PI_AGENT_SNAPSHOT_KEEP=3\nPI_AGENT_CPUS = 2\nPI_AGENT_MEMORY=lots\n"))
+    environ.update(PATH=fake_docker(tmp_path), PI_AGENT_STATE_DIR=str(tmp_path / "state"))
+    result = run_tool("status", env=environ)
+    assert result.returncode == 9
+    errors = [row for row in result.stderr.splitlines() if row.startswith("pi-agent: ")]
+    assert "line 2: expected NAME=value with no spaces around =" in errors[0]
+    assert "line 3: PI_AGENT_MEMORY=lots" in errors[1]
+    assert "2 bad settings" in errors[2] and len(errors) == 3
+    assert re.search(r"PI_AGENT_SNAPSHOT_KEEP +3 +\(.*config line 1\)", result.stdout)
+    assert re.search(r"PI_AGENT_MEMORY +\(default, as the value is bad\)", result.stdout)
+    assert "images:" in result.stdout and "target:" in result.stdout
+
+
+def test_answering_no_changes_nothing_and_is_a_refusal(tmp_path):
+    import pty
+    snap = '{"tag":"snap-20260101-000000.000","id":"abc","created":"x","size":"1 MB"}\n'
+    environ = dict(os.environ, PATH=fake_docker(tmp_path, snap), HOME=str(tmp_path),
+                   PI_AGENT_STATE_DIR=str(tmp_path / "state"))
+    for command in ("reset-all", "clean-orphans"):
+        if command == "clean-orphans":
+            (tmp_path / "bin" / "docker").write_text((tmp_path / "bin" / "docker").read_text(
+            ).replace('"image ls")', '"ps -a") echo \'{"names":"c1","pid":"1","host":"elsewhere"}'
+                      '\' ;;\n  "image ls")'))
+        main, secondary = pty.openpty()
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pi_agent.py"), command],
+                                stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=environ, text=True)
+        os.write(main, b"n\n")
+        out, err = proc.communicate(timeout=30)
+        os.close(secondary)
+        os.close(main)
+        assert proc.returncode == 3 and "nothing removed (answered no)" in err, err
+        calls = (tmp_path / "calls").read_text()
+        assert " rmi " not in " " + calls and "rm -f" not in calls
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -578,7 +664,7 @@ def test_config_file_mistakes_name_the_file_and_line(tmp_path, text, needle):
 
 
 @pytest.mark.parametrize("text,error,line", [
-    ("\nPI_AGENT_PASS_ENV=A, AWS_SECRET_ACCESS_KEY\n", pi_agent.Refused, 2),
+    ('\nPI_AGENT_PASS_ENV="A, AWS_SECRET_ACCESS_KEY"\n', pi_agent.Refused, 2),
     ("PI_AGENT_CPUS=2\nPI_AGENT_MEMORY=lots\n", pi_agent.BadSetting, 2),
     ("PI_AGENT_STATE_DIR=/tmp\n", pi_agent.BadSetting, 1),
 ])

@@ -327,11 +327,76 @@ def test_kill_9_of_the_wrapper_loses_nothing(box):
 
 # --- failures the user can cause ---------------------------------------------
 
-def test_engine_unreachable_is_one_line_exit_7_and_builds_nothing(box):
+def run_dirs(box):
+    path = os.path.join(box.state_dir, "run")
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def test_engine_unreachable_is_one_line_exit_7_and_leaves_nothing(box):
     result = box.sh("pi-exec true", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     assert result.returncode == 7
     assert result.stderr.count("\n") == 1 and "nonexistent" in result.stderr
     assert "current" not in box.images()
+    # After a clean run nothing asks the engine before `docker run`, whose
+    # own lines must not come first; the hint names what chose the engine.
+    box.init_repo()
+    box.ok("pi-exec true")
+    box.wait_saved()
+    for host in ("unix:///nonexistent/docker.sock", "tcp://127.0.0.1:1"):
+        result = box.sh("pi-exec true", env={"DOCKER_HOST": host})
+        assert result.returncode == 7 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("pi-agent: cannot reach the Docker engine at " + host)
+        assert "unset DOCKER_HOST" in result.stderr
+        box.wait_saved()
+        assert run_dirs(box) == [] and box.containers() == []
+    box.ok("pi-exec true")
+
+
+def test_a_network_that_is_not_there_is_a_bad_setting_before_the_run(box):
+    box.init_repo()
+    result = box.sh("pi-exec true", env={"PI_AGENT_NETWORK": "nosuchnet"})
+    assert result.returncode == 9 and result.stderr.count("\n") == 1, result.stderr
+    assert "PI_AGENT_NETWORK=nosuchnet" in result.stderr and "docker network ls" in result.stderr
+    box.wait_saved()
+    assert run_dirs(box) == [] and box.containers() == []
+    assert box.ok("pi-exec --offline echo ok", env={"PI_AGENT_NETWORK": "nosuchnet"}).stdout \
+        == "ok\n", "offline does not need it"
+
+
+def test_a_base_image_that_cannot_be_had_is_named_with_its_setting(box):
+    box.extra_env = {"PI_AGENT_IMAGE_REPO": box.repo + "-new",
+                     "PI_AGENT_BASE_IMAGE": "nosuch.invalid/base:1"}
+    dry = box.ok("pi --dry-run").stdout
+    assert "FROM nosuch.invalid/base:1 (not here: the build would pull it; " \
+           "PI_AGENT_BASE_IMAGE picks another" in dry
+    piped = box.sh("pi-exec true")
+    on_terminal = box.sh("script -qec \". %s/shell/pi.sh; pi-exec true\" /dev/null"
+                         % box.install_dir, env={"SHELL": "/bin/bash"})
+    for result, output in ((piped, piped.stderr), (on_terminal, on_terminal.stdout)):
+        assert result.returncode == 8, output
+        last = output.strip().splitlines()[-1]
+        assert "pi-agent:" in last and "could not get nosuch.invalid/base:1" in last
+        assert "set PI_AGENT_BASE_IMAGE to an image you have" in last
+    assert piped.stderr.count("pi-agent:") == 2, "what it does, then the one error"
+    assert "Step 2/" in on_terminal.stdout, "docker's progress is shown on a terminal"
+
+
+def test_status_says_when_the_base_was_built_from_other_settings(box, tmp_path):
+    rebuilt = box.ok("pi-rebuild-base")
+    assert "building %s:base" % box.repo in rebuilt.stderr and "first use" not in rebuilt.stderr
+    assert "differs" not in box.ok("pi-status").stdout
+    changed = os.path.join(box.home, "Dockerfile")
+    with open(os.path.join(box.install_dir, "Dockerfile")) as source:
+        text = source.read()
+    with open(changed, "w") as handle:
+        handle.write(text + "# changed\n")
+    os.chmod(changed, 0o644)
+    status = box.ok("pi-status", env={"PI_AGENT_BASE_IMAGE": "other:1",
+                                      "PI_AGENT_DOCKERFILE": changed}).stdout
+    assert "the base differs from your settings: PI_AGENT_BASE_IMAGE is other:1, the base was " \
+           "built FROM %s; the Dockerfile (%s) has changed since the base was built; " \
+           "pi-rebuild-base builds it again" % (box.env()["PI_AGENT_BASE_IMAGE"], changed) \
+        in status
 
 
 def test_a_mistyped_option_of_pi_exec_starts_nothing(box):

@@ -111,7 +111,8 @@ if [ -n "${ZSH_VERSION:-}" ]; then
       _pi_agent_compdef
     else
       typeset -ga precmd_functions
-      precmd_functions=(${precmd_functions:#_pi_agent_compdef_at_prompt} _pi_agent_compdef_at_prompt)
+      precmd_functions=(${precmd_functions:#_pi_agent_compdef_at_prompt}
+        _pi_agent_compdef_at_prompt)
     fi'
 elif \command -v complete >/dev/null 2>&1; then
   complete -F _pi_agent_complete_bash pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \

@@ -2,15 +2,17 @@
 # pi-agent installer. POSIX sh; safe under `curl -fsSL URL | sh`: nothing
 # runs until the last line, so a cut-off download does nothing.
 #
-#   ./install.sh [-y] [--no-modify-rc] [--from DIR|TARBALL] [--uninstall]
+#   ./install.sh [-y] [--no-modify-rc] [--no-bin] [--from DIR|TARBALL] [--uninstall]
 #
 #   -y               no questions (add the source line to every shell's rc)
 #   --no-modify-rc   leave ~/.bashrc and ~/.zshrc alone
+#   --no-bin         no pi-agent command (for scripts and CI) in the bin dir
 #   --from SRC       install from a checkout or a release tarball (offline)
-#   --uninstall      remove the installed files and the source lines
+#   --uninstall      remove the installed files, the command, the source lines
 #
 # Settings: PI_AGENT_HOME (install dir, default
-# ${XDG_DATA_HOME:-~/.local/share}/pi-agent), PI_AGENT_RELEASE_URL (the
+# ${XDG_DATA_HOME:-~/.local/share}/pi-agent), PI_AGENT_BIN_DIR (where the
+# pi-agent command goes, default ~/.local/bin), PI_AGENT_RELEASE_URL (the
 # tarball fetched when neither a checkout nor --from is at hand).
 
 say() {
@@ -101,20 +103,45 @@ install_files() {
   rm -rf "$dest.old.$$"
 }
 
+# $1 in single quotes, as a shell reads it back: for lines to paste or run.
+quote() {
+  printf "'%s'" "$(printf '%s\n' "$1" | sed "s/'/'\\\\''/g")"
+}
+
+# Remove DIR, then its parents, while they are empty; only below $HOME.
+remove_empty_dirs() {
+  dir=$1
+  while case $dir in "$HOME"/?*) true ;; *) false ;; esac && rmdir "$dir" 2>/dev/null; do
+    dir=$(dirname "$dir")
+  done
+}
+
 rc_line() {
   printf '[ -f "%s/shell/pi.sh" ] && . "%s/shell/pi.sh"  # pi-agent\n' "$dest" "$dest"
 }
 
+# Written only into a ~/.zshrc the installer creates: zsh completes nothing
+# until compinit has run, and a new file would run nothing else.
+compinit_line() {
+  printf 'autoload -Uz compinit && compinit  # completion (added by the pi-agent installer)\n'
+}
+
+in_rc() {
+  [ -f "$1" ] && grep -qF "$dest/shell/pi.sh" "$1"
+}
+
 add_to_rc() {
   rc=$1
-  if [ -f "$rc" ] && grep -qF "$dest/shell/pi.sh" "$rc"; then
-    return
-  fi
+  in_rc "$rc" && return
   if ask "add pi-agent to $rc?"; then
+    case $rc in
+      */.zshrc) [ -e "$rc" ] || compinit_line >"$rc" || err "cannot write $rc" ;;
+    esac
     rc_line >>"$rc" || err "cannot write $rc"
     say "added pi-agent to $rc"
   else
     say "left $rc alone; to use pi-agent, add: $(rc_line)"
+    line_shown=1
   fi
 }
 
@@ -125,56 +152,116 @@ remove_from_rc() {
   line=$(rc_line)
   [ -f "$rc" ] && grep -qxF "$line" "$rc" || return 0
   grep -vxF "$line" "$rc" >"$work/rc" || :
-  if [ -s "$work/rc" ]; then
+  if [ -s "$work/rc" ] && [ "$(cat "$work/rc")" != "$(compinit_line)" ]; then
     # cat, not mv: keeps the file's owner, mode and any symlink to it.
     cat "$work/rc" >"$rc" || err "cannot write $rc"
   else
-    rm -f "$rc"  # only our line was in it: the installer made it
+    rm -f "$rc"  # only our lines were in it: the installer made it
   fi
   say "removed the pi-agent line from $rc"
+}
+
+# The pi-agent command, for scripts and CI: a shell that is not interactive
+# reads no ~/.bashrc (and Debian's returns early), so it has no pi function.
+# The marker names the install, so that only that install replaces or
+# removes the file, never one someone else put there.
+bin_marker() {
+  printf '# the pi-agent command of the install in %s\n' "$dest"
+}
+
+install_bin() {
+  bin=$bin_dir/pi-agent
+  if { [ -e "$bin" ] || [ -L "$bin" ]; } && ! grep -qxF "$(bin_marker)" "$bin" 2>/dev/null; then
+    say "left $bin alone: it is not this install's"
+    return
+  fi
+  mkdir -p "$bin_dir" || err "cannot create $bin_dir"
+  # shellcheck disable=SC2016  # $PI_AGENT_PYTHON and $@ are for the script to expand
+  if ! { printf '#!/bin/sh\n' && bin_marker &&
+         printf 'exec "${PI_AGENT_PYTHON:-python3}" %s "$@"\n' "$(quote "$dest/pi_agent.py")"
+       } >"$bin.new.$$" || ! chmod 755 "$bin.new.$$" || ! mv -f "$bin.new.$$" "$bin"; then
+    rm -f "$bin.new.$$"
+    err "cannot write $bin"
+  fi
+  case ":$PATH:" in
+    *":$bin_dir:"*) runner=pi-agent ;;
+    *) runner=$bin
+       say "$bin_dir is not on your PATH; to type pi-agent alone, add export PATH=\"$bin_dir:\$PATH\" to your shell's startup file" ;;
+  esac
+}
+
+remove_bin() {
+  bin=$bin_dir/pi-agent
+  [ -f "$bin" ] && grep -qxF "$(bin_marker)" "$bin" || return 0
+  rm -f "$bin" || err "cannot remove $bin"
+  remove_empty_dirs "$bin_dir"
+  say "removed $bin"
+}
+
+# A setting as pi_agent.py reads it: the environment, else the config file's
+# NAME=value line (the last one; `export ` and one pair of quotes allowed),
+# else $2.
+setting() {
+  eval "value=\${$1:-}"
+  if [ -z "$value" ] && [ -f "$config" ]; then
+    value=$(sed -n "s/^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}$1[[:space:]]*=[[:space:]]*//p" "$config" |
+      tail -n 1 | sed -e 's/[[:space:]]*$//' -e "s/^\\([\"']\\)\\(.*\\)\\1\$/\\2/")
+  fi
+  printf '%s\n' "${value:-$2}"
+}
+
+uninstall() {
+  for rc in "$HOME/.bashrc" "$HOME/.zshrc"; do
+    remove_from_rc "$rc"
+  done
+  remove_bin
+  if [ -d "$dest" ]; then
+    rm -rf "$dest"
+    remove_empty_dirs "$(dirname "$dest")"
+    say "removed $dest"
+  else
+    say "nothing installed at $dest"
+  fi
+  config=${PI_AGENT_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/pi-agent/config}
+  repo=$(setting PI_AGENT_IMAGE_REPO pi-agent)
+  state=$(setting PI_AGENT_STATE_DIR "${XDG_STATE_HOME:-$HOME/.local/state}/pi-agent")
+  say "your environments are kept; to remove them too:"
+  say "  docker images $(quote "$repo") --format '{{.Repository}}:{{.Tag}}' | xargs -r docker rmi; rm -r $(quote "$state")"
+  # A PI_AGENT_CONFIG file may sit in a directory that holds other things.
+  [ -n "${PI_AGENT_CONFIG:-}" ] || config=$(dirname "$config")
+  if [ -e "$config" ]; then
+    say "and your settings, which are yours to keep or remove: rm -r $(quote "$config")"
+  fi
 }
 
 main() {
   assume_yes=0
   modify_rc=1
+  with_bin=1
   uninstall=0
   from=""
   while [ $# -gt 0 ]; do
     case $1 in
       -y|--yes) assume_yes=1 ;;
       --no-modify-rc) modify_rc=0 ;;
+      --no-bin) with_bin=0 ;;
       --uninstall) uninstall=1 ;;
       --from) [ $# -ge 2 ] || err "--from needs a directory or tarball"; from=$2; shift ;;
       --from=*) from=${1#--from=} ;;
-      -h|--help) sed -n '2,16s/^# \{0,1\}//p' "$0" 2>/dev/null || say "see README.md"; return 0 ;;
+      -h|--help) sed -n '2,18s/^# \{0,1\}//p' "$0" 2>/dev/null || say "see README.md"; return 0 ;;
       *) err "unknown option $1 (see --help)" ;;
     esac
     shift
   done
   [ -n "${HOME:-}" ] || err "HOME is not set"
   dest=${PI_AGENT_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/pi-agent}
+  bin_dir=${PI_AGENT_BIN_DIR:-$HOME/.local/bin}
   work=$(mktemp -d 2>/dev/null || mktemp -d -t pi-agent) || err "cannot create a temporary directory"
   trap 'rm -rf "$work"' EXIT
 
   if [ "$uninstall" = 1 ]; then
-    for rc in "$HOME/.bashrc" "$HOME/.zshrc"; do
-      remove_from_rc "$rc"
-    done
-    if [ -d "$dest" ]; then
-      rm -rf "$dest"
-      parent=$(dirname "$dest")
-      while [ "$parent" != "$HOME" ] && [ "$parent" != / ] && rmdir "$parent" 2>/dev/null; do
-        parent=$(dirname "$parent")
-      done
-      say "removed $dest"
-    else
-      say "nothing installed at $dest"
-    fi
-    repo=${PI_AGENT_IMAGE_REPO:-pi-agent}
-    state=${PI_AGENT_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/pi-agent}
-    say "your environments are kept; to remove them too:"
-    say "  docker images $repo --format '{{.Repository}}:{{.Tag}}' | xargs docker rmi; rm -r '$state'"
-    return 0
+    uninstall
+    return
   fi
 
   check_python
@@ -189,11 +276,19 @@ main() {
   install_files "$src"
   say "installed pi-agent $(python3 "$dest/pi_agent.py" run --version | cut -d' ' -f2) in $dest"
 
+  runner="python3 $(quote "$dest/pi_agent.py")"
+  [ "$with_bin" = 1 ] && install_bin
+  line_shown=0
   if [ "$modify_rc" = 1 ]; then
     command -v bash >/dev/null 2>&1 || [ -f "$HOME/.bashrc" ] && add_to_rc "$HOME/.bashrc"
     command -v zsh >/dev/null 2>&1 || [ -f "$HOME/.zshrc" ] && add_to_rc "$HOME/.zshrc"
   fi
-  say "open a new shell (or: . \"$dest/shell/pi.sh\"), cd into a project, and type pi"
+  if in_rc "$HOME/.bashrc" || in_rc "$HOME/.zshrc"; then
+    say "open a new shell (or: . \"$dest/shell/pi.sh\"), cd into a project, and type pi"
+    return
+  fi
+  [ "$line_shown" = 1 ] || say "to have pi in new shells, add to ~/.bashrc or ~/.zshrc: $(rc_line)"
+  say "pi-agent is not in any shell startup file yet: add the line above and open a new shell, or type . \"$dest/shell/pi.sh\" in this one; without either: $runner run|exec|status ..."
 }
 
 main "$@" || exit 1

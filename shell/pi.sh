@@ -85,7 +85,10 @@ function _pi_agent_complete_bash {
 }
 
 if [ -n "${ZSH_VERSION:-}" ]; then
-  # zsh syntax, kept from bash's parser: registered once compinit has run.
+  # zsh syntax, kept from bash's parser. compdef exists only once compinit
+  # has run, which a .zshrc may do after sourcing this file (or never): then
+  # the first prompt registers, if compinit has run by then, and the hook
+  # goes either way. The filter keeps a second source from adding it twice.
   eval '
     function _pi_agent_complete_zsh {
       if [[ $service == pi-exec && $PREFIX != -* ]]; then
@@ -94,10 +97,22 @@ if [ -n "${ZSH_VERSION:-}" ]; then
         compadd -- ${(f)"$(_pi_agent_candidates $service)"}
       fi
     }
-    if (( $+functions[compdef] )); then
+    function _pi_agent_compdef {
+      (( $+functions[compdef] )) || return 0
       compdef _pi_agent_complete_zsh pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
         pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans \
         pi-recover pi-clean-orphans pi-unlock
+    }
+    function _pi_agent_compdef_at_prompt {
+      precmd_functions=(${precmd_functions:#_pi_agent_compdef_at_prompt})
+      _pi_agent_compdef
+    }
+    if (( $+functions[compdef] )); then
+      _pi_agent_compdef
+    else
+      typeset -ga precmd_functions
+      precmd_functions=(${precmd_functions:#_pi_agent_compdef_at_prompt}
+        _pi_agent_compdef_at_prompt)
     fi'
 elif \command -v complete >/dev/null 2>&1; then
   complete -F _pi_agent_complete_bash pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \

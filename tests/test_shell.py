@@ -210,3 +210,141 @@ def test_install_refuses_an_old_python(tmp_path):
     result = install(tmp_path, "-y", env={"PATH": "%s:%s" % (fake, os.environ["PATH"])})
     assert result.returncode == 1 and "3.9" in result.stderr
     assert not (tmp_path / ".local").exists()
+
+
+def zsh_at_prompt(home, commands, zshrc=None):
+    """An interactive zsh (no global rc files: Ubuntu's runs compinit) that
+    reads COMMANDS from stdin, so it draws a prompt, and runs precmd, first.
+    The prompt is empty, so anything on stderr came from the rc files."""
+    need("zsh")
+    (home / ".zshenv").write_text("PS1=\nunsetopt prompt_cr prompt_sp\n")
+    if zshrc is not None:
+        (home / ".zshrc").write_text(zshrc)
+    return subprocess.run(["zsh", "-d", "-i"], input=commands, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "HOME": str(home)})
+
+
+SHOW_COMPLETION = 'print -r -- "comp=${_comps[pi-rollback]-} hooks=${(j:,:)precmd_functions}"\n'
+
+
+@pytest.mark.parametrize("order", ["compinit-before", "compinit-after", "no-compinit",
+                                   "installer"])
+def test_zsh_completion_whatever_the_order_of_compinit(order, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    source = ". %s/shell/pi.sh\n" % ROOT
+    compinit = "autoload -Uz compinit && compinit\n"
+    # Sourced twice, as a .zshrc sourced again does: one hook all the same.
+    lines = source + source + 'print -r -- "sourced: ${(j:,:)precmd_functions}"\n'
+    zshrc = {"compinit-before": compinit + lines, "compinit-after": lines + compinit,
+             "no-compinit": lines, "installer": None}[order]
+    if order == "installer":
+        assert install(home, "-y", "--no-bin").returncode == 0
+    result = zsh_at_prompt(home, SHOW_COMPLETION, zshrc)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    if order in ("compinit-after", "no-compinit"):
+        assert out[0] == "sourced: _pi_agent_compdef_at_prompt"
+    expected = "" if order == "no-compinit" else "_pi_agent_complete_zsh"
+    assert out[-1] == "comp=%s hooks=" % expected, "registered at the first prompt, hook gone"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("how", ["no terminal", "--no-modify-rc"])
+def test_install_that_adds_no_line_says_so_last(how, tmp_path):
+    need("setsid")
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ["--no-modify-rc"] if how == "--no-modify-rc" else []
+    result = subprocess.run(["setsid", "dash", os.path.join(ROOT, "install.sh"), *args],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            env={"PATH": os.environ["PATH"], "HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    installed = home / ".local/share/pi-agent"
+    assert '. "%s/shell/pi.sh"  # pi-agent' % installed in lines[-2], "the line to add"
+    assert "not in any shell startup file yet" in lines[-1]
+    assert '. "%s/shell/pi.sh" in this one' % installed in lines[-1]
+    assert "%s/.local/bin/pi-agent run" % home in lines[-1]
+    assert "open a new shell (or" not in result.stdout
+    assert sorted(p.name for p in home.iterdir()) == [".local"]
+
+
+def run_pi_agent(command, *args, path=None):
+    """The pi-agent command as a script or CI job runs it: sh, no rc file."""
+    return subprocess.run([command, *args], capture_output=True, text=True, cwd="/",
+                          env={"PATH": path or os.environ["PATH"], "HOME": "/nonexistent"},
+                          stdin=subprocess.DEVNULL)
+
+
+def test_pi_agent_command_for_scripts_from_an_awkward_install_path(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    dest = tmp_path / "it's a dir" / "pi agent"
+    bin_dir = home / ".local/bin"
+    first = install(home, "-y", env={"PI_AGENT_HOME": str(dest)})
+    assert first.returncode == 0, first.stderr
+    assert "%s is not on your PATH" % bin_dir in first.stdout
+    assert 'export PATH="%s:$PATH"' % bin_dir in first.stdout
+    command = bin_dir / "pi-agent"
+    text = command.read_text()
+    second = install(home, "-y", env={"PI_AGENT_HOME": str(dest),
+                                      "PATH": "%s:%s" % (bin_dir, os.environ["PATH"])})
+    assert second.returncode == 0, second.stderr
+    assert command.read_text() == text and "PATH" not in second.stdout
+    assert run_pi_agent(str(command), "run", "--version").stdout == "pi-agent %s\n" % get_version()
+    help_text = run_pi_agent("pi-agent", "exec", "--help", path="%s:%s" % (
+        bin_dir, os.environ["PATH"])).stdout
+    assert help_text.startswith("usage: pi-exec")
+
+
+def test_each_install_removes_only_its_own_command(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    other = {"PI_AGENT_HOME": str(tmp_path / "other")}
+    command = home / ".local/bin/pi-agent"
+    assert install(home, "-y", "--no-bin").returncode == 0
+    assert not command.exists()
+    assert install(home, "-y", env=other).returncode == 0
+    assert str(tmp_path / "other") in command.read_text()
+    result = install(home, "-y")
+    assert "left %s alone: it is not this install's" % command in result.stdout
+    assert install(home, "--uninstall").returncode == 0
+    assert str(tmp_path / "other") in command.read_text(), "the other install's command stays"
+    assert str(tmp_path / "other") in (home / ".bashrc").read_text(), "and its line"
+    assert install(home, "--uninstall", env=other).returncode == 0
+    assert not (home / ".local").exists()
+    command.parent.mkdir(parents=True)
+    command.write_text("#!/bin/sh\necho mine\n")
+    assert "not this install's" in install(home, "-y").stdout
+    assert install(home, "--uninstall").returncode == 0
+    assert command.read_text() == "#!/bin/sh\necho mine\n", "someone else's file stays"
+
+
+def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
+    """The printed clean-up, run as printed, with a docker that logs its calls."""
+    home = tmp_path / "home"
+    state = tmp_path / "my state"
+    config = home / ".config/pi-agent/config"
+    config.parent.mkdir(parents=True)
+    config.write_text("# mine\nexport PI_AGENT_IMAGE_REPO=\"myrepo\"\n"
+                      "PI_AGENT_STATE_DIR='%s'\n" % state)
+    state.mkdir()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text('#!/bin/sh\n[ "$1" = images ] && echo "$2:current" && exit\n'
+                                 'echo "$@" >>"%s/docker.log"\n' % tmp_path)
+    (fake / "docker").chmod(0o755)
+    result = install(home, "--uninstall")
+    assert result.returncode == 0, result.stderr
+    lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines()]
+    clean = lines[lines.index("your environments are kept; to remove them too:") + 1]
+    assert clean == ("  docker images 'myrepo' --format '{{.Repository}}:{{.Tag}}' "
+                     "| xargs -r docker rmi; rm -r '%s'" % state)
+    assert lines[-1].endswith("rm -r '%s'" % config.parent)
+    subprocess.run(["sh", "-c", clean], check=True,
+                   env={"PATH": "%s:%s" % (fake, os.environ["PATH"])})
+    assert (tmp_path / "docker.log").read_text() == "rmi myrepo:current\n"
+    assert not state.exists() and config.exists()
+    from_env = install(home, "--uninstall", env={"PI_AGENT_IMAGE_REPO": "envrepo"})
+    assert "docker images 'envrepo' " in from_env.stdout, "the environment beats the file"

@@ -198,23 +198,18 @@ remove_bin() {
   say "removed $bin"
 }
 
-# A setting as pi_agent.py reads it: the environment, else the config file's
-# NAME=value line (the last one; `export ` and one pair of quotes allowed),
-# else $2.
-setting() {
-  eval "value=\${$1:-}"
-  if [ -z "$value" ] && [ -f "$config" ]; then
-    value=$(sed -n "s/^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}$1[[:space:]]*=[[:space:]]*//p" "$config" |
-      tail -n 1 | sed -e 's/[[:space:]]*$//' -e "s/^\\([\"']\\)\\(.*\\)\\1\$/\\2/")
-  fi
-  printf '%s\n' "${value:-$2}"
-}
-
 uninstall() {
   for rc in "$HOME/.bashrc" "$HOME/.zshrc"; do
     remove_from_rc "$rc"
   done
   remove_bin
+  # Where the images and state are, as pi_agent.py itself reads its settings
+  # (environment, then config file), asked before its files go.
+  where=$(python3 -I -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import pi_agent
+c = pi_agent.Config(lenient=True); print(c.image_repo); print(c.state_dir)' "$dest" 2>/dev/null) ||
+    where=""
+  repo=$(printf '%s\n' "$where" | sed -n 1p)
+  state=$(printf '%s\n' "$where" | sed -n 2p)
   if [ -d "$dest" ]; then
     rm -rf "$dest"
     remove_empty_dirs "$(dirname "$dest")"
@@ -223,8 +218,8 @@ uninstall() {
     say "nothing installed at $dest"
   fi
   config=${PI_AGENT_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/pi-agent/config}
-  repo=$(setting PI_AGENT_IMAGE_REPO pi-agent)
-  state=$(setting PI_AGENT_STATE_DIR "${XDG_STATE_HOME:-$HOME/.local/state}/pi-agent")
+  repo=${repo:-${PI_AGENT_IMAGE_REPO:-pi-agent}}
+  state=${state:-${PI_AGENT_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/pi-agent}}
   say "your environments are kept; to remove them too:"
   say "  docker images $(quote "$repo") --format '{{.Repository}}:{{.Tag}}' | xargs -r docker rmi; rm -r $(quote "$state")"
   # A PI_AGENT_CONFIG file may sit in a directory that holds other things.

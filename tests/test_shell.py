@@ -328,13 +328,14 @@ def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
     config = home / ".config/pi-agent/config"
     config.parent.mkdir(parents=True)
     config.write_text("# mine\nexport PI_AGENT_IMAGE_REPO=\"myrepo\"\n"
-                      "PI_AGENT_STATE_DIR='%s'\n" % state)
+                      "PI_AGENT_STATE_DIR='%s'  # read as a shell reads it\n" % state)
     state.mkdir()
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "docker").write_text('#!/bin/sh\n[ "$1" = images ] && echo "$2:current" && exit\n'
                                  'echo "$@" >>"%s/docker.log"\n' % tmp_path)
     (fake / "docker").chmod(0o755)
+    assert install(home, "-y").returncode == 0
     result = install(home, "--uninstall")
     assert result.returncode == 0, result.stderr
     lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines()]
@@ -346,5 +347,6 @@ def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
                    env={"PATH": "%s:%s" % (fake, os.environ["PATH"])})
     assert (tmp_path / "docker.log").read_text() == "rmi myrepo:current\n"
     assert not state.exists() and config.exists()
+    assert install(home, "-y").returncode == 0
     from_env = install(home, "--uninstall", env={"PI_AGENT_IMAGE_REPO": "envrepo"})
     assert "docker images 'envrepo' " in from_env.stdout, "the environment beats the file"

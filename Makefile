@@ -35,5 +35,8 @@ bench:
 bench-quick:
 	$(PYTHON) tests/bench.py --quick
 
+# The tests' images: the bases (pi-agent-test/base:*), any a test left, and
+# the untagged ones an earlier Dockerfile's bases became.
 clean-test-images:
 	docker images --format '{{.Repository}}:{{.Tag}}' | grep '^pi-agent-test/' | xargs -r docker rmi -f
+	docker image prune -f --filter label=pi-agent.repo=test

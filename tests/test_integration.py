@@ -23,19 +23,17 @@ def test_environment_persists_and_rollback_is_undoable(any_box):
     box = any_box
     box.ok("git init -q .")
     box.ok("pi-exec sh -c 'echo hi > ~/x && sudo touch /usr/local/share/x'")
-    assert box.ok("pi-exec cat ~/x").stdout == "hi\n"
-    box.ok("pi-exec test -e /usr/local/share/x")
+    both = "pi-exec sh -c 'cat ~/x; test -e /usr/local/share/x && echo there'"
+    assert box.ok(both).stdout == "hi\nthere\n"
     assert len(box.snapshots()) == 1, "one run changed the environment: one snapshot"
 
     before_write = box.snapshots()[0]
     result = box.ok("pi-rollback %s" % before_write)
     kept = result.stderr.split("kept as ")[1].split()[0].rstrip(";")
-    assert box.sh("pi-exec cat ~/x").returncode != 0
-    assert box.sh("pi-exec test -e /usr/local/share/x").returncode != 0
+    assert box.sh(both).stdout == ""
 
     box.ok("pi-rollback %s" % kept)
-    assert box.ok("pi-exec cat ~/x").stdout == "hi\n"
-    box.ok("pi-exec test -e /usr/local/share/x")
+    assert box.ok(both).stdout == "hi\nthere\n"
     assert own_dangling(box) == [], "replaced images do not pile up untagged"
 
 
@@ -443,12 +441,12 @@ def test_dry_run_prints_docker_commands_and_changes_nothing(box):
 # --- housekeeping -----------------------------------------------------------
 
 def test_reset_system_prune_and_reset_all(box):
-    for i in range(4):
+    for i in range(3):
         box.ok("pi-exec touch ~/f%d" % i)
-    assert len(box.snapshots()) == 4
+    assert len(box.snapshots()) == 3
     box.ok("pi-reset-system")
     assert box.images()["current"] == box.images()["base"]
-    assert len(box.snapshots()) == 5, "the replaced current is kept"
+    assert len(box.snapshots()) == 4, "the replaced current is kept"
     box.ok("pi-prune 2")
     assert len(box.snapshots()) == 2
     assert box.sh("pi-reset-all </dev/null").returncode == 3, "asks, or needs --yes"

@@ -404,9 +404,12 @@ def shell_value(text, home):
         elif char == "\\" and index + 1 < len(text):
             value.append(text[index + 1])
             index += 2
-        elif char in "$`;&|<>()":
+        elif char in "$`":
             raise BadSetting("%s is not expanded here: write the value out, or quote it ('...')"
                              % char)
+        elif char in ";&|<>()":
+            raise BadSetting("%s is not allowed unquoted (a shell would take it as an operator): "
+                             "quote the value ('...')" % char)
         elif char == "~" and index == 0:
             prefix = re.match(r"~[^/\s'\"\\$`]*", text).group()
             value.append(home if prefix == "~" else os.path.expanduser(prefix))
@@ -1172,9 +1175,10 @@ def refusal(path, homes, guarded=()):
                 "cd into a project directory")
     for own in guarded:
         if is_within(path, own) or is_within(own, path):
-            return ("it holds pi-agent's own files (%s), which the agent could rewrite for your "
-                    "next command" % own, "keep projects apart from pi-agent's install, state "
-                    "and config directories (./install.sh puts a copy of a checkout elsewhere)")
+            return ("it %s pi-agent's own files (%s), which the agent could rewrite for your "
+                    "next command" % ("holds" if is_within(own, path) else "is inside", own),
+                    "keep projects apart from pi-agent's install, state and config (./install.sh "
+                    "puts a copy of a checkout elsewhere)")
     return None
 
 
@@ -2601,10 +2605,11 @@ def keep_agent_config(record, repo, gate_fd):
 # ------------------------------------------------- before and after a run
 
 def guarded_dirs(config):
-    """pi-agent's own directories: no project may hold (or be inside) one,
-    or the agent could rewrite what the host runs next."""
-    return [os.path.realpath(path) for path in (HERE, config.state_dir,
-                                                os.path.dirname(config.path))]
+    """pi-agent's own directories and its config file: no project may hold
+    (or be inside) one, or the agent could rewrite what the host runs next.
+    The file, not its directory: a config file kept in the home must not
+    make every project there refused."""
+    return [os.path.realpath(path) for path in (HERE, config.state_dir, config.path)]
 
 
 def start_config_listing(repo):
@@ -3183,8 +3188,9 @@ def build_base(line, no_cache=False, first=True):
         if ("BASE_IMAGE" in (read_regular(dockerfile) or b"").decode("utf-8", "replace")
                 and inspect_image(config.base_image) is None):
             raise EngineError("could not get %s, the image the base is built FROM (%s); set "
-                              "PI_AGENT_BASE_IMAGE to an image you have (docker images) or "
-                              "can pull" % (config.base_image, str(err).split(": ", 1)[-1]))
+                              "PI_AGENT_BASE_IMAGE (in the environment, or in %s) to an image "
+                              "you have (docker images) or can pull"
+                              % (config.base_image, str(err).split(": ", 1)[-1], config.path))
         raise
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
 
@@ -3666,8 +3672,9 @@ class RunPlan:
                   ' one" >&2;'
                   ' exit $status; };'
                   ' command -v "$1" >/dev/null 2>&1 || {'
-                  ' echo "pi-agent: the install command did not install $1; fix'
-                  ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them)" >&2;'
+                  ' echo "pi-agent: the install command ended without installing $1 (its'
+                  ' output is above: no network?); check that, or fix PI_AGENT_INSTALL_CMD or'
+                  ' PI_AGENT_COMMAND (pi-status shows them)" >&2;'
                   ' exit 127; }; };'
                   ' exec "$@"')
         return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
@@ -3815,7 +3822,7 @@ def print_plan(line, kind, argv, project, tty, offline):
         if inspect_image(line.base) is None:
             base_image = line.config.base_image
             show("# %s is missing: it would be built from %s, FROM %s (%s; until then its "
-                 "CMD, USER and home are unknown: the commands below show none)"
+                 "CMD, USER and home are unknown: the commands below use defaults)"
                  % (line.base, line.config.dockerfile, base_image,
                     "here already" if inspect_image(base_image) else
                     "not here: the build would pull it; PI_AGENT_BASE_IMAGE picks another"))
@@ -4791,9 +4798,13 @@ def cmd_snapshots(args):
     for snap in snaps:
         image = by_id.get(snap["id"]) or {}
         rows.append(("*" if image.get("Id") == current.get("Id") else "", snap["tag"],
-                     local_time((image.get("Created") or "")[:19] + "Z"), snap["size"],
-                     describe_origin(image)))
+                     local_time((image.get("Created") or "")[:19] + "Z"),
+                     human_size(image.get("Size", 0)), describe_origin(image)))
     print_table(rows)
+    pruned = line.read_state().get("pruned")
+    if pruned:  # (said, too, by the next command that takes the lock)
+        print(pruned_message(pruned, line.config.snapshot_keep).replace(
+            "auto-prune removed", "after the last save, auto-prune removed", 1))
     print("A snapshot is named for when it was kept (the start of the run, or the rollback, "
           "that replaced it); STATE MADE is when that state was made.")
     if any(row[0] for row in rows):
@@ -4895,8 +4906,8 @@ def cmd_rebuild_base(args):
         say("the base image is unchanged (everything came from the build cache; "
             "--no-cache rebuilds every step)")
     elif inspect_image(line.current) is not None:
-        say("current still holds your environment on the old base; pi-reset-system moves it "
-            "to the new base (the old one is kept as a snapshot)")
+        say("current still holds your environment on the old base; pi-reset-system starts "
+            "current afresh from the new base (your environment now is kept as a snapshot)")
     return 0
 
 

@@ -374,7 +374,7 @@ def test_a_base_image_that_cannot_be_had_is_named_with_its_setting(box):
         assert result.returncode == 8, output
         last = output.strip().splitlines()[-1]
         assert "pi-agent:" in last and "could not get nosuch.invalid/base:1" in last
-        assert "set PI_AGENT_BASE_IMAGE to an image you have" in last
+        assert "set PI_AGENT_BASE_IMAGE (in the environment, or in " in last
     assert piped.stderr.count("pi-agent:") == 2, "what it does, then the one error"
     assert "Step 2/" in on_terminal.stdout, "docker's progress is shown on a terminal"
 
@@ -492,6 +492,8 @@ def test_rollback_and_its_undo_keep_every_state_under_one_name(box):
     # triggers spares it, and what the prune dropped is said.
     box.ok("pi-exec touch ~/r3")
     assert box.snapshots() == snaps[1:], "the oldest went, the run's own stayed"
+    assert "after the last save, auto-prune removed 1 snapshot (%s)" % snaps[0] \
+        in box.ok("pi-snapshots").stdout
     told = box.ok("pi-exec true").stderr
     assert "auto-prune removed 1 snapshot (%s)" % snaps[0] in told
     box.ok("pi-rollback %s" % snaps[1])

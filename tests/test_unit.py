@@ -103,6 +103,19 @@ def test_pi_agents_own_directories_are_never_a_project(home):
             pi_agent.find_target(cwd, [home], guarded=[state])
 
 
+def test_a_config_file_in_home_guards_itself_not_the_home(home):
+    config = pi_agent.Config({"HOME": home, "PI_AGENT_CONFIG": os.path.join(home, ".pi.conf")})
+    guarded = pi_agent.guarded_dirs(config)
+    project = os.path.join(home, "src", "app")
+    os.makedirs(project)
+    assert pi_agent.find_target(project, [home], guarded=guarded)[0] == project
+    holder = os.path.join(home, "conf")
+    os.makedirs(holder)
+    config = pi_agent.Config({"HOME": home, "PI_AGENT_CONFIG": os.path.join(holder, "pi.conf")})
+    with pytest.raises(pi_agent.Refused, match="holds pi-agent's own files"):
+        pi_agent.find_target(holder, [home], guarded=pi_agent.guarded_dirs(config))
+
+
 def test_a_git_directory_is_not_a_work_tree(home):
     dot = git_init(os.path.join(home, "app"))
     for cwd in (dot, os.path.join(dot, "hooks")):
@@ -586,7 +599,7 @@ def test_config_file_lines_mean_what_a_shell_assigns(tmp_path, line):
     ("PI_AGENT_COMMAND=claude --verbose", "needs quotes"),
     ("PI_AGENT_DOCKERFILE=$HOME/Dockerfile", "$ is not expanded"),
     ('PI_AGENT_COMMAND="$(id)"', "$ is not expanded"),
-    ("PI_AGENT_COMMAND=a;b", "; is not expanded"),
+    ("PI_AGENT_COMMAND=a;b", "; is not allowed unquoted"),
     ("PI_AGENT_COMMAND='a", "unterminated"),
 ])
 def test_config_file_lines_a_shell_would_read_otherwise_are_refused(tmp_path, line, needle):

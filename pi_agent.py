@@ -1476,15 +1476,23 @@ class ProjectWatch:
         paths, new_dirs = changes
         found = []
         for path in sorted(paths):
+            full = os.path.join(self.target, path)
+            # A watched directory the agent replaced with a symlink: its old
+            # name now leads outside the project, where the sweep must not
+            # act. (A full scan never follows one.)
+            if os.path.realpath(os.path.dirname(full)) != os.path.dirname(full):
+                return None
             try:
-                info = os.lstat(os.path.join(self.target, path))
+                info = os.lstat(full)
             except OSError:
                 return None  # gone: it may have been another name of what changed (a hard link)
             if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
                 return None  # changed through this name, it is also seen through another
             found.append((path, info))
-        if not all(os.path.isdir(os.path.join(self.target, path)) for path in new_dirs):
-            return None
+        for path in new_dirs:
+            full = os.path.join(self.target, path)
+            if os.path.realpath(full) != full or not os.path.isdir(full):
+                return None
         if new_dirs:
             found += ProjectScan(self.target, predicate, skip_git,
                                  ["./" + path for path in sorted(new_dirs)]).results()

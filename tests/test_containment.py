@@ -357,6 +357,35 @@ def test_nothing_the_agent_does_makes_the_sweep_miss(box):
     assert not os.path.exists(m)
 
 
+def test_a_directory_swapped_for_a_link_never_leads_the_sweep_outside(box):
+    """The agent plants what the sweep acts on (a HEAD, a .git file, a
+    setuid file) in directories the watch knows, then replaces them with
+    links to the host's repositories and files: the sweep acts inside the
+    project only."""
+    victim = box.mkdir(os.path.join(box.home, "victim"))
+    box.init_repo(victim)
+    outside = os.path.join(box.home, "tool")
+    shutil.copy("/bin/true", outside)
+    os.chmod(outside, 0o4755)
+    box.chown(outside)
+    os.chmod(outside, 0o4755)
+    for name in ("d", "e", "f", "g"):
+        box.mkdir(os.path.join(box.project, name))
+    box.init_repo()
+    for plant in ("touch d/HEAD e/.git f/tool && rm -rf d e f && ln -s {victim}/.git d && "
+                  "ln -s {victim} e && ln -s {home} f",
+                  "mkdir g/sub && touch g/sub/HEAD && rm -rf g && ln -s {victim} g"):
+        result = agent(box, plant.format(victim=victim, home=box.home))
+        assert result.returncode == 0, result.stderr
+        assert not [line for line in warnings(result) if "disabled" in line]
+        box.ok("for x in d e f g; do [ -L $x ] && rm $x; mkdir -p $x; done")
+    assert host_git(box, "status", cwd=victim).returncode == 0
+    assert os.path.exists(os.path.join(victim, ".git", "HEAD"))
+    assert not [name for name in os.listdir(victim) + os.listdir(os.path.join(victim, ".git"))
+                if "untrusted" in name]
+    assert os.stat(outside).st_mode & stat.S_ISUID, "a file outside keeps its mode"
+
+
 def test_many_privileged_files_are_all_given_back(box):
     result = agent(box, """
         sudo python3 -c "import os; [open('%0200d' % i, 'w').close() for i in range(15000)]"

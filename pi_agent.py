@@ -336,7 +336,8 @@ def read_config_file(path, home, problems=None):
     would read differently is refused, each line with its number; with
     `problems` (a list), bad lines are put there and skipped instead."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        # Lines end at a newline only, as in a shell (no universal newlines).
+        with open(path, encoding="utf-8", newline="") as handle:
             text = handle.read()
     except FileNotFoundError:
         return {}
@@ -344,13 +345,17 @@ def read_config_file(path, home, problems=None):
         raise BadSetting("cannot read the config file %s: %s" % (path, err))
     known = [name for name, _default, _meaning in SETTINGS]
     values = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
+    for number, line in enumerate(text.split("\n"), 1):
+        entry = line.strip(" \t")
         try:
+            if re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]", line):
+                raise BadSetting("a control character%s; a shell reads it otherwise"
+                                 % (" (a Windows line end: save the file with Unix ones)"
+                                    if line.endswith("\r") else ""))
+            if not entry or entry.startswith("#"):
+                continue
             if entry.startswith("export "):
-                entry = entry[len("export "):].lstrip()
+                entry = entry[len("export "):].lstrip(" \t")
             name, equals, value = entry.partition("=")
             if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise BadSetting("expected NAME=value with no spaces around =, not %r" % line)
@@ -370,17 +375,19 @@ def read_config_file(path, home, problems=None):
 
 def shell_value(text, home):
     """The value a POSIX shell assigns for NAME=text: '...' literal, "..."
-    with its backslash escapes, a backslash outside quotes, a ~ or ~/ at the
-    start, and a trailing # comment. An expansion ($, `), a second word or
-    an operator is refused: the shell would expand it or run it."""
-    value, index = [], 0
+    with its backslash escapes, a backslash outside quotes, ~ and ~user at
+    the start or after a colon, and a trailing # comment. An expansion ($,
+    `), a second word, an operator or a backslash that would join the next
+    line is refused: the shell would expand it or run it. (A test holds it
+    to dash's reading of random values.)"""
+    value, index, word_start = [], 0, True
     while index < len(text):
-        char = text[index]
+        char, at, word_start = text[index], word_start, False
         if char in " \t":
-            rest = text[index:].lstrip()
+            rest = text[index:].lstrip(" \t")
             if rest and not rest.startswith("#"):
                 raise BadSetting("a value with spaces needs quotes (a shell would run %r as a "
-                                 "command)" % rest.split()[0])
+                                 "command)" % re.match(r"[^ \t]*", rest).group())
             break
         if char == "'":
             end = text.find("'", index + 1)
@@ -401,7 +408,10 @@ def shell_value(text, home):
             if index >= len(text):
                 raise BadSetting('unterminated " quote')
             index += 1
-        elif char == "\\" and index + 1 < len(text):
+        elif char == "\\":
+            if index + 1 == len(text):
+                raise BadSetting("a backslash at the end of a line joins the next one in a shell: "
+                                 "not here")
             value.append(text[index + 1])
             index += 2
         elif char in "$`":
@@ -410,14 +420,23 @@ def shell_value(text, home):
         elif char in ";&|<>()":
             raise BadSetting("%s is not allowed unquoted (a shell would take it as an operator): "
                              "quote the value ('...')" % char)
-        elif char == "~" and index == 0:
-            prefix = re.match(r"~[^/\s'\"\\$`]*", text).group()
+        elif char == "~" and at and tilde_prefix(text, index):
+            prefix = tilde_prefix(text, index)
             value.append(home if prefix == "~" else os.path.expanduser(prefix))
             index += len(prefix)
         else:
             value.append(char)
             index += 1
+            word_start = char == ":"  # an assignment expands ~ after a colon too
     return "".join(value)
+
+
+def tilde_prefix(text, index):
+    """The ~ or ~user a shell expands at `index` of an assignment (at the
+    value's start, or after an unquoted colon), or None."""
+    prefix = re.match(r"~[A-Za-z0-9._-]*", text[index:]).group()
+    following = text[index + len(prefix):index + len(prefix) + 1]
+    return prefix if following in ("", "/", ":", " ", "\t") else None
 
 
 class Config:

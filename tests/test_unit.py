@@ -601,6 +601,15 @@ def test_config_file_lines_mean_what_a_shell_assigns(tmp_path, line):
     ('PI_AGENT_COMMAND="$(id)"', "$ is not expanded"),
     ("PI_AGENT_COMMAND=a;b", "; is not allowed unquoted"),
     ("PI_AGENT_COMMAND='a", "unterminated"),
+    ("PI_AGENT_IMAGE_REPO=~;id>&2", "; is not allowed unquoted"),
+    ("PI_AGENT_NETWORK=~>x", "> is not allowed unquoted"),
+    ("PI_AGENT_NETWORK=none\r# $(touch m)", "a control character"),
+    ("PI_AGENT_NETWORK=none\r", "a Windows line end"),
+    ("PI_AGENT_NETWORK=none\u2028# $(touch m)", "a control character"),
+    ("PI_AGENT_NETWORK=none\x0c# $(touch m)", "a control character"),
+    ("PI_AGENT_NETWORK=none\\", "a backslash at the end of a line"),
+    ("\xa0PI_AGENT_NETWORK=none", "expected NAME=value"),
+    ("PI_AGENT_NETWORK=none \xa0# c", "needs quotes"),
 ])
 def test_config_file_lines_a_shell_would_read_otherwise_are_refused(tmp_path, line, needle):
     environ = write_config(tmp_path, "\n" + line + "\n")
@@ -608,6 +617,29 @@ def test_config_file_lines_a_shell_would_read_otherwise_are_refused(tmp_path, li
         pi_agent.Config(environ)
     assert str(err.value).startswith(environ["PI_AGENT_CONFIG"] + " line 2: ")
     assert needle in str(err.value)
+
+
+def test_config_values_a_shell_would_read_otherwise_never_pass(tmp_path):
+    """Random values: each one the parser accepts assigns the same in dash
+    and runs nothing there (no command, no file made)."""
+    import random
+    pieces = list("ab \t#~/:'\"\\$`;&|<>()*=x\r{}!%-.")
+    rng, accepted = random.Random(13), 0
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        try:
+            value = pi_agent.shell_value(text, "/home/fz")
+        except pi_agent.BadSetting:
+            continue
+        accepted += 1
+        work = tmp_path / str(accepted)
+        work.mkdir()
+        (work / "cfg").write_bytes(("X=" + text + "\n").encode())
+        shell = subprocess.run(["/bin/dash", "-c", '. ./cfg; printf %s "$X"'], cwd=work,
+                               capture_output=True, env={"HOME": "/home/fz", "PATH": "/none"})
+        assert (shell.stdout.decode(), shell.stderr, os.listdir(work)) == (value, b"", ["cfg"]), \
+            repr(text)
+    assert accepted > 100
 
 
 def fake_docker(tmp_path, images=""):

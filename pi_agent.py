@@ -661,14 +661,17 @@ def check_network(config):
     name = config.network
     if name in ("", "none", "bridge"):
         return
-    result = docker("network", "inspect", "--format", "{{.Name}}", name, check=False)
+    result = docker("network", "inspect", "--format", "{{.Driver}}", name, check=False)
+    source = config.sources["PI_AGENT_NETWORK"]
+    where = "" if source == "environment" else source + ": "
     if is_absent(result, "network") or "not found" in result.stderr:
-        source = config.sources["PI_AGENT_NETWORK"]
         raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; docker network "
-                         "ls lists them (unset it for the engine's default)"
-                         % ("" if source == "environment" else source + ": ", name))
+                         "ls lists them (unset it for the engine's default)" % (where, name))
     if result.returncode != 0:
         raise docker_failure(("network",), result.stderr)
+    if result.stdout.strip() == "host":  # `host` by its ID
+        raise BadSetting("%sPI_AGENT_NETWORK=%s is the host's own network; use none, or a network "
+                         "made with docker network create" % (where, name))
 
 
 def socket_denied():

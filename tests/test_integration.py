@@ -359,6 +359,9 @@ def test_a_network_that_is_not_there_is_a_bad_setting_before_the_run(box):
     assert run_dirs(box) == [] and box.containers() == []
     assert box.ok("pi-exec --offline echo ok", env={"PI_AGENT_NETWORK": "nosuchnet"}).stdout \
         == "ok\n", "offline does not need it"
+    host = docker("network", "ls", "-q", "--filter", "name=^host$").stdout.strip()
+    result = box.sh("pi-exec true", env={"PI_AGENT_NETWORK": host})
+    assert result.returncode == 9 and "the host's own network" in result.stderr
 
 
 def test_a_base_image_that_cannot_be_had_is_named_with_its_setting(box):

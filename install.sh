@@ -116,6 +116,30 @@ remove_empty_dirs() {
   done
 }
 
+# Why directory $1 cannot go into the shell lines the installer writes (the
+# rc line's double quotes, the pi-agent command's comment, the lines it
+# prints to paste), or nothing: a newline would end a line there (and make
+# grep -F match any one of its lines), and ", $, ` and \ act inside double
+# quotes. Spaces and ' are only text in them.
+unsafe_in() {
+  case $1 in
+    *"$newline"*) printf 'a newline' ;;
+    *[[:cntrl:]]*) printf 'a control character' ;;
+    *'"'*) printf 'a double quote (")' ;;
+    *'$'*) printf '%s' 'a dollar sign ($)' ;;
+    *'`'*) printf '%s' 'a backquote (`)' ;;
+    *\\*) printf '%s' 'a backslash (\)' ;;
+  esac
+}
+
+# Refuse directory $2 (as unsafe_in says), before anything is written, in
+# one line that names where it came from ($1) and shows it.
+check_dir() {
+  why=$(unsafe_in "$2")
+  [ -z "$why" ] && return
+  err "$1 has $why in it ($(printf '%s' "$2" | tr '[:cntrl:]' '?')); the installer writes it into shell lines, so choose a directory without control characters, \", \$, \` or \\"
+}
+
 rc_line() {
   printf '[ -f "%s/shell/pi.sh" ] && . "%s/shell/pi.sh"  # pi-agent\n' "$dest" "$dest"
 }
@@ -251,6 +275,23 @@ main() {
   [ -n "${HOME:-}" ] || err "HOME is not set"
   dest=${PI_AGENT_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/pi-agent}
   bin_dir=${PI_AGENT_BIN_DIR:-$HOME/.local/bin}
+  newline='
+'
+  if [ -n "${PI_AGENT_HOME:-}" ]; then
+    check_dir PI_AGENT_HOME "$dest"
+  elif [ -n "${XDG_DATA_HOME:-}" ]; then
+    check_dir "the default install dir \$XDG_DATA_HOME/pi-agent (set PI_AGENT_HOME?)" "$dest"
+  else
+    check_dir "the default install dir \$HOME/.local/share/pi-agent (set PI_AGENT_HOME?)" "$dest"
+  fi
+  # The bin dir only where it is used: not by an install with --no-bin.
+  if [ "$with_bin" = 1 ] || [ "$uninstall" = 1 ]; then
+    if [ -n "${PI_AGENT_BIN_DIR:-}" ]; then
+      check_dir PI_AGENT_BIN_DIR "$bin_dir"
+    else
+      check_dir "the default bin dir \$HOME/.local/bin (set PI_AGENT_BIN_DIR?)" "$bin_dir"
+    fi
+  fi
   work=$(mktemp -d 2>/dev/null || mktemp -d -t pi-agent) || err "cannot create a temporary directory"
   trap 'rm -rf "$work"' EXIT
 

@@ -2,6 +2,7 @@
 installing into a fresh home (no Docker engine needed)."""
 
 import os
+import pathlib
 import shutil
 import subprocess
 
@@ -319,6 +320,106 @@ def test_each_install_removes_only_its_own_command(tmp_path):
     assert "not this install's" in install(home, "-y").stdout
     assert install(home, "--uninstall").returncode == 0
     assert command.read_text() == "#!/bin/sh\necho mine\n", "someone else's file stays"
+
+
+# Install dirs that the shell lines the installer writes would run as code:
+# {marker} is a file that no one may create. A newline also splits the rc
+# line and the pi-agent command's marker into lines of their own, each of
+# which grep -F matches alone: "#!/bin/sh" starts someone else's command,
+# "export IMPORTANT=1" is a line of the user's own.
+ATTACKS = {
+    "newline": "d3\n#!/bin/sh\nexport IMPORTANT=1\ntouch {marker}\n#",
+    "dollar": "d1'$(touch {marker})'",
+    "backquote": "d4`touch {marker}`",
+    "double-quote": 'd5"; touch {marker}; : "',
+    "backslash": "d6\\",
+    "tab": "d7\tx",
+}
+# Where the directory comes from, and how the refusal names that.
+SETTINGS = {
+    "PI_AGENT_HOME": "PI_AGENT_HOME",
+    "PI_AGENT_BIN_DIR": "PI_AGENT_BIN_DIR",
+    "XDG_DATA_HOME": "the default install dir $XDG_DATA_HOME/pi-agent (set PI_AGENT_HOME?)",
+    "HOME": "the default install dir $HOME/.local/share/pi-agent (set PI_AGENT_HOME?)",
+}
+USERS_BASHRC = "export IMPORTANT=1\n# mine\n"
+THEIR_COMMAND = "#!/bin/sh\necho theirs\n"
+
+
+def snapshot(top):
+    """Every directory and file below TOP, with the files' contents."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        found.update((os.path.join(dirpath, name), None) for name in dirnames)
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                found[os.path.join(dirpath, name)] = f.read()
+    return found
+
+
+@pytest.mark.parametrize("action", ["install", "uninstall"])
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_directory_that_would_run_as_code_is_refused_before_anything_is_written(
+        attack, setting, action, tmp_path):
+    marker = tmp_path / "PWNED"
+    bad = os.path.join(str(tmp_path), "x", ATTACKS[attack].format(marker=marker))
+    home, env = tmp_path / "home", {setting: bad}
+    if setting == "HOME":
+        home, env = pathlib.Path(bad), {}
+        assert str(home) == bad
+    home.mkdir(parents=True)
+    (home / ".bashrc").write_text(USERS_BASHRC)
+    theirs = home / ".local/bin/pi-agent"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text(THEIR_COMMAND)
+    theirs.chmod(0o755)
+    before = snapshot(str(tmp_path))
+    for shell in ("dash", "bash"):
+        result = install(home, "-y" if action == "install" else "--uninstall", shell=shell,
+                         env=env)
+        assert result.returncode == 1 and result.stdout == "", (shell, result.stdout)
+        assert len(result.stderr.splitlines()) == 1, (shell, result.stderr)
+        assert result.stderr.startswith("pi-agent install: %s has " % SETTINGS[setting]), shell
+    # All the same, what a new shell and a script would run: the rc files
+    # and any pi-agent command.
+    run_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    for shell, rc in (("sh", ".bashrc"), ("bash", ".bashrc"), ("zsh", ".zshrc")):
+        if (home / rc).exists() and shutil.which(shell):
+            subprocess.run([shell, "-c", '. "$HOME/%s"' % rc], capture_output=True,
+                           env=run_env, stdin=subprocess.DEVNULL)
+    for command in (theirs, pathlib.Path(bad, "pi-agent")):
+        if command.is_file():
+            subprocess.run(["sh", str(command), "run", "--version"], capture_output=True,
+                           env=run_env, stdin=subprocess.DEVNULL)
+    assert not marker.exists(), "the directory ran as code"
+    assert (home / ".bashrc").read_text() == USERS_BASHRC, "the user's lines stay"
+    assert theirs.read_text() == THEIR_COMMAND, "someone else's command stays"
+    assert snapshot(str(tmp_path)) == before, "nothing was written"
+
+
+def test_spaces_and_a_single_quote_in_the_install_dir_are_only_text_in_the_rc_line(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    dest = tmp_path / "it's a dir" / "pi agent"
+    env = {"PI_AGENT_HOME": str(dest)}
+    result = install(home, "-y", "--no-bin", env=env)
+    assert result.returncode == 0, result.stderr
+    line = '[ -f "%s/shell/pi.sh" ] && . "%s/shell/pi.sh"  # pi-agent\n' % (dest, dest)
+    assert (home / ".bashrc").read_text() == line, "the line as before (uninstall matches it)"
+    for shell in ("bash", "zsh"):
+        need(shell)
+        started = subprocess.run([shell, "-i", "-c", "pi --version"], capture_output=True,
+                                 text=True, stdin=subprocess.DEVNULL,
+                                 env={"PATH": os.environ["PATH"], "HOME": str(home)})
+        assert started.stdout.strip().endswith("pi-agent " + get_version()), started.stderr
+    # sh reads the line alike (pi.sh itself is for bash and zsh: a stand-in).
+    (dest / "shell/pi.sh").write_text("echo sourced\n")
+    in_sh = subprocess.run(["sh", "-c", '. "$HOME/.bashrc"'], capture_output=True, text=True,
+                           env={"PATH": os.environ["PATH"], "HOME": str(home)})
+    assert (in_sh.stdout, in_sh.stderr) == ("sourced\n", "")
+    assert install(home, "--uninstall", env=env).returncode == 0
+    assert not (home / ".bashrc").exists() and not (home / ".zshrc").exists()
 
 
 def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):

@@ -3386,10 +3386,13 @@ def prune_if_due(line, state, protect=()):
     if not config.auto_prune:
         return
     snaps = state.get("snapshots")
-    if snaps is None:
+    listed = snaps is None
+    if listed:
         snaps = sorted(snap["tag"] for snap in list_snapshots(line))
     excess = len(snaps) - config.snapshot_keep
     doomed = [name for name in snaps if name not in protect][:max(excess, 0)]
+    if not doomed and not listed:
+        return
     state["snapshots"] = [name for name in snaps if name not in doomed]
     if doomed:
         # A tag someone removed by hand is simply gone already.

@@ -4775,7 +4775,8 @@ def cmd_status(args):
     print_table(rows)
     if drift:
         print("the base differs from your settings: %s; pi-rebuild-base builds it again (then "
-              "pi-reset-system moves current onto it)" % "; ".join(drift))
+              "pi-reset-system starts current afresh from it; your environment stays a snapshot)"
+              % "; ".join(drift))
     state = line.read_state()
     holder = state.get("holder")
     print("\nlock: %s" % printable(describe_holder(holder) if lock_is_held(line) else "free"))
@@ -4830,7 +4831,8 @@ def cmd_snapshots(args):
     rows = [("", "NAME (KEPT AT, UTC)", "STATE MADE", "SIZE", "MADE BY")]
     for snap in snaps:
         image = by_id.get(snap["id"]) or {}
-        rows.append(("*" if image.get("Id") == current.get("Id") else "", snap["tag"],
+        rows.append(("*" if image.get("Id") and image["Id"] == current.get("Id") else "",
+                     snap["tag"],
                      local_time((image.get("Created") or "")[:19] + "Z"),
                      human_size(image.get("Size", 0)), describe_origin(image)))
     print_table(rows)

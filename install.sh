@@ -200,9 +200,12 @@ install_bin() {
     return
   fi
   mkdir -p "$bin_dir" || err "cannot create $bin_dir"
+  # As shell/pi.sh runs it: imported, so that its compiled form is cached.
   # shellcheck disable=SC2016  # $PI_AGENT_PYTHON and $@ are for the script to expand
   if ! { printf '#!/bin/sh\n' && bin_marker &&
-         printf 'exec "${PI_AGENT_PYTHON:-python3}" %s "$@"\n' "$(quote "$dest/pi_agent.py")"
+         printf 'exec "${PI_AGENT_PYTHON:-python3}" -I -S -c %s %s "$@"\n' \
+           "$(quote 'import sys; sys.path.insert(0, sys.argv.pop(1)); import pi_agent; sys.exit(pi_agent.main())')" \
+           "$(quote "$dest")"
        } >"$bin.new.$$" || ! chmod 755 "$bin.new.$$" || ! mv -f "$bin.new.$$" "$bin"; then
     rm -f "$bin.new.$$"
     err "cannot write $bin"

@@ -15,6 +15,41 @@ RUN apt-get update \
  && ln -sf "$(command -v fdfind)" /usr/local/bin/fd \
  && rm -rf /var/lib/apt/lists/*
 
+# Extra CA certificates (PI_AGENT_CA_CERTS: a TLS-inspecting proxy's, a
+# private registry's), as PEM text: public, so a build arg may carry them.
+# Node, Python, pip and npm read the one system bundle they end up in.
+ARG EXTRA_CA_CERTS=""
+RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
+      printf '%s\n' "$EXTRA_CA_CERTS" | awk -v dir=/usr/local/share/ca-certificates \
+        '/-----BEGIN CERTIFICATE-----/ { n++; file = sprintf("%s/pi-agent-%02d.crt", dir, n) } \
+         n { print > file }' \
+   && update-ca-certificates >/dev/null; \
+    fi
+ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt \
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+
+# Node.js >= 20.6: Pi (and other agents) need it, and many distributions
+# ship older (Ubuntu 24.04 and Debian 12: 18). NODE_FROM picks the route:
+#   npm     (default) Node $NODE_MAJOR from the npm registry's `node` package,
+#           into /usr/local: needs only what npm itself reaches;
+#   distro  the distribution's own nodejs, if it is new enough (Debian 13).
+ARG NODE_FROM=npm
+ARG NODE_MAJOR=22
+RUN set -eu; \
+    if [ "$NODE_FROM" = npm ]; then \
+      npm install --global --prefix /usr/local --no-fund --no-audit --loglevel=error \
+        "node@$NODE_MAJOR"; \
+    elif [ "$NODE_FROM" != distro ]; then \
+      echo "NODE_FROM=$NODE_FROM: use npm or distro" >&2; exit 1; \
+    fi; \
+    node -e 'const [a, b] = process.versions.node.split(".").map(Number); \
+      if (a < 20 || (a === 20 && b < 6)) { \
+        console.error("Node.js " + process.version + " is too old for Pi (20.6 or newer); " + \
+                      "build with NODE_FROM=npm"); process.exit(1); }'; \
+    rm -rf /root/.npm
+
 # The agent user gets the host user's UID and GID, so files it writes in the
 # project belong to the host user, and the host user's home path, so that ~
 # means the same path inside and out (the agent's home holds only its own

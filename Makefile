@@ -4,7 +4,7 @@ PYTHON ?= python3
 # Two workers when pytest-xdist is there: the tests mostly wait on the engine.
 XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2")
 
-.PHONY: test unit integration lint setup test-image bench bench-quick clean-test-images
+.PHONY: test unit integration lint setup test-image test-agents bench bench-quick clean-test-images
 
 test:
 	$(PYTHON) -m pytest -q $(XDIST) tests/
@@ -14,6 +14,11 @@ unit:
 
 integration:
 	$(PYTHON) -m pytest -q -m integration tests/
+
+# Installs Claude Code, Codex, aider and opencode from the network, each in
+# a new image line, and runs its --version through pi (minutes, and network).
+test-agents:
+	PI_AGENT_TEST_AGENTS=1 $(PYTHON) -m pytest -q $(XDIST) -m agents tests/test_agents.py
 
 lint:
 	shellcheck -s bash shell/pi.sh

@@ -76,16 +76,22 @@ SETTINGS = (
      "the image that Dockerfile starts FROM (build arg BASE_IMAGE)"),
     ("PI_AGENT_STATE_DIR", "<${XDG_STATE_HOME:-~/.local/state}/pi-agent>",
      "locks, run state, the save log and each run's script"),
-    ("PI_AGENT_COMMAND", "pi",
+    ("PI_AGENT_AGENT", "pi",
+     "the agent: pi, claude, codex, aider or opencode (its command, install command and "
+     "API key variables; pi --agent NAME for one run)"),
+    ("PI_AGENT_COMMAND", "<the agent's>",
      "the agent command that pi runs"),
-    ("PI_AGENT_INSTALL_CMD", "curl -fsSL https://pi.dev/install.sh | sh",
+    ("PI_AGENT_INSTALL_CMD", "<the agent's>",
      "run inside when the agent command is missing"),
-    ("PI_AGENT_PASS_ENV", "",
-     "host variables passed to the agent, e.g. ANTHROPIC_API_KEY"),
+    ("PI_AGENT_PASS_ENV", "<the agent's API key variables>",
+     "host variables passed to the agent when set (none: no variable)"),
     ("PI_AGENT_GIT_IDENTITY", "Agent <agent@pi-agent.invalid>",
      "the author and committer of commits made inside, whatever the project's git config says"),
     ("PI_AGENT_MOUNT_AT", "",
      "mount the project here instead of at its host path"),
+    ("PI_AGENT_CA_CERTS", "",
+     "extra CA certificates for the base image: PEM files or directories of them, comma "
+     "separated (a TLS-inspecting proxy's, say)"),
     ("PI_AGENT_NETWORK", "",
      "the container's network: empty for the engine's default, none for offline"),
     ("PI_AGENT_CPUS", "", "CPU limit, e.g. 2 or 1.5 (docker run --cpus)"),
@@ -110,7 +116,33 @@ SETTINGS = (
 OTHER_VARIABLES = ("PI_AGENT_PYTHON", "PI_AGENT_CONFIG", "PI_AGENT_HOME", "PI_AGENT_RELEASE_URL")
 
 # Host variables the container sees (besides PI_AGENT_PASS_ENV); LC_* too.
-ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ")
+# The proxy variables reach the run (and the base build, as build args),
+# never an image: a corporate network needs them.
+PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+             "http_proxy", "https_proxy", "no_proxy", "all_proxy")
+ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ") + PROXY_ENV
+
+# The agents pi-agent knows (PI_AGENT_AGENT, pi --agent): the command, how
+# it installs itself inside, as the agent user (npm's prefix and ~/.local
+# are the agent's own: no sudo), and the API key variables it reads, passed
+# when set on the host (PI_AGENT_PASS_ENV replaces the list).
+AGENTS = {
+    "pi": ("pi", "npm install -g @mariozechner/pi-coding-agent",
+           ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "DEEPSEEK_API_KEY",
+            "GEMINI_API_KEY", "MISTRAL_API_KEY", "GROQ_API_KEY", "CEREBRAS_API_KEY",
+            "XAI_API_KEY", "OPENROUTER_API_KEY", "AI_GATEWAY_API_KEY", "ZAI_API_KEY",
+            "OPENCODE_API_KEY", "FIREWORKS_API_KEY", "KIMI_API_KEY", "MINIMAX_API_KEY")),
+    "claude": ("claude", "npm install -g @anthropic-ai/claude-code", ("ANTHROPIC_API_KEY",)),
+    "codex": ("codex", "npm install -g @openai/codex", ("OPENAI_API_KEY",)),
+    "aider": ("aider", "python3 -m venv ~/.local/share/aider && ~/.local/share/aider/bin/pip "
+              "install --quiet aider-chat && mkdir -p ~/.local/bin && ln -sf "
+              "~/.local/share/aider/bin/aider ~/.local/bin/aider",
+              ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "DEEPSEEK_API_KEY",
+               "OPENROUTER_API_KEY")),
+    "opencode": ("opencode", "npm install -g opencode-ai",
+                 ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY",
+                  "OPENROUTER_API_KEY")),
+}
 
 # Set empty inside, and refused in PI_AGENT_PASS_ENV: they open doors
 # outside the container (accounts, agents, the Docker engine).
@@ -443,9 +475,10 @@ class Config:
     """The effective settings. Precedence: defaults < the config file <
     the environment < command-line flags; `sources` says where each came from."""
 
-    def __init__(self, environ=None, lenient=False):
+    def __init__(self, environ=None, lenient=False, agent=None):
         """`lenient` (for pi-status): a bad line or value is kept in
-        `problems` and its setting left at the default, instead of raised."""
+        `problems` and its setting left at the default, instead of raised.
+        `agent`: pi --agent NAME, for one run."""
         environ = os.environ if environ is None else environ
         self.environ = environ
         self.path = config_path(environ)
@@ -463,6 +496,7 @@ class Config:
             else:
                 raw[name], self.sources[name] = self._default(name, default, environ), "default"
         self.raw = raw
+        self._preset(agent)
         for _attempt in SETTINGS:
             try:
                 self._check(raw)
@@ -479,6 +513,7 @@ class Config:
                 raw[name] = self._default(name, dict((n, d) for n, d, _ in SETTINGS)[name],
                                           environ)
                 self.sources[name] = "default, as the value is bad"
+                self._preset(None)
         global _trace_file
         _trace_file = raw["PI_AGENT_TRACE"]
 
@@ -504,6 +539,10 @@ class Config:
             raise BadSetting("PI_AGENT_STATE_DIR=%s is shared with other files; pi-agent makes "
                              "it private (0700): use a directory of its own, e.g. "
                              "~/.local/state/pi-agent" % self.state_dir)
+        self.agent = raw["PI_AGENT_AGENT"]
+        if self.agent not in AGENTS:
+            raise BadSetting("PI_AGENT_AGENT=%s: use one of %s (PI_AGENT_COMMAND and "
+                             "PI_AGENT_INSTALL_CMD run any other)" % (self.agent, ", ".join(AGENTS)))
         self.command = raw["PI_AGENT_COMMAND"]
         try:
             self.command_argv = shlex.split(self.command)
@@ -513,6 +552,7 @@ class Config:
             raise BadSetting("PI_AGENT_COMMAND is empty; set it to the agent command, e.g. pi")
         self.install_cmd = raw["PI_AGENT_INSTALL_CMD"]
         self.pass_env = parse_pass_env(raw["PI_AGENT_PASS_ENV"])
+        self.ca_certs = read_ca_certs(raw["PI_AGENT_CA_CERTS"])
         identity = re.fullmatch(r"\s*([^<>\n]*[^<>\s])\s*<([^<>\s]+)>\s*",
                                 raw["PI_AGENT_GIT_IDENTITY"])
         if not identity:
@@ -548,6 +588,31 @@ class Config:
         self.save_mode = raw["PI_AGENT_SAVE"]
         if self.save_mode not in ("background", "foreground"):
             raise BadSetting("PI_AGENT_SAVE=%s: use background or foreground" % self.save_mode)
+
+    def _preset(self, flag):
+        """The agent's command, install command and key list, where they
+        were not set. `pi --agent NAME` sets the command and install command
+        even so (an explicit key list stays: what reaches the agent is
+        yours to say). A PI_AGENT_COMMAND naming an agent's command picks
+        that agent's install command and keys."""
+        raw, sources = self.raw, self.sources
+        if flag:
+            raw["PI_AGENT_AGENT"], sources["PI_AGENT_AGENT"] = flag, "pi --agent"
+        elif sources["PI_AGENT_AGENT"] == "default" and sources["PI_AGENT_COMMAND"] != "default":
+            word = os.path.basename((raw["PI_AGENT_COMMAND"].split() or [""])[0])
+            for name, (command, _install, _keys) in AGENTS.items():
+                if command == word:
+                    raw["PI_AGENT_AGENT"] = name
+                    sources["PI_AGENT_AGENT"] = "from PI_AGENT_COMMAND"
+        name = raw["PI_AGENT_AGENT"]
+        if name not in AGENTS:
+            return  # (_check says so)
+        command, install, keys = AGENTS[name]
+        for setting, value in (("PI_AGENT_COMMAND", command), ("PI_AGENT_INSTALL_CMD", install),
+                               ("PI_AGENT_PASS_ENV", " ".join(keys))):
+            if sources[setting].startswith(("default", "agent ")) or (
+                    flag and setting != "PI_AGENT_PASS_ENV"):
+                raw[setting], sources[setting] = value, "agent %s" % name
 
     @staticmethod
     def _default(name, default, environ):
@@ -607,6 +672,8 @@ def parse_limits(raw):
 
 
 def parse_pass_env(value):
+    if value.strip() == "none":
+        return []
     names = [name for name in re.split(r"[\s,]+", value) if name]
     for name in names:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -616,6 +683,35 @@ def parse_pass_env(value):
             raise Refused("PI_AGENT_PASS_ENV lists %s, a credential pi-agent never passes "
                           "into the container; remove it from PI_AGENT_PASS_ENV" % name)
     return names
+
+
+def read_ca_certs(value):
+    """The PEM text of PI_AGENT_CA_CERTS (files, or directories of *.crt
+    and *.pem, comma separated), in a stable order: certificates only, so
+    nothing secret is built into an image."""
+    texts = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        if os.path.isdir(item):
+            files = sorted(os.path.join(item, name) for name in os.listdir(item)
+                           if name.endswith((".crt", ".pem")))
+        else:
+            files = [item]
+        for path in files:
+            try:
+                with open(path, encoding="ascii") as handle:
+                    text = handle.read()
+            except (OSError, UnicodeDecodeError) as err:
+                raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (
+                    path, getattr(err, "strerror", None) or err))
+            if "PRIVATE KEY" in text:
+                raise Refused("PI_AGENT_CA_CERTS: %s holds a private key, which must never go "
+                              "into an image; name the certificate alone" % path)
+            if "-----BEGIN CERTIFICATE-----" not in text:
+                raise BadSetting("PI_AGENT_CA_CERTS: %s is not a PEM certificate" % path)
+            texts.append(text.strip())
+    return "\n".join(texts)
 
 
 # ----------------------------------------------------------------- docker
@@ -3174,6 +3270,7 @@ def base_labels(config, values):
     """What a base is built from, kept in its labels (see base_drift)."""
     return {LABEL + "base_image": config.base_image,
             LABEL + "dockerfile": dockerfile_digest(config.dockerfile) or "",
+            LABEL + "ca_certs": text_digest(config.ca_certs)[:16] if config.ca_certs else "none",
             LABEL + "uid": values["AGENT_UID"], LABEL + "home": values["AGENT_HOME"]}
 
 
@@ -3184,6 +3281,7 @@ def base_drift(config, base):
     wanted = base_labels(config, build_args())
     said = {"base_image": "PI_AGENT_BASE_IMAGE is {now}, the base was built FROM {then}",
             "dockerfile": "the Dockerfile ({path}) has changed since the base was built",
+            "ca_certs": "PI_AGENT_CA_CERTS names other certificates than the base was built with",
             "uid": "you are UID {now}, the base was built for UID {then}",
             "home": "your home is {now}, the base was built for {then}"}
     return [text.format(now=wanted[LABEL + key], then=built[LABEL + key], path=config.dockerfile)
@@ -3203,6 +3301,11 @@ def build_base(line, no_cache=False, first=True):
             "-f", dockerfile] + label_args(labels)
     for name, value in values.items():
         args += ["--build-arg", "%s=%s" % (name, value)]
+    if config.ca_certs:
+        args += ["--build-arg", "EXTRA_CA_CERTS=" + config.ca_certs]
+    # Docker's own proxy build args: the value comes from our environment,
+    # and the image's history does not keep it.
+    args += sum((["--build-arg", name] for name in PROXY_ENV if os.environ.get(name)), [])
     if no_cache:
         args.append("--no-cache")
     args.append(os.path.dirname(dockerfile))
@@ -3252,14 +3355,16 @@ def remembered_current(state):
 
 
 def ensure_current(line, current=None):
-    """Current's inspect record; on first use tag it from base (built if absent)."""
+    """Current's inspect record; on first use tag it from base (built if
+    absent: then also True, for the run to say how long its first use took)."""
     current = current or inspect_image(line.current)
     if current is not None:
-        return current
-    if inspect_image(line.base) is None:
+        return current, False
+    built = inspect_image(line.base) is None
+    if built:
         build_base(line)
     docker("tag", line.base, line.current)
-    return inspect_image(line.current)
+    return inspect_image(line.current), built
 
 
 def record_snapshot(state, name):
@@ -3623,6 +3728,8 @@ class RunPlan:
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
         self.env = container_env(environ, config.pass_env)
+        if not any(name == "EMAIL" for name, _value in self.env):
+            self.env.append(("EMAIL", config.git_identity[1]))  # (see script())
         if kind == "run":
             self.env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
         self.record = self._record()
@@ -3673,6 +3780,13 @@ class RunPlan:
         for name, value in self.env:
             shown = "<from your environment>" if redact and value else value
             lines.append("export %s=%s" % (name, shlex.quote(shown)))
+        # git's fallbacks for an image with no identity (EMAIL, above, for
+        # the address): commits work in any image, and nothing is written
+        # into a git config. An identity the image has stays.
+        name = shlex.quote(self.line.config.git_identity[0])
+        lines.append("command -v git >/dev/null 2>&1 && ! (cd / && git config user.name) "
+                     ">/dev/null 2>&1 && export GIT_AUTHOR_NAME=%s GIT_COMMITTER_NAME=%s"
+                     % (name, name))
         lines.append("cd %s || exit 1" % shlex.quote(self.workdir))
         lines.append("exec " + shlex.join(self._inner(self.argv)))
         return "\n".join(lines) + "\n"
@@ -3696,19 +3810,31 @@ class RunPlan:
                       ' echo "pi-agent: $1 is not installed here, and an offline run cannot'
                       ' install it; run pi once with the network" >&2; exit 127; }; exec "$@"')
             return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
+        # Installed on first use: on a terminal with its output and the
+        # time it took; in a pipe quietly (its output only if it fails),
+        # so that the agent's own output stays clean.
         script = ('command -v "$1" >/dev/null 2>&1 || {'
-                  ' echo "pi-agent: $1 is not installed here; installing: $PI_AGENT_INSTALL_CMD" >&2;'
-                  ' sh -c "$PI_AGENT_INSTALL_CMD" || { status=$?;'
+                  ' log=/tmp/pi-agent-install.log; started=$(date +%s);'
+                  ' if [ -t 2 ]; then'
+                  ' echo "pi-agent: $1 is not installed here; installing it: $PI_AGENT_INSTALL_CMD" >&2;'
+                  ' sh -c "$PI_AGENT_INSTALL_CMD" >&2; status=$?; else'
+                  ' sh -c "$PI_AGENT_INSTALL_CMD" >"$log" 2>&1; status=$?;'
+                  ' if [ $status != 0 ] || ! command -v "$1" >/dev/null 2>&1; then'
+                  ' cat "$log" >&2; fi; fi;'
+                  ' rm -f "$log";'
+                  ' if [ $status != 0 ]; then'
                   ' echo "pi-agent: the install command failed (exit $status); fix'
                   ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them). Paths it'
                   ' named are inside the environment, not on your host: pi-exec cat PATH shows'
                   ' one" >&2;'
-                  ' exit $status; };'
+                  ' exit $status; fi;'
                   ' command -v "$1" >/dev/null 2>&1 || {'
                   ' echo "pi-agent: the install command ended without installing $1 (its'
                   ' output is above: no network?); check that, or fix PI_AGENT_INSTALL_CMD or'
                   ' PI_AGENT_COMMAND (pi-status shows them)" >&2;'
-                  ' exit 127; }; };'
+                  ' exit 127; };'
+                  ' [ -t 2 ] && echo "pi-agent: installed $1 in $(( $(date +%s) - started )) s" >&2;'
+                  ' };'
                   ' exec "$@"')
         return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
 
@@ -4551,10 +4677,10 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
     left is dealt with (recovery, unless it released cleanly), current is
     there, warnings are said, the run is planned and written down (its
     run directory, the git gate), the project watched. Returns (plan,
-    watch, stale, verify): stale, the saved
-    containers whose removers died, for the saver to tear down, and whether
+    watch, stale, verify, built): stale, the saved
+    containers whose removers died, for the saver to tear down, whether
     current's remembered record is to be checked (by the saver: off the
-    path to the prompt)."""
+    path to the prompt), and whether the base was built for this run."""
     config = line.config
     check_engine()
     if not offline:
@@ -4579,7 +4705,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
         current = inspect_image(line.current)
         if recover_leftovers(line, state, listing):
             current = None
-    image = ensure_current(line, current)
+    image, built = ensure_current(line, current)
     repo_config = (read_regular(os.path.join(project.repo.common, "config"), 4 << 20)
                    or b"").decode("utf-8", "replace") if project.repo else ""
     for warning in misspelled_settings(os.environ) + [owner_mismatch(image),
@@ -4603,7 +4729,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
         if os.path.isdir(plan.run_dir):
             abandon_run_dir(plan.run_dir, plan.record)
         raise
-    return plan, watch, stale, remembered is not None
+    return plan, watch, stale, remembered is not None, built
 
 
 def run_container(plan, saver):
@@ -4682,7 +4808,8 @@ def lifecycle(args, kind, argv):
     foreground, then handed over."""
     import threading  # ctypes (for the project watch) loads meanwhile, off the path
     threading.Thread(target=__import__, args=("ctypes",), daemon=True).start()
-    config = Config()
+    started = time.monotonic()
+    config = Config(agent=getattr(args, "agent", None))
     try:
         cwd = os.path.realpath(os.getcwd())
     except FileNotFoundError:
@@ -4701,8 +4828,8 @@ def lifecycle(args, kind, argv):
     lock = LineLock(line)
     found, state = lock.acquire(kind, project.target, wait=args.wait)
     try:
-        plan, watch, stale, verify = prepare_run(line, found, state, project, kind, argv,
-                                                 args.offline, tty)
+        plan, watch, stale, verify, built = prepare_run(line, found, state, project, kind,
+                                                        argv, args.offline, tty)
     except BaseException:
         lock.release(state)
         raise
@@ -4715,7 +4842,11 @@ def lifecycle(args, kind, argv):
     state["holder"].update(phase="running", saver_pid=saver.pid)
     line.write_state(state)
     status = run_container(plan, saver)
-    return hand_over(line, lock, state, plan, saver, status, watch)
+    status = hand_over(line, lock, state, plan, saver, status, watch)
+    if built and sys.stderr.isatty():
+        say("first use: %.0f s in all; from now on a run starts in about a second"
+            % (time.monotonic() - started))
+    return status
 
 
 # --------------------------------------------------------------- commands
@@ -4773,6 +4904,13 @@ def cmd_status(args):
     rows.append(("snapshots", "%d" % len(snaps), "newest " + snaps[0]["tag"] if snaps else "", "",
                  ""))
     print_table(rows)
+    current = inspect_image(line.current)
+    if current is not None:
+        found = installed_agents(line, current)
+        print("agents in current: %s" % (", ".join(
+            "%s%s (%s)" % (name, " *" if name == config.agent else "", printable(version))
+            for name, version in sorted(found.items())) or "none yet (the first pi installs %s)"
+            % config.agent))
     if drift:
         print("the base differs from your settings: %s; pi-rebuild-base builds it again (then "
               "pi-reset-system starts current afresh from it; your environment stays a snapshot)"
@@ -4801,6 +4939,40 @@ def cmd_status(args):
         raise PiError("%s: see above; pi-status used the defaults in their place"
                       % plural(len(config.problems), "bad setting"), EXIT_BAD_SETTING)
     return 0
+
+
+def installed_agents(line, image):
+    """{agent: its --version line} of the known agents installed in
+    `image`: one throwaway container (no network, nothing mounted), asked
+    once per image and remembered beside the state, so that no run pays."""
+    path = os.path.join(line.state_dir, os.path.basename(line.state_path)[:-5] + ".agents.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            cached = json.load(handle)
+        if isinstance(cached, dict) and isinstance(cached.get(image["Id"]), dict):
+            return cached[image["Id"]]
+    except (OSError, ValueError):
+        pass
+    script = ('for c in "$@"; do command -v "$c" >/dev/null 2>&1 || continue;'
+              ' v=$(timeout 30 "$c" --version 2>&1 </dev/null | head -n 1);'
+              ' printf "%s\\t%s\\n" "$c" "$v"; done')
+    commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
+    result = docker("run", "--rm", "-i", "--network", "none", "--entrypoint", "sh",
+                    image["Id"], "-c", script, "sh", *commands, check=False)
+    found = {}
+    for row in result.stdout.splitlines():
+        command, _, version = row.partition("\t")
+        if command in commands:
+            found[commands[command]] = version.strip() or "?"
+    if result.returncode == 0:
+        temp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with open(temp, "w", encoding="utf-8") as handle:
+                json.dump({image["Id"]: found}, handle)
+            os.replace(temp, path)
+        except OSError:
+            pass
+    return found
 
 
 def describe_engine():
@@ -5051,6 +5223,8 @@ def cmd_unlock(args):
 # ---------------------------------------------------------------- parsing
 
 LIFECYCLE_FLAGS = {"--wait", "--here", "--dry-run", "--offline", "-h", "--help", "--version"}
+# ... and the one that takes a value (pi only).
+AGENT_FLAG = "--agent"
 
 EXAMPLES = """examples:
   pi                              run the agent in this project
@@ -5063,13 +5237,25 @@ EXAMPLES = """examples:
 
 def split_wrapper_args(argv):
     """Wrapper options come first; the first other word (or --) starts the
-    agent's (or the command's) arguments."""
-    for index, word in enumerate(argv):
+    agent's (or the command's) arguments. Returns (options, the rest, the
+    value of --agent NAME or --agent=NAME, or None)."""
+    agent, index = None, 0
+    while index < len(argv):
+        word = argv[index]
         if word == "--":
-            return argv[:index], argv[index + 1:]
+            return argv[:index], argv[index + 1:], agent
+        if word == AGENT_FLAG:
+            if index + 1 == len(argv):
+                raise PiError("pi: --agent needs a name: %s" % ", ".join(AGENTS), EXIT_USAGE)
+            agent, index = argv[index + 1], index + 2
+            continue
+        if word.startswith(AGENT_FLAG + "="):
+            agent, index = word.split("=", 1)[1], index + 1
+            continue
         if word not in LIFECYCLE_FLAGS:
-            return argv[:index], argv[index:]
-    return argv, []
+            return argv[:index], argv[index:], agent
+        index += 1
+    return argv, [], agent
 
 
 # Dashes a keyboard, a word processor or a web page may put for "-".
@@ -5166,7 +5352,13 @@ def build_parser():
 
 def parse_args(argv):
     if argv and argv[0] in LIFECYCLE_KINDS:
-        wrapper, rest = split_wrapper_args(argv[1:])
+        wrapper, rest, agent = split_wrapper_args(argv[1:])
+        if agent is not None and argv[0] != "run":
+            raise PiError("pi-%s: --agent is for pi (a command here is yours to name)" % argv[0],
+                          EXIT_USAGE)
+        if agent is not None and agent not in AGENTS:
+            raise PiError("pi: --agent %s: use one of %s" % (agent, ", ".join(AGENTS)),
+                          EXIT_USAGE)
         if "--version" in wrapper:
             print("pi-agent " + __version__)
             raise SystemExit(0)
@@ -5195,7 +5387,7 @@ def parse_args(argv):
         return argparse.Namespace(
             command=argv[0], func={"run": cmd_run, "exec": cmd_exec, "shell": cmd_shell}[argv[0]],
             wait="--wait" in wrapper, here="--here" in wrapper, offline="--offline" in wrapper,
-            dry_run="--dry-run" in wrapper, argv=rest)
+            dry_run="--dry-run" in wrapper, agent=agent, argv=rest)
     args, extra = build_parser().parse_known_args(argv)
     prog = "pi-" + args.command
     if extra:

@@ -10,8 +10,22 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import pi_agent  # noqa: E402 (from ROOT)
+
 BASE_IMAGE = os.environ.get("PI_AGENT_TEST_BASE_IMAGE", "local/debian:bookworm")
 TEST_USER = os.environ.get("PI_AGENT_TEST_USER", "pi-test")
+# The extra CA certificates every test base trusts (PI_AGENT_CA_CERTS): this
+# machine's (its TLS to the package registries needs them) and the tests'
+# own CA, whose server certificate a test serves inside a container.
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def test_ca_certs(fixtures=FIXTURES):
+    """PI_AGENT_CA_CERTS for the tests (`fixtures`: a copy any user can read)."""
+    return ",".join(path for path in ("/usr/local/share/ca-certificates",
+                                      os.path.join(fixtures, "test-ca.crt"))
+                    if os.path.exists(path))
 
 
 def worker_suffix(worker=None):
@@ -34,7 +48,8 @@ def base_image(uid, gid, home, context=ROOT, worker=None):
             "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
             "--build-arg", "AGENT_UID=%d" % uid,
             "--build-arg", "AGENT_GID=%d" % (gid if uid else 0),
-            "--build-arg", "AGENT_HOME=" + home]
+            "--build-arg", "AGENT_HOME=" + home,
+            "--build-arg", "EXTRA_CA_CERTS=" + pi_agent.read_ca_certs(test_ca_certs())]
     with open(os.path.join(context, "Dockerfile"), "rb") as handle:
         digest = hashlib.sha256(handle.read() + "\0".join(args).encode()).hexdigest()[:16]
     exists = subprocess.run(["docker", "image", "inspect", "--format",

@@ -429,14 +429,72 @@ def test_only_mountpoint_changes():
 
 # --- parsing ----------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,wrapper,rest", [
-    (["--wait", "-p", "x"], ["--wait"], ["-p", "x"]),
-    (["--", "--help"], [], ["--help"]),
-    (["--here", "--wait", "--", "make", "--wait"], ["--here", "--wait"], ["make", "--wait"]),
-    (["make", "--wait"], [], ["make", "--wait"]),
+@pytest.mark.parametrize("argv,wrapper,rest,agent", [
+    (["--wait", "-p", "x"], ["--wait"], ["-p", "x"], None),
+    (["--", "--help"], [], ["--help"], None),
+    (["--here", "--wait", "--", "make", "--wait"], ["--here", "--wait"], ["make", "--wait"], None),
+    (["make", "--wait"], [], ["make", "--wait"], None),
+    (["--agent", "codex", "--offline", "fix"], ["--agent", "codex", "--offline"], ["fix"],
+     "codex"),
+    (["--agent=aider", "--", "--agent", "x"], ["--agent=aider"], ["--agent", "x"], "aider"),
 ])
-def test_wrapper_options_come_first(argv, wrapper, rest):
-    assert pi_agent.split_wrapper_args(argv) == (wrapper, rest)
+def test_wrapper_options_come_first(argv, wrapper, rest, agent):
+    assert pi_agent.split_wrapper_args(argv) == (wrapper, rest, agent)
+
+
+@pytest.mark.parametrize("environ,flag,command,install,keys,agent", [
+    ({}, None, "pi", "npm install -g @mariozechner/pi-coding-agent", "ANTHROPIC_API_KEY", "pi"),
+    ({"PI_AGENT_AGENT": "claude"}, None, "claude", "npm install -g @anthropic-ai/claude-code",
+     "ANTHROPIC_API_KEY", "claude"),
+    ({"PI_AGENT_AGENT": "codex"}, None, "codex", "npm install -g @openai/codex",
+     "OPENAI_API_KEY", "codex"),
+    ({"PI_AGENT_AGENT": "opencode"}, None, "opencode", "npm install -g opencode-ai",
+     "ANTHROPIC_API_KEY", "opencode"),
+    ({"PI_AGENT_AGENT": "aider"}, None, "aider", "~/.local/share/aider/bin/pip install",
+     "OPENAI_API_KEY", "aider"),
+    # an explicit command stays, with the agent's install and keys
+    ({"PI_AGENT_AGENT": "claude", "PI_AGENT_COMMAND": "claude --verbose"}, None,
+     "claude --verbose", "@anthropic-ai/claude-code", "ANTHROPIC_API_KEY", "claude"),
+    # a command that names an agent's picks its install command and keys
+    ({"PI_AGENT_COMMAND": "codex"}, None, "codex", "@openai/codex", "OPENAI_API_KEY", "codex"),
+    # pi --agent NAME, for one run, beats the settings but not an explicit key list
+    ({"PI_AGENT_COMMAND": "mine", "PI_AGENT_INSTALL_CMD": "true", "PI_AGENT_PASS_ENV": "K"},
+     "claude", "claude", "@anthropic-ai/claude-code", "K", "claude"),
+    ({"PI_AGENT_PASS_ENV": "none"}, None, "pi", "pi-coding-agent", "", "pi"),
+])
+def test_agent_presets(environ, flag, command, install, keys, agent):
+    config = pi_agent.Config(dict(environ, HOME="/home/alice"), agent=flag)
+    assert (config.command, config.agent) == (command, agent)
+    assert install in config.install_cmd
+    assert keys in " ".join(config.pass_env) and bool(keys) == bool(config.pass_env)
+    for name in config.pass_env:
+        assert name not in pi_agent.CREDENTIAL_ENV
+    environment = {name: "v" for name in pi_agent.CREDENTIAL_ENV + ("ANTHROPIC_API_KEY", "OTHER")}
+    passed = dict(pi_agent.container_env(environment, config.pass_env))
+    assert all(passed[name] == "" for name in pi_agent.CREDENTIAL_ENV), "never a credential"
+    assert "OTHER" not in passed
+
+
+def test_an_unknown_agent_is_a_bad_setting_or_a_usage_error():
+    with pytest.raises(pi_agent.BadSetting, match="use one of pi, claude, codex, aider, opencode"):
+        pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_AGENT": "gpt"})
+    for argv in (["run", "--agent", "gpt"], ["exec", "--agent", "pi", "true"], ["run", "--agent"]):
+        with pytest.raises(pi_agent.PiError) as err:
+            pi_agent.parse_args(argv)
+        assert err.value.code == 2
+
+
+def test_ca_certificates_are_read_in_order_and_never_a_key(tmp_path):
+    pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    (tmp_path / "b.crt").write_text(pem.replace("AAAA", "BBBB"))
+    (tmp_path / "a.pem").write_text(pem)
+    (tmp_path / "notes.txt").write_text("not read")
+    config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_CA_CERTS": str(tmp_path)})
+    assert config.ca_certs.index("AAAA") < config.ca_certs.index("BBBB")
+    assert "not read" not in config.ca_certs
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nx\n")
+    with pytest.raises(pi_agent.Refused, match="private key"):
+        pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_CA_CERTS": str(tmp_path)})
 
 
 def run_tool(*args, env=None):

@@ -1,0 +1,139 @@
+"""Real agents from the shipped defaults, against the real engine: the
+shipped Dockerfile's Node.js, Pi installed by its preset's install command
+and run for a real session against a scripted model (no provider), the
+extra CA certificates, the proxy variables, the git identity fallback.
+
+`make test-agents` (PI_AGENT_TEST_AGENTS=1) also installs every other
+preset's agent from the network and runs its --version through pi."""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from conftest import docker
+
+def fixture(box, name):
+    """A test fixture copied into the project, where the run can read it."""
+    path = os.path.join(box.project, name)
+    shutil.copy(os.path.join(box.install_dir, "tests", "fixtures", name), path)
+    box.chown(path)
+    return name
+
+
+def version(text):
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(part) for part in found.groups()) if found else None
+
+
+def test_the_real_pi_installs_once_and_works_a_session_offline(box):
+    box.init_repo()
+    # First run, in a pipe: Pi is installed by the preset's install command,
+    # quietly (nothing but Pi's own output: it prints its version on stderr).
+    first = box.ok("pi -- --version")
+    assert version(first.stdout + first.stderr) is not None, first.stderr
+    assert "installing" not in first.stderr
+    # Installed for good: an offline run (which could not install) has it.
+    again = box.ok("pi --offline -- --version")
+    assert version(again.stdout + again.stderr) == version(first.stdout + first.stderr)
+
+    # A real session: a scripted OpenAI-compatible model, inside, answers
+    # with a call of Pi's write tool; the file lands in the host project.
+    fixture(box, "fake_llm.py")
+    models = {"providers": {"fake": {
+        "baseUrl": "http://127.0.0.1:8765/v1", "api": "openai-completions", "apiKey": "none",
+        "compat": {"supportsDeveloperRole": False, "supportsReasoningEffort": False},
+        "models": [{"id": "m1"}]}}}
+    box.ok("pi-exec sh -c 'mkdir -p ~/.pi/agent && cat > ~/.pi/agent/models.json'",
+           input=json.dumps(models))
+    serve_then_pi = ('sh -c "python3 fake_llm.py 8765 /tmp/ready hello.txt \\"hi from pi\\" & '
+                     'for i in $(seq 50); do [ -e /tmp/ready ] && break; sleep 0.1; done; '
+                     'exec pi \\"\\$@\\"" pi')
+    session = box.ok("pi --offline -p 'write hello.txt' --provider fake --model m1",
+                     env={"PI_AGENT_COMMAND": serve_then_pi})
+    assert "done: wrote hello.txt" in session.stdout
+    with open(os.path.join(box.project, "hello.txt")) as handle:
+        assert handle.read() == "hi from pi"
+    assert os.stat(os.path.join(box.project, "hello.txt")).st_uid == box.user.uid
+    sessions = box.ok("pi-exec sh -c 'cat ~/.pi/agent/sessions/*/*.jsonl'").stdout
+    assert "hi from pi" in sessions, "Pi's session is kept in current"
+    status = box.ok("pi-status").stdout
+    assert re.search(r"agents in current: pi \* \(\d+\.\d+\.\d+\)", status), status
+
+
+def test_the_base_has_node_for_pi_and_trusts_the_certificates_given(box):
+    """The base was built with PI_AGENT_CA_CERTS naming the tests' own CA;
+    a server with a certificate from it is trusted by curl, Node and
+    Python, one with a certificate from a CA not given is not."""
+    fixture(box, "tls-server.pem")
+    serve = ("import http.server, ssl, sys\n"
+             "server = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])),"
+             " http.server.SimpleHTTPRequestHandler)\n"
+             "context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
+             "context.load_cert_chain(sys.argv[2])\n"
+             "server.socket = context.wrap_socket(server.socket, server_side=True)\n"
+             "open(sys.argv[3], 'w').close()\n"
+             "server.serve_forever()\n")
+    with open(os.path.join(box.project, "serve.py"), "w") as handle:
+        handle.write(serve)
+    box.chown(box.project)
+    script = r"""
+        node --version
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout /tmp/k -out /tmp/c -days 1 \
+            -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>/dev/null
+        cat /tmp/c /tmp/k > /tmp/untrusted.pem
+        python3 serve.py 8443 tls-server.pem /tmp/a & python3 serve.py 8444 /tmp/untrusted.pem /tmp/b &
+        for i in $(seq 50); do [ -e /tmp/a ] && [ -e /tmp/b ] && break; sleep 0.1; done
+        echo hello > served.txt
+        for port in 8443 8444; do
+            curl -fsS https://localhost:$port/served.txt >/dev/null 2>&1 && echo "curl $port ok"
+            node -e "fetch('https://localhost:$port/served.txt').then(r => r.ok && console.log('node $port ok'), () => {})"
+            python3 -c "import urllib.request; urllib.request.urlopen('https://localhost:$port/served.txt'); print('python $port ok')" 2>/dev/null
+        done
+        rm served.txt
+        """
+    out = box.ok("pi-exec --offline sh -s", input=script).stdout
+    assert version(out.splitlines()[0]) >= (20, 6, 0), out
+    for tool in ("curl", "node", "python"):
+        assert "%s 8443 ok" % tool in out and "%s 8444 ok" % tool not in out, out
+
+
+def test_commits_inside_work_in_an_image_with_no_git_identity(box):
+    box.init_repo()
+    before = open(os.path.join(box.project, ".git", "config")).read()
+    # An image with no identity: as one the user brings may be.
+    box.ok("pi-exec sh -c 'git config --global --unset user.email; "
+           "git config --global --unset user.name'")
+    out = box.ok("pi-exec sh -c 'cd $(mktemp -d) && git init -q && "
+                 "git commit -q --allow-empty -m x && git log --format=%an/%ae'").stdout
+    assert out.strip() == "Agent/agent@pi-agent.invalid"
+    box.ok("pi-exec git config --global user.name Mine")
+    assert box.ok("pi-exec sh -c 'cd $(mktemp -d) && git init -q && "
+                  "git commit -q --allow-empty -m x && git log --format=%an'").stdout \
+        == "Mine\n", "an identity the image has stays"
+    assert open(os.path.join(box.project, ".git", "config")).read() == before
+
+
+def test_proxy_variables_reach_the_run_and_never_an_image(box):
+    proxies = {"HTTPS_PROXY": "http://proxy.invalid:3128", "no_proxy": "localhost,.corp"}
+    out = box.ok("pi-exec sh -c 'echo $HTTPS_PROXY $no_proxy; touch ~/p'", env=proxies).stdout
+    assert out.split() == ["http://proxy.invalid:3128", "localhost,.corp"]
+    config = json.dumps(box.inspect(box.repo + ":current")["Config"])
+    assert "proxy.invalid" not in config and ".corp" not in config
+
+
+def test_an_agent_for_one_run_is_that_agents_command(box):
+    out = box.ok("pi --agent codex --dry-run").stdout
+    assert re.search(r"exec sh -c .* pi-agent codex$", out, re.M), out
+    assert "pi: --agent gpt: use one of" in box.sh("pi --agent gpt").stderr
+
+
+@pytest.mark.agents
+@pytest.mark.parametrize("agent", ["claude", "codex", "aider", "opencode"])
+def test_each_agent_installs_from_its_preset_and_runs(box, agent):
+    result = box.ok("pi --agent %s -- --version" % agent, timeout=900)
+    assert version(result.stdout + result.stderr) is not None, result.stderr
+    assert agent in box.ok("pi-status").stdout.split("agents in current:")[1]
+    docker("image", "inspect", box.repo + ":current")

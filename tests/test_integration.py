@@ -2,6 +2,7 @@
 functions in bash and zsh, as an ordinary user and as root."""
 
 import os
+import re
 import shutil
 import signal
 
@@ -245,12 +246,18 @@ def test_pi_installs_the_agent_once_and_reads_stdin(shell_box):
     box = shell_box
     box.extra_env = {"PI_AGENT_COMMAND": "fake-agent", "PI_AGENT_INSTALL_CMD": FAKE_AGENT}
     first = box.ok("echo task | pi -p hello")
-    assert "installed-fake-agent" in first.stdout
-    assert "fake-agent args: -p hello" in first.stdout and "stdin: task" in first.stdout
+    # In a pipe the install is quiet: the agent's output alone, nothing else.
+    assert first.stdout == "fake-agent args: -p hello\nstdin: task\n" and first.stderr == ""
     second = box.ok("pi --wait -- --help </dev/null")
-    assert "installed-fake-agent" not in second.stdout
-    assert "fake-agent args: --help" in second.stdout
+    assert second.stdout == "fake-agent args: --help\nstdin: \n"
     assert box.ok("pi-exec cat ~/.fake-agent-runs").stdout == "ran\nran\n"
+    # On a terminal it says what it does, and how long it took.
+    box.ok("pi-exec rm ~/.local/bin/fake-agent")
+    shown = box.ok("script -qec \". %s/shell/pi.sh; pi -- x\" /dev/null" % box.install_dir,
+                   env={"SHELL": "/bin/bash"}).stdout
+    assert "fake-agent is not installed here; installing it:" in shown
+    assert re.search(r"installed-fake-agent.*pi-agent: installed fake-agent in \d+ s.*"
+                     r"fake-agent args: x", shown, re.S), shown
 
 
 def test_pi_shell_runs_a_shell_in_the_same_lifecycle(shell_box):

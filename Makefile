@@ -2,7 +2,7 @@
 # sudo tests/setup-engine.sh prepares one); make bench runs the benchmarks.
 PYTHON ?= python3
 # Two workers when pytest-xdist is there: the tests mostly wait on the engine.
-XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2")
+XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2 --dist worksteal")
 
 .PHONY: test unit integration lint setup test-image test-agents bench bench-quick clean-test-images
 

@@ -190,6 +190,7 @@ HOST_TREES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/var/lock", "/boot",
 # host must not get from a project: device nodes, file capabilities, raw
 # packets on the network, chroot escapes.
 CAP_DROP = ("MKNOD", "SETFCAP", "NET_RAW", "SYS_CHROOT", "SETPCAP")
+CAP_DROP_ARGS = [arg for cap in CAP_DROP for arg in ("--cap-drop", cap)]
 
 SNAPSHOT_PREFIX = "snap-"
 SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
@@ -3764,8 +3765,7 @@ class RunPlan:
     def _run_args(self):
         args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
         args += label_args(self.labels)
-        for name in CAP_DROP:
-            args += ["--cap-drop", name]
+        args += CAP_DROP_ARGS
         for source, destination, readonly in self.mounts:
             args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
         if self.network:
@@ -3949,7 +3949,7 @@ def make_home_parents(line, plan):
     try:
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
-               *sum((["--cap-drop", cap] for cap in CAP_DROP), []),
+               *CAP_DROP_ARGS,
                *label_args(labels), *script_command(image, run_dir))
         labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
                                                   "exit_status": 0, "mount": plan.mount_point})
@@ -4953,11 +4953,14 @@ def installed_agents(line, image):
             return cached[image["Id"]]
     except (OSError, ValueError):
         pass
-    script = ('for c in "$@"; do command -v "$c" >/dev/null 2>&1 || continue;'
-              ' v=$(timeout 30 "$c" --version 2>&1 </dev/null | head -n 1);'
+    script = ('limit=; command -v timeout >/dev/null 2>&1 && limit="timeout 30";'
+              ' for c in "$@"; do command -v "$c" >/dev/null 2>&1 || continue;'
+              ' v=$($limit "$c" --version 2>&1 </dev/null | head -n 1);'
               ' printf "%s\\t%s\\n" "$c" "$v"; done')
     commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
+    # What the agent installed runs here: as contained as a run, with less.
     result = docker("run", "--rm", "-i", "--network", "none", "--entrypoint", "sh",
+                    *CAP_DROP_ARGS,
                     image["Id"], "-c", script, "sh", *commands, check=False)
     found = {}
     for row in result.stdout.splitlines():

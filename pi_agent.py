@@ -3782,11 +3782,17 @@ class RunPlan:
             lines.append("export %s=%s" % (name, shlex.quote(shown)))
         # git's fallbacks for an image with no identity (EMAIL, above, for
         # the address): commits work in any image, and nothing is written
-        # into a git config. An identity the image has stays.
+        # into a git config. A user.name the image has stays; it is looked
+        # for with the shell's own read (git config would cost every run 5 ms).
         name = shlex.quote(self.line.config.git_identity[0])
-        lines.append("command -v git >/dev/null 2>&1 && ! (cd / && git config user.name) "
-                     ">/dev/null 2>&1 && export GIT_AUTHOR_NAME=%s GIT_COMMITTER_NAME=%s"
-                     % (name, name))
+        lines += [
+            'for f in "$HOME/.gitconfig" "${XDG_CONFIG_HOME:-$HOME/.config}/git/config" '
+            '/etc/gitconfig; do [ -r "$f" ] || continue; s=',
+            '  while IFS= read -r l || [ -n "$l" ]; do case $l in *"["*) s=$l ;; *name*=*)',
+            '    case $s in *[Uu][Ss][Ee][Rr]*) named=1 ;; esac ;; esac; done < "$f"',
+            'done',
+            '[ -n "${named-}" ] || export GIT_AUTHOR_NAME=%s GIT_COMMITTER_NAME=%s' % (name, name),
+            'unset f s l named']
         lines.append("cd %s || exit 1" % shlex.quote(self.workdir))
         lines.append("exec " + shlex.join(self._inner(self.argv)))
         return "\n".join(lines) + "\n"

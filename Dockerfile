@@ -23,7 +23,7 @@ RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
       printf '%s\n' "$EXTRA_CA_CERTS" | awk -v dir=/usr/local/share/ca-certificates \
         '/-----BEGIN CERTIFICATE-----/ { n++; file = sprintf("%s/pi-agent-%02d.crt", dir, n) } \
          n { print > file }' \
-   && update-ca-certificates >/dev/null; \
+   && update-ca-certificates >/dev/null 2>&1; \
     fi
 ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt \
     REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt \
@@ -85,9 +85,8 @@ WORKDIR ${AGENT_HOME}
 
 # Unsigned local commits work; there is no key inside to sign or push with.
 # This is the container's own global config, never the project's .git/config.
-RUN git config --global user.name Agent \
- && git config --global user.email agent@pi-agent.invalid \
- && git config --global commit.gpgsign false \
+# No identity here: each run gives git PI_AGENT_GIT_IDENTITY as its fallback.
+RUN git config --global commit.gpgsign false \
  && git config --global tag.gpgsign false \
  && git config --global safe.directory '*' \
  && git config --global init.defaultBranch main

@@ -121,6 +121,13 @@ OTHER_VARIABLES = ("PI_AGENT_PYTHON", "PI_AGENT_CONFIG", "PI_AGENT_HOME", "PI_AG
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
              "http_proxy", "https_proxy", "no_proxy", "all_proxy")
 ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ") + PROXY_ENV
+# The docker client adds its config file's proxies (~/.docker/config.json)
+# to every container it starts, and a commit would keep them in the image:
+# a container that is committed names each proxy variable bare (-e NAME),
+# which keeps the client from adding it, and is started by a client whose
+# environment has none of them, so that the bare name sets nothing. (The
+# run script gives the run its proxies, the config file's too.)
+NO_PROXY_ARGS = [arg for name in PROXY_ENV for arg in ("-e", name)]
 
 # The agents pi-agent knows (PI_AGENT_AGENT, pi --agent): the command, how
 # it installs itself inside, as the agent user (npm's prefix and ~/.local
@@ -553,6 +560,9 @@ class Config:
             raise BadSetting("PI_AGENT_COMMAND is empty; set it to the agent command, e.g. pi")
         self.install_cmd = raw["PI_AGENT_INSTALL_CMD"]
         self.pass_env = parse_pass_env(raw["PI_AGENT_PASS_ENV"])
+        # The agent's own keys go to the agent (pi), not to every command
+        # (pi-exec npm ci runs package scripts); a list you set goes to all.
+        self.keys_for_agent_only = self.sources["PI_AGENT_PASS_ENV"].startswith("agent ")
         self.ca_certs = read_ca_certs(raw["PI_AGENT_CA_CERTS"])
         identity = re.fullmatch(r"\s*([^<>\n]*[^<>\s])\s*<([^<>\s]+)>\s*",
                                 raw["PI_AGENT_GIT_IDENTITY"])
@@ -695,7 +705,11 @@ def read_ca_certs(value):
         if not item:
             continue
         if os.path.isdir(item):
-            files = sorted(os.path.join(item, name) for name in os.listdir(item)
+            try:
+                names = os.listdir(item)
+            except OSError as err:
+                raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (item, err.strerror))
+            files = sorted(os.path.join(item, name) for name in names
                            if name.endswith((".crt", ".pem")))
         else:
             files = [item]
@@ -717,6 +731,24 @@ def read_ca_certs(value):
 
 # ----------------------------------------------------------------- docker
 
+_client_config = None
+
+
+def docker_client_config():
+    """The docker client's config file (its context, its proxies), read once."""
+    global _client_config
+    if _client_config is None:
+        config_dir = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
+        try:
+            with open(os.path.join(config_dir, "config.json"), encoding="utf-8") as handle:
+                _client_config = json.load(handle)
+        except (OSError, ValueError):
+            _client_config = {}
+        if not isinstance(_client_config, dict):
+            _client_config = {}
+    return _client_config
+
+
 def docker_endpoint():
     """Where the docker command looks for the engine, and what chose it
     (None: the default socket)."""
@@ -726,12 +758,7 @@ def docker_endpoint():
     context = os.environ.get("DOCKER_CONTEXT")
     if context:
         return "context " + context, "DOCKER_CONTEXT"
-    config_dir = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
-    try:
-        with open(os.path.join(config_dir, "config.json"), encoding="utf-8") as handle:
-            context = json.load(handle).get("currentContext")
-    except (OSError, ValueError, AttributeError):
-        context = None
+    context = docker_client_config().get("currentContext")
     if context and context != "default":
         return "context " + str(context), "docker context use"
     return "unix:///var/run/docker.sock", None
@@ -2997,6 +3024,13 @@ def sweep_project(record, found):
 
     def disarm(path, what):
         full = os.path.join(target, path)
+        real = os.path.realpath(os.path.dirname(full))
+        if not is_within(real, target):
+            # A directory above it made a link out of the project: what is
+            # there now is the host's own, never the agent's. Not touched.
+            notes.append("%s now leads out of the project (to %s), %s: left alone"
+                         % (path, os.path.join(real, os.path.basename(full)), what))
+            return
         aside = set_aside(full)
         if aside:
             notes.append("disabled %s, %s (host git would run its config and hooks): it is "
@@ -3111,9 +3145,31 @@ def credential_in_remote(config_text):
     return None
 
 
+def docker_config_proxies():
+    """The proxies of the docker client's config file (its "default"), as
+    variables: the client would give them to every container."""
+    proxies = docker_client_config().get("proxies")
+    proxies = proxies.get("default") if isinstance(proxies, dict) else None
+    keys = {"httpProxy": "HTTP_PROXY", "httpsProxy": "HTTPS_PROXY", "noProxy": "NO_PROXY",
+            "allProxy": "ALL_PROXY"}
+    found = {}
+    for key, name in keys.items():
+        value = proxies.get(key) if isinstance(proxies, dict) else None
+        if isinstance(value, str) and value:
+            found[name] = found[name.lower()] = value
+    return found
+
+
+def without_proxies(environ):
+    return {name: value for name, value in environ.items() if name not in PROXY_ENV}
+
+
 def container_env(environ, pass_env):
     """[(name, value)] a run exports inside: the short list, LC_*, and
-    PI_AGENT_PASS_ENV from our environment; credentials set empty."""
+    PI_AGENT_PASS_ENV from our environment; credentials set empty. The
+    docker client's proxies come in where ours are not set."""
+    if not any(name in environ for name in PROXY_ENV):
+        environ = dict(docker_config_proxies(), **environ)
     names = [name for name in ALLOWED_ENV if name in environ]
     names += sorted(name for name in environ if name.startswith("LC_"))
     names += [name for name in pass_env if name in environ and name not in names]
@@ -3728,7 +3784,8 @@ class RunPlan:
                        LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
-        self.env = container_env(environ, config.pass_env)
+        self.env = container_env(environ, config.pass_env if kind == "run" or
+                                 not config.keys_for_agent_only else [])
         if not any(name == "EMAIL" for name, _value in self.env):
             self.env.append(("EMAIL", config.git_identity[1]))  # (see script())
         if kind == "run":
@@ -3765,7 +3822,7 @@ class RunPlan:
     def _run_args(self):
         args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
         args += label_args(self.labels)
-        args += CAP_DROP_ARGS
+        args += CAP_DROP_ARGS + NO_PROXY_ARGS
         for source, destination, readonly in self.mounts:
             args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
         if self.network:
@@ -3955,8 +4012,8 @@ def make_home_parents(line, plan):
     try:
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
-               *CAP_DROP_ARGS,
-               *label_args(labels), *script_command(image, run_dir))
+               *CAP_DROP_ARGS, *NO_PROXY_ARGS, *label_args(labels),
+               *script_command(image, run_dir), env=without_proxies(os.environ))
         labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
                                                   "exit_status": 0, "mount": plan.mount_point})
         docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
@@ -4617,7 +4674,7 @@ def run_attached(argv, container):
     once this returns); the saver commits it as it was, then removes it.
     """
     try:
-        proc = subprocess.Popen(["docker", *argv])
+        proc = subprocess.Popen(["docker", *argv], env=without_proxies(os.environ))
     except FileNotFoundError:
         raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
 
@@ -4883,7 +4940,9 @@ def cmd_status(args):
     print("pi-agent %s" % __version__)
     print("\nsettings (config file: %s%s):" % (
         config.path, "" if os.path.exists(config.path) else ", absent"))
-    rows = [(name, config.raw[name], "(%s)" % config.sources[name]) for name, _d, _m in SETTINGS]
+    rows = [(name, config.raw[name] if len(config.raw[name]) <= 60 else
+             config.raw[name][:57] + "...", "(%s)" % config.sources[name])
+            for name, _d, _m in SETTINGS]
     print_table(rows)
     sys.stdout.flush()
     for problem in config.problems:
@@ -4914,9 +4973,10 @@ def cmd_status(args):
     if current is not None:
         found = installed_agents(line, current)
         print("agents in current: %s" % (", ".join(
-            "%s%s (%s)" % (name, " *" if name == config.agent else "", printable(version))
-            for name, version in sorted(found.items())) or "none yet (the first pi installs %s)"
-            % config.agent))
+            "%s (%s)" % (name, printable(version)[:60]) for name, version in sorted(found.items()))
+            or "none yet"))
+        if config.agent not in found:
+            print("  (the first pi installs %s)" % config.agent)
     if drift:
         print("the base differs from your settings: %s; pi-rebuild-base builds it again (then "
               "pi-reset-system starts current afresh from it; your environment stays a snapshot)"
@@ -4959,9 +5019,12 @@ def installed_agents(line, image):
             return cached[image["Id"]]
     except (OSError, ValueError):
         pass
+    # The first line with a version number in it (a tool may warn first).
     script = ('limit=; command -v timeout >/dev/null 2>&1 && limit="timeout 30";'
               ' for c in "$@"; do command -v "$c" >/dev/null 2>&1 || continue;'
-              ' v=$($limit "$c" --version 2>&1 </dev/null | head -n 1);'
+              ' out=$($limit "$c" --version 2>&1 </dev/null);'
+              ' v=$(printf "%s\\n" "$out" | grep -m 1 "[0-9]\\.[0-9]" || printf "%s\\n" "$out"'
+              ' | head -n 1);'
               ' printf "%s\\t%s\\n" "$c" "$v"; done')
     commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
     # What the agent installed runs here: as contained as a run, with less.

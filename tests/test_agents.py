@@ -13,7 +13,6 @@ import shutil
 
 import pytest
 
-from conftest import docker
 
 def fixture(box, name):
     """A test fixture copied into the project, where the run can read it."""
@@ -59,8 +58,9 @@ def test_the_real_pi_installs_once_and_works_a_session_offline(box):
     assert os.stat(os.path.join(box.project, "hello.txt")).st_uid == box.user.uid
     sessions = box.ok("pi-exec sh -c 'cat ~/.pi/agent/sessions/*/*.jsonl'").stdout
     assert "hi from pi" in sessions, "Pi's session is kept in current"
+    box.wait_saved()
     status = box.ok("pi-status").stdout
-    assert re.search(r"agents in current: pi \* \(\d+\.\d+\.\d+\)", status), status
+    assert re.search(r"agents in current: pi \(\d+\.\d+\.\d+\)", status), status
 
 
 def test_the_base_has_node_for_pi_and_trusts_the_certificates_given(box):
@@ -103,12 +103,12 @@ def test_the_base_has_node_for_pi_and_trusts_the_certificates_given(box):
 def test_commits_inside_work_in_an_image_with_no_git_identity(box):
     box.init_repo()
     before = open(os.path.join(box.project, ".git", "config")).read()
-    # An image with no identity: as one the user brings may be.
-    box.ok("pi-exec sh -c 'git config --global --unset user.email; "
-           "git config --global --unset user.name'")
-    out = box.ok("pi-exec sh -c 'cd $(mktemp -d) && git init -q && "
-                 "git commit -q --allow-empty -m x && git log --format=%an/%ae'").stdout
-    assert out.strip() == "Agent/agent@pi-agent.invalid"
+    # The shipped base has no identity of its own (nor may an image you bring).
+    commit = ("pi-exec sh -c 'cd $(mktemp -d) && git init -q && "
+              "git commit -q --allow-empty -m x && git log --format=%an/%ae'")
+    assert box.ok(commit).stdout.strip() == "Agent/agent@pi-agent.invalid"
+    assert box.ok(commit, env={"PI_AGENT_GIT_IDENTITY": "Bob B <bob@example.com>"}).stdout \
+        .strip() == "Bob B/bob@example.com"
     box.ok("pi-exec git config --global user.name Mine")
     assert box.ok("pi-exec sh -c 'cd $(mktemp -d) && git init -q && "
                   "git commit -q --allow-empty -m x && git log --format=%an'").stdout \
@@ -120,8 +120,17 @@ def test_proxy_variables_reach_the_run_and_never_an_image(box):
     proxies = {"HTTPS_PROXY": "http://proxy.invalid:3128", "no_proxy": "localhost,.corp"}
     out = box.ok("pi-exec sh -c 'echo $HTTPS_PROXY $no_proxy; touch ~/p'", env=proxies).stdout
     assert out.split() == ["http://proxy.invalid:3128", "localhost,.corp"]
+    # The docker client's own proxies (which it would give every container,
+    # and a commit would keep): in the run, not in the image either.
+    client = box.mkdir(os.path.join(box.home, "docker-client"))
+    with open(os.path.join(client, "config.json"), "w") as handle:
+        json.dump({"proxies": {"default": {"httpProxy": "http://client-proxy.invalid:8080",
+                                           "noProxy": "client.corp"}}}, handle)
+    out = box.ok("pi-exec sh -c 'echo $HTTP_PROXY $no_proxy; touch ~/q'",
+                 env={"DOCKER_CONFIG": client}).stdout
+    assert out.split() == ["http://client-proxy.invalid:8080", "client.corp"]
     config = json.dumps(box.inspect(box.repo + ":current")["Config"])
-    assert "proxy.invalid" not in config and ".corp" not in config
+    assert "proxy.invalid" not in config and "corp" not in config, config
 
 
 def test_an_agent_for_one_run_is_that_agents_command(box):
@@ -135,5 +144,5 @@ def test_an_agent_for_one_run_is_that_agents_command(box):
 def test_each_agent_installs_from_its_preset_and_runs(box, agent):
     result = box.ok("pi --agent %s -- --version" % agent, timeout=900)
     assert version(result.stdout + result.stderr) is not None, result.stderr
+    box.wait_saved()
     assert agent in box.ok("pi-status").stdout.split("agents in current:")[1]
-    docker("image", "inspect", box.repo + ":current")

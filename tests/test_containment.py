@@ -171,6 +171,17 @@ def test_config_files_git_reads_from_the_project_are_read_only(box):
     assert "disabled conf/git.cfg" in swap.stderr
     host_git(box, "status")
     assert not os.path.exists(marker(box))
+    # The directory above it made a link to the host's own files: nothing
+    # there is the agent's, and the sweep must not act on it.
+    box.ok("rm -r conf && mv conf2 conf")
+    mine = box.mkdir(os.path.join(box.home, ".config", "git"))
+    with open(os.path.join(mine, "git.cfg"), "w") as handle:
+        handle.write("[alias]\n\tmine = status\n")
+    box.chown(mine)
+    out = agent(box, "mv conf conf2 && ln -s %s conf" % mine)
+    assert "leads out of the project" in out.stderr and "disabled" not in out.stderr
+    assert os.listdir(mine) == ["git.cfg"], "the host's file stays where it is"
+    box.ok("rm conf && mv conf2 conf")
     box.ok("git config include.path ../conf/missing.cfg")
     missing = box.sh("pi-exec true")
     assert missing.returncode == 3 and "could create it" in missing.stderr

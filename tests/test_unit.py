@@ -319,7 +319,9 @@ def test_run_args_run_the_script_and_label_the_container():
     assert pi_agent.mount_spec(plan.run_dir, "/dev/pi-agent") + ",readonly" in mounts
     assert plan.workdir == "/home/alice/a,b/sub"
     # neither values nor the command are in the container's config
-    assert "k" not in args and "make" not in args and "-e" not in args and "-w" not in args
+    assert "k" not in args and "make" not in args and "-w" not in args
+    bare = [args[i + 1] for i, a in enumerate(args) if a == "-e"]
+    assert sorted(bare) == sorted(pi_agent.PROXY_ENV), "-e only to keep the client's proxies out"
 
 
 def test_run_args_replace_an_entrypoint_only_when_there_is_one():
@@ -475,6 +477,18 @@ def test_agent_presets(environ, flag, command, install, keys, agent):
     assert "OTHER" not in passed
 
 
+def test_the_agents_keys_go_to_the_agent_and_a_list_you_set_to_every_run():
+    image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
+    environ = {"ANTHROPIC_API_KEY": "k", "MINE": "m"}
+    for settings, kind, passed in (({}, "run", "k"), ({}, "exec", None), ({}, "shell", None),
+                                   ({"PI_AGENT_PASS_ENV": "MINE"}, "exec", "m")):
+        config = pi_agent.Config(dict(settings, HOME="/home/alice"))
+        plan = pi_agent.RunPlan(pi_agent.Line(config), kind, ["x"], image,
+                                pi_agent.Project("/tmp/p"), environ, 1.0, 1, False, "snap-x")
+        values = dict(plan.env)
+        assert values.get("ANTHROPIC_API_KEY", values.get("MINE")) == passed, (settings, kind)
+
+
 def test_an_unknown_agent_is_a_bad_setting_or_a_usage_error():
     with pytest.raises(pi_agent.BadSetting, match="use one of pi, claude, codex, aider, opencode"):
         pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_AGENT": "gpt"})
@@ -495,6 +509,8 @@ def test_ca_certificates_are_read_in_order_and_never_a_key(tmp_path):
     (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nx\n")
     with pytest.raises(pi_agent.Refused, match="private key"):
         pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_CA_CERTS": str(tmp_path)})
+    with pytest.raises(pi_agent.BadSetting, match="cannot read /nonexistent"):
+        pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_CA_CERTS": "/nonexistent"})
 
 
 def run_tool(*args, env=None):

@@ -696,37 +696,62 @@ def parse_pass_env(value):
     return names
 
 
-def read_ca_certs(value):
-    """The PEM text of PI_AGENT_CA_CERTS (files, or directories of *.crt
-    and *.pem, comma separated), in a stable order: certificates only, so
-    nothing secret is built into an image."""
-    texts = []
+def ca_cert_files(value):
+    """The files PI_AGENT_CA_CERTS names (absolute paths: files, or
+    directories of *.crt and *.pem), in a stable order."""
+    files = []
     for item in (part.strip() for part in value.split(",")):
         if not item:
             continue
-        if os.path.isdir(item):
-            try:
-                names = os.listdir(item)
-            except OSError as err:
-                raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (item, err.strerror))
-            files = sorted(os.path.join(item, name) for name in names
-                           if name.endswith((".crt", ".pem")))
-        else:
-            files = [item]
-        for path in files:
-            try:
-                with open(path, encoding="ascii") as handle:
-                    text = handle.read()
-            except (OSError, UnicodeDecodeError) as err:
-                raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (
-                    path, getattr(err, "strerror", None) or err))
-            if "PRIVATE KEY" in text:
-                raise Refused("PI_AGENT_CA_CERTS: %s holds a private key, which must never go "
-                              "into an image; name the certificate alone" % path)
-            if "-----BEGIN CERTIFICATE-----" not in text:
-                raise BadSetting("PI_AGENT_CA_CERTS: %s is not a PEM certificate" % path)
-            texts.append(text.strip())
-    return "\n".join(texts)
+        if not item.startswith("/"):
+            raise BadSetting("PI_AGENT_CA_CERTS: %s must be an absolute path (a relative one "
+                             "would be read from the project you are in)" % item)
+        if not os.path.isdir(item):
+            files.append(item)
+            continue
+        try:
+            names = os.listdir(item)
+        except OSError as err:
+            raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (item, err.strerror))
+        files += sorted(os.path.join(item, name) for name in names
+                        if name.endswith((".crt", ".pem")))
+    return files
+
+
+CERT_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+"
+                        r"-----END CERTIFICATE-----")
+# What one build arg can carry (the kernel's limit for one argument is 128 KiB).
+MAX_CA_TEXT = 100000
+
+
+def read_ca_certs(value):
+    """The certificates of PI_AGENT_CA_CERTS as PEM text: the certificate
+    blocks of regular files, nothing else of them, so nothing secret is
+    built into an image."""
+    blocks = []
+    for path in ca_cert_files(value):
+        try:
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
+                raise BadSetting("PI_AGENT_CA_CERTS: %s is not a certificate file (a regular "
+                                 "file under 1 MB)" % path)
+            with open(path, "rb") as handle:
+                text = handle.read(1 << 20).decode("ascii", "replace")
+        except OSError as err:
+            raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (path, err.strerror))
+        if "PRIVATE KEY" in text:
+            raise Refused("PI_AGENT_CA_CERTS: %s holds a private key, which must never go "
+                          "into an image; name the certificate alone" % path)
+        found = CERT_BLOCK.findall(text)
+        if not found:
+            raise BadSetting("PI_AGENT_CA_CERTS: %s is not a PEM certificate" % path)
+        blocks += [block.replace("\r", "") for block in found]
+    text = "\n".join(blocks)
+    if len(text) > MAX_CA_TEXT:
+        raise BadSetting("PI_AGENT_CA_CERTS: %d certificates (%d kB) are more than a build "
+                         "can take; name only those your network needs (not a whole system "
+                         "bundle)" % (len(blocks), len(text) // 1000))
+    return text
 
 
 # ----------------------------------------------------------------- docker
@@ -2759,11 +2784,14 @@ def keep_agent_config(record, repo, gate_fd):
 # ------------------------------------------------- before and after a run
 
 def guarded_dirs(config):
-    """pi-agent's own directories and its config file: no project may hold
-    (or be inside) one, or the agent could rewrite what the host runs next.
+    """pi-agent's own directories, its config file and the CA certificates
+    it builds into a base: no project may hold (or be inside) one, or the
+    agent could rewrite what the host runs (or trusts) next.
     The file, not its directory: a config file kept in the home must not
     make every project there refused."""
-    return [os.path.realpath(path) for path in (HERE, config.state_dir, config.path)]
+    ca_paths = [path.strip() for path in config.raw["PI_AGENT_CA_CERTS"].split(",")]
+    return [os.path.realpath(path) for path in [HERE, config.state_dir, config.path]
+            + [path for path in ca_paths if path]]
 
 
 def start_config_listing(repo):
@@ -5010,7 +5038,9 @@ def cmd_status(args):
 def installed_agents(line, image):
     """{agent: its --version line} of the known agents installed in
     `image`: one throwaway container (no network, nothing mounted), asked
-    once per image and remembered beside the state, so that no run pays."""
+    once per image and remembered beside the state, so that no run pays.
+    What answers is the agent's (its sh too): the answer is bounded in
+    time and size, and read from no input of ours."""
     path = os.path.join(line.state_dir, os.path.basename(line.state_path)[:-5] + ".agents.json")
     try:
         with open(path, encoding="utf-8") as handle:
@@ -5027,19 +5057,38 @@ def installed_agents(line, image):
               ' | head -n 1);'
               ' printf "%s\\t%s\\n" "$c" "$v"; done')
     commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
-    # What the agent installed runs here: as contained as a run, with less.
-    result = docker("run", "--rm", "-i", "--network", "none", "--entrypoint", "sh",
-                    *CAP_DROP_ARGS,
-                    image["Id"], "-c", script, "sh", *commands, check=False)
+    name = "pi-agent-status-%d" % os.getpid()
+    call = DockerCall(("run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh",
+                       *CAP_DROP_ARGS, *line.config.limits, image["Id"], "-c", script, "sh",
+                       *commands), capture=False, stdin=subprocess.DEVNULL,
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    import select
+    output, deadline = b"", time.monotonic() + 60
+    while len(output) < 4096 and time.monotonic() < deadline:
+        if not select.select([call.proc.stdout], [], [], deadline - time.monotonic())[0]:
+            break
+        chunk = os.read(call.proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        output += chunk
+    try:
+        call.proc.wait(timeout=1 if len(output) >= 4096 else
+                       max(deadline - time.monotonic(), 0) + 1)
+    except subprocess.TimeoutExpired:  # too slow, or too much to say
+        docker("rm", "-f", name, check=False)
+        call.proc.kill()
+        call.proc.wait()
+    call.proc.stdout.close()
     found = {}
-    for row in result.stdout.splitlines():
+    for row in output.decode("utf-8", "replace").splitlines():
         command, _, version = row.partition("\t")
         if command in commands:
-            found[commands[command]] = version.strip() or "?"
-    if result.returncode == 0:
+            found[commands[command]] = version.strip()[:80] or "?"
+    if call.proc.returncode == 0:
         temp = "%s.%d.tmp" % (path, os.getpid())
         try:
-            with open(temp, "w", encoding="utf-8") as handle:
+            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                           encoding="utf-8") as handle:
                 json.dump({image["Id"]: found}, handle)
             os.replace(temp, path)
         except OSError:
@@ -5342,7 +5391,7 @@ def near_miss(word):
     if word == "--" or not word.startswith(tuple(DASHES)) or not stem:
         return None
     name = "--" + stem
-    options = sorted(flag for flag in LIFECYCLE_FLAGS if flag.startswith("--"))
+    options = sorted(flag for flag in LIFECYCLE_FLAGS | {AGENT_FLAG} if flag.startswith("--"))
     for option in options:
         if len(stem) >= 3 and (option.startswith(name) or name.startswith(option + "-")):
             return option
@@ -5360,7 +5409,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = Parser(
-        prog="pi-agent", usage="pi [--wait] [--here] [--offline] [--dry-run] [--] [AGENT ARGS]\n"
+        prog="pi-agent", usage="pi [--agent NAME] [--wait] [--here] [--offline] [--dry-run] "
+        "[--] [AGENT ARGS]\n"
         "       pi-COMMAND [OPTIONS] [ARGS]   (pi_agent.py COMMAND ...)",
         description=__doc__.split("\nEvery run:")[0].split("\n\n", 1)[1],
         epilog=EXAMPLES + "\n" + __doc__[__doc__.index("Exit codes:"):],
@@ -5383,6 +5433,9 @@ def build_parser():
                              help="no network for this run (like PI_AGENT_NETWORK=none)")
         command.add_argument("--dry-run", action="store_true",
                              help="print the docker commands a run would use; change nothing")
+        if name == "run":
+            command.add_argument("--agent", metavar="NAME", choices=list(AGENTS),
+                                 help="this agent for this run: %s" % ", ".join(AGENTS))
         command.set_defaults(func=func)
 
     lifecycle_parser("run", cmd_run, "run the agent in the current project", "[--] [AGENT ARGS]")

@@ -62,7 +62,8 @@ function pi-unlock { _pi_agent unlock "$@"; }
 # containers for pi-recover, commands after pi-exec's options.
 function _pi_agent_candidates {
   case $1 in
-    pi|pi-shell) printf '%s\n' --wait --here --offline --dry-run --help --version -- ;;
+    pi) printf '%s\n' --agent --wait --here --offline --dry-run --help --version -- ;;
+    pi-shell) printf '%s\n' --wait --here --offline --dry-run --help --version -- ;;
     pi-exec) printf '%s\n' --wait --here --offline --dry-run --help -- ;;
     pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --help ;;
     pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --help ;;

@@ -146,3 +146,19 @@ def test_each_agent_installs_from_its_preset_and_runs(box, agent):
     assert version(result.stdout + result.stderr) is not None, result.stderr
     box.wait_saved()
     assert agent in box.ok("pi-status").stdout.split("agents in current:")[1]
+
+
+def test_status_asks_the_agents_in_current_without_trusting_them(box):
+    """What answers pi-status's question is the agent's: a flood of output
+    is cut, escape sequences are shown escaped, the caller's input is not
+    read, and the answer is remembered per image."""
+    box.ok("pi-exec sh -c 'mkdir -p ~/.local/bin && cd ~/.local/bin && "
+           "printf \"#!/bin/sh\\nyes 1.2.3-flood | head -c 30000000\\n\" > claude && "
+           "printf \"#!/bin/sh\\nprintf \\\"\\\\033]0;x\\\\007 9.9.9\\\\n\\\"\\n\" > codex && "
+           "chmod +x claude codex'")
+    box.wait_saved()
+    result = box.ok("printf 'kept\\n' | { pi-status; cat; }")
+    listed = result.stdout.split("agents in current:")[1].splitlines()[0]
+    assert "claude (1.2.3-flood)" in listed and "codex (\\x1b]0;x\\x07 9.9.9)" in listed, listed
+    assert result.stdout.endswith("kept\n"), "pi-status left the caller's input alone"
+    assert len(result.stdout) < 10000

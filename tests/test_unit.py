@@ -511,6 +511,29 @@ def test_ca_certificates_are_read_in_order_and_never_a_key(tmp_path):
         pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_CA_CERTS": str(tmp_path)})
     with pytest.raises(pi_agent.BadSetting, match="cannot read /nonexistent"):
         pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_CA_CERTS": "/nonexistent"})
+    with pytest.raises(pi_agent.BadSetting, match="must be an absolute path"):
+        pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_CA_CERTS": "certs/corp.crt"})
+    # Only the certificate blocks of a file go into the image: never a secret
+    # that came with them (an OpenVPN static key says no "PRIVATE KEY").
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "vpn.pem").write_text(pem + "-----BEGIN OpenVPN Static key V1-----\nSECRET\n"
+                                   "-----END OpenVPN Static key V1-----\n")
+    text = pi_agent.read_ca_certs(str(mixed))
+    assert "SECRET" not in text and text.strip() == pem.strip()
+    os.mkfifo(str(mixed / "pipe.crt"))
+    with pytest.raises(pi_agent.BadSetting, match="not a certificate file"):
+        pi_agent.read_ca_certs(str(mixed))
+    os.remove(str(mixed / "pipe.crt"))
+    (mixed / "bundle.crt").write_text(pem * 2000)
+    with pytest.raises(pi_agent.BadSetting, match="more than a build can take"):
+        pi_agent.read_ca_certs(str(mixed))
+
+
+def test_a_slip_of_agent_is_a_usage_error_so_offline_is_never_lost():
+    with pytest.raises(pi_agent.PiError, match="did you mean --agent") as err:
+        pi_agent.parse_args(["run", "--agnet", "claude", "--offline"])
+    assert err.value.code == 2
 
 
 def run_tool(*args, env=None):

@@ -121,13 +121,6 @@ OTHER_VARIABLES = ("PI_AGENT_PYTHON", "PI_AGENT_CONFIG", "PI_AGENT_HOME", "PI_AG
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
              "http_proxy", "https_proxy", "no_proxy", "all_proxy")
 ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ") + PROXY_ENV
-# The docker client adds its config file's proxies (~/.docker/config.json)
-# to every container it starts, and a commit would keep them in the image:
-# a container that is committed names each proxy variable bare (-e NAME),
-# which keeps the client from adding it, and is started by a client whose
-# environment has none of them, so that the bare name sets nothing. (The
-# run script gives the run its proxies, the config file's too.)
-NO_PROXY_ARGS = [arg for name in PROXY_ENV for arg in ("-e", name)]
 
 # The agents pi-agent knows (PI_AGENT_AGENT, pi --agent): the command, how
 # it installs itself inside, as the agent user (npm's prefix and ~/.local
@@ -3188,10 +3181,6 @@ def docker_config_proxies():
     return found
 
 
-def without_proxies(environ):
-    return {name: value for name, value in environ.items() if name not in PROXY_ENV}
-
-
 def container_env(environ, pass_env):
     """[(name, value)] a run exports inside: the short list, LC_*, and
     PI_AGENT_PASS_ENV from our environment; credentials set empty. The
@@ -3850,7 +3839,7 @@ class RunPlan:
     def _run_args(self):
         args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
         args += label_args(self.labels)
-        args += CAP_DROP_ARGS + NO_PROXY_ARGS
+        args += CAP_DROP_ARGS
         for source, destination, readonly in self.mounts:
             args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
         if self.network:
@@ -4040,8 +4029,7 @@ def make_home_parents(line, plan):
     try:
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
-               *CAP_DROP_ARGS, *NO_PROXY_ARGS, *label_args(labels),
-               *script_command(image, run_dir), env=without_proxies(os.environ))
+               *CAP_DROP_ARGS, *label_args(labels), *script_command(image, run_dir))
         labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
                                                   "exit_status": 0, "mount": plan.mount_point})
         docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
@@ -4127,6 +4115,12 @@ def commit_args(container, image, labels, message):
         args += ["--change", "CMD " + json.dumps(command, ensure_ascii=False)]
     if config.get("User"):
         args += ["--change", "USER " + config["User"]]
+    # The docker client gives every container its config file's proxies
+    # (~/.docker/config.json), and a commit would keep them: emptied unless
+    # the image had them. (The run script gives each run its proxies.)
+    had = {entry.split("=", 1)[0] for entry in config.get("Env") or []}
+    for name in sorted(set(docker_config_proxies()) - had):
+        args += ["--change", "ENV %s=" % name]
     for key in sorted(labels):
         args += ["--change", "LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(labels[key]))]
     return args + [container]
@@ -4702,7 +4696,7 @@ def run_attached(argv, container):
     once this returns); the saver commits it as it was, then removes it.
     """
     try:
-        proc = subprocess.Popen(["docker", *argv], env=without_proxies(os.environ))
+        proc = subprocess.Popen(["docker", *argv])
     except FileNotFoundError:
         raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
 

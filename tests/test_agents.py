@@ -131,6 +131,8 @@ def test_proxy_variables_reach_the_run_and_never_an_image(box):
     assert out.split() == ["http://client-proxy.invalid:8080", "client.corp"]
     config = json.dumps(box.inspect(box.repo + ":current")["Config"])
     assert "proxy.invalid" not in config and "corp" not in config, config
+    env = box.inspect(box.repo + ":current")["Config"]["Env"]
+    assert "HTTP_PROXY=" in env, "emptied, as the image had none"
 
 
 def test_an_agent_for_one_run_is_that_agents_command(box):

@@ -4892,7 +4892,17 @@ def lifecycle(args, kind, argv):
     under the line's lock, the saver forked, the container run in the
     foreground, then handed over."""
     import threading  # ctypes (for the project watch) loads meanwhile, off the path
-    threading.Thread(target=__import__, args=("ctypes",), daemon=True).start()
+    loader = threading.Thread(target=__import__, args=("ctypes",), daemon=True)
+    loader.start()
+    try:
+        return run_lifecycle(args, kind, argv)
+    finally:
+        # An interpreter that exits while a thread still loads a C
+        # extension can crash (exit 139): an early error waits for it.
+        loader.join()
+
+
+def run_lifecycle(args, kind, argv):
     started = time.monotonic()
     config = Config(agent=getattr(args, "agent", None))
     try:

@@ -207,7 +207,7 @@ class Sandbox:
         """(container, wrapper pid) of the run whose wrapper is alive, or (None, None)."""
         for cid in self.containers():
             pid = docker("inspect", "--format", '{{index .Config.Labels "pi-agent.pid"}}',
-                         cid).stdout.strip()
+                         cid, check=False).stdout.strip()  # (it may be gone meanwhile)
             if pid and os.path.exists("/proc/%s" % pid):
                 return cid, int(pid)
         return None, None

@@ -287,7 +287,7 @@ def test_ctrl_c_during_the_foreground_save_leaves_it_to_recovery(faulty):
     docker("exec", box.live_run()[0], "touch", box.home + "/go")
     assert wait_until(lambda: len(started(box, "commit")) > commits, timeout=60)
     os.kill(wrapper, signal.SIGINT)  # inside the foreground save's commit
-    assert run.wait(timeout=60) == 130
+    assert run.wait(timeout=60) == 130, run.stderr.read()
     clear(box, "commit-slow")
     result = box.ok("pi-exec test -e /usr/local/during")
     assert "recovered" in result.stderr or "saved already" in result.stderr, result.stderr

@@ -282,7 +282,8 @@ def test_ctrl_c_during_the_foreground_save_leaves_it_to_recovery(faulty):
     # wrapper still finds it there and leaves the save to it.
     assert wait_until(lambda: not pi_agent.pid_alive(saver), timeout=30)
     wrapper = box.wrapper_pid()
-    fault(box, "commit-slow", "5")
+    # Long enough that the signal lands inside the commit on a loaded machine.
+    fault(box, "commit-slow", "15")
     commits = len(started(box, "commit"))
     docker("exec", box.live_run()[0], "touch", box.home + "/go")
     assert wait_until(lambda: len(started(box, "commit")) > commits, timeout=60)

@@ -4903,6 +4903,7 @@ def lifecycle(args, kind, argv):
 
 
 def run_lifecycle(args, kind, argv):
+    """lifecycle()'s run, with the ctypes import under way beside it."""
     started = time.monotonic()
     config = Config(agent=getattr(args, "agent", None))
     try:

@@ -4986,9 +4986,9 @@ def cmd_status(args):
                                               os.environ.get("PI_AGENT_PYTHON", "python3")))
     print("engine: %s" % describe_engine())
     print("\nimages:")
-    rows, drift = [], []
+    rows, drift, found = [], [], {}
     for role, ref in (("base", line.base), ("current", line.current)):
-        image = inspect_image(ref)
+        image = found[role] = inspect_image(ref)
         if image is None:
             rows.append((role, ref, "absent", "", ""))
             continue
@@ -5002,13 +5002,12 @@ def cmd_status(args):
     rows.append(("snapshots", "%d" % len(snaps), "newest " + snaps[0]["tag"] if snaps else "", "",
                  ""))
     print_table(rows)
-    current = inspect_image(line.current)
-    if current is not None:
-        found = installed_agents(line, current)
+    if found["current"] is not None:
+        agents = installed_agents(line, found["current"])
         print("agents in current: %s" % (", ".join(
-            "%s (%s)" % (name, printable(version)[:60]) for name, version in sorted(found.items()))
+            "%s (%s)" % (name, printable(version)[:60]) for name, version in sorted(agents.items()))
             or "none yet"))
-        if config.agent not in found:
+        if config.agent not in agents:
             print("  (the first pi installs %s)" % config.agent)
     if drift:
         print("the base differs from your settings: %s; pi-rebuild-base builds it again (then "
@@ -5026,8 +5025,7 @@ def cmd_status(args):
     try:
         cwd = os.path.realpath(os.getcwd())
         project = Project.inspect(config, cwd, here=False)
-        image = inspect_image(line.current) or {}
-        point = mount_point(project.target, image_home(image), config.mount_at)
+        point = mount_point(project.target, image_home(found["current"] or {}), config.mount_at)
         print("target: %s (inside: %s)" % (printable(project.target), printable(
             os.path.join(point, project.subdir) if project.subdir else point)))
         for note in project.notes:

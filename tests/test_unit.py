@@ -103,6 +103,16 @@ def test_pi_agents_own_directories_are_never_a_project(home):
             pi_agent.find_target(cwd, [home], guarded=[state])
 
 
+def test_a_project_holding_the_ca_certificates_is_refused(home):
+    """The agent could add a certificate the next base build would trust."""
+    project = os.path.join(home, "src", "app")
+    certs = os.path.join(project, "certs")
+    os.makedirs(certs)
+    config = pi_agent.Config({"HOME": home, "PI_AGENT_CA_CERTS": certs})
+    with pytest.raises(pi_agent.Refused, match="holds pi-agent's own files"):
+        pi_agent.find_target(project, [home], guarded=pi_agent.guarded_dirs(config))
+
+
 def test_a_config_file_in_home_guards_itself_not_the_home(home):
     config = pi_agent.Config({"HOME": home, "PI_AGENT_CONFIG": os.path.join(home, ".pi.conf")})
     guarded = pi_agent.guarded_dirs(config)

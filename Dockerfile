@@ -77,7 +77,12 @@ RUN set -eu; \
     echo 'agent ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/agent; \
     chmod 0440 /etc/sudoers.d/agent
 
-ENV HOME=${AGENT_HOME} \
+# TINI_KILL_PROCESS_GROUP: docker run --init's tini passes a signal to the
+# run's whole process group. A run's script then stays the agent's parent,
+# so that a session that joined the run (pi-shell while pi runs) lasts until
+# it leaves, and the agent still gets each signal itself.
+ENV TINI_KILL_PROCESS_GROUP=1 \
+    HOME=${AGENT_HOME} \
     NPM_CONFIG_PREFIX=${AGENT_HOME}/.npm-global \
     PATH=${AGENT_HOME}/.local/bin:${AGENT_HOME}/.npm-global/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/games:/usr/local/games
 USER agent

@@ -15,6 +15,10 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-rollback [SNAPSHOT]           rollback      current := a snapshot (undoable)
   pi-reset-system                  reset-system  current := base (undoable)
   pi-reset-all [--yes]             reset-all     remove current and all snapshots
+ Side by side:
+  pi-branch [NAME [--from X]]      branch        list profiles; make one (a copy)
+  pi-branch --delete NAME          branch        delete a profile
+  pi-worktree NAME [BASE]          worktree      pi in ../REPO-NAME, profile NAME
  Keep it tidy:
   pi-prune [N] [--dry-run]         prune         keep the N newest snapshots
   pi-flatten                       flatten       rewrite current as one layer
@@ -70,6 +74,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = (
     ("PI_AGENT_IMAGE_REPO", "pi-agent",
      "image repository: REPO:base, REPO:current, REPO:snap-*"),
+    ("PI_AGENT_PROFILE", "",
+     "the environment's profile: an image line of its own, REPO:NAME-current and "
+     "REPO:NAME-snap-* (empty: REPO:current; pi-branch makes one; --profile NAME for one "
+     "command)"),
     ("PI_AGENT_DOCKERFILE", "<Dockerfile beside pi_agent.py>",
      "the Dockerfile the base image is built from"),
     ("PI_AGENT_BASE_IMAGE", "ubuntu:24.04",
@@ -194,12 +202,17 @@ CAP_DROP_ARGS = [arg for cap in CAP_DROP for arg in ("--cap-drop", cap)]
 
 SNAPSHOT_PREFIX = "snap-"
 SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
+# A profile is an image line of its own in the same repository (base is
+# shared): tags NAME-current and NAME-snap-*, its own lock and state. The
+# default profile has the plain names, current and snap-*.
+DEFAULT_PROFILE = "default"
+PROFILE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
 LABEL = "pi-agent."
 # The labels a run puts on its container. The engine copies container labels
 # into the committed image, so the save overwrites each with its image value;
 # only the wrapper pid, meaningless on an image, becomes empty. An empty pid
 # is also how a container started by hand from current is told from ours.
-RUN_LABELS = ("repo", "pid", "host", "target", "started", "kind", "snapshot", "kept")
+RUN_LABELS = ("repo", "profile", "pid", "host", "target", "started", "kind", "snapshot", "kept")
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
 # A run's environment and command reach the container as a script in a
@@ -209,6 +222,11 @@ MAX_KNOWN_MOUNTS = 200
 # the container's own layer.
 RUN_DIR_INSIDE = "/dev/pi-agent"
 RUN_SCRIPT = "run"
+# A session that joins a running run (pi-shell during pi) holds a shared
+# flock on this file of the run directory; the run's script, once its
+# command has ended, takes it exclusively: the container lives on until
+# the last session has left, and a session never joins one that is ending.
+JOIN_FILE = "join"
 # The CMD a committed image gets when its image had neither CMD nor
 # ENTRYPOINT: a commit keeps the container's command unless told another.
 FALLBACK_CMD = ["sh"]
@@ -476,10 +494,10 @@ class Config:
     """The effective settings. Precedence: defaults < the config file <
     the environment < command-line flags; `sources` says where each came from."""
 
-    def __init__(self, environ=None, lenient=False, agent=None):
+    def __init__(self, environ=None, lenient=False, agent=None, profile=None):
         """`lenient` (for pi-status): a bad line or value is kept in
         `problems` and its setting left at the default, instead of raised.
-        `agent`: pi --agent NAME, for one run."""
+        `agent`: pi --agent NAME, for one run; `profile`: --profile NAME."""
         environ = os.environ if environ is None else environ
         self.environ = environ
         self.path = config_path(environ)
@@ -496,6 +514,8 @@ class Config:
                 self.sources[name] = "%s line %d" % (self.path, from_file[name][1])
             else:
                 raw[name], self.sources[name] = self._default(name, default, environ), "default"
+        if profile is not None:
+            raw["PI_AGENT_PROFILE"], self.sources["PI_AGENT_PROFILE"] = profile, "--profile"
         self.raw = raw
         self._preset(agent)
         for _attempt in SETTINGS:
@@ -526,6 +546,10 @@ class Config:
                             self.image_repo):
             raise BadSetting("PI_AGENT_IMAGE_REPO=%s is not a Docker repository name "
                              "(lowercase letters, digits, . _ - /; no tag)" % self.image_repo)
+        self.profile = "" if raw["PI_AGENT_PROFILE"] == DEFAULT_PROFILE else raw["PI_AGENT_PROFILE"]
+        problem = profile_problem(self.profile) if self.profile else None
+        if problem:
+            raise BadSetting("PI_AGENT_PROFILE=%s: %s" % (self.profile, problem))
         self.dockerfile = raw["PI_AGENT_DOCKERFILE"]
         self.base_image = raw["PI_AGENT_BASE_IMAGE"]
         self.state_dir = os.path.normpath(raw["PI_AGENT_STATE_DIR"])
@@ -673,6 +697,21 @@ def parse_limits(raw):
             raise BadSetting("%s=%s is not %s" % (name, value, what))
         options += [option, value]
     return options
+
+
+def profile_problem(name):
+    """Why `name` cannot name a profile, or None. It becomes part of image
+    tags and, for pi-worktree, of a directory and a git branch."""
+    if not PROFILE_RE.fullmatch(name):
+        return ("a profile name is 1 to 40 of a-z, 0-9, '.', '_' and '-', starting with a "
+                "letter or digit")
+    if name in ("base", "current"):
+        return "%s is the name of an image of the default profile" % name
+    if name.startswith(SNAPSHOT_PREFIX):
+        return "a name starting with %s would read as a snapshot's" % SNAPSHOT_PREFIX
+    if ".." in name or name.endswith((".", ".lock")):
+        return "pi-worktree makes a git branch agent/NAME, and git refuses that one"
+    return None
 
 
 def parse_pass_env(value):
@@ -1004,6 +1043,8 @@ class Line:
       notice         a line for the next command to show
       pruned         snapshots a detached auto-prune removed, for the next
                      command to say
+      made           (a profile's) pi-branch made it: a run without a
+                     current starts from base
       corrupt        (read_state only) the file could not be read
 
     A holder that finds holder, failed, notice or corrupt set knows that
@@ -1012,10 +1053,15 @@ class Line:
 
     def __init__(self, config):
         self.config = config
-        self.repo = config.image_repo
+        self.repo, self.profile = config.image_repo, config.profile
+        # (a profile's tags: NAME-current, NAME-snap-*; base is shared)
+        self.tag_prefix = self.profile + "-" if self.profile else ""
+        self.name = "%s profile %s" % (self.repo, self.profile) if self.profile else self.repo
         self.base = self.repo + ":base"
-        self.current = self.repo + ":current"
-        key = self.repo.replace("%", "%25").replace("/", "%2F")
+        self.current = "%s:%scurrent" % (self.repo, self.tag_prefix)
+        # "@" is in no repository name: a profile's files are its own.
+        key = self.repo.replace("%", "%25").replace("/", "%2F") + (
+            "@" + self.profile if self.profile else "")
         self.state_dir = config.state_dir
         self.lock_path = os.path.join(self.state_dir, key + ".lock")
         self.state_path = os.path.join(self.state_dir, key + ".json")
@@ -1023,7 +1069,17 @@ class Line:
         self.run_dir = os.path.join(self.state_dir, "run")
 
     def snap(self, name):
-        return "%s:%s" % (self.repo, name)
+        return "%s:%s%s" % (self.repo, self.tag_prefix, name)
+
+    def snapshot_named(self, tag):
+        """The snapshot name of one of this line's tags, else None."""
+        name = tag[len(self.tag_prefix):] if tag.startswith(self.tag_prefix) else ""
+        return name if SNAPSHOT_RE.match(name) else None
+
+    def owns(self, labels):
+        """A container or image of this line's, by its labels."""
+        return labels.get(LABEL + "repo") == self.repo and \
+            (labels.get(LABEL + "profile") or "") == self.profile
 
     def read_state(self):
         try:
@@ -1157,8 +1213,10 @@ class LineLock:
                 if attempt:
                     os.close(self.fd)
                     self.fd = None
-                    raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
-                               % (self.line.repo, describe_holder(holder)))
+                    raise Busy("%s is in use by %s; add --wait to wait for it, or run beside it "
+                               "in another profile (pi-branch; pi-worktree NAME makes a worktree "
+                               "and a profile, and runs pi there)"
+                               % (self.line.name, describe_holder(holder)))
                 time.sleep(0.1)  # an agent that is just exiting is not worth an error
         state = self.line.read_state()
         found = dict(state)
@@ -1209,13 +1267,14 @@ def lock_project(line, target, kind, wait):
             local_time(holder.get("started")))
         if not wait and pid_alive(holder.get("pid")):
             os.close(fd)
-            raise Busy("%s is in use by %s; add --wait to wait for it, or see pi-status"
-                       % (target, who))
+            raise Busy("%s is in use by %s; add --wait to wait for it%s" % (
+                target, who, ", or join it: pi-shell" if holder.get("repo") == line.name
+                else ""))
         # (a holder that is gone left the end of its run to its saver)
         say("waiting for %s ..." % who)
         fcntl.flock(fd, fcntl.LOCK_EX)
         break
-    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.repo,
+    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.name,
                          "started": utc_iso(time.time())}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder, 0)
@@ -2924,11 +2983,13 @@ class Project:
         self.modules = modules
 
     @classmethod
-    def inspect(cls, config, cwd, here, hold=None):
+    def inspect(cls, config, cwd, here, hold=None, found=None):
         """Find and read the project; refusals (Refused) come from here,
         with nothing changed. `hold(target)` runs before it is read (a lock
-        that keeps another run's agent from changing it meanwhile)."""
-        target, subdir, repo, notes = find_target(cwd, home_dirs(), here, guarded_dirs(config))
+        that keeps another run's agent from changing it meanwhile).
+        `found`: what find_target() found already."""
+        target, subdir, repo, notes = found or find_target(cwd, home_dirs(), here,
+                                                           guarded_dirs(config))
         if hold:
             hold(target)
         try:
@@ -3291,12 +3352,14 @@ def snapshot_epoch(name):
 
 
 def list_snapshots(line):
-    """[{tag, id, created, size}] of REPO:snap-*, newest first (one docker call)."""
+    """[{tag, id, created, size}] of the line's snapshots (tag: the name,
+    snap-*), newest first (one docker call)."""
     rows = json_lines(docker(
         "image", "ls", line.repo, "--format",
         '{"tag":{{json .Tag}},"id":{{json .ID}},"created":{{json .CreatedAt}},'
         '"size":{{json .Size}}}').stdout)
-    snaps = [row for row in rows if SNAPSHOT_RE.match(row["tag"])]
+    snaps = [dict(row, tag=line.snapshot_named(row["tag"])) for row in rows
+             if line.snapshot_named(row["tag"])]
     snaps.sort(key=lambda row: row["tag"], reverse=True)
     return snaps
 
@@ -3428,12 +3491,17 @@ def remembered_current(state):
     return None
 
 
-def ensure_current(line, current=None):
+def ensure_current(line, current=None, made=True):
     """Current's inspect record; on first use tag it from base (built if
-    absent: then also True, for the run to say how long its first use took)."""
+    absent: then also True, for the run to say how long its first use took).
+    A profile starts from base only once pi-branch `made` it: a misspelled
+    --profile must not start an empty environment."""
     current = current or inspect_image(line.current)
     if current is not None:
         return current, False
+    if line.profile and not made:
+        raise NotFound("there is no profile %s; pi-branch %s makes it (a copy of current), "
+                       "pi-branch lists those there are" % (line.profile, line.profile))
     built = inspect_image(line.base) is None
     if built:
         build_base(line)
@@ -3478,8 +3546,9 @@ def kept_as(line, image):
     """The snapshot that keeps this image already (from its inspect
     record's tags), or None: an image is never kept under two names."""
     prefix = line.repo + ":"
-    names = [tag[len(prefix):] for tag in (image or {}).get("RepoTags") or []
-             if tag.startswith(prefix) and SNAPSHOT_RE.match(tag[len(prefix):])]
+    names = [line.snapshot_named(tag[len(prefix):]) for tag in (image or {}).get("RepoTags") or []
+             if tag.startswith(prefix)]
+    names = [name for name in names if name]
     return max(names) if names else None
 
 
@@ -3498,9 +3567,13 @@ def replace_current(line, state, old, new_ref):
 
 
 def remove_own_dangling(line):
-    """Remove untagged images that carry this line's label: only our own."""
+    """Remove untagged images that carry this line's labels: only our own
+    (another profile's save may hold one it is about to tag)."""
     ids = docker("image", "ls", "-q", "--filter", "dangling=true",
                  "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
+    if ids:
+        images = json.loads(docker("image", "inspect", *ids, check=False).stdout or "[]")
+        ids = [image["Id"] for image in images if line.owns(image_labels(image))]
     if ids:
         docker("rmi", *ids, check=False)
     return ids
@@ -3655,12 +3728,13 @@ def flatten_image(line, image, progress=False):
     config = image.get("Config") or {}
     # Flattens run under the line's lock, one at a time: any other such
     # container is what an interrupted one left behind.
-    stale = docker("ps", "-aq", "--filter", "label=%sflatten=1" % LABEL,
+    flatten_label = "%sflatten=%s" % (LABEL, "profile " + line.profile if line.profile else "1")
+    stale = docker("ps", "-aq", "--filter", "label=" + flatten_label,
                    "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
     if stale:
         docker("rm", "-f", *stale, check=False)
     holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo),
-                    "--label", LABEL + "flatten=1", image["Id"], "pi-agent-flatten").stdout.strip()
+                    "--label", flatten_label, image["Id"], "pi-agent-flatten").stdout.strip()
     try:
         started = time.monotonic()
         export = subprocess.Popen(["docker", "export", holder], stdout=subprocess.PIPE,
@@ -3793,20 +3867,16 @@ class RunPlan:
                 if not any(is_within(seen, parent) for seen in known):
                     self.home_parents.insert(0, parent)
                 parent = os.path.dirname(parent)
-        slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo)
+        slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo + "-" * bool(line.profile) + line.profile)
         self.container = "pi-agent-%s-%s-%d" % (slug, time.strftime("%Y%m%d-%H%M%S",
                                                                     time.gmtime(now)), pid)
         self.run_dir = os.path.join(line.run_dir, self.container)
-        self.labels = {LABEL + "repo": line.repo, LABEL + "pid": str(pid),
+        self.labels = {LABEL + "repo": line.repo, LABEL + "profile": line.profile,
+                       LABEL + "pid": str(pid),
                        LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
-        self.env = container_env(environ, config.pass_env if kind == "run" or
-                                 not config.keys_for_agent_only else [])
-        if not any(name == "EMAIL" for name, _value in self.env):
-            self.env.append(("EMAIL", config.git_identity[1]))  # (see script())
-        if kind == "run":
-            self.env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
+        self.env = session_env(config, kind, environ)
         self.record = self._record()
         self.mounts = ([(self.target, self.mount_point, False)]
                        + gate_mounts(self.record, self.run_dir)
@@ -3847,29 +3917,11 @@ class RunPlan:
         return args + self.line.config.limits + script_command(self.image, self.run_dir)
 
     def script(self, redact=False):
-        """The run script: the environment, the working directory, the command."""
-        lines = ["#!/bin/sh",
-                 "# pi-agent: the environment and command of %s (removed when it ends)"
-                 % self.container]
-        for name, value in self.env:
-            shown = "<from your environment>" if redact and value else value
-            lines.append("export %s=%s" % (name, shlex.quote(shown)))
-        # git's fallbacks for an image with no identity (EMAIL, above, for
-        # the address): commits work in any image, and nothing is written
-        # into a git config. A user.name the image has stays; it is looked
-        # for with the shell's own read (git config would cost every run 5 ms).
-        name = shlex.quote(self.line.config.git_identity[0])
-        lines += [
-            'for f in "$HOME/.gitconfig" "${XDG_CONFIG_HOME:-$HOME/.config}/git/config" '
-            '/etc/gitconfig; do [ -r "$f" ] || continue; s=',
-            '  while IFS= read -r l || [ -n "$l" ]; do case $l in *"["*) s=$l ;; *name*=*)',
-            '    case $s in *[Uu][Ss][Ee][Rr]*) named=1 ;; esac ;; esac; done < "$f"',
-            'done',
-            '[ -n "${named-}" ] || export GIT_AUTHOR_NAME=%s GIT_COMMITTER_NAME=%s' % (name, name),
-            'unset f s l named']
-        lines.append("cd %s || exit 1" % shlex.quote(self.workdir))
-        lines.append("exec " + shlex.join(self._inner(self.argv)))
-        return "\n".join(lines) + "\n"
+        """The run script: the environment, the working directory, the
+        command; it waits for sessions that joined the run to leave."""
+        return session_script(self.container, self.env, self.line.config, self.workdir,
+                              agent_command(self.kind, self.argv, self.line.config, self.network),
+                              redact, main=True)
 
     def save_meta(self, exit_status):
         """The run's labels and outcome, as save_run() takes them."""
@@ -3878,45 +3930,104 @@ class RunPlan:
                     mount=self.mount_point, epoch=self.started)
         return meta
 
-    def _inner(self, argv):
-        if self.kind == "exec":
-            # Through sh: a missing command is the shell's one line and 127,
-            # not the runtime's OCI error and 126.
-            return ["sh", "-c", 'exec "$@"', "pi-exec"] + list(argv)
-        if self.kind == "shell":
-            return ["sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash; exec sh"]
-        if self.network == "none":
-            script = ('command -v "$1" >/dev/null 2>&1 || {'
-                      ' echo "pi-agent: $1 is not installed here, and an offline run cannot'
-                      ' install it; run pi once with the network" >&2; exit 127; }; exec "$@"')
-            return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
-        # Installed on first use: on a terminal with its output and the
-        # time it took; in a pipe quietly (its output only if it fails),
-        # so that the agent's own output stays clean.
+
+def agent_command(kind, argv, config, network):
+    """What a session of `kind` runs inside: the command (exec), a shell,
+    or the agent (run), installed on first use."""
+    if kind == "exec":
+        # Through sh: a missing command is the shell's one line and 127,
+        # not the runtime's OCI error and 126.
+        return ["sh", "-c", 'exec "$@"', "pi-exec"] + list(argv)
+    if kind == "shell":
+        return ["sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash; exec sh"]
+    if network == "none":
         script = ('command -v "$1" >/dev/null 2>&1 || {'
-                  ' log=/tmp/pi-agent-install.log; started=$(date +%s);'
-                  ' if [ -t 2 ]; then'
-                  ' echo "pi-agent: $1 is not installed here; installing it: $PI_AGENT_INSTALL_CMD" >&2;'
-                  ' sh -c "$PI_AGENT_INSTALL_CMD" >&2; status=$?; else'
-                  ' sh -c "$PI_AGENT_INSTALL_CMD" >"$log" 2>&1; status=$?;'
-                  ' if [ $status != 0 ] || ! command -v "$1" >/dev/null 2>&1; then'
-                  ' cat "$log" >&2; fi; fi;'
-                  ' rm -f "$log";'
-                  ' if [ $status != 0 ]; then'
-                  ' echo "pi-agent: the install command failed (exit $status); fix'
-                  ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them). Paths it'
-                  ' named are inside the environment, not on your host: pi-exec cat PATH shows'
-                  ' one" >&2;'
-                  ' exit $status; fi;'
-                  ' command -v "$1" >/dev/null 2>&1 || {'
-                  ' echo "pi-agent: the install command ended without installing $1 (its'
-                  ' output is above: no network?); check that, or fix PI_AGENT_INSTALL_CMD or'
-                  ' PI_AGENT_COMMAND (pi-status shows them)" >&2;'
-                  ' exit 127; };'
-                  ' [ -t 2 ] && echo "pi-agent: installed $1 in $(( $(date +%s) - started )) s" >&2;'
-                  ' };'
-                  ' exec "$@"')
-        return ["sh", "-c", script, "pi-agent"] + self.line.config.command_argv + list(argv)
+                  ' echo "pi-agent: $1 is not installed here, and an offline run cannot'
+                  ' install it; run pi once with the network" >&2; exit 127; }; exec "$@"')
+        return ["sh", "-c", script, "pi-agent"] + config.command_argv + list(argv)
+    # Installed on first use: on a terminal with its output and the
+    # time it took; in a pipe quietly (its output only if it fails),
+    # so that the agent's own output stays clean.
+    script = ('command -v "$1" >/dev/null 2>&1 || {'
+              ' log=/tmp/pi-agent-install.log; started=$(date +%s);'
+              ' if [ -t 2 ]; then'
+              ' echo "pi-agent: $1 is not installed here; installing it: $PI_AGENT_INSTALL_CMD" >&2;'
+              ' sh -c "$PI_AGENT_INSTALL_CMD" >&2; status=$?; else'
+              ' sh -c "$PI_AGENT_INSTALL_CMD" >"$log" 2>&1; status=$?;'
+              ' if [ $status != 0 ] || ! command -v "$1" >/dev/null 2>&1; then'
+              ' cat "$log" >&2; fi; fi;'
+              ' rm -f "$log";'
+              ' if [ $status != 0 ]; then'
+              ' echo "pi-agent: the install command failed (exit $status); fix'
+              ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them). Paths it'
+              ' named are inside the environment, not on your host: pi-exec cat PATH shows'
+              ' one" >&2;'
+              ' exit $status; fi;'
+              ' command -v "$1" >/dev/null 2>&1 || {'
+              ' echo "pi-agent: the install command ended without installing $1 (its'
+              ' output is above: no network?); check that, or fix PI_AGENT_INSTALL_CMD or'
+              ' PI_AGENT_COMMAND (pi-status shows them)" >&2;'
+              ' exit 127; };'
+              ' [ -t 2 ] && echo "pi-agent: installed $1 in $(( $(date +%s) - started )) s" >&2;'
+              ' };'
+              ' exec "$@"')
+    return ["sh", "-c", script, "pi-agent"] + config.command_argv + list(argv)
+
+
+def session_env(config, kind, environ):
+    """[(name, value)] a session of `kind` gets: the agent's keys reach the
+    agent only, unless PI_AGENT_PASS_ENV names them (see Config)."""
+    env = container_env(environ, config.pass_env if kind == "run" or
+                        not config.keys_for_agent_only else [])
+    if not any(name == "EMAIL" for name, _value in env):
+        env.append(("EMAIL", config.git_identity[1]))  # (see session_script())
+    if kind == "run":
+        env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
+    return env
+
+
+def session_script(container, env, config, workdir, command, redact=False, main=False):
+    """A session's script: its environment, git's identity fallback, the
+    working directory, the command. The run's own (`main`) stays the
+    command's parent where it can, so that sessions that joined the run
+    (they hold the run directory's JOIN_FILE) end when they leave, not
+    with the agent: tini (docker run --init) must send signals to the
+    whole process group for that (TINI_KILL_PROCESS_GROUP, in the shipped
+    Dockerfile), so that the agent still gets them, and flock is needed."""
+    lines = ["#!/bin/sh",
+             "# pi-agent: the environment and command of %s (removed when it ends)" % container]
+    for name, value in env:
+        shown = "<from your environment>" if redact and value else value
+        lines.append("export %s=%s" % (name, shlex.quote(shown)))
+    # git's fallbacks for an image with no identity (EMAIL, in env, for the
+    # address): commits work in any image, and nothing is written into a
+    # git config. A user.name the image has stays; it is looked for with
+    # the shell's own read (git config would cost every run 5 ms).
+    name = shlex.quote(config.git_identity[0])
+    lines += [
+        'for f in "$HOME/.gitconfig" "${XDG_CONFIG_HOME:-$HOME/.config}/git/config" '
+        '/etc/gitconfig; do [ -r "$f" ] || continue; s=',
+        '  while IFS= read -r l || [ -n "$l" ]; do case $l in *"["*) s=$l ;; *name*=*)',
+        '    case $s in *[Uu][Ss][Ee][Rr]*) named=1 ;; esac ;; esac; done < "$f"',
+        'done',
+        '[ -n "${named-}" ] || export GIT_AUTHOR_NAME=%s GIT_COMMITTER_NAME=%s' % (name, name),
+        'unset f s l named']
+    lines.append("cd %s || exit 1" % shlex.quote(workdir))
+    run = shlex.join(command)
+    if not main:
+        return "\n".join(lines + ["exec " + run]) + "\n"
+    lines += [
+        'if [ -z "${TINI_KILL_PROCESS_GROUP+set}" ] || ! command -v flock >/dev/null 2>&1; then',
+        "  exec " + run,
+        "fi",
+        "trap : INT TERM HUP",
+        run,
+        "status=$?",
+        "exec 9<%s/%s" % (RUN_DIR_INSIDE, JOIN_FILE),
+        "flock -n 9 || { echo 'pi-agent: the run has ended; it is saved when the sessions that "
+        "joined it leave (ctrl-c ends them now)' >&2; flock 9; }",
+        "exit $status"]
+    return "\n".join(lines) + "\n"
 
 
 def label_args(labels):
@@ -3960,6 +4071,7 @@ def write_run_dir(run_dir, script, record=None, identity=None):
     if record is None:
         return
     try:
+        write_file(os.path.join(run_dir, JOIN_FILE), b"")
         if record["gated"]:
             seed_gate(run_dir, record, identity)
         write_file(os.path.join(run_dir, RUN_RECORD), json.dumps(record).encode())
@@ -4159,7 +4271,7 @@ def saved_labels(line, container, image, meta):
     if mount and mount not in mounts:
         mounts = (mounts + [mount])[-MAX_KNOWN_MOUNTS:]
     labels = {LABEL + key: meta.get(key, "") for key in RUN_LABELS}
-    labels.update({LABEL + "pid": "", LABEL + "repo": line.repo,
+    labels.update({LABEL + "pid": "", LABEL + "repo": line.repo, LABEL + "profile": line.profile,
                    LABEL + "container": container,
                    LABEL + "previous": image["Id"],
                    LABEL + "committed_at": utc_iso(time.time()),
@@ -4334,7 +4446,8 @@ def start_listing_runs(line, sizes=False):
 def list_run_containers(line, sizes=False, listing=None):
     """Containers this line's runs started (by label), oldest first."""
     listing = listing or start_listing_runs(line, sizes)
-    rows = [row for row in json_lines(listing.finish().stdout) if row.get("pid")]
+    rows = [row for row in json_lines(listing.finish().stdout)
+            if row.get("pid") and (row.get("profile") or "") == line.profile]
     rows.sort(key=lambda row: (row.get("started") or "", row.get("createdat") or ""))
     return rows
 
@@ -4686,14 +4799,14 @@ class Saver:
             return False
 
 
-def run_attached(argv, container):
+def run_attached(argv, container=None):
     """Run the docker client in the foreground and return the status.
 
     Hangup, terminate and interrupt go on to the client, which passes them
     to the container's init and it to the agent. An agent that does not stop
     within STOP_GRACE seconds (or a second signal) is stopped: the client is
-    killed and so is the container (nothing more happens in the project
-    once this returns); the saver commits it as it was, then removes it.
+    killed and so is `container` (nothing more happens in the project once
+    this returns); the saver commits it as it was, then removes it.
     """
     try:
         proc = subprocess.Popen(["docker", *argv])
@@ -4730,7 +4843,7 @@ def run_attached(argv, container):
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     trace(proc.args, started, status)
-    if killed:
+    if killed and container:
         docker("kill", container, check=False)
     # The docker client may exit 0 when signalled: the signal is the status.
     if caught:
@@ -4790,7 +4903,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
         current = inspect_image(line.current)
         if recover_leftovers(line, state, listing):
             current = None
-    image, built = ensure_current(line, current)
+    image, built = ensure_current(line, current, made=bool(found.get("made")))
     repo_config = (read_regular(os.path.join(project.repo.common, "config"), 4 << 20)
                    or b"").decode("utf-8", "replace") if project.repo else ""
     for warning in misspelled_settings(os.environ) + [owner_mismatch(image),
@@ -4887,6 +5000,63 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     return status
 
 
+# Sessions that join a run of their profile in their project, instead of
+# waiting for it (pi-exec, for scripts, keeps the lock's rules).
+JOINABLE_KINDS = ("run", "shell")
+
+
+def running_session(line, target):
+    """(holder, run directory) of the line's agent running in `target`, or None."""
+    holder = line.read_state().get("holder")
+    if not (agent_is_running(holder) and holder.get("phase") == "running"
+            and holder.get("target") == target and isinstance(holder.get("container"), str)):
+        return None
+    return holder, os.path.join(line.run_dir, os.path.basename(holder["container"]))
+
+
+def join_run(line, found, kind, args):
+    """pi-shell (or pi) where the line's agent runs in the same project: a
+    session in its container (docker exec), with this command's own
+    environment, instead of waiting. The container is saved once, by its
+    run, after the last session has left (see session_script). Returns the
+    session's exit status, or None when there is no run to join."""
+    target, subdir = found[0], found[1]
+    running = running_session(line, target)
+    if running is None:
+        return None
+    holder, run_dir = running
+    if args.offline:
+        raise Busy("%s is in use by %s; a session that joined it would have its network: join "
+                   "it without --offline, or add --wait" % (line.name, describe_holder(holder)))
+    try:
+        fd = os.open(os.path.join(run_dir, JOIN_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None  # it has just ended
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # it is ending: the lock is for the next one to wait for
+        point = (read_run_record(run_dir) or {}).get("point")
+        if not isinstance(point, str):
+            return None
+        config, name = line.config, "join-%d" % os.getpid()
+        script = session_script(holder["container"], session_env(config, kind, os.environ),
+                                config, os.path.join(point, subdir) if subdir else point,
+                                agent_command(kind, args.argv, config, config.network))
+        write_file(os.path.join(run_dir, name), script.encode())
+        say("joining %s: this session shares its container, which is saved once, when the "
+            "last session has left" % describe_holder(holder))
+        tty = sys.stdin.isatty() and sys.stdout.isatty()
+        try:
+            return run_attached(["exec", "-i"] + (["-t"] if tty else []) +
+                                [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name])
+        finally:
+            os.remove(os.path.join(run_dir, name))
+    finally:
+        os.close(fd)
+
+
 def lifecycle(args, kind, argv):
     """A run, start to end: the project found and held, the run prepared
     under the line's lock, the saver forked, the container run in the
@@ -4905,15 +5075,20 @@ def lifecycle(args, kind, argv):
 def run_lifecycle(args, kind, argv):
     """lifecycle()'s run, with the ctypes import under way beside it."""
     started = time.monotonic()
-    config = Config(agent=getattr(args, "agent", None))
+    config = Config(agent=args.agent, profile=args.profile)
     try:
         cwd = os.path.realpath(os.getcwd())
     except FileNotFoundError:
         raise NotFound("the current directory no longer exists; cd somewhere that does")
     network_typos(os.environ)
     line = Line(config)
+    found = find_target(cwd, home_dirs(), args.here, guarded_dirs(config))
+    if kind in JOINABLE_KINDS and not args.wait and not args.dry_run:
+        status = join_run(line, found, kind, args)
+        if status is not None:
+            return status
     held = []
-    project = Project.inspect(config, cwd, args.here, hold=None if args.dry_run else (
+    project = Project.inspect(config, cwd, args.here, found=found, hold=None if args.dry_run else (
         lambda target: held.append(lock_project(line, target, kind, args.wait))))
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     for note in project.notes:
@@ -4968,7 +5143,7 @@ def cmd_status(args):
     """Everything, even with a bad setting: the diagnostic command must not
     go blind when it is needed most. A bad setting is shown (its default
     used meanwhile) and is the exit status."""
-    config = Config(lenient=True)
+    config = Config(lenient=True, profile=args.profile)
     line = Line(config)
     print("pi-agent %s" % __version__)
     print("\nsettings (config file: %s%s):" % (
@@ -5114,12 +5289,12 @@ def describe_engine():
 
 
 def cmd_snapshots(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     wait_for_save(line)
     snaps = list_snapshots(line)
     if not snaps:
         print("no snapshots of %s yet: each run that changes the environment makes one"
-              % line.repo)
+              % line.name)
         return 0
     current = inspect_image(line.current) or {}
     images = json.loads(docker("image", "inspect", *[s["id"] for s in snaps]).stdout)
@@ -5146,14 +5321,15 @@ def cmd_snapshots(args):
 def resolve_snapshot(line, name):
     snaps = list_snapshots(line)
     if not snaps:
-        raise NotFound("%s has no snapshots to roll back to" % line.repo)
+        raise NotFound("%s has no snapshots to roll back to" % line.name)
     if name is None:
         return snaps[0]
-    tag = name.split(":", 1)[1] if name.startswith(line.repo + ":") else name
+    tag = (line.snapshot_named(name.split(":", 1)[1]) if name.startswith(line.repo + ":")
+           else name)
     for snap in snaps:
         if snap["tag"] == tag:
             return snap
-    raise NotFound("no snapshot %r of %s; pi-snapshots lists them" % (name, line.repo))
+    raise NotFound("no snapshot %r of %s; pi-snapshots lists them" % (name, line.name))
 
 
 def switch_current(line, state, new_ref, what):
@@ -5179,18 +5355,27 @@ def switch_current(line, state, new_ref, what):
 
 
 def cmd_rollback(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     with exclusive(line, "rollback") as state:
         snap = resolve_snapshot(line, args.snapshot)
         return switch_current(line, state, line.snap(snap["tag"]), snap["tag"])
 
 
 def cmd_reset_system(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     with exclusive(line, "reset-system") as state:
         if inspect_image(line.base) is None:
             raise NotFound("%s does not exist; pi-rebuild-base builds it" % line.base)
         return switch_current(line, state, line.base, "the base image (%s)" % line.base)
+
+
+def ask(question):
+    """The user's yes on the terminal."""
+    try:
+        answer = input("pi-agent: %s [y/N] " % question)
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
 
 
 def confirm(question, yes):
@@ -5200,22 +5385,18 @@ def confirm(question, yes):
         return
     if not sys.stdin.isatty():
         raise Refused("%s Refusing without --yes (no terminal to ask on)" % question)
-    try:
-        answer = input("pi-agent: %s [y/N] " % question)
-    except EOFError:
-        answer = ""
-    if answer.strip().lower() not in ("y", "yes"):
+    if not ask(question):
         raise Refused("nothing removed (answered no)")
 
 
 def cmd_reset_all(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     with exclusive(line, "reset-all") as state:
         refs = [line.snap(s["tag"]) for s in list_snapshots(line)]
         if inspect_image(line.current) is not None:
             refs.insert(0, line.current)
         if not refs:
-            say("%s has no current image and no snapshots; nothing to remove" % line.repo)
+            say("%s has no current image and no snapshots; nothing to remove" % line.name)
             return 0
         confirm("remove %s and its %s? The environment is lost; the base image stays."
                 % (line.current, plural(len(refs) - 1, "snapshot")), args.yes)
@@ -5227,7 +5408,7 @@ def cmd_reset_all(args):
 
 
 def cmd_rebuild_base(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     with exclusive(line, "rebuild-base"):
         before = inspect_image(line.base)
         build_base(line, no_cache=args.no_cache, first=False)
@@ -5243,7 +5424,7 @@ def cmd_rebuild_base(args):
 
 
 def cmd_prune(args):
-    config = Config()
+    config = Config(profile=args.profile)
     line = Line(config)
     keep = config.snapshot_keep if args.keep is None else args.keep
     if args.dry_run:
@@ -5262,7 +5443,7 @@ def cmd_prune(args):
 
 
 def cmd_flatten(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     with exclusive(line, "flatten") as state:
         current = inspect_image(line.current)
         if current is None:
@@ -5280,10 +5461,10 @@ def cmd_flatten(args):
 
 
 def cmd_orphans(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     rows = leftover_containers(line, sizes=True)
     if not rows:
-        print("no left-behind containers of %s" % line.repo)
+        print("no left-behind containers of %s" % line.name)
         return 0
     table = [("CONTAINER", "AGE", "TARGET", "STATE", "CHANGES")]
     for row in rows:
@@ -5294,19 +5475,19 @@ def cmd_orphans(args):
 
 
 def cmd_recover(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     with exclusive(line, "recover", recover=False) as state:
         if not recover_leftovers(line, state, only=args.container):
-            say("no left-behind containers of %s; nothing to recover" % line.repo)
+            say("no left-behind containers of %s; nothing to recover" % line.name)
     return 0
 
 
 def cmd_clean_orphans(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     with exclusive(line, "clean-orphans", recover=False) as state:
         rows = leftover_containers(line)
         if not rows:
-            say("no left-behind containers of %s" % line.repo)
+            say("no left-behind containers of %s" % line.name)
             return 0
         names = [row["names"] for row in rows]
         confirm("discard %d left-behind containers (%s)? What their runs changed in the "
@@ -5319,12 +5500,243 @@ def cmd_clean_orphans(args):
     return 0
 
 
+PROFILE_SNAPSHOT_RE = re.compile(r"(?:(.+)-)?snap-\d{8}-\d{6}\.\d{3}")
+
+
+def list_profiles(config):
+    """{profile: {current (its image row or None), snapshots (a count),
+    used (when its state last changed, or None)}}: those with images, and
+    those pi-branch made; the default profile ("") always."""
+    rows = json_lines(docker(
+        "image", "ls", config.image_repo, "--format",
+        '{"tag":{{json .Tag}},"id":{{json .ID}},"size":{{json .Size}}}').stdout)
+    found = {"": {"current": None, "snapshots": 0}}
+    for row in rows:
+        name = "" if row["tag"] == "current" else row["tag"][:-len("-current")] \
+            if row["tag"].endswith("-current") else None
+        if name == "" or (name and not profile_problem(name)):
+            found.setdefault(name, {"snapshots": 0})["current"] = row
+    for row in rows:
+        match = PROFILE_SNAPSHOT_RE.fullmatch(row["tag"])
+        if match and not profile_problem(match.group(1) or "default"):
+            found.setdefault(match.group(1) or "", {"current": None, "snapshots": 0})
+            found[match.group(1) or ""]["snapshots"] += 1
+    key = Line(config).lock_path[len(config.state_dir) + 1:-len(".lock")].split("@")[0]
+    try:
+        files = os.listdir(config.state_dir)
+    except OSError:
+        files = []
+    for file in files:
+        name = file[len(key) + 1:-len(".json")]
+        if file.startswith(key + "@") and file.endswith(".json") and not profile_problem(name):
+            found.setdefault(name, {"current": None, "snapshots": 0})
+    for name, entry in found.items():
+        line = Line(Config(config.environ, profile=name))
+        if name and entry["current"] is None and not entry["snapshots"] and \
+                not line.read_state().get("made"):
+            entry["gone"] = True
+        try:
+            entry["used"] = os.stat(line.state_path).st_mtime
+        except OSError:
+            entry["used"] = None
+    return {name: entry for name, entry in found.items() if not entry.get("gone")}
+
+
+def branch_source(config, source, target):
+    """The image ID pi-branch copies, and words for it: the selected
+    profile's current (base when there is none yet), a snapshot of it,
+    another profile's current, or base (built if absent)."""
+    line = Line(config)
+    if source is not None and source != "base" and not source.startswith(SNAPSHOT_PREFIX) \
+            and ":" not in source:
+        line = Line(Config(config.environ, profile=checked_profile("pi-branch", source)))
+        source = None
+        if inspect_image(line.current) is None:
+            raise NotFound("there is no profile %s to copy; pi-branch lists them" % line.name)
+    wait_for_save(line)
+    if source not in (None, "base"):
+        name = resolve_snapshot(line, source)["tag"]
+        return inspect_image(line.snap(name))["Id"], "snapshot %s of %s" % (name, line.name)
+    image = inspect_image(line.current) if source is None else None
+    if image is not None:
+        return image["Id"], "the current environment of %s" % line.name
+    if source is None and line.profile:
+        raise NotFound("there is no profile %s to copy; pi-branch lists them" % line.name)
+    if inspect_image(target.base) is None:
+        build_base(target)
+    return inspect_image(target.base)["Id"], "the base image"
+
+
+def make_profile(config, name, source=None):
+    """Profile `name`, a copy of `source` (see branch_source): a tag."""
+    target = Line(Config(config.environ, profile=name))
+    with exclusive(target, "branch", recover=False) as state:
+        if inspect_image(target.current) is not None or state.get("made"):
+            raise Refused("profile %s exists already: pi --profile %s runs in it, pi-branch "
+                          "--delete %s removes it" % (name, name, name))
+        image_id, what = branch_source(config, source, target)
+        docker("tag", image_id, target.current)
+        state["made"] = True
+        state.pop("snapshots", None)
+    say("made profile %s from %s: pi --profile %s runs in it (PI_AGENT_PROFILE=%s for every "
+        "command)" % (name, what, name, name))
+
+
+def delete_profile(config, name, yes):
+    """Remove a profile's current and snapshots, after asking."""
+    if not name or name == DEFAULT_PROFILE:
+        raise Refused("the default profile is %s:current itself; pi-reset-all empties it"
+                      % config.image_repo)
+    line = Line(Config(config.environ, profile=checked_profile("pi-branch", name)))
+    with exclusive(line, "branch", recover=False) as state:
+        current = inspect_image(line.current)
+        refs = ([line.current] if current else []) + [line.snap(snap["tag"])
+                                                       for snap in list_snapshots(line)]
+        if not refs and not state.get("made"):
+            raise NotFound("there is no profile %s; pi-branch lists them" % name)
+        leftovers = [row["names"] for row in leftover_containers(line)]
+        if leftovers:
+            raise Refused("profile %s has left-behind containers (%s): pi-recover --profile %s "
+                          "saves them, pi-clean-orphans --profile %s discards them"
+                          % (name, ", ".join(leftovers), name, name))
+        confirm("delete profile %s (%s and %s)? Its environment is lost; project files and "
+                "the base image stay." % (name, line.current, plural(len(refs) - bool(current),
+                                                                     "snapshot")), yes)
+        if refs:
+            docker("rmi", *refs)
+        remove_own_dangling(line)
+        state.clear()
+    say("deleted profile %s (%s)" % (name, plural(len(refs), "image")))
+
+
+def cmd_branch(args):
+    config = Config(profile=args.profile)
+    if args.delete is not None:
+        if args.name or args.source:
+            raise PiError("pi-branch: --delete NAME takes nothing else", EXIT_USAGE)
+        delete_profile(config, args.delete, args.yes)
+        return 0
+    if args.name is None:
+        if args.source:
+            raise PiError("pi-branch: --from needs the NAME of the profile to make", EXIT_USAGE)
+        rows = [("", "PROFILE", "CURRENT", "SIZE", "SNAPSHOTS", "LAST USED")]
+        for name, entry in sorted(list_profiles(config).items()):
+            line = Line(Config(config.environ, profile=name))
+            rows.append(("*" if name == config.profile else "", name or DEFAULT_PROFILE,
+                         line.current if entry["current"] else "(none yet)",
+                         (entry["current"] or {}).get("size", ""), str(entry["snapshots"]),
+                         local_time(utc_iso(entry["used"])) if entry["used"] else ""))
+        print_table(rows)
+        print("* is the profile in use here (PI_AGENT_PROFILE, or --profile). pi-branch NAME "
+              "makes one, a copy of it.")
+        return 0
+    if args.name == DEFAULT_PROFILE:
+        raise PiError("pi-branch: %s is the profile of the plain names; pick another name"
+                      % DEFAULT_PROFILE, EXIT_USAGE)
+    make_profile(config, checked_profile("pi-branch", args.name), args.source)
+    return 0
+
+
+def worktree_place(config, name):
+    """(repository, main work tree, the worktree's path) for pi-worktree
+    NAME in the repository of the current directory."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except FileNotFoundError:
+        raise NotFound("the current directory no longer exists; cd somewhere that does")
+    target, _subdir, repo, _notes = find_target(cwd, home_dirs(), False, guarded_dirs(config))
+    if repo is None:
+        raise NotFound("pi-worktree works in a git repository, and %s is not in one (git init "
+                       "and a first commit make one)" % target)
+    if os.path.basename(repo.common) != ".git":
+        raise Refused("pi-worktree needs the repository's main work tree beside it; %s has "
+                      "none (a bare repository?)" % repo.common)
+    main = os.path.dirname(repo.common)
+    return repo, main, os.path.join(os.path.dirname(main), os.path.basename(main) + "-" + name)
+
+
+def remove_worktree(config, repo, path, name, yes):
+    there = git_repo_at(path)[0] if os.path.lexists(path) else None
+    if there is None or there.common != repo.common:
+        raise NotFound("there is no worktree %s of %s; git worktree list shows them"
+                       % (path, os.path.dirname(repo.common)))
+    line = Line(Config(config.environ, profile=name))
+    fd = lock_project(line, path, "worktree", wait=False)  # (Busy while a run is there)
+    try:
+        result = host_git(repo.gitdir, "worktree", "remove", path, check=False)
+    finally:
+        os.close(fd)
+    if result.returncode != 0:
+        why = (result.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+        raise Refused("git would not remove %s (%s); commit or stash what is there, or remove "
+                      "it with git worktree remove --force, which loses it"
+                      % (path, why.replace("fatal: ", "")))
+    say("removed the worktree %s; its branch agent/%s keeps its commits (git branch -D "
+        "agent/%s deletes it)" % (path, name, name))
+    if inspect_image(line.current) is None and not line.read_state().get("made"):
+        return 0
+    if yes or (sys.stdin.isatty() and ask("delete the profile %s too (its environment and "
+                                          "snapshots)?" % name)):
+        delete_profile(config, name, yes=True)
+    else:
+        say("kept the profile %s: pi-branch --delete %s removes it" % (name, name))
+    return 0
+
+
+def cmd_worktree(args):
+    """pi-worktree NAME [BASE]: a worktree ../REPO-NAME on branch agent/NAME,
+    profile NAME (a copy of the selected profile), and pi run there."""
+    config = Config(profile=args.profile)
+    if args.name == DEFAULT_PROFILE:
+        raise PiError("pi-worktree: %s names the default profile; pick another name"
+                      % DEFAULT_PROFILE, EXIT_USAGE)
+    name = checked_profile("pi-worktree", args.name)
+    repo, main, path = worktree_place(config, name)
+    if args.remove:
+        if args.base or args.argv:
+            raise PiError("pi-worktree: --remove NAME takes nothing else", EXIT_USAGE)
+        return remove_worktree(config, repo, path, name, args.yes)
+    branch = "agent/" + name
+    if os.path.lexists(path):
+        there = git_repo_at(path)[0]
+        if there is None or there.common != repo.common:
+            raise Refused("%s is there already and is not a worktree of %s; move it away, or "
+                          "pick another NAME" % (path, main))
+        if args.base:
+            raise PiError("pi-worktree: the worktree %s exists already; BASE is for a new one"
+                          % path, EXIT_USAGE)
+    else:
+        has_branch = host_git(repo.gitdir, "rev-parse", "--verify", "--quiet",
+                              "refs/heads/" + branch, check=False).returncode == 0
+        if has_branch and args.base:
+            raise PiError("pi-worktree: branch %s exists already; pi-worktree %s checks it out "
+                          "(without BASE)" % (branch, name), EXIT_USAGE)
+        base = args.base or "HEAD"
+        if not has_branch and host_git(repo.gitdir, "rev-parse", "--verify", "--quiet",
+                                       base + "^{commit}", check=False).returncode != 0:
+            raise NotFound("pi-worktree: %s is not a commit of %s (a branch, tag or commit "
+                           "is)" % (base, main))
+        host_git(repo.gitdir, "worktree", "add", "--quiet",
+                 *([path, branch] if has_branch else ["-b", branch, path, base]))
+        say("made the worktree %s on %s branch %s" % (path, "the" if has_branch else "a new",
+                                                      branch))
+    line = Line(Config(config.environ, profile=name))
+    if inspect_image(line.current) is None and not line.read_state().get("made"):
+        make_profile(config, name)
+    os.chdir(path)
+    return lifecycle(argparse.Namespace(agent=args.agent, profile=name, wait=args.wait,
+                                        here=False, offline=args.offline, dry_run=False,
+                                        argv=args.argv), "run", args.argv)
+
+
 def cmd_complete(args):
     """For shell completion: one candidate per line, nothing on any error."""
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     try:
         if args.what == "snapshots":
             names = [snap["tag"] for snap in list_snapshots(line)]
+        elif args.what == "profiles":
+            names = [name or DEFAULT_PROFILE for name in sorted(list_profiles(line.config))]
         else:
             names = [row["names"] for row in leftover_containers(line)]
     except PiError:
@@ -5334,52 +5746,58 @@ def cmd_complete(args):
 
 
 def cmd_unlock(args):
-    line = Line(Config())
+    line = Line(Config(profile=args.profile))
     if not lock_is_held(line):
         say("nothing holds the lock of %s: a lock dies with its holder, so there is nothing to "
-            "unlock" % line.repo)
+            "unlock" % line.name)
         return 0
     holder = line.read_state().get("holder")
     raise Busy("%s is held by %s; it is released when that process ends (if it is stuck: kill "
-               "it, and the next pi recovers its work)" % (line.repo, describe_holder(holder)))
+               "it, and the next pi recovers its work)" % (line.name, describe_holder(holder)))
 
 
 # ---------------------------------------------------------------- parsing
 
 LIFECYCLE_FLAGS = {"--wait", "--here", "--dry-run", "--offline", "-h", "--help", "--version"}
-# ... and the one that takes a value (pi only).
-AGENT_FLAG = "--agent"
+# ... and those that take a value (--agent: pi only).
+VALUE_FLAGS = ("--agent", "--profile")
 
 EXAMPLES = """examples:
   pi                              run the agent in this project
   pi -- --help                    the agent's own help
   pi-exec make test               any command in the agent's environment
   pi-snapshots; pi-rollback       undo what the last run did to the environment
+  pi-worktree fix-tests           a second agent beside the first: its own worktree
+                                  and environment
   PI_AGENT_PASS_ENV=ANTHROPIC_API_KEY pi   give the agent one credential
 """
 
 
 def split_wrapper_args(argv):
     """Wrapper options come first; the first other word (or --) starts the
-    agent's (or the command's) arguments. Returns (options, the rest, the
-    value of --agent NAME or --agent=NAME, or None)."""
-    agent, index = None, 0
+    agent's (or the command's) arguments. Returns (options, the rest,
+    {--agent/--profile: its value}), a value given as --flag VALUE or
+    --flag=VALUE."""
+    values, index = {}, 0
     while index < len(argv):
         word = argv[index]
         if word == "--":
-            return argv[:index], argv[index + 1:], agent
-        if word == AGENT_FLAG:
+            return argv[:index], argv[index + 1:], values
+        flag = word.split("=", 1)[0]
+        if flag in VALUE_FLAGS:
+            if "=" in word:
+                values[flag], index = word.split("=", 1)[1], index + 1
+                continue
             if index + 1 == len(argv):
-                raise PiError("pi: --agent needs a name: %s" % ", ".join(AGENTS), EXIT_USAGE)
-            agent, index = argv[index + 1], index + 2
-            continue
-        if word.startswith(AGENT_FLAG + "="):
-            agent, index = word.split("=", 1)[1], index + 1
+                raise PiError("%s needs a value: %s" % (flag, ", ".join(AGENTS) if flag ==
+                                                        "--agent" else "a profile name"),
+                              EXIT_USAGE)
+            values[flag], index = argv[index + 1], index + 2
             continue
         if word not in LIFECYCLE_FLAGS:
-            return argv[:index], argv[index:], agent
+            return argv[:index], argv[index:], values
         index += 1
-    return argv, [], agent
+    return argv, [], values
 
 
 # Dashes a keyboard, a word processor or a web page may put for "-".
@@ -5394,7 +5812,7 @@ def near_miss(word):
     if word == "--" or not word.startswith(tuple(DASHES)) or not stem:
         return None
     name = "--" + stem
-    options = sorted(flag for flag in LIFECYCLE_FLAGS | {AGENT_FLAG} if flag.startswith("--"))
+    options = sorted(flag for flag in LIFECYCLE_FLAGS | set(VALUE_FLAGS) if flag.startswith("--"))
     for option in options:
         if len(stem) >= 3 and (option.startswith(name) or name.startswith(option + "-")):
             return option
@@ -5412,7 +5830,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = Parser(
-        prog="pi-agent", usage="pi [--agent NAME] [--wait] [--here] [--offline] [--dry-run] "
+        prog="pi-agent", usage="pi [--agent NAME] [--profile NAME] [--wait] [--here] [--offline] "
+        "[--dry-run] "
         "[--] [AGENT ARGS]\n"
         "       pi-COMMAND [OPTIONS] [ARGS]   (pi_agent.py COMMAND ...)",
         description=__doc__.split("\nEvery run:")[0].split("\n\n", 1)[1],
@@ -5426,7 +5845,8 @@ def build_parser():
     def lifecycle_parser(name, func, help_text, usage_tail):
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  prog="pi" if name == "run" else "pi-" + name,
-                                 usage="%%(prog)s [--wait] [--here] [--offline] [--dry-run] %s"
+                                 usage="%%(prog)s [--profile NAME] [--wait] [--here] [--offline] "
+                                 "[--dry-run] %s"
                                  % usage_tail)
         command.add_argument("--wait", action="store_true",
                              help="wait for a running agent on this image line instead of failing")
@@ -5439,7 +5859,13 @@ def build_parser():
         if name == "run":
             command.add_argument("--agent", metavar="NAME", choices=list(AGENTS),
                                  help="this agent for this run: %s" % ", ".join(AGENTS))
+        profile_option(command)
         command.set_defaults(func=func)
+
+    def profile_option(command):
+        command.add_argument("--profile", metavar="NAME",
+                             help="the profile (environment) to use instead of PI_AGENT_PROFILE's "
+                             "(default: the plain names)")
 
     lifecycle_parser("run", cmd_run, "run the agent in the current project", "[--] [AGENT ARGS]")
     lifecycle_parser("exec", cmd_exec, "run a command in the agent's environment",
@@ -5448,6 +5874,7 @@ def build_parser():
 
     def simple(name, func, help_text):
         command = sub.add_parser(name, help=help_text, description=help_text, prog="pi-" + name)
+        profile_option(command)
         command.set_defaults(func=func)
         return command
 
@@ -5472,15 +5899,52 @@ def build_parser():
     simple("clean-orphans", cmd_clean_orphans, "discard left-behind containers").add_argument(
         "--yes", "-y", action="store_true", help="do not ask")
     simple("unlock", cmd_unlock, "show who holds the lock (a dead holder never does)")
+    branch = simple("branch", cmd_branch, "list the profiles, make one (a copy of current, "
+                    "a tag), or delete one")
+    branch.add_argument("name", nargs="?", help="the profile to make")
+    branch.add_argument("--from", dest="source", metavar="FROM",
+                        help="a snapshot of the selected profile, another profile, or base "
+                        "(default: the selected profile's current)")
+    branch.add_argument("--delete", metavar="NAME", help="delete this profile (asks first)")
+    branch.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    worktree = simple("worktree", cmd_worktree, "run pi in a worktree of its own, ../REPO-NAME "
+                      "on branch agent/NAME, with profile NAME (made from the selected one)")
+    worktree.usage = "pi-worktree [OPTIONS] NAME [BASE] [-- AGENT ARGS]\n" \
+        "       pi-worktree --remove [--yes] NAME"
+    worktree.add_argument("name", metavar="NAME")
+    worktree.add_argument("base", nargs="?", metavar="BASE",
+                          help="the commit a new branch starts at (default: HEAD)")
+    worktree.add_argument("--remove", action="store_true",
+                          help="remove the worktree (not if it has uncommitted changes), then "
+                          "offer to delete the profile")
+    worktree.add_argument("--yes", "-y", action="store_true",
+                          help="with --remove: delete the profile too, without asking")
+    worktree.add_argument("--agent", metavar="NAME", choices=list(AGENTS),
+                          help="this agent for this run: %s" % ", ".join(AGENTS))
+    worktree.add_argument("--wait", action="store_true",
+                          help="wait for a running agent instead of failing")
+    worktree.add_argument("--offline", action="store_true", help="no network for this run")
     complete = sub.add_parser("complete", prog="pi-agent complete")
-    complete.add_argument("what", choices=("snapshots", "orphans"))
+    complete.add_argument("what", choices=("snapshots", "orphans", "profiles"))
+    profile_option(complete)
     complete.set_defaults(func=cmd_complete)
     return parser
 
 
+def checked_profile(prog, name):
+    """A --profile value: "" for the default profile, None when not given."""
+    if name is None or name == DEFAULT_PROFILE:
+        return name and ""
+    problem = profile_problem(name)
+    if problem:
+        raise PiError("%s: --profile %s: %s" % (prog, name, problem), EXIT_USAGE)
+    return name
+
+
 def parse_args(argv):
     if argv and argv[0] in LIFECYCLE_KINDS:
-        wrapper, rest, agent = split_wrapper_args(argv[1:])
+        wrapper, rest, values = split_wrapper_args(argv[1:])
+        agent = values.get("--agent")
         if agent is not None and argv[0] != "run":
             raise PiError("pi-%s: --agent is for pi (a command here is yours to name)" % argv[0],
                           EXIT_USAGE)
@@ -5515,12 +5979,18 @@ def parse_args(argv):
         return argparse.Namespace(
             command=argv[0], func={"run": cmd_run, "exec": cmd_exec, "shell": cmd_shell}[argv[0]],
             wait="--wait" in wrapper, here="--here" in wrapper, offline="--offline" in wrapper,
-            dry_run="--dry-run" in wrapper, agent=agent, argv=rest)
+            dry_run="--dry-run" in wrapper, agent=agent,
+            profile=checked_profile(prog, values.get("--profile")), argv=rest)
+    tail = []
+    if argv and argv[0] == "worktree" and "--" in argv:
+        tail, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     args, extra = build_parser().parse_known_args(argv)
+    args.argv = tail
     prog = "pi-" + args.command
     if extra:
         raise PiError("%s: unexpected %s; see %s --help" % (prog, " ".join(extra), prog),
                       EXIT_USAGE)
+    args.profile = checked_profile(prog, getattr(args, "profile", None))
     if getattr(args, "keep", None) is not None and args.keep < 0:
         raise PiError("%s: N must be 0 or more" % prog, EXIT_USAGE)
     return args

@@ -25,7 +25,7 @@ unset _PI_AGENT_SOURCE
 # them at the prompt.
 \builtin unalias pi pi-shell pi-exec pi-status pi-snapshots pi-rollback pi-reset-system \
   pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans pi-recover pi-clean-orphans \
-  pi-unlock >/dev/null 2>&1 || \builtin true
+  pi-unlock pi-branch pi-worktree >/dev/null 2>&1 || \builtin true
 # The interpreter's real path is looked up once: a version manager's shim
 # (pyenv) costs a tenth of a second per call. -I -S: no user site, no .pth
 # imports; pi_agent.py needs only the standard library. It is imported, not
@@ -57,31 +57,43 @@ function pi-orphans { _pi_agent orphans "$@"; }
 function pi-recover { _pi_agent recover "$@"; }
 function pi-clean-orphans { _pi_agent clean-orphans "$@"; }
 function pi-unlock { _pi_agent unlock "$@"; }
+function pi-branch { _pi_agent branch "$@"; }
+function pi-worktree { _pi_agent worktree "$@"; }
 
 # Completion: wrapper options, snapshot names for pi-rollback, left-behind
-# containers for pi-recover, commands after pi-exec's options.
+# containers for pi-recover, profiles for pi-branch (and after --profile),
+# commands after pi-exec's options.
 function _pi_agent_candidates {
+  if [ "${2-}" = --profile ]; then
+    _pi_agent complete profiles 2>/dev/null
+    return 0
+  fi
   case $1 in
-    pi) printf '%s\n' --agent --wait --here --offline --dry-run --help --version -- ;;
-    pi-shell) printf '%s\n' --wait --here --offline --dry-run --help --version -- ;;
-    pi-exec) printf '%s\n' --wait --here --offline --dry-run --help -- ;;
-    pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --help ;;
-    pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --help ;;
-    pi-prune) printf '%s\n' --dry-run --help ;;
-    pi-reset-all|pi-clean-orphans) printf '%s\n' --yes --help ;;
-    pi-rebuild-base) printf '%s\n' --no-cache --help ;;
-    *) printf '%s\n' --help ;;
+    pi) printf '%s\n' --agent --profile --wait --here --offline --dry-run --help --version -- ;;
+    pi-shell) printf '%s\n' --profile --wait --here --offline --dry-run --help --version -- ;;
+    pi-exec) printf '%s\n' --profile --wait --here --offline --dry-run --help -- ;;
+    pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --profile --help ;;
+    pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --profile --help ;;
+    pi-branch) _pi_agent complete profiles 2>/dev/null
+      printf '%s\n' --from --delete --yes --profile --help ;;
+    pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --profile --help -- ;;
+    pi-prune) printf '%s\n' --dry-run --profile --help ;;
+    pi-reset-all|pi-clean-orphans) printf '%s\n' --yes --profile --help ;;
+    pi-rebuild-base) printf '%s\n' --no-cache --profile --help ;;
+    *) printf '%s\n' --profile --help ;;
   esac
 }
 
 function _pi_agent_complete_bash {
   local word=${COMP_WORDS[COMP_CWORD]} IFS=$'\n'
-  if [ "${COMP_WORDS[0]}" = pi-exec ] && [ "${word#-}" = "$word" ]; then
+  if [ "${COMP_WORDS[0]}" = pi-exec ] && [ "${word#-}" = "$word" ] &&
+     [ "${COMP_WORDS[COMP_CWORD-1]}" != --profile ]; then
     # shellcheck disable=SC2207
     COMPREPLY=($(compgen -c -- "$word"))
   else
     # shellcheck disable=SC2207
-    COMPREPLY=($(compgen -W "$(_pi_agent_candidates "${COMP_WORDS[0]}")" -- "$word"))
+    COMPREPLY=($(compgen -W "$(_pi_agent_candidates "${COMP_WORDS[0]}" \
+      "${COMP_WORDS[COMP_CWORD-1]}")" -- "$word"))
   fi
 }
 
@@ -92,17 +104,17 @@ if [ -n "${ZSH_VERSION:-}" ]; then
   # goes either way. The filter keeps a second source from adding it twice.
   eval '
     function _pi_agent_complete_zsh {
-      if [[ $service == pi-exec && $PREFIX != -* ]]; then
+      if [[ $service == pi-exec && $PREFIX != -* && $words[CURRENT-1] != --profile ]]; then
         _command_names
       else
-        compadd -- ${(f)"$(_pi_agent_candidates $service)"}
+        compadd -- ${(f)"$(_pi_agent_candidates $service $words[CURRENT-1])"}
       fi
     }
     function _pi_agent_compdef {
       (( $+functions[compdef] )) || return 0
       compdef _pi_agent_complete_zsh pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
         pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans \
-        pi-recover pi-clean-orphans pi-unlock
+        pi-recover pi-clean-orphans pi-unlock pi-branch pi-worktree
     }
     function _pi_agent_compdef_at_prompt {
       precmd_functions=(${precmd_functions:#_pi_agent_compdef_at_prompt})
@@ -118,5 +130,5 @@ if [ -n "${ZSH_VERSION:-}" ]; then
 elif \command -v complete >/dev/null 2>&1; then
   complete -F _pi_agent_complete_bash pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
     pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans pi-recover \
-    pi-clean-orphans pi-unlock
+    pi-clean-orphans pi-unlock pi-branch pi-worktree
 fi

@@ -441,7 +441,7 @@ def test_dry_run_prints_docker_commands_and_changes_nothing(box):
     before = tree(box.project)
     out = box.ok("pi-exec --dry-run touch ~/x").stdout
     assert "docker run -i --init" in out and "docker commit" in out
-    assert "#   exec sh -c 'exec \"$@\"' pi-exec touch " in out, "the run script, shown"
+    assert "#   sh -c 'exec \"$@\"' pi-exec touch " in out, "the run script, shown"
     assert "current" not in box.images() and box.containers() == []
     assert tree(box.project) == before, "not even .git/hooks is made"
     assert not os.path.exists(box.state_dir), "no lock, no state, no run script"

@@ -94,12 +94,18 @@ def test_the_run_is_saved_whatever_ends_the_wrapper(box, how):
     assert box.containers() == []
 
 
-def test_the_agent_hears_an_interrupt_and_stops_in_its_own_time(box):
-    script = ("pi-exec sh -c 'trap \"echo stopped > ~/stopped; exit 0\" INT; touch ~/started;"
-              " while :; do sleep 0.1; done'")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_agent_hears_a_signal_and_stops_in_its_own_time(box, signum):
+    """SIGINT to the terminal's process group, SIGTERM to the wrapper: the
+    agent hears it (the run script, its parent, passes it on)."""
+    script = ("pi-exec sh -c 'trap \"echo stopped > ~/stopped; exit 0\" INT TERM; "
+              "touch ~/started; while :; do sleep 0.1; done'")
     run = start_and_wait_for(box, box.home + "/started", script)
-    os.killpg(run.pid, signal.SIGINT)
-    assert run.wait(timeout=60) == 130
+    if signum == signal.SIGINT:
+        os.killpg(run.pid, signum)
+    else:
+        os.kill(box.wrapper_pid(), signum)
+    assert run.wait(timeout=60) == 128 + signum
     assert box.ok("pi-exec cat ~/stopped").stdout == "stopped\n", "its trap ran, and was saved"
 
 

@@ -361,7 +361,19 @@ def test_run_script_carries_values_directory_and_arguments_exactly(tmp_path):
 def test_run_kind_installs_the_agent_when_missing():
     script = make_plan(kind="run", argv=["-p", "hello"]).script()
     assert "export PI_AGENT_INSTALL_CMD=" in script
-    assert script.rstrip().endswith("pi -p hello")
+    lines = script.splitlines()
+    # As the parent that waits for joined sessions, or by exec where it cannot.
+    assert lines[lines.index("trap : INT TERM HUP") + 1].endswith(" pi -p hello")
+    assert any(line.startswith("  exec sh -c ") and line.endswith(" pi -p hello")
+               for line in lines)
+
+
+def test_a_joining_session_script_runs_its_command_by_exec():
+    plan = make_plan(kind="shell", argv=[])
+    script = pi_agent.session_script(plan.container, plan.env, plan.line.config, plan.workdir,
+                                     pi_agent.agent_command("shell", [], plan.line.config, ""))
+    assert script.splitlines()[-1].startswith("exec sh -c ")
+    assert "flock" not in script and "cd %s" % plan.workdir in script
 
 
 def test_a_new_mount_point_in_a_non_root_home_gets_its_parents_made():
@@ -439,17 +451,51 @@ def test_only_mountpoint_changes():
 
 # --- parsing ----------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,wrapper,rest,agent", [
-    (["--wait", "-p", "x"], ["--wait"], ["-p", "x"], None),
-    (["--", "--help"], [], ["--help"], None),
-    (["--here", "--wait", "--", "make", "--wait"], ["--here", "--wait"], ["make", "--wait"], None),
-    (["make", "--wait"], [], ["make", "--wait"], None),
+@pytest.mark.parametrize("argv,wrapper,rest,values", [
+    (["--wait", "-p", "x"], ["--wait"], ["-p", "x"], {}),
+    (["--", "--help"], [], ["--help"], {}),
+    (["--here", "--wait", "--", "make", "--wait"], ["--here", "--wait"], ["make", "--wait"], {}),
+    (["make", "--wait"], [], ["make", "--wait"], {}),
     (["--agent", "codex", "--offline", "fix"], ["--agent", "codex", "--offline"], ["fix"],
-     "codex"),
-    (["--agent=aider", "--", "--agent", "x"], ["--agent=aider"], ["--agent", "x"], "aider"),
+     {"--agent": "codex"}),
+    (["--agent=aider", "--", "--agent", "x"], ["--agent=aider"], ["--agent", "x"],
+     {"--agent": "aider"}),
+    (["--profile", "a", "--profile=b", "x"], ["--profile", "a", "--profile=b"], ["x"],
+     {"--profile": "b"}),
 ])
-def test_wrapper_options_come_first(argv, wrapper, rest, agent):
-    assert pi_agent.split_wrapper_args(argv) == (wrapper, rest, agent)
+def test_wrapper_options_come_first(argv, wrapper, rest, values):
+    assert pi_agent.split_wrapper_args(argv) == (wrapper, rest, values)
+
+
+@pytest.mark.parametrize("name,ok", [
+    ("a", True), ("fix-tests", True), ("v1.2_x", True), ("9", True), ("a" * 40, True),
+    ("", False), ("A", False), ("-a", False), (".a", False), ("a b", False), ("a/b", False),
+    ("a" * 41, False), ("base", False), ("current", False), ("snap-1", False), ("a..b", False),
+    ("a.", False), ("a.lock", False), ("é", False),
+])
+def test_profile_names_are_what_a_tag_a_directory_and_a_branch_allow(name, ok):
+    assert (pi_agent.profile_problem(name) is None) == ok
+
+
+def test_a_profile_has_its_own_tags_files_and_labels():
+    default = pi_agent.Line(pi_agent.Config({"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p"}))
+    line = pi_agent.Line(pi_agent.Config({"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p"},
+                                         profile="snap"))
+    assert (default.current, line.current) == ("pi-agent:current", "pi-agent:snap-current")
+    assert line.snap("snap-20261130-010203.004") == "pi-agent:snap-snap-20261130-010203.004"
+    assert line.base == default.base == "pi-agent:base"
+    assert len({default.lock_path, line.lock_path, default.state_path, line.state_path}) == 4
+    stamp = "snap-20261130-010203.004"
+    assert default.snapshot_named(stamp) == stamp and line.snapshot_named(stamp) is None
+    assert line.snapshot_named("snap-" + stamp) == stamp
+    assert default.snapshot_named("snap-" + stamp) is None
+    assert default.snapshot_named("x-" + stamp) is None
+    assert line.owns({"pi-agent.repo": "pi-agent", "pi-agent.profile": "snap"})
+    assert default.owns({"pi-agent.repo": "pi-agent"}) and not line.owns({"pi-agent.repo":
+                                                                          "pi-agent"})
+    assert pi_agent.Line(pi_agent.Config({"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p",
+                                          "PI_AGENT_PROFILE": "default"})).current == \
+        default.current
 
 
 @pytest.mark.parametrize("environ,flag,command,install,keys,agent", [

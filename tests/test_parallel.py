@@ -1,0 +1,217 @@
+"""Agents side by side, against the real engine: profiles (image lines of
+their own), pi-branch, pi-worktree, and sessions that join a running run."""
+
+import os
+import re
+import signal
+
+import pytest
+
+from conftest import docker, wait_until
+
+import pi_agent
+
+
+def tags(box):
+    return box.images()
+
+
+def in_project(path, name):
+    return os.path.exists(os.path.join(path, name))
+
+
+# --- profiles -------------------------------------------------------------------
+
+def test_two_profiles_run_at_once_and_each_keeps_its_own_changes(box):
+    box.ok("pi-branch a && pi-branch b")
+    other = box.mkdir(os.path.join(os.path.dirname(box.project), "other"))
+    # Each run waits, inside, for a file the test writes only once both run.
+    wait_go = "touch ready; while [ ! -e go ]; do sleep 0.1; done"
+    first = box.background("pi-exec --profile a sh -c 'touch ~/from-a; %s'" % wait_go)
+    second = box.background("cd %s && pi-exec --profile b sh -c 'touch ~/from-b; %s'"
+                            % (other, wait_go))
+    assert wait_until(lambda: in_project(box.project, "ready") and in_project(other, "ready"),
+                      timeout=60), "both run at the same time: %s %s" % (
+        first.stderr.read() if first.poll() is not None else "",
+        second.stderr.read() if second.poll() is not None else "")
+    for path in (box.project, other):
+        open(os.path.join(path, "go"), "w").close()
+    assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+    box.ok("pi-exec --profile a sh -c 'test -e ~/from-a && test ! -e ~/from-b'")
+    box.ok("pi-exec --profile b sh -c 'test -e ~/from-b && test ! -e ~/from-a'")
+    assert not any(tag.startswith("snap-") for tag in tags(box)), "the default line is apart"
+    box.ok("pi-exec sh -c 'test ! -e ~/from-a && test ! -e ~/from-b'")
+    images = tags(box)
+    assert any(tag.startswith("a-snap-") for tag in images)
+    assert any(tag.startswith("b-snap-") for tag in images)
+    # Rolling back one profile leaves the others alone.
+    box.ok("pi-rollback --profile a")
+    box.ok("pi-exec --profile a test ! -e ~/from-a")
+    box.ok("pi-exec --profile b test -e ~/from-b")
+
+
+def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):
+    other = box.mkdir(os.path.join(os.path.dirname(box.project), "other"))
+    run = box.background("pi-exec sh -c 'touch ready; sleep 60'")
+    try:
+        assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+        busy = box.sh("pi-exec true", cwd=other)
+        assert busy.returncode == 5
+        assert "pi-branch" in busy.stderr and "pi-worktree" in busy.stderr
+        assert busy.stderr.count("\n") == 1
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=60)
+
+
+def test_a_profile_must_be_made_first_and_names_are_checked(box):
+    result = box.sh("pi-exec --profile typo true")
+    assert result.returncode == 4 and "pi-branch typo" in result.stderr
+    assert "typo-current" not in tags(box), "a misspelled profile starts nothing"
+    for bad in ("Upper", "snap-x", "base", "a..b", "x.lock", "-x", "a" * 41):
+        result = box.sh("pi-exec --profile=%s true" % bad)
+        assert result.returncode == 2 and "--profile" in result.stderr, bad
+        assert box.sh("pi-branch -- %s" % bad).returncode in (2, 3), bad
+    result = box.sh("pi-exec true", env={"PI_AGENT_PROFILE": "Bad"})
+    assert result.returncode == 9 and "PI_AGENT_PROFILE" in result.stderr
+    assert box.sh("pi-branch default").returncode == 2
+    assert box.sh("pi-branch --delete default --yes").returncode == 3
+
+
+def test_pi_branch_copies_a_snapshot_as_a_tag_and_lists_and_deletes(box):
+    box.ok("pi-exec touch ~/one")
+    box.ok("pi-exec touch ~/two")
+    snaps = box.snapshots()
+    older = snaps[-1]  # kept at the start of the second run: ~/one, not ~/two
+    box.ok("pi-branch old --from %s" % older)
+    images = tags(box)
+    assert images["old-current"] == images[older], "a tag of the snapshot's image"
+    box.ok("pi-exec --profile old sh -c 'test -e ~/one && test ! -e ~/two'")
+    box.ok("pi-branch fresh --from base")
+    box.ok("pi-exec --profile fresh test ! -e ~/one")
+    box.ok("pi-branch copy --from old")
+    listing = box.ok("pi-branch").stdout
+    for name in ("default", "old", "fresh", "copy"):
+        assert re.search(r"^\*?\s+%s\s+%s:" % (name, box.repo), listing, re.M), listing
+    assert box.sh("pi-branch old").returncode == 3, "a profile is never overwritten"
+    refused = box.sh("pi-branch --delete old", input="")
+    assert refused.returncode == 3 and "old-current" in tags(box)
+    box.ok("pi-branch --delete old --yes")
+    images = tags(box)
+    assert not any(tag.startswith("old-") for tag in images)
+    assert images["copy-current"] and images["current"], "the others stay"
+    assert box.sh("pi-exec --profile old true").returncode == 4
+
+
+# --- worktrees -----------------------------------------------------------------
+
+def test_pi_worktree_runs_an_agent_whose_commits_reach_the_main_repository(box):
+    box.init_repo()
+    box.extra_env = {"PI_AGENT_COMMAND": "sh"}
+    main_git = os.path.join(box.project, ".git")
+    config_before = open(os.path.join(main_git, "config"), "rb").read()
+    worktree = box.project + "-fix"
+    # The agent commits, then tries to reach the main repository's git
+    # directory: by its host path, by the worktree's .git file, and through
+    # the objects it can read.
+    attack = ("echo x > f && git add f && git commit -q -m 'from the worktree' && "
+              "{ echo evil > %s/hooks/post-checkout; "
+              "echo evil > \"$(git rev-parse --git-common-dir)/hooks/post-merge\"; "
+              "git config core.hooksPath /tmp/hooks; "
+              "touch /dev/pi-agent/objects/evil; "
+              "printf 'gitdir: %s\\n' > .git; true; } 2>/dev/null"
+              % (main_git, main_git))
+    result = box.ok("pi-worktree fix -- -c %s" % pi_agent.shlex.quote(attack))
+    assert "made the worktree %s" % worktree in result.stderr
+    log = box.ok("git log --format=%s agent/fix").stdout
+    assert log.splitlines()[0] == "from the worktree", "the commit is the main repository's"
+    assert box.ok("git -C %s status --porcelain" % worktree).stdout == ""
+    assert not os.path.exists(os.path.join(main_git, "hooks", "post-checkout"))
+    assert not os.path.exists(os.path.join(main_git, "hooks", "post-merge"))
+    assert not os.path.exists(os.path.join(main_git, "objects", "evil"))
+    assert open(os.path.join(main_git, "config"), "rb").read() == config_before
+    assert open(os.path.join(worktree, ".git")).read().startswith("gitdir: %s/worktrees/"
+                                                                   % main_git)
+    assert "fix-current" in tags(box), "the worktree's own profile"
+    # Again: the same worktree and profile.
+    box.ok("pi-worktree fix -- -c 'test -e f'")
+    # Removal refuses uncommitted work, and keeps the profile unless asked.
+    open(os.path.join(worktree, "scratch"), "w").close()
+    refused = box.sh("pi-worktree --remove fix", input="")
+    assert refused.returncode == 3 and os.path.isdir(worktree)
+    os.remove(os.path.join(worktree, "scratch"))
+    removed = box.ok("pi-worktree --remove fix", input="")
+    assert not os.path.exists(worktree) and "kept the profile fix" in removed.stderr
+    assert "from the worktree" in box.ok("git log --format=%s agent/fix").stdout
+    box.ok("pi-branch --delete fix --yes")
+
+
+# --- joining a running session --------------------------------------------------
+
+def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
+    box.ok("pi-exec true")
+    before = box.snapshots()
+    run = box.background("pi-exec sh -c 'hostname > main-host; touch ready; "
+                         "while [ ! -e go ]; do sleep 0.1; done; touch ~/from-main main-done'")
+    try:
+        assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+        # The session outlives the run's command: it is still at work when
+        # the command has ended, and what it does then is saved too.
+        joined = box.ok("pi-shell", input="hostname > join-host; touch go; "
+                        "while [ ! -e main-done ]; do sleep 0.1; done; sleep 1; "
+                        "touch ~/from-join; exit 0\n", timeout=120)
+        assert "joining" in joined.stderr
+        assert run.wait(timeout=60) == 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGTERM)
+    assert len(box.snapshots()) == len(before) + 1, "one save for both"
+    host = lambda name: open(os.path.join(box.project, name)).read()  # noqa: E731
+    assert host("main-host") == host("join-host"), "one container"
+    box.ok("pi-exec sh -c 'test -e ~/from-main && test -e ~/from-join'")
+    # pi joins too, with the agent command.
+    run = box.background("pi-exec sh -c 'touch ready2; while [ ! -e go2 ]; do sleep 0.1; done'")
+    try:
+        assert wait_until(lambda: in_project(box.project, "ready2"), timeout=60)
+        agent = box.ok("pi -- -c 'hostname; touch go2'", env={"PI_AGENT_COMMAND": "sh"})
+        assert "joining" in agent.stderr
+        assert run.wait(timeout=60) == 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGTERM)
+    # pi-exec keeps the lock's rules (a script's command waits or fails).
+    run = box.background("pi-exec sh -c 'touch ready3; sleep 60'")
+    try:
+        assert wait_until(lambda: in_project(box.project, "ready3"), timeout=60)
+        busy = box.sh("pi-exec true")
+        assert busy.returncode == 5 and "pi-shell" in busy.stderr
+        offline = box.sh("pi-shell --offline", input="exit\n")
+        assert offline.returncode == 5 and "--offline" in offline.stderr
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=60)
+
+
+def test_a_joined_session_does_not_keep_the_container_from_being_stopped(box):
+    run = box.background("pi-exec sh -c 'touch ready; sleep 60'")
+    assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+    joined = box.background("echo 'touch in-join; sleep 300' | pi-shell")
+    assert wait_until(lambda: in_project(box.project, "in-join"), timeout=60)
+    os.kill(box.wrapper_pid(), signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    joined.wait(timeout=60)
+    box.wait_saved()
+    assert box.containers() == [], "the run ended, and its sessions with it"
+    assert docker("ps", "-q", "--filter", "label=pi-agent.repo=" + box.repo).stdout == ""
+
+
+@pytest.mark.parametrize("profile", ["", "p"])
+def test_pi_status_and_snapshots_speak_of_the_profile_in_use(box, profile):
+    if profile:
+        box.ok("pi-branch p")
+        box.extra_env = {"PI_AGENT_PROFILE": profile}
+    box.ok("pi-exec touch ~/x")
+    status = box.ok("pi-status").stdout
+    assert ("%s:%scurrent" % (box.repo, profile + "-" if profile else "")) in status
+    snaps = box.ok("pi-snapshots").stdout
+    assert "snap-" in snaps and "p-snap" not in snaps

@@ -31,6 +31,10 @@ Every run: find the project (git root, else the current directory), take the
 image line's lock, start a container from REPO:current with only the project
 mounted, run the agent as its main process, then save: commit the
 container, keep the replaced image as REPO:snap-<time>, move REPO:current.
+A profile (PI_AGENT_PROFILE, --profile NAME) is an image line of its own,
+REPO:NAME-current and REPO:NAME-snap-<time>, with its own lock: agents of
+different profiles run at the same time. pi or pi-shell where an agent of
+the profile runs in the same project joins its container instead.
 The save runs in a detached saver process that holds the lock, so the prompt
 comes back at once and a closed terminal or a killed wrapper loses nothing.
 
@@ -41,9 +45,9 @@ Exit codes:
   3    refused: unsafe mount target (a shared or system directory, one
        holding a Unix socket, ...), credential in PI_AGENT_PASS_ENV,
        destructive command without --yes
-  4    not found: unknown snapshot, container, image or Dockerfile
+  4    not found: unknown snapshot, container, image, Dockerfile or profile
   5    busy: an agent is running on this image line or in this project
-       (use --wait)
+       (use --wait; pi-shell joins it; another profile runs beside it)
   6    the docker command is not installed
   7    the Docker engine is unreachable
   8    the Docker engine failed (build, commit, tag, ...)
@@ -331,8 +335,11 @@ def utc_epoch(struct):
 
 def local_time(iso):
     """'2026-11-27T11:03:24.481Z' -> '2026-11-27 11:03:24' in local time."""
+    text = (iso or "")[:19]
     try:
-        epoch = utc_epoch(time.strptime((iso or "")[:19], "%Y-%m-%dT%H:%M:%S"))
+        # (not strptime: its import costs 4 ms, on the way to a joined session)
+        epoch = utc_epoch([int(text[start:end]) for start, end in
+                           ((0, 4), (5, 7), (8, 10), (11, 13), (14, 16), (17, 19))])
     except ValueError:
         return iso or "?"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
@@ -670,11 +677,11 @@ def network_typos(environ):
     """A PI_AGENT_* name that is not a setting but looks meant to choose the
     network (PI_AGENT_NETWROK, PI_AGENT_OFFLINE): BadSetting, because the
     run it would have cut off would go online."""
-    import difflib
     known = [name for name, _d, _m in SETTINGS] + list(OTHER_VARIABLES)
     for name in sorted(environ):
         if not name.startswith("PI_AGENT_") or name in known:
             continue
+        import difflib  # (only here: its import costs every run 8 ms)
         if difflib.get_close_matches(name, ["PI_AGENT_NETWORK"], 1, 0.85) or \
                 any(word in name for word in ("NETW", "OFFLINE", "ONLINE")):
             raise BadSetting("%s is not a setting; a run it was meant to keep offline would "
@@ -1060,8 +1067,8 @@ class Line:
         self.base = self.repo + ":base"
         self.current = "%s:%scurrent" % (self.repo, self.tag_prefix)
         # "@" is in no repository name: a profile's files are its own.
-        key = self.repo.replace("%", "%25").replace("/", "%2F") + (
-            "@" + self.profile if self.profile else "")
+        self.key = self.repo.replace("%", "%25").replace("/", "%2F")
+        key = self.key + ("@" + self.profile if self.profile else "")
         self.state_dir = config.state_dir
         self.lock_path = os.path.join(self.state_dir, key + ".lock")
         self.state_path = os.path.join(self.state_dir, key + ".json")
@@ -5044,6 +5051,10 @@ def join_run(line, found, kind, args):
         script = session_script(holder["container"], session_env(config, kind, os.environ),
                                 config, os.path.join(point, subdir) if subdir else point,
                                 agent_command(kind, args.argv, config, config.network))
+        try:
+            os.remove(os.path.join(run_dir, name))  # (a killed session's, of the same pid)
+        except FileNotFoundError:
+            pass
         write_file(os.path.join(run_dir, name), script.encode())
         say("joining %s: this session shares its container, which is saved once, when the "
             "last session has left" % describe_holder(holder))
@@ -5177,6 +5188,10 @@ def cmd_status(args):
     rows.append(("snapshots", "%d" % len(snaps), "newest " + snaps[0]["tag"] if snaps else "", "",
                  ""))
     print_table(rows)
+    state = line.read_state()
+    if line.profile and found["current"] is None and not state.get("made"):
+        print("there is no profile %s: pi-branch %s makes it (pi-branch lists those there are)"
+              % (line.profile, line.profile))
     if found["current"] is not None:
         agents = installed_agents(line, found["current"])
         print("agents in current: %s" % (", ".join(
@@ -5188,7 +5203,6 @@ def cmd_status(args):
         print("the base differs from your settings: %s; pi-rebuild-base builds it again (then "
               "pi-reset-system starts current afresh from it; your environment stays a snapshot)"
               % "; ".join(drift))
-    state = line.read_state()
     holder = state.get("holder")
     print("\nlock: %s" % printable(describe_holder(holder) if lock_is_held(line) else "free"))
     if state.get("notice"):
@@ -5521,7 +5535,7 @@ def list_profiles(config):
         if match and not profile_problem(match.group(1) or "default"):
             found.setdefault(match.group(1) or "", {"current": None, "snapshots": 0})
             found[match.group(1) or ""]["snapshots"] += 1
-    key = Line(config).lock_path[len(config.state_dir) + 1:-len(".lock")].split("@")[0]
+    key = Line(config).key
     try:
         files = os.listdir(config.state_dir)
     except OSError:

@@ -7,7 +7,8 @@ change. Every figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
 
-NAMES: source, imports, prompt, five, repo, sweep, big, snapshots, flatten, disk, soak
+NAMES: source, imports, prompt, five, repo, parallel, sweep, big, snapshots, flatten, disk,
+soak
 (all by default; the soak alone makes 1000 runs, about 15 minutes here).
 """
 
@@ -62,18 +63,20 @@ class Line:
         """Until the save is done and its container removed: the lock is
         free, and the run directory, which goes once the container has gone,
         is gone (asking the engine instead would cost more than the wait)."""
-        lock = os.path.join(self.state, self.repo.replace("/", "%2F") + ".lock")
-        if os.path.exists(lock):
-            fd = os.open(lock, os.O_RDONLY)
+        key = self.repo.replace("/", "%2F")
+        locks = [name for name in os.listdir(self.state) if name.startswith(key)
+                 and name.endswith(".lock")] if os.path.isdir(self.state) else []
+        for lock in locks:  # (every profile's)
+            fd = os.open(os.path.join(self.state, lock), os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_SH)
             os.close(fd)
         runs = os.path.join(self.state, "run")
         while os.path.isdir(runs) and os.listdir(runs):
             time.sleep(0.002)
 
-    def timed(self, body):
+    def timed(self, body, cwd=None):
         start = time.perf_counter()
-        subprocess.run(self.script(body), cwd=self.project, env=self.env, check=True,
+        subprocess.run(self.script(body), cwd=cwd or self.project, env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - start
 
@@ -186,6 +189,65 @@ def bench_repo(line, pairs):
         floor.append(line.floor(commit % (i, "floor", i, i), mount=True))
     row("a run making one commit there, save included (median of %d)" % pairs,
         statistics.median(ours), statistics.median(floor), 1.3)
+
+
+def bench_parallel(line, rounds):
+    """Issue 15: runs of two profiles at once, each against the same run
+    alone; pi-branch on a big current against a small one; a session
+    joining a running run against a bare docker exec."""
+    other = os.path.join(line.work, "other")
+    os.makedirs(other)
+    line.timed("pi-exec touch ~/warm && pi-branch a && pi-branch b")
+    line.timed("pi-exec --profile a touch ~/warm")
+    line.timed("pi-exec --profile b touch ~/warm", cwd=other)
+    alone, together = [], []
+    for i in range(rounds):
+        line.wait_saved()
+        alone.append(line.timed("pi-exec --profile a touch ~/alone%d" % i))
+        line.wait_saved()
+        start = time.perf_counter()
+        runs = [subprocess.Popen(line.script("pi-exec --profile %s touch ~/both%d" % (name, i)),
+                                 cwd=cwd, env=line.env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+                for name, cwd in (("a", line.project), ("b", other))]
+        for run in runs:
+            run.wait()
+            together.append(time.perf_counter() - start)
+    row("two profiles at once: each run's prompt back vs alone (median of %d)" % rounds,
+        statistics.median(together), statistics.median(alone), 1.3)
+
+    # Taking turns: from profile a's small current, and from a current 1 GB bigger.
+    line.timed("pi-exec sh -c 'head -c 1000000000 /dev/zero > ~/big'")
+    line.wait_saved()
+    small, big = [], []
+    for i in range(rounds):
+        small.append(line.timed("pi-branch --profile a small%d" % i))
+        big.append(line.timed("pi-branch big%d" % i))
+    row("pi-branch of current + 1 GB vs of current (median of %d)" % rounds,
+        statistics.median(big), statistics.median(small), 1.15)
+
+    line.wait_saved()
+    ready = os.path.join(line.project, "ready")
+    holder = subprocess.Popen(line.script("pi-exec sh -c 'touch ready; sleep 600'"),
+                              cwd=line.project, env=line.env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    while not os.path.exists(ready):
+        time.sleep(0.05)
+    container = sh("docker", "ps", "-q", "--filter",
+                   "label=pi-agent.repo=" + line.repo).stdout.split()[0]
+    # In one shell, as a user types them (pi.sh has looked its python up).
+    loop = ("_pi_agent --version; for i in $(seq %d); do t0=$EPOCHREALTIME; "
+            "PI_AGENT_COMMAND=true pi 2>/dev/null; t1=$EPOCHREALTIME; docker exec -i %s true; "
+            "t2=$EPOCHREALTIME; echo \"$t0 $t1 $t2\"; done" % (rounds, container))
+    times = subprocess.run(line.script(loop), cwd=line.project, env=line.env, check=True,
+                           stdout=subprocess.PIPE, text=True).stdout.splitlines()[1:]
+    stamps = [[float(value) for value in entry.split()] for entry in times]
+    row("joining a running run (pi) vs a bare docker exec (median of %d)" % rounds,
+        statistics.median(t1 - t0 for t0, t1, _t2 in stamps),
+        statistics.median(t2 - t1 for _t0, t1, t2 in stamps), 1.2)
+    os.killpg(holder.pid, 15)
+    holder.wait()
+    os.remove(ready)
 
 
 def bench_sweep(line, sizes):
@@ -423,6 +485,7 @@ def main():
         ("prompt", lambda line: bench_prompt(line, 4 if quick else 12)),
         ("five", lambda line: bench_five(line, 2 if quick else 5)),
         ("repo", lambda line: bench_repo(line, 4 if quick else 12)),
+        ("parallel", lambda line: bench_parallel(line, 4 if quick else 10)),
         ("sweep", lambda line: bench_sweep(line, [10000, 100000])),
         ("big", lambda line: bench_big(line, [300000000] if quick else
                                        [300000000, 1000000000], 2 if quick else 3)),

@@ -224,14 +224,22 @@ class Sandbox:
         and the saved containers are removed (which happens after the lock)."""
         import fcntl
         line = self.line()
-        if not os.path.exists(line.lock_path):
+        if not os.path.isdir(self.state_dir):
             return
-        fd = os.open(line.lock_path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        finally:
-            os.close(fd)
-        removing = set(line.read_state().get("removing") or {})
+        removing = set()
+        for name in os.listdir(self.state_dir):  # every profile's lock
+            if name.startswith(line.key) and name.endswith(".lock"):
+                fd = os.open(os.path.join(self.state_dir, name), os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                finally:
+                    os.close(fd)
+                state = os.path.join(self.state_dir, name[:-len(".lock")] + ".json")
+                try:
+                    with open(state) as handle:
+                        removing |= set(json.load(handle).get("removing") or {})
+                except (OSError, ValueError):
+                    pass
         wait_until(lambda: not removing & set(docker(
             "ps", "-a", "--format", "{{.Names}}", "--filter",
             "label=pi-agent.repo=" + self.repo).stdout.split()), timeout=60)

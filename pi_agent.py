@@ -19,6 +19,7 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-branch [NAME [--from X]]      branch        list profiles; make one (a copy)
   pi-branch --delete NAME          branch        delete a profile
   pi-worktree NAME [BASE]          worktree      pi in ../REPO-NAME, profile NAME
+  pi-worktree --remove NAME        worktree      remove that worktree
  Keep it tidy:
   pi-prune [N] [--dry-run]         prune         keep the N newest snapshots
   pi-flatten                       flatten       rewrite current as one layer
@@ -226,11 +227,16 @@ MAX_KNOWN_MOUNTS = 200
 # the container's own layer.
 RUN_DIR_INSIDE = "/dev/pi-agent"
 RUN_SCRIPT = "run"
-# A session that joins a running run (pi-shell during pi) holds a shared
-# flock on this file of the run directory; the run's script, once its
-# command has ended, takes it exclusively: the container lives on until
-# the last session has left, and a session never joins one that is ending.
+# A session that joins a running run (pi-shell during pi) writes its script
+# into the run directory as JOIN_PREFIX<pid> and holds an flock on it while
+# it lasts; to join, it holds a shared flock on JOIN_FILE for a moment. The
+# run's script, once its command has ended, takes JOIN_FILE exclusively (so
+# that no session joins a run that is ending), then waits for the sessions'
+# files to go or their locks to be released. The agent can make neither
+# (the directory is read-only inside), so it cannot fake a session to keep
+# its container up.
 JOIN_FILE = "join"
+JOIN_PREFIX = "join-"
 # The CMD a committed image gets when its image had neither CMD nor
 # ENTRYPOINT: a commit keeps the container's command unless told another.
 FALLBACK_CMD = ["sh"]
@@ -713,11 +719,13 @@ def profile_problem(name):
         return ("a profile name is 1 to 40 of a-z, 0-9, '.', '_' and '-', starting with a "
                 "letter or digit")
     if name in ("base", "current"):
-        return "%s is the name of an image of the default profile" % name
+        return "the default profile's images are named %s; pick another name" % name
     if name.startswith(SNAPSHOT_PREFIX):
-        return "a name starting with %s would read as a snapshot's" % SNAPSHOT_PREFIX
+        return ("a name starting with %s would read as a snapshot's; pick another name"
+                % SNAPSHOT_PREFIX)
     if ".." in name or name.endswith((".", ".lock")):
-        return "pi-worktree makes a git branch agent/NAME, and git refuses that one"
+        return ("pi-worktree makes a git branch agent/NAME, and git refuses that one; pick "
+                "another name")
     return None
 
 
@@ -1149,16 +1157,20 @@ def pid_alive(pid):
         return True  # no /proc (macOS): existence is all we can tell
 
 
+RUNS = {"run": "running the agent", "exec": "running a command", "shell": "running a shell",
+        "worktree": "removing the worktree"}
+
+
 def describe_holder(holder):
     if not holder:
         return "another pi-agent command"
     phase = holder.get("phase", "working")
     kind = holder.get("kind", "run")
-    runs = {"run": "the agent", "exec": "a command", "shell": "a shell"}.get(kind, kind)
-    what = {"running": "running %s in" % runs,
+    runs = RUNS.get(kind, "running " + kind)
+    what = {"running": runs + " in",
             "saving": "saving the run in",
             "flattening": "flattening current after the run in",
-            "starting": "starting %s in" % runs}.get(phase, "%s for" % kind)
+            "starting": "starting %s in" % runs.split(" ", 1)[1]}.get(phase, "%s for" % kind)
     pid = holder.get("saver_pid") if phase in ("saving", "flattening") else holder.get("pid")
     return "pid %s (%s %s, since %s)" % (pid, what, holder.get("target", "?"),
                                         local_time(holder.get("started")))
@@ -1220,10 +1232,12 @@ class LineLock:
                 if attempt:
                     os.close(self.fd)
                     self.fd = None
-                    raise Busy("%s is in use by %s; add --wait to wait for it, or run beside it "
-                               "in another profile (pi-branch; pi-worktree NAME makes a worktree "
-                               "and a profile, and runs pi there)"
-                               % (self.line.name, describe_holder(holder)))
+                    raise Busy("%s is in use by %s; %s" % (
+                        self.line.name, describe_holder(holder),
+                        "add --wait to wait for it, or run beside it in another profile "
+                        "(pi-branch; pi-worktree NAME makes a worktree and a profile, and runs "
+                        "pi there)" if kind in LIFECYCLE_KINDS else
+                        "its images change only between runs: try again when it has ended"))
                 time.sleep(0.1)  # an agent that is just exiting is not worth an error
         state = self.line.read_state()
         found = dict(state)
@@ -1245,11 +1259,13 @@ class LineLock:
 
 def lock_project(line, target, kind, wait):
     """An fcntl lock on the project for the whole run, whatever the image
-    line: another run's agent (of another line) must not change the project
-    between this run's look at it and its container's start, nor while this
-    run ends. The lock file says who holds it. Returns the fd; Busy if a
-    live run has it (after a second's grace for one that is ending), unless
-    `wait`."""
+    line or profile: another run's agent must not change the project
+    between this run's look at it and its container's start, nor while
+    this run ends. Projects nested in one another count as one: an agent
+    in the outer one could swap the inner one's directory for a link to
+    anywhere just as the engine mounts it. The lock file says who holds it
+    and where. Returns the fd; Busy if a live run has it (after a second's
+    grace for one that is ending), unless `wait`."""
     path = project_file(line.state_dir, target, ".lock")
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -1265,27 +1281,80 @@ def lock_project(line, target, kind, wait):
             if not wait and time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            holder = {}
-        who = "pid %s (%s on image line %s, since %s)" % (
-            holder.get("pid", "?"), holder.get("kind", "a run"), holder.get("repo", "?"),
-            local_time(holder.get("started")))
+        holder = project_holder(fd)
         if not wait and pid_alive(holder.get("pid")):
             os.close(fd)
             raise Busy("%s is in use by %s; add --wait to wait for it%s" % (
-                target, who, ", or join it: pi-shell" if holder.get("repo") == line.name
-                else ""))
+                target, describe_project_holder(holder), ", or join it: pi-shell"
+                if holder.get("repo") == line.name and kind in LIFECYCLE_KINDS else ""))
         # (a holder that is gone left the end of its run to its saver)
-        say("waiting for %s ..." % who)
+        say("waiting for %s ..." % describe_project_holder(holder))
         fcntl.flock(fd, fcntl.LOCK_EX)
         break
-    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.name,
+    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.name, "target": target,
                          "started": utc_iso(time.time())}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder, 0)
-    return fd
+    nested = nested_run(line.state_dir, target, path)
+    if nested is None:
+        return fd
+    os.close(fd)  # (held while waiting, it could deadlock with the other run)
+    other, other_path = nested
+    where = "inside" if is_within(target, other["target"]) else "around"
+    if not wait:
+        raise Busy("%s is %s %s, where %s; projects nested in one another take turns: add "
+                   "--wait to wait for it" % (target, where, other["target"],
+                                              describe_project_holder(other)))
+    say("waiting for %s (in %s, %s this project) ..." % (describe_project_holder(other),
+                                                          other["target"], where))
+    waiting = os.open(other_path, os.O_RDONLY)
+    try:
+        fcntl.flock(waiting, fcntl.LOCK_SH)
+    finally:
+        os.close(waiting)
+    return lock_project(line, target, kind, wait)
+
+
+def project_holder(fd):
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def describe_project_holder(holder):
+    return "pid %s (%s with %s, since %s)" % (
+        holder.get("pid", "?"), RUNS.get(holder.get("kind"), "running a command"),
+        holder.get("repo", "?"), local_time(holder.get("started")))
+
+
+def nested_run(state_dir, target, own_path):
+    """(holder, its lock file) of a live run whose project holds `target`
+    or is inside it, else None. Every run writes its target before it
+    looks, so of two that start at once one sees the other."""
+    directory = os.path.join(state_dir, "projects")
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if not name.endswith(".lock") or path == own_path:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            holder = project_holder(fd)
+            other = holder.get("target")
+            if not isinstance(other, str) or not (is_within(other, target) or
+                                                  is_within(target, other)):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return holder, path
+        finally:
+            os.close(fd)
+    return None
 
 
 def released_cleanly(found):
@@ -1351,6 +1420,27 @@ class exclusive:
     def __exit__(self, *exc):
         self.lock.release(self.state)
         return False
+
+
+def profile_exists(line):
+    """The default profile always is; another once pi-branch made it (or
+    while it has a current)."""
+    return not line.profile or bool(line.read_state().get("made")) or \
+        inspect_image(line.current) is not None
+
+
+def require_profile(line):
+    """NotFound for a profile never made, before anything is written."""
+    if not profile_exists(line):
+        raise NotFound("there is no profile %s; pi-branch %s makes it (a copy of the "
+                       "environment you have), pi-branch lists them"
+                       % (line.profile, line.profile))
+    return line
+
+
+def profile_line(args):
+    """The line of the command's profile, which must exist."""
+    return require_profile(Line(Config(profile=args.profile)))
 
 
 # ------------------------------------------------------------ the project
@@ -4027,12 +4117,27 @@ def session_script(container, env, config, workdir, command, redact=False, main=
         'if [ -z "${TINI_KILL_PROCESS_GROUP+set}" ] || ! command -v flock >/dev/null 2>&1; then',
         "  exec " + run,
         "fi",
-        "trap : INT TERM HUP",
+        # (a run stopped by a signal ends the sessions that joined it too)
+        "stopped=",
+        "trap stopped=1 INT TERM HUP",
         run,
         "status=$?",
-        "exec 9<%s/%s" % (RUN_DIR_INSIDE, JOIN_FILE),
-        "flock -n 9 || { echo 'pi-agent: the run has ended; it is saved when the sessions that "
-        "joined it leave (ctrl-c ends them now)' >&2; flock 9; }",
+        'if [ -z "$stopped" ]; then',
+        "  exec 9<%s/%s" % (RUN_DIR_INSIDE, JOIN_FILE),
+        "  flock -w 5 9",
+        "  said=",
+        "  while :; do",
+        "    open=",
+        "    for f in %s/%s*; do" % (RUN_DIR_INSIDE, JOIN_PREFIX),
+        '      [ -e "$f" ] && ! flock -n "$f" true && open=1',
+        "    done",
+        '    [ -n "$open" ] || break',
+        '    [ -n "$said" ] || echo "pi-agent: the run has ended; it is saved when the sessions '
+        'that joined it leave (ctrl-c ends them now)" >&2',
+        "    said=1",
+        "    sleep 0.5",
+        "  done",
+        "fi",
         "exit $status"]
     return "\n".join(lines) + "\n"
 
@@ -5024,48 +5129,62 @@ def running_session(line, target):
 def join_run(line, found, kind, args):
     """pi-shell (or pi) where the line's agent runs in the same project: a
     session in its container (docker exec), with this command's own
-    environment, instead of waiting. The container is saved once, by its
-    run, after the last session has left (see session_script). Returns the
-    session's exit status, or None when there is no run to join."""
+    environment, instead of waiting. The agent (pi) joins only the agent's
+    run, whose container has its keys already; a shell joins any. The
+    container is saved once, by its run, after the last session has left
+    (see JOIN_FILE). Returns the session's exit status, or None when there
+    is no run to join."""
     target, subdir = found[0], found[1]
     running = running_session(line, target)
-    if running is None:
+    if running is None or (kind == "run" and running[0].get("kind") != "run"):
         return None
     holder, run_dir = running
-    if args.offline:
-        raise Busy("%s is in use by %s; a session that joined it would have its network: join "
-                   "it without --offline, or add --wait" % (line.name, describe_holder(holder)))
+    network = "none" if args.offline else line.config.network
+    if holder.get("network", "") != network:
+        raise Busy("%s is in use by %s; a session that joined it would be on its network (%s), "
+                   "not on yours (%s): add --wait to wait for it" % (
+                       line.name, describe_holder(holder), holder.get("network") or "default",
+                       network or "default"))
+    config, name = line.config, JOIN_PREFIX + str(os.getpid())
+    script = os.path.join(run_dir, name)
     try:
-        fd = os.open(os.path.join(run_dir, JOIN_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+        door = os.open(os.path.join(run_dir, JOIN_FILE), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None  # it has just ended
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(door, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return None  # it is ending: the lock is for the next one to wait for
+            return None  # it is ending: the line's lock is for the next one to wait for
         point = (read_run_record(run_dir) or {}).get("point")
         if not isinstance(point, str):
             return None
-        config, name = line.config, "join-%d" % os.getpid()
-        script = session_script(holder["container"], session_env(config, kind, os.environ),
-                                config, os.path.join(point, subdir) if subdir else point,
-                                agent_command(kind, args.argv, config, config.network))
         try:
-            os.remove(os.path.join(run_dir, name))  # (a killed session's, of the same pid)
+            os.remove(script)  # (a killed session's, of the same pid)
         except FileNotFoundError:
             pass
-        write_file(os.path.join(run_dir, name), script.encode())
+        write_file(script, session_script(
+            holder["container"], session_env(config, kind, os.environ), config,
+            os.path.join(point, subdir) if subdir else point,
+            agent_command(kind, args.argv, config, network)).encode())
+        held = os.open(script, os.O_RDONLY | os.O_NOFOLLOW)
+        fcntl.flock(held, fcntl.LOCK_EX)
+    finally:
+        os.close(door)
+    try:
         say("joining %s: this session shares its container, which is saved once, when the "
             "last session has left" % describe_holder(holder))
         tty = sys.stdin.isatty() and sys.stdout.isatty()
-        try:
-            return run_attached(["exec", "-i"] + (["-t"] if tty else []) +
-                                [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name])
-        finally:
-            os.remove(os.path.join(run_dir, name))
+        status = run_attached(["exec", "-i"] + (["-t"] if tty else []) +
+                              [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name])
     finally:
-        os.close(fd)
+        os.remove(script)
+        os.close(held)
+    if status > 128 and not (inspect("container", holder["container"]) or
+                             {}).get("State", {}).get("Running"):
+        say("the run this session joined was stopped, and the session with it")
+    return status
+
 
 
 def lifecycle(args, kind, argv):
@@ -5092,7 +5211,7 @@ def run_lifecycle(args, kind, argv):
     except FileNotFoundError:
         raise NotFound("the current directory no longer exists; cd somewhere that does")
     network_typos(os.environ)
-    line = Line(config)
+    line = require_profile(Line(config))
     found = find_target(cwd, home_dirs(), args.here, guarded_dirs(config))
     if kind in JOINABLE_KINDS and not args.wait and not args.dry_run:
         status = join_run(line, found, kind, args)
@@ -5121,7 +5240,7 @@ def run_lifecycle(args, kind, argv):
     state["holder"]["container"] = plan.container
     saver = Saver(line, lock, state, plan, stale, verify,
                   keep=[watch.fd] if watch.fd is not None else [], project_fd=held[0]).start()
-    state["holder"].update(phase="running", saver_pid=saver.pid)
+    state["holder"].update(phase="running", saver_pid=saver.pid, network=plan.network or "")
     line.write_state(state)
     status = run_container(plan, saver)
     status = hand_over(line, lock, state, plan, saver, status, watch)
@@ -5303,7 +5422,7 @@ def describe_engine():
 
 
 def cmd_snapshots(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     wait_for_save(line)
     snaps = list_snapshots(line)
     if not snaps:
@@ -5369,14 +5488,14 @@ def switch_current(line, state, new_ref, what):
 
 
 def cmd_rollback(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     with exclusive(line, "rollback") as state:
         snap = resolve_snapshot(line, args.snapshot)
         return switch_current(line, state, line.snap(snap["tag"]), snap["tag"])
 
 
 def cmd_reset_system(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     with exclusive(line, "reset-system") as state:
         if inspect_image(line.base) is None:
             raise NotFound("%s does not exist; pi-rebuild-base builds it" % line.base)
@@ -5404,7 +5523,7 @@ def confirm(question, yes):
 
 
 def cmd_reset_all(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     with exclusive(line, "reset-all") as state:
         refs = [line.snap(s["tag"]) for s in list_snapshots(line)]
         if inspect_image(line.current) is not None:
@@ -5422,7 +5541,7 @@ def cmd_reset_all(args):
 
 
 def cmd_rebuild_base(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     with exclusive(line, "rebuild-base"):
         before = inspect_image(line.base)
         build_base(line, no_cache=args.no_cache, first=False)
@@ -5439,7 +5558,7 @@ def cmd_rebuild_base(args):
 
 def cmd_prune(args):
     config = Config(profile=args.profile)
-    line = Line(config)
+    line = require_profile(Line(config))
     keep = config.snapshot_keep if args.keep is None else args.keep
     if args.dry_run:
         # A plain read: no lock taken, nothing recovered, nothing written.
@@ -5457,7 +5576,7 @@ def cmd_prune(args):
 
 
 def cmd_flatten(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     with exclusive(line, "flatten") as state:
         current = inspect_image(line.current)
         if current is None:
@@ -5475,7 +5594,7 @@ def cmd_flatten(args):
 
 
 def cmd_orphans(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     rows = leftover_containers(line, sizes=True)
     if not rows:
         print("no left-behind containers of %s" % line.name)
@@ -5489,7 +5608,7 @@ def cmd_orphans(args):
 
 
 def cmd_recover(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     with exclusive(line, "recover", recover=False) as state:
         if not recover_leftovers(line, state, only=args.container):
             say("no left-behind containers of %s; nothing to recover" % line.name)
@@ -5497,7 +5616,7 @@ def cmd_recover(args):
 
 
 def cmd_clean_orphans(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     with exclusive(line, "clean-orphans", recover=False) as state:
         rows = leftover_containers(line)
         if not rows:
@@ -5517,78 +5636,96 @@ def cmd_clean_orphans(args):
 PROFILE_SNAPSHOT_RE = re.compile(r"(?:(.+)-)?snap-\d{8}-\d{6}\.\d{3}")
 
 
+def state_profiles(config):
+    """The profiles that have state files (made, or once used)."""
+    key = Line(config).key
+    try:
+        files = os.listdir(config.state_dir)
+    except OSError:
+        return []
+    names = [file[len(key) + 1:-len(".json")] for file in files
+             if file.startswith(key + "@") and file.endswith(".json")]
+    return [name for name in names if not profile_problem(name)]
+
+
 def list_profiles(config):
-    """{profile: {current (its image row or None), snapshots (a count),
-    used (when its state last changed, or None)}}: those with images, and
-    those pi-branch made; the default profile ("") always."""
-    rows = json_lines(docker(
-        "image", "ls", config.image_repo, "--format",
-        '{"tag":{{json .Tag}},"id":{{json .ID}},"size":{{json .Size}}}').stdout)
+    """{profile: {current (its inspect record or None), snapshots (a
+    count), used (when its state last changed, or None)}}: those with
+    images, and those pi-branch made; the default profile ("") always.
+    Saves in progress are waited for first."""
+    lines = {name: Line(Config(config.environ, profile=name))
+             for name in [""] + state_profiles(config)}
+    for line in lines.values():
+        wait_for_save(line)
+    rows = json_lines(docker("image", "ls", config.image_repo, "--format",
+                             '{"tag":{{json .Tag}},"id":{{json .ID}}}').stdout)
     found = {"": {"current": None, "snapshots": 0}}
     for row in rows:
         name = "" if row["tag"] == "current" else row["tag"][:-len("-current")] \
             if row["tag"].endswith("-current") else None
         if name == "" or (name and not profile_problem(name)):
-            found.setdefault(name, {"snapshots": 0})["current"] = row
-    for row in rows:
+            found.setdefault(name, {"snapshots": 0})["current"] = row["id"]
         match = PROFILE_SNAPSHOT_RE.fullmatch(row["tag"])
-        if match and not profile_problem(match.group(1) or "default"):
+        if match and not profile_problem(match.group(1) or DEFAULT_PROFILE):
             found.setdefault(match.group(1) or "", {"current": None, "snapshots": 0})
             found[match.group(1) or ""]["snapshots"] += 1
-    key = Line(config).key
-    try:
-        files = os.listdir(config.state_dir)
-    except OSError:
-        files = []
-    for file in files:
-        name = file[len(key) + 1:-len(".json")]
-        if file.startswith(key + "@") and file.endswith(".json") and not profile_problem(name):
-            found.setdefault(name, {"current": None, "snapshots": 0})
-    for name, entry in found.items():
-        line = Line(Config(config.environ, profile=name))
+    ids = sorted({entry["current"] for entry in found.values() if entry["current"]})
+    images = {image["Id"].split(":")[-1][:12]: image for image in
+              json.loads(docker("image", "inspect", *ids).stdout)} if ids else {}
+    for name in lines:
+        found.setdefault(name, {"current": None, "snapshots": 0})
+    for name, entry in list(found.items()):
+        line = lines.get(name) or Line(Config(config.environ, profile=name))
+        entry["current"] = images.get(entry["current"])
         if name and entry["current"] is None and not entry["snapshots"] and \
                 not line.read_state().get("made"):
-            entry["gone"] = True
+            del found[name]
+            continue
         try:
             entry["used"] = os.stat(line.state_path).st_mtime
         except OSError:
             entry["used"] = None
-    return {name: entry for name, entry in found.items() if not entry.get("gone")}
+    return found
 
 
-def branch_source(config, source, target):
-    """The image ID pi-branch copies, and words for it: the selected
-    profile's current (base when there is none yet), a snapshot of it,
-    another profile's current, or base (built if absent)."""
+def branch_source(config, source):
+    """(image ID, words for it) that pi-branch copies: the selected
+    profile's current (base when the default has none yet), a snapshot of
+    it, another profile's current, or base; the ID is None for a base that
+    is still to be built. NotFound before anything is written."""
     line = Line(config)
     if source is not None and source != "base" and not source.startswith(SNAPSHOT_PREFIX) \
             and ":" not in source:
-        line = Line(Config(config.environ, profile=checked_profile("pi-branch", source)))
+        line = Line(Config(config.environ,
+                           profile=checked_profile("pi-branch", source, "--from")))
         source = None
-        if inspect_image(line.current) is None:
-            raise NotFound("there is no profile %s to copy; pi-branch lists them" % line.name)
     wait_for_save(line)
     if source not in (None, "base"):
         name = resolve_snapshot(line, source)["tag"]
         return inspect_image(line.snap(name))["Id"], "snapshot %s of %s" % (name, line.name)
     image = inspect_image(line.current) if source is None else None
     if image is not None:
-        return image["Id"], "the current environment of %s" % line.name
+        return image["Id"], "the environment of %s" % line.name
     if source is None and line.profile:
-        raise NotFound("there is no profile %s to copy; pi-branch lists them" % line.name)
-    if inspect_image(target.base) is None:
-        build_base(target)
-    return inspect_image(target.base)["Id"], "the base image"
+        raise NotFound("there is no profile %s to copy; pi-branch lists them" % line.profile)
+    base = inspect_image(line.base)
+    return base and base["Id"], "the base image"
 
 
 def make_profile(config, name, source=None):
     """Profile `name`, a copy of `source` (see branch_source): a tag."""
     target = Line(Config(config.environ, profile=name))
+    exists = Refused("profile %s exists already: pi --profile %s runs in it, pi-branch "
+                     "--delete %s removes it" % (name, name, name))
+    if profile_exists(target):
+        raise exists
+    image_id, what = branch_source(config, source)
     with exclusive(target, "branch", recover=False) as state:
         if inspect_image(target.current) is not None or state.get("made"):
-            raise Refused("profile %s exists already: pi --profile %s runs in it, pi-branch "
-                          "--delete %s removes it" % (name, name, name))
-        image_id, what = branch_source(config, source, target)
+            raise exists
+        if image_id is None:
+            build_base(target)
+            image_id = inspect_image(target.base)["Id"]
         docker("tag", image_id, target.current)
         state["made"] = True
         state.pop("snapshots", None)
@@ -5601,13 +5738,13 @@ def delete_profile(config, name, yes):
     if not name or name == DEFAULT_PROFILE:
         raise Refused("the default profile is %s:current itself; pi-reset-all empties it"
                       % config.image_repo)
-    line = Line(Config(config.environ, profile=checked_profile("pi-branch", name)))
+    line = Line(Config(config.environ, profile=checked_profile("pi-branch", name, "--delete")))
+    if not profile_exists(line) and not list_snapshots(line):
+        raise NotFound("there is no profile %s; pi-branch lists them" % name)
     with exclusive(line, "branch", recover=False) as state:
         current = inspect_image(line.current)
         refs = ([line.current] if current else []) + [line.snap(snap["tag"])
                                                        for snap in list_snapshots(line)]
-        if not refs and not state.get("made"):
-            raise NotFound("there is no profile %s; pi-branch lists them" % name)
         leftovers = [row["names"] for row in leftover_containers(line)]
         if leftovers:
             raise Refused("profile %s has left-behind containers (%s): pi-recover --profile %s "
@@ -5638,7 +5775,8 @@ def cmd_branch(args):
             line = Line(Config(config.environ, profile=name))
             rows.append(("*" if name == config.profile else "", name or DEFAULT_PROFILE,
                          line.current if entry["current"] else "(none yet)",
-                         (entry["current"] or {}).get("size", ""), str(entry["snapshots"]),
+                         human_size(entry["current"]["Size"]) if entry["current"] else "",
+                         str(entry["snapshots"]),
                          local_time(utc_iso(entry["used"])) if entry["used"] else ""))
         print_table(rows)
         print("* is the profile in use here (PI_AGENT_PROFILE, or --profile). pi-branch NAME "
@@ -5647,7 +5785,7 @@ def cmd_branch(args):
     if args.name == DEFAULT_PROFILE:
         raise PiError("pi-branch: %s is the profile of the plain names; pick another name"
                       % DEFAULT_PROFILE, EXIT_USAGE)
-    make_profile(config, checked_profile("pi-branch", args.name), args.source)
+    make_profile(config, checked_profile("pi-branch", args.name, None), args.source)
     return 0
 
 
@@ -5656,12 +5794,13 @@ def worktree_place(config, name):
     NAME in the repository of the current directory."""
     try:
         cwd = os.path.realpath(os.getcwd())
-    except FileNotFoundError:
-        raise NotFound("the current directory no longer exists; cd somewhere that does")
-    target, _subdir, repo, _notes = find_target(cwd, home_dirs(), False, guarded_dirs(config))
+        _target, _subdir, repo, _notes = find_target(cwd, home_dirs(), False,
+                                                     guarded_dirs(config))
+    except (FileNotFoundError, Refused):
+        repo = None
     if repo is None:
-        raise NotFound("pi-worktree works in a git repository, and %s is not in one (git init "
-                       "and a first commit make one)" % target)
+        raise NotFound("pi-worktree works in a git repository, and the current directory is "
+                       "not in one; cd into one (git init and a first commit make one)")
     if os.path.basename(repo.common) != ".git":
         raise Refused("pi-worktree needs the repository's main work tree beside it; %s has "
                       "none (a bare repository?)" % repo.common)
@@ -5669,25 +5808,45 @@ def worktree_place(config, name):
     return repo, main, os.path.join(os.path.dirname(main), os.path.basename(main) + "-" + name)
 
 
-def remove_worktree(config, repo, path, name, yes):
+def registered_worktree(repo, path):
+    """git has a worktree at `path` on record (its admin directory)."""
+    admin = os.path.join(repo.common, "worktrees")
+    try:
+        names = os.listdir(admin)
+    except OSError:
+        return False
+    for name in names:
+        named = read_regular(os.path.join(admin, name, "gitdir"), 4096)
+        if named is not None and os.fsdecode(named.strip()) == os.path.join(path, ".git"):
+            return True
+    return False
+
+
+def remove_worktree(config, repo, path, name, yes, wait):
     there = git_repo_at(path)[0] if os.path.lexists(path) else None
-    if there is None or there.common != repo.common:
+    if there is None and not os.path.lexists(path) and registered_worktree(repo, path):
+        host_git(repo.gitdir, "worktree", "prune")
+        say("git had the worktree %s on record, but its directory was gone: git worktree "
+            "prune cleared it" % path)
+    elif there is None or there.common != repo.common:
         raise NotFound("there is no worktree %s of %s; git worktree list shows them"
                        % (path, os.path.dirname(repo.common)))
+    else:
+        line = Line(Config(config.environ, profile=name))
+        fd = lock_project(line, path, "worktree", wait)  # (Busy while a run is there)
+        try:
+            result = host_git(repo.gitdir, "worktree", "remove", path, check=False)
+        finally:
+            os.close(fd)
+        if result.returncode != 0:
+            why = (result.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+            raise Refused("git would not remove %s (%s); commit or stash what is there, or "
+                          "remove it with git worktree remove --force, which loses it"
+                          % (path, why.replace("fatal: ", "")))
+        say("removed the worktree %s; its branch agent/%s keeps its commits (git branch -D "
+            "agent/%s deletes it)" % (path, name, name))
     line = Line(Config(config.environ, profile=name))
-    fd = lock_project(line, path, "worktree", wait=False)  # (Busy while a run is there)
-    try:
-        result = host_git(repo.gitdir, "worktree", "remove", path, check=False)
-    finally:
-        os.close(fd)
-    if result.returncode != 0:
-        why = (result.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
-        raise Refused("git would not remove %s (%s); commit or stash what is there, or remove "
-                      "it with git worktree remove --force, which loses it"
-                      % (path, why.replace("fatal: ", "")))
-    say("removed the worktree %s; its branch agent/%s keeps its commits (git branch -D "
-        "agent/%s deletes it)" % (path, name, name))
-    if inspect_image(line.current) is None and not line.read_state().get("made"):
+    if not profile_exists(line):
         return 0
     if yes or (sys.stdin.isatty() and ask("delete the profile %s too (its environment and "
                                           "snapshots)?" % name)):
@@ -5697,6 +5856,49 @@ def remove_worktree(config, repo, path, name, yes):
     return 0
 
 
+# Set on a branch pi-worktree made, in your repository's config (which no
+# agent writes): a branch agent/NAME without it may be an agent's.
+WORKTREE_MARK = "piAgentWorktree"
+
+
+def add_worktree(repo, main, path, name, base):
+    """git worktree add: `path` on branch agent/NAME (made at `base`, or
+    the branch as it is, if pi-worktree made it)."""
+    branch = "agent/" + name
+    has_branch = host_git(repo.gitdir, "rev-parse", "--verify", "--quiet",
+                          "refs/heads/" + branch, check=False).returncode == 0
+    if has_branch and base:
+        raise PiError("pi-worktree: branch %s exists already; pi-worktree %s checks it out "
+                      "(without BASE)" % (branch, name), EXIT_USAGE)
+    mark = "branch.%s.%s" % (branch, WORKTREE_MARK)
+    if has_branch and host_git(repo.gitdir, "config", "--get", mark,
+                               check=False).stdout.strip() != b"true":
+        raise Refused("branch %s exists, and pi-worktree did not make it: an agent may have "
+                      "(a run's branches come back to your repository). Read it first (git log "
+                      "-p %s); then delete it (git branch -D %s), or take it as yours: git "
+                      "config %s true" % (branch, branch, branch, mark))
+    base = base or "HEAD"
+    if not has_branch and host_git(repo.gitdir, "rev-parse", "--verify", "--quiet",
+                                   base + "^{commit}", check=False).returncode != 0:
+        raise NotFound("pi-worktree: %s is not a commit of %s (a branch, tag or commit is)"
+                       % (base, main))
+    if registered_worktree(repo, path):
+        raise Refused("%s is on record as a worktree of %s, but its directory is gone; "
+                      "pi-worktree --remove %s clears it" % (path, main, name))
+    result = host_git(repo.gitdir, "worktree", "add", "--quiet",
+                      *([path, branch] if has_branch else ["-b", branch, path, base]),
+                      check=False)
+    if result.returncode != 0:
+        why = (result.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+        raise Refused("git would not make the worktree %s: %s%s" % (
+            path, why.replace("fatal: ", ""), "; switch that work tree to another branch first"
+            if "checked out" in why or "used by worktree" in why else ""))
+    if not has_branch:
+        host_git(repo.gitdir, "config", mark, "true")
+    say("made the worktree %s on %s branch %s" % (path, "the" if has_branch else "a new",
+                                                  branch))
+
+
 def cmd_worktree(args):
     """pi-worktree NAME [BASE]: a worktree ../REPO-NAME on branch agent/NAME,
     profile NAME (a copy of the selected profile), and pi run there."""
@@ -5704,13 +5906,16 @@ def cmd_worktree(args):
     if args.name == DEFAULT_PROFILE:
         raise PiError("pi-worktree: %s names the default profile; pick another name"
                       % DEFAULT_PROFILE, EXIT_USAGE)
-    name = checked_profile("pi-worktree", args.name)
+    name = checked_profile("pi-worktree", args.name, None)
     repo, main, path = worktree_place(config, name)
     if args.remove:
         if args.base or args.argv:
             raise PiError("pi-worktree: --remove NAME takes nothing else", EXIT_USAGE)
-        return remove_worktree(config, repo, path, name, args.yes)
-    branch = "agent/" + name
+        return remove_worktree(config, repo, path, name, args.yes, args.wait)
+    line = Line(Config(config.environ, profile=name))
+    made = profile_exists(line)
+    if not made:
+        branch_source(config, None)  # (a profile to copy that is not there: said first)
     if os.path.lexists(path):
         there = git_repo_at(path)[0]
         if there is None or there.common != repo.common:
@@ -5720,22 +5925,8 @@ def cmd_worktree(args):
             raise PiError("pi-worktree: the worktree %s exists already; BASE is for a new one"
                           % path, EXIT_USAGE)
     else:
-        has_branch = host_git(repo.gitdir, "rev-parse", "--verify", "--quiet",
-                              "refs/heads/" + branch, check=False).returncode == 0
-        if has_branch and args.base:
-            raise PiError("pi-worktree: branch %s exists already; pi-worktree %s checks it out "
-                          "(without BASE)" % (branch, name), EXIT_USAGE)
-        base = args.base or "HEAD"
-        if not has_branch and host_git(repo.gitdir, "rev-parse", "--verify", "--quiet",
-                                       base + "^{commit}", check=False).returncode != 0:
-            raise NotFound("pi-worktree: %s is not a commit of %s (a branch, tag or commit "
-                           "is)" % (base, main))
-        host_git(repo.gitdir, "worktree", "add", "--quiet",
-                 *([path, branch] if has_branch else ["-b", branch, path, base]))
-        say("made the worktree %s on %s branch %s" % (path, "the" if has_branch else "a new",
-                                                      branch))
-    line = Line(Config(config.environ, profile=name))
-    if inspect_image(line.current) is None and not line.read_state().get("made"):
+        add_worktree(repo, main, path, name, args.base)
+    if not made:
         make_profile(config, name)
     os.chdir(path)
     return lifecycle(argparse.Namespace(agent=args.agent, profile=name, wait=args.wait,
@@ -5760,7 +5951,7 @@ def cmd_complete(args):
 
 
 def cmd_unlock(args):
-    line = Line(Config(profile=args.profile))
+    line = profile_line(args)
     if not lock_is_held(line):
         say("nothing holds the lock of %s: a lock dies with its holder, so there is nothing to "
             "unlock" % line.name)
@@ -5945,13 +6136,16 @@ def build_parser():
     return parser
 
 
-def checked_profile(prog, name):
-    """A --profile value: "" for the default profile, None when not given."""
+def checked_profile(prog, name, option="--profile"):
+    """A profile name given on the command line (after `option`, or as an
+    argument if None): "" for the default profile, None when not given."""
     if name is None or name == DEFAULT_PROFILE:
         return name and ""
     problem = profile_problem(name)
     if problem:
-        raise PiError("%s: --profile %s: %s" % (prog, name, problem), EXIT_USAGE)
+        raise PiError("%s: %s: %s" % (prog, "%s %s" % (option, shlex.quote(name)) if option
+                                      else "profile name %s" % shlex.quote(name), problem),
+                      EXIT_USAGE)
     return name
 
 

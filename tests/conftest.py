@@ -212,6 +212,10 @@ class Sandbox:
                 return cid, int(pid)
         return None, None
 
+    def live_run_name(self):
+        cid = self.live_run()[0]
+        return cid and docker("inspect", "--format", "{{.Name}}", cid).stdout.strip().lstrip("/")
+
     def wrapper_pid(self):
         return self.live_run()[1]
 

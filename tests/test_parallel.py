@@ -103,6 +103,41 @@ def test_pi_branch_copies_a_snapshot_as_a_tag_and_lists_and_deletes(box):
     assert box.sh("pi-exec --profile old true").returncode == 4
 
 
+def test_projects_nested_in_one_another_take_turns_whatever_the_profile(box):
+    """An agent in the outer project swaps the inner one for a link to a
+    victim directory while a run of another profile starts there: that run
+    is refused every time (the engine would mount what the link points at)."""
+    box.ok("pi-branch b")
+    inner = box.mkdir(os.path.join(box.project, "inner"))
+    victim = box.mkdir(os.path.join(os.path.dirname(box.project), "victim"))
+    swap = ("touch ready; while [ ! -e go ]; do sleep 0.1; done; end=$(( $(date +%%s) + 8 )); "
+            "while [ $(date +%%s) -lt $end ]; do mv inner held && ln -s %s inner; "
+            "sleep 0.01; rm inner && mv held inner; done; touch swapped" % victim)
+    outer = box.background("pi-exec --here sh -c '%s'" % swap)
+    try:
+        assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+        attempts = box.sh("touch ../go; for i in 1 2 3 4 5 6; do pi-exec --profile b sh -c "
+                          "'echo pwned >> marker'; echo rc=$?; sleep 0.5; done", cwd=inner,
+                          timeout=120)
+        assert attempts.stdout.split() == ["rc=5"] * 6, attempts.stderr
+        assert "projects nested in one another take turns" in attempts.stderr
+        assert outer.wait(timeout=60) == 0
+        assert in_project(box.project, "swapped")
+    finally:
+        if outer.poll() is None:
+            os.killpg(outer.pid, signal.SIGTERM)
+    assert os.listdir(victim) == [], "nothing reached the victim"
+    # And the other way round: the inner project runs, the outer one waits its turn.
+    run = box.background("cd %s && pi-exec --profile b sh -c 'touch ready; sleep 30'" % inner)
+    try:
+        assert wait_until(lambda: in_project(inner, "ready"), timeout=60)
+        around = box.sh("pi-exec --here true")
+        assert around.returncode == 5 and "around" in around.stderr
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=60)
+
+
 # --- worktrees -----------------------------------------------------------------
 
 def test_pi_worktree_runs_an_agent_whose_commits_reach_the_main_repository(box):
@@ -129,7 +164,8 @@ def test_pi_worktree_runs_an_agent_whose_commits_reach_the_main_repository(box):
     assert not os.path.exists(os.path.join(main_git, "hooks", "post-checkout"))
     assert not os.path.exists(os.path.join(main_git, "hooks", "post-merge"))
     assert not os.path.exists(os.path.join(main_git, "objects", "evil"))
-    assert open(os.path.join(main_git, "config"), "rb").read() == config_before
+    assert open(os.path.join(main_git, "config"), "rb").read() == config_before + \
+        b'[branch "agent/fix"]\n\tpiAgentWorktree = true\n', "only pi-worktree's own mark"
     assert open(os.path.join(worktree, ".git")).read().startswith("gitdir: %s/worktrees/"
                                                                    % main_git)
     assert "fix-current" in tags(box), "the worktree's own profile"
@@ -144,6 +180,19 @@ def test_pi_worktree_runs_an_agent_whose_commits_reach_the_main_repository(box):
     assert not os.path.exists(worktree) and "kept the profile fix" in removed.stderr
     assert "from the worktree" in box.ok("git log --format=%s agent/fix").stdout
     box.ok("pi-branch --delete fix --yes")
+
+
+def test_pi_worktree_does_not_check_out_a_branch_an_agent_made(box):
+    box.init_repo()
+    box.ok("pi-exec sh -c 'git checkout -q -b agent/evil && echo x > evil && git add evil && "
+           "git commit -q -m evil && git checkout -q -'")
+    assert "evil" in box.ok("git log --format=%s agent/evil").stdout
+    refused = box.sh("pi-worktree evil -- -c true", env={"PI_AGENT_COMMAND": "sh"})
+    assert refused.returncode == 3 and "did not make it" in refused.stderr
+    assert not os.path.exists(box.project + "-evil")
+    assert "evil-current" not in tags(box), "nothing made"
+    box.ok("git config branch.agent/evil.piAgentWorktree true")
+    box.ok("pi-worktree evil -- -c 'test -e evil'", env={"PI_AGENT_COMMAND": "sh"})
 
 
 # --- joining a running session --------------------------------------------------
@@ -169,8 +218,9 @@ def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
     host = lambda name: open(os.path.join(box.project, name)).read()  # noqa: E731
     assert host("main-host") == host("join-host"), "one container"
     box.ok("pi-exec sh -c 'test -e ~/from-main && test -e ~/from-join'")
-    # pi joins too, with the agent command.
-    run = box.background("pi-exec sh -c 'touch ready2; while [ ! -e go2 ]; do sleep 0.1; done'")
+    # pi joins the agent's run too, with the agent command.
+    run = box.background("PI_AGENT_COMMAND=sh pi -- -c 'touch ready2; "
+                         "while [ ! -e go2 ]; do sleep 0.1; done'")
     try:
         assert wait_until(lambda: in_project(box.project, "ready2"), timeout=60)
         agent = box.ok("pi -- -c 'hostname; touch go2'", env={"PI_AGENT_COMMAND": "sh"})
@@ -185,11 +235,32 @@ def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
         assert wait_until(lambda: in_project(box.project, "ready3"), timeout=60)
         busy = box.sh("pi-exec true")
         assert busy.returncode == 5 and "pi-shell" in busy.stderr
-        offline = box.sh("pi-shell --offline", input="exit\n")
-        assert offline.returncode == 5 and "--offline" in offline.stderr
+        # Not onto another network, and the agent (with its keys) only into the agent's run.
+        for other in ("pi-shell --offline", "PI_AGENT_NETWORK=none pi-shell"):
+            offline = box.sh(other, input="touch joined-offline\n")
+            assert offline.returncode == 5 and "network" in offline.stderr
+        key = box.sh("pi -- -c 'touch joined-agent'",
+                     env={"PI_AGENT_COMMAND": "sh", "OPENAI_API_KEY": "sk-joiner-test"})
+        assert key.returncode == 5
+        assert not in_project(box.project, "joined-offline")
+        assert not in_project(box.project, "joined-agent")
+        assert not any(name.startswith("join-") for name in os.listdir(
+            os.path.join(box.state_dir, "run", box.live_run_name())))
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         run.wait(timeout=60)
+
+
+def test_an_agent_cannot_fake_a_joined_session_to_keep_its_container(box):
+    """It can hold the run's join lock and leave a process behind: the
+    run still ends (a few seconds later), saying nothing of sessions."""
+    run = box.sh("pi-exec sh -c 'setsid flock -s /dev/pi-agent/join sleep 120 & "
+                 "touch /dev/pi-agent/join-x 2>/dev/null; sleep 1'",
+                 timeout=60)
+    assert run.returncode == 0
+    assert "joined" not in run.stderr
+    box.wait_saved()
+    assert box.containers() == []
 
 
 def test_a_joined_session_does_not_keep_the_container_from_being_stopped(box):

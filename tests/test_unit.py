@@ -363,7 +363,7 @@ def test_run_kind_installs_the_agent_when_missing():
     assert "export PI_AGENT_INSTALL_CMD=" in script
     lines = script.splitlines()
     # As the parent that waits for joined sessions, or by exec where it cannot.
-    assert lines[lines.index("trap : INT TERM HUP") + 1].endswith(" pi -p hello")
+    assert lines[lines.index("trap stopped=1 INT TERM HUP") + 1].endswith(" pi -p hello")
     assert any(line.startswith("  exec sh -c ") and line.endswith(" pi -p hello")
                for line in lines)
 

@@ -61,13 +61,21 @@ function pi-branch { _pi_agent branch "$@"; }
 function pi-worktree { _pi_agent worktree "$@"; }
 
 # Completion: wrapper options, snapshot names for pi-rollback, left-behind
-# containers for pi-recover, profiles for pi-branch (and after --profile),
-# commands after pi-exec's options.
+# containers for pi-recover, profiles for pi-branch (and after --profile,
+# --delete, --remove; and snapshots and base after --from), commands after
+# pi-exec's options.
 function _pi_agent_candidates {
-  if [ "${2-}" = --profile ]; then
-    _pi_agent complete profiles 2>/dev/null
-    return 0
-  fi
+  case ${2-} in
+    --profile) _pi_agent complete profiles 2>/dev/null; return 0 ;;
+    --from)
+      _pi_agent complete profiles 2>/dev/null
+      _pi_agent complete snapshots 2>/dev/null
+      printf '%s\n' base
+      return 0 ;;
+    --delete|--remove)
+      _pi_agent complete profiles 2>/dev/null | \command grep -vx default
+      return 0 ;;
+  esac
   case $1 in
     pi) printf '%s\n' --agent --profile --wait --here --offline --dry-run --help --version -- ;;
     pi-shell) printf '%s\n' --profile --wait --here --offline --dry-run --help --version -- ;;

@@ -94,6 +94,13 @@ def test_pi_branch_copies_a_snapshot_as_a_tag_and_lists_and_deletes(box):
     for name in ("default", "old", "fresh", "copy"):
         assert re.search(r"^\*?\s+%s\s+%s:" % (name, box.repo), listing, re.M), listing
     assert box.sh("pi-branch old").returncode == 3, "a profile is never overwritten"
+    # Completion: profiles after --profile and --delete (not default there), and
+    # snapshots and base after --from.
+    words = lambda *argv: box.ok("_pi_agent_candidates %s" % " ".join(argv)).stdout.split()  # noqa
+    assert {"default", "old", "fresh", "copy"} <= set(words("pi", "--profile"))
+    assert "old" in words("pi-branch", "--delete") and "default" not in words("pi-branch",
+                                                                              "--delete")
+    assert {"base", "old", older} <= set(words("pi-branch", "--from"))
     refused = box.sh("pi-branch --delete old", input="")
     assert refused.returncode == 3 and "old-current" in tags(box)
     box.ok("pi-branch --delete old --yes")

@@ -1158,7 +1158,7 @@ def pid_alive(pid):
 
 
 RUNS = {"run": "running the agent", "exec": "running a command", "shell": "running a shell",
-        "worktree": "removing the worktree"}
+        "worktree": "making or removing a worktree", "end": "ending an interrupted run"}
 
 
 def describe_holder(holder):
@@ -1234,10 +1234,13 @@ class LineLock:
                     self.fd = None
                     raise Busy("%s is in use by %s; %s" % (
                         self.line.name, describe_holder(holder),
+                        "its images change only between runs: try again when it has ended"
+                        if kind not in LIFECYCLE_KINDS else
+                        "add --wait to wait for it, or join it: pi-shell"
+                        if (holder or {}).get("target") == target else
                         "add --wait to wait for it, or run beside it in another profile "
                         "(pi-branch; pi-worktree NAME makes a worktree and a profile, and runs "
-                        "pi there)" if kind in LIFECYCLE_KINDS else
-                        "its images change only between runs: try again when it has ended"))
+                        "pi there)"))
                 time.sleep(0.1)  # an agent that is just exiting is not worth an error
         state = self.line.read_state()
         found = dict(state)
@@ -1257,16 +1260,26 @@ class LineLock:
         self.fd = None
 
 
-def lock_project(line, target, kind, wait):
+# The project locks this process holds, {lock file: fd}: recovery, under a
+# run's own lock, may end an older run of the same project.
+HELD_PROJECTS = {}
+
+
+def lock_project(line, target, kind, wait, paths=()):
     """An fcntl lock on the project for the whole run, whatever the image
     line or profile: another run's agent must not change the project
     between this run's look at it and its container's start, nor while
-    this run ends. Projects nested in one another count as one: an agent
-    in the outer one could swap the inner one's directory for a link to
-    anywhere just as the engine mounts it. The lock file says who holds it
-    and where. Returns the fd; Busy if a live run has it (after a second's
-    grace for one that is ending), unless `wait`."""
+    this run ends. `paths`: the others host git reads for the project (its
+    repository's, when it is a worktree; files its config includes); no
+    other live run's agent may reach those either, nor may two projects
+    nest (an agent in the outer one could swap the inner one's directory
+    for a link to anywhere just as the engine mounts it). The lock file
+    says who holds it, and what it covers. Returns the fd (None when this
+    process holds it already); Busy if a live run has it, or what it
+    covers (after a second's grace for one that is ending), unless `wait`."""
     path = project_file(line.state_dir, target, ".lock")
+    if path in HELD_PROJECTS:
+        return None
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -1291,33 +1304,52 @@ def lock_project(line, target, kind, wait):
         say("waiting for %s ..." % describe_project_holder(holder))
         fcntl.flock(fd, fcntl.LOCK_EX)
         break
-    holder = json.dumps({"pid": os.getpid(), "kind": kind, "repo": line.name, "target": target,
-                         "started": utc_iso(time.time())}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, holder, 0)
-    nested = nested_run(line.state_dir, target, path)
-    if nested is None:
-        return fd
-    os.close(fd)  # (held while waiting, it could deadlock with the other run)
-    other, other_path = nested
-    where = "inside" if is_within(target, other["target"]) else "around"
-    if not wait:
-        raise Busy("%s is %s %s, where %s; projects nested in one another take turns: add "
-                   "--wait to wait for it" % (target, where, other["target"],
-                                              describe_project_holder(other)))
-    say("waiting for %s (in %s, %s this project) ..." % (describe_project_holder(other),
-                                                          other["target"], where))
-    waiting = os.open(other_path, os.O_RDONLY)
+    HELD_PROJECTS[path] = fd
     try:
-        fcntl.flock(waiting, fcntl.LOCK_SH)
-    finally:
-        os.close(waiting)
-    return lock_project(line, target, kind, wait)
+        cover_project(fd, line, target, kind, paths)
+    except Busy as err:
+        release_project_lock(fd)
+        if not wait:
+            raise
+        # (held while waiting, it could deadlock with the other run)
+        say("waiting for %s ..." % err.holder_words)
+        waiting = os.open(err.lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(waiting, fcntl.LOCK_SH)
+        finally:
+            os.close(waiting)
+        return lock_project(line, target, kind, wait, paths)
+    return fd
+
+
+def cover_project(fd, line, target, kind, paths):
+    """Say in the lock what it covers, then look for a live run whose own
+    covers overlap it: each run writes before it looks, so of two that
+    start at once, one sees the other. Busy names it."""
+    holder = {"pid": os.getpid(), "kind": kind, "repo": line.name, "target": target,
+              "paths": sorted(set(paths)), "started": utc_iso(time.time())}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    other, other_path = overlapping_run(line.state_dir, holder)
+    if other is None:
+        return
+    err = Busy("%s overlaps %s, where %s: %s; they take turns: add --wait to wait for it"
+               % (target, other["target"], describe_project_holder(other), overlap(
+                   holder, other)))
+    err.holder_words, err.lock_path = describe_project_holder(other), other_path
+    raise err
+
+
+def release_project_lock(fd):
+    for path, held in list(HELD_PROJECTS.items()):
+        if held == fd:
+            del HELD_PROJECTS[path]
+    os.close(fd)
 
 
 def project_holder(fd):
     try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        holder = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
     except ValueError:
         return {}
     return holder if isinstance(holder, dict) else {}
@@ -1329,32 +1361,49 @@ def describe_project_holder(holder):
         holder.get("repo", "?"), local_time(holder.get("started")))
 
 
-def nested_run(state_dir, target, own_path):
-    """(holder, its lock file) of a live run whose project holds `target`
-    or is inside it, else None. Every run writes its target before it
-    looks, so of two that start at once one sees the other."""
+def reachable(path, target):
+    """The agent of a run in `target` can change `path`, or swap it or a
+    directory above it for a link: it is inside the project (but for the
+    project's .git, which a run never mounts), or the project is inside it."""
+    return (is_within(path, target) and not is_within(path, os.path.join(target, ".git"))) \
+        or is_within(target, path)
+
+
+def overlap(mine, theirs):
+    """Words for how two runs' covers overlap, or None."""
+    for first, second in ((mine, theirs), (theirs, mine)):
+        for path in [first["target"]] + [p for p in first.get("paths") or []
+                                         if isinstance(p, str)]:
+            if reachable(path, second["target"]):
+                return ("%s is in reach of the agent there" % path if first is mine else
+                        "it reads %s, in reach of an agent here" % path)
+    return None
+
+
+def overlapping_run(state_dir, holder):
+    """(holder, its lock file) of a live run of another process whose
+    covers overlap `holder`'s, else (None, None)."""
     directory = os.path.join(state_dir, "projects")
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if not name.endswith(".lock") or path == own_path:
+        if not name.endswith(".lock") or path in HELD_PROJECTS:
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             continue
         try:
-            holder = project_holder(fd)
-            other = holder.get("target")
-            if not isinstance(other, str) or not (is_within(other, target) or
-                                                  is_within(target, other)):
+            other = project_holder(fd)
+            if not isinstance(other.get("target"), str) or other.get("pid") == os.getpid() \
+                    or overlap(holder, other) is None:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return holder, path
+                return other, path
         finally:
             os.close(fd)
-    return None
+    return None, None
 
 
 def released_cleanly(found):
@@ -1972,13 +2021,17 @@ def read_head(dir_fd):
 def host_git_process(repo_dir, *args, env=None, stdin=None):
     """Host git on a repository pi-agent trusts, named explicitly (never
     discovered; None for git init), with none of the caller's GIT_*
-    redirections; started, with its output piped."""
+    redirections, and running no hook and no fsmonitor whatever the config
+    says (a file it includes may be in a project, where an agent at work
+    can swap it); started, with its output piped."""
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
                                                         "GIT_CONFIG_NOSYSTEM", "GIT_EXEC_PATH")}
     clean.update(env or {}, GIT_TERMINAL_PROMPT="0")
     try:
-        return subprocess.Popen(["git", *(["--git-dir", repo_dir] if repo_dir else []), *args],
+        return subprocess.Popen(["git", "-c", "core.hooksPath=/dev/null", "-c",
+                                 "core.fsmonitor=false",
+                                 *(["--git-dir", repo_dir] if repo_dir else []), *args],
                                 env=clean, stdin=stdin, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
     except FileNotFoundError:
@@ -2958,7 +3011,7 @@ def config_facts(listing, target):
     .git): files it included, a core.hooksPath there. The agent must not
     write those: they are mounted read-only, and must exist (else the
     agent could create them)."""
-    facts = {"format": "sha1", "protected": []}
+    facts = {"format": "sha1", "protected": [], "read": []}
     if listing is None:
         return facts
     out = listing.communicate()[0].decode("utf-8", "surrogateescape")
@@ -2978,11 +3031,13 @@ def config_facts(listing, target):
         elif re.fullmatch(r"include(?:if\..*)?\.path", key) and source:
             files.add(os.path.normpath(os.path.join(os.path.dirname(source),
                                                     os.path.expanduser(value))))
-        elif key == "core.hookspath":
+        elif key == "core.hookspath" and source:
             hooks = os.path.normpath(os.path.join(target, os.path.expanduser(value)))
     git_dir = os.path.join(target, ".git")
-    for path in sorted(files) + ([hooks] if hooks else []):
-        if not is_within(path, target) or is_within(path, git_dir):
+    facts["read"] = [path for path in sorted(files) + ([hooks] if hooks else [])
+                     if not is_within(path, git_dir)]
+    for path in facts["read"]:
+        if not is_within(path, target):
             continue
         try:
             info = os.lstat(path)
@@ -3073,22 +3128,26 @@ class Project:
     git directories are mounted read-only), what host git reads from it."""
 
     def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
-                 git_files=None, protected=(), object_format="sha1", dirs=(), modules=False):
+                 git_files=None, protected=(), object_format="sha1", dirs=(), modules=False,
+                 read=()):
         self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
         self.gated, self.protected, self.format = gated, list(protected), object_format
+        self.read = list(read)  # what host git reads as the repository's config and hooks
         self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
         self.modules = modules
 
     @classmethod
     def inspect(cls, config, cwd, here, hold=None, found=None):
         """Find and read the project; refusals (Refused) come from here,
-        with nothing changed. `hold(target)` runs before it is read (a lock
-        that keeps another run's agent from changing it meanwhile).
-        `found`: what find_target() found already."""
+        with nothing changed. `hold(target, paths)` runs before it is read
+        (a lock that keeps another run's agent from changing it, or the
+        other paths host git reads for it, meanwhile), and again with all
+        of those paths once they are known. `found`: what find_target()
+        found already."""
         target, subdir, repo, notes = found or find_target(cwd, home_dirs(), here,
                                                            guarded_dirs(config))
         if hold:
-            hold(target)
+            hold(target, [repo.common, repo.gitdir] if repo else [])
         try:
             gated = repo is not None or stat.S_ISDIR(os.lstat(os.path.join(target, ".git")).st_mode)
         except OSError:
@@ -3106,6 +3165,8 @@ class Project:
                               target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
         git_dirs, git_files = git_entries(target, found)
         facts = config_facts(listing, target)
+        if hold and repo:
+            hold(target, [repo.common, repo.gitdir] + facts["read"])
         if repo and os.path.exists(os.path.join(repo.common, "objects", "info", "alternates")):
             notes.append("the repository borrows objects from another (git clone --shared or "
                          "--reference); inside, those objects are missing")
@@ -3115,7 +3176,8 @@ class Project:
                           % (target, len(git_dirs)))
         dirs = [path for path, info in found if stat.S_ISDIR(info.st_mode)]
         return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
-                   facts["format"], dirs, repo is not None and submodules_mountable(repo, notes))
+                   facts["format"], dirs, repo is not None and submodules_mountable(repo, notes),
+                   facts["read"])
 
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
@@ -4000,6 +4062,7 @@ class RunPlan:
             "git_dirs": [list(value) for value in project.git_dirs.values()],
             "git_files": {path: list(value) for path, value in project.git_files.items()},
             "protected": [list(entry) for entry in project.protected],
+            "read": list(project.read),
             "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
             "notes": [], "host_run": {}}
 
@@ -4126,7 +4189,7 @@ def session_script(container, env, config, workdir, command, redact=False, main=
         "  exec 9<%s/%s" % (RUN_DIR_INSIDE, JOIN_FILE),
         "  flock -w 5 9",
         "  said=",
-        "  while :; do",
+        '  while [ -z "$stopped" ]; do',
         "    open=",
         "    for f in %s/%s*; do" % (RUN_DIR_INSIDE, JOIN_PREFIX),
         '      [ -e "$f" ] && ! flock -n "$f" true && open=1',
@@ -4535,7 +4598,17 @@ def teardown(line, names, state=None, removal=None, check=False):
         run_dir = os.path.join(line.run_dir, name)
         record = read_run_record(run_dir)
         if record is not None:
-            notes += end_run(line, run_dir, record)
+            # Nobody ended it: it is ended under its project's lock, as by
+            # its wrapper (waited for: no run waits for this line meanwhile).
+            repo = record.get("repo") or {}
+            fd = lock_project(line, record["target"], "end", True,
+                              [path for path in [repo.get("common"), repo.get("gitdir")] +
+                               list(record.get("read") or []) if isinstance(path, str)])
+            try:
+                notes += end_run(line, run_dir, record)
+            finally:
+                if fd is not None:
+                    release_project_lock(fd)
         remove_run_dir(run_dir, line=line)
         if state is not None:
             (state.get("removing") or {}).pop(name, None)
@@ -4884,7 +4957,7 @@ class Saver:
         line, state, plan = self.line, self.state, self.plan
         removal = meta.pop("removal", None) or DockerCall(("rm", "-f", "-v", plan.container))
         if SAID_ENDED not in messages:
-            notes = teardown(line, [plan.container], state, removal)
+            notes = teardown(line, [plan.container], state, removal)  # (see lock_project)
             removal = None
             if notes:
                 state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
@@ -4899,7 +4972,7 @@ class Saver:
 
     def release_project(self):
         if self.project_fd is not None:
-            os.close(self.project_fd)
+            release_project_lock(self.project_fd)
             self.project_fd = None
 
     @staticmethod
@@ -5130,27 +5203,37 @@ def join_run(line, found, kind, args):
     """pi-shell (or pi) where the line's agent runs in the same project: a
     session in its container (docker exec), with this command's own
     environment, instead of waiting. The agent (pi) joins only the agent's
-    run, whose container has its keys already; a shell joins any. The
-    container is saved once, by its run, after the last session has left
-    (see JOIN_FILE). Returns the session's exit status, or None when there
-    is no run to join."""
+    run; a shell joins any. A session joins only what has its network, and
+    brings no variable that may be a secret (passed_secrets) unless the
+    container has it already (the agent there could read it). The container is saved once, by its run,
+    after the last session has left (see JOIN_FILE). Returns the session's
+    exit status, or None when there is no run to join."""
     target, subdir = found[0], found[1]
     running = running_session(line, target)
     if running is None or (kind == "run" and running[0].get("kind") != "run"):
         return None
     holder, run_dir = running
-    network = "none" if args.offline else line.config.network
+    config = line.config
+    network = "none" if args.offline else config.network
+    env = session_env(config, kind, os.environ)
     if holder.get("network", "") != network:
         raise Busy("%s is in use by %s; a session that joined it would be on its network (%s), "
                    "not on yours (%s): add --wait to wait for it" % (
                        line.name, describe_holder(holder), holder.get("network") or "default",
                        network or "default"))
-    config, name = line.config, JOIN_PREFIX + str(os.getpid())
-    script = os.path.join(run_dir, name)
+    theirs, mine = holder.get("secrets") or {}, passed_secrets(env, config)
+    brought = sorted(name for name in mine if theirs.get(name) != mine[name])
+    if brought:
+        raise Busy("%s is in use by %s; a session that joined it would bring %s, which it does "
+                   "not have (its agent could read them): add --wait to wait for it"
+                   % (line.name, describe_holder(holder), ", ".join(brought)))
+    name = JOIN_PREFIX + str(os.getpid())
+    script, pending = os.path.join(run_dir, name), os.path.join(run_dir, "pending-" + name)
     try:
         door = os.open(os.path.join(run_dir, JOIN_FILE), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None  # it has just ended
+    held = None
     try:
         try:
             fcntl.flock(door, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -5159,32 +5242,51 @@ def join_run(line, found, kind, args):
         point = (read_run_record(run_dir) or {}).get("point")
         if not isinstance(point, str):
             return None
-        try:
-            os.remove(script)  # (a killed session's, of the same pid)
-        except FileNotFoundError:
-            pass
-        write_file(script, session_script(
-            holder["container"], session_env(config, kind, os.environ), config,
-            os.path.join(point, subdir) if subdir else point,
+        for stale in (script, pending):  # (a killed session's, of the same pid)
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
+        # Locked before it is where the run's script looks: never by the agent first.
+        write_file(pending, session_script(
+            holder["container"], env, config, os.path.join(point, subdir) if subdir else point,
             agent_command(kind, args.argv, config, network)).encode())
-        held = os.open(script, os.O_RDONLY | os.O_NOFOLLOW)
-        fcntl.flock(held, fcntl.LOCK_EX)
-    finally:
-        os.close(door)
-    try:
+        held = os.open(pending, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy("%s is in use by %s, and its container keeps this session from joining "
+                       "it: add --wait to wait for it" % (line.name, describe_holder(holder)))
+        os.rename(pending, script)
         say("joining %s: this session shares its container, which is saved once, when the "
             "last session has left" % describe_holder(holder))
+        os.close(door)
+        door = None
         tty = sys.stdin.isatty() and sys.stdout.isatty()
         status = run_attached(["exec", "-i"] + (["-t"] if tty else []) +
                               [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name])
     finally:
-        os.remove(script)
-        os.close(held)
+        for path in (pending, script):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        for fd in (held, door):
+            if fd is not None:
+                os.close(fd)
     if status > 128 and not (inspect("container", holder["container"]) or
                              {}).get("State", {}).get("Running"):
         say("the run this session joined was stopped, and the session with it")
     return status
 
+
+def passed_secrets(env, config):
+    """{name: a digest of its value} of the variables of `env` that may be
+    secrets: PASS_ENV's, and the proxies (a proxy URL can hold a password)."""
+    import hashlib
+    names = set(config.pass_env) | set(PROXY_ENV)
+    return {name: hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+            for name, value in env if name in names}
 
 
 def lifecycle(args, kind, argv):
@@ -5212,23 +5314,35 @@ def run_lifecycle(args, kind, argv):
         raise NotFound("the current directory no longer exists; cd somewhere that does")
     network_typos(os.environ)
     line = require_profile(Line(config))
-    found = find_target(cwd, home_dirs(), args.here, guarded_dirs(config))
+    place = find_target(cwd, home_dirs(), args.here, guarded_dirs(config))
     if kind in JOINABLE_KINDS and not args.wait and not args.dry_run:
-        status = join_run(line, found, kind, args)
+        status = join_run(line, place, kind, args)
         if status is not None:
             return status
-    held = []
-    project = Project.inspect(config, cwd, args.here, found=found, hold=None if args.dry_run else (
-        lambda target: held.append(lock_project(line, target, kind, args.wait))))
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    for note in project.notes:
-        say(note, "warning")
     if args.dry_run:
+        project = Project.inspect(config, cwd, args.here, found=place)
+        for note in project.notes:
+            say(note, "warning")
         return print_plan(line, kind, argv, project, tty, args.offline)
 
+    # The line's lock, then the project's: in that order everywhere, so
+    # that recovery (which ends a run in its project) never waits for a
+    # run that waits for the line.
     lock = LineLock(line)
-    found, state = lock.acquire(kind, project.target, wait=args.wait)
+    found, state = lock.acquire(kind, place[0], wait=args.wait)
+    held = []
+
+    def hold(target, paths):
+        if held:
+            cover_project(held[0], line, target, kind, paths)
+        else:
+            held.append(lock_project(line, target, kind, args.wait, paths))
+
     try:
+        project = Project.inspect(config, cwd, args.here, found=place, hold=hold)
+        for note in project.notes:
+            say(note, "warning")
         plan, watch, stale, verify, built = prepare_run(line, found, state, project, kind,
                                                         argv, args.offline, tty)
     except BaseException:
@@ -5240,7 +5354,8 @@ def run_lifecycle(args, kind, argv):
     state["holder"]["container"] = plan.container
     saver = Saver(line, lock, state, plan, stale, verify,
                   keep=[watch.fd] if watch.fd is not None else [], project_fd=held[0]).start()
-    state["holder"].update(phase="running", saver_pid=saver.pid, network=plan.network or "")
+    state["holder"].update(phase="running", saver_pid=saver.pid, network=plan.network or "",
+                           secrets=passed_secrets(plan.env, config))
     line.write_state(state)
     status = run_container(plan, saver)
     status = hand_over(line, lock, state, plan, saver, status, watch)
@@ -5833,11 +5948,11 @@ def remove_worktree(config, repo, path, name, yes, wait):
                        % (path, os.path.dirname(repo.common)))
     else:
         line = Line(Config(config.environ, profile=name))
-        fd = lock_project(line, path, "worktree", wait)  # (Busy while a run is there)
-        try:
+        fd = lock_project(line, path, "worktree", wait, [repo.common, repo.gitdir])
+        try:  # (Busy while a run is there)
             result = host_git(repo.gitdir, "worktree", "remove", path, check=False)
         finally:
-            os.close(fd)
+            release_project_lock(fd)
         if result.returncode != 0:
             why = (result.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
             raise Refused("git would not remove %s (%s); commit or stash what is there, or "
@@ -5925,7 +6040,14 @@ def cmd_worktree(args):
             raise PiError("pi-worktree: the worktree %s exists already; BASE is for a new one"
                           % path, EXIT_USAGE)
     else:
-        add_worktree(repo, main, path, name, args.base)
+        # (what git reads for it must be out of any live run's reach)
+        facts = config_facts(start_config_listing(repo), main)
+        fd = lock_project(line, path, "worktree", args.wait,
+                          [repo.common, repo.gitdir] + facts["read"])
+        try:
+            add_worktree(repo, main, path, name, args.base)
+        finally:
+            release_project_lock(fd)
     if not made:
         make_profile(config, name)
     os.chdir(path)

@@ -127,7 +127,7 @@ def test_projects_nested_in_one_another_take_turns_whatever_the_profile(box):
                           "'echo pwned >> marker'; echo rc=$?; sleep 0.5; done", cwd=inner,
                           timeout=120)
         assert attempts.stdout.split() == ["rc=5"] * 6, attempts.stderr
-        assert "projects nested in one another take turns" in attempts.stderr
+        assert "overlaps" in attempts.stderr and "take turns" in attempts.stderr
         assert outer.wait(timeout=60) == 0
         assert in_project(box.project, "swapped")
     finally:
@@ -139,10 +139,67 @@ def test_projects_nested_in_one_another_take_turns_whatever_the_profile(box):
     try:
         assert wait_until(lambda: in_project(inner, "ready"), timeout=60)
         around = box.sh("pi-exec --here true")
-        assert around.returncode == 5 and "around" in around.stderr
+        assert around.returncode == 5 and "overlaps" in around.stderr
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         run.wait(timeout=60)
+
+
+def test_a_worktree_whose_repository_is_in_another_runs_reach_waits_its_turn(box):
+    """The repository of a worktree lies inside the project of a live run
+    (of another profile): its agent could swap it for one with hooks that
+    host git would run when the worktree run's commits come back."""
+    box.ok("pi-branch b")
+    outer = box.mkdir(os.path.join(os.path.dirname(box.project), "outer"))
+    repo = box.mkdir(os.path.join(outer, "repo"))
+    box.init_repo(repo)
+    worktree = os.path.join(os.path.dirname(box.project), "wt")
+    box.ok("git worktree add -q %s" % worktree, cwd=repo)
+    run = box.background("cd %s && pi-exec --here sh -c 'touch ready; sleep 30'" % outer)
+    try:
+        assert wait_until(lambda: in_project(outer, "ready"), timeout=60)
+        busy = box.sh("pi-exec --profile b true", cwd=worktree)
+        assert busy.returncode == 5 and "overlaps" in busy.stderr and repo in busy.stderr
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=60)
+    run = box.background("cd %s && pi-exec --profile b sh -c 'touch ready; sleep 30'"
+                         % worktree)
+    try:
+        assert wait_until(lambda: in_project(worktree, "ready"), timeout=60)
+        busy = box.sh("pi-exec --here true", cwd=outer)
+        assert busy.returncode == 5 and "overlaps" in busy.stderr
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=60)
+
+
+def test_hooks_an_agent_swaps_in_below_the_project_never_run_on_the_host(box):
+    """core.hooksPath in a subdirectory: its parent can be renamed during a
+    run, and the agent makes hooks of its own there. pi-agent's host git
+    (the commits coming back, pi-worktree) runs none of them."""
+    box.init_repo()
+    box.ok("mkdir -p tools/githooks && git config core.hooksPath tools/githooks")
+    marker = os.path.join(os.path.dirname(box.project), "hook-ran-on-the-host")
+    hook = "#!/bin/sh\ntouch %s 2>/dev/null\nexit 0\n" % marker
+    plant = ("mv tools tools.x && mkdir -p tools/githooks && for h in reference-transaction "
+             "post-checkout post-commit post-index-change; do printf '%s' > tools/githooks/$h; "
+             "chmod +x tools/githooks/$h; done && touch ready && "
+             "while [ ! -e go ]; do sleep 0.1; done && git commit -q --allow-empty -m agent"
+             % hook)
+    run = box.background("pi-exec sh -c %s" % pi_agent.shlex.quote(plant))
+    try:
+        assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+        worktree = box.sh("pi-worktree w1 -- -c true", env={"PI_AGENT_COMMAND": "sh"})
+        assert worktree.returncode == 5 and "overlaps" in worktree.stderr
+        assert not os.path.exists(box.project + "-w1")
+        open(os.path.join(box.project, "go"), "w").close()
+        assert run.wait(timeout=60) == 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGTERM)
+    assert "agent" in box.ok("git log --format=%s -1").stdout, "the commit came back"
+    assert not os.path.exists(marker), "no hook of the agent's ran on the host"
 
 
 # --- worktrees -----------------------------------------------------------------
@@ -225,13 +282,20 @@ def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
     host = lambda name: open(os.path.join(box.project, name)).read()  # noqa: E731
     assert host("main-host") == host("join-host"), "one container"
     box.ok("pi-exec sh -c 'test -e ~/from-main && test -e ~/from-join'")
-    # pi joins the agent's run too, with the agent command.
-    run = box.background("PI_AGENT_COMMAND=sh pi -- -c 'touch ready2; "
+    # pi joins the agent's run too, with the agent command, but not with a
+    # key the run does not have.
+    run = box.background("PI_AGENT_COMMAND=sh OPENAI_API_KEY=sk-run pi -- -c 'touch ready2; "
                          "while [ ! -e go2 ]; do sleep 0.1; done'")
     try:
         assert wait_until(lambda: in_project(box.project, "ready2"), timeout=60)
+        other = box.sh("pi -- -c 'touch go2'", env={"PI_AGENT_COMMAND": "sh",
+                                                    "OPENAI_API_KEY": "sk-another"})
+        assert other.returncode == 5 and "OPENAI_API_KEY" in other.stderr
+        assert not in_project(box.project, "go2")
+        box.extra_env = {"OPENAI_API_KEY": "sk-run"}
         agent = box.ok("pi -- -c 'hostname; touch go2'", env={"PI_AGENT_COMMAND": "sh"})
         assert "joining" in agent.stderr
+        box.extra_env = {}
         assert run.wait(timeout=60) == 0
     finally:
         if run.poll() is None:
@@ -248,7 +312,7 @@ def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
             assert offline.returncode == 5 and "network" in offline.stderr
         key = box.sh("pi -- -c 'touch joined-agent'",
                      env={"PI_AGENT_COMMAND": "sh", "OPENAI_API_KEY": "sk-joiner-test"})
-        assert key.returncode == 5
+        assert key.returncode == 5  # (pi only into the agent's run)
         assert not in_project(box.project, "joined-offline")
         assert not in_project(box.project, "joined-agent")
         assert not any(name.startswith("join-") for name in os.listdir(

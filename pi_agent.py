@@ -4187,7 +4187,7 @@ def session_script(container, env, config, workdir, command, redact=False, main=
         "status=$?",
         'if [ -z "$stopped" ]; then',
         "  exec 9<%s/%s" % (RUN_DIR_INSIDE, JOIN_FILE),
-        "  flock -w 5 9",
+        "  flock -w 2 9",
         "  said=",
         '  while [ -z "$stopped" ]; do',
         "    open=",

@@ -90,8 +90,10 @@ class Line:
         for i in range(count):
             name = "pi-agent-bench-floor-%s" % uuid.uuid4().hex[:8]
             sh("docker", "tag", self.repo + ":current", "%s:floor-%d" % (self.repo, i))
-            sh("docker", "run", "--name", name, *volume, self.repo + ":current", "sh", "-c",
-               command)
+            # (an identity for git, as pi-agent's run script gives each run)
+            sh("docker", "run", "--name", name, *volume, "-e", "EMAIL=floor@bench.invalid",
+               "-e", "GIT_AUTHOR_NAME=floor", "-e", "GIT_COMMITTER_NAME=floor",
+               self.repo + ":current", "sh", "-c", command)
             sh("docker", "commit", name, self.repo + ":floor-result")
             sh("docker", "rm", name)
         took = time.perf_counter() - start

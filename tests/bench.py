@@ -87,19 +87,19 @@ class Line:
         start = time.perf_counter()
         volume = ["--mount", "type=bind,source=%s,target=%s" % (self.project, self.project),
                   "-w", self.project] if mount else []
+        tag = "%s:floor-%s" % (self.repo, uuid.uuid4().hex[:8])  # (floors may run at once)
         for i in range(count):
             name = "pi-agent-bench-floor-%s" % uuid.uuid4().hex[:8]
-            sh("docker", "tag", self.repo + ":current", "%s:floor-%d" % (self.repo, i))
+            sh("docker", "tag", self.repo + ":current", "%s-%d" % (tag, i))
             # (an identity for git, as pi-agent's run script gives each run)
             sh("docker", "run", "--name", name, *volume, "-e", "EMAIL=floor@bench.invalid",
                "-e", "GIT_AUTHOR_NAME=floor", "-e", "GIT_COMMITTER_NAME=floor",
                self.repo + ":current", "sh", "-c", command)
-            sh("docker", "commit", name, self.repo + ":floor-result")
+            sh("docker", "commit", name, tag + "-result")
             sh("docker", "rm", name)
         took = time.perf_counter() - start
         # Untimed: the floor's images go, or the engine slows as they pile up.
-        sh("docker", "rmi", self.repo + ":floor-result",
-           *["%s:floor-%d" % (self.repo, i) for i in range(count)])
+        sh("docker", "rmi", tag + "-result", *["%s-%d" % (tag, i) for i in range(count)])
         return took
 
     def close(self):
@@ -217,6 +217,26 @@ def bench_parallel(line, rounds):
             together.append(time.perf_counter() - start)
     row("two profiles at once: each run's prompt back vs alone (median of %d)" % rounds,
         statistics.median(together), statistics.median(alone), 1.3)
+    # The engine's own share: two floors at once against one alone.
+    import threading
+    alone, together = [], []
+    for i in range(rounds):
+        line.wait_saved()
+        start = time.perf_counter()
+        line.floor("touch ~/floor-alone%d" % i)
+        alone.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        floors = [threading.Thread(target=lambda: (line.floor("touch ~/floor-both"),
+                                                   together.append(time.perf_counter() - start)))
+                  for _ in range(2)]
+        for floor in floors:
+            floor.start()
+        for floor in floors:
+            floor.join()
+    ROWS.append(("the floor, two at once vs alone (median of %d): the engine's share" % rounds,
+                 "%.3f s" % statistics.median(together), "%.3f s" % statistics.median(alone),
+                 "%.2f" % (statistics.median(together) / statistics.median(alone)), "-", "-"))
+    print("# " + " | ".join(ROWS[-1]), file=sys.stderr, flush=True)
 
     # Taking turns: from profile a's small current, and from a current 1 GB bigger.
     line.timed("pi-exec sh -c 'head -c 1000000000 /dev/zero > ~/big'")

@@ -13,7 +13,7 @@ from conftest import ROOT
 FUNCTIONS = ("pi", "pi-shell", "pi-exec", "pi-status", "pi-snapshots", "pi-rollback",
              "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune", "pi-flatten",
              "pi-orphans",
-             "pi-recover", "pi-clean-orphans", "pi-unlock")
+             "pi-recover", "pi-clean-orphans", "pi-unlock", "pi-branch", "pi-worktree")
 SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-eu", "-c"],
           "zsh": ["zsh", "-f", "-eu", "-c"]}
 

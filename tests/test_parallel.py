@@ -219,7 +219,15 @@ def test_pi_worktree_runs_an_agent_whose_commits_reach_the_main_repository(box):
               "touch /dev/pi-agent/objects/evil; "
               "printf 'gitdir: %s\\n' > .git; true; } 2>/dev/null"
               % (main_git, main_git))
-    result = box.ok("pi-worktree fix -- -c %s" % pi_agent.shlex.quote(attack))
+    # Beside an agent at work in the main work tree: the point of a worktree.
+    main_run = box.background("pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; "
+                              "done'")
+    try:
+        assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+        result = box.ok("pi-worktree fix -- -c %s" % pi_agent.shlex.quote(attack))
+    finally:
+        open(os.path.join(box.project, "go"), "w").close()
+        assert main_run.wait(timeout=60) == 0
     assert "made the worktree %s" % worktree in result.stderr
     log = box.ok("git log --format=%s agent/fix").stdout
     assert log.splitlines()[0] == "from the worktree", "the commit is the main repository's"

@@ -4150,10 +4150,10 @@ def session_script(container, env, config, workdir, command, redact=False, main=
     """A session's script: its environment, git's identity fallback, the
     working directory, the command. The run's own (`main`) stays the
     command's parent where it can, so that sessions that joined the run
-    (they hold the run directory's JOIN_FILE) end when they leave, not
-    with the agent: tini (docker run --init) must send signals to the
-    whole process group for that (TINI_KILL_PROCESS_GROUP, in the shipped
-    Dockerfile), so that the agent still gets them, and flock is needed."""
+    (see JOIN_FILE) end when they leave, not with the agent: tini (docker
+    run --init) must send signals to the whole process group for that
+    (TINI_KILL_PROCESS_GROUP, in the shipped Dockerfile), so that the agent
+    still gets them, and flock is needed."""
     lines = ["#!/bin/sh",
              "# pi-agent: the environment and command of %s (removed when it ends)" % container]
     for name, value in env:
@@ -5205,9 +5205,10 @@ def join_run(line, found, kind, args):
     environment, instead of waiting. The agent (pi) joins only the agent's
     run; a shell joins any. A session joins only what has its network, and
     brings no variable that may be a secret (passed_secrets) unless the
-    container has it already (the agent there could read it). The container is saved once, by its run,
-    after the last session has left (see JOIN_FILE). Returns the session's
-    exit status, or None when there is no run to join."""
+    container has it already (the agent there could read it). The
+    container is saved once, by its run, after the last session has left
+    (see JOIN_FILE). Returns the session's exit status, or None when there
+    is no run to join."""
     target, subdir = found[0], found[1]
     running = running_session(line, target)
     if running is None or (kind == "run" and running[0].get("kind") != "run"):

@@ -3753,38 +3753,66 @@ def prune_snapshots(line, state, keep):
     return doomed
 
 
-def bytes_freed(line, doomed_tags):
-    """What removing these snapshot tags would free: the layers that only
-    they reach (each image's own layer is its size less its parent's)."""
-    info = {}
+class ImageTree:
+    """Images and the images below them, as the engine has them, loaded as
+    needed: each image's own bytes are its size less its parent's, so that
+    a layer several images share counts once."""
 
-    def load(ids):
-        ids = [i for i in ids if i and i not in info]
-        if ids:
-            for image in json.loads(docker("image", "inspect", *ids).stdout):
-                info[image["Id"]] = image
-                for tag in image.get("RepoTags") or []:
-                    info[tag] = image
+    def __init__(self):
+        self.info = {}
 
-    def reach(refs):
+    def reach(self, refs):
+        """The IDs of `refs` (tags or IDs that exist) and of the images below."""
         seen, frontier = set(), list(refs)
         while frontier:
-            load(frontier)
-            ids = [info[ref]["Id"] for ref in frontier if ref in info]
+            missing = [ref for ref in frontier if ref not in self.info]
+            if missing:
+                for image in json.loads(docker("image", "inspect", *missing).stdout):
+                    self.info[image["Id"]] = image
+                    for tag in image.get("RepoTags") or []:
+                        self.info[tag] = image
+            ids = [self.info[ref]["Id"] for ref in frontier if ref in self.info]
             seen.update(ids)
-            frontier = [info[i].get("Parent") for i in ids if info[i].get("Parent")]
+            frontier = [self.info[i].get("Parent") for i in ids if self.info[i].get("Parent")]
             frontier = [parent for parent in frontier if parent not in seen]
         return seen
 
-    doomed_refs = [line.snap(tag) for tag in doomed_tags]
-    kept_refs = [line.snap(s["tag"]) for s in list_snapshots(line) if s["tag"] not in doomed_tags]
-    kept_refs += [ref for ref in (line.current, line.base) if inspect_image(ref)]
-    only_doomed = reach(doomed_refs) - reach(kept_refs)
-    total = 0
-    for image_id in only_doomed:
-        parent = info[image_id].get("Parent")
-        total += info[image_id]["Size"] - (info[parent]["Size"] if parent in info else 0)
-    return total
+    def own(self, ids):
+        total = 0
+        for image_id in ids:
+            parent = self.info[image_id].get("Parent")
+            total += self.info[image_id]["Size"] - (self.info[parent]["Size"]
+                                                    if parent in self.info else 0)
+        return total
+
+
+def repository_tags(line):
+    """Every tag of the repository (all profiles'), as REPO:TAG."""
+    return ["%s:%s" % (line.repo, tag) for tag in docker(
+        "image", "ls", line.repo, "--format", "{{.Tag}}").stdout.split() if tag != "<none>"]
+
+
+def bytes_freed(line, doomed_tags):
+    """What removing these snapshots would free: the layers that no other
+    tag of the repository (another profile's included) reaches."""
+    tree, doomed = ImageTree(), {line.snap(tag) for tag in doomed_tags}
+    kept = [ref for ref in repository_tags(line) if ref not in doomed]
+    return tree.own(tree.reach(doomed) - tree.reach(kept))
+
+
+def disk_usage(line):
+    """The line's disk, by the engine's own image sizes, each layer once:
+    {base: what current shares with base, own: current's own layers,
+    snapshots: what only its snapshots hold (no other tag reaches it),
+    which pruning them all would free}."""
+    tree, refs = ImageTree(), repository_tags(line)
+    snaps = [ref for ref in refs if line.snapshot_named(ref.split(":", 1)[1])]
+    mine = snaps + [line.current, line.base]
+    current = tree.reach([line.current]) if line.current in refs else set()
+    base = tree.reach([line.base]) if line.base in refs else set()
+    others = tree.reach([ref for ref in refs if ref not in mine])
+    return {"base": tree.own(current & base), "own": tree.own(current - base),
+            "snapshots": tree.own(tree.reach(snaps) - current - base - others)}
 
 
 def prune_if_due(line, state, protect=()):
@@ -5423,6 +5451,12 @@ def cmd_status(args):
     rows.append(("snapshots", "%d" % len(snaps), "newest " + snaps[0]["tag"] if snaps else "", "",
                  ""))
     print_table(rows)
+    if found["current"] is not None:
+        disk = disk_usage(line)
+        print("disk: current holds %s of its own on %s shared with base; %s only its "
+              "snapshots hold (pi-prune 0 would free it)" % (
+                  human_size(disk["own"]), human_size(disk["base"]),
+                  human_size(disk["snapshots"])))
     state = line.read_state()
     if line.profile and found["current"] is None and not state.get("made"):
         print("there is no profile %s: pi-branch %s makes it (pi-branch lists those there are)"

@@ -4,6 +4,7 @@ automatically), pruning that frees space, no untagged images left behind.
 These tests use a small base of their own (Debian minbase with every kind of
 config field and file), so that flattening takes seconds."""
 
+import json
 import re
 import subprocess
 
@@ -166,3 +167,41 @@ def images_disk_usage():
 def test_flatten_threshold_is_validated(rich):
     result = rich.sh("pi-exec true", env={"PI_AGENT_FLATTEN_LAYER_THRESHOLD": "200"})
     assert result.returncode == 9 and "PI_AGENT_FLATTEN_LAYER_THRESHOLD" in result.stderr
+
+
+def status_disk(box):
+    """pi-status's disk line, in bytes: {own, base, snapshots}."""
+    line = re.search(r"^disk: current holds (.+) of its own on (.+) shared with base; (.+) "
+                     r"only its snapshots hold", box.ok("pi-status").stdout, re.M)
+    return dict(zip(("own", "base", "snapshots"), (to_bytes(text) for text in line.groups())))
+
+
+def to_bytes(text):
+    number, unit = re.fullmatch(r"([\d.]+)\s*([kMGT]?B)", text).groups()
+    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+
+
+def engine_unique(image_id):
+    """docker system df -v: the bytes only this image holds."""
+    images = json.loads(docker("system", "df", "-v", "--format", "{{json .Images}}").stdout)
+    return to_bytes(next(image["UniqueSize"] for image in images
+                         if image["ID"].split(":")[-1].startswith(image_id.split(":")[-1][:12])))
+
+
+def test_pi_status_counts_the_disk_as_the_engine_does(rich):
+    box = rich
+    box.ok("pi-exec true")
+    box.ok("pi-exec sh -c 'head -c 20000000 /dev/urandom > /opt/blob'")
+    disk = status_disk(box)
+    assert 20e6 <= disk["own"] < 20.3e6 and disk["snapshots"] < 0.1e6, disk
+    blob_image = box.inspect(box.repo + ":current")["Id"]
+    assert abs(disk["own"] - engine_unique(blob_image)) < 0.2e6
+    base = box.inspect(box.repo + ":base")["Size"]
+    assert abs(disk["base"] - base) <= 0.05e9  # (shown to a tenth of a GB)
+    # Removed, and current flattened: the blob is now only in the snapshots.
+    box.ok("pi-exec rm /opt/blob")
+    box.ok("pi-flatten")
+    disk = status_disk(box)
+    assert 20e6 <= disk["snapshots"] < 20.3e6 and disk["base"] == 0, disk
+    freed = re.search(r"free about ([\d.]+ [kMG]?B)", box.ok("pi-prune --dry-run 0").stderr)
+    assert abs(to_bytes(freed.group(1)) - disk["snapshots"]) < 0.1e6

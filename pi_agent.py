@@ -11,6 +11,7 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-status                        status        settings, images, lock, target
   pi-snapshots                     snapshots     snapshots, newest first
   pi-orphans                       orphans       containers left by interrupted runs
+  pi-log [-n N] [--json]           log           the saved runs, newest first
  Undo:
   pi-rollback [SNAPSHOT]           rollback      current := a snapshot (undoable)
   pi-reset-system                  reset-system  current := base (undoable)
@@ -349,6 +350,11 @@ def local_time(iso):
     except ValueError:
         return iso or "?"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def exit_number(status):
+    """A run's exit status as a number, or None when it is not known."""
+    return int(status) if str(status).isdigit() else None
 
 
 def human_size(size):
@@ -1081,6 +1087,7 @@ class Line:
         self.lock_path = os.path.join(self.state_dir, key + ".lock")
         self.state_path = os.path.join(self.state_dir, key + ".json")
         self.log_path = os.path.join(self.state_dir, key + ".log")
+        self.sessions_path = os.path.join(self.state_dir, key + ".sessions.jsonl")
         self.run_dir = os.path.join(self.state_dir, "run")
 
     def snap(self, name):
@@ -1127,6 +1134,29 @@ class Line:
         except OSError as err:
             raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
                              "can write" % (self.state_path, err.strerror))
+
+    def record_session(self, meta, ended_by):
+        """One line of the session log (JSON; the README's "Session log"
+        names its fields) for a saved run, appended whole by whoever saves
+        it, under the lock."""
+        record = {
+            "started": meta.get("started") or None, "ended": utc_iso(time.time()),
+            "profile": self.profile, "target": meta.get("target") or None,
+            "kind": meta.get("kind") or "run", "command": meta.get("command"),
+            "agent": meta.get("agent"), "exit_status": exit_number(meta.get("exit_status")),
+            "image_before": meta.get("image_before"), "image_after": meta.get("image_after"),
+            "snapshot": meta.get("saved_as"), "bytes_added": meta.get("bytes_added"),
+            "ended_by": ended_by, "container": meta.get("container")}
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            fd = os.open(self.sessions_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as err:
+            self.log("could not write the session log %s: %s" % (self.sessions_path,
+                                                                 err.strerror))
 
     def log(self, message):
         try:
@@ -3639,7 +3669,8 @@ def owner_mismatch(image):
 def remember_current(state, image):
     """Keep current's record in the state, so that a run after a clean
     release need not inspect it (its saver checks it while the agent runs)."""
-    state["current"] = {key: image.get(key) for key in ("Id", "Config", "RootFS", "RepoTags")}
+    state["current"] = {key: image.get(key) for key in ("Id", "Config", "RootFS", "RepoTags",
+                                                          "Size")}
 
 
 def remembered_current(state):
@@ -4115,7 +4146,8 @@ class RunPlan:
         """The run's labels and outcome, as save_run() takes them."""
         meta = {key[len(LABEL):]: value for key, value in self.labels.items()}
         meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
-                    mount=self.mount_point, epoch=self.started)
+                    mount=self.mount_point, epoch=self.started, command=self.argv,
+                    agent=self.line.config.agent if self.kind == "run" else None)
         return meta
 
 
@@ -4516,10 +4548,16 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     new = inspect_image(new_id)
     meta["layers"] = image_layers(new)
     changed = image_layers(new) != image_layers(image)
+    before = image.get("Size")
+    if before is None:  # (a state file of an earlier version remembers no size)
+        before = (inspect_image(image["Id"]) or {}).get("Size") or 0
+    meta.update(image_before=image["Id"], image_after=new["Id"],
+                bytes_added=(new.get("Size") or 0) - before)
     if changed and mount and mount not in known_mounts(image):
         changed = not only_mountpoint_changes(docker("diff", container).stdout, mount)
     snap = snapshot
     if not changed:
+        meta.update(image_after=image["Id"], bytes_added=0)
         if branched:
             docker("rmi", new_id, check=False)
         else:
@@ -4542,7 +4580,7 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
 
 
 def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-             defer_remove=False):
+             defer_remove=False, ended_by="run"):
     """Save a finished run's container: the one save, whoever saves it (the
     saver; the wrapper, when its saver died; recovery, for a container an
     interrupted run left).
@@ -4560,8 +4598,10 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     stays (meta["branched"]; the notice says so). Snapshots beyond the
     setting are pruned. Returns the snapshot's name, or None for no change.
 
-    A failure is kept in the state (failed, notice: the next command says
-    so, and recovery retries) and raised. The container goes (teardown())
+    Each save adds a line to the session log (Line.record_session),
+    `ended_by` the run, recovery, or a failed commit. A failure is kept in
+    the state (failed, notice: the next command says so, and recovery
+    retries) and raised. The container goes (teardown())
     unless `defer_remove`: then its removal starts here beside the rest
     (meta["removal"], unless docker diff still needs it), and the caller
     finishes it, after releasing the lock, so the next run need not wait.
@@ -4584,8 +4624,10 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
                            % (what, err, container, container))
         line.write_state(state)
         line.log(state["notice"])
+        line.record_session(dict(meta, container=container), "failed commit")
         raise PiError(state["notice"], err.code)
     line.log("saved %s%s" % (container, " (snapshot %s)" % snap if snap else " (no change)"))
+    line.record_session(dict(meta, container=container, saved_as=snap), ended_by)
     if meta.get("branched"):
         state["notice"] = ("%s was %s before the %s was saved; current stays as it is and the "
                            "run is snapshot %s (pi-rollback %s to use it)"
@@ -4708,7 +4750,7 @@ def recover_container(line, state, row):
     # The run (almost surely) tagged its snapshot; a leftover of another
     # image than current's is kept by a snapshot already, or is current's past.
     snapshot = (row.get("snapshot") or None) if current_id == image["Id"] else None
-    snap = save_run(line, state, name, image, meta, snapshot, current_id)
+    snap = save_run(line, state, name, image, meta, snapshot, current_id, ended_by="recovered")
     started = local_time(row.get("started"))
     if meta.get("branched") and current is None:
         return ("saved the run of %s in %s as snapshot %s: there was no current (reset or "
@@ -4903,7 +4945,8 @@ class Saver:
         meta = self.plan.save_meta(status)
         try:
             snap = save_run(self.line, self.state, self.plan.container, self.plan.image, meta,
-                            self.plan.snapshot, current_id, tagging, defer_remove=True)
+                            self.plan.snapshot, current_id, tagging, defer_remove=True,
+                            ended_by="run" if status is not None else "interrupted")
         except PiError as err:
             self._hear(pipe)  # the wrapper is still ending the run: let it
             if not self._answer(up_w, "%s %d %s" % (SAID_ERROR, err.code, err)):
@@ -6091,6 +6134,56 @@ def cmd_worktree(args):
                                         argv=args.argv), "run", args.argv)
 
 
+def newest_sessions(path, count):
+    """The newest `count` records of a session log, newest first, read from
+    its end: a long log costs no more than a short one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return []
+    records = []
+    try:
+        end, partial = os.fstat(fd).st_size, b""
+        while end > 0 and len(records) < count:
+            start = max(0, end - (1 << 16))
+            lines = (os.pread(fd, end - start, start) + partial).split(b"\n")
+            partial = lines.pop(0) if start > 0 else b""
+            for raw in reversed(lines):
+                try:
+                    record = json.loads(raw) if raw.strip() else None
+                except ValueError:
+                    continue  # (a line cut short by a full disk, say)
+                if isinstance(record, dict) and len(records) < count:
+                    records.append(record)
+            end = start
+    finally:
+        os.close(fd)
+    return records
+
+
+def cmd_log(args):
+    line = profile_line(args)
+    wait_for_save(line)
+    records = newest_sessions(line.sessions_path, args.count)
+    if args.json:
+        print(json.dumps(records, indent=1, sort_keys=True))
+        return 0
+    if not records:
+        print("no runs of %s saved yet" % line.name)
+        return 0
+    rows = [("STARTED", "KIND", "EXIT", "ADDED", "SNAPSHOT", "ENDED BY", "TARGET")]
+    for record in records:
+        added = record.get("bytes_added")
+        rows.append((local_time(record.get("started")), printable(str(record.get("kind"))),
+                     "?" if record.get("exit_status") is None else str(record["exit_status"]),
+                     human_size(added) if isinstance(added, int) and added >= 0 else "-",
+                     printable(str(record.get("snapshot") or "-")),
+                     printable(str(record.get("ended_by"))),
+                     printable(str(record.get("target")))))
+    print_table(rows)
+    return 0
+
+
 def cmd_complete(args):
     """For shell completion: one candidate per line, nothing on any error."""
     line = Line(Config(profile=args.profile))
@@ -6261,6 +6354,10 @@ def build_parser():
     simple("clean-orphans", cmd_clean_orphans, "discard left-behind containers").add_argument(
         "--yes", "-y", action="store_true", help="do not ask")
     simple("unlock", cmd_unlock, "show who holds the lock (a dead holder never does)")
+    log = simple("log", cmd_log, "the saved runs, newest first")
+    log.add_argument("-n", dest="count", type=int, default=20, metavar="N",
+                     help="this many (default 20)")
+    log.add_argument("--json", action="store_true", help="as JSON (see the README)")
     branch = simple("branch", cmd_branch, "list the profiles, make one (a copy of current, "
                     "a tag), or delete one")
     branch.add_argument("name", nargs="?", help="the profile to make")
@@ -6356,6 +6453,8 @@ def parse_args(argv):
         raise PiError("%s: unexpected %s; see %s --help" % (prog, " ".join(extra), prog),
                       EXIT_USAGE)
     args.profile = checked_profile(prog, getattr(args, "profile", None))
+    if getattr(args, "count", None) is not None and args.count < 1:
+        raise PiError("%s: -n N must be 1 or more" % prog, EXIT_USAGE)
     if getattr(args, "keep", None) is not None and args.keep < 0:
         raise PiError("%s: N must be 0 or more" % prog, EXIT_USAGE)
     return args

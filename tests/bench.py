@@ -7,8 +7,8 @@ change. Every figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
 
-NAMES: source, imports, prompt, five, repo, parallel, sweep, big, snapshots, flatten, disk,
-soak
+NAMES: source, imports, prompt, five, repo, parallel, log, sweep, big, snapshots, flatten,
+disk, soak
 (all by default; the soak alone makes 1000 runs, about 15 minutes here).
 """
 
@@ -272,6 +272,28 @@ def bench_parallel(line, rounds):
     os.remove(ready)
 
 
+def bench_log(line, rounds):
+    """Issue 16: pi-log over 10,000 records against over 10 (it reads the
+    newest from the end of the file)."""
+    line.timed("pi-exec touch ~/logged")
+    line.wait_saved()
+    path = os.path.join(line.state, line.repo.replace("/", "%2F") + ".sessions.jsonl")
+    with open(path, "rb") as handle:
+        record = handle.read().splitlines()[-1] + b"\n"
+    files = {}
+    for count in (10, 10000):
+        files[count] = path + ".%d" % count
+        with open(files[count], "wb") as handle:
+            handle.write(record * count)
+    times = {10: [], 10000: []}
+    for _ in range(rounds):
+        for count in (10, 10000):
+            shutil.copy(files[count], path)
+            times[count].append(line.timed("pi-log"))
+    row("pi-log over 10,000 records vs over 10 (median of %d)" % rounds,
+        statistics.median(times[10000]), statistics.median(times[10]), 1.2)
+
+
 def bench_sweep(line, sizes):
     """Issue 11: the look at the project before each run, and the full look
     after one when the watch is in doubt, each against one plain `find`
@@ -508,6 +530,7 @@ def main():
         ("five", lambda line: bench_five(line, 2 if quick else 5)),
         ("repo", lambda line: bench_repo(line, 4 if quick else 12)),
         ("parallel", lambda line: bench_parallel(line, 4 if quick else 10)),
+        ("log", lambda line: bench_log(line, 5 if quick else 15)),
         ("sweep", lambda line: bench_sweep(line, [10000, 100000])),
         ("big", lambda line: bench_big(line, [300000000] if quick else
                                        [300000000, 1000000000], 2 if quick else 3)),

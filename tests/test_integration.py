@@ -1,6 +1,7 @@
 """The core lifecycle against a real Docker engine, through the shell
 functions in bash and zsh, as an ordinary user and as root."""
 
+import json
 import os
 import re
 import shutil
@@ -508,3 +509,22 @@ def test_status_and_snapshots_show_the_line(box):
     assert "lock: free" in status and box.project in status
     snaps = box.ok("pi-snapshots").stdout
     assert box.snapshots()[0] in snaps and "the base image" in snaps
+
+
+def test_the_session_log_has_a_record_per_saved_run_newest_first(box):
+    assert box.sh("pi-exec sh -c 'exit 3'").returncode == 3
+    box.ok("pi-exec sh -c 'head -c 1000000 /dev/urandom > ~/one-mb'")
+    records = json.loads(box.ok("pi-log --json").stdout)
+    assert [record["exit_status"] for record in records] == [0, 3]
+    newest, oldest = records
+    assert 1e6 <= newest["bytes_added"] < 1.1e6 and newest["snapshot"].startswith("snap-")
+    assert newest["image_before"] != newest["image_after"]
+    assert oldest["bytes_added"] == 0 and oldest["snapshot"] is None
+    assert oldest["image_before"] == oldest["image_after"] == newest["image_before"]
+    assert newest["command"] == ["sh", "-c", "head -c 1000000 /dev/urandom > ~/one-mb"]
+    assert newest["kind"] == "exec" and newest["ended_by"] == "run"
+    assert newest["target"] == box.project and newest["profile"] == ""
+    table = box.ok("pi-log").stdout.splitlines()
+    assert len(table) == 3 and table[1].split()[2:4] == ["exec", "0"]
+    assert table[1].split()[6] == newest["snapshot"] and table[2].split()[3] == "3"
+    assert len(json.loads(box.ok("pi-log -n 1 --json").stdout)) == 1

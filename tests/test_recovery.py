@@ -3,6 +3,7 @@ concurrent starts, against the real engine. A fake `docker` in front of the
 real one injects the faults an engine cannot produce on demand (a failing,
 slow or blind command); everything else is the real engine."""
 
+import json
 import os
 import select
 import shutil
@@ -376,6 +377,9 @@ def test_two_leftovers_are_recovered_oldest_first_and_nothing_is_lost(faulty):
     lines = [line for line in result.stderr.splitlines() if "run of" in line]
     assert len(lines) == 2, result.stderr
     assert result.stdout == "first\n", "the oldest went into current"
+    log = json.loads(box.ok("pi-log --json").stdout)
+    assert [record["ended_by"] for record in log] == ["run", "recovered", "recovered"]
+    assert [record["exit_status"] for record in log] == [0, None, None]
     snap = [word for word in lines[1].split() if word.startswith("snap-")][0].rstrip(";)")
     assert "older environment" in lines[1]
     box.ok("pi-rollback %s" % snap)

@@ -13,7 +13,8 @@ from conftest import ROOT
 FUNCTIONS = ("pi", "pi-shell", "pi-exec", "pi-status", "pi-snapshots", "pi-rollback",
              "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune", "pi-flatten",
              "pi-orphans",
-             "pi-recover", "pi-clean-orphans", "pi-unlock", "pi-branch", "pi-worktree")
+             "pi-recover", "pi-clean-orphans", "pi-unlock", "pi-branch", "pi-worktree",
+             "pi-log")
 SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-eu", "-c"],
           "zsh": ["zsh", "-f", "-eu", "-c"]}
 

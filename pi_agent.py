@@ -5619,19 +5619,36 @@ def cmd_snapshots(args):
     wait_for_save(line)
     snaps = list_snapshots(line)
     if not snaps:
+        if args.json:
+            print("[]")
+            return 0
         print("no snapshots of %s yet: each run that changes the environment makes one"
               % line.name)
         return 0
     current = inspect_image(line.current) or {}
     images = json.loads(docker("image", "inspect", *[s["id"] for s in snaps]).stdout)
     by_id = {image["Id"].split(":")[-1][:12]: image for image in images}
-    rows = [("", "NAME (KEPT AT, UTC)", "STATE MADE", "SIZE", "MADE BY")]
+    # The run that started from each (the session log names the snapshot
+    # that kept what it started from); older snapshots may have none.
+    next_run = {}
+    for record in newest_sessions(line.sessions_path, max(200, 5 * len(snaps))):
+        next_run.setdefault(record.get("snapshot"), record)
+    if args.json:
+        print(json.dumps([snapshot_entry(snap, by_id.get(snap["id"]) or {}, current,
+                                         next_run.get(snap["tag"])) for snap in snaps],
+                         indent=1, sort_keys=True))
+        return 0
+    rows = [("", "NAME (KEPT AT, UTC)", "STATE MADE", "SIZE", "MADE BY", "THE RUN FROM IT")]
     for snap in snaps:
         image = by_id.get(snap["id"]) or {}
+        record = next_run.get(snap["tag"])
         rows.append(("*" if image.get("Id") and image["Id"] == current.get("Id") else "",
                      snap["tag"],
                      local_time((image.get("Created") or "")[:19] + "Z"),
-                     human_size(image.get("Size", 0)), describe_origin(image)))
+                     human_size(image.get("Size", 0)), describe_origin(image),
+                     "%s, exit %s, +%s" % (record.get("kind"), "?" if record.get(
+                         "exit_status") is None else record["exit_status"], human_size(
+                         max(record.get("bytes_added") or 0, 0))) if record else "-"))
     print_table(rows)
     pruned = line.read_state().get("pruned")
     if pruned:  # (said, too, by the next command that takes the lock)
@@ -5642,6 +5659,23 @@ def cmd_snapshots(args):
     if any(row[0] for row in rows):
         print("* is current's image: pi-rollback to it changes nothing.")
     return 0
+
+
+def snapshot_entry(snap, image, current, next_run):
+    """pi-snapshots --json: one snapshot (the README's shape)."""
+    labels = image_labels(image)
+    made_by = None
+    if labels.get(LABEL + "committed_at"):
+        made_by = {"kind": labels.get(LABEL + "kind") or "run",
+                   "target": labels.get(LABEL + "target") or None,
+                   "exit_status": exit_number(labels.get(LABEL + "exit_status"))}
+    day, clock, millis = SNAPSHOT_RE.match(snap["tag"]).groups()
+    return {"name": snap["tag"], "id": image.get("Id"),
+            "kept_at": "%s-%s-%sT%s:%s:%s.%sZ" % (day[:4], day[4:6], day[6:], clock[:2],
+                                                  clock[2:4], clock[4:], millis),
+            "made": image.get("Created"), "size": image.get("Size"),
+            "current": bool(image.get("Id")) and image.get("Id") == current.get("Id"),
+            "made_by": made_by, "next_run": next_run}
 
 
 def resolve_snapshot(line, name):
@@ -6334,7 +6368,8 @@ def build_parser():
         return command
 
     simple("status", cmd_status, "settings, images, lock holder, mount target")
-    simple("snapshots", cmd_snapshots, "list snapshots, newest first")
+    simple("snapshots", cmd_snapshots, "list snapshots, newest first").add_argument(
+        "--json", action="store_true", help="as JSON (see the README)")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "
            "replaced current is kept as a snapshot").add_argument("snapshot", nargs="?")
     simple("reset-system", cmd_reset_system, "make the base image current (undoable)")

@@ -528,3 +528,11 @@ def test_the_session_log_has_a_record_per_saved_run_newest_first(box):
     assert len(table) == 3 and table[1].split()[2:4] == ["exec", "0"]
     assert table[1].split()[6] == newest["snapshot"] and table[2].split()[3] == "3"
     assert len(json.loads(box.ok("pi-log -n 1 --json").stdout)) == 1
+    # pi-snapshots names the run that started from each snapshot, in JSON as in its table.
+    snaps = json.loads(box.ok("pi-snapshots --json").stdout)
+    assert [snap["name"] for snap in snaps] == [newest["snapshot"]]
+    assert snaps[0]["next_run"] == newest and snaps[0]["current"] is False
+    assert snaps[0]["kept_at"].replace("-", "").replace(":", "").replace("T", "-")[:19] == \
+        newest["snapshot"][len("snap-"):]
+    row = box.ok("pi-snapshots").stdout.splitlines()[1].split()
+    assert row[0] == snaps[0]["name"] and " ".join(row).endswith("exec, exit 0, +1.0 MB")

@@ -170,7 +170,9 @@ def test_flatten_threshold_is_validated(rich):
 
 
 def status_disk(box):
-    """pi-status's disk line, in bytes: {own, base, snapshots}."""
+    """pi-status's disk line, in bytes: {own, base, snapshots}, once the
+    last run is saved (pi-status does not wait for a save: it shows it)."""
+    box.wait_saved()
     line = re.search(r"^disk: current holds (.+) of its own on (.+) shared with base; (.+) "
                      r"only its snapshots hold", box.ok("pi-status").stdout, re.M)
     return dict(zip(("own", "base", "snapshots"), (to_bytes(text) for text in line.groups())))

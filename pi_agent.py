@@ -3553,6 +3553,17 @@ def list_snapshots(line):
     return snaps
 
 
+def made_by(image):
+    """{kind, target, exit_status} of the run whose save made `image`, or
+    None for an image no save made (the base)."""
+    labels = image_labels(image)
+    if not labels.get(LABEL + "committed_at"):
+        return None
+    return {"kind": labels.get(LABEL + "kind") or "run",
+            "target": labels.get(LABEL + "target") or None,
+            "exit_status": exit_number(labels.get(LABEL + "exit_status"))}
+
+
 def describe_origin(image):
     """What made an image, from the labels its save put on it."""
     labels = image_labels(image)
@@ -5461,82 +5472,124 @@ def cmd_status(args):
     go blind when it is needed most. A bad setting is shown (its default
     used meanwhile) and is the exit status."""
     config = Config(lenient=True, profile=args.profile)
-    line = Line(config)
-    print("pi-agent %s" % __version__)
+    facts = status_facts(config, Line(config))
+    if args.json:
+        print(json.dumps(facts, indent=1, sort_keys=True))
+    else:
+        print_status(config, facts)
+    if config.problems:
+        raise PiError("%s: see above; pi-status used the defaults in their place"
+                      % plural(len(config.problems), "bad setting"), EXIT_BAD_SETTING)
+    return 0
+
+
+def status_facts(config, line):
+    """What pi-status shows, as data (pi-status --json: the README's shape)."""
+    facts = {"version": __version__, "config_file": config.path,
+             "config_file_exists": os.path.exists(config.path),
+             "settings": {name: {"value": config.raw[name], "source": config.sources[name]}
+                          for name, _d, _m in SETTINGS},
+             "problems": list(config.problems), "warnings": misspelled_settings(os.environ),
+             "python": sys.executable, "engine": describe_engine(), "profile": line.profile,
+             "images": {}, "drift": [], "disk": None, "agents": None}
+    found = {}
+    for role, ref in (("base", line.base), ("current", line.current)):
+        image = found[role] = inspect_image(ref)
+        facts["images"][role] = image and {
+            "ref": ref, "id": image["Id"], "size": image.get("Size", 0),
+            "layers": image_layers(image), "created": image.get("Created"),
+            "made_by": made_by(image) if role == "current" else None,
+            "origin": describe_origin(image) if role == "current" else None}
+    if found["base"] is not None:
+        facts["drift"] = base_drift(config, found["base"])
+    snaps = list_snapshots(line)
+    facts["snapshots"] = {"count": len(snaps), "newest": snaps[0]["tag"] if snaps else None}
+    state = line.read_state()
+    facts["profile_exists"] = profile_exists(line)
+    if found["current"] is not None:
+        facts["disk"] = disk_usage(line)
+        facts["agents"] = installed_agents(line, found["current"])
+    holder = (state.get("holder") or {}) if lock_is_held(line) else None
+    facts["lock"] = holder and {key: holder.get(key) for key in
+                                ("pid", "kind", "phase", "target", "started", "saver_pid")}
+    facts["lock_holder"] = holder is not None and describe_holder(holder) or None
+    facts["notice"] = state.get("notice")
+    facts["left_behind"] = len(leftover_containers(line))
+    try:
+        cwd = os.path.realpath(os.getcwd())
+        project = Project.inspect(config, cwd, here=False)
+        point = mount_point(project.target, image_home(found["current"] or {}), config.mount_at)
+        facts["target"] = {"path": project.target, "inside": os.path.join(
+            point, project.subdir) if project.subdir else point, "notes": project.notes}
+    except (PiError, FileNotFoundError) as err:
+        facts["target"] = {"path": None, "why_not": str(err)}
+    return facts
+
+
+def print_status(config, facts):
+    print("pi-agent %s" % facts["version"])
     print("\nsettings (config file: %s%s):" % (
-        config.path, "" if os.path.exists(config.path) else ", absent"))
+        config.path, "" if facts["config_file_exists"] else ", absent"))
     rows = [(name, config.raw[name] if len(config.raw[name]) <= 60 else
              config.raw[name][:57] + "...", "(%s)" % config.sources[name])
             for name, _d, _m in SETTINGS]
     print_table(rows)
     sys.stdout.flush()
-    for problem in config.problems:
+    for problem in facts["problems"]:
         say(problem, "error")
-    for warning in misspelled_settings(os.environ):
+    for warning in facts["warnings"]:
         say(warning, "warning")
-    print("python: %s (PI_AGENT_PYTHON=%s)" % (sys.executable,
+    print("python: %s (PI_AGENT_PYTHON=%s)" % (facts["python"],
                                               os.environ.get("PI_AGENT_PYTHON", "python3")))
-    print("engine: %s" % describe_engine())
+    print("engine: %s" % facts["engine"])
     print("\nimages:")
-    rows, drift, found = [], [], {}
-    for role, ref in (("base", line.base), ("current", line.current)):
-        image = found[role] = inspect_image(ref)
+    rows = []
+    for role in ("base", "current"):
+        image = facts["images"][role]
         if image is None:
-            rows.append((role, ref, "absent", "", ""))
+            rows.append((role, Line(config).base if role == "base" else Line(config).current,
+                         "absent", "", ""))
             continue
-        made = describe_origin(image) if role == "current" else "built " + local_time(
-            (image.get("Created") or "")[:19] + "Z")
-        rows.append((role, ref, human_size(image.get("Size", 0)),
-                     plural(image_layers(image), "layer"), made))
-        if role == "base":
-            drift = base_drift(config, image)
-    snaps = list_snapshots(line)
-    rows.append(("snapshots", "%d" % len(snaps), "newest " + snaps[0]["tag"] if snaps else "", "",
-                 ""))
+        rows.append((role, image["ref"], human_size(image["size"]),
+                     plural(image["layers"], "layer"), image["origin"] or "built " + local_time(
+                         (image["created"] or "")[:19] + "Z")))
+    snaps = facts["snapshots"]
+    rows.append(("snapshots", "%d" % snaps["count"], "newest " + snaps["newest"]
+                 if snaps["newest"] else "", "", ""))
     print_table(rows)
-    if found["current"] is not None:
-        disk = disk_usage(line)
+    disk = facts["disk"]
+    if disk is not None:
         print("disk: current holds %s of its own on %s shared with base; %s only its "
               "snapshots hold (pi-prune 0 would free it)" % (
                   human_size(disk["own"]), human_size(disk["base"]),
                   human_size(disk["snapshots"])))
-    state = line.read_state()
-    if line.profile and found["current"] is None and not state.get("made"):
+    if not facts["profile_exists"]:
         print("there is no profile %s: pi-branch %s makes it (pi-branch lists those there are)"
-              % (line.profile, line.profile))
-    if found["current"] is not None:
-        agents = installed_agents(line, found["current"])
+              % (facts["profile"], facts["profile"]))
+    agents = facts["agents"]
+    if agents is not None:
         print("agents in current: %s" % (", ".join(
             "%s (%s)" % (name, printable(version)[:60]) for name, version in sorted(agents.items()))
             or "none yet"))
         if config.agent not in agents:
             print("  (the first pi installs %s)" % config.agent)
-    if drift:
+    if facts["drift"]:
         print("the base differs from your settings: %s; pi-rebuild-base builds it again (then "
               "pi-reset-system starts current afresh from it; your environment stays a snapshot)"
-              % "; ".join(drift))
-    holder = state.get("holder")
-    print("\nlock: %s" % printable(describe_holder(holder) if lock_is_held(line) else "free"))
-    if state.get("notice"):
-        print("notice: %s" % printable(state["notice"]))
-    leftovers = leftover_containers(line)
-    if leftovers:
+              % "; ".join(facts["drift"]))
+    print("\nlock: %s" % printable(facts["lock_holder"] or "free"))
+    if facts["notice"]:
+        print("notice: %s" % printable(facts["notice"]))
+    if facts["left_behind"]:
         print("left-behind containers: %d (see pi-orphans; the next pi recovers them)"
-              % len(leftovers))
-    try:
-        cwd = os.path.realpath(os.getcwd())
-        project = Project.inspect(config, cwd, here=False)
-        point = mount_point(project.target, image_home(found["current"] or {}), config.mount_at)
-        print("target: %s (inside: %s)" % (printable(project.target), printable(
-            os.path.join(point, project.subdir) if project.subdir else point)))
-        for note in project.notes:
-            print("  " + printable(note))
-    except (PiError, FileNotFoundError) as err:
-        print("target: none here: %s" % printable(err))
-    if config.problems:
-        raise PiError("%s: see above; pi-status used the defaults in their place"
-                      % plural(len(config.problems), "bad setting"), EXIT_BAD_SETTING)
-    return 0
+              % facts["left_behind"])
+    target = facts["target"]
+    if target["path"] is None:
+        print("target: none here: %s" % printable(target["why_not"]))
+        return
+    print("target: %s (inside: %s)" % (printable(target["path"]), printable(target["inside"])))
+    for note in target["notes"]:
+        print("  " + printable(note))
 
 
 def installed_agents(line, image):
@@ -5663,19 +5716,13 @@ def cmd_snapshots(args):
 
 def snapshot_entry(snap, image, current, next_run):
     """pi-snapshots --json: one snapshot (the README's shape)."""
-    labels = image_labels(image)
-    made_by = None
-    if labels.get(LABEL + "committed_at"):
-        made_by = {"kind": labels.get(LABEL + "kind") or "run",
-                   "target": labels.get(LABEL + "target") or None,
-                   "exit_status": exit_number(labels.get(LABEL + "exit_status"))}
     day, clock, millis = SNAPSHOT_RE.match(snap["tag"]).groups()
     return {"name": snap["tag"], "id": image.get("Id"),
             "kept_at": "%s-%s-%sT%s:%s:%s.%sZ" % (day[:4], day[4:6], day[6:], clock[:2],
                                                   clock[2:4], clock[4:], millis),
             "made": image.get("Created"), "size": image.get("Size"),
             "current": bool(image.get("Id")) and image.get("Id") == current.get("Id"),
-            "made_by": made_by, "next_run": next_run}
+            "made_by": made_by(image), "next_run": next_run}
 
 
 def resolve_snapshot(line, name):
@@ -6367,7 +6414,8 @@ def build_parser():
         command.set_defaults(func=func)
         return command
 
-    simple("status", cmd_status, "settings, images, lock holder, mount target")
+    simple("status", cmd_status, "settings, images, lock holder, mount target").add_argument(
+        "--json", action="store_true", help="as JSON (see the README)")
     simple("snapshots", cmd_snapshots, "list snapshots, newest first").add_argument(
         "--json", action="store_true", help="as JSON (see the README)")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import docker, wait_until
 
+import pi_agent
+
 FAKE_AGENT = ('mkdir -p "$HOME/.local/bin" && printf \'%s\\n\' \'#!/bin/sh\' '
               '\'echo "fake-agent args: $*"\' '
               '\'[ -t 0 ] || echo "stdin: $(cat)"\' '
@@ -536,3 +538,25 @@ def test_the_session_log_has_a_record_per_saved_run_newest_first(box):
         newest["snapshot"][len("snap-"):]
     row = box.ok("pi-snapshots").stdout.splitlines()[1].split()
     assert row[0] == snaps[0]["name"] and " ".join(row).endswith("exec, exit 0, +1.0 MB")
+
+
+def test_pi_status_json_matches_its_table(box):
+    box.ok("pi-exec sh -c 'head -c 1000000 /dev/urandom > ~/one-mb'")
+    box.wait_saved()
+    text = box.ok("pi-status").stdout
+    facts = json.loads(box.ok("pi-status --json").stdout)
+    current = facts["images"]["current"]
+    assert current["ref"] == box.repo + ":current" and current["id"] == box.inspect(
+        box.repo + ":current")["Id"]
+    assert re.search(r"^current\s+%s\s+%s\s+%d layers\s+exec in %s \(exit 0\)$" % (
+        re.escape(current["ref"]), re.escape(pi_agent.human_size(current["size"])),
+        current["layers"], re.escape(box.project)), text, re.M), text
+    assert current["made_by"] == {"kind": "exec", "target": box.project, "exit_status": 0}
+    assert re.search(r"^snapshots\s+%d\s+newest %s$" % (facts["snapshots"]["count"],
+                                                       facts["snapshots"]["newest"]), text, re.M)
+    assert "holds %s of its own" % pi_agent.human_size(facts["disk"]["own"]) in text
+    assert 1e6 <= facts["disk"]["own"] < 1.1e6
+    assert facts["lock"] is None and "\nlock: free\n" in text
+    assert facts["target"]["path"] == box.project and "target: %s " % box.project in text
+    assert facts["settings"]["PI_AGENT_IMAGE_REPO"] == {"value": box.repo,
+                                                        "source": "environment"}

@@ -5472,11 +5472,12 @@ def cmd_status(args):
     go blind when it is needed most. A bad setting is shown (its default
     used meanwhile) and is the exit status."""
     config = Config(lenient=True, profile=args.profile)
-    facts = status_facts(config, Line(config))
+    line = Line(config)
+    facts = status_facts(config, line)
     if args.json:
         print(json.dumps(facts, indent=1, sort_keys=True))
     else:
-        print_status(config, facts)
+        print_status(config, line, facts)
     if config.problems:
         raise PiError("%s: see above; pi-status used the defaults in their place"
                       % plural(len(config.problems), "bad setting"), EXIT_BAD_SETTING)
@@ -5526,7 +5527,7 @@ def status_facts(config, line):
     return facts
 
 
-def print_status(config, facts):
+def print_status(config, line, facts):
     print("pi-agent %s" % facts["version"])
     print("\nsettings (config file: %s%s):" % (
         config.path, "" if facts["config_file_exists"] else ", absent"))
@@ -5547,8 +5548,8 @@ def print_status(config, facts):
     for role in ("base", "current"):
         image = facts["images"][role]
         if image is None:
-            rows.append((role, Line(config).base if role == "base" else Line(config).current,
-                         "absent", "", ""))
+            rows.append((role, line.base if role == "base" else line.current, "absent", "",
+                         ""))
             continue
         rows.append((role, image["ref"], human_size(image["size"]),
                      plural(image["layers"], "layer"), image["origin"] or "built " + local_time(

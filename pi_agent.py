@@ -1088,6 +1088,7 @@ class Line:
         self.state_path = os.path.join(self.state_dir, key + ".json")
         self.log_path = os.path.join(self.state_dir, key + ".log")
         self.sessions_path = os.path.join(self.state_dir, key + ".sessions.jsonl")
+        self.agents_path = os.path.join(self.state_dir, key + ".agents.json")
         self.run_dir = os.path.join(self.state_dir, "run")
 
     def snap(self, name):
@@ -1508,12 +1509,15 @@ def profile_exists(line):
         inspect_image(line.current) is not None
 
 
+def no_profile(line):
+    return NotFound("there is no profile %s; pi-branch %s makes it (a copy of the environment "
+                    "you have), pi-branch lists them" % (line.profile, line.profile))
+
+
 def require_profile(line):
     """NotFound for a profile never made, before anything is written."""
     if not profile_exists(line):
-        raise NotFound("there is no profile %s; pi-branch %s makes it (a copy of the "
-                       "environment you have), pi-branch lists them"
-                       % (line.profile, line.profile))
+        raise no_profile(line)
     return line
 
 
@@ -3701,8 +3705,7 @@ def ensure_current(line, current=None, made=True):
     if current is not None:
         return current, False
     if line.profile and not made:
-        raise NotFound("there is no profile %s; pi-branch %s makes it (a copy of current), "
-                       "pi-branch lists those there are" % (line.profile, line.profile))
+        raise no_profile(line)  # (deleted since the run's require_profile)
     built = inspect_image(line.base) is None
     if built:
         build_base(line)
@@ -5599,7 +5602,7 @@ def installed_agents(line, image):
     once per image and remembered beside the state, so that no run pays.
     What answers is the agent's (its sh too): the answer is bounded in
     time and size, and read from no input of ours."""
-    path = os.path.join(line.state_dir, os.path.basename(line.state_path)[:-5] + ".agents.json")
+    path = line.agents_path
     try:
         with open(path, encoding="utf-8") as handle:
             cached = json.load(handle)

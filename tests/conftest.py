@@ -233,17 +233,14 @@ class Sandbox:
         removing = set()
         for name in os.listdir(self.state_dir):  # every profile's lock
             if name.startswith(line.key) and name.endswith(".lock"):
-                fd = os.open(os.path.join(self.state_dir, name), os.O_RDONLY)
+                profile = name[len(line.key) + 1:-len(".lock")]
+                each = pi_agent.Line(pi_agent.Config(self.env(), profile=profile))
+                fd = os.open(each.lock_path, os.O_RDONLY)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH)
                 finally:
                     os.close(fd)
-                state = os.path.join(self.state_dir, name[:-len(".lock")] + ".json")
-                try:
-                    with open(state) as handle:
-                        removing |= set(json.load(handle).get("removing") or {})
-                except (OSError, ValueError):
-                    pass
+                removing |= set(each.read_state().get("removing") or {})
         wait_until(lambda: not removing & set(docker(
             "ps", "-a", "--format", "{{.Names}}", "--filter",
             "label=pi-agent.repo=" + self.repo).stdout.split()), timeout=60)

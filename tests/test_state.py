@@ -159,9 +159,8 @@ def test_flatten_and_prune_free_space_by_the_engines_figures(rich):
 def images_disk_usage():
     """The engine's own figure for the disk its images use, in bytes."""
     out = docker("system", "df", "--format", "{{.Type}}\t{{.Size}}").stdout
-    size = [line.split("\t")[1] for line in out.splitlines() if line.startswith("Images")][0]
-    number, unit = re.fullmatch(r"([\d.]+)\s*([kMGT]?B)", size).groups()
-    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+    return to_bytes([line.split("\t")[1] for line in out.splitlines()
+                     if line.startswith("Images")][0])
 
 
 def test_flatten_threshold_is_validated(rich):

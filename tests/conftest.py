@@ -232,7 +232,8 @@ class Sandbox:
             return
         removing = set()
         for name in os.listdir(self.state_dir):  # every profile's lock
-            if name.startswith(line.key) and name.endswith(".lock"):
+            if name == line.key + ".lock" or (name.startswith(line.key + "@")
+                                              and name.endswith(".lock")):
                 profile = name[len(line.key) + 1:-len(".lock")]
                 each = pi_agent.Line(pi_agent.Config(self.env(), profile=profile))
                 fd = os.open(each.lock_path, os.O_RDONLY)

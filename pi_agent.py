@@ -12,6 +12,7 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-snapshots                     snapshots     snapshots, newest first
   pi-orphans                       orphans       containers left by interrupted runs
   pi-log [-n N] [--json]           log           the saved runs, newest first
+  pi-diff [SNAPSHOT | A B]         diff          what runs changed: packages, paths
  Undo:
   pi-rollback [SNAPSHOT]           rollback      current := a snapshot (undoable)
   pi-reset-system                  reset-system  current := base (undoable)
@@ -123,6 +124,8 @@ SETTINGS = (
     ("PI_AGENT_SAVE", "background",
      "background: the prompt returns while the saver commits; "
      "foreground: wait for the save and report it"),
+    ("PI_AGENT_RECORD_CHANGES", "1",
+     "after each save, record what the run changed in the environment, for pi-diff (1/0)"),
 )
 
 # PI_AGENT_* variables that are not settings: the shell functions' and the
@@ -632,6 +635,8 @@ class Config:
                              "layers from 2 to %d" % (threshold, MAX_LAYERS - 10))
         self.flatten_threshold = int(threshold)
         self.auto_prune = parse_bool("PI_AGENT_AUTO_PRUNE", raw["PI_AGENT_AUTO_PRUNE"])
+        self.record_changes = parse_bool("PI_AGENT_RECORD_CHANGES",
+                                         raw["PI_AGENT_RECORD_CHANGES"])
         self.save_mode = raw["PI_AGENT_SAVE"]
         if self.save_mode not in ("background", "foreground"):
             raise BadSetting("PI_AGENT_SAVE=%s: use background or foreground" % self.save_mode)
@@ -1089,6 +1094,7 @@ class Line:
         self.log_path = os.path.join(self.state_dir, key + ".log")
         self.sessions_path = os.path.join(self.state_dir, key + ".sessions.jsonl")
         self.agents_path = os.path.join(self.state_dir, key + ".agents.json")
+        self.runs_dir = os.path.join(self.state_dir, key + ".runs")
         self.run_dir = os.path.join(self.state_dir, "run")
 
     def snap(self, name):
@@ -1148,6 +1154,9 @@ class Line:
             "image_before": meta.get("image_before"), "image_after": meta.get("image_after"),
             "snapshot": meta.get("saved_as"), "bytes_added": meta.get("bytes_added"),
             "ended_by": ended_by, "container": meta.get("container")}
+        ended = meta.get("ended")  # what end_run brought back and swept
+        for key in ("commits", "commits_total", "refs", "swept"):
+            record[key] = ended.get(key) if isinstance(ended, dict) else None
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
             fd = os.open(self.sessions_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -2642,12 +2651,11 @@ def link_objects(gate_fd, dest):
     return count
 
 
-def foreign_commits(incoming, identity):
-    """[(commit, who)] of the agent's new commits (loose, as git commit
-    writes them) whose author or committer is not the agent's identity: a
-    rebase keeps authors, and a hostile agent can write any name."""
+def incoming_commits(incoming):
+    """{commit: (parents, [author, committer], subject)} of the agent's new
+    commits, loose, as git commit writes them."""
     import zlib
-    found = []
+    found = {}
     for sub in sorted(os.listdir(incoming)) if os.path.isdir(incoming) else ():
         if len(sub) != 2:
             continue
@@ -2659,23 +2667,47 @@ def foreign_commits(incoming, identity):
                     continue
             if not head.startswith(b"commit "):
                 continue
-            for line in head.split(b"\0", 1)[-1].split(b"\n\n", 1)[0].splitlines():
-                field, _, value = line.partition(b" ")
-                who = value.rsplit(b" ", 2)[0].decode("utf-8", "replace")
-                if field in (b"author", b"committer") and who != identity:
-                    found.append((sub + name, who))
-                    break
+            header, _, message = head.split(b"\0", 1)[-1].partition(b"\n\n")
+            parents, people = [], []
+            for row in header.splitlines():
+                field, _, value = row.partition(b" ")
+                if field == b"parent":
+                    parents.append(value.decode("ascii", "replace"))
+                elif field in (b"author", b"committer"):
+                    people.append(value.rsplit(b" ", 2)[0].decode("utf-8", "replace"))
+            subject = message.split(b"\n", 1)[0].decode("utf-8", "replace")
+            found[sub + name] = (parents, people, subject)
     return found
 
 
-def name_foreign_commits(record, incoming):
-    foreign = foreign_commits(incoming, record.get("identity"))
+def note_commits(record, commits, wanted):
+    """The commits that came back (reachable from the agent's refs through
+    its new ones), for the session log, and a note for those naming
+    someone else as author or committer: a rebase keeps authors, and a
+    hostile agent can write any name."""
+    reached, todo = [], sorted(oid for oid in wanted if oid in commits)
+    seen = set(todo)
+    while todo:
+        oid = todo.pop(0)
+        reached.append(oid)
+        for parent in commits[oid][0]:
+            if parent in commits and parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    record["commits"] = [{"id": oid, "subject": clip(commits[oid][2])} for oid in reached]
+    foreign = [(oid, who) for oid in reached for who in commits[oid][1][:2]
+               if who != record.get("identity")]
     if foreign:
         record["notes"].append(
             "%s brought back name%s someone else as author or committer (%s: %s): a rebase "
             "keeps authors, and an agent can write any name" % (
-                plural(len(foreign), "commit"), "" if len(foreign) > 1 else "s",
+                plural(len({oid for oid, _ in foreign}), "commit"),
+                "" if len({oid for oid, _ in foreign}) > 1 else "s",
                 foreign[0][0][:12], foreign[0][1]))
+
+
+def clip(text, limit=200):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def import_objects(gitdir, incoming, wanted, have):
@@ -2930,7 +2962,7 @@ def hand_back_git(run_dir, record):
             except PiError as err:
                 keep_gate(run_dir, gate, record, err)
                 return
-            name_foreign_commits(record, incoming)
+            note_commits(record, incoming_commits(incoming), wanted)
         move_refs(record, repo, refs, head)
         try:
             carry_stash(record, repo, stash)
@@ -2948,10 +2980,13 @@ def hand_back_git(run_dir, record):
 def apply_ref_lines(repo, lines, message, record):
     """update-ref --stdin, all at once; if that fails (a name clash with a
     ref the user made meanwhile, say), one by one, so one failure costs
-    one ref, which is named with its object ID."""
+    one ref, which is named with its object ID. The refs moved go into
+    record["moved"] (for the session log)."""
+    moved = record.setdefault("moved", [])
     try:
         host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
                  stdin="".join(line + "\n" for line in lines).encode())
+        moved.extend(ref_move(line) for line in lines)
         return
     except PiError:
         pass
@@ -2959,10 +2994,18 @@ def apply_ref_lines(repo, lines, message, record):
         try:
             host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
                      stdin=(line + "\n").encode())
+            moved.append(ref_move(line))
         except PiError as err:
             verb, name, *ids = line.split(" ")
             record["notes"].append("could not %s %s%s: %s" % (
                 verb, name, " to " + ids[0] if verb != "delete" else "", err))
+
+
+def ref_move(line):
+    """{ref, old, new} of an update-ref --stdin line."""
+    verb, name, *ids = line.split(" ")
+    old = ids[-1] if verb in ("update", "delete") else None
+    return {"ref": clip(name), "old": old, "new": ids[0] if verb != "delete" else None}
 
 
 def move_refs(record, repo, agent_refs, head):
@@ -2991,8 +3034,12 @@ def move_refs(record, repo, agent_refs, head):
                                    "stays" % (head[5:], elsewhere[head[5:]]))
         elif head.startswith("ref: refs/heads/"):
             host_git(repo["gitdir"], "symbolic-ref", "-m", message, "HEAD", head[5:])
+            record.setdefault("moved", []).append(
+                {"ref": "HEAD", "old": clip(record["head"] or ""), "new": clip(head)})
         elif OID_RE.fullmatch(head):
             host_git(repo["gitdir"], "update-ref", "--no-deref", "-m", message, "HEAD", head)
+            record.setdefault("moved", []).append(
+                {"ref": "HEAD", "old": clip(record["head"] or ""), "new": head})
     except PiError as err:
         record["notes"].append("the agent's branches could not all be moved: %s" % err)
 
@@ -3297,6 +3344,9 @@ def sweep_project(record, found):
     trusted = {tuple(pair) for pair in record["git_dirs"]}
     notes, for_root, reopen = [], [], []
 
+    def swept(path, action):  # for the session log
+        record.setdefault("swept", []).append({"path": clip(path, 300), "action": action})
+
     def disarm(path, what):
         full = os.path.join(target, path)
         real = os.path.realpath(os.path.dirname(full))
@@ -3308,6 +3358,7 @@ def sweep_project(record, found):
             return
         aside = set_aside(full)
         if aside:
+            swept(path, "disabled")
             notes.append("disabled %s, %s (host git would run its config and hooks): it is "
                          "now %s; read it before you rename it back"
                          % (path or ".", what, os.path.basename(aside)))
@@ -3336,6 +3387,7 @@ def sweep_project(record, found):
             mode = info.st_mode
             if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
                 os.unlink(full)
+                swept(path, "removed device node")
                 notes.append("removed %s, a device node made during the run" % path)
             elif info.st_uid != uid:
                 for_root.append(path)
@@ -3344,12 +3396,14 @@ def sweep_project(record, found):
             elif stat.S_ISSOCK(mode):
                 if stale_socket(full):
                     os.unlink(full)
+                    swept(path, "removed socket")
                     notes.append("removed %s, a socket the agent left" % path)
             elif stat.S_ISDIR(mode) and mode & 0o500 != 0o500:
                 os.chmod(full, stat.S_IMODE(mode) | 0o500)  # what it hides must be seen
                 reopen.append(path)
             elif mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode):
                 os.chmod(full, stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                swept(path, "cleared setuid/setgid")
                 notes.append("cleared the setuid/setgid bit of %s" % path)
         except FileNotFoundError:
             continue
@@ -3481,11 +3535,25 @@ def end_run(line, run_dir, record, watch=None):
         notes.append("the agent changed %s, which your host may run by itself; review before "
                      "trusting them (git status, git diff)"
                      % ", ".join(changed[:5] + (["..."] if len(changed) > 5 else [])))
+    record["summary"] = run_summary(record)
     try:
         os.remove(os.path.join(run_dir, RUN_RECORD))  # ended: nobody need do it again
     except FileNotFoundError:
         pass
     return notes
+
+
+# A session record lists this many commits, refs and swept files at most
+# (the wrapper sends them to the saver on a pipe, which must not fill).
+SUMMARY_LIMIT = 50
+
+
+def run_summary(record):
+    """What end_run brought back and swept, for the session log."""
+    commits = record.get("commits") or []
+    return {"commits": commits[:SUMMARY_LIMIT], "commits_total": len(commits),
+            "refs": (record.get("moved") or [])[:SUMMARY_LIMIT],
+            "swept": (record.get("swept") or [])[:SUMMARY_LIMIT]}
 
 
 def sweep(line, record, found, predicate):
@@ -3498,6 +3566,8 @@ def sweep(line, record, found, predicate):
         if for_root:
             try:
                 notes += give_back(line, target, for_root, record["uid"], record["gid"])
+                record.setdefault("swept", []).extend(
+                    {"path": clip(path or ".", 300), "action": "given back"} for path in for_root)
             except PiError as err:
                 notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
         if not reopen:
@@ -4551,12 +4621,13 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     args = commit_args(container, image, labels, message)
     new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
     if defer_remove and not (mount and mount not in known_mounts(image)):
-        # Saved: from here the container is only to be removed. Recorded
-        # first, so that whoever finds it later (this remover dead) just
-        # removes it.
+        # Saved: from here the container is only to be read (record_changes)
+        # and removed. Recorded first, so that whoever finds it later (this
+        # remover dead) just removes it.
         state.setdefault("removing", {})[container] = os.getpid()
         line.write_state(state)
-        meta["removal"] = DockerCall(("rm", "-f", "-v", container))
+        if not line.config.record_changes:
+            meta["removal"] = DockerCall(("rm", "-f", "-v", container))
     if tagging is not None and tagging.finish(check=False).returncode != 0:
         keep_snapshot(line, state, image["Id"], snapshot).finish()
     new = inspect_image(new_id)
@@ -4568,7 +4639,8 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     meta.update(image_before=image["Id"], image_after=new["Id"],
                 bytes_added=(new.get("Size") or 0) - before)
     if changed and mount and mount not in known_mounts(image):
-        changed = not only_mountpoint_changes(docker("diff", container).stdout, mount)
+        meta["diff_output"] = docker("diff", container).stdout
+        changed = not only_mountpoint_changes(meta["diff_output"], mount)
     snap = snapshot
     if not changed:
         meta.update(image_after=image["Id"], bytes_added=0)
@@ -4613,12 +4685,14 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     setting are pruned. Returns the snapshot's name, or None for no change.
 
     Each save adds a line to the session log (Line.record_session),
-    `ended_by` the run, recovery, or a failed commit. A failure is kept in
-    the state (failed, notice: the next command says so, and recovery
-    retries) and raised. The container goes (teardown())
-    unless `defer_remove`: then its removal starts here beside the rest
-    (meta["removal"], unless docker diff still needs it), and the caller
-    finishes it, after releasing the lock, so the next run need not wait.
+    `ended_by` the run, recovery, or a failed commit, and what the run
+    changed is recorded (record_changes). A failure is kept in the state
+    (failed, notice: the next command says so, and recovery retries) and
+    raised. The container goes (teardown()) unless `defer_remove`: then
+    the caller (the saver) records the session and the changes, and
+    removes the container, the last two after releasing the lock, so that
+    the next run need not wait (meta["removal"]: its removal, started here
+    when there is nothing to record).
     """
     what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
     if snapshot is None and current_id == image["Id"]:
@@ -4641,7 +4715,7 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
         line.record_session(dict(meta, container=container), "failed commit")
         raise PiError(state["notice"], err.code)
     line.log("saved %s%s" % (container, " (snapshot %s)" % snap if snap else " (no change)"))
-    line.record_session(dict(meta, container=container, saved_as=snap), ended_by)
+    meta["saved_as"] = snap
     if meta.get("branched"):
         state["notice"] = ("%s was %s before the %s was saved; current stays as it is and the "
                            "run is snapshot %s (pi-rollback %s to use it)"
@@ -4649,7 +4723,11 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
                               "gone (reset or removed)", what, snap, snap))
         line.log(state["notice"])
     if not defer_remove:
-        show_notes(line, teardown(line, [container], state) or [])
+        record_changes(line, container, meta, meta.pop("diff_output", None))
+        ended = {}
+        show_notes(line, teardown(line, [container], state, summaries=ended) or [])
+        line.record_session(dict(meta, container=container,
+                                 ended=meta.get("ended") or ended.get(container)), ended_by)
     prune_if_due(line, state, protect=(snapshot,))
     return snap
 
@@ -4663,11 +4741,11 @@ def flatten_if_due(line, state, layers):
         auto_flatten(line, state)
 
 
-def teardown(line, names, state=None, removal=None, check=False):
+def teardown(line, names, state=None, removal=None, check=False, summaries=None):
     """The one teardown of finished runs' containers: they go (an agent
     still in one too), then their run directories (a run that nobody ended
-    is ended first, see end_run: its notes are returned), then their
-    entries in the state. Without `state` (the lock is not held) the next
+    is ended first, see end_run: its notes are returned, and its summary
+    goes into `summaries` by name), then their entries in the state. Without `state` (the lock is not held) the next
     holder drops those entries. `removal`: their `docker rm`, under way.
     If the engine did not remove them, all stays for recovery: None is
     returned, or with `check` the error raised."""
@@ -4690,6 +4768,8 @@ def teardown(line, names, state=None, removal=None, check=False):
                                list(record.get("read") or []) if isinstance(path, str)])
             try:
                 notes += end_run(line, run_dir, record)
+                if summaries is not None:
+                    summaries[name] = record.get("summary")
             finally:
                 if fd is not None:
                     release_project_lock(fd)
@@ -4831,14 +4911,355 @@ def recover_leftovers(line, state, listing=None, only=None):
     return recovered
 
 
+# ------------------------------------------------------ what a run changed
+
+# What a person does not mean by "what did the run change": caches, logs,
+# temporary files, shell histories, and the package managers' own books
+# (what they record is shown as packages). pi-diff --all shows them too.
+NOISE_TREES = ("/tmp", "/var/tmp", "/run", "/var/run", "/var/cache", "/var/log",
+               "/var/lib/apt", "/var/lib/dpkg", "/var/backups")
+NOISE_DIRS = {".cache", "__pycache__", ".npm", "_cacache", ".node-gyp"}
+NOISE_NAMES = {".bash_history", ".zsh_history", ".python_history", ".lesshst", ".viminfo",
+               ".wget-hsts", ".sudo_as_admin_successful", "ld.so.cache"}
+# The package managers' marks, in the paths docker diff lists.
+DPKG_LIST_RE = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.-]*)(?::([a-z0-9-]+))?\.list")
+PIP_DIST_RE = re.compile(r"(/.+/(?:site|dist)-packages)/([A-Za-z0-9][A-Za-z0-9._]*)-"
+                         r"([A-Za-z0-9][A-Za-z0-9.+!_]*)\.dist-info")
+NPM_PACKAGE_RE = re.compile(r"(/(?:.+/)?lib/node_modules)/((?:@[^/@.][^/]*/)?[^/@.][^/]*)")
+# What is read of the image's dpkg books: the agent can make them any size.
+DPKG_READ_LIMIT = 256 << 20
+# A run's changes: its report, STATE/REPO[@PROFILE].runs/CONTAINER.json
+# (counts, packages), and every path in CONTAINER.changes.gz.
+REPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}")
+CHANGE_WORDS = {"A": "added", "C": "changed", "D": "deleted"}
+# How far back in the session log pi-diff looks for the runs since a snapshot.
+DIFF_LOG_DEPTH = 5000
+
+
+def parse_diff(output):
+    """[(A|C|D, path)] from `docker diff`. (A path with a newline, which
+    only the agent makes, reads as two lines: it cannot hide a change,
+    only make up one.)"""
+    changes = []
+    for row in output.split("\n"):
+        kind, _, path = row.partition(" ")
+        if kind in CHANGE_WORDS and path.startswith("/"):
+            changes.append((kind, path))
+    return changes
+
+
+def is_noise(path):
+    if any(path == tree or path.startswith(tree + "/") for tree in NOISE_TREES):
+        return True
+    parts = path.split("/")
+    return parts[-1] in NOISE_NAMES or path.endswith(".pyc") or \
+        any(part in NOISE_DIRS for part in parts[:-1])
+
+
+def parents_of(paths):
+    parents = set()
+    for path in paths:
+        parent = os.path.dirname(path)
+        while parent != "/" and parent not in parents:
+            parents.add(parent)
+            parent = os.path.dirname(parent)
+    return parents
+
+
+def kept_changes(changes, mounts=()):
+    """What is worth keeping of a run's docker diff: not the mount points
+    the engine made (nor the directories above them), nor a directory
+    listed as changed only because something in it changed. (A directory
+    added stays: a later run that deletes it deletes what is in it.)"""
+    points = set(mounts) | set(INIT_MOUNTS)
+    above = parents_of(points) | points
+    parents = parents_of(path for _kind, path in changes)
+    return [(kind, path) for kind, path in changes
+            if path not in above and not (kind == "C" and path in parents)]
+
+
+def leaf_rows(rows):
+    """The rows a person counts: a directory listed because what is in it
+    was added is not counted apart from it."""
+    parents = parents_of(row[1] for row in rows)
+    return [row for row in rows if row[0] == "D" or row[1] not in parents]
+
+
+def dpkg_books(container, wanted):
+    """{package: (version, bytes)} from the container's dpkg status, and
+    {list name: set of paths} for the `wanted` info/*.list files, read
+    from a `docker cp` of /var/lib/dpkg, never more than DPKG_READ_LIMIT."""
+    import tarfile
+    call = DockerCall(("cp", container + ":/var/lib/dpkg", "-"), capture=False,
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    status, lists = {}, {}
+
+    class Limited:
+        read_so_far = 0
+
+        def read(self, size=-1):
+            if self.read_so_far >= DPKG_READ_LIMIT:
+                return b""
+            size = DPKG_READ_LIMIT - self.read_so_far if size < 0 else \
+                min(size, DPKG_READ_LIMIT - self.read_so_far)
+            data = call.proc.stdout.read(size)
+            self.read_so_far += len(data)
+            return data
+
+    try:
+        with tarfile.open(fileobj=Limited(), mode="r|") as archive:
+            for member in archive:
+                name = member.name[len("dpkg/"):] if member.name.startswith("dpkg/") else ""
+                if not member.isfile() or member.size > 64 << 20:
+                    continue
+                if name == "status":
+                    status = parse_dpkg_status(archive.extractfile(member).read())
+                elif name.startswith("info/") and name[5:-5] in wanted and name.endswith(".list"):
+                    lists[name[5:-5]] = set(archive.extractfile(member).read().decode(
+                        "utf-8", "surrogateescape").split("\n")) - {""}
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        pass  # what was read stands
+    finally:
+        call.proc.kill()
+        call.finish(check=False)
+    return status, lists
+
+
+def parse_dpkg_status(data):
+    """{name and name:arch: (version, bytes)} of the installed packages."""
+    found = {}
+    for stanza in data.decode("utf-8", "replace").split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): *(.*)$", stanza, re.M))
+        if not fields.get("Package") or not fields.get("Status", "").endswith(" installed"):
+            continue
+        size = fields.get("Installed-Size", "")
+        value = (fields.get("Version"), int(size) * 1024 if size.isdigit() else None)
+        found[fields["Package"]] = value
+        found["%s:%s" % (fields["Package"], fields.get("Architecture"))] = value
+    return found
+
+
+def find_packages(changes, container=None):
+    """The packages a run's changes installed, removed or changed, by the
+    marks their managers leave (dpkg's info/*.list, pip's *.dist-info,
+    npm's lib/node_modules/NAME), and {path: "manager:name"} for the files
+    they own (dpkg's from its lists: read from `container`)."""
+    kinds = dict((path, kind) for kind, path in changes)
+    packages, owners, deb = {}, {}, {}
+    dist_infos = {}
+    for kind, path in changes:
+        match = DPKG_LIST_RE.fullmatch(path)
+        if match:
+            deb[match.group(1) + (":" + match.group(2) if match.group(2) else "")] = kind
+            continue
+        match = PIP_DIST_RE.fullmatch(path)
+        if match:
+            dist_infos.setdefault((match.group(1), match.group(2).lower().replace("-", "_")),
+                                  []).append((kind, match.group(3), path))
+            continue
+        match = NPM_PACKAGE_RE.fullmatch(path)
+        if match and (kind != "C" or kinds.get(path + "/package.json") in ("A", "C")):
+            packages["npm:" + match.group(2)] = {
+                "manager": "npm", "name": match.group(2), "change": CHANGE_WORDS[kind].replace(
+                    "added", "installed").replace("deleted", "removed"),
+                "version": None, "size": None}
+            owners[path + "/"] = "npm:" + match.group(2)
+    for (site, name), marks in dist_infos.items():
+        kinds_seen = {kind for kind, _v, _p in marks}
+        new = [version for kind, version, _p in marks if kind != "D"]
+        change = "changed" if "D" in kinds_seen and new else \
+            ("removed" if not new else ("changed" if kinds_seen == {"C"} else "installed"))
+        version = new[-1] if new else marks[-1][1]
+        packages["pip:" + name] = {"manager": "pip", "name": name, "change": change,
+                                   "version": version, "size": None}
+        for _kind, _version, path in marks:
+            owners[path + "/"] = "pip:" + name
+        owners[site + "/" + name + "/"] = "pip:" + name
+        owners[site + "/" + name + ".py"] = "pip:" + name
+    if deb:
+        status, lists = dpkg_books(container, {n for n, k in deb.items() if k != "D"}) \
+            if container else ({}, {})
+        for list_name, kind in deb.items():
+            name = list_name.split(":")[0]
+            version, size = status.get(list_name, (None, None))
+            packages["deb:" + name] = {"manager": "deb", "name": name,
+                                       "change": {"A": "installed", "C": "changed",
+                                                  "D": "removed"}[kind],
+                                       "version": version, "size": size}
+            for owned in lists.get(list_name, ()):
+                owners[owned] = "deb:" + name
+    return sorted(packages.values(), key=lambda p: (p["manager"], p["name"])), owners
+
+
+def owner_of(path, owners):
+    """The package that owns `path`: listed by dpkg, or inside a directory
+    of pip's or npm's (keys ending in /)."""
+    if path in owners:
+        return owners[path]
+    parent = path
+    while parent not in ("", "/"):
+        parent = os.path.dirname(parent)
+        owner = owners.get(parent.rstrip("/") + "/")
+        if owner:
+            return owner
+    return None
+
+
+def record_changes(line, container, meta, diff_output=None):
+    """After a save: what the run changed in the environment (docker diff,
+    and the packages that explains), kept as its report, for pi-diff and
+    pi-log. Costs the engine a walk of the image (its diff of a container
+    compares the whole tree), so the saver does it once the line is free.
+    Never fails the save: a report that cannot be made is only missing."""
+    if not line.config.record_changes or meta.get("image_after") == meta.get("image_before") \
+            or not REPORT_NAME_RE.fullmatch(container):
+        return None
+    try:
+        if diff_output is None:
+            diff_output = docker("diff", container).stdout
+        changes = parse_diff(diff_output)
+        packages, owners = find_packages(changes, container)
+        changes = kept_changes(changes, [meta.get("mount") or "", RUN_DIR_INSIDE])
+        rows = [[kind, path, owner_of(path, owners)] for kind, path in changes]
+        report = dict(summarize(rows, packages), container=container,
+                      image_after=meta.get("image_after"), recorded=utc_iso(time.time()))
+        os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
+        write_private(os.path.join(line.runs_dir, container + ".changes.gz"),
+                      gzip_json(rows))
+        write_private(os.path.join(line.runs_dir, container + ".json"),
+                      json.dumps(report, sort_keys=True).encode())
+        return report
+    except (PiError, OSError) as err:
+        line.log("could not record what %s changed: %s" % (container, err))
+        return None
+
+
+def gzip_json(value):
+    import gzip
+    return gzip.compress(json.dumps(value, separators=(",", ":")).encode(), 6)
+
+
+def write_private(path, data):
+    temp = "%s.%d.tmp" % (path, os.getpid())
+    with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(data)
+    os.replace(temp, path)
+
+
+def summarize(rows, packages, everything=False):
+    """The counts of [kind, path, owner] rows, and the other paths (not a
+    package's, not noise unless `everything`) grouped by their top two
+    directories."""
+    counts = {word: 0 for word in CHANGE_WORDS.values()}
+    groups, hidden, owned = {}, 0, 0
+    for kind, path, owner in leaf_rows(rows):
+        counts[CHANGE_WORDS[kind]] += 1
+        if owner:
+            owned += 1
+            continue
+        if not everything and is_noise(path):
+            hidden += 1
+            continue
+        parts = path.split("/")
+        group = "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts[:2])
+        groups.setdefault(group, {word: 0 for word in CHANGE_WORDS.values()})
+        groups[group][CHANGE_WORDS[kind]] += 1
+    return {"paths": counts, "packages": packages, "package_paths": owned, "hidden": hidden,
+            "groups": [dict(directory=name, **groups[name]) for name in sorted(groups)]}
+
+
+def read_report(line, container):
+    """A run's report, or None."""
+    if not isinstance(container, str) or not REPORT_NAME_RE.fullmatch(container):
+        return None
+    try:
+        with open(os.path.join(line.runs_dir, container + ".json"), encoding="utf-8") as handle:
+            report = json.load(handle)
+        return report if isinstance(report, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def read_changes(line, container):
+    """A run's [kind, path, owner] rows, or None."""
+    import gzip
+    try:
+        with open(os.path.join(line.runs_dir, container + ".changes.gz"), "rb") as handle:
+            rows = json.loads(gzip.decompress(handle.read(64 << 20)))
+    except (OSError, ValueError, EOFError):
+        return None
+    return [row for row in rows if isinstance(row, list) and len(row) == 3
+            and row[0] in CHANGE_WORDS and isinstance(row[1], str)]
+
+
+def compose_changes(runs):
+    """The changes of runs in order (oldest first), as one: a path added
+    then deleted was never there; deleted then added, it changed; what was
+    in a directory deleted goes with it."""
+    import bisect
+    result = {}
+    for rows in runs:
+        earlier = sorted(result)
+        for kind, path, _owner in rows:
+            if kind == "D":
+                start = bisect.bisect_left(earlier, path + "/")
+                for inside in earlier[start:bisect.bisect_left(earlier, path + "0")]:
+                    result.pop(inside, None)
+        for kind, path, owner in rows:
+            before = result.get(path)
+            if before is None:
+                result[path] = [kind, path, owner]
+                continue
+            first = before[0]
+            if first == "A" and kind == "D":
+                del result[path]
+                continue
+            merged = "A" if first == "A" else ("C" if first == "D" and kind != "D" else kind)
+            result[path] = [merged, path, owner or before[2]]
+    return [result[path] for path in sorted(result)]
+
+
+def compose_packages(runs):
+    """The packages of runs in order, as one (installed then removed: gone)."""
+    result = {}
+    for packages in runs:
+        for package in packages:
+            key = (package.get("manager"), package.get("name"))
+            before = result.get(key)
+            change = package.get("change")
+            if before is not None:
+                if before["change"] == "installed" and change == "removed":
+                    del result[key]
+                    continue
+                if before["change"] == "installed" or (before["change"] == "removed"
+                                                       and change != "removed"):
+                    change = "installed" if before["change"] == "installed" else "changed"
+            result[key] = dict(package, change=change)
+    return [result[key] for key in sorted(result, key=lambda k: (str(k[0]), str(k[1])))]
+
+
 # -------------------------------------------------- the saver and the run
 
 # The wrapper's words to the saver, one line each, and its answers.
 SAID_ABORT = "abort"    # the container could not start: take the run back
 SAID_STATUS = "status"  # "status N": the container stopped with N; save
-SAID_ENDED = "ended"    # the wrapper has ended the run (end_run)
+SAID_ENDED = "ended"    # "ended SUMMARY": the wrapper has ended the run (run_summary)
 SAID_OK = "ok"          # "ok [SNAPSHOT]": saved
 SAID_ERROR = "error"    # "error CODE MESSAGE": the save failed
+
+
+def said_ended(messages):
+    """The summary the wrapper sent with SAID_ENDED, or None if it did not
+    end the run."""
+    for message in messages:
+        word, _, rest = message.partition(" ")
+        if word == SAID_ENDED:
+            try:
+                summary = json.loads(rest)
+            except ValueError:
+                return {}
+            return summary if isinstance(summary, dict) else {}
+    return None
 
 
 class Saver:
@@ -4959,15 +5380,18 @@ class Saver:
         meta = self.plan.save_meta(status)
         try:
             snap = save_run(self.line, self.state, self.plan.container, self.plan.image, meta,
-                            self.plan.snapshot, current_id, tagging, defer_remove=True,
-                            ended_by="run" if status is not None else "interrupted")
+                            self.plan.snapshot, current_id, tagging, defer_remove=True)
         except PiError as err:
             self._hear(pipe)  # the wrapper is still ending the run: let it
             if not self._answer(up_w, "%s %d %s" % (SAID_ERROR, err.code, err)):
                 say(str(err))
             return 1
-        self._end(messages + self._hear(pipe), meta, snap)
+        ended = said_ended(messages + self._hear(pipe))
+        removal = self._end(ended, meta, snap, "run" if status is not None else "interrupted")
         self._answer(up_w, SAID_OK + " " + (snap or ""))
+        if removal is not False:  # the line is free: what is left costs nobody a wait
+            record_changes(self.line, self.plan.container, meta, meta.pop("diff_output", None))
+            teardown(self.line, [self.plan.container], removal=removal)
         return 0
 
     @staticmethod
@@ -5033,27 +5457,34 @@ class Saver:
         line.log("%s does not exist (yet?); the next run will look again" % plan.container)
         return False
 
-    def _end(self, messages, meta, snap):
-        """The run is ended by the wrapper (SAID_ENDED) or, if it is gone,
-        here: the container goes first (its agent may still be at work),
-        then end_run, whose notes the next command shows. Then the project
-        is free, current is flattened if due, the line is released, and the
-        container goes outside the lock (the next run need not wait)."""
+    def _end(self, ended, meta, snap, ended_by):
+        """The run is ended by the wrapper (`ended`: its summary, see
+        said_ended) or, if it is gone, here: its changes are recorded, the
+        container goes (its agent may still be at work), then end_run,
+        whose notes the next command shows. The session is logged, the
+        project is free, current is flattened if due, the line is released.
+        Returns False when the container is gone; else what is left to do
+        outside the lock, the recording of its changes and its removal:
+        that removal under way, or None."""
         line, state, plan = self.line, self.state, self.plan
-        removal = meta.pop("removal", None) or DockerCall(("rm", "-f", "-v", plan.container))
-        if SAID_ENDED not in messages:
-            notes = teardown(line, [plan.container], state, removal)  # (see lock_project)
-            removal = None
+        removal = meta.pop("removal", None)
+        if ended is None:
+            record_changes(line, plan.container, meta, meta.pop("diff_output", None))
+            summaries = {}
+            notes = teardown(line, [plan.container], state, removal,  # (see lock_project)
+                             summaries=summaries)
+            ended = summaries.get(plan.container)
             if notes:
                 state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
                                                               "; ".join(notes))
                 line.write_state(state)
+            removal = False
+        line.record_session(dict(meta, container=plan.container, ended=ended), ended_by)
         self.release_project()
         if snap and not meta.get("branched"):
             flatten_if_due(line, state, meta["layers"])
         self.lock.release(state)
-        if removal is not None:
-            teardown(line, [plan.container], removal=removal)
+        return removal
 
     def release_project(self):
         if self.project_fd is not None:
@@ -5235,7 +5666,8 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     and the save was waited for)."""
     saved_elsewhere = saver.send("%s %d" % (SAID_STATUS, status))
     show_notes(line, end_run(line, plan.run_dir, plan.record, watch))
-    if saved_elsewhere and saver.send(SAID_ENDED):
+    summary = plan.record.get("summary") or {}
+    if saved_elsewhere and saver.send("%s %s" % (SAID_ENDED, json.dumps(summary))):
         answer = saver.finish(wait=line.config.save_mode == "foreground")
         if answer and answer.startswith(SAID_ERROR):
             _, code, message = answer.split(" ", 2)
@@ -5245,13 +5677,17 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     say("the background saver is gone; saving in the foreground")
     try:
         current = inspect_image(line.current)
+        meta = dict(plan.save_meta(status), ended=summary)
         if image_labels(current).get(LABEL + "container") == plan.container:
-            # It died after its commit: what it wrote stands, only the
-            # container is left to go.
+            # It died after its commit: what it wrote stands; its session
+            # and changes are recorded, and the container is left to go.
             state = line.read_state()
+            meta.update(image_before=plan.image["Id"], image_after=current["Id"],
+                        saved_as=plan.snapshot)
+            record_changes(line, plan.container, meta)
             show_notes(line, teardown(line, [plan.container], state) or [])
+            line.record_session(dict(meta, container=plan.container), "run")
         else:
-            meta = plan.save_meta(status)
             snap = save_run(line, state, plan.container, plan.image, meta, plan.snapshot,
                             current["Id"] if current else None)
             if state.get("notice") and meta.get("branched"):
@@ -5690,6 +6126,9 @@ def cmd_snapshots(args):
     next_run = {}
     for record in newest_sessions(line.sessions_path, max(200, 5 * len(snaps))):
         next_run.setdefault(record.get("snapshot"), record)
+    wait_for_reports(line, list(next_run.values()))
+    for record in next_run.values():
+        record["paths"] = run_paths(line, record)
     if args.json:
         print(json.dumps([snapshot_entry(snap, by_id.get(snap["id"]) or {}, current,
                                          next_run.get(snap["tag"])) for snap in snaps],
@@ -6250,23 +6689,204 @@ def cmd_log(args):
     line = profile_line(args)
     wait_for_save(line)
     records = newest_sessions(line.sessions_path, args.count)
+    wait_for_reports(line, records)
+    for record in records:
+        record["paths"] = run_paths(line, record)
     if args.json:
         print(json.dumps(records, indent=1, sort_keys=True))
         return 0
     if not records:
         print("no runs of %s saved yet" % line.name)
         return 0
-    rows = [("STARTED", "KIND", "EXIT", "ADDED", "SNAPSHOT", "ENDED BY", "TARGET")]
+    rows = [("STARTED", "KIND", "EXIT", "ADDED", "PATHS +/~/-", "COMMITS", "SNAPSHOT",
+             "ENDED BY", "TARGET")]
     for record in records:
-        added = record.get("bytes_added")
+        added, paths = record.get("bytes_added"), record["paths"]
         rows.append((local_time(record.get("started")), printable(str(record.get("kind"))),
                      "?" if record.get("exit_status") is None else str(record["exit_status"]),
                      human_size(added) if isinstance(added, int) and added >= 0 else "-",
+                     "%d/%d/%d" % (paths["added"], paths["changed"], paths["deleted"])
+                     if paths else "?",
+                     str(record["commits_total"]) if isinstance(record.get("commits_total"), int)
+                     else "-",
                      printable(str(record.get("snapshot") or "-")),
                      printable(str(record.get("ended_by"))),
                      printable(str(record.get("target")))))
     print_table(rows)
     return 0
+
+
+def wait_for_reports(line, records, timeout=120):
+    """Until the runs' changes are recorded, or nobody is at it: the saver
+    records them once the line is free (record_changes), a moment after
+    the prompt."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        removing = line.read_state().get("removing") or {}
+        pending = [r for r in records if r.get("container") in removing
+                   and read_report(line, r["container"]) is None
+                   and pid_alive(removing[r["container"]])]
+        if not pending:
+            return
+        time.sleep(0.05)
+
+
+def changed_nothing(record):
+    return record.get("image_after") == record.get("image_before")
+
+
+def trace_runs(line, records, from_id, to_id):
+    """The saved runs (session records, oldest first) that led from image
+    `from_id` to image `to_id`, found from `to_id` back: the run whose
+    image it is, then the run that made the image that run started from,
+    and so on. An image the log does not know (a flattened current) is
+    known by its labels, which name the run that made what it holds.
+    Returns None if the way back does not reach `from_id`."""
+    by_image, by_container = {}, {}
+    for record in records:  # (newest first: a later record of an image wins)
+        if record.get("ended_by") == "failed commit" or changed_nothing(record):
+            continue
+        by_image.setdefault(record.get("image_after"), record)
+        by_container.setdefault(record.get("container"), record)
+    chain, image, seen = [], to_id, set()
+    while image != from_id:
+        if image in seen or image is None:
+            return None
+        seen.add(image)
+        record = by_image.get(image) or by_container.get(
+            image_labels(inspect_image(image)).get(LABEL + "container"))
+        if record is None:
+            return None
+        if record.get("image_after") == from_id:
+            break  # `to_id` is a flattened copy of `from_id`
+        chain.append(record)
+        image = record.get("image_before")
+    return chain[::-1]
+
+
+def diff_endpoint(line, name):
+    """(image ID, what to call it) for a snapshot name, current or base."""
+    if name in ("current", "base"):
+        image = inspect_image(line.current if name == "current" else line.base)
+        if image is None:
+            raise NotFound("%s has no %s image" % (line.name, name))
+        return image["Id"], name
+    snap = resolve_snapshot(line, name)
+    return inspect_image(line.snap(snap["tag"]))["Id"], snap["tag"]
+
+
+def cmd_diff(args):
+    line = profile_line(args)
+    wait_for_save(line)
+    records = newest_sessions(line.sessions_path, DIFF_LOG_DEPTH)
+    if not args.snapshots:
+        if not records:
+            print("no runs of %s saved yet" % line.name)
+            return 0
+        last = records[0]
+        runs, title = ([] if changed_nothing(last) or last.get("ended_by") == "failed commit"
+                       else [last]), "the last run (%s %s in %s)" % (
+                           printable(str(last.get("kind"))), local_time(last.get("started")),
+                           printable(str(last.get("target"))))
+        ends = {"from": {"image": last.get("image_before"), "name": last.get("snapshot")},
+                "to": {"image": last.get("image_after"), "name": None}}
+    else:
+        if len(args.snapshots) > 2:
+            raise PiError("pi-diff: give at most two snapshots (pi-diff A B)", EXIT_USAGE)
+        older, newer = args.snapshots[0], (args.snapshots[1:] or ["current"])[0]
+        (from_id, from_name), (to_id, to_name) = [diff_endpoint(line, name)
+                                                  for name in (older, newer)]
+        runs = trace_runs(line, records, from_id, to_id)
+        swapped = False
+        if runs is None:
+            runs = trace_runs(line, records, to_id, from_id)
+            (from_id, from_name), (to_id, to_name) = (to_id, to_name), (from_id, from_name)
+            swapped = True
+        if runs is None:
+            raise NotFound("the session log does not lead from %s to %s (runs before pi-log "
+                           "existed, or a reset between them); pi-log lists the runs it knows"
+                           % (older, newer))
+        title = "from %s to %s%s" % (from_name, to_name, " (%s is the newer)" % older
+                                     if swapped else "")
+        ends = {"from": {"image": from_id, "name": from_name},
+                "to": {"image": to_id, "name": to_name}}
+    wait_for_reports(line, runs)
+    rows, packages, missing = [], [], 0
+    for record in runs:
+        report, changes = read_report(line, record.get("container")), None
+        if report is not None:
+            changes = read_changes(line, record["container"])
+        if changes is None:
+            missing += 1
+            continue
+        rows.append(changes)
+        packages.append(report.get("packages") or [])
+    changes, packages = compose_changes(rows), compose_packages(packages)
+    facts = summarize(changes, packages, everything=args.all)
+    if args.json:
+        print(json.dumps(dict(
+            ends, runs=[{"container": r.get("container"), "started": r.get("started"),
+                         "kind": r.get("kind")} for r in runs],
+            unrecorded=missing, paths=facts["paths"], packages=packages,
+            groups=facts["groups"], hidden=facts["hidden"],
+            changes=[{"change": CHANGE_WORDS[kind], "path": path, "package": owner,
+                      "noise": is_noise(path)} for kind, path, owner in changes
+                     if args.all or not is_noise(path) or owner]),
+            indent=1, sort_keys=True))
+        return 0
+    print_diff(title, runs, facts, changes, missing, args.all)
+    return 0
+
+
+def print_diff(title, runs, facts, changes, missing, everything):
+    counts = facts["paths"]
+    print("%s: %s" % (title, "no change" if not any(counts.values()) else
+                      ", ".join("%d %s" % (counts[word], word) for word in
+                                ("added", "changed", "deleted") if counts[word])))
+    if len(runs) > 1:
+        print("(%d runs)" % len(runs))
+    if missing:
+        say("%s changed the environment without a record of what (PI_AGENT_RECORD_CHANGES=0, "
+            "or an earlier pi-agent): not shown" % plural(missing, "run"), "warning")
+    if facts["packages"]:
+        print("packages:")
+        rows = []
+        for package in facts["packages"]:
+            rows.append(("  " + package["change"], package["manager"],
+                         printable(package["name"]),
+                         printable(package.get("version") or ""),
+                         human_size(package["size"]) if package.get("size") else ""))
+        print_table(rows)
+    if everything:
+        print("paths:")
+        for kind, path, owner in changes:
+            print("  %s %s%s" % (kind, printable(path),
+                                 "  (%s)" % printable(owner) if owner else ""))
+        return
+    if facts["groups"]:
+        print("other paths, by directory:")
+        rows = [("  DIRECTORY", "ADDED", "CHANGED", "DELETED")]
+        for group in facts["groups"]:
+            rows.append(("  " + printable(group["directory"]), str(group["added"]),
+                         str(group["changed"]), str(group["deleted"])))
+        print_table(rows)
+    hidden = []
+    if facts["package_paths"]:
+        hidden.append("%s of the packages above" % plural(facts["package_paths"], "path"))
+    if facts["hidden"]:
+        hidden.append("%s of caches, logs and temporary files" % plural(facts["hidden"], "path"))
+    if hidden:
+        print("not shown: %s (pi-diff --all lists every path)" % ", and ".join(hidden))
+
+
+def run_paths(line, record):
+    """A run's counts of paths added, changed, deleted (its report's), or
+    None when not recorded."""
+    if changed_nothing(record) and record.get("ended_by") != "failed commit":
+        return {"added": 0, "changed": 0, "deleted": 0}
+    report = read_report(line, record.get("container")) or {}
+    paths = report.get("paths")
+    return paths if isinstance(paths, dict) else None
 
 
 def cmd_complete(args):
@@ -6306,7 +6926,7 @@ EXAMPLES = """examples:
   pi                              run the agent in this project
   pi -- --help                    the agent's own help
   pi-exec make test               any command in the agent's environment
-  pi-snapshots; pi-rollback       undo what the last run did to the environment
+  pi-diff; pi-rollback            see what the last run did to the environment, undo it
   pi-worktree fix-tests           a second agent beside the first: its own worktree
                                   and environment
   PI_AGENT_PASS_ENV=ANTHROPIC_API_KEY pi   give the agent one credential
@@ -6445,6 +7065,14 @@ def build_parser():
     log.add_argument("-n", dest="count", type=int, default=20, metavar="N",
                      help="this many (default 20)")
     log.add_argument("--json", action="store_true", help="as JSON (see the README)")
+    diff = simple("diff", cmd_diff, "what runs changed in the environment: the last run; "
+                  "since SNAPSHOT (to current); from snapshot A to B")
+    diff.usage = "pi-diff [--all] [--json] [--profile NAME] [SNAPSHOT | A B]"
+    diff.add_argument("snapshots", nargs="*", metavar="SNAPSHOT",
+                      help="a snapshot name (snap-...), current or base")
+    diff.add_argument("--all", action="store_true",
+                      help="every path, caches, logs and temporary files too")
+    diff.add_argument("--json", action="store_true", help="as JSON (see the README)")
     branch = simple("branch", cmd_branch, "list the profiles, make one (a copy of current, "
                     "a tag), or delete one")
     branch.add_argument("name", nargs="?", help="the profile to make")

@@ -25,7 +25,7 @@ unset _PI_AGENT_SOURCE
 # them at the prompt.
 \builtin unalias pi pi-shell pi-exec pi-status pi-snapshots pi-rollback pi-reset-system \
   pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans pi-recover pi-clean-orphans \
-  pi-unlock pi-branch pi-worktree pi-log >/dev/null 2>&1 || \builtin true
+  pi-unlock pi-branch pi-worktree pi-log pi-diff >/dev/null 2>&1 || \builtin true
 # The interpreter's real path is looked up once: a version manager's shim
 # (pyenv) costs a tenth of a second per call. -I -S: no user site, no .pth
 # imports; pi_agent.py needs only the standard library. It is imported, not
@@ -60,11 +60,12 @@ function pi-unlock { _pi_agent unlock "$@"; }
 function pi-branch { _pi_agent branch "$@"; }
 function pi-worktree { _pi_agent worktree "$@"; }
 function pi-log { _pi_agent log "$@"; }
+function pi-diff { _pi_agent diff "$@"; }
 
-# Completion: wrapper options, snapshot names for pi-rollback, left-behind
-# containers for pi-recover, profiles for pi-branch (and after --profile,
-# --delete, --remove; and snapshots and base after --from), commands after
-# pi-exec's options.
+# Completion: wrapper options, snapshot names for pi-rollback and pi-diff,
+# left-behind containers for pi-recover, profiles for pi-branch (and after
+# --profile, --delete, --remove; and snapshots and base after --from),
+# commands after pi-exec's options.
 function _pi_agent_candidates {
   case ${2-} in
     --profile) _pi_agent complete profiles 2>/dev/null; return 0 ;;
@@ -90,6 +91,8 @@ function _pi_agent_candidates {
     pi-reset-all|pi-clean-orphans) printf '%s\n' --yes --profile --help ;;
     pi-rebuild-base) printf '%s\n' --no-cache --profile --help ;;
     pi-log) printf '%s\n' -n --json --profile --help ;;
+    pi-diff) _pi_agent complete snapshots 2>/dev/null
+      printf '%s\n' current base --all --json --profile --help ;;
     *) printf '%s\n' --profile --help ;;
   esac
 }
@@ -124,7 +127,7 @@ if [ -n "${ZSH_VERSION:-}" ]; then
       (( $+functions[compdef] )) || return 0
       compdef _pi_agent_complete_zsh pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
         pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans \
-        pi-recover pi-clean-orphans pi-unlock pi-branch pi-worktree pi-log
+        pi-recover pi-clean-orphans pi-unlock pi-branch pi-worktree pi-log pi-diff
     }
     function _pi_agent_compdef_at_prompt {
       precmd_functions=(${precmd_functions:#_pi_agent_compdef_at_prompt})
@@ -140,5 +143,5 @@ if [ -n "${ZSH_VERSION:-}" ]; then
 elif \command -v complete >/dev/null 2>&1; then
   complete -F _pi_agent_complete_bash pi pi-shell pi-exec pi-status pi-snapshots pi-rollback \
     pi-reset-system pi-reset-all pi-rebuild-base pi-prune pi-flatten pi-orphans pi-recover \
-    pi-clean-orphans pi-unlock pi-branch pi-worktree pi-log
+    pi-clean-orphans pi-unlock pi-branch pi-worktree pi-log pi-diff
 fi

@@ -528,7 +528,7 @@ def test_the_session_log_has_a_record_per_saved_run_newest_first(box):
     assert newest["target"] == box.project and newest["profile"] == ""
     table = box.ok("pi-log").stdout.splitlines()
     assert len(table) == 3 and table[1].split()[2:4] == ["exec", "0"]
-    assert table[1].split()[6] == newest["snapshot"] and table[2].split()[3] == "3"
+    assert table[1].split()[8] == newest["snapshot"] and table[2].split()[3] == "3"
     assert len(json.loads(box.ok("pi-log -n 1 --json").stdout)) == 1
     # pi-snapshots names the run that started from each snapshot, in JSON as in its table.
     snaps = json.loads(box.ok("pi-snapshots --json").stdout)

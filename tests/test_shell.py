@@ -14,7 +14,7 @@ FUNCTIONS = ("pi", "pi-shell", "pi-exec", "pi-status", "pi-snapshots", "pi-rollb
              "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune", "pi-flatten",
              "pi-orphans",
              "pi-recover", "pi-clean-orphans", "pi-unlock", "pi-branch", "pi-worktree",
-             "pi-log")
+             "pi-log", "pi-diff")
 SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-eu", "-c"],
           "zsh": ["zsh", "-f", "-eu", "-c"]}
 

@@ -1,0 +1,93 @@
+"""pi-diff and the session log's account of a run (issue 16), against the
+real engine: a run that installs a Debian package built in the test, writes
+and deletes files, and commits; what pi-diff, pi-log and their --json say."""
+import json
+import os
+
+# A package built inside the run (dpkg-deb, no network), installed with dpkg.
+BUILD_AND_INSTALL = r"""set -e
+mkdir -p /tmp/pkg/DEBIAN /tmp/pkg/usr/share/pitest
+printf 'Package: pitest-hello\nVersion: 1.0-1\nArchitecture: all\nInstalled-Size: 294\nMaintainer: T <t@example.com>\nDescription: test\n' > /tmp/pkg/DEBIAN/control
+head -c 300000 /dev/urandom > /tmp/pkg/usr/share/pitest/data.bin
+dpkg-deb --build /tmp/pkg /tmp/pitest.deb >/dev/null
+sudo dpkg -i /tmp/pitest.deb >/dev/null
+rm -rf /tmp/pkg /tmp/pitest.deb
+sudo mkdir -p /opt/app/.cache/tool && sudo chown -R "$(id -u)" /opt/app
+echo note > /opt/app/made.txt && echo x > /opt/app/.cache/tool/entry
+sudo rm /etc/motd
+"""
+
+
+def diff_json(box, args=""):
+    return json.loads(box.ok("pi-diff --json %s" % args).stdout)
+
+
+def test_a_run_that_installs_a_package_shows_as_that_package(box):
+    with open(os.path.join(box.project, "install.sh"), "w") as script:
+        script.write(BUILD_AND_INSTALL)
+    box.ok("pi-exec sh install.sh")
+    first = json.loads(box.ok("pi-log --json").stdout)[0]
+    facts = diff_json(box)
+    assert facts["packages"] == [{"manager": "deb", "name": "pitest-hello", "change": "installed",
+                                  "version": "1.0-1", "size": facts["packages"][0]["size"]}]
+    assert facts["packages"][0]["size"] == 294 * 1024  # dpkg's Installed-Size, in KiB
+    changes = {(c["change"], c["path"]): c for c in facts["changes"]}
+    assert ("added", "/opt/app/made.txt") in changes
+    assert ("deleted", "/etc/motd") in changes
+    assert changes[("added", "/usr/share/pitest/data.bin")]["package"] == "deb:pitest-hello"
+    assert not any("/.cache/" in path for _change, path in changes), "noise is left out"
+    assert not any(path.startswith("/tmp") for _change, path in changes)
+    assert facts["from"]["name"] == first["snapshot"] and facts["runs"][0]["container"] == \
+        first["container"]
+    # The table says the same, by what a person recognises.
+    text = box.ok("pi-diff").stdout
+    assert "installed  deb  pitest-hello  1.0-1" in text
+    assert "/opt/app" in text and "/etc" in text
+    assert "not shown:" in text and "of the packages above" in text and "caches" in text
+    every = box.ok("pi-diff --all").stdout
+    assert "A /opt/app/.cache/tool/entry" in every
+    assert "A /usr/share/pitest/data.bin  (deb:pitest-hello)" in every
+    assert "D /etc/motd" in every
+    # pi-log counts what pi-diff lists (the directories above a change are not counted).
+    assert first["paths"] == json.loads(box.ok("pi-diff --json --all").stdout)["paths"]
+    assert first["paths"]["deleted"] == 1 and first["paths"]["added"] >= 3
+
+    # Removed again: the last run says so; since the first snapshot, it was never there.
+    box.ok("pi-exec sh -c 'sudo dpkg -r pitest-hello >/dev/null && sudo rm -r /opt/app'")
+    assert [(p["name"], p["change"]) for p in diff_json(box)["packages"]] == \
+        [("pitest-hello", "removed")]
+    since = diff_json(box, first["snapshot"])
+    assert since["packages"] == [] and len(since["runs"]) == 2
+    assert [(c["change"], c["path"]) for c in since["changes"]] == [("deleted", "/etc/motd")]
+    assert "/opt/app" not in box.ok("pi-diff --all %s" % first["snapshot"]).stdout
+    # Between two snapshots: the first run alone, whichever order they are given in.
+    second = json.loads(box.ok("pi-log --json").stdout)[0]
+    between = diff_json(box, "%s %s" % (first["snapshot"], second["snapshot"]))
+    assert [p["name"] for p in between["packages"]] == ["pitest-hello"]
+    assert diff_json(box, "%s %s" % (second["snapshot"], first["snapshot"]))["changes"] == \
+        between["changes"]
+
+
+def test_the_session_log_names_the_commits_refs_and_swept_files(box):
+    box.init_repo()
+    box.ok("pi-exec sh -c 'git commit -q --allow-empty -m \"agent work\" && git branch side "
+           "&& touch tool && chmod u+s tool && touch ~/x'")
+    record = json.loads(box.ok("pi-log --json").stdout)[0]
+    head = box.ok("git rev-parse HEAD").stdout.strip()
+    assert record["commits"] == [{"id": head, "subject": "agent work"}]
+    assert record["commits_total"] == 1
+    refs = {ref["ref"]: ref for ref in record["refs"]}
+    assert refs["refs/heads/side"] == {"ref": "refs/heads/side", "old": None, "new": head}
+    branch = box.ok("git symbolic-ref HEAD").stdout.strip()
+    assert refs[branch]["new"] == head and refs[branch]["old"] != head
+    assert {"path": "tool", "action": "cleared setuid/setgid"} in record["swept"]
+    table = box.ok("pi-log").stdout.splitlines()
+    assert table[0].split()[4:7] == ["PATHS", "+/~/-", "COMMITS"] and table[1].split()[7] == "1"
+
+
+def test_a_run_that_changes_nothing_has_nothing_to_show(box):
+    box.ok("pi-exec true")
+    assert box.ok("pi-diff").stdout.startswith("the last run (exec ")
+    assert "no change" in box.ok("pi-diff").stdout
+    unknown = box.sh("pi-diff snap-20000101-000000.000")
+    assert unknown.returncode == 4 and "pi-agent: " in unknown.stderr

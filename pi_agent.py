@@ -3543,9 +3543,11 @@ def end_run(line, run_dir, record, watch=None):
     return notes
 
 
-# A session record lists this many commits, refs and swept files at most
-# (the wrapper sends them to the saver on a pipe, which must not fill).
+# A session record lists this many commits, refs and swept files at most;
+# the wrapper sends them to the saver on a pipe, whose buffer (64 kB on
+# Linux) must not fill before the saver reads: SUMMARY_BYTES at most.
 SUMMARY_LIMIT = 50
+SUMMARY_BYTES = 16384
 
 
 def run_summary(record):
@@ -3554,6 +3556,19 @@ def run_summary(record):
     return {"commits": commits[:SUMMARY_LIMIT], "commits_total": len(commits),
             "refs": (record.get("moved") or [])[:SUMMARY_LIMIT],
             "swept": (record.get("swept") or [])[:SUMMARY_LIMIT]}
+
+
+def summary_message(summary):
+    """run_summary() as one line of JSON of SUMMARY_BYTES at most (its
+    lists cut short if need be: the agent writes the subjects and names)."""
+    summary = dict(summary)
+    while True:
+        message = json.dumps(summary)
+        lists = [key for key in ("commits", "refs", "swept") if summary.get(key)]
+        if len(message) <= SUMMARY_BYTES or not lists:
+            return message
+        for key in lists:
+            summary[key] = summary[key][:len(summary[key]) // 2]
 
 
 def sweep(line, record, found, predicate):
@@ -4926,8 +4941,12 @@ DPKG_LIST_RE = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.-]*)(?::([a-z0-
 PIP_DIST_RE = re.compile(r"(/.+/(?:site|dist)-packages)/([A-Za-z0-9][A-Za-z0-9._]*)-"
                          r"([A-Za-z0-9][A-Za-z0-9.+!_]*)\.dist-info")
 NPM_PACKAGE_RE = re.compile(r"(/(?:.+/)?lib/node_modules)/((?:@[^/@.][^/]*/)?[^/@.][^/]*)")
-# What is read of the image's dpkg books: the agent can make them any size.
-DPKG_READ_LIMIT = 256 << 20
+# What is read of the image's dpkg books, and kept of its file lists: the
+# agent can make them any size.
+DPKG_READ_LIMIT = 128 << 20
+DPKG_LISTS_LIMIT = 16 << 20
+# Paths recorded of one run at most (the counts are of all).
+MAX_RECORDED_PATHS = 200000
 # A run's changes: its report, STATE/REPO[@PROFILE].runs/CONTAINER.json
 # (counts, packages), and every path in CONTAINER.changes.gz.
 REPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}")
@@ -4992,7 +5011,7 @@ def dpkg_books(container, wanted):
     import tarfile
     call = DockerCall(("cp", container + ":/var/lib/dpkg", "-"), capture=False,
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    status, lists = {}, {}
+    status, lists, kept = {}, {}, 0
 
     class Limited:
         read_so_far = 0
@@ -5014,7 +5033,9 @@ def dpkg_books(container, wanted):
                     continue
                 if name == "status":
                     status = parse_dpkg_status(archive.extractfile(member).read())
-                elif name.startswith("info/") and name[5:-5] in wanted and name.endswith(".list"):
+                elif name.startswith("info/") and name[5:-5] in wanted and \
+                        name.endswith(".list") and kept + member.size <= DPKG_LISTS_LIMIT:
+                    kept += member.size
                     lists[name[5:-5]] = set(archive.extractfile(member).read().decode(
                         "utf-8", "surrogateescape").split("\n")) - {""}
     except (tarfile.TarError, EOFError, OSError, ValueError):
@@ -5122,7 +5143,9 @@ def record_changes(line, container, meta, diff_output=None):
         changes = kept_changes(changes, [meta.get("mount") or "", RUN_DIR_INSIDE])
         rows = [[kind, path, owner_of(path, owners)] for kind, path in changes]
         report = dict(summarize(rows, packages), container=container,
-                      image_after=meta.get("image_after"), recorded=utc_iso(time.time()))
+                      image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
+                      truncated=len(rows) > MAX_RECORDED_PATHS)
+        rows = rows[:MAX_RECORDED_PATHS]
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
         write_private(os.path.join(line.runs_dir, container + ".changes.gz"),
                       gzip_json(rows))
@@ -5667,7 +5690,7 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     saved_elsewhere = saver.send("%s %d" % (SAID_STATUS, status))
     show_notes(line, end_run(line, plan.run_dir, plan.record, watch))
     summary = plan.record.get("summary") or {}
-    if saved_elsewhere and saver.send("%s %s" % (SAID_ENDED, json.dumps(summary))):
+    if saved_elsewhere and saver.send("%s %s" % (SAID_ENDED, summary_message(summary))):
         answer = saver.finish(wait=line.config.save_mode == "foreground")
         if answer and answer.startswith(SAID_ERROR):
             _, code, message = answer.split(" ", 2)
@@ -6811,7 +6834,7 @@ def cmd_diff(args):
         ends = {"from": {"image": from_id, "name": from_name},
                 "to": {"image": to_id, "name": to_name}}
     wait_for_reports(line, runs)
-    rows, packages, missing = [], [], 0
+    rows, packages, missing, truncated = [], [], 0, 0
     for record in runs:
         report, changes = read_report(line, record.get("container")), None
         if report is not None:
@@ -6819,6 +6842,7 @@ def cmd_diff(args):
         if changes is None:
             missing += 1
             continue
+        truncated += bool(report.get("truncated"))
         rows.append(changes)
         packages.append(report.get("packages") or [])
     changes, packages = compose_changes(rows), compose_packages(packages)
@@ -6827,13 +6851,16 @@ def cmd_diff(args):
         print(json.dumps(dict(
             ends, runs=[{"container": r.get("container"), "started": r.get("started"),
                          "kind": r.get("kind")} for r in runs],
-            unrecorded=missing, paths=facts["paths"], packages=packages,
+            unrecorded=missing, truncated=truncated, paths=facts["paths"], packages=packages,
             groups=facts["groups"], hidden=facts["hidden"],
             changes=[{"change": CHANGE_WORDS[kind], "path": path, "package": owner,
                       "noise": is_noise(path)} for kind, path, owner in changes
                      if args.all or not is_noise(path) or owner]),
             indent=1, sort_keys=True))
         return 0
+    if truncated:
+        say("%s changed more than %d paths: only the first %d of each were recorded"
+            % (plural(truncated, "run"), MAX_RECORDED_PATHS, MAX_RECORDED_PATHS), "warning")
     print_diff(title, runs, facts, changes, missing, args.all)
     return 0
 

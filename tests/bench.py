@@ -7,8 +7,8 @@ change. Every figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
 
-NAMES: source, imports, prompt, five, repo, parallel, log, sweep, big, snapshots, flatten,
-disk, soak
+NAMES: source, imports, prompt, five, repo, parallel, log, record, sweep, big, snapshots,
+flatten, disk, soak
 (all by default; the soak alone makes 1000 runs, about 15 minutes here).
 """
 
@@ -294,6 +294,47 @@ def bench_log(line, rounds):
         statistics.median(times[10000]), statistics.median(times[10]), 1.2)
 
 
+def bench_record(line, rounds):
+    """Issue 16: a run that changes 10,000 files in the environment, its
+    save waited for (PI_AGENT_SAVE=foreground: the prompt comes back when
+    the line is free), with its changes recorded and without; and until
+    all is done (the changes recorded, the container removed). Then the
+    engine's diff alone, which the recording waits for."""
+    make = ("mkdir -p ~/tree$1 && cd ~/tree$1 && for d in $(seq 100); do mkdir d$d; "
+            "for f in $(seq 100); do echo $f > d$d/f$f; done; done")
+    line.env["PI_AGENT_SAVE"] = "foreground"
+    line.timed("pi-exec true")
+    saves, quiet = {"1": [], "0": []}, {"1": [], "0": []}
+    for i in range(rounds):
+        for record in ("1", "0"):
+            line.env["PI_AGENT_RECORD_CHANGES"] = record
+            line.wait_saved()
+            start = time.perf_counter()
+            line.timed("pi-exec sh -c '%s' - %s%d" % (make, record, i))
+            saves[record].append(time.perf_counter() - start)
+            line.wait_saved()
+            quiet[record].append(time.perf_counter() - start)
+    row("a run changing 10,000 files, prompt back after its save, changes recorded vs not "
+        "(median of %d)" % rounds, statistics.median(saves["1"]), statistics.median(saves["0"]),
+        1.1)
+    row("the same, until its changes are recorded and its container removed",
+        statistics.median(quiet["1"]), statistics.median(quiet["0"]), 1.1)
+    name = "pi-agent-bench-diff-" + uuid.uuid4().hex[:8]
+    sh("docker", "run", "--name", name, line.repo + ":current", "sh", "-c", make, "-", "x")
+    diffs, commits = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        sh("docker", "diff", name)
+        diffs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        image = sh("docker", "commit", name).stdout.strip()
+        commits.append(time.perf_counter() - start)
+        sh("docker", "rmi", image)
+    sh("docker", "rm", name)
+    row("the engine's docker diff of such a container vs its docker commit (median of 3)",
+        statistics.median(diffs), statistics.median(commits), 1.1)
+
+
 def bench_sweep(line, sizes):
     """Issue 11: the look at the project before each run, and the full look
     after one when the watch is in doubt, each against one plain `find`
@@ -531,6 +572,7 @@ def main():
         ("repo", lambda line: bench_repo(line, 4 if quick else 12)),
         ("parallel", lambda line: bench_parallel(line, 4 if quick else 10)),
         ("log", lambda line: bench_log(line, 5 if quick else 15)),
+        ("record", lambda line: bench_record(line, 3 if quick else 7)),
         ("sweep", lambda line: bench_sweep(line, [10000, 100000])),
         ("big", lambda line: bench_big(line, [300000000] if quick else
                                        [300000000, 1000000000], 2 if quick else 3)),

@@ -91,3 +91,82 @@ def test_a_run_that_changes_nothing_has_nothing_to_show(box):
     assert "no change" in box.ok("pi-diff").stdout
     unknown = box.sh("pi-diff snap-20000101-000000.000")
     assert unknown.returncode == 4 and "pi-agent: " in unknown.stderr
+
+
+# --- unit: the record and its composition ------------------------------------
+
+def test_the_diff_keeps_what_a_person_made():
+    import pi_agent
+    output = "C /home\nC /home/u\nA /home/u/project\nC /usr\nA /usr/local/x\nA /usr/local/x/f\n" \
+             "C /etc\nD /etc/motd\nC /etc/hosts\nA /sbin/docker-init\nnonsense\n"
+    kept = pi_agent.kept_changes(pi_agent.parse_diff(output), ["/home/u/project"])
+    assert kept == [("A", "/usr/local/x"), ("A", "/usr/local/x/f"), ("D", "/etc/motd"),
+                    ("C", "/etc/hosts")]
+    rows = [[kind, path, None] for kind, path in kept]
+    assert [row[1] for row in pi_agent.leaf_rows(rows)] == ["/usr/local/x/f", "/etc/motd",
+                                                            "/etc/hosts"]
+    facts = pi_agent.summarize(rows, [])
+    assert facts["paths"] == {"added": 1, "changed": 1, "deleted": 1}
+    assert facts["groups"] == [{"directory": "/etc", "added": 0, "changed": 1, "deleted": 1},
+                               {"directory": "/usr/local", "added": 1, "changed": 0,
+                                "deleted": 0}]
+
+
+def test_runs_compose_as_one():
+    import pi_agent
+    first = [["A", "/opt/a", None], ["A", "/opt/a/f", None], ["C", "/etc/x", None],
+             ["D", "/etc/old", None], ["A", "/tmp/t", None]]
+    second = [["D", "/opt/a", None], ["A", "/etc/old", None], ["D", "/etc/x", None],
+              ["C", "/tmp/t", None]]
+    assert pi_agent.compose_changes([first, second]) == [
+        ["C", "/etc/old", None], ["D", "/etc/x", None], ["A", "/tmp/t", None]]
+    deb = {"manager": "deb", "name": "hello", "version": "1", "size": 1}
+    assert pi_agent.compose_packages([[dict(deb, change="installed")],
+                                      [dict(deb, change="removed")]]) == []
+    assert pi_agent.compose_packages([[dict(deb, change="removed")],
+                                      [dict(deb, change="installed", version="2")]]) == \
+        [dict(deb, change="changed", version="2")]
+
+
+def test_packages_are_known_by_their_managers_marks():
+    import pi_agent
+    changes = pi_agent.parse_diff(
+        "A /usr/local/lib/python3.11/dist-packages/requests-2.31.0.dist-info\n"
+        "A /usr/local/lib/python3.11/dist-packages/requests/api.py\n"
+        "D /usr/lib/python3/dist-packages/six-1.16.0.dist-info\n"
+        "A /usr/lib/python3/dist-packages/six-1.17.0.dist-info\n"
+        "A /usr/local/lib/node_modules/@scope/tool\n"
+        "A /usr/local/lib/node_modules/@scope/tool/index.js\n"
+        "C /usr/local/lib/node_modules/untouched\n"
+        "D /var/lib/dpkg/info/gone:amd64.list\n"
+        "A /var/lib/dpkg/info/fresh.list\n")
+    packages, owners = pi_agent.find_packages(changes)
+    found = {(p["manager"], p["name"]): (p["change"], p["version"]) for p in packages}
+    assert found == {("pip", "requests"): ("installed", "2.31.0"),
+                     ("pip", "six"): ("changed", "1.17.0"),
+                     ("npm", "@scope/tool"): ("installed", None),
+                     ("deb", "gone"): ("removed", None), ("deb", "fresh"): ("installed", None)}
+    assert pi_agent.owner_of("/usr/local/lib/python3.11/dist-packages/requests/api.py",
+                             owners) == "pip:requests"
+    assert pi_agent.owner_of("/usr/local/lib/node_modules/@scope/tool/index.js",
+                             owners) == "npm:@scope/tool"
+    assert pi_agent.owner_of("/usr/local/lib/node_modules/untouched/x", owners) is None
+    status = pi_agent.parse_dpkg_status(
+        b"Package: fresh\nStatus: install ok installed\nArchitecture: amd64\n"
+        b"Version: 2.0-1\nInstalled-Size: 12\n\nPackage: half\nStatus: deinstall ok "
+        b"config-files\nVersion: 1\n")
+    assert status["fresh"] == status["fresh:amd64"] == ("2.0-1", 12 * 1024)
+    assert "half" not in status
+
+
+def test_the_summary_the_wrapper_sends_fits_the_pipe():
+    import pi_agent
+    subject = "\u00e9" * 200  # six bytes each once escaped
+    summary = {"commits": [{"id": "0" * 40, "subject": subject}] * 50, "commits_total": 50,
+               "refs": [{"ref": "refs/heads/" + "x" * 190, "old": None, "new": "1" * 40}] * 50,
+               "swept": [{"path": "p" * 300, "action": "disabled"}] * 50}
+    message = pi_agent.summary_message(summary)
+    assert len(message) <= pi_agent.SUMMARY_BYTES
+    assert json.loads(message)["commits_total"] == 50 and json.loads(message)["commits"]
+    assert pi_agent.said_ended(["status 0", "ended " + message])["commits_total"] == 50
+    assert pi_agent.said_ended(["status 0"]) is None

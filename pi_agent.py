@@ -4584,17 +4584,13 @@ def known_mounts(image):
 INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init")
 
 
-def only_mountpoint_changes(diff_output, mount):
-    """docker diff shows the mount points the engine created (and their
-    parents' mtimes): that alone is not a change the run made."""
-    for row in diff_output.splitlines():
-        kind, _, path = row.partition(" ")
-        if not row.strip():
-            continue
-        if kind not in ("A", "C") or not any(is_within(point, path)
-                                             for point in (mount,) + INIT_MOUNTS):
-            return False
-    return True
+def only_mountpoint_changes(changes, mount):
+    """A run's changes ([(A|C|D, path)]) hold the mount points the engine
+    created (and their parents' mtimes): that alone is not a change the
+    run made."""
+    return all(kind in ("A", "C") and any(is_within(point, path)
+                                          for point in (mount,) + INIT_MOUNTS)
+               for kind, path in changes)
 
 
 def saved_labels(line, container, image, meta):
@@ -4635,17 +4631,17 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
                                                meta.get("exit_status", "unknown"))
     args = commit_args(container, image, labels, message)
     new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
+    new = meta["new_image"] = inspect_image(new_id)
     if defer_remove and not (mount and mount not in known_mounts(image)):
-        # Saved: from here the container is only to be read (record_changes)
-        # and removed. Recorded first, so that whoever finds it later (this
-        # remover dead) just removes it.
+        # Saved: from here the container is only to be removed (and read
+        # by record_changes, where the layer cannot be). Recorded first, so
+        # that whoever finds it later (this remover dead) just removes it.
         state.setdefault("removing", {})[container] = os.getpid()
         line.write_state(state)
-        if not line.config.record_changes:
+        if layer_listable(new) or not line.config.record_changes:
             meta["removal"] = DockerCall(("rm", "-f", "-v", container))
     if tagging is not None and tagging.finish(check=False).returncode != 0:
         keep_snapshot(line, state, image["Id"], snapshot).finish()
-    new = inspect_image(new_id)
     meta["layers"] = image_layers(new)
     changed = image_layers(new) != image_layers(image)
     before = image.get("Size")
@@ -4654,8 +4650,16 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     meta.update(image_before=image["Id"], image_after=new["Id"],
                 bytes_added=(new.get("Size") or 0) - before)
     if changed and mount and mount not in known_mounts(image):
-        meta["diff_output"] = docker("diff", container).stdout
-        changed = not only_mountpoint_changes(meta["diff_output"], mount)
+        try:
+            meta["listing"] = list_layer(line, new) if layer_listable(new) else None
+        except PiError as err:
+            line.log("could not list the layer of %s (%s); asking docker diff" % (container, err))
+        if meta.get("listing"):
+            changes = meta["listing"][0]
+        else:
+            meta["diff_output"] = docker("diff", container).stdout
+            changes = parse_diff(meta["diff_output"])
+        changed = not only_mountpoint_changes(changes, mount)
     snap = snapshot
     if not changed:
         meta.update(image_after=image["Id"], bytes_added=0)
@@ -4955,6 +4959,79 @@ CHANGE_WORDS = {"A": "added", "C": "changed", "D": "deleted"}
 DIFF_LOG_DEPTH = 5000
 
 
+# What a run's commit holds, listed in a container of the base (never the
+# agent's image: its tools could lie) as root with no capability but
+# reading, no network, the layer at /pi-agent-layer and the layers below it
+# at /pi-agent-lower/NNN (the top one first), all read-only. Records, each
+# ended by NUL: "L TYPE SIZE PATH" for every path in the layer; "P PATH"
+# for those the layers below have (changed, not added; in a directory that
+# is new nothing is looked up); "E"; then a tar of dpkg's books in the layer.
+LAYER_SCRIPT = r"""cd /pi-agent-layer || exit 1
+find . -mindepth 1 -printf 'L %y %s %P\0' || exit 1
+find . -mindepth 1 ! -type c -exec sh -c '
+new=
+for p do
+  p=${p#./}
+  if [ -n "$new" ]; then case $p in "$new"/*) continue ;; esac; fi
+  for l in /pi-agent-lower/*; do
+    [ -c "$l/$p" ] && break
+    if [ -e "$l/$p" ] || [ -L "$l/$p" ]; then printf "P %s\0" "$p"; continue 2; fi
+  done
+  if [ -d "$p" ] && [ ! -L "$p" ]; then new=$p; fi
+done
+true' sh {} + || exit 1
+printf 'E\0'
+if [ -d var/lib/dpkg ]; then
+  find var/lib/dpkg -maxdepth 2 -type f \( -path var/lib/dpkg/status -o \
+    -path 'var/lib/dpkg/info/*.list' \) -print0 | tar --null -T - -cf -
+fi
+true"""
+
+
+def layer_listable(image):
+    """The engine keeps `image`'s layers as directories LAYER_SCRIPT can read."""
+    driver = (image or {}).get("GraphDriver") or {}
+    return driver.get("Name") == "overlay2" and bool((driver.get("Data") or {}).get("UpperDir"))
+
+
+def list_layer(line, image):
+    """What the top layer of `image` (a run's commit) holds, as docker diff
+    would say it of the run's container, but reading only that layer (the
+    engine's diff compares the whole image, see record_changes):
+    ([(A|C|D, path)], {path: size of a file}, the tar of dpkg's books)."""
+    base = inspect_image(line.base)
+    if base is None:
+        raise NotFound("%s is missing" % line.base)
+    data = image["GraphDriver"]["Data"]
+    args = ["run", "--rm", "--network", "none", "-u", "0", "--cap-drop", "ALL",
+            "--cap-add", "DAC_READ_SEARCH", "--log-driver", "none", "--entrypoint", "sh",
+            "--mount", mount_spec(data["UpperDir"], "/pi-agent-layer") + ",readonly"]
+    for index, lower in enumerate(filter(None, (data.get("LowerDir") or "").split(":"))):
+        args += ["--mount", mount_spec(lower, "/pi-agent-lower/%03d" % index) + ",readonly"]
+    result = DockerCall((*args, base["Id"], "-c", LAYER_SCRIPT), capture=False,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE).finish(check=False)
+    if result.returncode != 0:
+        raise docker_failure(("run",), result.stderr.decode("utf-8", "replace"))
+    out, pos, listed, present, sizes = result.stdout, 0, [], set(), {}
+    while True:
+        end = out.find(b"\0", pos)
+        if end < 0:
+            raise EngineError("the listing of %s's layer was cut short" % image["Id"][:19])
+        record, pos = out[pos:end].decode("utf-8", "surrogateescape"), end + 1
+        if record == "E":
+            break
+        if record.startswith("L "):
+            kind, size, path = (record[2:].split(" ", 2) + ["", ""])[:3]
+            listed.append((kind, "/" + path))
+            if kind == "f" and size.isdigit():
+                sizes["/" + path] = int(size)
+        elif record.startswith("P "):
+            present.add("/" + record[2:])
+    changes = [("D" if kind == "c" else "C" if path in present else "A", path)
+               for kind, path in listed]
+    return changes, sizes, out[pos:]
+
+
 def parse_diff(output):
     """[(A|C|D, path)] from `docker diff`. (A path with a newline, which
     only the agent makes, reads as two lines: it cannot hide a change,
@@ -5005,44 +5082,50 @@ def leaf_rows(rows):
 
 
 def dpkg_books(container, wanted):
-    """{package: (version, bytes)} from the container's dpkg status, and
-    {list name: set of paths} for the `wanted` info/*.list files, read
-    from a `docker cp` of /var/lib/dpkg, never more than DPKG_READ_LIMIT."""
-    import tarfile
+    """dpkg's books (see read_dpkg_books) in a container, by `docker cp` of
+    its /var/lib/dpkg."""
     call = DockerCall(("cp", container + ":/var/lib/dpkg", "-"), capture=False,
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        return read_dpkg_books(call.proc.stdout, wanted)
+    finally:
+        call.proc.kill()
+        call.finish(check=False)
+
+
+def read_dpkg_books(stream, wanted):
+    """{package: (version, bytes)} from dpkg's status file, and {list name:
+    set of paths} of the `wanted` info/*.list files, in a tar stream, of
+    which DPKG_READ_LIMIT at most is read, and DPKG_LISTS_LIMIT of lists kept."""
+    import tarfile
     status, lists, kept = {}, {}, 0
 
     class Limited:
         read_so_far = 0
 
         def read(self, size=-1):
-            if self.read_so_far >= DPKG_READ_LIMIT:
-                return b""
-            size = DPKG_READ_LIMIT - self.read_so_far if size < 0 else \
-                min(size, DPKG_READ_LIMIT - self.read_so_far)
-            data = call.proc.stdout.read(size)
+            left = DPKG_READ_LIMIT - self.read_so_far
+            data = stream.read(left if size < 0 else min(size, left)) if left > 0 else b""
             self.read_so_far += len(data)
             return data
 
     try:
         with tarfile.open(fileobj=Limited(), mode="r|") as archive:
             for member in archive:
-                name = member.name[len("dpkg/"):] if member.name.startswith("dpkg/") else ""
+                name = member.name
                 if not member.isfile() or member.size > 64 << 20:
                     continue
-                if name == "status":
+                if name == "dpkg/status" or name.endswith("/dpkg/status"):
                     status = parse_dpkg_status(archive.extractfile(member).read())
-                elif name.startswith("info/") and name[5:-5] in wanted and \
-                        name.endswith(".list") and kept + member.size <= DPKG_LISTS_LIMIT:
+                    continue
+                list_name = name.rsplit("/info/", 1)[-1][:-len(".list")]
+                if "/info/" in name and name.endswith(".list") and list_name in wanted \
+                        and kept + member.size <= DPKG_LISTS_LIMIT:
                     kept += member.size
-                    lists[name[5:-5]] = set(archive.extractfile(member).read().decode(
+                    lists[list_name] = set(archive.extractfile(member).read().decode(
                         "utf-8", "surrogateescape").split("\n")) - {""}
     except (tarfile.TarError, EOFError, OSError, ValueError):
         pass  # what was read stands
-    finally:
-        call.proc.kill()
-        call.finish(check=False)
     return status, lists
 
 
@@ -5060,11 +5143,12 @@ def parse_dpkg_status(data):
     return found
 
 
-def find_packages(changes, container=None):
+def find_packages(changes, books=None):
     """The packages a run's changes installed, removed or changed, by the
     marks their managers leave (dpkg's info/*.list, pip's *.dist-info,
     npm's lib/node_modules/NAME), and {path: "manager:name"} for the files
-    they own (dpkg's from its lists: read from `container`)."""
+    they own (dpkg's from its lists: `books(wanted)` reads them, see
+    read_dpkg_books)."""
     kinds = dict((path, kind) for kind, path in changes)
     packages, owners, deb = {}, {}, {}
     dist_infos = {}
@@ -5098,8 +5182,7 @@ def find_packages(changes, container=None):
         owners[site + "/" + name + "/"] = "pip:" + name
         owners[site + "/" + name + ".py"] = "pip:" + name
     if deb:
-        status, lists = dpkg_books(container, {n for n, k in deb.items() if k != "D"}) \
-            if container else ({}, {})
+        status, lists = books({n for n, k in deb.items() if k != "D"}) if books else ({}, {})
         for list_name, kind in deb.items():
             name = list_name.split(":")[0]
             version, size = status.get(list_name, (None, None))
@@ -5127,21 +5210,32 @@ def owner_of(path, owners):
 
 
 def record_changes(line, container, meta, diff_output=None):
-    """After a save: what the run changed in the environment (docker diff,
-    and the packages that explains), kept as its report, for pi-diff and
-    pi-log. Costs the engine a walk of the image (its diff of a container
-    compares the whole tree), so the saver does it once the line is free.
-    Never fails the save: a report that cannot be made is only missing."""
+    """After a save: what the run changed in the environment, and the
+    packages that explains, kept as its report, for pi-diff and pi-log.
+    From the layer the save committed (list_layer), where the engine keeps
+    layers as directories (overlay2); else from `docker diff` of the
+    container, which must still be there: that costs the engine a walk of
+    the whole image (its diff of a container compares the whole tree,
+    moby#39428). Done by the saver once the line is free. Never fails the
+    save: a report that cannot be made is only missing (the log says why)."""
     if not line.config.record_changes or meta.get("image_after") == meta.get("image_before") \
             or not REPORT_NAME_RE.fullmatch(container):
         return None
+    import io
     try:
-        if diff_output is None:
-            diff_output = docker("diff", container).stdout
-        changes = parse_diff(diff_output)
-        packages, owners = find_packages(changes, container)
+        new = meta.get("new_image")
+        if meta.get("listing") or layer_listable(new):
+            changes, sizes, books = meta.get("listing") or list_layer(line, new)
+            packages, owners = find_packages(
+                changes, lambda wanted: read_dpkg_books(io.BytesIO(books), wanted))
+        else:
+            if diff_output is None:
+                diff_output = docker("diff", container).stdout
+            changes, sizes = parse_diff(diff_output), {}
+            packages, owners = find_packages(changes,
+                                             lambda wanted: dpkg_books(container, wanted))
         changes = kept_changes(changes, [meta.get("mount") or "", RUN_DIR_INSIDE])
-        rows = [[kind, path, owner_of(path, owners)] for kind, path in changes]
+        rows = [[kind, path, owner_of(path, owners), sizes.get(path)] for kind, path in changes]
         report = dict(summarize(rows, packages), container=container,
                       image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
                       truncated=len(rows) > MAX_RECORDED_PATHS)
@@ -5175,7 +5269,7 @@ def summarize(rows, packages, everything=False):
     directories."""
     counts = {word: 0 for word in CHANGE_WORDS.values()}
     groups, hidden, owned = {}, 0, 0
-    for kind, path, owner in leaf_rows(rows):
+    for kind, path, owner, size in leaf_rows(rows):
         counts[CHANGE_WORDS[kind]] += 1
         if owner:
             owned += 1
@@ -5185,8 +5279,9 @@ def summarize(rows, packages, everything=False):
             continue
         parts = path.split("/")
         group = "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts[:2])
-        groups.setdefault(group, {word: 0 for word in CHANGE_WORDS.values()})
+        groups.setdefault(group, dict({word: 0 for word in CHANGE_WORDS.values()}, bytes=0))
         groups[group][CHANGE_WORDS[kind]] += 1
+        groups[group]["bytes"] += (size or 0) if kind != "D" else 0
     return {"paths": counts, "packages": packages, "package_paths": owned, "hidden": hidden,
             "groups": [dict(directory=name, **groups[name]) for name in sorted(groups)]}
 
@@ -5204,14 +5299,14 @@ def read_report(line, container):
 
 
 def read_changes(line, container):
-    """A run's [kind, path, owner] rows, or None."""
+    """A run's [kind, path, owner, size] rows, or None."""
     import gzip
     try:
         with open(os.path.join(line.runs_dir, container + ".changes.gz"), "rb") as handle:
             rows = json.loads(gzip.decompress(handle.read(64 << 20)))
     except (OSError, ValueError, EOFError):
         return None
-    return [row for row in rows if isinstance(row, list) and len(row) == 3
+    return [(row + [None])[:4] for row in rows if isinstance(row, list) and len(row) in (3, 4)
             and row[0] in CHANGE_WORDS and isinstance(row[1], str)]
 
 
@@ -5223,22 +5318,22 @@ def compose_changes(runs):
     result = {}
     for rows in runs:
         earlier = sorted(result)
-        for kind, path, _owner in rows:
+        for kind, path, _owner, _size in rows:
             if kind == "D":
                 start = bisect.bisect_left(earlier, path + "/")
                 for inside in earlier[start:bisect.bisect_left(earlier, path + "0")]:
                     result.pop(inside, None)
-        for kind, path, owner in rows:
+        for kind, path, owner, size in rows:
             before = result.get(path)
             if before is None:
-                result[path] = [kind, path, owner]
+                result[path] = [kind, path, owner, size]
                 continue
             first = before[0]
             if first == "A" and kind == "D":
                 del result[path]
                 continue
             merged = "A" if first == "A" else ("C" if first == "D" and kind != "D" else kind)
-            result[path] = [merged, path, owner or before[2]]
+            result[path] = [merged, path, owner or before[2], size]
     return [result[path] for path in sorted(result)]
 
 
@@ -5412,6 +5507,7 @@ class Saver:
         ended = said_ended(messages + self._hear(pipe))
         removal = self._end(ended, meta, snap, "run" if status is not None else "interrupted")
         self._answer(up_w, SAID_OK + " " + (snap or ""))
+        os.close(up_w)  # (a wrapper that waits reads to the end)
         if removal is not False:  # the line is free: what is left costs nobody a wait
             record_changes(self.line, self.plan.container, meta, meta.pop("diff_output", None))
             teardown(self.line, [self.plan.container], removal=removal)
@@ -6854,7 +6950,8 @@ def cmd_diff(args):
             unrecorded=missing, truncated=truncated, paths=facts["paths"], packages=packages,
             groups=facts["groups"], hidden=facts["hidden"],
             changes=[{"change": CHANGE_WORDS[kind], "path": path, "package": owner,
-                      "noise": is_noise(path)} for kind, path, owner in changes
+                      "size": size, "noise": is_noise(path)}
+                     for kind, path, owner, size in changes
                      if args.all or not is_noise(path) or owner]),
             indent=1, sort_keys=True))
         return 0
@@ -6886,16 +6983,17 @@ def print_diff(title, runs, facts, changes, missing, everything):
         print_table(rows)
     if everything:
         print("paths:")
-        for kind, path, owner in changes:
+        for kind, path, owner, _size in changes:
             print("  %s %s%s" % (kind, printable(path),
                                  "  (%s)" % printable(owner) if owner else ""))
         return
     if facts["groups"]:
         print("other paths, by directory:")
-        rows = [("  DIRECTORY", "ADDED", "CHANGED", "DELETED")]
+        rows = [("  DIRECTORY", "ADDED", "CHANGED", "DELETED", "WRITTEN")]
         for group in facts["groups"]:
             rows.append(("  " + printable(group["directory"]), str(group["added"]),
-                         str(group["changed"]), str(group["deleted"])))
+                         str(group["changed"]), str(group["deleted"]),
+                         human_size(group["bytes"]) if group["bytes"] else "-"))
         print_table(rows)
     hidden = []
     if facts["package_paths"]:

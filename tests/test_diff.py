@@ -102,24 +102,24 @@ def test_the_diff_keeps_what_a_person_made():
     kept = pi_agent.kept_changes(pi_agent.parse_diff(output), ["/home/u/project"])
     assert kept == [("A", "/usr/local/x"), ("A", "/usr/local/x/f"), ("D", "/etc/motd"),
                     ("C", "/etc/hosts")]
-    rows = [[kind, path, None] for kind, path in kept]
+    rows = [[kind, path, None, 10] for kind, path in kept]
     assert [row[1] for row in pi_agent.leaf_rows(rows)] == ["/usr/local/x/f", "/etc/motd",
                                                             "/etc/hosts"]
     facts = pi_agent.summarize(rows, [])
     assert facts["paths"] == {"added": 1, "changed": 1, "deleted": 1}
-    assert facts["groups"] == [{"directory": "/etc", "added": 0, "changed": 1, "deleted": 1},
-                               {"directory": "/usr/local", "added": 1, "changed": 0,
-                                "deleted": 0}]
+    assert facts["groups"] == [
+        {"directory": "/etc", "added": 0, "changed": 1, "deleted": 1, "bytes": 10},
+        {"directory": "/usr/local", "added": 1, "changed": 0, "deleted": 0, "bytes": 10}]
 
 
 def test_runs_compose_as_one():
     import pi_agent
-    first = [["A", "/opt/a", None], ["A", "/opt/a/f", None], ["C", "/etc/x", None],
-             ["D", "/etc/old", None], ["A", "/tmp/t", None]]
-    second = [["D", "/opt/a", None], ["A", "/etc/old", None], ["D", "/etc/x", None],
-              ["C", "/tmp/t", None]]
+    first = [["A", "/opt/a", None, None], ["A", "/opt/a/f", None, 1], ["C", "/etc/x", None, 2],
+             ["D", "/etc/old", None, None], ["A", "/tmp/t", None, 3]]
+    second = [["D", "/opt/a", None, None], ["A", "/etc/old", None, 4],
+              ["D", "/etc/x", None, None], ["C", "/tmp/t", None, 5]]
     assert pi_agent.compose_changes([first, second]) == [
-        ["C", "/etc/old", None], ["D", "/etc/x", None], ["A", "/tmp/t", None]]
+        ["C", "/etc/old", None, 4], ["D", "/etc/x", None, None], ["A", "/tmp/t", None, 5]]
     deb = {"manager": "deb", "name": "hello", "version": "1", "size": 1}
     assert pi_agent.compose_packages([[dict(deb, change="installed")],
                                       [dict(deb, change="removed")]]) == []

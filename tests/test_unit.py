@@ -442,11 +442,12 @@ def test_commit_leaves_an_entrypoint_image_without_cmd_alone():
 
 
 def test_only_mountpoint_changes():
-    assert pi_agent.only_mountpoint_changes("C /tmp\nA /tmp/p q\n", "/tmp/p q")
-    assert pi_agent.only_mountpoint_changes("C /usr\nC /usr/sbin\nA /usr/sbin/docker-init\n",
-                                            "/tmp/p q")
-    assert not pi_agent.only_mountpoint_changes("C /tmp\nA /tmp/p q\nA /tmp/x\n", "/tmp/p q")
-    assert not pi_agent.only_mountpoint_changes("D /tmp/p q\n", "/tmp/p q")
+    def only(output, mount):
+        return pi_agent.only_mountpoint_changes(pi_agent.parse_diff(output), mount)
+    assert only("C /tmp\nA /tmp/p q\n", "/tmp/p q")
+    assert only("C /usr\nC /usr/sbin\nA /usr/sbin/docker-init\n", "/tmp/p q")
+    assert not only("C /tmp\nA /tmp/p q\nA /tmp/x\n", "/tmp/p q")
+    assert not only("D /tmp/p q\n", "/tmp/p q")
 
 
 # --- parsing ----------------------------------------------------------------

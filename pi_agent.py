@@ -4764,8 +4764,9 @@ def teardown(line, names, state=None, removal=None, check=False, summaries=None)
     """The one teardown of finished runs' containers: they go (an agent
     still in one too), then their run directories (a run that nobody ended
     is ended first, see end_run: its notes are returned, and its summary
-    goes into `summaries` by name), then their entries in the state. Without `state` (the lock is not held) the next
-    holder drops those entries. `removal`: their `docker rm`, under way.
+    goes into `summaries` by name), then their entries in the state.
+    Without `state` (the lock is not held) the next holder drops those
+    entries. `removal`: their `docker rm`, under way.
     If the engine did not remove them, all stays for recovery: None is
     returned, or with `check` the error raised."""
     removal = removal or DockerCall(("rm", "-f", "-v", *names))
@@ -4949,7 +4950,7 @@ NPM_PACKAGE_RE = re.compile(r"(/(?:.+/)?lib/node_modules)/((?:@[^/@.][^/]*/)?[^/
 # agent can make them any size.
 DPKG_READ_LIMIT = 128 << 20
 DPKG_LISTS_LIMIT = 16 << 20
-# Paths recorded of one run at most (the counts are of all).
+# Paths recorded (and counted) of one run at most.
 MAX_RECORDED_PATHS = 200000
 # A run's changes: its report, STATE/REPO[@PROFILE].runs/CONTAINER.json
 # (counts, packages), and every path in CONTAINER.changes.gz.
@@ -4966,8 +4967,9 @@ DIFF_LOG_DEPTH = 5000
 # ended by NUL: "L TYPE SIZE PATH" for every path in the layer; "P PATH"
 # for those the layers below have (changed, not added; in a directory that
 # is new nothing is looked up); "E"; then a tar of dpkg's books in the layer.
+# $1 paths at most of each kind: the agent can make any number.
 LAYER_SCRIPT = r"""cd /pi-agent-layer || exit 1
-find . -mindepth 1 -printf 'L %y %s %P\0' || exit 1
+find . -mindepth 1 -printf 'L %y %s %P\0' | head -z -n "$1"
 find . -mindepth 1 ! -type c -exec sh -c '
 new=
 for p do
@@ -4979,7 +4981,7 @@ for p do
   done
   if [ -d "$p" ] && [ ! -L "$p" ]; then new=$p; fi
 done
-true' sh {} + || exit 1
+true' sh {} + | head -z -n "$1"
 printf 'E\0'
 if [ -d var/lib/dpkg ]; then
   find var/lib/dpkg -maxdepth 2 -type f \( -path var/lib/dpkg/status -o \
@@ -4998,18 +5000,18 @@ def list_layer(line, image):
     """What the top layer of `image` (a run's commit) holds, as docker diff
     would say it of the run's container, but reading only that layer (the
     engine's diff compares the whole image, see record_changes):
-    ([(A|C|D, path)], {path: size of a file}, the tar of dpkg's books)."""
-    base = inspect_image(line.base)
-    if base is None:
-        raise NotFound("%s is missing" % line.base)
+    ([(A|C|D, path)], {path: size of a file}, the tar of dpkg's books), of
+    MAX_RECORDED_PATHS paths at most."""
     data = image["GraphDriver"]["Data"]
-    args = ["run", "--rm", "--network", "none", "-u", "0", "--cap-drop", "ALL",
+    # (never pulled: a base that is gone means no listing, not a stranger's image)
+    args = ["run", "--rm", "--pull", "never", "--network", "none", "-u", "0", "--cap-drop", "ALL",
             "--cap-add", "DAC_READ_SEARCH", "--log-driver", "none", "--entrypoint", "sh",
             "--mount", mount_spec(data["UpperDir"], "/pi-agent-layer") + ",readonly"]
     for index, lower in enumerate(filter(None, (data.get("LowerDir") or "").split(":"))):
         args += ["--mount", mount_spec(lower, "/pi-agent-lower/%03d" % index) + ",readonly"]
-    result = DockerCall((*args, base["Id"], "-c", LAYER_SCRIPT), capture=False,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE).finish(check=False)
+    result = DockerCall((*args, line.base, "-c", LAYER_SCRIPT, "sh", str(MAX_RECORDED_PATHS)),
+                        capture=False, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE).finish(check=False)
     if result.returncode != 0:
         raise docker_failure(("run",), result.stderr.decode("utf-8", "replace"))
     out, pos, listed, present, sizes = result.stdout, 0, [], set(), {}
@@ -5234,20 +5236,21 @@ def record_changes(line, container, meta, diff_output=None):
             changes, sizes = parse_diff(diff_output), {}
             packages, owners = find_packages(changes,
                                              lambda wanted: dpkg_books(container, wanted))
-        changes = kept_changes(changes, [meta.get("mount") or "", RUN_DIR_INSIDE])
+        truncated = len(changes) >= MAX_RECORDED_PATHS
+        changes = kept_changes(changes[:MAX_RECORDED_PATHS],
+                               [meta.get("mount") or "", RUN_DIR_INSIDE])
         rows = [[kind, path, owner_of(path, owners), sizes.get(path)] for kind, path in changes]
         report = dict(summarize(rows, packages), container=container,
                       image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
-                      truncated=len(rows) > MAX_RECORDED_PATHS)
-        rows = rows[:MAX_RECORDED_PATHS]
+                      truncated=truncated)
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
         write_private(os.path.join(line.runs_dir, container + ".changes.gz"),
                       gzip_json(rows))
         write_private(os.path.join(line.runs_dir, container + ".json"),
                       json.dumps(report, sort_keys=True).encode())
         return report
-    except (PiError, OSError) as err:
-        line.log("could not record what %s changed: %s" % (container, err))
+    except Exception as err:  # (what the run made is read: a surprise must cost only this)
+        line.log("could not record what %s changed: %r" % (container, err))
         return None
 
 
@@ -6956,8 +6959,9 @@ def cmd_diff(args):
             indent=1, sort_keys=True))
         return 0
     if truncated:
-        say("%s changed more than %d paths: only the first %d of each were recorded"
-            % (plural(truncated, "run"), MAX_RECORDED_PATHS, MAX_RECORDED_PATHS), "warning")
+        say("%s changed %d paths or more: only the first %d of each were recorded (and "
+            "counted)" % (plural(truncated, "run"), MAX_RECORDED_PATHS, MAX_RECORDED_PATHS),
+            "warning")
     print_diff(title, runs, facts, changes, missing, args.all)
     return 0
 

@@ -246,6 +246,13 @@ class Sandbox:
             "ps", "-a", "--format", "{{.Names}}", "--filter",
             "label=pi-agent.repo=" + self.repo).stdout.split()), timeout=60)
 
+    def wait_recorded(self):
+        """Until the savers are all done: their runs' changes recorded and
+        containers removed, after which their run directories go."""
+        run_dir = os.path.join(self.state_dir, "run")
+        assert wait_until(lambda: not os.path.isdir(run_dir) or not os.listdir(run_dir),
+                          timeout=60)
+
     def images(self):
         self.wait_saved()
         out = docker("image", "ls", self.repo, "--format", "{{.Tag}} {{.ID}}").stdout

@@ -104,7 +104,7 @@ def test_a_run_after_a_clean_release_makes_six_docker_calls(box):
     box.extra_env = {"PI_AGENT_TRACE": trace}
     for i in range(3):
         box.ok("pi-exec touch ~/t%d" % i)
-        box.wait_saved()
+        box.wait_recorded()
         if i == 1:
             os.remove(trace)  # the first runs inspect and list; keep the third's alone
     # The saver's last call (the container's removal) is logged once it is gone.
@@ -112,9 +112,11 @@ def test_a_run_after_a_clean_release_makes_six_docker_calls(box):
     with open(trace) as handle:
         calls = sorted(" ".join(line.split(": docker ", 1)[1].split()[:2])
                        for line in handle)
-    # Six, and the diff that records what the run changed once the line is free.
-    assert [call.split()[0] for call in calls] == [
-        "commit", "diff", "image", "image", "rm", "run", "tag"], calls
+    # Six, and the listing of the run's layer, once the line is free, that
+    # records what the run changed (a container of the base: run --rm).
+    assert [call.split(":")[0] for call in calls] == [
+        "commit -m", "image inspect", "image inspect", "rm -f", "run --rm", "run -i",
+        "tag sha256"], calls
 
 
 def test_labels_record_the_run(box):

@@ -188,6 +188,7 @@ def test_kill_9_while_waiting_for_the_lock_changes_nothing(box):
 def test_kill_9_while_the_container_starts_runs_nothing_and_leaves_nothing(faulty):
     box = faulty
     box.ok("pi-exec touch ~/before")
+    box.wait_recorded()  # (its saver's last docker run lists its layer)
     fault(box, "run-slow", "2")
     runs = len(started(box, "run"))
     run = box.background("pi-exec touch ~/never-ran")

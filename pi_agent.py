@@ -4966,7 +4966,8 @@ DIFF_LOG_DEPTH = 5000
 # at /pi-agent-lower/NNN (the top one first), all read-only. Records, each
 # ended by NUL: "L TYPE SIZE PATH" for every path in the layer; "P PATH"
 # for those the layers below have (changed, not added; in a directory that
-# is new nothing is looked up); "E"; then a tar of dpkg's books in the layer.
+# is new nothing is looked up); "E"; then a tar of the package managers'
+# books in the layer (dpkg's status and file lists, pip's RECORD files).
 # $1 paths at most of each kind: the agent can make any number.
 LAYER_SCRIPT = r"""cd /pi-agent-layer || exit 1
 find . -mindepth 1 -printf 'L %y %s %P\0' | head -z -n "$1"
@@ -4983,10 +4984,12 @@ for p do
 done
 true' sh {} + | head -z -n "$1"
 printf 'E\0'
-if [ -d var/lib/dpkg ]; then
-  find var/lib/dpkg -maxdepth 2 -type f \( -path var/lib/dpkg/status -o \
-    -path 'var/lib/dpkg/info/*.list' \) -print0 | tar --null -T - -cf -
-fi
+{ if [ -d var/lib/dpkg ] && [ ! -L var/lib/dpkg ]; then
+    find var/lib/dpkg -maxdepth 2 -type f \( -path var/lib/dpkg/status -o \
+      -path 'var/lib/dpkg/info/*.list' \) -print0
+  fi
+  find . -type f -path '*-packages/*.dist-info/RECORD' -print0 | head -z -n 1000
+} | tar --null --no-recursion -T - -cf -
 true"""
 
 
@@ -5078,29 +5081,35 @@ def kept_changes(changes, mounts=()):
 
 def leaf_rows(rows):
     """The rows a person counts: a directory listed because what is in it
-    was added is not counted apart from it."""
+    was added is not counted apart from it, nor is what was in a directory
+    deleted."""
     parents = parents_of(row[1] for row in rows)
-    return [row for row in rows if row[0] == "D" or row[1] not in parents]
+    deleted = {row[1] for row in rows if row[0] == "D"}
+    return [row for row in rows if (row[0] == "D" or row[1] not in parents)
+            and not (deleted and parents_of([row[1]]) & deleted)]
 
 
 def dpkg_books(container, wanted):
-    """dpkg's books (see read_dpkg_books) in a container, by `docker cp` of
-    its /var/lib/dpkg."""
+    """The package managers' books (see read_books) in a container: dpkg's,
+    by `docker cp` of its /var/lib/dpkg."""
     call = DockerCall(("cp", container + ":/var/lib/dpkg", "-"), capture=False,
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        return read_dpkg_books(call.proc.stdout, wanted)
+        return read_books(call.proc.stdout, wanted)
     finally:
         call.proc.kill()
         call.finish(check=False)
 
 
-def read_dpkg_books(stream, wanted):
-    """{package: (version, bytes)} from dpkg's status file, and {list name:
-    set of paths} of the `wanted` info/*.list files, in a tar stream, of
-    which DPKG_READ_LIMIT at most is read, and DPKG_LISTS_LIMIT of lists kept."""
+def read_books(stream, wanted):
+    """From a tar stream of the package managers' books: {package: (version,
+    bytes or None)} from dpkg's status file; {list name: set of paths} of
+    the `wanted` dpkg info/*.list files; {dist-info directory: set of
+    paths} from pip's RECORD files. DPKG_READ_LIMIT of the stream is read
+    at most, and DPKG_LISTS_LIMIT of the lists kept."""
+    import csv
     import tarfile
-    status, lists, kept = {}, {}, 0
+    status, lists, records, kept = {}, {}, {}, 0
 
     class Limited:
         read_so_far = 0
@@ -5114,32 +5123,42 @@ def read_dpkg_books(stream, wanted):
     try:
         with tarfile.open(fileobj=Limited(), mode="r|") as archive:
             for member in archive:
-                name = member.name
+                name = "/" + member.name.lstrip("./")
                 if not member.isfile() or member.size > 64 << 20:
                     continue
-                if name == "dpkg/status" or name.endswith("/dpkg/status"):
+                if name.endswith("/dpkg/status"):
                     status = parse_dpkg_status(archive.extractfile(member).read())
                     continue
                 list_name = name.rsplit("/info/", 1)[-1][:-len(".list")]
-                if "/info/" in name and name.endswith(".list") and list_name in wanted \
-                        and kept + member.size <= DPKG_LISTS_LIMIT:
-                    kept += member.size
-                    lists[list_name] = set(archive.extractfile(member).read().decode(
-                        "utf-8", "surrogateescape").split("\n")) - {""}
-    except (tarfile.TarError, EOFError, OSError, ValueError):
+                is_list = "/info/" in name and name.endswith(".list") and list_name in wanted
+                is_record = name.endswith(".dist-info/RECORD")
+                if not (is_list or is_record) or kept + member.size > DPKG_LISTS_LIMIT:
+                    continue
+                kept += member.size
+                text = archive.extractfile(member).read().decode("utf-8", "surrogateescape")
+                if is_list:
+                    lists[list_name] = set(text.split("\n")) - {""}
+                    continue
+                dist_info = os.path.dirname(name)  # RECORD's paths are from its parent
+                site = os.path.dirname(dist_info)
+                records[dist_info] = {os.path.normpath(os.path.join(site, row[0]))
+                                      for row in csv.reader(text.splitlines()) if row}
+    except (tarfile.TarError, EOFError, OSError, ValueError, csv.Error):
         pass  # what was read stands
-    return status, lists
+    return status, lists, records
 
 
 def parse_dpkg_status(data):
-    """{name and name:arch: (version, bytes)} of the installed packages."""
+    """{name and name:arch: (version, bytes or None)} of the packages dpkg
+    knows (a removed one whose configuration is kept, too)."""
     found = {}
     for stanza in data.decode("utf-8", "replace").split("\n\n"):
         fields = dict(re.findall(r"^([A-Za-z-]+): *(.*)$", stanza, re.M))
-        if not fields.get("Package") or not fields.get("Status", "").endswith(" installed"):
+        if not fields.get("Package") or not fields.get("Version"):
             continue
         size = fields.get("Installed-Size", "")
-        value = (fields.get("Version"), int(size) * 1024 if size.isdigit() else None)
+        installed = fields.get("Status", "").endswith(" installed")
+        value = (fields["Version"], int(size) * 1024 if size.isdigit() and installed else None)
         found[fields["Package"]] = value
         found["%s:%s" % (fields["Package"], fields.get("Architecture"))] = value
     return found
@@ -5149,8 +5168,8 @@ def find_packages(changes, books=None):
     """The packages a run's changes installed, removed or changed, by the
     marks their managers leave (dpkg's info/*.list, pip's *.dist-info,
     npm's lib/node_modules/NAME), and {path: "manager:name"} for the files
-    they own (dpkg's from its lists: `books(wanted)` reads them, see
-    read_dpkg_books)."""
+    they own: dpkg's and pip's from their books (`books(wanted dpkg lists)`
+    reads them, see read_books), npm's by their directory."""
     kinds = dict((path, kind) for kind, path in changes)
     packages, owners, deb = {}, {}, {}
     dist_infos = {}
@@ -5171,6 +5190,8 @@ def find_packages(changes, books=None):
                     "added", "installed").replace("deleted", "removed"),
                 "version": None, "size": None}
             owners[path + "/"] = "npm:" + match.group(2)
+    status, lists, records = books({n for n, k in deb.items() if k != "D"}) \
+        if books and (deb or dist_infos) else ({}, {}, {})
     for (site, name), marks in dist_infos.items():
         kinds_seen = {kind for kind, _v, _p in marks}
         new = [version for kind, version, _p in marks if kind != "D"]
@@ -5181,10 +5202,11 @@ def find_packages(changes, books=None):
                                    "version": version, "size": None}
         for _kind, _version, path in marks:
             owners[path + "/"] = "pip:" + name
+            for owned in records.get(path, ()):
+                owners[owned] = "pip:" + name
         owners[site + "/" + name + "/"] = "pip:" + name
         owners[site + "/" + name + ".py"] = "pip:" + name
     if deb:
-        status, lists = books({n for n, k in deb.items() if k != "D"}) if books else ({}, {})
         for list_name, kind in deb.items():
             name = list_name.split(":")[0]
             version, size = status.get(list_name, (None, None))
@@ -5200,8 +5222,8 @@ def find_packages(changes, books=None):
 def owner_of(path, owners):
     """The package that owns `path`: listed by dpkg, or inside a directory
     of pip's or npm's (keys ending in /)."""
-    if path in owners:
-        return owners[path]
+    if path in owners or path + "/" in owners:
+        return owners.get(path) or owners[path + "/"]
     parent = path
     while parent not in ("", "/"):
         parent = os.path.dirname(parent)
@@ -5229,7 +5251,7 @@ def record_changes(line, container, meta, diff_output=None):
         if meta.get("listing") or layer_listable(new):
             changes, sizes, books = meta.get("listing") or list_layer(line, new)
             packages, owners = find_packages(
-                changes, lambda wanted: read_dpkg_books(io.BytesIO(books), wanted))
+                changes, lambda wanted: read_books(io.BytesIO(books), wanted))
         else:
             if diff_output is None:
                 diff_output = docker("diff", container).stdout
@@ -5240,6 +5262,14 @@ def record_changes(line, container, meta, diff_output=None):
         changes = kept_changes(changes[:MAX_RECORDED_PATHS],
                                [meta.get("mount") or "", RUN_DIR_INSIDE])
         rows = [[kind, path, owner_of(path, owners), sizes.get(path)] for kind, path in changes]
+        taken = {}  # (a size dpkg does not give: what the package's files take)
+        for kind, _path, owner, size in rows:
+            if owner and kind != "D":
+                taken[owner] = taken.get(owner, 0) + (size or 0)
+        for package in packages:
+            owner = "%s:%s" % (package["manager"], package["name"])
+            if package["size"] is None and package["change"] != "removed" and owner in taken:
+                package["size"] = taken[owner]
         report = dict(summarize(rows, packages), container=container,
                       image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
                       truncated=truncated)
@@ -5271,7 +5301,7 @@ def summarize(rows, packages, everything=False):
     package's, not noise unless `everything`) grouped by their top two
     directories."""
     counts = {word: 0 for word in CHANGE_WORDS.values()}
-    groups, hidden, owned = {}, 0, 0
+    groups, hidden, hidden_bytes, owned = {}, 0, 0, 0
     for kind, path, owner, size in leaf_rows(rows):
         counts[CHANGE_WORDS[kind]] += 1
         if owner:
@@ -5279,6 +5309,7 @@ def summarize(rows, packages, everything=False):
             continue
         if not everything and is_noise(path):
             hidden += 1
+            hidden_bytes += (size or 0) if kind != "D" else 0
             continue
         parts = path.split("/")
         group = "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts[:2])
@@ -5286,6 +5317,7 @@ def summarize(rows, packages, everything=False):
         groups[group][CHANGE_WORDS[kind]] += 1
         groups[group]["bytes"] += (size or 0) if kind != "D" else 0
     return {"paths": counts, "packages": packages, "package_paths": owned, "hidden": hidden,
+            "hidden_bytes": hidden_bytes,
             "groups": [dict(directory=name, **groups[name]) for name in sorted(groups)]}
 
 
@@ -6293,7 +6325,8 @@ def snapshot_entry(snap, image, current, next_run):
 def resolve_snapshot(line, name):
     snaps = list_snapshots(line)
     if not snaps:
-        raise NotFound("%s has no snapshots to roll back to" % line.name)
+        raise NotFound("%s has no snapshots yet: each run that changes the environment makes "
+                       "one" % line.name)
     if name is None:
         return snaps[0]
     tag = (line.snapshot_named(name.split(":", 1)[1]) if name.startswith(line.repo + ":")
@@ -6301,7 +6334,8 @@ def resolve_snapshot(line, name):
     for snap in snaps:
         if snap["tag"] == tag:
             return snap
-    raise NotFound("no snapshot %r of %s; pi-snapshots lists them" % (name, line.name))
+    raise NotFound("no snapshot %r of %s; pi-snapshots lists them%s" % (
+        name, line.name, " (pi-reset-system makes base current)" if name == "base" else ""))
 
 
 def switch_current(line, state, new_ref, what):
@@ -6897,41 +6931,64 @@ def diff_endpoint(line, name):
     return inspect_image(line.snap(snap["tag"]))["Id"], snap["tag"]
 
 
+def image_name(line, image_id, current_id):
+    """current, a snapshot's name, or base for an image ID; else None."""
+    if not image_id:
+        return None
+    if image_id == current_id:
+        return "current"
+    for snap in list_snapshots(line):
+        if image_id.split(":")[-1].startswith(snap["id"]):
+            return snap["tag"]
+    base = inspect_image(line.base)
+    return "base" if base and base["Id"] == image_id else None
+
+
+def invert_changes(rows, packages):
+    """What going back undoes: the changes of the way forward, reversed."""
+    flip = {"A": "D", "D": "A", "C": "C"}
+    undo = {"installed": "removed", "removed": "installed", "changed": "changed"}
+    return ([[flip[kind], path, owner, None] for kind, path, owner, _size in rows],
+            [dict(package, change=undo.get(package.get("change"), package.get("change")),
+                  size=None) for package in packages])
+
+
 def cmd_diff(args):
     line = profile_line(args)
     wait_for_save(line)
+    if len(args.snapshots) > 2:
+        raise PiError("pi-diff: give at most two snapshots (pi-diff A B)", EXIT_USAGE)
     records = newest_sessions(line.sessions_path, DIFF_LOG_DEPTH)
+    current = inspect_image(line.current)
+    current_id = current["Id"] if current else None
+    notes, backwards = [], False
     if not args.snapshots:
-        if not records:
-            print("no runs of %s saved yet" % line.name)
-            return 0
-        last = records[0]
-        runs, title = ([] if changed_nothing(last) or last.get("ended_by") == "failed commit"
-                       else [last]), "the last run (%s %s in %s)" % (
-                           printable(str(last.get("kind"))), local_time(last.get("started")),
-                           printable(str(last.get("target"))))
-        ends = {"from": {"image": last.get("image_before"), "name": last.get("snapshot")},
-                "to": {"image": last.get("image_after"), "name": None}}
+        last = records[0] if records else None
+        runs = [last] if last and not changed_nothing(last) and \
+            last.get("ended_by") != "failed commit" else []
+        title = "the last run (%s %s in %s)" % (
+            printable(str(last.get("kind"))), local_time(last.get("started")),
+            printable(str(last.get("target")))) if last else "no runs of %s saved yet" % line.name
+        ends = [(last or {}).get("image_before"), (last or {}).get("image_after")]
+        if last and last.get("image_after") != current_id:
+            notes.append("current is no longer what that run left (a rollback, a reset or a "
+                         "later run since): pi-diff SNAPSHOT compares a snapshot with current")
+        if last and last.get("commits_total"):
+            notes.append("%s came back to the project's repository (pi-log --json lists them)"
+                         % plural(last["commits_total"], "commit"))
     else:
-        if len(args.snapshots) > 2:
-            raise PiError("pi-diff: give at most two snapshots (pi-diff A B)", EXIT_USAGE)
-        older, newer = args.snapshots[0], (args.snapshots[1:] or ["current"])[0]
-        (from_id, from_name), (to_id, to_name) = [diff_endpoint(line, name)
-                                                  for name in (older, newer)]
+        names = [args.snapshots[0], (args.snapshots[1:] or ["current"])[0]]
+        (from_id, from_name), (to_id, to_name) = [diff_endpoint(line, n) for n in names]
         runs = trace_runs(line, records, from_id, to_id)
-        swapped = False
         if runs is None:
-            runs = trace_runs(line, records, to_id, from_id)
-            (from_id, from_name), (to_id, to_name) = (to_id, to_name), (from_id, from_name)
-            swapped = True
+            runs, backwards = trace_runs(line, records, to_id, from_id), True
         if runs is None:
-            raise NotFound("the session log does not lead from %s to %s (runs before pi-log "
-                           "existed, or a reset between them); pi-log lists the runs it knows"
-                           % (older, newer))
-        title = "from %s to %s%s" % (from_name, to_name, " (%s is the newer)" % older
-                                     if swapped else "")
-        ends = {"from": {"image": from_id, "name": from_name},
-                "to": {"image": to_id, "name": to_name}}
+            raise NotFound("the session log does not lead from %s to %s (runs saved before "
+                           "pi-agent kept a log, or a reset between them); pi-log lists the "
+                           "runs it knows" % tuple(names))
+        title = "from %s to %s%s" % (from_name, to_name, " (going back: what that undoes)"
+                                     if backwards else "")
+        ends = [from_id, to_id]
     wait_for_reports(line, runs)
     rows, packages, missing, truncated = [], [], 0, 0
     for record in runs:
@@ -6945,37 +7002,46 @@ def cmd_diff(args):
         rows.append(changes)
         packages.append(report.get("packages") or [])
     changes, packages = compose_changes(rows), compose_packages(packages)
+    if backwards:
+        changes, packages = invert_changes(changes, packages)
     facts = summarize(changes, packages, everything=args.all)
+    shown = [row for row in leaf_rows(changes) if args.all or row[2] or not is_noise(row[1])]
     if args.json:
-        print(json.dumps(dict(
-            ends, runs=[{"container": r.get("container"), "started": r.get("started"),
-                         "kind": r.get("kind")} for r in runs],
-            unrecorded=missing, truncated=truncated, paths=facts["paths"], packages=packages,
-            groups=facts["groups"], hidden=facts["hidden"],
-            changes=[{"change": CHANGE_WORDS[kind], "path": path, "package": owner,
-                      "size": size, "noise": is_noise(path)}
-                     for kind, path, owner, size in changes
-                     if args.all or not is_noise(path) or owner]),
-            indent=1, sort_keys=True))
+        print(json.dumps({
+            "from": {"image": ends[0], "name": image_name(line, ends[0], current_id)},
+            "to": {"image": ends[1], "name": image_name(line, ends[1], current_id)},
+            "runs": [{"container": r.get("container"), "started": r.get("started"),
+                      "kind": r.get("kind")} for r in runs],
+            "backwards": backwards, "unrecorded": missing, "truncated": truncated,
+            "paths": facts["paths"], "packages": packages, "groups": facts["groups"],
+            "hidden": facts["hidden"],
+            "changes": [{"change": CHANGE_WORDS[kind], "path": path, "package": owner,
+                         "size": size, "noise": is_noise(path)}
+                        for kind, path, owner, size in shown]}, indent=1, sort_keys=True))
         return 0
     if truncated:
         say("%s changed %d paths or more: only the first %d of each were recorded (and "
             "counted)" % (plural(truncated, "run"), MAX_RECORDED_PATHS, MAX_RECORDED_PATHS),
             "warning")
-    print_diff(title, runs, facts, changes, missing, args.all)
-    return 0
-
-
-def print_diff(title, runs, facts, changes, missing, everything):
-    counts = facts["paths"]
-    print("%s: %s" % (title, "no change" if not any(counts.values()) else
-                      ", ".join("%d %s" % (counts[word], word) for word in
-                                ("added", "changed", "deleted") if counts[word])))
-    if len(runs) > 1:
-        print("(%d runs)" % len(runs))
     if missing:
         say("%s changed the environment without a record of what (PI_AGENT_RECORD_CHANGES=0, "
             "or an earlier pi-agent): not shown" % plural(missing, "run"), "warning")
+    print_diff(title, runs, facts, shown, missing, args.all, nothing_saved=not records)
+    for note in notes:
+        print("(%s)" % note)
+    return 0
+
+
+def print_diff(title, runs, facts, shown, missing, everything, nothing_saved=False):
+    counts = facts["paths"]
+    if nothing_saved:
+        print(title)
+        return
+    print("%s: %s" % (title, ", ".join("%d %s" % (counts[word], word) for word in
+                                       ("added", "changed", "deleted") if counts[word])
+                      or ("not recorded" if missing else "no change")))
+    if len(runs) > 1:
+        print("(%d runs)" % len(runs))
     if facts["packages"]:
         print("packages:")
         rows = []
@@ -6986,10 +7052,11 @@ def print_diff(title, runs, facts, changes, missing, everything):
                          human_size(package["size"]) if package.get("size") else ""))
         print_table(rows)
     if everything:
-        print("paths:")
-        for kind, path, owner, _size in changes:
-            print("  %s %s%s" % (kind, printable(path),
-                                 "  (%s)" % printable(owner) if owner else ""))
+        if shown:
+            print("paths:")
+        for kind, path, owner, _size in shown:
+            print("  %s %s%s" % (kind, printable(path), "  (%s)" % printable(owner) if owner
+                                 else "  (noise)" if is_noise(path) else ""))
         return
     if facts["groups"]:
         print("other paths, by directory:")
@@ -7003,7 +7070,9 @@ def print_diff(title, runs, facts, changes, missing, everything):
     if facts["package_paths"]:
         hidden.append("%s of the packages above" % plural(facts["package_paths"], "path"))
     if facts["hidden"]:
-        hidden.append("%s of caches, logs and temporary files" % plural(facts["hidden"], "path"))
+        hidden.append("%s of caches, logs and temporary files%s" % (
+            plural(facts["hidden"], "path"), " (%s written)" % human_size(facts["hidden_bytes"])
+            if facts["hidden_bytes"] else ""))
     if hidden:
         print("not shown: %s (pi-diff --all lists every path)" % ", and ".join(hidden))
 

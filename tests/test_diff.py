@@ -60,12 +60,23 @@ def test_a_run_that_installs_a_package_shows_as_that_package(box):
     assert since["packages"] == [] and len(since["runs"]) == 2
     assert [(c["change"], c["path"]) for c in since["changes"]] == [("deleted", "/etc/motd")]
     assert "/opt/app" not in box.ok("pi-diff --all %s" % first["snapshot"]).stdout
-    # Between two snapshots: the first run alone, whichever order they are given in.
+    # Between two snapshots: the first run alone; given the other way round,
+    # what going back undoes.
     second = json.loads(box.ok("pi-log --json").stdout)[0]
     between = diff_json(box, "%s %s" % (first["snapshot"], second["snapshot"]))
-    assert [p["name"] for p in between["packages"]] == ["pitest-hello"]
-    assert diff_json(box, "%s %s" % (second["snapshot"], first["snapshot"]))["changes"] == \
-        between["changes"]
+    assert [(p["name"], p["change"]) for p in between["packages"]] == \
+        [("pitest-hello", "installed")]
+    back = diff_json(box, "%s %s" % (second["snapshot"], first["snapshot"]))
+    assert back["backwards"] and [(p["name"], p["change"]) for p in back["packages"]] == \
+        [("pitest-hello", "removed")]
+    undone = {(c["change"], c["path"]) for c in back["changes"]}
+    assert {("added", "/etc/motd"), ("deleted", "/opt/app"),
+            ("deleted", "/usr/share/pitest")} <= undone, "(a directory goes with its files)"
+    assert ("deleted", "/opt/app/made.txt") not in undone
+    # After a rollback, the last run's changes are not current's: pi-diff says so.
+    box.ok("pi-rollback %s" % second["snapshot"])
+    assert "current is no longer what that run left" in box.ok("pi-diff").stdout
+    assert diff_json(box)["to"]["name"] != "current"
 
 
 def test_the_session_log_names_the_commits_refs_and_swept_files(box):
@@ -86,11 +97,16 @@ def test_the_session_log_names_the_commits_refs_and_swept_files(box):
 
 
 def test_a_run_that_changes_nothing_has_nothing_to_show(box):
+    assert json.loads(box.ok("pi-diff --json").stdout)["runs"] == []  # (no run yet)
     box.ok("pi-exec true")
     assert box.ok("pi-diff").stdout.startswith("the last run (exec ")
     assert "no change" in box.ok("pi-diff").stdout
     unknown = box.sh("pi-diff snap-20000101-000000.000")
     assert unknown.returncode == 4 and "pi-agent: " in unknown.stderr
+    # A run whose changes were not recorded says so, not "no change".
+    box.extra_env["PI_AGENT_RECORD_CHANGES"] = "0"
+    unrecorded = box.ok("pi-exec touch ~/x && pi-diff")
+    assert ": not recorded" in unrecorded.stdout and "without a record" in unrecorded.stderr
 
 
 # --- unit: the record and its composition ------------------------------------
@@ -156,7 +172,7 @@ def test_packages_are_known_by_their_managers_marks():
         b"Version: 2.0-1\nInstalled-Size: 12\n\nPackage: half\nStatus: deinstall ok "
         b"config-files\nVersion: 1\n")
     assert status["fresh"] == status["fresh:amd64"] == ("2.0-1", 12 * 1024)
-    assert "half" not in status
+    assert status["half"] == ("1", None), "a removed package keeps its version"
 
 
 def test_the_summary_the_wrapper_sends_fits_the_pipe():

@@ -186,3 +186,40 @@ def test_the_summary_the_wrapper_sends_fits_the_pipe():
     assert json.loads(message)["commits_total"] == 50 and json.loads(message)["commits"]
     assert pi_agent.said_ended(["status 0", "ended " + message])["commits_total"] == 50
     assert pi_agent.said_ended(["status 0"]) is None
+
+
+def test_the_books_name_the_files_of_pip_and_dpkg_packages():
+    import io
+    import tarfile
+    import pi_agent
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as archive:
+        for name, text in [
+                ("var/lib/dpkg/status", "Package: tool\nStatus: install ok installed\n"
+                                        "Version: 3\nInstalled-Size: 2\n"),
+                ("var/lib/dpkg/info/tool.list", "/usr/bin/tool\n/usr/share/tool\n"),
+                ("var/lib/dpkg/info/other.list", "/usr/bin/other\n"),
+                ("./usr/lib/python3/dist-packages/idna-3.20.dist-info/RECORD",
+                 "idna/__init__.py,sha256=x,10\n../../../bin/idna,,\n"
+                 "idna-3.20.dist-info/RECORD,,\n")]:
+            raw = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            archive.addfile(info, io.BytesIO(raw))
+    data.seek(0)
+    status, lists, records = pi_agent.read_books(data, {"tool"})
+    assert status["tool"] == ("3", 2048) and lists == {"tool": {"/usr/bin/tool",
+                                                                "/usr/share/tool"}}
+    assert records == {"/usr/lib/python3/dist-packages/idna-3.20.dist-info": {
+        "/usr/lib/python3/dist-packages/idna/__init__.py", "/usr/bin/idna",
+        "/usr/lib/python3/dist-packages/idna-3.20.dist-info/RECORD"}}
+    data.seek(0)
+    changes = pi_agent.parse_diff("A /usr/lib/python3/dist-packages/idna-3.20.dist-info\n"
+                                  "A /usr/bin/idna\nA /usr/lib/python3/dist-packages/idna\n"
+                                  "A /var/lib/dpkg/info/tool.list\nA /usr/bin/tool\n")
+    packages, owners = pi_agent.find_packages(
+        changes, lambda wanted: pi_agent.read_books(data, wanted))
+    assert {p["name"]: p["change"] for p in packages} == {"idna": "installed",
+                                                          "tool": "installed"}
+    assert [pi_agent.owner_of(path, owners) for _kind, path in changes[1:]] == [
+        "pip:idna", "pip:idna", None, "deb:tool"]

@@ -2685,10 +2685,11 @@ def note_commits(record, commits, wanted):
     its new ones), for the session log, and a note for those naming
     someone else as author or committer: a rebase keeps authors, and a
     hostile agent can write any name."""
-    reached, todo = [], sorted(oid for oid in wanted if oid in commits)
+    import collections
+    reached, todo = [], collections.deque(sorted(oid for oid in wanted if oid in commits))
     seen = set(todo)
     while todo:
-        oid = todo.pop(0)
+        oid = todo.popleft()
         reached.append(oid)
         for parent in commits[oid][0]:
             if parent in commits and parent not in seen:
@@ -4650,16 +4651,18 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     meta.update(image_before=image["Id"], image_after=new["Id"],
                 bytes_added=(new.get("Size") or 0) - before)
     if changed and mount and mount not in known_mounts(image):
-        try:
-            meta["listing"] = list_layer(line, new) if layer_listable(new) else None
-        except PiError as err:
-            line.log("could not list the layer of %s (%s); asking docker diff" % (container, err))
-        if meta.get("listing"):
-            changes = meta["listing"][0]
+        if layer_listable(new):
+            try:
+                meta["listing"] = list_layer(line, new)
+                changed = not only_mountpoint_changes(meta["listing"][0], mount)
+            except PiError as err:  # (in doubt, the layer stays: it costs nothing more)
+                line.log("could not list the layer of %s: %s" % (container, err))
         else:
             meta["diff_output"] = docker("diff", container).stdout
-            changes = parse_diff(meta["diff_output"])
-        changed = not only_mountpoint_changes(changes, mount)
+            try:
+                changed = not only_mountpoint_changes(parse_diff(meta["diff_output"]), mount)
+            except PiError:
+                pass
     snap = snapshot
     if not changed:
         meta.update(image_after=image["Id"], bytes_added=0)
@@ -4936,11 +4939,15 @@ def recover_leftovers(line, state, listing=None, only=None):
 # What a person does not mean by "what did the run change": caches, logs,
 # temporary files, shell histories, and the package managers' own books
 # (what they record is shown as packages). pi-diff --all shows them too.
+# Nothing that a program runs or loads by itself is noise (Python's
+# __pycache__, the loader's ld.so.cache, dpkg's maintainer scripts): the
+# agent could hide what it leaves behind there.
 NOISE_TREES = ("/tmp", "/var/tmp", "/run", "/var/run", "/var/cache", "/var/log",
-               "/var/lib/apt", "/var/lib/dpkg", "/var/backups")
-NOISE_DIRS = {".cache", "__pycache__", ".npm", "_cacache", ".node-gyp"}
+               "/var/lib/apt", "/var/backups")
+NOISE_DIRS = {".cache", ".npm", "_cacache", ".node-gyp"}
 NOISE_NAMES = {".bash_history", ".zsh_history", ".python_history", ".lesshst", ".viminfo",
-               ".wget-hsts", ".sudo_as_admin_successful", "ld.so.cache"}
+               ".wget-hsts", ".sudo_as_admin_successful"}
+DPKG_SCRIPTS = (".preinst", ".postinst", ".prerm", ".postrm", ".config")
 # The package managers' marks, in the paths docker diff lists.
 DPKG_LIST_RE = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.-]*)(?::([a-z0-9-]+))?\.list")
 PIP_DIST_RE = re.compile(r"(/.+/(?:site|dist)-packages)/([A-Za-z0-9][A-Za-z0-9._]*)-"
@@ -4950,8 +4957,12 @@ NPM_PACKAGE_RE = re.compile(r"(/(?:.+/)?lib/node_modules)/((?:@[^/@.][^/]*/)?[^/
 # agent can make them any size.
 DPKG_READ_LIMIT = 128 << 20
 DPKG_LISTS_LIMIT = 16 << 20
-# Paths recorded (and counted) of one run at most.
+# Paths recorded (and counted) of one run at most; what the saver reads of
+# the listing at most, and how long it waits for it; records kept.
 MAX_RECORDED_PATHS = 200000
+LAYER_READ_LIMIT = 96 << 20
+LAYER_TIMEOUT = 300
+KEEP_REPORTS = 500
 # A run's changes: its report, STATE/REPO[@PROFILE].runs/CONTAINER.json
 # (counts, packages), and every path in CONTAINER.changes.gz.
 REPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}")
@@ -4964,33 +4975,41 @@ DIFF_LOG_DEPTH = 5000
 # agent's image: its tools could lie) as root with no capability but
 # reading, no network, the layer at /pi-agent-layer and the layers below it
 # at /pi-agent-lower/NNN (the top one first), all read-only. Records, each
-# ended by NUL: "L TYPE SIZE PATH" for every path in the layer; "P PATH"
-# for those the layers below have (changed, not added; in a directory that
-# is new nothing is looked up); "E"; then a tar of the package managers'
-# books in the layer (dpkg's status and file lists, pip's RECORD files).
-# $1 paths at most of each kind: the agent can make any number.
+# ended by NUL: "L TYPE SIZE PATH" for every path in the layer, the trees a
+# person looks at first (FIRST_TREES) first; "P PATH" for those the layers
+# below have (changed, not added; in a directory that is new nothing is
+# looked up); "E"; then a tar of the package managers' books in the layer
+# (dpkg's status and file lists, pip's RECORD files), 32 MB at most. $1
+# paths at most of each kind: the agent can make any number.
+FIRST_TREES = ("etc", "usr", "root", "home", "opt", "srv", "bin", "sbin", "lib", "lib64",
+               "boot", "var/spool", "var/lib")
 LAYER_SCRIPT = r"""cd /pi-agent-layer || exit 1
-find . -mindepth 1 -printf 'L %y %s %P\0' | head -z -n "$1"
-find . -mindepth 1 ! -type c -exec sh -c '
+{ for tree in %s; do
+    if [ -d "$tree" ] && [ ! -L "$tree" ]; then find "$tree" -printf 'L %%y %%s %%p\0'; fi
+  done
+  find . -mindepth 1 -type d \( %s \) -prune -o -printf 'L %%y %%s %%p\0'
+} | head -z -n "$1"
+find . -mindepth 1 ! -type c -print0 | head -z -n "$1" | xargs -0 -r sh -c '
 new=
 for p do
   p=${p#./}
   if [ -n "$new" ]; then case $p in "$new"/*) continue ;; esac; fi
   for l in /pi-agent-lower/*; do
     [ -c "$l/$p" ] && break
-    if [ -e "$l/$p" ] || [ -L "$l/$p" ]; then printf "P %s\0" "$p"; continue 2; fi
+    if [ -e "$l/$p" ] || [ -L "$l/$p" ]; then printf "P %%s\0" "$p"; continue 2; fi
   done
   if [ -d "$p" ] && [ ! -L "$p" ]; then new=$p; fi
 done
-true' sh {} + | head -z -n "$1"
+true' sh
 printf 'E\0'
 { if [ -d var/lib/dpkg ] && [ ! -L var/lib/dpkg ]; then
-    find var/lib/dpkg -maxdepth 2 -type f \( -path var/lib/dpkg/status -o \
+    find var/lib/dpkg -maxdepth 2 -type f -size -16384k \( -path var/lib/dpkg/status -o \
       -path 'var/lib/dpkg/info/*.list' \) -print0
   fi
-  find . -type f -path '*-packages/*.dist-info/RECORD' -print0 | head -z -n 1000
-} | tar --null --no-recursion -T - -cf -
-true"""
+  find . -type f -size -16384k -path '*-packages/*.dist-info/RECORD' -print0 | head -z -n 1000
+} | tar --null --no-recursion -T - -cf - | head -c 33554432
+true""" % (" ".join(FIRST_TREES),
+           " -o ".join("-path ./%s" % tree for tree in FIRST_TREES))
 
 
 def layer_listable(image):
@@ -5004,32 +5023,55 @@ def list_layer(line, image):
     would say it of the run's container, but reading only that layer (the
     engine's diff compares the whole image, see record_changes):
     ([(A|C|D, path)], {path: size of a file}, the tar of dpkg's books), of
-    MAX_RECORDED_PATHS paths at most."""
+    MAX_RECORDED_PATHS paths at most. Raises EngineError when the listing
+    is more than LAYER_READ_LIMIT or takes more than LAYER_TIMEOUT."""
+    import select
     data = image["GraphDriver"]["Data"]
+    name = "pi-agent-list-%s" % image["Id"].split(":")[-1][:16]
     # (never pulled: a base that is gone means no listing, not a stranger's image)
-    args = ["run", "--rm", "--pull", "never", "--network", "none", "-u", "0", "--cap-drop", "ALL",
-            "--cap-add", "DAC_READ_SEARCH", "--log-driver", "none", "--entrypoint", "sh",
+    args = ["run", "--rm", "--name", name, "--pull", "never", "--network", "none", "-u", "0",
+            "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH", "--read-only",
+            "--security-opt", "no-new-privileges", "--log-driver", "none",
+            "--entrypoint", "sh",
             "--mount", mount_spec(data["UpperDir"], "/pi-agent-layer") + ",readonly"]
     for index, lower in enumerate(filter(None, (data.get("LowerDir") or "").split(":"))):
         args += ["--mount", mount_spec(lower, "/pi-agent-lower/%03d" % index) + ",readonly"]
-    result = DockerCall((*args, line.base, "-c", LAYER_SCRIPT, "sh", str(MAX_RECORDED_PATHS)),
-                        capture=False, stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE).finish(check=False)
-    if result.returncode != 0:
-        raise docker_failure(("run",), result.stderr.decode("utf-8", "replace"))
-    out, pos, listed, present, sizes = result.stdout, 0, [], set(), {}
+    call = DockerCall((*args, line.base, "-c", LAYER_SCRIPT, "sh", str(MAX_RECORDED_PATHS)),
+                      capture=False, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    chunks, size, deadline = [], 0, time.monotonic() + LAYER_TIMEOUT
+    problem = None
+    while problem is None:
+        ready = select.select([call.proc.stdout], [], [], max(0, deadline - time.monotonic()))[0]
+        chunk = os.read(call.proc.stdout.fileno(), 1 << 20) if ready else None
+        if chunk == b"":
+            break
+        size += len(chunk or b"")
+        if chunk is None:
+            problem = "took more than %d s" % LAYER_TIMEOUT
+        elif size > LAYER_READ_LIMIT:
+            problem = "is more than %s" % human_size(LAYER_READ_LIMIT)
+        chunks.append(chunk or b"")
+    if problem:
+        call.proc.kill()
+        docker("rm", "-f", name, check=False)
+        call.finish(check=False)
+        raise EngineError("the listing of the run's layer %s" % problem)
+    if call.finish(check=False).returncode != 0:
+        raise EngineError("the listing of the run's layer failed (is %s there?)" % line.base)
+    out, pos, listed, present, sizes = b"".join(chunks), 0, [], set(), {}
     while True:
         end = out.find(b"\0", pos)
         if end < 0:
-            raise EngineError("the listing of %s's layer was cut short" % image["Id"][:19])
+            raise EngineError("the listing of the run's layer was cut short")
         record, pos = out[pos:end].decode("utf-8", "surrogateescape"), end + 1
         if record == "E":
             break
         if record.startswith("L "):
-            kind, size, path = (record[2:].split(" ", 2) + ["", ""])[:3]
-            listed.append((kind, "/" + path))
-            if kind == "f" and size.isdigit():
-                sizes["/" + path] = int(size)
+            kind, length, path = (record[2:].split(" ", 2) + ["", ""])[:3]
+            path = "/" + (path[2:] if path.startswith("./") else path)
+            listed.append((kind, path))
+            if kind == "f" and length.isdigit():
+                sizes[path] = int(length)
         elif record.startswith("P "):
             present.add("/" + record[2:])
     changes = [("D" if kind == "c" else "C" if path in present else "A", path)
@@ -5038,22 +5080,29 @@ def list_layer(line, image):
 
 
 def parse_diff(output):
-    """[(A|C|D, path)] from `docker diff`. (A path with a newline, which
-    only the agent makes, reads as two lines: it cannot hide a change,
-    only make up one.)"""
+    """[(A|C|D, path)] from `docker diff`. A path with a newline, which
+    only the agent makes, would read as two lines, and so make up a change
+    (a deletion that hides earlier runs' files, once runs are put
+    together): the directory that holds it always leaves a line that is
+    not a change, and then nothing is taken from the output."""
     changes = []
     for row in output.split("\n"):
         kind, _, path = row.partition(" ")
         if kind in CHANGE_WORDS and path.startswith("/"):
             changes.append((kind, path))
+        elif row:
+            raise EngineError("docker diff lists a name with a newline in it, which "
+                              "cannot be read for sure")
     return changes
 
 
 def is_noise(path):
     if any(path == tree or path.startswith(tree + "/") for tree in NOISE_TREES):
         return True
+    if path == "/var/lib/dpkg" or path.startswith("/var/lib/dpkg/"):
+        return not (path.startswith("/var/lib/dpkg/info/") and path.endswith(DPKG_SCRIPTS))
     parts = path.split("/")
-    return parts[-1] in NOISE_NAMES or path.endswith(".pyc") or \
+    return parts[-1] in NOISE_NAMES or \
         any(part in NOISE_DIRS for part in parts[:-1])
 
 
@@ -5085,8 +5134,14 @@ def leaf_rows(rows):
     deleted."""
     parents = parents_of(row[1] for row in rows)
     deleted = {row[1] for row in rows if row[0] == "D"}
+    depths = sorted({path.count("/") for path in deleted})
+
+    def in_deleted(path):
+        parts = path.split("/")
+        return any("/".join(parts[:depth + 1]) in deleted for depth in depths
+                   if depth < len(parts) - 1)
     return [row for row in rows if (row[0] == "D" or row[1] not in parents)
-            and not (deleted and parents_of([row[1]]) & deleted)]
+            and not (deleted and in_deleted(row[1]))]
 
 
 def dpkg_books(container, wanted):
@@ -5200,10 +5255,13 @@ def find_packages(changes, books=None):
         version = new[-1] if new else marks[-1][1]
         packages["pip:" + name] = {"manager": "pip", "name": name, "change": change,
                                    "version": version, "size": None}
+        bin_dir = os.path.dirname(os.path.dirname(os.path.dirname(site))) + "/bin/"
         for _kind, _version, path in marks:
             owners[path + "/"] = "pip:" + name
             for owned in records.get(path, ()):
-                owners[owned] = "pip:" + name
+                # (a RECORD claims its package's files, and scripts in its bin)
+                if owned.startswith((site + "/", bin_dir)):
+                    owners[owned] = "pip:" + name
         owners[site + "/" + name + "/"] = "pip:" + name
         owners[site + "/" + name + ".py"] = "pip:" + name
     if deb:
@@ -5215,22 +5273,27 @@ def find_packages(changes, books=None):
                                                   "D": "removed"}[kind],
                                        "version": version, "size": size}
             for owned in lists.get(list_name, ()):
-                owners[owned] = "deb:" + name
+                owned = owned.rstrip("/")  # (exact paths: a list claims no tree)
+                if owned not in ("", "/."):
+                    owners[owned] = "deb:" + name
     return sorted(packages.values(), key=lambda p: (p["manager"], p["name"])), owners
 
 
-def owner_of(path, owners):
-    """The package that owns `path`: listed by dpkg, or inside a directory
-    of pip's or npm's (keys ending in /)."""
-    if path in owners or path + "/" in owners:
-        return owners.get(path) or owners[path + "/"]
-    parent = path
-    while parent not in ("", "/"):
-        parent = os.path.dirname(parent)
-        owner = owners.get(parent.rstrip("/") + "/")
-        if owner:
-            return owner
+def owner_of(path, owners, prefixes=None):
+    """The package that owns `path`: listed in its books (exact paths), or
+    inside a directory of pip's or npm's (keys ending in /; `prefixes`,
+    those keys, longest first, if known)."""
+    owner = owners.get(path) or owners.get(path + "/")
+    if owner:
+        return owner
+    for prefix in prefixes if prefixes is not None else package_prefixes(owners):
+        if path.startswith(prefix):
+            return owners[prefix]
     return None
+
+
+def package_prefixes(owners):
+    return sorted((key for key in owners if key.endswith("/")), key=len, reverse=True)
 
 
 def record_changes(line, container, meta, diff_output=None):
@@ -5261,7 +5324,9 @@ def record_changes(line, container, meta, diff_output=None):
         truncated = len(changes) >= MAX_RECORDED_PATHS
         changes = kept_changes(changes[:MAX_RECORDED_PATHS],
                                [meta.get("mount") or "", RUN_DIR_INSIDE])
-        rows = [[kind, path, owner_of(path, owners), sizes.get(path)] for kind, path in changes]
+        prefixes = package_prefixes(owners)
+        rows = [[kind, path, owner_of(path, owners, prefixes), sizes.get(path)]
+                for kind, path in changes]
         taken = {}  # (a size dpkg does not give: what the package's files take)
         for kind, _path, owner, size in rows:
             if owner and kind != "D":
@@ -5276,12 +5341,34 @@ def record_changes(line, container, meta, diff_output=None):
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
         write_private(os.path.join(line.runs_dir, container + ".changes.gz"),
                       gzip_json(rows))
-        write_private(os.path.join(line.runs_dir, container + ".json"),
-                      json.dumps(report, sort_keys=True).encode())
-        return report
     except Exception as err:  # (what the run made is read: a surprise must cost only this)
         line.log("could not record what %s changed: %r" % (container, err))
-        return None
+        report = {"container": container, "image_after": meta.get("image_after"),
+                  "recorded": utc_iso(time.time()),
+                  "failed": str(err) if isinstance(err, PiError) else repr(err)}
+    try:
+        os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
+        write_private(os.path.join(line.runs_dir, container + ".json"),
+                      json.dumps(report, sort_keys=True).encode())
+        prune_reports(line)
+    except OSError as err:
+        line.log("could not write the record of %s: %s" % (container, err.strerror))
+    return report
+
+
+def prune_reports(line):
+    """The records of the newest KEEP_REPORTS runs stay (a snapshot older
+    than those has nothing to show to pi-diff anyway: auto-prune keeps 10)."""
+    names = [name for name in os.listdir(line.runs_dir) if name.endswith(".json")]
+    if len(names) <= KEEP_REPORTS:
+        return
+    names.sort(key=lambda name: os.stat(os.path.join(line.runs_dir, name)).st_mtime)
+    for name in names[:-KEEP_REPORTS]:
+        for doomed in (name, name[:-len(".json")] + ".changes.gz"):
+            try:
+                os.remove(os.path.join(line.runs_dir, doomed))
+            except FileNotFoundError:
+                pass
 
 
 def gzip_json(value):
@@ -6990,10 +7077,12 @@ def cmd_diff(args):
                                      if backwards else "")
         ends = [from_id, to_id]
     wait_for_reports(line, runs)
-    rows, packages, missing, truncated = [], [], 0, 0
+    rows, packages, missing, truncated, failed = [], [], 0, 0, []
     for record in runs:
         report, changes = read_report(line, record.get("container")), None
-        if report is not None:
+        if report is not None and report.get("failed"):
+            failed.append(str(report["failed"]))
+        elif report is not None:
             changes = read_changes(line, record["container"])
         if changes is None:
             missing += 1
@@ -7012,7 +7101,8 @@ def cmd_diff(args):
             "to": {"image": ends[1], "name": image_name(line, ends[1], current_id)},
             "runs": [{"container": r.get("container"), "started": r.get("started"),
                       "kind": r.get("kind")} for r in runs],
-            "backwards": backwards, "unrecorded": missing, "truncated": truncated,
+            "backwards": backwards, "unrecorded": missing, "failed": failed,
+            "truncated": truncated,
             "paths": facts["paths"], "packages": packages, "groups": facts["groups"],
             "hidden": facts["hidden"],
             "changes": [{"change": CHANGE_WORDS[kind], "path": path, "package": owner,
@@ -7023,9 +7113,13 @@ def cmd_diff(args):
         say("%s changed %d paths or more: only the first %d of each were recorded (and "
             "counted)" % (plural(truncated, "run"), MAX_RECORDED_PATHS, MAX_RECORDED_PATHS),
             "warning")
-    if missing:
+    if failed:
+        say("%s changed the environment, but what could not be recorded (%s): not shown"
+            % (plural(len(failed), "run"), printable(failed[-1])), "warning")
+    if missing - len(failed):
         say("%s changed the environment without a record of what (PI_AGENT_RECORD_CHANGES=0, "
-            "or an earlier pi-agent): not shown" % plural(missing, "run"), "warning")
+            "or an earlier pi-agent): not shown" % plural(missing - len(failed), "run"),
+            "warning")
     print_diff(title, runs, facts, shown, missing, args.all, nothing_saved=not records)
     for note in notes:
         print("(%s)" % note)

@@ -4,6 +4,8 @@ and deletes files, and commits; what pi-diff, pi-log and their --json say."""
 import json
 import os
 
+import pytest
+
 # A package built inside the run (dpkg-deb, no network), installed with dpkg.
 BUILD_AND_INSTALL = r"""set -e
 mkdir -p /tmp/pkg/DEBIAN /tmp/pkg/usr/share/pitest
@@ -96,6 +98,33 @@ def test_the_session_log_names_the_commits_refs_and_swept_files(box):
     assert table[0].split()[4:7] == ["PATHS", "+/~/-", "COMMITS"] and table[1].split()[7] == "1"
 
 
+# What a hostile agent does to hide what it left, or to make the record
+# cost the host: each fails here without its protection.
+HIDE_AND_BLOAT = r"""set -e
+echo / | sudo tee -a /var/lib/dpkg/info/adduser.list >/dev/null
+echo '* * * * * root sh /opt/x' | sudo tee /etc/cron.d/evil >/dev/null
+sudo mkdir -p /usr/lib/python3.11/json/__pycache__
+echo trojan | sudo tee /usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc >/dev/null
+sudo truncate -s 40M /var/lib/dpkg/info/zz-huge.list
+"""
+
+
+def test_what_an_agent_leaves_cannot_hide_in_a_package_or_as_noise(box):
+    with open(os.path.join(box.project, "hide.sh"), "w") as script:
+        script.write(HIDE_AND_BLOAT)
+    box.ok("pi-exec sh hide.sh")
+    facts = diff_json(box)
+    assert not facts["failed"], facts["failed"]
+    shown = {c["path"]: c for c in facts["changes"]}
+    # A package's list claims its own paths, never a tree.
+    assert shown["/etc/cron.d/evil"]["package"] is None
+    assert "/etc/cron.d" in [group["directory"] for group in facts["groups"]]
+    # What Python loads by itself is no cache.
+    assert "/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc" in shown
+    # A list too big to read (sparse: nothing to the agent) is left unread.
+    assert [p["name"] for p in facts["packages"]] == ["adduser", "zz-huge"]
+
+
 def test_a_run_that_changes_nothing_has_nothing_to_show(box):
     assert json.loads(box.ok("pi-diff --json").stdout)["runs"] == []  # (no run yet)
     box.ok("pi-exec true")
@@ -114,7 +143,7 @@ def test_a_run_that_changes_nothing_has_nothing_to_show(box):
 def test_the_diff_keeps_what_a_person_made():
     import pi_agent
     output = "C /home\nC /home/u\nA /home/u/project\nC /usr\nA /usr/local/x\nA /usr/local/x/f\n" \
-             "C /etc\nD /etc/motd\nC /etc/hosts\nA /sbin/docker-init\nnonsense\n"
+             "C /etc\nD /etc/motd\nC /etc/hosts\nA /sbin/docker-init\n"
     kept = pi_agent.kept_changes(pi_agent.parse_diff(output), ["/home/u/project"])
     assert kept == [("A", "/usr/local/x"), ("A", "/usr/local/x/f"), ("D", "/etc/motd"),
                     ("C", "/etc/hosts")]
@@ -126,6 +155,14 @@ def test_the_diff_keeps_what_a_person_made():
     assert facts["groups"] == [
         {"directory": "/etc", "added": 0, "changed": 1, "deleted": 1, "bytes": 10},
         {"directory": "/usr/local", "added": 1, "changed": 0, "deleted": 0, "bytes": 10}]
+
+
+def test_a_name_with_a_newline_makes_docker_diff_unreadable():
+    import pi_agent
+    # The directory "x\nD " holding "/etc" reads as a deletion of /etc.
+    forged = "A /opt/n\nA /opt/n/x\nD \nA /opt/n/x\nD /etc\n"
+    with pytest.raises(pi_agent.EngineError):
+        pi_agent.parse_diff(forged)
 
 
 def test_runs_compose_as_one():

@@ -3,6 +3,7 @@ real engine: a run that installs a Debian package built in the test, writes
 and deletes files, and commits; what pi-diff, pi-log and their --json say."""
 import json
 import os
+import re
 
 import pytest
 
@@ -43,7 +44,14 @@ def test_a_run_that_installs_a_package_shows_as_that_package(box):
         first["container"]
     # The table says the same, by what a person recognises.
     text = box.ok("pi-diff").stdout
-    assert "installed  deb  pitest-hello  1.0-1" in text
+    counts = facts["paths"]
+    assert text.splitlines()[0].endswith(": %d added, %d changed, %d deleted" % (
+        counts["added"], counts["changed"], counts["deleted"]))
+    assert "installed  deb  pitest-hello  1.0-1  301.1 kB" in text
+    for group in facts["groups"]:  # the table's rows are the JSON's groups
+        assert re.search(r"^  %s +%d +%d +%d +" % (re.escape(group["directory"]), group["added"],
+                                                  group["changed"], group["deleted"]),
+                         text, re.M), text
     assert "/opt/app" in text and "/etc" in text
     assert "not shown:" in text and "of the packages above" in text and "caches" in text
     every = box.ok("pi-diff --all").stdout

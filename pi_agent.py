@@ -4652,9 +4652,8 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
                 bytes_added=(new.get("Size") or 0) - before)
     if changed and mount and mount not in known_mounts(image):
         if layer_listable(new):
-            try:
-                meta["listing"] = list_layer(line, new)
-                changed = not only_mountpoint_changes(meta["listing"][0], mount)
+            try:  # (under the lock: the names alone, which are quick)
+                changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount)
             except PiError as err:  # (in doubt, the layer stays: it costs nothing more)
                 line.log("could not list the layer of %s: %s" % (container, err))
         else:
@@ -4980,7 +4979,8 @@ DIFF_LOG_DEPTH = 5000
 # below have (changed, not added; in a directory that is new nothing is
 # looked up); "E"; then a tar of the package managers' books in the layer
 # (dpkg's status and file lists, pip's RECORD files), 32 MB at most. $1
-# paths at most of each kind: the agent can make any number.
+# paths at most of each kind: the agent can make any number. $2 "names":
+# the paths alone (no "P" records, no books).
 FIRST_TREES = ("etc", "usr", "root", "home", "opt", "srv", "bin", "sbin", "lib", "lib64",
                "boot", "var/spool", "var/lib")
 LAYER_SCRIPT = r"""cd /pi-agent-layer || exit 1
@@ -4989,6 +4989,7 @@ LAYER_SCRIPT = r"""cd /pi-agent-layer || exit 1
   done
   find . -mindepth 1 -type d \( %s \) -prune -o -printf 'L %%y %%s %%p\0'
 } | head -z -n "$1"
+[ "$2" = names ] && { printf 'E\0'; exit 0; }
 find . -mindepth 1 ! -type c -print0 | head -z -n "$1" | xargs -0 -r sh -c '
 new=
 for p do
@@ -5018,13 +5019,15 @@ def layer_listable(image):
     return driver.get("Name") == "overlay2" and bool((driver.get("Data") or {}).get("UpperDir"))
 
 
-def list_layer(line, image):
+def list_layer(line, image, names_only=False):
     """What the top layer of `image` (a run's commit) holds, as docker diff
     would say it of the run's container, but reading only that layer (the
     engine's diff compares the whole image, see record_changes):
     ([(A|C|D, path)], {path: size of a file}, the tar of dpkg's books), of
-    MAX_RECORDED_PATHS paths at most. Raises EngineError when the listing
-    is more than LAYER_READ_LIMIT or takes more than LAYER_TIMEOUT."""
+    MAX_RECORDED_PATHS paths at most; with `names_only`, only the paths
+    (every one "A"), which is quick whatever the layers below. Raises
+    EngineError when the listing is more than LAYER_READ_LIMIT or takes
+    more than LAYER_TIMEOUT."""
     import select
     data = image["GraphDriver"]["Data"]
     name = "pi-agent-list-%s" % image["Id"].split(":")[-1][:16]
@@ -5036,7 +5039,8 @@ def list_layer(line, image):
             "--mount", mount_spec(data["UpperDir"], "/pi-agent-layer") + ",readonly"]
     for index, lower in enumerate(filter(None, (data.get("LowerDir") or "").split(":"))):
         args += ["--mount", mount_spec(lower, "/pi-agent-lower/%03d" % index) + ",readonly"]
-    call = DockerCall((*args, line.base, "-c", LAYER_SCRIPT, "sh", str(MAX_RECORDED_PATHS)),
+    call = DockerCall((*args, line.base, "-c", LAYER_SCRIPT, "sh", str(MAX_RECORDED_PATHS),
+                       "names" if names_only else "all"),
                       capture=False, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     chunks, size, deadline = [], 0, time.monotonic() + LAYER_TIMEOUT
     problem = None
@@ -5311,8 +5315,8 @@ def record_changes(line, container, meta, diff_output=None):
     import io
     try:
         new = meta.get("new_image")
-        if meta.get("listing") or layer_listable(new):
-            changes, sizes, books = meta.get("listing") or list_layer(line, new)
+        if layer_listable(new):
+            changes, sizes, books = list_layer(line, new)
             packages, owners = find_packages(
                 changes, lambda wanted: read_books(io.BytesIO(books), wanted))
         else:

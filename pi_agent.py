@@ -4713,7 +4713,7 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     the caller (the saver) records the session and the changes, and
     removes the container, the last two after releasing the lock, so that
     the next run need not wait (meta["removal"]: its removal, started here
-    when there is nothing to record).
+    unless record_changes needs the container: no layer to list).
     """
     what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
     if snapshot is None and current_id == image["Id"]:
@@ -4744,7 +4744,7 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
                               "gone (reset or removed)", what, snap, snap))
         line.log(state["notice"])
     if not defer_remove:
-        record_changes(line, container, meta, meta.pop("diff_output", None))
+        record_changes(line, container, meta)
         ended = {}
         show_notes(line, teardown(line, [container], state, summaries=ended) or [])
         line.record_session(dict(meta, container=container,
@@ -4952,10 +4952,10 @@ DPKG_LIST_RE = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.-]*)(?::([a-z0-
 PIP_DIST_RE = re.compile(r"(/.+/(?:site|dist)-packages)/([A-Za-z0-9][A-Za-z0-9._]*)-"
                          r"([A-Za-z0-9][A-Za-z0-9.+!_]*)\.dist-info")
 NPM_PACKAGE_RE = re.compile(r"(/(?:.+/)?lib/node_modules)/((?:@[^/@.][^/]*/)?[^/@.][^/]*)")
-# What is read of the image's dpkg books, and kept of its file lists: the
-# agent can make them any size.
-DPKG_READ_LIMIT = 128 << 20
-DPKG_LISTS_LIMIT = 16 << 20
+# What is read of the package managers' books, and kept of their file
+# lists: the agent can make them any size.
+BOOKS_READ_LIMIT = 128 << 20
+BOOKS_KEPT_LIMIT = 16 << 20
 # Paths recorded (and counted) of one run at most; what the saver reads of
 # the listing at most, and how long it waits for it; records kept.
 MAX_RECORDED_PATHS = 200000
@@ -5164,8 +5164,8 @@ def read_books(stream, wanted):
     """From a tar stream of the package managers' books: {package: (version,
     bytes or None)} from dpkg's status file; {list name: set of paths} of
     the `wanted` dpkg info/*.list files; {dist-info directory: set of
-    paths} from pip's RECORD files. DPKG_READ_LIMIT of the stream is read
-    at most, and DPKG_LISTS_LIMIT of the lists kept."""
+    paths} from pip's RECORD files. BOOKS_READ_LIMIT of the stream is read
+    at most, and BOOKS_KEPT_LIMIT of the lists kept."""
     import csv
     import tarfile
     status, lists, records, kept = {}, {}, {}, 0
@@ -5174,7 +5174,7 @@ def read_books(stream, wanted):
         read_so_far = 0
 
         def read(self, size=-1):
-            left = DPKG_READ_LIMIT - self.read_so_far
+            left = BOOKS_READ_LIMIT - self.read_so_far
             data = stream.read(left if size < 0 else min(size, left)) if left > 0 else b""
             self.read_so_far += len(data)
             return data
@@ -5191,7 +5191,7 @@ def read_books(stream, wanted):
                 list_name = name.rsplit("/info/", 1)[-1][:-len(".list")]
                 is_list = "/info/" in name and name.endswith(".list") and list_name in wanted
                 is_record = name.endswith(".dist-info/RECORD")
-                if not (is_list or is_record) or kept + member.size > DPKG_LISTS_LIMIT:
+                if not (is_list or is_record) or kept + member.size > BOOKS_KEPT_LIMIT:
                     continue
                 kept += member.size
                 text = archive.extractfile(member).read().decode("utf-8", "surrogateescape")
@@ -5300,15 +5300,17 @@ def package_prefixes(owners):
     return sorted((key for key in owners if key.endswith("/")), key=len, reverse=True)
 
 
-def record_changes(line, container, meta, diff_output=None):
+def record_changes(line, container, meta):
     """After a save: what the run changed in the environment, and the
     packages that explains, kept as its report, for pi-diff and pi-log.
     From the layer the save committed (list_layer), where the engine keeps
     layers as directories (overlay2); else from `docker diff` of the
     container, which must still be there: that costs the engine a walk of
     the whole image (its diff of a container compares the whole tree,
-    moby#39428). Done by the saver once the line is free. Never fails the
-    save: a report that cannot be made is only missing (the log says why)."""
+    moby#39428; meta["diff_output"], if the save asked it already). Done by
+    the saver once the line is free. Never fails the save: a record that
+    cannot be made says why ("failed"), and so does the log. Returns the
+    report, or None when there is nothing to record."""
     if not line.config.record_changes or meta.get("image_after") == meta.get("image_before") \
             or not REPORT_NAME_RE.fullmatch(container):
         return None
@@ -5320,8 +5322,7 @@ def record_changes(line, container, meta, diff_output=None):
             packages, owners = find_packages(
                 changes, lambda wanted: read_books(io.BytesIO(books), wanted))
         else:
-            if diff_output is None:
-                diff_output = docker("diff", container).stdout
+            diff_output = meta.pop("diff_output", None) or docker("diff", container).stdout
             changes, sizes = parse_diff(diff_output), {}
             packages, owners = find_packages(changes,
                                              lambda wanted: dpkg_books(container, wanted))
@@ -5635,7 +5636,7 @@ class Saver:
         self._answer(up_w, SAID_OK + " " + (snap or ""))
         os.close(up_w)  # (a wrapper that waits reads to the end)
         if removal is not False:  # the line is free: what is left costs nobody a wait
-            record_changes(self.line, self.plan.container, meta, meta.pop("diff_output", None))
+            record_changes(self.line, self.plan.container, meta)
             teardown(self.line, [self.plan.container], removal=removal)
         return 0
 
@@ -5714,7 +5715,7 @@ class Saver:
         line, state, plan = self.line, self.state, self.plan
         removal = meta.pop("removal", None)
         if ended is None:
-            record_changes(line, plan.container, meta, meta.pop("diff_output", None))
+            record_changes(line, plan.container, meta)
             summaries = {}
             notes = teardown(line, [plan.container], state, removal,  # (see lock_project)
                              summaries=summaries)

@@ -5340,7 +5340,7 @@ def record_changes(line, container, meta):
             owner = "%s:%s" % (package["manager"], package["name"])
             if package["size"] is None and package["change"] != "removed" and owner in taken:
                 package["size"] = taken[owner]
-        report = dict(summarize(rows, packages), container=container,
+        report = dict(summarize(leaf_rows(rows), packages), container=container,
                       image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
                       truncated=truncated)
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
@@ -5388,13 +5388,13 @@ def write_private(path, data):
     os.replace(temp, path)
 
 
-def summarize(rows, packages, everything=False):
-    """The counts of [kind, path, owner] rows, and the other paths (not a
-    package's, not noise unless `everything`) grouped by their top two
-    directories."""
+def summarize(leaves, packages, everything=False):
+    """The counts of [kind, path, owner, size] rows (leaf_rows), and the
+    other paths (not a package's, not noise unless `everything`) grouped by
+    their top two directories."""
     counts = {word: 0 for word in CHANGE_WORDS.values()}
     groups, hidden, hidden_bytes, owned = {}, 0, 0, 0
-    for kind, path, owner, size in leaf_rows(rows):
+    for kind, path, owner, size in leaves:
         counts[CHANGE_WORDS[kind]] += 1
         if owner:
             owned += 1
@@ -7023,17 +7023,21 @@ def diff_endpoint(line, name):
     return inspect_image(line.snap(snap["tag"]))["Id"], snap["tag"]
 
 
-def image_name(line, image_id, current_id):
-    """current, a snapshot's name, or base for an image ID; else None."""
-    if not image_id:
-        return None
-    if image_id == current_id:
-        return "current"
-    for snap in list_snapshots(line):
-        if image_id.split(":")[-1].startswith(snap["id"]):
-            return snap["tag"]
-    base = inspect_image(line.base)
-    return "base" if base and base["Id"] == image_id else None
+def image_names(line, image_ids, current_id):
+    """current, a snapshot's name, base or None for each image ID (the
+    engine asked once)."""
+    snaps, base = list_snapshots(line), inspect_image(line.base)
+
+    def name(image_id):
+        if not image_id:
+            return None
+        if image_id == current_id:
+            return "current"
+        for snap in snaps:
+            if image_id.split(":")[-1].startswith(snap["id"]):
+                return snap["tag"]
+        return "base" if base and base["Id"] == image_id else None
+    return [name(image_id) for image_id in image_ids]
 
 
 def invert_changes(rows, packages):
@@ -7098,12 +7102,14 @@ def cmd_diff(args):
     changes, packages = compose_changes(rows), compose_packages(packages)
     if backwards:
         changes, packages = invert_changes(changes, packages)
-    facts = summarize(changes, packages, everything=args.all)
-    shown = [row for row in leaf_rows(changes) if args.all or row[2] or not is_noise(row[1])]
+    leaves = leaf_rows(changes)
+    facts = summarize(leaves, packages, everything=args.all)
+    shown = [row for row in leaves if args.all or row[2] or not is_noise(row[1])]
     if args.json:
+        names = image_names(line, ends, current_id)
         print(json.dumps({
-            "from": {"image": ends[0], "name": image_name(line, ends[0], current_id)},
-            "to": {"image": ends[1], "name": image_name(line, ends[1], current_id)},
+            "from": {"image": ends[0], "name": names[0]},
+            "to": {"image": ends[1], "name": names[1]},
             "runs": [{"container": r.get("container"), "started": r.get("started"),
                       "kind": r.get("kind")} for r in runs],
             "backwards": backwards, "unrecorded": missing, "failed": failed,

@@ -158,7 +158,7 @@ def test_the_diff_keeps_what_a_person_made():
     rows = [[kind, path, None, 10] for kind, path in kept]
     assert [row[1] for row in pi_agent.leaf_rows(rows)] == ["/usr/local/x/f", "/etc/motd",
                                                             "/etc/hosts"]
-    facts = pi_agent.summarize(rows, [])
+    facts = pi_agent.summarize(pi_agent.leaf_rows(rows), [])
     assert facts["paths"] == {"added": 1, "changed": 1, "deleted": 1}
     assert facts["groups"] == [
         {"directory": "/etc", "added": 0, "changed": 1, "deleted": 1, "bytes": 10},

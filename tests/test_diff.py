@@ -114,6 +114,7 @@ echo '* * * * * root sh /opt/x' | sudo tee /etc/cron.d/evil >/dev/null
 sudo mkdir -p /usr/lib/python3.11/json/__pycache__
 echo trojan | sudo tee /usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc >/dev/null
 sudo truncate -s 40M /var/lib/dpkg/info/zz-huge.list
+sudo touch "/opt/$(printf '\033]0;owned\007x')"
 """
 
 
@@ -131,6 +132,9 @@ def test_what_an_agent_leaves_cannot_hide_in_a_package_or_as_noise(box):
     assert "/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc" in shown
     # A list too big to read (sparse: nothing to the agent) is left unread.
     assert [p["name"] for p in facts["packages"]] == ["adduser", "zz-huge"]
+    # A name is shown, never played to the terminal.
+    every = box.ok("pi-diff --all").stdout
+    assert "\033" not in every and "\007" not in every and "/opt/\\x1b]0;owned\\x07x" in every
 
 
 def test_a_run_that_changes_nothing_has_nothing_to_show(box):

@@ -29,9 +29,11 @@ def test_ca_certs(fixtures=FIXTURES):
 
 
 def worker_suffix(worker=None):
-    """Tests run in parallel (pytest-xdist) each need a home of their own."""
+    """Tests run in parallel (pytest-xdist workers, and test runs side by
+    side: PI_AGENT_TEST_SLOT) each need a home of their own."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "") if worker is None else worker
-    return "-" + worker if worker else ""
+    slot = os.environ.get("PI_AGENT_TEST_SLOT", "")
+    return "".join("-" + part for part in (slot, worker) if part)
 
 
 def test_home(uid, worker=None):

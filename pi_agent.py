@@ -1991,6 +1991,15 @@ OID_RE = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 # A run refuses a project with more git directories than this inside: each
 # is mounted read-only (use --here in a part of it).
 MAX_NESTED_GIT = 100
+# What a run brings back of refs: at most MAX_NEW_REFS new ones (the rest
+# are listed in STATE/kept, not made); an agent's store with more than
+# MAX_AGENT_REFS refs beyond those it was given is not read at all.
+MAX_NEW_REFS = 1000
+MAX_AGENT_REFS = 100000
+PACKED_REFS_LIMIT = 1 << 30
+# The commits of a run that are read (for the session log and the note on
+# authors) at most.
+MAX_COMMITS_READ = 10000
 
 
 def valid_refname(name):
@@ -2021,38 +2030,61 @@ def open_dir(name, dir_fd=None):
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
-def read_ref_store(dir_fd):
+def read_ref_store(dir_fd, limit=None):
     """{refname: value} of a files-backend ref store: packed-refs, then the
     loose refs over them; a symbolic ref's value is 'ref: TARGET'. Only
-    plain files and directories are read (never a link), with limits."""
-    refs = {}
-    for line in (read_regular("packed-refs", 256 << 20, dir_fd=dir_fd) or b"").splitlines():
+    plain files and directories are read (never a link). `limit`, for an
+    agent's store: ValueError past that many entries, packed and loose
+    (a flood of refs must cost neither memory nor the host's .git), or for
+    a packed-refs that cannot be read whole (read as none, it would make
+    every ref it holds look deleted)."""
+    refs, budget = {}, limit if limit is not None else float("inf")
+    try:
+        size = os.stat("packed-refs", dir_fd=dir_fd, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        size = None
+    packed = b""
+    if size is not None:
+        packed = read_regular("packed-refs", PACKED_REFS_LIMIT if limit is None
+                              else min(PACKED_REFS_LIMIT, limit * 256), dir_fd=dir_fd)
+        if packed is None:
+            raise ValueError("its packed-refs (%s) is not a plain file that can be read whole"
+                             % human_size(size))
+    for line in packed.splitlines():
         oid, _, name = line.decode("utf-8", "replace").partition(" ")
         if OID_RE.fullmatch(oid) and valid_refname(name):
             refs[name] = oid
+            budget -= 1
+    if budget < 0:
+        raise ValueError("it holds more than %d refs" % limit)
     try:
         top = open_dir("refs", dir_fd)
     except OSError:
         return refs
-    pending, budget = [(top, "refs/", 0)], 100000
-    while pending:
-        fd, prefix, depth = pending.pop()
-        try:
-            for entry in os.scandir(fd):
-                budget -= 1
-                if budget < 0:
-                    break
-                if entry.is_dir(follow_symlinks=False) and depth < 32:
-                    try:
-                        pending.append((open_dir(entry.name, fd), prefix + entry.name + "/",
-                                        depth + 1))
-                    except OSError:
-                        pass
-                elif entry.is_file(follow_symlinks=False) and valid_refname(prefix + entry.name):
-                    value = ref_value(read_regular(entry.name, 4096, dir_fd=fd))
-                    if value:
-                        refs[prefix + entry.name] = value
-        finally:
+    pending = [(top, "refs/", 0)]
+    try:
+        while pending:
+            fd, prefix, depth = pending.pop()
+            try:
+                for entry in os.scandir(fd):
+                    budget -= 1
+                    if budget < 0:
+                        raise ValueError("it holds more than %d refs" % limit)
+                    if entry.is_dir(follow_symlinks=False) and depth < 32:
+                        try:
+                            pending.append((open_dir(entry.name, fd), prefix + entry.name + "/",
+                                            depth + 1))
+                        except OSError:
+                            pass
+                    elif entry.is_file(follow_symlinks=False) and \
+                            valid_refname(prefix + entry.name):
+                        value = ref_value(read_regular(entry.name, 4096, dir_fd=fd))
+                        if value:
+                            refs[prefix + entry.name] = value
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _prefix, _depth in pending:
             os.close(fd)
     return refs
 
@@ -2070,7 +2102,9 @@ def host_git_process(repo_dir, *args, env=None, stdin=None):
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
                                                         "GIT_CONFIG_NOSYSTEM", "GIT_EXEC_PATH")}
-    clean.update(env or {}, GIT_TERMINAL_PROMPT="0")
+    # Replacement refs would let an agent's object stand in for another in
+    # what pi-agent reads (the commits it lists): never honoured here.
+    clean.update(env or {}, GIT_TERMINAL_PROMPT="0", GIT_NO_REPLACE_OBJECTS="1")
     try:
         return subprocess.Popen(["git", "-c", "core.hooksPath=/dev/null", "-c",
                                  "core.fsmonitor=false",
@@ -2474,12 +2508,7 @@ def seed_refs(gate, gitdir, common, record):
     head = read_regular(os.path.join(gitdir, "HEAD"), 4096)
     record["head"] = ref_value(head)
     write_file(os.path.join(gate, "HEAD"), head or b"ref: refs/heads/main\n")
-    fd = open_dir(common)
-    try:
-        refs = read_ref_store(fd)
-    finally:
-        os.close(fd)
-    record["refs"] = refs
+    refs = record["refs"] = host_ref_store(common)
     packed = ["# pack-refs with: sorted \n"]
     for name in sorted(refs):
         if refs[name].startswith("ref: "):
@@ -2651,53 +2680,29 @@ def link_objects(gate_fd, dest):
     return count
 
 
-def incoming_commits(incoming):
-    """{commit: (parents, [author, committer], subject)} of the agent's new
-    commits, loose, as git commit writes them."""
-    import zlib
-    found = {}
-    for sub in sorted(os.listdir(incoming)) if os.path.isdir(incoming) else ():
-        if len(sub) != 2:
-            continue
-        for name in sorted(os.listdir(os.path.join(incoming, sub))):
-            with open(os.path.join(incoming, sub, name), "rb") as handle:
-                try:
-                    head = zlib.decompressobj().decompress(handle.read(1 << 16), 1 << 14)
-                except zlib.error:
-                    continue
-            if not head.startswith(b"commit "):
-                continue
-            header, _, message = head.split(b"\0", 1)[-1].partition(b"\n\n")
-            parents, people = [], []
-            for row in header.splitlines():
-                field, _, value = row.partition(b" ")
-                if field == b"parent":
-                    parents.append(value.decode("ascii", "replace"))
-                elif field in (b"author", b"committer"):
-                    people.append(value.rsplit(b" ", 2)[0].decode("utf-8", "replace"))
-            subject = message.split(b"\n", 1)[0].decode("utf-8", "replace")
-            found[sub + name] = (parents, people, subject)
-    return found
-
-
-def note_commits(record, commits, wanted):
-    """The commits that came back (reachable from the agent's refs through
-    its new ones), for the session log, and a note for those naming
+def note_commits(record, repo, tips, have):
+    """The commits that came back (reachable from the agent's new refs and
+    HEAD, `tips`, not from `have`), read by host git wherever they are
+    (loose or packed), for the session log; and a note for those naming
     someone else as author or committer: a rebase keeps authors, and a
     hostile agent can write any name."""
-    import collections
-    reached, todo = [], collections.deque(sorted(oid for oid in wanted if oid in commits))
-    seen = set(todo)
-    while todo:
-        oid = todo.popleft()
-        reached.append(oid)
-        for parent in commits[oid][0]:
-            if parent in commits and parent not in seen:
-                seen.add(parent)
-                todo.append(parent)
-    record["commits"] = [{"id": oid, "subject": clip(commits[oid][2])} for oid in reached]
-    foreign = [(oid, who) for oid in reached for who in commits[oid][1][:2]
-               if who != record.get("identity")]
+    types = host_git(repo["gitdir"], "cat-file", "--batch-check=%(objectname) %(objecttype)",
+                     stdin="".join(oid + "\n" for oid in sorted(tips)).encode(), check=False)
+    commits = [row.split()[0] for row in types.stdout.decode().splitlines()
+               if row.endswith((" commit", " tag"))]
+    if not commits:
+        return
+    listing = host_git(repo["gitdir"], "log", "--stdin", "-z", "--max-count=%d" % MAX_COMMITS_READ,
+                       "--format=%H%x1f%an <%ae>%x1f%cn <%ce>%x1f%s",
+                       stdin=("".join(oid + "\n" for oid in commits) +
+                              "".join("^%s\n" % oid for oid in sorted(have))).encode(),
+                       check=False)
+    reached = [entry.split("\x1f") for entry in
+               listing.stdout.decode("utf-8", "replace").split("\0") if entry.count("\x1f") == 3]
+    record["commits"] = [{"id": oid, "subject": clip(subject)}
+                         for oid, _author, _committer, subject in reached]
+    foreign = [(oid, who) for oid, author, committer, _subject in reached
+               for who in (author, committer) if who != record.get("identity")]
     if foreign:
         record["notes"].append(
             "%s brought back name%s someone else as author or committer (%s: %s): a rebase "
@@ -2784,12 +2789,22 @@ def branches_checked_out_elsewhere(repo):
 
 
 def ref_updates(record, agent_refs, host_refs, elsewhere):
-    """The update-ref --stdin lines for the agent's ref changes, and notes.
-    Compare-and-swap against what the run started from: a ref the user
-    moved meanwhile (or checked out in another work tree) is not touched,
-    and the agent's version goes under refs/pi-agent/<run>/."""
-    seeded, lines, notes = record["refs"], [], []
+    """The update-ref --stdin lines that bring the agent's ref changes back,
+    by allow-list; notes for the user; and the refs left out ("OID NAME").
+    Applied: branches moved, made or deleted compare-and-swap against what
+    the run started from (one the user moved meanwhile, or that another
+    work tree has checked out, is kept aside), and new tags. Kept aside,
+    under refs/pi-agent/<run>/, with one counted line: a new branch or tag
+    whose short name another ref answers to (git would take one for the
+    other: a tag main beside the branch main, a branch origin/main beside
+    the remote's), and any other change: a moved tag, remote-tracking refs
+    (git log origin/main.. would lie), replace refs (host git would show
+    one object for another), notes, refs directly under refs/. Deletions
+    of what is not a branch are not applied. At most MAX_NEW_REFS refs are
+    made; the others are left out."""
+    seeded, lines, notes, aside, kept_deleted, left_out = record["refs"], [], [], [], [], []
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(record["started"]))
+    known, made = set(host_refs), 0
     for name in sorted(set(seeded) | set(agent_refs)):
         old, new = seeded.get(name), agent_refs.get(name)
         if old == new or name.startswith("refs/pi-agent/") or name == "refs/stash":
@@ -2800,24 +2815,60 @@ def ref_updates(record, agent_refs, host_refs, elsewhere):
         current = host_refs.get(name)
         if current == new:
             continue
-        if current != old or (new and name in elsewhere):
+        line, branch, outside = None, name.startswith("refs/heads/"), False
+        if branch and (current != old or (new and name in elsewhere)):
             if new:
-                kept = "refs/pi-agent/%s/%s" % (stamp, name[len("refs/"):])
-                lines.append("create %s %s" % (kept, new))
+                line = "create refs/pi-agent/%s/%s %s" % (stamp, name[len("refs/"):], new)
                 why = ("is checked out in %s" % elsewhere[name] if current == old
                        else "moved on the host during the run")
-                notes.append("%s %s, so the agent's is kept as %s: git log or git merge it, "
-                             "then git update-ref -d it" % (name, why, kept))
+                notes.append("%s %s, so the agent's is kept as refs/pi-agent/%s/%s: git log or "
+                             "git merge it, then git update-ref -d it"
+                             % (name, why, stamp, name[len("refs/"):]))
             else:
                 notes.append("the agent deleted %s, which moved on the host meanwhile: kept" % name)
-        elif new is None:
-            lines.append("delete %s %s" % (name, old))
-            notes.append("the agent deleted %s (it was %s)" % (name, old[:12]))
-        elif old is None:
-            lines.append("create %s %s" % (name, new))
+        elif (branch or name.startswith("refs/tags/") and old is None and current is None) \
+                and not (old is None and ambiguous_ref(name, known)):
+            if new is None:
+                line = "delete %s %s" % (name, old)
+                notes.append("the agent deleted %s (it was %s)" % (name, old[:12]))
+            elif old is None:
+                line = "create %s %s" % (name, new)
+            else:
+                line = "update %s %s %s" % (name, new, old)
+        elif new:
+            line, outside = "create refs/pi-agent/%s/%s %s" % (stamp, name[len("refs/"):], new), True
         else:
-            lines.append("update %s %s %s" % (name, new, old))
-    return lines, notes
+            kept_deleted.append(name)
+        if line and line.startswith("create "):
+            made += 1
+            if made > MAX_NEW_REFS:
+                left_out.append("%s %s" % (new, name))
+                continue
+            known.add(line.split(" ")[1])
+        if line:
+            lines.append(line)
+        if outside:
+            aside.append(name)
+    if aside or kept_deleted:
+        names = aside + kept_deleted
+        notes.append("%s of the agent's %s not applied, as a run brings back only branches "
+                     "and new tags (%s)%s%s" % (
+                         plural(len(names), "ref change"), "was" if len(names) == 1 else "were",
+                         ", ".join(names[:3] + ["..."] * (len(names) > 3)),
+                         "; kept as refs/pi-agent/%s/... (git for-each-ref refs/pi-agent/%s)"
+                         % (stamp, stamp) if aside else "",
+                         "; deletions of %s left undone" % plural(len(kept_deleted), "ref")
+                         if kept_deleted else ""))
+    return lines, notes, left_out
+
+
+def ambiguous_ref(name, known):
+    """Host git would take a new branch or tag `name` for another ref of
+    `known`, or another for it: the names it tries for a short name."""
+    short = name.split("/", 2)[2]
+    return short == "HEAD" or any(other != name and other in known for other in (
+        "refs/" + short, "refs/tags/" + short, "refs/heads/" + short, "refs/remotes/" + short,
+        "refs/remotes/%s/HEAD" % short))
 
 
 def apply_index(record, repo, gate_fd, hash_len, wanted):
@@ -2897,40 +2948,60 @@ def apply_state_files(record, repo, agent_state):
             os.replace(temp, path)
 
 
-def keep_gate(run_dir, gate, record, why):
-    """Git data that could not come back is kept, not lost."""
+def keep_gate(run_dir, gate_fd, record, why, refs=None):
+    """Git data that could not come back is kept, not lost, and cannot run:
+    STATE/kept/CONTAINER holds the agent's objects (plain files with an
+    object's name, as linked for the import) and its refs (a packed-refs
+    written here from what was read), nothing else. No HEAD, config or
+    hooks: no git takes it, or anything in it, for a repository."""
     kept = os.path.join(os.path.dirname(os.path.dirname(run_dir)), KEPT_DIR,
                         os.path.basename(run_dir))
+    incoming = os.path.join(run_dir, "incoming")
     try:
         os.makedirs(os.path.dirname(kept), mode=0o700, exist_ok=True)
-        os.rename(gate, kept)
-        set_aside(os.path.join(kept, "HEAD"))  # so that no git in it reads the agent's config
-        where = "it is kept in %s (an agent-made git directory, disabled: read it, do not " \
-            "run anything from it)" % kept
-    except OSError:
-        where = "it could not be kept"
+        os.mkdir(kept, 0o700)
+        if not os.path.isdir(incoming):
+            link_objects(gate_fd, incoming)
+        if os.path.isdir(incoming):
+            os.rename(incoming, os.path.join(kept, "objects"))
+        if refs:
+            write_file(os.path.join(kept, "packed-refs"), "".join(
+                "%s %s\n" % (oid, name) for name, oid in sorted(refs.items())
+                if OID_RE.fullmatch(oid)).encode())
+        if not set(os.listdir(kept)) <= {"objects", "packed-refs"} or \
+                looks_like_git_dir(kept) or looks_like_git_dir(os.path.join(kept, "objects")):
+            raise OSError("what was kept is not data alone")
+        where = ("its objects and refs are kept in %s, as data (no HEAD, config or hooks); to "
+                 "look: git init -q --bare /tmp/look && cp -r %s/. /tmp/look && git --git-dir "
+                 "/tmp/look log --all" % (kept, kept))
+    except OSError as err:
+        where = "it could not be kept (%s)" % err
     record["notes"].append("the agent's git work could not be brought back (%s); %s"
                            % (why, where))
 
 
 def agent_git_work(record, gate, gate_fd):
-    """What the agent left in its git directory: (HEAD, refs, operation
-    files, stash entries), and the objects they need that the host did not
-    have when the run began."""
-    head, refs, stash = read_head(gate_fd), read_ref_store(gate_fd), agent_stash(gate)
+    """What the agent left in its git directory: HEAD, refs (ValueError
+    for a store past MAX_AGENT_REFS more than it was given), operation
+    files, stash entries."""
+    head, stash = read_head(gate_fd), agent_stash(gate)
+    refs = read_ref_store(gate_fd, len(record["refs"]) + MAX_AGENT_REFS)
     state = {}
     for name in GIT_STATE_FILES:
         data = read_regular(name, 16 << 20, dir_fd=gate_fd)
         state[name] = None if data is None else data.decode("utf-8", "replace")
-    wanted = {oid for name, oid in refs.items()
-              if record["refs"].get(name) != oid and OID_RE.fullmatch(oid)}
-    wanted.update(oid for oid, _message in stash if oid not in record.get("stash", ()))
-    if head and OID_RE.fullmatch(head):
-        wanted.add(head)
-    for name, text in state.items():
-        if text and name not in ("MERGE_MSG", "MERGE_MODE"):
-            wanted.update(oid for oid in text.split() if OID_RE.fullmatch(oid))
-    return (head, refs, state, stash), wanted
+    return head, refs, state, stash
+
+
+def host_ref_store(common):
+    """The refs of a repository pi-agent trusts (see read_ref_store)."""
+    fd = open_dir(common)
+    try:
+        return read_ref_store(fd)
+    except ValueError as err:
+        raise PiError("cannot read the refs of %s: %s" % (common, err))
+    finally:
+        os.close(fd)
 
 
 def hand_back_git(run_dir, record):
@@ -2951,7 +3022,23 @@ def hand_back_git(run_dir, record):
             if adopt_repository(record, gate_fd) is None:
                 return
         repo = record["repo"]
-        (head, refs, state, stash), wanted = agent_git_work(record, gate, gate_fd)
+        try:
+            head, refs, state, stash = agent_git_work(record, gate, gate_fd)
+        except ValueError as err:
+            keep_gate(run_dir, gate_fd, record, "its git directory: %s" % err)
+            os.rename(gate, gate + ".done")
+            return
+        elsewhere = branches_checked_out_elsewhere(repo)
+        lines, notes, left_out = ref_updates(record, refs, host_ref_store(repo["common"]),
+                                             elsewhere)
+        record["notes"].extend(notes)
+        tips = {line.split(" ")[2] for line in lines if not line.startswith("delete ")}
+        if head and OID_RE.fullmatch(head):
+            tips.add(head)
+        wanted = tips | {oid for oid, _message in stash if oid not in record.get("stash", ())}
+        for name, text in state.items():
+            if text and name not in ("MERGE_MSG", "MERGE_MODE"):
+                wanted.update(oid for oid in text.split() if OID_RE.fullmatch(oid))
         hash_len = 32 if record.get("format") == "sha256" else 20
         index = apply_index(record, repo, gate_fd, hash_len, wanted)
         have = {oid for oid in record["refs"].values() if OID_RE.fullmatch(oid)}
@@ -2961,10 +3048,13 @@ def hand_back_git(run_dir, record):
             try:
                 import_objects(repo["gitdir"], incoming, wanted, have)
             except PiError as err:
-                keep_gate(run_dir, gate, record, err)
+                keep_gate(run_dir, gate_fd, record, err, refs)
+                os.rename(gate, gate + ".done")
                 return
-            note_commits(record, incoming_commits(incoming), wanted)
-        move_refs(record, repo, refs, head)
+            note_commits(record, repo, tips, have)
+        if left_out:
+            list_left_out(run_dir, record, left_out)
+        move_refs(record, repo, lines, head, elsewhere)
         try:
             carry_stash(record, repo, stash)
         except PiError as err:
@@ -2976,6 +3066,22 @@ def hand_back_git(run_dir, record):
         os.rename(gate, gate + ".done")
     finally:
         os.close(gate_fd)
+
+
+def list_left_out(run_dir, record, left_out):
+    """The new refs past MAX_NEW_REFS: named in STATE/kept/CONTAINER.refs
+    (1 MB of them at most), never made."""
+    path = os.path.join(os.path.dirname(os.path.dirname(run_dir)), KEPT_DIR,
+                        os.path.basename(run_dir) + ".refs")
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_file(path, "".join(line + "\n" for line in left_out).encode()[:1 << 20], 0o600)
+        where = "they are listed in %s" % path
+    except OSError as err:
+        where = "their list could not be written (%s)" % err.strerror
+    record["notes"].append("the agent made %d new refs more than the %d a run brings back: "
+                           "those are not made, and their objects not taken; %s"
+                           % (len(left_out), MAX_NEW_REFS, where))
 
 
 def apply_ref_lines(repo, lines, message, record):
@@ -3009,21 +3115,15 @@ def ref_move(line):
     return {"ref": clip(name), "old": old, "new": ids[0] if verb != "delete" else None}
 
 
-def move_refs(record, repo, agent_refs, head):
-    """The agent's ref changes, then HEAD, through host git (its reflogs
-    say pi-agent)."""
+def move_refs(record, repo, lines, head, elsewhere):
+    """The ref changes `lines` (ref_updates'), then HEAD, through host git
+    (its reflogs say pi-agent)."""
     message = "pi-agent: %s in %s" % (record["kind"], record["container"])
-    fd = open_dir(repo["common"])
-    try:
-        host_refs = read_ref_store(fd)
-    finally:
-        os.close(fd)
-    elsewhere = branches_checked_out_elsewhere(repo)
-    lines, notes = ref_updates(record, agent_refs, host_refs, elsewhere)
-    record["notes"].extend(notes)
     try:
         if lines:
             apply_ref_lines(repo, lines, message, record)
+        if sum(line.startswith("create ") for line in lines) > 100:
+            host_git(repo["gitdir"], "pack-refs", "--all", check=False)  # (not an inode each)
         if head is None or head == record["head"]:
             return
         now = ref_value(read_regular(os.path.join(repo["gitdir"], "HEAD"), 4096))
@@ -3230,6 +3330,7 @@ class Project:
                                                            guarded_dirs(config))
         if hold:
             hold(target, [repo.common, repo.gitdir] if repo else [])
+        check_armed(config.state_dir, target, forget=hold is not None)
         try:
             gated = repo is not None or stat.S_ISDIR(os.lstat(os.path.join(target, ".git")).st_mode)
         except OSError:
@@ -3300,22 +3401,30 @@ def changed_files(before, after):
     return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
 
 
-UNTRUSTED_SUFFIX = ".pi-agent-untrusted"
+UNTRUSTED_SUFFIX = ".pi-agent-untrusted-"
 
 
 def set_aside(full):
-    """Rename `full` to a free name ending in UNTRUSTED_SUFFIX, so that git
-    no longer takes it for what it was; returns the new name, or None when
-    it cannot (its directory is not the user's)."""
-    for number in range(100):
-        aside = full + UNTRUSTED_SUFFIX + (".%d" % number if number else "")
-        if not os.path.lexists(aside):
-            try:
-                os.rename(full, aside)
-            except OSError:
-                return None
-            return aside
-    return None
+    """Rename `full` to a name no one could have taken first (UNTRUSTED_SUFFIX
+    and a random part), so that git no longer takes it for what it was;
+    returns the new name, or None when the rename failed (its directory is
+    not the user's) or `full` is there still."""
+    aside = full + UNTRUSTED_SUFFIX + os.urandom(8).hex()
+    try:
+        os.rename(full, aside)
+    except OSError:
+        return None
+    return None if os.path.lexists(full) else aside
+
+
+def still_armed(target, path, kind):
+    """What a disarm was for is there still: `kind` "dir", a git directory
+    git would find at `path`; "file", a file at `path`; "unseen", a
+    directory the user cannot look into."""
+    full = os.path.join(target, path)
+    if kind == "unseen":
+        return os.path.isdir(full) and not os.access(full, os.R_OK | os.X_OK)
+    return looks_like_git_dir(full) if kind == "dir" else os.path.lexists(full)
 
 
 def stale_socket(path):
@@ -3357,6 +3466,11 @@ def sweep_project(record, found):
             notes.append("%s now leads out of the project (to %s), %s: left alone"
                          % (path, os.path.join(real, os.path.basename(full)), what))
             return
+        # (checked once the sweep is over: one that failed stops the next run)
+        if os.path.basename(path) == "HEAD":
+            record.setdefault("disarmed", {})[os.path.dirname(path)] = "dir"
+        else:
+            record.setdefault("disarmed", {})[path] = "file"
         aside = set_aside(full)
         if aside:
             swept(path, "disabled")
@@ -3531,6 +3645,8 @@ def end_run(line, run_dir, record, watch=None):
     if scan is not None:
         found = scan.results()
     notes += sweep(line, record, found, predicate)
+    if record["armed"]:
+        notes.insert(0, keep_armed(line, record))
     changed = changed_files(record["host_run"], host_run_files(target))
     if changed:
         notes.append("the agent changed %s, which your host may run by itself; review before "
@@ -3542,6 +3658,56 @@ def end_run(line, run_dir, record, watch=None):
     except FileNotFoundError:
         pass
     return notes
+
+
+def armed_paths(state_dir, target):
+    """{relative path: kind} of what earlier runs' sweeps could not make
+    safe in `target` (see still_armed)."""
+    try:
+        entries = json.loads(read_regular(project_file(state_dir, target, ".armed")) or b"{}")
+    except ValueError:
+        return {}
+    return {path: kind for path, kind in entries.items() if isinstance(kind, str)} \
+        if isinstance(entries, dict) else {}
+
+
+def keep_armed(line, record):
+    """What the sweep could not make safe, written down: the next run in the
+    project stops until it is gone (check_armed). Returns the loud note."""
+    target = record["target"]
+    entries = armed_paths(line.state_dir, target)
+    entries.update((path, record["disarmed"][path]) for path in record["armed"])
+    path = project_file(line.state_dir, target, ".armed")
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_private(path, json.dumps(entries).encode())
+    except OSError as err:
+        line.log("could not write %s: %s" % (path, err.strerror))
+    return Alarm("could not make %s safe (a git directory or .git file the agent made, or a "
+                 "directory you cannot look into): host git would run what it says if you cd "
+                 "there; look, then remove it (rm -rf %s); pi-agent runs nothing more in %s "
+                 "until it is gone" % (", ".join(record["armed"][:3]), " ".join(
+                     shlex.quote(os.path.join(target, path)) for path in record["armed"][:3]),
+                     target))
+
+
+def check_armed(state_dir, target, forget=False):
+    """Refused while an earlier run left something armed in `target`;
+    with `forget`, a record of what is gone since is dropped."""
+    entries = armed_paths(state_dir, target)
+    armed = sorted(path for path, kind in entries.items() if still_armed(target, path, kind))
+    if armed:
+        raise Refused("refusing to run in %s: an earlier run left %s there, which pi-agent could "
+                      "not make safe (host git would run what it says); look, then remove it "
+                      "(rm -rf %s); if it is yours and safe: rm %s" % (
+                          target, ", ".join(armed[:3]), " ".join(shlex.quote(os.path.join(
+                              target, path)) for path in armed[:3]),
+                          project_file(state_dir, target, ".armed")))
+    if entries and forget:
+        try:
+            os.remove(project_file(state_dir, target, ".armed"))
+        except FileNotFoundError:
+            pass
 
 
 # A session record lists this many commits, refs and swept files at most;
@@ -3574,8 +3740,10 @@ def summary_message(summary):
 
 def sweep(line, record, found, predicate):
     """sweep_project() on what was found, and again on what it could not
-    look into until it was given back (or made readable). Returns notes."""
-    notes, target = [], record["target"]
+    look into until it was given back (or made readable). Returns notes.
+    What it could not disarm, or look into, is record["armed"]: see
+    end_run."""
+    notes, target, reopen = [], record["target"], []
     for _ in range(4):
         swept, for_root, reopen = sweep_project(record, found)
         notes += swept
@@ -3587,19 +3755,27 @@ def sweep(line, record, found, predicate):
             except PiError as err:
                 notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
         if not reopen:
-            return notes
+            break
         try:
             found = ProjectScan(target, predicate, record["gated"],
                                 ["./" + path for path in reopen]).results()
         except PiError:
-            return notes
-    return notes + ["could not look into %s: check it before you use it"
-                    % ", ".join(reopen[:5])]
+            break
+    disarmed = record.setdefault("disarmed", {})
+    for path in reopen:
+        disarmed.setdefault(path, "unseen")
+    record["armed"] = sorted(path for path, kind in disarmed.items()
+                             if still_armed(target, path, kind))
+    return notes
+
+
+class Alarm(str):
+    """A note that is an error: something pi-agent could not make safe."""
 
 
 def show_notes(line, notes, limit=8):
     for note in notes[:limit]:
-        say(note, "warning")
+        say(note, "error" if isinstance(note, Alarm) else "warning")
     if len(notes) > limit:
         say("... and %d more, in %s" % (len(notes) - limit, line.log_path), "warning")
     for note in notes:

@@ -510,3 +510,117 @@ def test_state_is_private_and_discarded_leftovers_take_their_secrets(box):
     assert subprocess.run(["grep", "-rlq", secret, state]).returncode == 1, \
         "no file in the state directory holds the secret any more"
     assert os.listdir(os.path.join(state, "run")) == []
+
+
+# --- 5. what comes back is allow-listed; a disarm holds -------------------------
+
+def test_a_planted_repository_whose_old_names_are_taken_is_disarmed(box):
+    """Every name an earlier sweep would have set HEAD aside as is taken
+    first: the disarm still holds, and the next run mounts nothing of it."""
+    box.init_repo()
+    m = marker(box)
+    result = agent(box, """
+        git init -q sub && git -C sub config core.fsmonitor 'touch {m}; false'
+        git -C sub commit -q --allow-empty -m x
+        mkdir sub/.git/HEAD.pi-agent-untrusted
+        for n in $(seq 1 99); do mkdir sub/.git/HEAD.pi-agent-untrusted.$n; done
+        """.format(m=m))
+    assert result.returncode == 0 and "disabled sub/.git" in result.stderr, result.stderr
+    host_git(box, "status", cwd=os.path.join(box.project, "sub"))
+    assert not os.path.exists(m)
+    mounts = box.ok("pi-exec cat /proc/self/mountinfo").stdout
+    assert os.path.join(box.project, "sub") not in mounts, "not mounted as a trusted repository"
+
+
+def test_the_git_work_kept_aside_is_data_that_runs_nothing(box):
+    """The agent makes the import fail (a tree holding .git), and arms its
+    git directory's config: what is kept has no HEAD, config or hooks."""
+    box.init_repo()
+    m = marker(box)
+    result = agent(box, """
+        tree=$(printf '100644 blob %s\\t.git\\n' $(git hash-object -w /dev/null) |
+               git mktree --missing)
+        git update-ref refs/heads/evil $(git commit-tree $tree -m evil)
+        git config core.fsmonitor 'touch {m}; false' && git config core.pager 'touch {m}'
+        printf '#!/bin/sh\\ntouch {m}\\n' > .git/hooks/post-checkout
+        for n in '' $(seq 1 99 | sed 's/^/./'); do mkdir .git/HEAD.pi-agent-untrusted$n; done
+        """.format(m=m))
+    assert "could not be brought back" in result.stderr and "as data" in result.stderr
+    kept_root = os.path.join(box.state_dir, "kept")
+    kept = [os.path.join(kept_root, name) for name in os.listdir(kept_root)]
+    assert len(kept) == 1 and sorted(os.listdir(kept[0])) == ["objects", "packed-refs"]
+    for where in (kept[0], os.path.join(kept[0], "objects")):
+        assert host_git(box, "status", cwd=where).returncode != 0, "no repository there"
+        host_git(box, "log", cwd=where)
+    assert not os.path.exists(m)
+    assert "evil" not in host_git(box, "branch").stdout
+
+
+def test_replace_refs_never_reach_the_host(box):
+    """git replace would let host git show the clean file while checkout
+    writes the agent's."""
+    box.init_repo()
+    box.ok("echo clean > file && git add file && git -c user.name=H -c user.email=h@x "
+           "commit -qm file")
+    result = agent(box, "git replace $(git rev-parse HEAD:file) "
+                        "$(echo evil | git hash-object -w --stdin)")
+    assert "1 ref change of the agent's was not applied" in result.stderr, result.stderr
+    assert host_git(box, "for-each-ref refs/replace").stdout == ""
+    box.ok("rm file && git checkout -- file")
+    with open(os.path.join(box.project, "file")) as handle:
+        assert handle.read() == "clean\n"
+    kept = host_git(box, "for-each-ref --format='%(refname)' refs/pi-agent").stdout.split()
+    assert len(kept) == 1 and "/replace/" in kept[0]
+
+
+def test_only_branches_and_new_tags_come_back_the_users_names_stay(box):
+    box.init_repo()
+    box.ok("git tag v1 && git update-ref refs/remotes/origin/main HEAD && "
+           "git symbolic-ref refs/remotes/origin/HEAD refs/remotes/origin/main")
+    branch = host_git(box, "symbolic-ref --short HEAD").stdout.strip()
+    before = host_git(box, "for-each-ref --format='%(refname) %(objectname)'").stdout
+    result = agent(box, """
+        git commit -q --allow-empty -m agent
+        git tag -f v1 && git update-ref refs/remotes/origin/main HEAD
+        git update-ref refs/main HEAD && git branch origin/main && git tag {b}
+        git notes add -m note && git tag v2
+        """.format(b=branch))
+    assert result.returncode == 0, result.stderr
+    after = dict(line.split() for line in host_git(
+        box, "for-each-ref --format='%(refname) %(objectname)'").stdout.splitlines())
+    unchanged = dict(line.split() for line in before.splitlines())
+    moved = {name for name in after if after[name] != unchanged.get(name)}
+    assert {name for name in moved if not name.startswith("refs/pi-agent/")} == {
+        "refs/heads/" + branch, "refs/tags/v2"}
+    assert host_git(box, "log -1 --format=%s origin/main").stdout == "first\n"
+    assert "ref changes of the agent's were not applied" in result.stderr
+
+
+def test_a_flood_of_refs_leaves_the_hosts_git_directory_small(box):
+    box.init_repo()
+    result = agent(box, """
+        oid=$(git rev-parse HEAD)
+        seq 1 20000 | sed "s|^|$oid refs/tags/flood-|" >> .git/packed-refs
+        """)
+    assert result.returncode == 0 and "20000 new refs" not in result.stderr
+    assert "more than the 1000 a run brings back" in result.stderr, result.stderr
+    count = len(host_git(box, "for-each-ref refs/tags").stdout.splitlines())
+    assert count == 1000
+    size = int(subprocess.run(["du", "-sk", os.path.join(box.project, ".git")],
+                              capture_output=True, text=True).stdout.split()[0])
+    assert size < 2048, "the host's .git stays small: %d kB" % size
+
+
+def test_packed_commits_naming_someone_else_are_named_too(box):
+    box.init_repo()
+    result = agent(box, "GIT_AUTHOR_NAME=Host GIT_AUTHOR_EMAIL=h@example.com "
+                        "git commit -q --allow-empty -m posing && git repack -adq && "
+                        "git prune-packed")
+    assert "someone else as author or committer" in result.stderr, result.stderr
+    subjects = [commit["subject"] for record in json_log(box) for commit in record["commits"]]
+    assert subjects == ["posing"]
+
+
+def json_log(box):
+    import json
+    return json.loads(box.ok("pi-log --json").stdout)

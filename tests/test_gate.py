@@ -175,15 +175,70 @@ def test_ref_updates_never_overwrite_what_the_user_moved():
              "refs/heads/moved": "6" * 40, "refs/pi-agent/x": "7" * 40}
     host = {"refs/heads/main": "1" * 40, "refs/heads/old": "2" * 40,
             "refs/heads/moved": "8" * 40}
-    lines, notes = pi_agent.ref_updates(record, agent, host, {})
+    lines, notes, _left_out = pi_agent.ref_updates(record, agent, host, {})
     assert lines == ["update refs/heads/main %s %s" % ("4" * 40, "1" * 40),
                      "create refs/pi-agent/19700101-000000/heads/moved %s" % ("6" * 40),
                      "create refs/heads/new %s" % ("5" * 40),
                      "delete refs/heads/old %s" % ("2" * 40)]
     assert any("moved on the host" in note for note in notes)
-    lines, notes = pi_agent.ref_updates(record, agent, host, {"refs/heads/main": "/src/wt"})
+    lines, notes, _left_out = pi_agent.ref_updates(record, agent, host,
+                                                   {"refs/heads/main": "/src/wt"})
     assert "update refs/heads/main" not in " ".join(lines), "checked out elsewhere: kept aside"
     assert any("checked out in /src/wt" in note for note in notes)
+
+
+def test_only_branches_and_new_tags_come_back():
+    """Replace refs would make host git show one object for another; a
+    moved remote-tracking ref would hide what is not pushed; refs/main
+    and a tag or branch named like another ref would be taken for it."""
+    a, b, c = "a" * 40, "b" * 40, "c" * 40
+    seeded = {"refs/heads/main": a, "refs/tags/v1": a, "refs/remotes/origin/main": a,
+              "refs/remotes/origin/HEAD": "ref: refs/remotes/origin/main", "refs/tags/gone": a}
+    agent = dict(seeded, **{"refs/heads/main": b, "refs/heads/topic": b, "refs/tags/v2": b,
+                            "refs/tags/v1": b, "refs/remotes/origin/main": b,
+                            "refs/replace/" + a: c, "refs/notes/commits": c, "refs/main": c,
+                            "refs/tags/main": c, "refs/heads/origin/main": c,
+                            "refs/heads/origin": c, "refs/bisect/bad": c})
+    del agent["refs/tags/gone"]
+    lines, notes, left_out = pi_agent.ref_updates({"refs": seeded, "started": 0}, agent,
+                                                  seeded, {})
+    applied = {line.split(" ")[1] for line in lines}
+    assert applied - {name for name in applied if name.startswith("refs/pi-agent/")} == {
+        "refs/heads/main", "refs/heads/topic", "refs/tags/v2"}
+    kept = {name[len("refs/pi-agent/19700101-000000/"):] for name in applied
+            if name.startswith("refs/pi-agent/")}
+    assert kept == {"tags/v1", "remotes/origin/main", "replace/" + a, "notes/commits", "main",
+                    "tags/main", "heads/origin/main", "heads/origin", "bisect/bad"}
+    assert not any(line.startswith("delete refs/tags/") for line in lines)
+    assert left_out == []
+    assert len(notes) == 1 and "10 ref changes" in notes[0] and "refs/pi-agent/" in notes[0]
+
+
+def test_a_flood_of_refs_is_bounded():
+    seeded = {"refs/heads/main": "a" * 40}
+    agent = dict(seeded, **{"refs/heads/f%05d" % n: "b" * 40 for n in range(3000)})
+    lines, notes, left_out = pi_agent.ref_updates({"refs": seeded, "started": 0}, agent,
+                                                  seeded, {})
+    assert len(lines) == pi_agent.MAX_NEW_REFS and len(left_out) == 3000 - len(lines)
+    assert left_out[0] == "%s refs/heads/f%05d" % ("b" * 40, pi_agent.MAX_NEW_REFS)
+
+
+def test_an_agents_ref_store_past_its_bound_is_not_read(tmp_path):
+    """Read as if absent, a packed-refs too large would make every ref in
+    it look deleted (and the hand-back delete the user's branches)."""
+    gate = tmp_path / "gate"
+    (gate / "refs" / "heads").mkdir(parents=True)
+    (gate / "packed-refs").write_text("".join("%s refs/heads/f%d\n" % ("1" * 40, n)
+                                              for n in range(50)))
+    fd = pi_agent.open_dir(str(gate))
+    try:
+        assert len(pi_agent.read_ref_store(fd, 51)) == 50  # (refs/heads counts)
+        with pytest.raises(ValueError, match="more than 40"):
+            pi_agent.read_ref_store(fd, 40)
+        with pytest.raises(ValueError, match="packed-refs"):
+            pi_agent.read_ref_store(fd, 5)  # (too large to be read for 5)
+    finally:
+        os.close(fd)
 
 
 def test_the_agents_ref_store_is_read_without_following_links(tmp_path):
@@ -259,12 +314,19 @@ def test_the_sweep_disarms_new_git_directories_and_clears_setuid_bits(tmp_path):
     assert os.path.exists(os.path.join(kept, ".git", "HEAD")), "it was there before: trusted"
     for gitdir in ("made/.git", "bare"):
         assert not os.path.exists(os.path.join(root, gitdir, "HEAD"))
-        assert os.path.exists(os.path.join(root, gitdir, "HEAD.pi-agent-untrusted"))
+        assert len(set_aside_in(os.path.join(root, gitdir), "HEAD")) == 1
     assert not os.path.exists(os.path.join(root, "w", ".git"))
     assert stat.S_IMODE(os.stat(tool).st_mode) == 0o755
     assert len(notes) == 4 and all(pi_agent.printable(note) == note for note in notes)
     assert git(root, "rev-parse", "--git-dir", check=False).returncode != 0, \
         "host git finds no repository the agent made"
+
+
+def set_aside_in(directory, name):
+    """What the sweep renamed `name` to: a name no one could take first."""
+    import re
+    return [entry for entry in os.listdir(directory)
+            if re.fullmatch(re.escape(name) + r"\.pi-agent-untrusted-[0-9a-f]{16}", entry)]
 
 
 def sweep_all(root, record):
@@ -273,13 +335,15 @@ def sweep_all(root, record):
 
 
 def test_a_git_directory_cannot_dodge_being_disabled(tmp_path):
-    """The free name taken (so the rename fails), or a git directory made
-    over two runs (so no HEAD is new in the second)."""
+    """The names it could be renamed to taken first, or a git directory
+    made over two runs (so no HEAD is new in the second)."""
     import time
     root = str(tmp_path / "p")
     os.makedirs(root)
     git(root, "init", "-q", "blocked")
-    os.makedirs(os.path.join(root, "blocked", ".git", "HEAD.pi-agent-untrusted"))
+    for number in range(100):
+        os.makedirs(os.path.join(root, "blocked", ".git", "HEAD.pi-agent-untrusted" + (
+            ".%d" % number if number else "")))
     half = os.path.join(root, "half", ".git")
     os.makedirs(os.path.join(half, "objects"))
     with open(os.path.join(half, "HEAD"), "w") as handle:
@@ -287,11 +351,38 @@ def test_a_git_directory_cannot_dodge_being_disabled(tmp_path):
     started = time.time()
     os.makedirs(os.path.join(half, "refs"))  # the second run completes it
     notes, _for_root, _reopen = sweep_all(root, sweep_record(root, started))
-    assert os.path.exists(os.path.join(root, "blocked", ".git", "HEAD.pi-agent-untrusted.1"))
+    assert len(set_aside_in(os.path.join(root, "blocked", ".git"), "HEAD")) == 1
     assert not os.path.exists(os.path.join(half, "HEAD"))
     for where in ("blocked", "half"):
         assert git(os.path.join(root, where), "rev-parse", "--git-dir",
                    check=False).returncode != 0
+
+
+def test_a_disarm_that_fails_is_an_alarm_and_stops_the_next_run(tmp_path, monkeypatch):
+    import time
+    root, state = str(tmp_path / "p"), str(tmp_path / "state")
+    os.makedirs(root)
+    started = time.time()
+    git(root, "init", "-q", "sub")
+    rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda source, *rest: (_ for _ in ()).throw(
+        PermissionError(1, "not yours")) if "sub" in source else rename(source, *rest))
+
+    class Line:
+        state_dir = state
+    record = dict(sweep_record(root, started), gated=True, gid=os.getgid())
+    found = pi_agent.ProjectScan(root, pi_agent.scan_after(os.getuid()), False).results()
+    monkeypatch.setattr(pi_agent, "give_back", lambda *args: [])  # as if it could not help
+    pi_agent.sweep(Line, record, found, pi_agent.scan_after(os.getuid()))
+    assert record["armed"] == ["sub/.git"]
+    alarm = pi_agent.keep_armed(Line, record)
+    assert isinstance(alarm, pi_agent.Alarm) and "sub/.git" in alarm
+    with pytest.raises(pi_agent.Refused, match="sub/.git"):
+        pi_agent.check_armed(state, root, forget=True)
+    monkeypatch.setattr(os, "rename", rename)
+    os.remove(os.path.join(root, "sub", ".git", "HEAD"))  # the user decided
+    pi_agent.check_armed(state, root, forget=True)
+    assert pi_agent.armed_paths(state, root) == {}
 
 
 def test_a_directory_the_user_cannot_read_is_opened_and_looked_into(tmp_path):

@@ -2417,17 +2417,27 @@ def sanitized_index(agent_data, host_data, hash_len, host_mtime=0):
 # --- seeding: the private git directory, from the host's (read, never written)
 
 def config_quote(value):
-    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"').replace(
+        "\n", "\\n").replace("\t", "\\t")
 
 
-def gate_config(host_text, point, identity):
-    """The private git directory's config: the host repository's (remotes,
-    branches, format), then what makes commits inside the agent's own and
-    keeps git from running or repacking anything of the host's."""
+def gate_config(entries, point, identity):
+    """The private git directory's config: the repository's own entries
+    that are let in (gate_entries), then what makes commits inside the
+    agent's own and keeps git from running or repacking anything of the
+    host's."""
+    lines, header = [], None
+    for key, value in entries:
+        head, _, name = key.rpartition(".")
+        section, _, sub = head.partition(".")
+        if (section, sub) != header:
+            header = section, sub
+            lines.append("[%s%s]" % (section, " " + config_quote(sub) if sub else ""))
+        lines.append("\t%s = %s" % (name, "true" if value is None else config_quote(value)))
     name, email = identity
     who = "\tname = %s\n\temail = %s\n" % (config_quote(name), config_quote(email))
-    return (host_text.rstrip("\n") + "\n# pi-agent: the agent's own commits, whatever is above\n"
-            "[core]\n\tfsmonitor = false\n\tworktree = %s\n"
+    return ("\n".join(lines) + "\n# pi-agent: the agent's own commits, whatever is above\n"
+            "[core]\n\tbare = false\n\tfsmonitor = false\n\tworktree = %s\n"
             "[user]\n%s[author]\n%s[committer]\n%s"
             "[commit]\n\tgpgsign = false\n[tag]\n\tgpgsign = false\n"
             "[gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n"
@@ -2580,10 +2590,7 @@ def seed_gate(run_dir, record, identity):
         os.mkdir(os.path.join(gate, sub), 0o755)
     seed_refs(gate, gitdir, common, record)
     seed_index(gate, gitdir, record)
-    config = read_regular(os.path.join(common, "config"), 4 << 20) or b""
-    if repo["linked"]:
-        config += b"\n" + (read_regular(os.path.join(gitdir, "config.worktree"), 4 << 20) or b"")
-    text = gate_config(config.decode("utf-8", "surrogateescape"), record["point"], identity)
+    text = gate_config(record["git_config"], record["point"], identity)
     write_file(os.path.join(gate, "config"), text.encode("utf-8", "surrogateescape"))
     record["gate_config"] = text_digest(text)
     seed_files(gate, gitdir, common, record)
@@ -3187,24 +3194,29 @@ def start_config_listing(repo):
         return None
 
 
-def config_facts(listing, target):
+def config_facts(listing, target, repo=None):
     """From that listing: the object format, and the paths host git reads
     as configuration or runs as hooks that lie in the project (outside its
     .git): files it included, a core.hooksPath there. The agent must not
     write those: they are mounted read-only, and must exist (else the
-    agent could create them)."""
-    facts = {"format": "sha1", "protected": [], "read": []}
+    agent could create them). And what the run's private git directory
+    takes of `repo`'s own config (gate_entries)."""
+    facts = {"format": "sha1", "protected": [], "read": [], "local": [], "left_out": []}
     if listing is None:
         return facts
     out = listing.communicate()[0].decode("utf-8", "surrogateescape")
-    files, hooks = set(), None
+    files, hooks, local = set(), None, []
+    own = {os.path.join(repo.common, "config"), os.path.join(repo.gitdir, "config.worktree")} \
+        if repo else set()
     fields = out.split("\0")
     for origin, pair in zip(fields[0::2], fields[1::2]):
-        key, _, value = pair.partition("\n")
+        key, newline, value = pair.partition("\n")
         key = key.lower()
         source = origin[len("file:"):] if origin.startswith("file:") else None
         if source:
             files.add(os.path.normpath(os.path.join(target, source)))
+            if os.path.normpath(os.path.join(target, source)) in own:
+                local.append((key, value if newline else None))
         if key == "extensions.objectformat":
             facts["format"] = value.strip().lower()
         elif key == "extensions.refstorage" and value.strip().lower() != "files":
@@ -3232,7 +3244,53 @@ def config_facts(listing, target):
                           "file, or change the setting"
                           % ("runs hooks from" if path == hooks else "includes", path))
         facts["protected"].append((path, info.st_dev, info.st_ino))
+    facts["local"], facts["left_out"] = gate_entries(local, target, hooks)
     return facts
+
+
+# What a run's private git directory takes of the repository's own config
+# (names as git config --list gives them): what git needs inside to read
+# the repository, its remotes and branches. Nothing else comes in: not the
+# credentials a config may hold (http.<url>.extraheader, credential.*, a
+# token in url.<base>.insteadOf or in a remote's URL), not commands.
+GATE_CONFIG_KEYS = re.compile(
+    r"core\.(?:repositoryformatversion|filemode|symlinks|ignorecase|precomposeunicode|"
+    r"logallrefupdates|autocrlf|eol|safecrlf|quotepath|abbrev|commentchar|whitespace|"
+    r"sparsecheckout|sparsecheckoutcone|checkstat|trustctime)"
+    r"|extensions\.(?:objectformat|worktreeconfig|preciousobjects|noop)"
+    r"|remote\..+\.(?:url|pushurl|fetch|push|tagopt|mirror|prune)"
+    r"|branch\..+\.(?:remote|merge|rebase|pushremote|description)"
+    r"|submodule\..+\.(?:url|active|branch)"
+    r"|pull\.(?:rebase|ff)|merge\.(?:ff|conflictstyle)|init\.defaultbranch"
+    r"|diff\.(?:renames|algorithm)", re.S)
+SECRET_WORDS = re.compile(r"extraheader|credential|token|password|passwd|secret|auth|cookie|"
+                          r"insteadof|proxy", re.I)
+URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.I)
+
+
+def gate_entries(local, target, hooks):
+    """[(key, value)] of the repository's own config (`local`) that the
+    private git directory gets, by GATE_CONFIG_KEYS: URLs without a
+    password or a token (any userinfo but an ssh user), a core.hooksPath
+    only inside the project (relative: the hooks run there inside too).
+    And the names left out that look like credentials (userinfo masked)."""
+    kept, left_out = [], []
+    for key, value in local:
+        if key == "core.hookspath" and hooks and is_within(hooks, target):
+            kept.append((key, os.path.relpath(hooks, target)))
+            continue
+        if not GATE_CONFIG_KEYS.fullmatch(key):
+            section, _, rest = key.partition(".")
+            if SECRET_WORDS.search(key) or URL_USERINFO.search(rest):
+                left_out.append(section + "." + URL_USERINFO.sub(r"\1***@", rest))
+            continue
+        userinfo = URL_USERINFO.match(value or "")
+        if key.endswith("url") and userinfo and (":" in userinfo.group(2) or not
+                                                  userinfo.group(1).lower().startswith("ssh")):
+            value = URL_USERINFO.sub(r"\1", value)
+            left_out.append("the user and password in %s" % key)
+        kept.append((key, value))
+    return kept, left_out
 
 
 def project_file(state_dir, target, suffix):
@@ -3311,10 +3369,11 @@ class Project:
 
     def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
                  git_files=None, protected=(), object_format="sha1", dirs=(), modules=False,
-                 read=()):
+                 read=(), git_config=()):
         self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
         self.gated, self.protected, self.format = gated, list(protected), object_format
         self.read = list(read)  # what host git reads as the repository's config and hooks
+        self.git_config = [list(entry) for entry in git_config]  # what the gate takes of it
         self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
         self.modules = modules
 
@@ -3347,7 +3406,7 @@ class Project:
                           "a subdirectory without one and use --here" % (
                               target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
         git_dirs, git_files = git_entries(target, found)
-        facts = config_facts(listing, target)
+        facts = config_facts(listing, target, repo)
         if hold and repo:
             hold(target, [repo.common, repo.gitdir] + facts["read"])
         if repo and os.path.exists(os.path.join(repo.common, "objects", "info", "alternates")):
@@ -3358,9 +3417,12 @@ class Project:
                           "would be mounted read-only; cd into one and use --here"
                           % (target, len(git_dirs)))
         dirs = [path for path, info in found if stat.S_ISDIR(info.st_mode)]
+        if facts["left_out"]:
+            notes.append("your repository's git config holds what may be credentials (%s): "
+                         "they stay out of the run" % ", ".join(facts["left_out"][:4]))
         return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
                    facts["format"], dirs, repo is not None and submodules_mountable(repo, notes),
-                   facts["read"])
+                   facts["read"], facts["local"])
 
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
@@ -3576,19 +3638,6 @@ HOST_RUN_PATHS = (
     "rust-toolchain", "rust-toolchain.toml", ".tool-versions", "mise.toml", ".mise.toml",
     ".cargo/config", ".cargo/config.toml", ".gitmodules", ".mailmap", ".claude", ".mcp.json",
     ".cursor", ".aider.conf.yml")
-CREDENTIAL_URL = re.compile(r"^\s*(?:push)?url\s*=\s*[a-z+.-]+://([^/@\s]+)@", re.I | re.M)
-
-
-def credential_in_remote(config_text):
-    """The first remote URL that carries a user:secret (or a bare token)."""
-    for match in CREDENTIAL_URL.finditer(config_text):
-        userinfo = match.group(1)
-        if ":" in userinfo or re.match(r"(ghp_|gho_|ghs_|github_pat_|glpat-|x-access-token)",
-                                       userinfo):
-            return match.group(0).split("=", 1)[1].strip().replace(userinfo, "***")
-    return None
-
-
 def docker_config_proxies():
     """The proxies of the docker client's config file (its "default"), as
     variables: the client would give them to every container."""
@@ -4397,7 +4446,7 @@ class RunPlan:
             "git_dirs": [list(value) for value in project.git_dirs.values()],
             "git_files": {path: list(value) for path, value in project.git_files.items()},
             "protected": [list(entry) for entry in project.protected],
-            "read": list(project.read),
+            "read": list(project.read), "git_config": project.git_config,
             "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
             "notes": [], "host_run": {}}
 
@@ -4661,14 +4710,6 @@ def make_home_parents(line, plan):
         remove_run_dir(run_dir)
         docker("rm", "-f", "-v", name, check=False)
     return inspect_image(line.current)
-
-
-def remote_warning(config_text):
-    url = credential_in_remote(config_text)
-    if url:
-        return ("warning: a remote URL in .git/config carries a credential (%s), and the agent "
-                "can read .git; use a credential helper instead" % url)
-    return None
 
 
 def print_plan(line, kind, argv, project, tty, offline):
@@ -6027,10 +6068,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
         if recover_leftovers(line, state, listing):
             current = None
     image, built = ensure_current(line, current, made=bool(found.get("made")))
-    repo_config = (read_regular(os.path.join(project.repo.common, "config"), 4 << 20)
-                   or b"").decode("utf-8", "replace") if project.repo else ""
-    for warning in misspelled_settings(os.environ) + [owner_mismatch(image),
-                                                      remote_warning(repo_config)]:
+    for warning in misspelled_settings(os.environ) + [owner_mismatch(image)]:
         if warning:
             say(warning, "warning")
     now = time.time()

@@ -624,3 +624,19 @@ def test_packed_commits_naming_someone_else_are_named_too(box):
 def json_log(box):
     import json
     return json.loads(box.ok("pi-log --json").stdout)
+
+
+def test_credentials_in_the_repositorys_config_stay_out_of_the_run(box):
+    """What actions/checkout writes (an extraheader), a credential helper,
+    a token in a remote's URL or in an insteadOf: none reaches the agent."""
+    box.init_repo()
+    box.ok("git config http.https://github.com/.extraheader 'AUTHORIZATION: basic SECRET-1' && "
+           "git config credential.helper 'store --file /tmp/SECRET-2' && "
+           "git remote add origin https://u:SECRET-3@github.com/o/r && "
+           "git config url.https://SECRET-4@ghe.example/.insteadOf gh:")
+    result = agent(box, "git config --list --show-origin; cat .git/config")
+    assert result.returncode == 0, result.stderr
+    assert "SECRET" not in result.stdout, result.stdout
+    assert "origin.url=https://github.com/o/r" in result.stdout
+    notice = [line for line in warnings(result) if "may be credentials" in line]
+    assert len(notice) == 1 and "extraheader" in notice[0] and "SECRET" not in notice[0]

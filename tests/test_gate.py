@@ -479,3 +479,27 @@ def test_a_misnamed_network_setting_stops_the_run(name, refused):
             pi_agent.network_typos({name: "none"})
     else:
         pi_agent.network_typos({name: "4g"})
+
+
+def test_the_gate_config_takes_only_what_git_needs_inside():
+    local = [("core.repositoryformatversion", "0"), ("core.bare", "false"),
+             ("remote.origin.url", "https://x-access-token:ghs_SECRET@github.com/o/r"),
+             ("remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"),
+             ("remote.mirror.url", "ssh://git@example.com/r.git"),
+             ("http.https://github.com/.extraheader", "AUTHORIZATION: basic SECRET"),
+             ("credential.helper", "store"), ("url.https://tok@ghe.example/.insteadof", "gh:"),
+             ("core.fsmonitor", "touch /tmp/pwned"), ("branch.main.remote", "origin"),
+             ("core.hookspath", ".husky"), ("include.path", "/etc/x"),
+             ("branch.main.description", "two\nlines\t\"quoted\"")]
+    entries, left_out = pi_agent.gate_entries(local, "/p", "/p/.husky")
+    text = pi_agent.gate_config(entries, "/p", ("A", "a@x"))
+    assert "SECRET" not in text and "fsmonitor = false" in text and "include" not in text
+    assert "tok@" not in text and "store" not in text and "/tmp/pwned" not in text
+    assert 'url = "https://github.com/o/r"' in text and "ssh://git@example.com" in text
+    assert 'hookspath = ".husky"' in text
+    assert left_out == ["the user and password in remote.origin.url",
+                        "http.https://github.com/.extraheader", "credential.helper",
+                        "url.https://***@ghe.example/.insteadof"]
+    parsed = subprocess.run(["git", "config", "--file", "-", "--list"], input=text,
+                            capture_output=True, text=True, check=True).stdout
+    assert 'branch.main.description=two\nlines\t"quoted"' in parsed, "a value stays one value"

@@ -110,8 +110,10 @@ SETTINGS = (
     ("PI_AGENT_NETWORK", "",
      "the container's network: empty for the engine's default, none for offline"),
     ("PI_AGENT_CPUS", "", "CPU limit, e.g. 2 or 1.5 (docker run --cpus)"),
-    ("PI_AGENT_MEMORY", "", "memory limit, e.g. 4g (docker run --memory)"),
-    ("PI_AGENT_PIDS", "", "process limit, e.g. 512 (docker run --pids-limit)"),
+    ("PI_AGENT_MEMORY", "<3/4 of this machine's memory>",
+     "memory limit, e.g. 4g (docker run --memory; none: no limit)"),
+    ("PI_AGENT_PIDS", "<4096, or half your own process limit if lower>",
+     "process limit, e.g. 512 (docker run --pids-limit; none: no limit)"),
     ("PI_AGENT_SNAPSHOT_KEEP", "10",
      "snapshots kept by auto-prune and pi-prune"),
     ("PI_AGENT_AUTO_PRUNE", "1",
@@ -674,6 +676,19 @@ class Config:
             base = environ.get("XDG_STATE_HOME") or os.path.join(
                 environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
             return os.path.join(base, "pi-agent")
+        if name == "PI_AGENT_MEMORY":
+            # (this machine's: an engine elsewhere, or in a VM, may have less)
+            try:
+                mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4 >> 20
+            except (ValueError, OSError):
+                return "none"
+            return "%dg" % (mib >> 10) if mib >= 4096 else "%dm" % max(mib, 64)
+        if name == "PI_AGENT_PIDS":
+            # The agent's processes are yours to the kernel (same UID): half
+            # your limit is left to you whatever it starts.
+            import resource
+            soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+            return str(4096 if soft == resource.RLIM_INFINITY else max(1, min(4096, soft // 2)))
         return default
 
 
@@ -706,8 +721,13 @@ def network_typos(environ):
                              "--offline), and unset %s" % (name, name))
 
 
+# No --ulimit nproc beside --pids-limit: RLIMIT_NPROC counts every process of
+# the UID on the host (the agent's is yours), so a limit inside would fail the
+# agent's forks for your processes outside; root (sudo) is not held to it;
+# and a hard limit above the engine's own fails the run. The pids cgroup is
+# the container's own.
 def parse_limits(raw):
-    """docker run options for the resource limits that are set."""
+    """docker run options for the resource limits that are set (none: no limit)."""
     options = []
     checks = (("PI_AGENT_CPUS", "--cpus", r"\d+(\.\d+)?", "a number of CPUs such as 2 or 1.5"),
               ("PI_AGENT_MEMORY", "--memory", r"\d+(\.\d+)?[bkmgBKMG]?",
@@ -715,10 +735,10 @@ def parse_limits(raw):
               ("PI_AGENT_PIDS", "--pids-limit", r"\d+", "a whole number of processes such as 512"))
     for name, option, pattern, what in checks:
         value = raw[name]
-        if not value:
+        if value in ("", "none"):
             continue
         if not re.fullmatch(pattern, value) or float(re.sub(r"[a-zA-Z]", "", value)) <= 0:
-            raise BadSetting("%s=%s is not %s" % (name, value, what))
+            raise BadSetting("%s=%s is not %s, nor none" % (name, value, what))
         options += [option, value]
     return options
 
@@ -4476,7 +4496,8 @@ def make_home_parents(line, plan):
     try:
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
-               *CAP_DROP_ARGS, *label_args(labels), *script_command(image, run_dir))
+               *CAP_DROP_ARGS, *line.config.limits, *label_args(labels),
+               *script_command(image, run_dir))
         labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
                                                   "exit_status": 0, "mount": plan.mount_point})
         docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"

@@ -4963,7 +4963,7 @@ def recover_leftovers(line, state, listing=None, only=None):
 # __pycache__, the loader's ld.so.cache, dpkg's maintainer scripts): the
 # agent could hide what it leaves behind there.
 NOISE_TREES = ("/tmp", "/var/tmp", "/run", "/var/run", "/var/cache", "/var/log",
-               "/var/lib/apt", "/var/backups")
+               "/var/lib/apt", "/var/lib/dpkg", "/var/backups")
 NOISE_DIRS = {".cache", ".npm", "_cacache", ".node-gyp"}
 NOISE_NAMES = {".bash_history", ".zsh_history", ".python_history", ".lesshst", ".viminfo",
                ".wget-hsts", ".sudo_as_admin_successful"}
@@ -5138,8 +5138,6 @@ def is_noise(path):
     if RUNS_CODE_RE.fullmatch(path):
         return False
     if any(path == tree or path.startswith(tree + "/") for tree in NOISE_TREES):
-        return True
-    if path == "/var/lib/dpkg" or path.startswith("/var/lib/dpkg/"):
         return True
     parts = path.split("/")
     return parts[-1] in NOISE_NAMES or \

@@ -110,8 +110,10 @@ SETTINGS = (
     ("PI_AGENT_NETWORK", "",
      "the container's network: empty for the engine's default, none for offline"),
     ("PI_AGENT_CPUS", "", "CPU limit, e.g. 2 or 1.5 (docker run --cpus)"),
-    ("PI_AGENT_MEMORY", "", "memory limit, e.g. 4g (docker run --memory)"),
-    ("PI_AGENT_PIDS", "", "process limit, e.g. 512 (docker run --pids-limit)"),
+    ("PI_AGENT_MEMORY", "<3/4 of this machine's memory>",
+     "memory limit, e.g. 4g (docker run --memory; none: no limit)"),
+    ("PI_AGENT_PIDS", "<4096, or half your own process limit if lower>",
+     "process limit, e.g. 512 (docker run --pids-limit; none: no limit)"),
     ("PI_AGENT_SNAPSHOT_KEEP", "10",
      "snapshots kept by auto-prune and pi-prune"),
     ("PI_AGENT_AUTO_PRUNE", "1",
@@ -674,6 +676,19 @@ class Config:
             base = environ.get("XDG_STATE_HOME") or os.path.join(
                 environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
             return os.path.join(base, "pi-agent")
+        if name == "PI_AGENT_MEMORY":
+            # (this machine's: an engine elsewhere, or in a VM, may have less)
+            try:
+                mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4 >> 20
+            except (ValueError, OSError):
+                return "none"
+            return "%dg" % (mib >> 10) if mib >= 4096 else "%dm" % max(mib, 64)
+        if name == "PI_AGENT_PIDS":
+            # The agent's processes are yours to the kernel (same UID): half
+            # your limit is left to you whatever it starts.
+            import resource
+            soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+            return str(4096 if soft == resource.RLIM_INFINITY else max(1, min(4096, soft // 2)))
         return default
 
 
@@ -706,8 +721,13 @@ def network_typos(environ):
                              "--offline), and unset %s" % (name, name))
 
 
+# No --ulimit nproc beside --pids-limit: RLIMIT_NPROC counts every process of
+# the UID on the host (the agent's is yours), so a limit inside would fail the
+# agent's forks for your processes outside; root (sudo) is not held to it;
+# and a hard limit above the engine's own fails the run. The pids cgroup is
+# the container's own.
 def parse_limits(raw):
-    """docker run options for the resource limits that are set."""
+    """docker run options for the resource limits that are set (none: no limit)."""
     options = []
     checks = (("PI_AGENT_CPUS", "--cpus", r"\d+(\.\d+)?", "a number of CPUs such as 2 or 1.5"),
               ("PI_AGENT_MEMORY", "--memory", r"\d+(\.\d+)?[bkmgBKMG]?",
@@ -715,10 +735,10 @@ def parse_limits(raw):
               ("PI_AGENT_PIDS", "--pids-limit", r"\d+", "a whole number of processes such as 512"))
     for name, option, pattern, what in checks:
         value = raw[name]
-        if not value:
+        if value in ("", "none"):
             continue
         if not re.fullmatch(pattern, value) or float(re.sub(r"[a-zA-Z]", "", value)) <= 0:
-            raise BadSetting("%s=%s is not %s" % (name, value, what))
+            raise BadSetting("%s=%s is not %s, nor none" % (name, value, what))
         options += [option, value]
     return options
 
@@ -4701,7 +4721,8 @@ def make_home_parents(line, plan):
     try:
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
-               *CAP_DROP_ARGS, *label_args(labels), *script_command(image, run_dir))
+               *CAP_DROP_ARGS, *line.config.limits, *label_args(labels),
+               *script_command(image, run_dir))
         labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
                                                   "exit_status": 0, "mount": plan.mount_point})
         docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
@@ -5159,11 +5180,24 @@ def recover_leftovers(line, state, listing=None, only=None):
 # __pycache__, the loader's ld.so.cache, dpkg's maintainer scripts): the
 # agent could hide what it leaves behind there.
 NOISE_TREES = ("/tmp", "/var/tmp", "/run", "/var/run", "/var/cache", "/var/log",
-               "/var/lib/apt", "/var/backups")
+               "/var/lib/apt", "/var/lib/dpkg", "/var/backups")
 NOISE_DIRS = {".cache", ".npm", "_cacache", ".node-gyp"}
 NOISE_NAMES = {".bash_history", ".zsh_history", ".python_history", ".lesshst", ".viminfo",
                ".wget-hsts", ".sudo_as_admin_successful"}
-DPKG_SCRIPTS = (".preinst", ".postinst", ".prerm", ".postrm", ".config")
+# Where what runs by itself, or says what runs, is kept: any bin or sbin
+# directory (a PATH's), /etc (cron, profile.d, ld.so.preload, sudoers, apt's
+# hooks), systemd's units, dpkg's maintainer scripts, what Python runs as it
+# starts (a site-packages' .pth files, sitecustomize), shells' startup files.
+# A change there is always shown: never noise, never a package's (the books
+# that would claim it are the agent's to write). Kept to those: a package's
+# other files (its libraries too) are its own, and the package is shown.
+RUNS_CODE_RE = re.compile(
+    r"/etc(/.*)?|.*/s?bin(/.*)?|/(usr/)?lib/systemd/.*"
+    r"|/var/lib/dpkg/info/[^/]*\.(preinst|postinst|prerm|postrm|config)"
+    r"|.*-packages/([^/]*\.pth|(site|user)customize\.py)"
+    r"|/usr/lib/python3[^/]*/sitecustomize\.py"
+    r"|.*/\.(bashrc|bash_profile|bash_login|bash_logout|profile|zshrc|zshenv|zprofile|zlog(in|out))",
+    re.S)
 # The package managers' marks, in the paths docker diff lists.
 DPKG_LIST_RE = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.-]*)(?::([a-z0-9-]+))?\.list")
 PIP_DIST_RE = re.compile(r"(/.+/(?:site|dist)-packages)/([A-Za-z0-9][A-Za-z0-9._]*)-"
@@ -5318,10 +5352,10 @@ def parse_diff(output):
 
 
 def is_noise(path):
+    if RUNS_CODE_RE.fullmatch(path):
+        return False
     if any(path == tree or path.startswith(tree + "/") for tree in NOISE_TREES):
         return True
-    if path == "/var/lib/dpkg" or path.startswith("/var/lib/dpkg/"):
-        return not (path.startswith("/var/lib/dpkg/info/") and path.endswith(DPKG_SCRIPTS))
     parts = path.split("/")
     return parts[-1] in NOISE_NAMES or \
         any(part in NOISE_DIRS for part in parts[:-1])
@@ -5434,7 +5468,8 @@ def parse_dpkg_status(data):
             continue
         size = fields.get("Installed-Size", "")
         installed = fields.get("Status", "").endswith(" installed")
-        value = (fields["Version"], int(size) * 1024 if size.isdigit() and installed else None)
+        value = (fields["Version"], int(size) * 1024 if re.fullmatch(r"[0-9]{1,15}", size)
+                 and installed else None)
         found[fields["Package"]] = value
         found["%s:%s" % (fields["Package"], fields.get("Architecture"))] = value
     return found
@@ -5445,7 +5480,11 @@ def find_packages(changes, books=None):
     marks their managers leave (dpkg's info/*.list, pip's *.dist-info,
     npm's lib/node_modules/NAME), and {path: "manager:name"} for the files
     they own: dpkg's and pip's from their books (`books(wanted dpkg lists)`
-    reads them, see read_books), npm's by their directory."""
+    reads them, see read_books), npm's by their directory. Only a package
+    whose own books are in `changes` (one layer's) claims a path: its list
+    (only those are wanted), its dist-info (only its RECORD is used), its
+    directory (a changed one with its package.json); a forged claim so
+    shows its package. (owner_of: none where code runs.)"""
     kinds = dict((path, kind) for kind, path in changes)
     packages, owners, deb = {}, {}, {}
     dist_infos = {}
@@ -5476,12 +5515,10 @@ def find_packages(changes, books=None):
         version = new[-1] if new else marks[-1][1]
         packages["pip:" + name] = {"manager": "pip", "name": name, "change": change,
                                    "version": version, "size": None}
-        bin_dir = os.path.dirname(os.path.dirname(os.path.dirname(site))) + "/bin/"
         for _kind, _version, path in marks:
             owners[path + "/"] = "pip:" + name
             for owned in records.get(path, ()):
-                # (a RECORD claims its package's files, and scripts in its bin)
-                if owned.startswith((site + "/", bin_dir)):
+                if owned.startswith(site + "/"):  # (a RECORD claims its package's files)
                     owners[owned] = "pip:" + name
         owners[site + "/" + name + "/"] = "pip:" + name
         owners[site + "/" + name + ".py"] = "pip:" + name
@@ -5503,7 +5540,9 @@ def find_packages(changes, books=None):
 def owner_of(path, owners, prefixes=None):
     """The package that owns `path`: listed in its books (exact paths), or
     inside a directory of pip's or npm's (keys ending in /; `prefixes`,
-    those keys, longest first, if known)."""
+    those keys, longest first, if known); none where code runs (RUNS_CODE_RE)."""
+    if RUNS_CODE_RE.fullmatch(path):
+        return None
     owner = owners.get(path) or owners.get(path + "/")
     if owner:
         return owner
@@ -5546,17 +5585,7 @@ def record_changes(line, container, meta):
         truncated = len(changes) >= MAX_RECORDED_PATHS
         changes = kept_changes(changes[:MAX_RECORDED_PATHS],
                                [meta.get("mount") or "", RUN_DIR_INSIDE])
-        prefixes = package_prefixes(owners)
-        rows = [[kind, path, owner_of(path, owners, prefixes), sizes.get(path)]
-                for kind, path in changes]
-        taken = {}  # (a size dpkg does not give: what the package's files take)
-        for kind, _path, owner, size in rows:
-            if owner and kind != "D":
-                taken[owner] = taken.get(owner, 0) + (size or 0)
-        for package in packages:
-            owner = "%s:%s" % (package["manager"], package["name"])
-            if package["size"] is None and package["change"] != "removed" and owner in taken:
-                package["size"] = taken[owner]
+        rows = credit(changes, sizes, packages, owners)
         report = dict(summarize(leaf_rows(rows), packages), container=container,
                       image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
                       truncated=truncated)
@@ -5576,6 +5605,29 @@ def record_changes(line, container, meta):
     except OSError as err:
         line.log("could not write the record of %s: %s" % (container, err.strerror))
     return report
+
+
+def credit(changes, sizes, packages, owners):
+    """[kind, path, owner, size] rows of a layer's `changes` (owner_of), and
+    the `packages`' sizes set: what a pip or npm package's files written
+    take; dpkg's (its books, which the agent can write) at most what the
+    layer's files take, and not known without their sizes."""
+    prefixes = package_prefixes(owners)
+    rows = [[kind, path, owner_of(path, owners, prefixes), sizes.get(path)]
+            for kind, path in changes]
+    written, taken = 0, {}
+    for kind, _path, owner, size in rows:
+        if kind != "D":
+            written += size or 0
+            if owner:
+                taken[owner] = taken.get(owner, 0) + (size or 0)
+    for package in packages:
+        owner = "%s:%s" % (package["manager"], package["name"])
+        if package["size"] is None and package["change"] != "removed" and owner in taken:
+            package["size"] = taken[owner]
+        elif package["size"] is not None:
+            package["size"] = min(package["size"], written) if sizes else None
+    return rows
 
 
 def prune_reports(line):
@@ -5650,8 +5702,11 @@ def read_changes(line, container):
             rows = json.loads(gzip.decompress(handle.read(64 << 20)))
     except (OSError, ValueError, EOFError):
         return None
-    return [(row + [None])[:4] for row in rows if isinstance(row, list) and len(row) in (3, 4)
-            and row[0] in CHANGE_WORDS and isinstance(row[1], str)]
+    # (a record made before RUNS_CODE_RE may credit such a path to a package)
+    return [[kind, path, None if RUNS_CODE_RE.fullmatch(path) else owner, size]
+            for kind, path, owner, size in ((row + [None])[:4] for row in rows
+                                            if isinstance(row, list) and len(row) in (3, 4)
+                                            and row[0] in CHANGE_WORDS and isinstance(row[1], str))]
 
 
 def compose_changes(runs):

@@ -115,6 +115,10 @@ sudo mkdir -p /usr/lib/python3.11/json/__pycache__
 echo trojan | sudo tee /usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc >/dev/null
 sudo truncate -s 40M /var/lib/dpkg/info/zz-huge.list
 sudo touch "/opt/$(printf '\033]0;owned\007x')"
+echo /etc/passwd | sudo tee /var/lib/dpkg/info/fakepkg.list >/dev/null
+printf '\nPackage: fakepkg\nStatus: install ok installed\nVersion: 1\nInstalled-Size: %s\n' \
+  100000000000000 | sudo tee -a /var/lib/dpkg/status >/dev/null
+echo 'evil:x:0:0::/root:/bin/sh' | sudo tee -a /etc/passwd >/dev/null
 """
 
 
@@ -131,7 +135,14 @@ def test_what_an_agent_leaves_cannot_hide_in_a_package_or_as_noise(box):
     # What Python loads by itself is no cache.
     assert "/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc" in shown
     # A list too big to read (sparse: nothing to the agent) is left unread.
-    assert [p["name"] for p in facts["packages"]] == ["adduser", "zz-huge"]
+    assert [p["name"] for p in facts["packages"]] == ["adduser", "fakepkg", "zz-huge"]
+    # A package's books do not hide where code runs, nor make it bigger than
+    # what the run wrote.
+    assert shown["/etc/passwd"]["package"] is None
+    every = diff_json(box, "--all")["changes"]
+    size = [p["size"] for p in facts["packages"] if p["name"] == "fakepkg"][0]
+    assert size <= sum(c["size"] or 0 for c in every) < 1 << 30
+    assert " GB" not in box.ok("pi-diff").stdout
     # A name is shown, never played to the terminal.
     every = box.ok("pi-diff --all").stdout
     assert "\033" not in every and "\007" not in every and "/opt/\\x1b]0;owned\\x07x" in every
@@ -265,10 +276,67 @@ def test_the_books_name_the_files_of_pip_and_dpkg_packages():
     data.seek(0)
     changes = pi_agent.parse_diff("A /usr/lib/python3/dist-packages/idna-3.20.dist-info\n"
                                   "A /usr/bin/idna\nA /usr/lib/python3/dist-packages/idna\n"
-                                  "A /var/lib/dpkg/info/tool.list\nA /usr/bin/tool\n")
+                                  "A /var/lib/dpkg/info/tool.list\nA /usr/bin/tool\n"
+                                  "A /usr/share/tool\n")
     packages, owners = pi_agent.find_packages(
         changes, lambda wanted: pi_agent.read_books(data, wanted))
     assert {p["name"]: p["change"] for p in packages} == {"idna": "installed",
                                                           "tool": "installed"}
+    # (a command, in a bin directory, is no package's: see RUNS_CODE_RE)
     assert [pi_agent.owner_of(path, owners) for _kind, path in changes[1:]] == [
-        "pip:idna", "pip:idna", None, "deb:tool"]
+        None, "pip:idna", None, None, "deb:tool"]
+
+
+def test_the_books_cannot_hide_where_code_runs_nor_inflate_a_size():
+    """The books are the agent's to write: a fake package's list claims
+    /etc/passwd, its status an absurd Installed-Size, and a book that did not
+    change in the layer claims a file."""
+    import io
+    import tarfile
+    import pi_agent
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as archive:
+        for name, text in [
+                ("var/lib/dpkg/status", "Package: fake\nStatus: install ok installed\n"
+                                        "Version: 1\nInstalled-Size: 100000000000000\n"),
+                ("var/lib/dpkg/info/fake.list", "/etc/passwd\n/usr/share/fake/f\n"
+                                                "/usr/local/bin/tool\n/root/.bashrc\n"),
+                ("var/lib/dpkg/info/bystander.list", "/opt/planted\n"),
+                ("usr/lib/python3/dist-packages/x-1.dist-info/RECORD",
+                 "x/__init__.py,,\nevil.pth,,\nsitecustomize.py,,\n")]:
+            raw = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            archive.addfile(info, io.BytesIO(raw))
+    site = "/usr/lib/python3/dist-packages"
+    changes = pi_agent.parse_diff(
+        "A /var/lib/dpkg/info/fake.list\nC /var/lib/dpkg/status\nC /etc/passwd\n"
+        "A /usr/share/fake/f\nA /usr/local/bin/tool\nC /root/.bashrc\nA /opt/planted\n"
+        "A %s/x-1.dist-info\nA %s/x/__init__.py\nA %s/evil.pth\nA %s/sitecustomize.py\n"
+        % ((site,) * 4))
+    sizes = {path: 1000 for _kind, path in changes}
+
+    def books(wanted):
+        data.seek(0)
+        return pi_agent.read_books(data, wanted)
+    packages, owners = pi_agent.find_packages(changes, books)
+    rows = pi_agent.credit(changes, sizes, packages, owners)
+    owner = {path: owner for _kind, path, owner, _size in rows}
+    assert owner["/usr/share/fake/f"] == "deb:fake" and owner[site + "/x/__init__.py"] == "pip:x"
+    for path in ("/etc/passwd", "/usr/local/bin/tool", "/root/.bashrc", site + "/evil.pth",
+                 site + "/sitecustomize.py", "/opt/planted"):
+        assert owner[path] is None, path
+    facts = pi_agent.summarize(pi_agent.leaf_rows(rows), packages)
+    groups = {group["directory"]: group for group in facts["groups"]}
+    assert groups["/etc"]["changed"] == 1 and "/usr/local" in groups and "/root" in groups
+    size = {p["name"]: p["size"] for p in packages}
+    assert size["fake"] == 1000 * len(changes), "at most what the layer's files take"
+    assert size["x"] == 2000  # (its dist-info and its __init__.py)
+    # Without the files' sizes (the docker diff fallback) dpkg's is not taken on trust.
+    packages, owners = pi_agent.find_packages(changes, books)
+    pi_agent.credit(changes, {}, packages, owners)
+    assert [p["size"] for p in packages if p["name"] == "fake"] == [None]
+    for forged in ("-5", "12k", "\u00b2", "9" * 5000):
+        status = pi_agent.parse_dpkg_status(("Package: f\nStatus: install ok installed\n"
+                                             "Version: 1\nInstalled-Size: %s\n" % forged).encode())
+        assert status["f"] == ("1", None), forged

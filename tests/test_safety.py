@@ -2,6 +2,7 @@
 host-run files, credential URLs, network and resource limits. (What a
 hostile agent cannot do to the host is in test_containment.py.)"""
 
+import os
 import subprocess
 
 import pytest
@@ -50,6 +51,44 @@ def test_resource_limits_are_visible_inside(box):
     assert cgroup_value(box, "pids/pids.max", "pids.max", env) == ["123"]
     quota = cgroup_value(box, "cpu/cpu.cfs_quota_us", "cpu.max", env)
     assert quota[0] == "50000"
+
+
+# Forks until it has `n` children (each waiting for the pipe to close) or
+# fails; then lets them go.
+FORKS = """import os, sys
+r, w = os.pipe()
+made = failed = 0
+for _ in range(int(sys.argv[1])):
+    try:
+        pid = os.fork()
+    except OSError:
+        failed += 1
+        continue
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    made += 1
+os.close(w)
+for _ in range(made):
+    os.wait()
+print(made, failed)
+"""
+
+
+def test_processes_and_memory_are_limited_by_default(any_box):
+    box = any_box
+    pids = cgroup_value(box, "pids/pids.max", "pids.max", {})
+    assert 0 < int(pids[0]) <= 4096
+    memory = cgroup_value(box, "memory/memory.limit_in_bytes", "memory.max", {})
+    assert int(memory[0]) < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert cgroup_value(box, "pids/pids.max", "pids.max", {"PI_AGENT_PIDS": "none"}) == ["max"]
+    # A fork bomb's forks fail inside; the run ends as usual.
+    with open(os.path.join(box.project, "forks.py"), "w") as script:
+        script.write(FORKS)
+    made, failed = box.ok("pi-exec python3 forks.py 200", env={"PI_AGENT_PIDS": "64"}
+                          ).stdout.split()
+    assert 0 < int(made) < 64 and int(made) + int(failed) == 200
 
 
 @pytest.mark.parametrize("name,value", [("PI_AGENT_MEMORY", "lots"), ("PI_AGENT_CPUS", "0"),

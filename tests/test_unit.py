@@ -294,6 +294,15 @@ def test_defaults_and_sources():
     assert config.dockerfile == os.path.join(ROOT, "Dockerfile")
 
 
+
+def test_processes_and_memory_are_limited_by_default_and_none_lifts_a_limit():
+    limits = pi_agent.Config({"HOME": "/home/alice"}).limits
+    given = dict(zip(limits[::2], limits[1::2]))
+    assert 0 < int(given["--pids-limit"]) <= 4096 and "--cpus" not in given
+    assert re.fullmatch(r"[1-9]\d*[mg]", given["--memory"])
+    assert pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_PIDS": "none",
+                            "PI_AGENT_MEMORY": "none"}).limits == []
+
 # --- snapshots --------------------------------------------------------------
 
 def test_snapshot_names_sort_and_stay_unique_within_a_second():
@@ -820,7 +829,7 @@ def test_status_with_a_bad_setting_shows_everything_else_and_the_bad_lines(tmp_p
     assert "line 3: PI_AGENT_MEMORY=lots" in errors[1]
     assert "2 bad settings" in errors[2] and len(errors) == 3
     assert re.search(r"PI_AGENT_SNAPSHOT_KEEP +3 +\(.*config line 1\)", result.stdout)
-    assert re.search(r"PI_AGENT_MEMORY +\(default, as the value is bad\)", result.stdout)
+    assert re.search(r"PI_AGENT_MEMORY +\d+[mg] +\(default, as the value is bad\)", result.stdout)
     assert "images:" in result.stdout and "target:" in result.stdout
 
 

@@ -1,16 +1,20 @@
-# pi-agent: make test runs every test (integration tests need a Docker engine:
-# sudo tests/setup-engine.sh prepares one); make bench runs the benchmarks.
+# pi-agent: make check runs every test that needs no engine, and the lints
+# (seconds: the loop before each commit); make test runs every test
+# (integration tests need a Docker engine: sudo tests/setup-engine.sh
+# prepares one); make bench runs the benchmarks.
 PYTHON ?= python3
 # Two workers when pytest-xdist is there: the tests mostly wait on the engine.
 XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2 --dist worksteal")
 
-.PHONY: test unit integration lint setup test-image test-agents bench bench-quick clean-test-images
+.PHONY: check test integration lint setup test-image test-agents bench bench-quick clean-test-images
+
+check:
+	$(PYTHON) -m pytest -q -m "not integration" tests/
+	@if command -v shellcheck >/dev/null 2>&1; then $(MAKE) --no-print-directory lint; \
+	else echo "shellcheck is not installed: lint skipped"; fi
 
 test:
 	$(PYTHON) -m pytest -q $(XDIST) tests/
-
-unit:
-	$(PYTHON) -m pytest -q tests/test_unit.py
 
 integration:
 	$(PYTHON) -m pytest -q -m integration tests/

@@ -10,11 +10,22 @@ import pytest
 
 from conftest import ROOT
 
-FUNCTIONS = ("pi", "pi-shell", "pi-exec", "pi-status", "pi-snapshots", "pi-rollback",
-             "pi-reset-system", "pi-reset-all", "pi-rebuild-base", "pi-prune", "pi-flatten",
-             "pi-orphans",
-             "pi-recover", "pi-clean-orphans", "pi-unlock", "pi-branch", "pi-worktree",
-             "pi-log", "pi-diff")
+import pi_agent
+
+
+def parser_commands():
+    """{shell function: [its long options]} from pi_agent's own parser."""
+    import argparse
+    parser = pi_agent.build_parser()
+    sub = next(action for action in parser._actions
+               if isinstance(action, argparse._SubParsersAction))
+    return {("pi" if name == "run" else "pi-" + name):
+            sorted(option for action in command._actions for option in action.option_strings
+                   if option.startswith("--"))
+            for name, command in sub.choices.items() if name != "complete"}
+
+
+FUNCTIONS = tuple(parser_commands())
 SHELLS = {"bash": ["bash", "--norc", "--noprofile", "-eu", "-c"],
           "zsh": ["zsh", "-f", "-eu", "-c"]}
 
@@ -68,6 +79,43 @@ def test_functions_reach_pi_agent_from_any_directory(shell, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("pi-agent ")
     assert result.stdout.splitlines()[1].startswith("usage: pi-exec")
+
+
+@pytest.mark.parametrize("shell", sorted(SHELLS))
+def test_every_command_of_the_parser_has_its_function_and_completes_every_option(shell,
+                                                                                  tmp_path):
+    """The shell side cannot drift from the parser: each subcommand has its
+    function, its alias cleared, its completion registered, and each of its
+    options among the candidates; the module's usage and the README name it."""
+    need(shell)
+    commands = parser_commands()
+    register = "autoload -Uz compinit && compinit -u\n" if shell == "zsh" else ""
+    show = ('print -r -- "$name ${_comps[$name]-}"' if shell == "zsh" else
+            'printf "%s %s\\n" "$name" "$(complete -p "$name" 2>/dev/null)"')
+    script = (register + "alias %s\n. %s/shell/pi.sh\n" % (
+        " ".join("%s=false" % name for name in commands), ROOT) + "".join(
+        'name=%s; typeset -f "$name" >/dev/null || echo "no function $name"; %s\n'
+        'alias "$name" >/dev/null 2>&1 && echo "no function $name (an alias is left)"\n'
+        'echo "$name candidates: $(_pi_agent_candidates "$name" "" | tr "\\n" " ")"\n'
+        % (name, show) for name in commands))
+    if shell == "zsh":
+        script += "_pi_agent_compdef\n" + "".join(
+            'name=%s; %s\n' % (name, show) for name in commands)
+    result = subprocess.run(SHELLS[shell] + [script], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert not [line for line in out if line.startswith("no function")]
+    for name, options in commands.items():
+        candidates = next(line for line in out if line.startswith(name + " candidates: "))
+        missing = set(options) - set(candidates.split()[2:])
+        assert not missing, "%s does not complete %s" % (name, ", ".join(sorted(missing)))
+        registered = [line for line in out if line.startswith(name + " ") and "_pi_agent" in line]
+        assert registered, "no completion registered for %s" % name
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    for name in commands:
+        assert name + " " in pi_agent.__doc__ and "`%s" % name in readme, name
 
 
 def install(home, *args, shell="dash", env=None):

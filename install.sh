@@ -10,10 +10,16 @@
 #   --from SRC       install from a checkout or a release tarball (offline)
 #   --uninstall      remove the installed files, the command, the source lines
 #
-# Settings: PI_AGENT_HOME (install dir, default
-# ${XDG_DATA_HOME:-~/.local/share}/pi-agent), PI_AGENT_BIN_DIR (where the
-# pi-agent command goes, default ~/.local/bin), PI_AGENT_RELEASE_URL (the
-# tarball fetched when neither a checkout nor --from is at hand).
+# Settings: PI_AGENT_VERSION (the release to download, default the one this
+# installer was made with; main for the newest, unreleased code),
+# PI_AGENT_HOME (install dir, default ${XDG_DATA_HOME:-~/.local/share}/pi-agent),
+# PI_AGENT_BIN_DIR (where the pi-agent command goes, default ~/.local/bin),
+# PI_AGENT_RELEASE_URL (a tarball to fetch instead), PI_AGENT_PYTHON (the
+# interpreter the shell functions run, default python3).
+set -eu
+
+# The release this installer installs unless PI_AGENT_VERSION says another.
+RELEASE=0.2.0
 
 say() {
   printf 'pi-agent install: %s\n' "$1"
@@ -39,11 +45,18 @@ ask() {
   esac
 }
 
+# The interpreter the shell functions and the pi-agent command will run.
 check_python() {
-  command -v python3 >/dev/null 2>&1 ||
-    err "python3 is not installed; pi-agent needs Python 3.9 or newer (apt install python3, brew install python)"
-  python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
-    err "pi-agent needs Python 3.9 or newer; python3 is $(python3 -c 'import platform; print(platform.python_version())')"
+  command -v "$python" >/dev/null 2>&1 ||
+    err "$python is not installed; pi-agent needs Python 3.9 or newer (apt install python3, brew install python; or set PI_AGENT_PYTHON)"
+  "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
+    err "pi-agent needs Python 3.9 or newer; $python is $("$python" -c 'import platform; print(platform.python_version())')"
+}
+
+# The version of the pi_agent.py in directory $1, or nothing.
+version_in() {
+  [ -f "$1/pi_agent.py" ] || return 0
+  sed -n 's/^__version__ = "\([^"]*\)"$/\1/p' "$1/pi_agent.py" | head -n 1
 }
 
 check_docker() {
@@ -64,12 +77,27 @@ fetch_source() {
     tar -xzf "$from" -C "$work/src" || err "--from $from: not a .tar.gz release"
   else
     mkdir -p "$work/src"
-    url=${PI_AGENT_RELEASE_URL:-https://github.com/pi-agent/pi-agent/archive/refs/heads/main.tar.gz}
+    version=${PI_AGENT_VERSION:-$RELEASE}
+    case $version in
+      main) ref=heads/main ;;
+      [0-9]*.[0-9]*.[0-9]*) ref=tags/v$version ;;
+      *) err "PI_AGENT_VERSION=$version: use a release such as $RELEASE, or main" ;;
+    esac
+    url=${PI_AGENT_RELEASE_URL:-https://github.com/pi-agent/pi-agent/archive/refs/$ref.tar.gz}
     say "downloading $url" >&2  # stdout is the directory this function returns
+    # HTTPS only, redirects included, unless PI_AGENT_RELEASE_URL names another scheme.
+    case $url in
+      https://*) curl_tls="--proto =https --tlsv1.2" wget_tls=--https-only ;;
+      *) curl_tls="" wget_tls="" ;;
+    esac
     if command -v curl >/dev/null 2>&1; then
-      curl -fsSL "$url" -o "$work/release.tar.gz" || err "could not download $url; install offline with --from"
+      # shellcheck disable=SC2086  # (two words, or none)
+      curl $curl_tls -fsSL "$url" -o "$work/release.tar.gz" ||
+        err "could not download $url; install offline with --from"
     elif command -v wget >/dev/null 2>&1; then
-      wget -q -O "$work/release.tar.gz" "$url" || err "could not download $url; install offline with --from"
+      # shellcheck disable=SC2086
+      wget $wget_tls -q -O "$work/release.tar.gz" "$url" ||
+        err "could not download $url; install offline with --from"
     else
       err "neither curl nor wget is installed; install offline with --from DIR|TARBALL"
     fi
@@ -232,7 +260,7 @@ uninstall() {
   remove_bin
   # Where the images and state are, as pi_agent.py itself reads its settings
   # (environment, then config file), asked before its files go.
-  where=$(python3 -I -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import pi_agent
+  where=$("$python" -I -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import pi_agent
 c = pi_agent.Config(lenient=True); print(c.image_repo); print(c.state_dir)' "$dest" 2>/dev/null) ||
     where=""
   repo=$(printf '%s\n' "$where" | sed -n 1p)
@@ -276,6 +304,7 @@ main() {
     shift
   done
   [ -n "${HOME:-}" ] || err "HOME is not set"
+  python=${PI_AGENT_PYTHON:-python3}
   dest=${PI_AGENT_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/pi-agent}
   bin_dir=${PI_AGENT_BIN_DIR:-$HOME/.local/bin}
   newline='
@@ -312,10 +341,18 @@ main() {
   fi
   # (fetch_source runs in a subshell: its err ends only that)
   src=$(fetch_source) || return 1
+  before=$(version_in "$dest")
   install_files "$src"
-  say "installed pi-agent $(python3 "$dest/pi_agent.py" run --version | cut -d' ' -f2) in $dest"
+  after=$(version_in "$dest")
+  if [ -z "$before" ]; then
+    say "installed pi-agent ${after:-?} in $dest"
+  elif [ "$before" = "$after" ]; then
+    say "installed pi-agent ${after:-?} again in $dest"
+  else
+    say "upgraded pi-agent from $before to ${after:-?} in $dest"
+  fi
 
-  runner="python3 $(quote "$dest/pi_agent.py")"
+  runner="$(quote "$python") $(quote "$dest/pi_agent.py")"
   [ "$with_bin" = 1 ] && install_bin
   line_shown=0
   if [ "$modify_rc" = 1 ]; then

@@ -118,11 +118,11 @@ def test_every_command_of_the_parser_has_its_function_and_completes_every_option
         assert name + " " in pi_agent.__doc__ and "`%s" % name in readme, name
 
 
-def install(home, *args, shell="dash", env=None):
+def install(home, *args, shell="dash", env=None, script=None):
     need(shell)
     full_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
     full_env.update(env or {})
-    return subprocess.run([shell, os.path.join(ROOT, "install.sh"), *args],
+    return subprocess.run([shell, script or os.path.join(ROOT, "install.sh"), *args],
                           capture_output=True, text=True, env=full_env, stdin=subprocess.DEVNULL)
 
 
@@ -131,9 +131,15 @@ def test_install_from_a_checkout_is_idempotent_and_works_in_bash_and_zsh(tmp_pat
     home.mkdir()
     first = install(home, "-y")
     assert first.returncode == 0, first.stderr
+    assert "installed pi-agent %s in" % get_version() in first.stdout
     rc_before = {name: (home / name).read_text() for name in (".bashrc", ".zshrc")}
+    installed = home / ".local/share/pi-agent"
+    older = (installed / "pi_agent.py").read_text().replace(
+        '__version__ = "%s"' % get_version(), '__version__ = "0.0.9"')
+    (installed / "pi_agent.py").write_text(older)
     second = install(home, "-y")
     assert second.returncode == 0, second.stderr
+    assert "upgraded pi-agent from 0.0.9 to %s in" % get_version() in second.stdout
     for name, text in rc_before.items():
         assert (home / name).read_text() == text and text.count("# pi-agent") == 1
     installed = home / ".local/share/pi-agent"
@@ -259,6 +265,18 @@ def test_install_refuses_an_old_python(tmp_path):
     (fake / "python3").chmod(0o755)
     result = install(tmp_path, "-y", env={"PATH": "%s:%s" % (fake, os.environ["PATH"])})
     assert result.returncode == 1 and "3.9" in result.stderr
+    assert not (tmp_path / ".local").exists()
+
+
+def test_install_checks_the_python_the_functions_run_and_a_version_it_can_fetch(tmp_path):
+    result = install(tmp_path, "-y", env={"PI_AGENT_PYTHON": "python2.6"})
+    assert result.returncode == 1 and "python2.6 is not installed" in result.stderr
+    assert "PI_AGENT_PYTHON" in result.stderr
+    script = tmp_path / "install.sh"
+    shutil.copy(os.path.join(ROOT, "install.sh"), script)  # (no checkout beside it)
+    result = install(tmp_path, "-y", env={"PI_AGENT_VERSION": "latest; rm -rf /"},
+                     script=str(script))
+    assert result.returncode == 1 and "use a release such as" in result.stderr
     assert not (tmp_path / ".local").exists()
 
 

@@ -3160,6 +3160,11 @@ def move_refs(record, repo, lines, head, elsewhere):
         elif head[5:] in elsewhere:
             record["notes"].append("the agent checked out %s, which %s has checked out: HEAD "
                                    "stays" % (head[5:], elsewhere[head[5:]]))
+        elif head.startswith("ref: refs/heads/") and host_git(
+                repo["gitdir"], "rev-parse", "--verify", "--quiet", head[5:],
+                check=False).returncode != 0:
+            record["notes"].append("the agent checked out %s, which did not come back: HEAD "
+                                   "stays" % head[5:])
         elif head.startswith("ref: refs/heads/"):
             host_git(repo["gitdir"], "symbolic-ref", "-m", message, "HEAD", head[5:])
             record.setdefault("moved", []).append(

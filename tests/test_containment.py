@@ -640,3 +640,12 @@ def test_credentials_in_the_repositorys_config_stay_out_of_the_run(box):
     assert "origin.url=https://github.com/o/r" in result.stdout
     notice = [line for line in warnings(result) if "may be credentials" in line]
     assert len(notice) == 1 and "extraheader" in notice[0] and "SECRET" not in notice[0]
+
+
+def test_head_never_follows_onto_a_branch_that_did_not_come_back(box):
+    box.init_repo()
+    branch = host_git(box, "symbolic-ref --short HEAD").stdout.strip()
+    box.ok("git update-ref refs/remotes/origin/main HEAD")
+    result = agent(box, "git checkout -q -b origin/main")  # kept aside: it shadows the remote's
+    assert "origin/main, which did not come back: HEAD stays" in result.stderr, result.stderr
+    assert host_git(box, "symbolic-ref --short HEAD").stdout.strip() == branch

@@ -132,12 +132,19 @@ SETTINGS = (
 # installer's.
 OTHER_VARIABLES = ("PI_AGENT_PYTHON", "PI_AGENT_CONFIG", "PI_AGENT_HOME", "PI_AGENT_RELEASE_URL")
 
-# Host variables the container sees (besides PI_AGENT_PASS_ENV); LC_* too.
-# The proxy variables reach the run (and the base build, as build args),
-# never an image: a corporate network needs them.
+# Host variables the container sees (besides PI_AGENT_PASS_ENV), and the
+# locale's (LOCALE_ENV). The proxy variables reach the run (and the base
+# build, as build args), never an image: a corporate network needs them.
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
              "http_proxy", "https_proxy", "no_proxy", "all_proxy")
-ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ") + PROXY_ENV
+ALLOWED_ENV = ("TERM", "COLORTERM", "TZ") + PROXY_ENV
+# The locale: POSIX's categories only, each with a value that names a
+# locale. Never any other LC_*: sshd accepts every LC_* a client sends, and
+# people carry tokens in them.
+LOCALE_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_MONETARY",
+              "LC_NUMERIC", "LC_TIME", "LC_ADDRESS", "LC_IDENTIFICATION", "LC_MEASUREMENT",
+              "LC_NAME", "LC_PAPER", "LC_TELEPHONE")
+LOCALE_VALUE = re.compile(r"[A-Za-z0-9_.@+=,-]{0,64}")
 
 # The agents pi-agent knows (PI_AGENT_AGENT, pi --agent): the command, how
 # it installs itself inside, as the agent user (npm's prefix and ~/.local
@@ -3491,13 +3498,13 @@ def docker_config_proxies():
 
 
 def container_env(environ, pass_env):
-    """[(name, value)] a run exports inside: the short list, LC_*, and
+    """[(name, value)] a run exports inside: the short list, the locale, and
     PI_AGENT_PASS_ENV from our environment; credentials set empty. The
     docker client's proxies come in where ours are not set."""
     if not any(name in environ for name in PROXY_ENV):
         environ = dict(docker_config_proxies(), **environ)
     names = [name for name in ALLOWED_ENV if name in environ]
-    names += sorted(name for name in environ if name.startswith("LC_"))
+    names += [name for name in LOCALE_ENV if LOCALE_VALUE.fullmatch(environ.get(name, "-" * 65))]
     names += [name for name in pass_env if name in environ and name not in names]
     return [(name, environ[name]) for name in names] + [(name, "") for name in CREDENTIAL_ENV]
 
@@ -5746,7 +5753,7 @@ class Saver:
             return False
 
 
-def run_attached(argv, container=None):
+def run_attached(argv, container=None, env=None):
     """Run the docker client in the foreground and return the status.
 
     Hangup, terminate and interrupt go on to the client, which passes them
@@ -5756,7 +5763,7 @@ def run_attached(argv, container=None):
     this returns); the saver commits it as it was, then removes it.
     """
     try:
-        proc = subprocess.Popen(["docker", *argv])
+        proc = subprocess.Popen(["docker", *argv], env=env)
     except FileNotFoundError:
         raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
 
@@ -6016,9 +6023,14 @@ def join_run(line, found, kind, args):
             except FileNotFoundError:
                 pass
         # Locked before it is where the run's script looks: never by the agent first.
+        # No value of the environment is in it (the agent reads what is in
+        # the run directory): docker exec takes them by name (-e NAME) from
+        # the client's own environment, so they are in no file and on no
+        # command line. It stays until the session ends, not once read: it
+        # is how the run's script knows that a session is still in there.
         write_file(pending, session_script(
-            holder["container"], env, config, os.path.join(point, subdir) if subdir else point,
-            agent_command(kind, args.argv, config, network)).encode())
+            holder["container"], [], config, os.path.join(point, subdir) if subdir else point,
+            agent_command(kind, args.argv, config, network)).encode(), 0o600)
         held = os.open(pending, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -6031,8 +6043,11 @@ def join_run(line, found, kind, args):
         os.close(door)
         door = None
         tty = sys.stdin.isatty() and sys.stdout.isatty()
-        status = run_attached(["exec", "-i"] + (["-t"] if tty else []) +
-                              [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name])
+        passing = [arg for name, value in env for arg in ("-e", name if value else name + "=")]
+        status = run_attached(["exec", "-i"] + (["-t"] if tty else []) + passing +
+                              [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name],
+                              env=dict(os.environ, **{name: value for name, value in env
+                                                      if value}))
     finally:
         for path in (pending, script):
             try:

@@ -126,6 +126,10 @@ SETTINGS = (
      "foreground: wait for the save and report it"),
     ("PI_AGENT_RECORD_CHANGES", "1",
      "after each save, record what the run changed in the environment, for pi-diff (1/0)"),
+    ("PI_AGENT_HARDLINKS", "copy",
+     "project files that are hard links to files outside it (uv's, pnpm's caches): copy (make "
+     "them copies of their own before the run), refuse (stop, naming the fix), allow (leave "
+     "them: the agent can change those files through them)"),
 )
 
 # PI_AGENT_* variables that are not settings: the shell functions' and the
@@ -647,6 +651,9 @@ class Config:
         self.save_mode = raw["PI_AGENT_SAVE"]
         if self.save_mode not in ("background", "foreground"):
             raise BadSetting("PI_AGENT_SAVE=%s: use background or foreground" % self.save_mode)
+        self.hardlinks = raw["PI_AGENT_HARDLINKS"]
+        if self.hardlinks not in ("copy", "refuse", "allow"):
+            raise BadSetting("PI_AGENT_HARDLINKS=%s: use copy, refuse or allow" % self.hardlinks)
 
     def _preset(self, flag):
         """The agent's command, install command and key list, where they
@@ -1918,9 +1925,10 @@ class ProjectWatch:
         return found
 
 
-# Pre-run: what a run must know (git directories to protect, sockets), and
-# the directories to watch.
-SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s", "-o", "-type", "d"]
+# Pre-run: what a run must know (git directories to protect, sockets, files
+# with other names, perhaps outside the project), and the directories to watch.
+SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s", "-o", "-type", "d",
+               "-o", "-type", "f", "-links", "+1"]
 
 
 def scan_after(uid):
@@ -3155,13 +3163,16 @@ def look_through(target, skip_git, cache):
     has changed since: no entry is added, removed or renamed without its
     directory's ctime changing, and no one can set a ctime back. Else from
     a fresh scan, which is kept for the next run (if no directory changed in
-    the last second, so that a coarse clock cannot hide a change)."""
+    the last second, so that a coarse clock cannot hide a change). Its
+    limit: a hard link made from outside to a file already here changes no
+    directory of the project, so the file is known as linked at the next
+    fresh scan only."""
     try:
         known = json.loads(read_regular(cache, 64 << 20) or b"null") if cache else None
     except ValueError:
         known = None
     if isinstance(known, dict) and known.get("target") == target and \
-            known.get("skip_git") == skip_git:
+            known.get("skip_git") == skip_git and known.get("predicate") == SCAN_BEFORE:
         found = []
         for path, stamp in known.get("dirs", {}).items():
             try:
@@ -3184,7 +3195,8 @@ def look_through(target, skip_git, cache):
         try:
             temp = "%s.%d" % (cache, os.getpid())
             write_file(temp, json.dumps({
-                "target": target, "skip_git": skip_git, "dirs": dirs,
+                "target": target, "skip_git": skip_git, "predicate": SCAN_BEFORE,
+                "dirs": dirs,
                 "entries": [path for path, info in found if not stat.S_ISDIR(info.st_mode)]})
                 .encode("utf-8", "surrogateescape"), 0o600)
             os.replace(temp, cache)
@@ -3218,12 +3230,13 @@ class Project:
 
     def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
                  git_files=None, protected=(), object_format="sha1", dirs=(), modules=False,
-                 read=()):
+                 read=(), linked=None):
         self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
         self.gated, self.protected, self.format = gated, list(protected), object_format
         self.read = list(read)  # what host git reads as the repository's config and hooks
         self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
         self.modules = modules
+        self.linked = linked or {}  # {path: lstat}: see shared_files
 
     @classmethod
     def inspect(cls, config, cwd, here, hold=None, found=None):
@@ -3264,9 +3277,11 @@ class Project:
                           "would be mounted read-only; cd into one and use --here"
                           % (target, len(git_dirs)))
         dirs = [path for path, info in found if stat.S_ISDIR(info.st_mode)]
+        readonly = list(git_dirs) + [os.path.relpath(path, target)
+                                     for path, _dev, _ino in facts["protected"]]
         return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
                    facts["format"], dirs, repo is not None and submodules_mountable(repo, notes),
-                   facts["read"])
+                   facts["read"], shared_files(found, readonly))
 
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
@@ -3274,6 +3289,100 @@ class Project:
         paths = [os.path.join(self.target, path) for path in self.git_dirs]
         paths += [path for path, _dev, _ino in self.protected]
         return [(path, inside_path(path, self.target, point), True) for path in outermost(paths)]
+
+
+def shared_files(found, readonly):
+    """{path: lstat} of the files (in a scan) that are hard links to a file
+    the agent must not change: through them it would, whatever the mounts.
+    An inode with a name outside the project (a uv or pnpm cache's, one in
+    your home: more names than the scan found) or in what is mounted
+    read-only (`readonly`, relative paths: the git directories inside)."""
+    inodes = {}
+    for path, info in found:
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+            inodes.setdefault((info.st_dev, info.st_ino), []).append((path, info))
+    shared = {}
+    for names in inodes.values():
+        writable = [(path, info) for path, info in names
+                    if not any(is_within(path, top) for top in readonly)]
+        if writable and len(writable) < names[0][1].st_nlink:
+            shared.update(writable)
+    return shared
+
+
+def unshare_file(target, path):
+    """Make the project's file `path` a copy of its own, where it is: the
+    same bytes, permissions (less setuid and setgid) and mtime, in a new
+    file renamed over the name; never through a symbolic link."""
+    parts = path.split("/")
+    fd = open_beneath(target, *parts[:-1])
+    if fd is None:
+        raise Refused("cannot make %s a copy of its own: a directory on the way is a symbolic "
+                      "link or is gone; look at it, then run again" % path)
+    name, temp, copy = parts[-1], ".pi-agent-copy-%d" % os.getpid(), None
+    try:
+        source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        try:
+            info = os.fstat(source)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(0, "it is no longer a plain file")
+            try:  # (one a crashed run left)
+                os.unlink(temp, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            copy = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                           dir_fd=fd)
+            while True:
+                chunk = os.read(source, 1 << 20)
+                if not chunk:
+                    break
+                while chunk:
+                    chunk = chunk[os.write(copy, chunk):]
+            os.fchmod(copy, stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            os.utime(copy, ns=(info.st_atime_ns, info.st_mtime_ns))
+        finally:
+            os.close(source)
+            if copy is not None:
+                os.close(copy)
+        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        if os.lstat(name, dir_fd=fd).st_nlink != 1:
+            raise OSError(0, "it has other names still")
+    except OSError as err:
+        try:
+            os.unlink(temp, dir_fd=fd)
+        except OSError:
+            pass
+        raise Refused("cannot make %s a copy of its own (it is a hard link to a file outside "
+                      "the project, which the agent could change through it): %s; make it one "
+                      "(cp --remove-destination), then run again"
+                      % (path, err.strerror or err))
+    finally:
+        os.close(fd)
+
+
+def unshare_links(config, project):
+    """PI_AGENT_HARDLINKS before a run, under the project's lock and before
+    its watch: the project's files that are hard links to files the agent
+    must not change (shared_files) become copies of their own (copy), or
+    stop the run (refuse); allow leaves them, and end_run names those it
+    changed."""
+    linked = project.linked
+    if not linked or config.hardlinks == "allow":
+        return
+    tops = sorted({path.split("/")[0] if "/" in path else "." for path in linked})
+    where = "%s in %s" % (plural(len(linked), "file"),
+                          ", ".join(tops[:3] + ["..."] * (len(tops) > 3)))
+    if config.hardlinks == "refuse":
+        raise Refused("refusing to run in %s: it holds hard links to files outside it (%s), "
+                      "a cache's or your home's, which the agent could change through them; "
+                      "make them copies (uv sync --link-mode=copy; pnpm: "
+                      "package-import-method=copy in .npmrc; cp without -l), or set "
+                      "PI_AGENT_HARDLINKS=copy" % (project.target, where))
+    for path in sorted(linked):
+        unshare_file(project.target, path)
+    say("hard links to files outside the project (%s) are copies of their own now, so that the "
+        "agent cannot change those files through them (uv: UV_LINK_MODE=copy and pnpm: "
+        "package-import-method=copy keep them copies)" % where)
 
 
 def host_run_files(target, extra=()):
@@ -3538,6 +3647,20 @@ def end_run(line, run_dir, record, watch=None):
     if scan is not None:
         found = scan.results()
     notes += sweep(line, record, found, predicate)
+    linked = []
+    for path, stamp in sorted((record.get("linked") or {}).items()):
+        try:
+            info = os.lstat(os.path.join(target, path))
+            if [info.st_ino, info.st_ctime_ns] == stamp:
+                continue
+        except OSError:
+            pass
+        linked.append(path)
+    if linked:
+        notes.append("the agent changed (or moved) %s, hard links to files outside the project "
+                     "(PI_AGENT_HARDLINKS=allow): those changed too; %s" % (
+                         plural(len(linked), "file"),
+                         ", ".join(linked[:5] + (["..."] if len(linked) > 5 else []))))
     changed = changed_files(record["host_run"], host_run_files(target))
     if changed:
         notes.append("the agent changed %s, which your host may run by itself; review before "
@@ -4229,6 +4352,9 @@ class RunPlan:
             "git_files": {path: list(value) for path, value in project.git_files.items()},
             "protected": [list(entry) for entry in project.protected],
             "read": list(project.read),
+            # (PI_AGENT_HARDLINKS=allow: the shared files, for end_run to name those changed)
+            "linked": {path: [info.st_ino, info.st_ctime_ns] for path, info in
+                       project.linked.items()} if self.line.config.hardlinks == "allow" else {},
             "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
             "notes": [], "host_run": {}}
 
@@ -4310,6 +4436,9 @@ def session_env(config, kind, environ):
         env.append(("EMAIL", config.git_identity[1]))  # (see session_script())
     if kind == "run":
         env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
+    # Installs inside copy files into the project, never link them to a cache.
+    env += [(name, "copy") for name in ("UV_LINK_MODE", "npm_config_package_import_method")
+            if name not in dict(env)]
     return env
 
 
@@ -5837,6 +5966,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
     check_engine()
     if not offline:
         check_network(config)
+    unshare_links(config, project)
     say_what_was_left(line, found, state)
     stale, remembered = [], None
     if released_cleanly(found):

@@ -55,3 +55,73 @@ def test_a_joined_sessions_environment_is_not_in_the_run_directory(box):
     assert "cd " in read("seen"), "and could read the script"
     assert value not in read("seen")
     assert read("join-tz") == value, "the session has its environment all the same"
+
+
+# --- hard links the project already has ----------------------------------------
+
+def linked_venv_file(box):
+    """A file of your home (a tool's cache), hard-linked into the project's .venv."""
+    outside = os.path.join(box.home, "cache", "x.py")
+    os.makedirs(os.path.dirname(outside))
+    with open(outside, "w") as handle:
+        handle.write("home's own\n")
+    os.chmod(outside, 0o644)
+    inside = os.path.join(box.mkdir(os.path.join(box.project, ".venv", "lib")), "x.py")
+    os.link(outside, inside)
+    box.chown(os.path.join(box.home, "cache"))
+    box.chown(os.path.join(box.project, ".venv"))
+    return outside, inside
+
+
+def test_a_hard_link_into_your_home_is_a_copy_before_the_agent_starts(box):
+    outside, inside = linked_venv_file(box)
+    before = os.lstat(outside)
+    run = box.ok("pi-exec sh -c 'stat -c %h .venv/lib/x.py; echo agent > .venv/lib/x.py; "
+                 "sudo chown root .venv/lib/x.py; sudo chmod u+s .venv/lib/x.py'")
+    assert run.stdout.split() == ["1"], "a copy already when the agent starts"
+    assert "copies of their own" in run.stderr and "1 file in .venv" in run.stderr
+    after = os.lstat(outside)
+    assert open(outside).read() == "home's own\n"
+    assert (after.st_uid, after.st_mode, after.st_nlink, after.st_mtime_ns) == (
+        before.st_uid, before.st_mode, 1, before.st_mtime_ns)
+    mine = os.lstat(inside)
+    assert mine.st_nlink == 1 and mine.st_ino != after.st_ino
+    assert open(inside).read() == "agent\n"
+    assert not mine.st_mode & 0o6000, "the sweep cleared setuid on the agent's copy"
+
+
+def test_refuse_stops_the_run_and_names_the_fix_and_allow_names_what_changed(box):
+    outside, inside = linked_venv_file(box)
+    refused = box.sh("pi-exec touch ran", env={"PI_AGENT_HARDLINKS": "refuse"})
+    assert refused.returncode == 3
+    assert "uv sync --link-mode=copy" in refused.stderr and "package-import-method=copy" in \
+        refused.stderr and ".venv" in refused.stderr
+    assert not in_project(box, "ran") and os.lstat(inside).st_nlink == 2
+    allowed = box.ok("pi-exec sh -c 'echo agent > .venv/lib/x.py'",
+                     env={"PI_AGENT_HARDLINKS": "allow", "PI_AGENT_SAVE": "foreground"})
+    assert open(outside).read() == "agent\n", "allow: today's behaviour, named for what it is"
+    assert ".venv/lib/x.py" in allowed.stderr and "PI_AGENT_HARDLINKS=allow" in allowed.stderr
+    bad = box.sh("pi-exec true", env={"PI_AGENT_HARDLINKS": "sometimes"})
+    assert bad.returncode == 9
+
+
+def test_links_with_every_name_in_the_project_stay_and_installs_inside_copy(box):
+    with open(os.path.join(box.project, "a"), "w") as handle:
+        handle.write("one\n")
+    os.link(os.path.join(box.project, "a"), os.path.join(box.project, "b"))
+    box.chown(box.project)
+    out = box.ok("pi-exec sh -c 'echo $UV_LINK_MODE $npm_config_package_import_method'")
+    assert out.stdout.split() == ["copy", "copy"]
+    assert os.lstat(os.path.join(box.project, "a")).st_nlink == 2
+    assert "copies" not in out.stderr
+
+
+def test_only_shared_files_outside_or_read_only_count():
+    def info(ino, nlink):
+        return os.stat_result((0o100644, ino, 1, nlink, 0, 0, 1, 0, 0, 0))
+    found = [("a", info(1, 2)), ("b", info(1, 2)),          # both names here: stays
+             (".venv/x", info(2, 3)), (".venv/y", info(2, 3)),  # a third name elsewhere
+             ("sub/.git/hooks/h", info(3, 2)), ("h", info(3, 2)),  # one name read-only
+             ("sub/.git/objects/o", info(4, 2))]              # read-only only: stays
+    shared = pi_agent.shared_files(found, ["sub/.git"])
+    assert sorted(shared) == [".venv/x", ".venv/y", "h"]

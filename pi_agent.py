@@ -121,6 +121,10 @@ SETTINGS = (
      "the engine refuses commits at 125)"),
     ("PI_AGENT_TRACE", "",
      "a file to log every docker command to, with its duration"),
+    ("PI_AGENT_SAVE_LIMIT", "",
+     "the most a save may write, e.g. 10g (empty: half the engine's free space, 20g where that "
+     "is not known; none: only the free space): a bigger run is not saved, its container waits "
+     "for pi-recover --drop PATH or pi-clean-orphans"),
     ("PI_AGENT_SAVE", "background",
      "background: the prompt returns while the saver commits; "
      "foreground: wait for the save and report it"),
@@ -651,6 +655,13 @@ class Config:
         self.save_mode = raw["PI_AGENT_SAVE"]
         if self.save_mode not in ("background", "foreground"):
             raise BadSetting("PI_AGENT_SAVE=%s: use background or foreground" % self.save_mode)
+        limit = raw["PI_AGENT_SAVE_LIMIT"].strip().lower()
+        size = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmgt]?)", limit)
+        if limit not in ("", "none") and not (size and float(size.group(1)) > 0):
+            raise BadSetting("PI_AGENT_SAVE_LIMIT=%s is not a size such as 10g or 500m (or none)"
+                             % raw["PI_AGENT_SAVE_LIMIT"])
+        self.save_limit = size and float(size.group(1)) * 1024 ** "bkmgt".index(
+            size.group(2) or "b") or (float("inf") if limit else None)
         self.hardlinks = raw["PI_AGENT_HARDLINKS"]
         if self.hardlinks not in ("copy", "refuse", "allow"):
             raise BadSetting("PI_AGENT_HARDLINKS=%s: use copy, refuse or allow" % self.hardlinks)
@@ -1080,6 +1091,10 @@ class Line:
                      listing made it)
       removing       {container: pid}: saved containers, being removed by pid
       failed         the container whose save failed (recovery retries it)
+      waiting        {container: {what, why, size, largest}}: runs not saved
+                     as they would write too much (save_cost) or the disk
+                     was full, kept for the user's decision (pi-recover
+                     --drop, pi-clean-orphans); no recovery retries them
       notice         a line for the next command to show
       pruned         snapshots a detached auto-prune removed, for the next
                      command to say
@@ -4755,6 +4770,108 @@ def keep_snapshot(line, state, image_id, name):
     return DockerCall(("tag", image_id, line.snap(name)))
 
 
+# What a save may cost the engine's disk (see save_cost): it keeps this much
+# free; the free space is asked only of a layer this big; the limit where
+# it cannot be known.
+SAVE_MARGIN = 1 << 30
+SAVE_ASK_FREE = 512 << 20
+SAVE_FALLBACK_LIMIT = 20 << 30
+
+
+class SaveWaits(Refused):
+    """A save not made, as it would write too much (or the disk is full):
+    the container waits for the user's decision (see wait_for_decision)."""
+
+
+def engine_free_space():
+    """Bytes free where a local engine keeps its layers, or None: an engine
+    elsewhere (a context, ssh, tcp, Docker Desktop's VM) is not looked at."""
+    if not docker_endpoint()[0].startswith("unix://"):
+        return None
+    root = docker("info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
+    try:
+        found = os.statvfs(root) if root.startswith("/") else None
+    except OSError:
+        return None
+    return found and found.f_bavail * found.f_frsize
+
+
+def size_call(container):
+    """What the commit of `container` will write, asked (see save_cost)."""
+    return DockerCall(("container", "inspect", "--size", "--format", "{{.SizeRw}}", container))
+
+
+def save_cost(line, sizing):
+    """The bytes the commit will write (`sizing`: the container's inspect
+    --size under way; the engine counts a sparse file whole, as the commit
+    writes its holes), or None when not known. SaveWaits above
+    PI_AGENT_SAVE_LIMIT (default: half the engine's free space), or where
+    less than SAVE_MARGIN would be left free."""
+    result = sizing.finish(check=False)
+    if result.returncode != 0 or not result.stdout.strip().isdigit():
+        return None  # (the commit says what is wrong)
+    size, limit = int(result.stdout.strip()), line.config.save_limit
+    free = engine_free_space() if size > SAVE_ASK_FREE else None
+    if limit is None:
+        limit = free // 2 if free is not None else SAVE_FALLBACK_LIMIT
+    if free is not None and size > free - SAVE_MARGIN:
+        why = "and the engine's disk has only %s free" % human_size(free)
+    elif size <= limit:
+        return size
+    elif line.config.save_limit is not None:
+        why = "more than PI_AGENT_SAVE_LIMIT=%s" % line.config.raw["PI_AGENT_SAVE_LIMIT"]
+    elif free is not None:
+        why = "more than half the engine's free space (%s; PI_AGENT_SAVE_LIMIT sets another " \
+            "limit)" % human_size(free)
+    else:
+        why = "more than %s (the engine's free space is not known here; PI_AGENT_SAVE_LIMIT " \
+            "sets another limit)" % human_size(limit)
+    err = SaveWaits("it would write %s, %s" % (human_size(size), why))
+    err.size = size
+    raise err
+
+
+def waiting_message(name, entry):
+    """The one line for a container that waits for the user's decision."""
+    largest = ", ".join("%s (%s)" % (path, human_size(size)) for path, size in
+                        entry.get("largest") or []) or "docker diff %s lists them" % name
+    return ("the %s was not saved: %s. Its container %s waits for your decision; the "
+            "largest: %s. pi-recover --drop PATH ... %s saves the run without those paths; "
+            "pi-clean-orphans discards it" % (entry.get("what"), entry.get("why"), name, largest,
+                                              name))
+
+
+def wait_for_decision(line, state, container, what, why, size):
+    """A save not made for its size or the disk's space: the container is
+    stopped and kept, and waits (the state's `waiting`) with its largest
+    files; the next command says so once, and no recovery retries it."""
+    docker("stop", "--time", "0", container, check=False)  # (a wrapper that died left it?)
+    largest, sizes, info = None, None, inspect("container", container)
+    if layer_listable(info):
+        try:
+            sizes = list_layer(line, info, names_only=True)[1]
+        except PiError as err:
+            line.log("could not list the layer of %s: %s" % (container, err))
+    if sizes is not None:
+        # The biggest files; where they are not the half of it (many small
+        # ones), the directories three deep that hold the most too.
+        largest = [item for item in sorted(sizes.items(), key=lambda item: -item[1])[:5]
+                   if item[1] >= 1 << 20]
+        if sum(found for _path, found in largest) < (size or 0) // 2:
+            tops = {}
+            for path, found in sizes.items():
+                top = "/".join(path.split("/")[:4])
+                if top != path:
+                    tops[top] = tops.get(top, 0) + found
+            largest += sorted(tops.items(), key=lambda item: -item[1])[:3]
+    entry = {"what": what, "why": why, "size": size, "largest": largest}
+    state.setdefault("waiting", {})[container] = entry
+    state["notice"] = waiting_message(container, entry)
+    line.write_state(state)
+    line.log(state["notice"])
+    return SaveWaits(state["notice"])
+
+
 def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
                defer_remove=False):
     """The commit of save_run(): into current, or into a snapshot when the
@@ -4823,7 +4940,7 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
 
 
 def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-             defer_remove=False, ended_by="run"):
+             defer_remove=False, ended_by="run", sizing=None):
     """Save a finished run's container: the one save, whoever saves it (the
     saver; the wrapper, when its saver died; recovery, for a container an
     interrupted run left).
@@ -4852,16 +4969,26 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     unless record_changes needs the container: no layer to list).
     """
     what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
+    sizing = sizing or size_call(container)
     if snapshot is None and current_id == image["Id"]:
         snapshot = kept_as(line, image)
         meta["kept"] = "1" if snapshot else ""
         snapshot = snapshot or next_snapshot(state, meta.get("epoch"))
     if snapshot is not None and tagging is None:
         tagging = keep_snapshot(line, state, image["Id"], snapshot)
+    size = None
     try:
+        size = save_cost(line, sizing)
         snap = commit_run(line, state, container, image, meta, snapshot, current_id, tagging,
                           defer_remove)
     except PiError as err:
+        if isinstance(err, SaveWaits) or "no space left on device" in str(err).lower():
+            if tagging is not None:
+                tagging.finish(check=False)
+            line.record_session(dict(meta, container=container), "waiting")
+            raise wait_for_decision(line, state, container, what, str(err) if isinstance(
+                err, SaveWaits) else "the engine's disk is full (%s)" % err,
+                getattr(err, "size", size))
         state["failed"] = container
         state["notice"] = ("the save of the %s failed: %s. The container %s keeps its "
                            "changes: fix the engine (disk space?), then the next pi retries "
@@ -4915,28 +5042,36 @@ def teardown(line, names, state=None, removal=None, check=False, summaries=None)
         return None
     notes = []
     for name in names:
-        run_dir = os.path.join(line.run_dir, name)
-        record = read_run_record(run_dir)
-        if record is not None:
-            # Nobody ended it: it is ended under its project's lock, as by
-            # its wrapper (waited for: no run waits for this line meanwhile).
-            repo = record.get("repo") or {}
-            fd = lock_project(line, record["target"], "end", True,
-                              [path for path in [repo.get("common"), repo.get("gitdir")] +
-                               list(record.get("read") or []) if isinstance(path, str)])
-            try:
-                notes += end_run(line, run_dir, record)
-                if summaries is not None:
-                    summaries[name] = record.get("summary")
-            finally:
-                if fd is not None:
-                    release_project_lock(fd)
-        remove_run_dir(run_dir, line=line)
+        notes += end_unended(line, name, summaries)
+        remove_run_dir(os.path.join(line.run_dir, name), line=line)
         if state is not None:
             (state.get("removing") or {}).pop(name, None)
+            (state.get("waiting") or {}).pop(name, None)
     if state is not None:
         line.write_state(state)
     return notes
+
+
+def end_unended(line, name, summaries=None):
+    """A stopped run that nobody ended is ended under its project's lock,
+    as by its wrapper (waited for: no run waits for this line meanwhile).
+    Returns end_run's notes; its summary goes into `summaries` by name."""
+    run_dir = os.path.join(line.run_dir, name)
+    record = read_run_record(run_dir)
+    if record is None:
+        return []
+    repo = record.get("repo") or {}
+    fd = lock_project(line, record["target"], "end", True,
+                      [path for path in [repo.get("common"), repo.get("gitdir")] +
+                       list(record.get("read") or []) if isinstance(path, str)])
+    try:
+        notes = end_run(line, run_dir, record)
+        if summaries is not None:
+            summaries[name] = record.get("summary")
+        return notes
+    finally:
+        if fd is not None:
+            release_project_lock(fd)
 
 
 # --------------------------------------------------------------- recovery
@@ -5018,20 +5153,22 @@ def recover_container(line, state, row):
     return "removed %s: the interrupted run of %s changed nothing" % (name, started)
 
 
-def recover_leftovers(line, state, listing=None, only=None):
+def recover_leftovers(line, state, listing=None, only=None, decide=False):
     """Save what interrupted runs left behind, oldest first, before anything
     else changes the line; returns how many it saved. One `docker ps` when
     there is nothing to do: the labels find leftovers even when the state
     file was lost. `only` (pi-recover CONTAINER) picks one by name or ID.
-    A save that fails stops it (save_run keeps the failure for the next)."""
+    A save that fails stops it (save_run keeps the failure for the next).
+    Those that wait for the user's decision (too big to save) are left as
+    they are, but for pi-recover (`decide`): it tries them again."""
     host = os.uname().nodename
     recovered = 0
     rows = list_run_containers(line, listing=listing)
-    removing = state.get("removing") or {}
-    if removing:
-        present = {row["names"] for row in rows}
-        state["removing"] = {name: pid for name, pid in removing.items() if name in present}
-        line.write_state(state)
+    present = {row["names"] for row in rows}
+    for key in ("removing", "waiting"):
+        if set(state.get(key) or {}) - present:
+            state[key] = {name: value for name, value in state[key].items() if name in present}
+            line.write_state(state)
     if only:
         rows = [row for row in rows if only in (row["names"], row["id"])]
         if not rows:
@@ -5045,8 +5182,18 @@ def recover_leftovers(line, state, listing=None, only=None):
         if row.get("host") and row.get("host") != host:
             say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
             continue
+        if row["names"] in (state.get("waiting") or {}) and not decide:
+            show_notes(line, end_unended(line, row["names"]))  # (its wrapper died)
+            continue
         try:
             say(recover_container(line, state, row))
+        except SaveWaits as err:
+            state.pop("notice", None)  # (said here, once)
+            line.write_state(state)
+            if decide:
+                raise
+            say(str(err))
+            continue
         except BaseException as err:
             # Not saved (Ctrl-C too): the next command must look again.
             first = state.get("failed") != row["names"]  # save_run says it its own way
@@ -5748,7 +5895,7 @@ class Saver:
             self._abort()
             self._answer(up_w, SAID_OK)
             return 0
-        tagging, current_id = self._tidy()
+        tagging, current_id, sizing = self._tidy()
         status = next((m.split()[1] for m in messages if m.startswith(SAID_STATUS)), None)
         if status is not None:
             # The container has stopped; the wrapper holds the project until
@@ -5761,7 +5908,8 @@ class Saver:
         meta = self.plan.save_meta(status)
         try:
             snap = save_run(self.line, self.state, self.plan.container, self.plan.image, meta,
-                            self.plan.snapshot, current_id, tagging, defer_remove=True)
+                            self.plan.snapshot, current_id, tagging, defer_remove=True,
+                            sizing=sizing)
         except PiError as err:
             self._hear(pipe)  # the wrapper is still ending the run: let it
             if not self._answer(up_w, "%s %d %s" % (SAID_ERROR, err.code, err)):
@@ -5803,10 +5951,11 @@ class Saver:
         the snapshot's tag (by the image's ID, which stays), the check of a
         remembered current (changed by hand since, the run is saved as a
         snapshot and current stays), the teardown of earlier runs' saved
-        containers whose removers died. Returns the tag under way and
-        current's ID."""
+        containers whose removers died. Returns the tag under way, current's
+        ID, and the size of the save, asked (save_cost)."""
         line, plan = self.line, self.plan
         tagging = keep_snapshot(line, self.state, plan.image["Id"], plan.snapshot)
+        sizing = size_call(plan.container)
         removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
         current_id = plan.image["Id"]
         if self.verify:
@@ -5819,7 +5968,7 @@ class Saver:
             for note in teardown(line, self.stale, self.state, removing) or []:
                 line.log(note)
         remove_run_dir(plan.run_dir, script_only=True)
-        return tagging, current_id
+        return tagging, current_id, sizing
 
     def _container_exists(self, tagging):
         """Without an exit status the wrapper died; if it died while `docker
@@ -6345,7 +6494,10 @@ def status_facts(config, line):
                                 ("pid", "kind", "phase", "target", "started", "saver_pid")}
     facts["lock_holder"] = holder is not None and describe_holder(holder) or None
     facts["notice"] = state.get("notice")
-    facts["left_behind"] = len(leftover_containers(line))
+    left = [row["names"] for row in leftover_containers(line)]
+    facts["waiting"] = {name: entry for name, entry in (state.get("waiting") or {}).items()
+                        if name in left}
+    facts["left_behind"] = len(left) - len(facts["waiting"])
     try:
         cwd = os.path.realpath(os.getcwd())
         project = Project.inspect(config, cwd, here=False)
@@ -6414,6 +6566,8 @@ def print_status(config, line, facts):
     if facts["left_behind"]:
         print("left-behind containers: %d (see pi-orphans; the next pi recovers them)"
               % facts["left_behind"])
+    for name, entry in facts["waiting"].items():
+        print("waiting: %s" % printable(waiting_message(name, entry)))
     target = facts["target"]
     if target["path"] is None:
         print("target: none here: %s" % printable(target["why_not"]))
@@ -6710,19 +6864,96 @@ def cmd_orphans(args):
         print("no left-behind containers of %s" % line.name)
         return 0
     table = [("CONTAINER", "AGE", "TARGET", "STATE", "CHANGES")]
+    waiting = line.read_state().get("waiting") or {}
     for row in rows:
         table.append((row["names"], row.get("runningfor", ""), row.get("target", ""),
-                      row.get("state", ""), (row.get("size") or "").split(" ")[0]))
+                      "waiting" if row["names"] in waiting else row.get("state", ""),
+                      (row.get("size") or "").split(" ")[0]))
     print_table(table)
+    for row in rows:
+        if row["names"] in waiting:
+            print(printable(waiting_message(row["names"], waiting[row["names"]])))
     return 0
 
 
 def cmd_recover(args):
     line = profile_line(args)
+    # (--drop takes the words after it: the one that is not a path is the container)
+    paths = [word for word in args.drop if word.startswith("/")]
+    names = [word for word in args.drop if not word.startswith("/")] + \
+        ([args.container] if args.container else [])
+    if len(names) > 1 or (args.drop and not paths):
+        raise PiError("pi-recover --drop PATH ... [CONTAINER]: each PATH absolute, as inside "
+                      "the container, and one container at most", EXIT_USAGE)
     with exclusive(line, "recover", recover=False) as state:
-        if not recover_leftovers(line, state, only=args.container):
+        only = drop_paths(line, state, names[0] if names else None, paths) if paths \
+            else names[0] if names else None
+        if not recover_leftovers(line, state, only=only, decide=True):
             say("no left-behind containers of %s; nothing to recover" % line.name)
     return 0
+
+
+# Takes the paths (NUL-separated, on stdin) out of a stopped container's
+# writable layer, at /pi-agent-layer: first each is checked, never through
+# a symbolic link (a directory on the way that the run made a link), and
+# none goes unless all are there; a line says what is wrong with one.
+DROP_SCRIPT = r"""cd /pi-agent-layer || exit 1
+xargs -0 -r sh -c '
+check() {
+  d=. r=${1#/}
+  while :; do
+    case $r in */*) d=$d/${r%%/*} r=${r#*/} ;; *) d=$d/$r; break ;; esac
+    if [ -L "$d" ]; then echo "$1: the run made ${d#.} a symbolic link; drop that"; return 1; fi
+    [ -d "$d" ] || { echo "$1: the run did not change it"; return 1; }
+  done
+  [ -e "$d" ] || [ -L "$d" ] || { echo "$1: the run did not change it"; return 1; }
+}
+bad=
+for p do check "$p" || bad=1; done
+[ -z "$bad" ] || exit 3
+for p do check "$p" && rm -rf -- "$d" || exit 1; done
+' sh"""
+
+
+def drop_paths(line, state, only, paths):
+    """pi-recover --drop: what the run of a left-behind container (`only`,
+    else the one waiting, else the one left) did to `paths` is not kept: a
+    new file goes, a changed one shows its old version. Its writable layer
+    is changed by a short root container of REPO:base (never current),
+    with no network and no capability but to delete. Returns its name."""
+    for path in paths:
+        if os.path.normpath(path) != path or path.startswith("//") or path == "/" or \
+                "\0" in path:
+            raise PiError("pi-recover --drop %s: give each path absolute and as it is, with "
+                          "no .., no // and no / at the end" % path, EXIT_USAGE)
+    rows = leftover_containers(line)
+    if only:
+        rows = [row for row in rows if only in (row["names"], row["id"])]
+    waiting = [row for row in rows if row["names"] in (state.get("waiting") or {})]
+    if len(waiting or rows) != 1:
+        raise NotFound("no left-behind container %s; pi-orphans lists them" % only if only else
+                       "pi-recover --drop PATH ... CONTAINER: name the container; pi-orphans "
+                       "lists them" if rows else "no left-behind containers of %s" % line.name)
+    name = (waiting or rows)[0]["names"]
+    docker("stop", "--time", "0", name, check=False)  # (its agent may be at work still)
+    info = inspect("container", name)
+    if not layer_listable(info):
+        raise Refused("the layer of %s is out of reach here (the engine's storage is not "
+                      "overlay2 on this host), so pi-agent cannot drop paths from it: "
+                      "pi-recover %s saves it whole, pi-clean-orphans discards it" % (name, name))
+    result = docker("run", "--rm", "-i", "--pull", "never", "--network", "none", "-u", "0",
+                    "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add", "FOWNER",
+                    "--read-only", "--security-opt", "no-new-privileges", "--log-driver",
+                    "none", "--entrypoint", "sh", "--mount", mount_spec(
+                        info["GraphDriver"]["Data"]["UpperDir"], "/pi-agent-layer"),
+                    line.base, "-c", DROP_SCRIPT, feed="\0".join(paths), check=False)
+    if result.returncode != 0:
+        problems = [printable(text) for text in result.stdout.splitlines()]
+        if problems:
+            raise Refused("nothing dropped from %s: %s" % (name, "; ".join(problems[:5])))
+        raise docker_failure(("run",), result.stderr)
+    say("dropped from %s: %s" % (name, ", ".join(printable(path) for path in paths)))
+    return name
 
 
 def cmd_clean_orphans(args):
@@ -7504,8 +7735,12 @@ def build_parser():
     simple("flatten", cmd_flatten, "rewrite current as a single layer (same files, same "
            "config); the layered image is kept as a snapshot")
     simple("orphans", cmd_orphans, "list containers that interrupted runs left behind")
-    simple("recover", cmd_recover, "save left-behind containers into current now").add_argument(
-        "container", nargs="?")
+    recover = simple("recover", cmd_recover, "save left-behind containers into current now")
+    recover.usage = "pi-recover [--profile NAME] [--drop PATH ...] [CONTAINER]"
+    recover.add_argument("container", nargs="?")
+    recover.add_argument("--drop", nargs="+", metavar="PATH", default=[],
+                         help="save it without what the run did to these paths (absolute, as "
+                         "inside): a new file goes, a changed one keeps its old version")
     simple("clean-orphans", cmd_clean_orphans, "discard left-behind containers").add_argument(
         "--yes", "-y", action="store_true", help="do not ask")
     simple("unlock", cmd_unlock, "show who holds the lock (a dead holder never does)")

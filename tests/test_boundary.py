@@ -6,7 +6,7 @@ joined session's). Against the real engine where a `box` is used."""
 import os
 import signal
 
-from conftest import wait_until
+from conftest import docker, wait_until
 
 import pi_agent
 
@@ -125,3 +125,73 @@ def test_only_shared_files_outside_or_read_only_count():
              ("sub/.git/objects/o", info(4, 2))]              # read-only only: stays
     shared = pi_agent.shared_files(found, ["sub/.git"])
     assert sorted(shared) == [".venv/x", ".venv/y", "h"]
+
+
+# --- what a save may cost -------------------------------------------------------
+
+def test_a_sparse_file_too_big_to_save_waits_and_drop_saves_the_rest(box):
+    """truncate costs the agent nothing, a commit writes every byte."""
+    root = docker("info", "--format", "{{.DockerRootDir}}").stdout.strip()
+
+    def used():
+        disk = os.statvfs(root)
+        return (disk.f_blocks - disk.f_bfree) * disk.f_frsize
+
+    box.extra_env["PI_AGENT_SAVE_LIMIT"] = "1G"
+    box.ok("pi-exec true")
+    current = box.images()["current"]
+    before = used()
+    box.ok("pi-exec sh -c 'truncate -s 3G /tmp/big; echo kept > ~/kept'")
+    box.wait_saved()
+    [cid] = box.containers()
+    name = docker("inspect", "--format", "{{.Name}}", cid).stdout.strip().lstrip("/")
+    waiting = box.state().get("waiting") or {}
+    assert list(waiting) == [name] and waiting[name]["size"] >= 3 << 30
+    assert ["/tmp/big", 3 << 30] in waiting[name]["largest"]
+    assert box.images()["current"] == current, "not committed"
+    said = box.ok("pi-exec true").stderr
+    assert "/tmp/big" in said and "pi-recover --drop PATH ... " + name in said
+    again = box.ok("pi-exec true").stderr
+    assert "/tmp/big" not in again, "said once; no recovery retries it"
+    box.wait_saved()
+    assert box.containers() == [cid]
+    assert "waiting" in box.ok("pi-orphans").stdout
+    assert "/tmp/big" in box.ok("pi-status").stdout
+    bad = box.sh("pi-recover --drop /tmp/../etc/passwd")
+    assert bad.returncode == 2
+    link = box.sh("pi-recover --drop /tmp/big/x")
+    assert link.returncode == 3 and "did not change" in link.stderr
+    recovered = box.ok("pi-recover --drop /tmp/big")
+    assert "recovered" in recovered.stderr
+    assert box.containers() == [] and not box.state().get("waiting")
+    assert box.images()["current"] != current
+    box.ok("pi-exec sh -c 'test ! -e /tmp/big && test -e ~/kept'")
+    assert used() - before < (3 << 30) // 2, "the holes were never written out"
+
+
+def test_what_a_save_may_cost():
+    class Line:
+        config = pi_agent.Config({"HOME": "/home/alice"})
+
+    class Sizing:
+        def __init__(self, size):
+            self.size = size
+
+        def finish(self, check=False):
+            return pi_agent.subprocess.CompletedProcess([], 0, "%d\n" % self.size, "")
+
+    free, pi_agent.engine_free_space = pi_agent.engine_free_space, lambda: 10 << 30
+    try:
+        assert pi_agent.save_cost(Line, Sizing(4 << 30)) == 4 << 30
+        for size in (6 << 30, 30 << 30):  # half the free space; the free space less a margin
+            try:
+                pi_agent.save_cost(Line, Sizing(size))
+                raise AssertionError("saved %d" % size)
+            except pi_agent.SaveWaits as err:
+                assert "free" in str(err)
+        pi_agent.engine_free_space = lambda: None
+        assert pi_agent.save_cost(Line, Sizing(19 << 30)) == 19 << 30
+        Line.config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_SAVE_LIMIT": "none"})
+        assert pi_agent.save_cost(Line, Sizing(100 << 30)) == 100 << 30
+    finally:
+        pi_agent.engine_free_space = free

@@ -3334,39 +3334,34 @@ def unshare_file(target, path):
     if fd is None:
         raise Refused("cannot make %s a copy of its own: a directory on the way is a symbolic "
                       "link or is gone; look at it, then run again" % path)
-    name, temp, copy = parts[-1], ".pi-agent-copy-%d" % os.getpid(), None
+    name, temp = parts[-1], ".pi-agent-copy-%d" % os.getpid()
+
+    def beneath(file, flags):  # (never through a link; never blocking on a FIFO)
+        return os.open(file, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600, dir_fd=fd)
     try:
-        source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
-        try:
-            info = os.fstat(source)
+        try:  # (one a crashed run left)
+            os.unlink(temp, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        with open(name, "rb", opener=beneath) as source, open(temp, "xb", opener=beneath) as copy:
+            info = os.fstat(source.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise OSError(0, "it is no longer a plain file")
-            try:  # (one a crashed run left)
-                os.unlink(temp, dir_fd=fd)
-            except FileNotFoundError:
-                pass
-            copy = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                           dir_fd=fd)
-            while True:
-                chunk = os.read(source, 1 << 20)
-                if not chunk:
-                    break
-                while chunk:
-                    chunk = chunk[os.write(copy, chunk):]
-            os.fchmod(copy, stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
-            os.utime(copy, ns=(info.st_atime_ns, info.st_mtime_ns))
-        finally:
-            os.close(source)
-            if copy is not None:
-                os.close(copy)
+            import shutil
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            os.fchmod(copy.fileno(), stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            os.utime(copy.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
         os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
         if os.lstat(name, dir_fd=fd).st_nlink != 1:
             raise OSError(0, "it has other names still")
-    except OSError as err:
+    except BaseException as err:  # (Ctrl-C too: no copy is left behind)
         try:
             os.unlink(temp, dir_fd=fd)
         except OSError:
             pass
+        if not isinstance(err, OSError):
+            raise
         raise Refused("cannot make %s a copy of its own (it is a hard link to a file outside "
                       "the project, which the agent could change through it): %s; make it one "
                       "(cp --remove-destination), then run again"

@@ -123,23 +123,38 @@ SETTINGS = (
      "the engine refuses commits at 125)"),
     ("PI_AGENT_TRACE", "",
      "a file to log every docker command to, with its duration"),
+    ("PI_AGENT_SAVE_LIMIT", "",
+     "the most a save may write, e.g. 10g (empty: half the engine's free space, 20g where that "
+     "is not known; none: only the free space): a bigger run is not saved, its container waits "
+     "for pi-recover --drop PATH or pi-clean-orphans"),
     ("PI_AGENT_SAVE", "background",
      "background: the prompt returns while the saver commits; "
      "foreground: wait for the save and report it"),
     ("PI_AGENT_RECORD_CHANGES", "1",
      "after each save, record what the run changed in the environment, for pi-diff (1/0)"),
+    ("PI_AGENT_HARDLINKS", "copy",
+     "project files that are hard links to files outside it (uv's, pnpm's caches): copy (make "
+     "them copies of their own before the run), refuse (stop, naming the fix), allow (leave "
+     "them: the agent can change those files through them)"),
 )
 
 # PI_AGENT_* variables that are not settings: the shell functions' and the
 # installer's.
 OTHER_VARIABLES = ("PI_AGENT_PYTHON", "PI_AGENT_CONFIG", "PI_AGENT_HOME", "PI_AGENT_RELEASE_URL")
 
-# Host variables the container sees (besides PI_AGENT_PASS_ENV); LC_* too.
-# The proxy variables reach the run (and the base build, as build args),
-# never an image: a corporate network needs them.
+# Host variables the container sees (besides PI_AGENT_PASS_ENV), and the
+# locale's (LOCALE_ENV). The proxy variables reach the run (and the base
+# build, as build args), never an image: a corporate network needs them.
 PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
              "http_proxy", "https_proxy", "no_proxy", "all_proxy")
-ALLOWED_ENV = ("TERM", "COLORTERM", "LANG", "TZ") + PROXY_ENV
+ALLOWED_ENV = ("TERM", "COLORTERM", "TZ") + PROXY_ENV
+# The locale: POSIX's categories only, each with a value that names a
+# locale. Never any other LC_*: sshd accepts every LC_* a client sends, and
+# people carry tokens in them.
+LOCALE_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_MONETARY",
+              "LC_NUMERIC", "LC_TIME", "LC_ADDRESS", "LC_IDENTIFICATION", "LC_MEASUREMENT",
+              "LC_NAME", "LC_PAPER", "LC_TELEPHONE")
+LOCALE_VALUE = re.compile(r"[A-Za-z0-9_.@+=,-]{0,64}")
 
 # The agents pi-agent knows (PI_AGENT_AGENT, pi --agent): the command, how
 # it installs itself inside, as the agent user (npm's prefix and ~/.local
@@ -642,6 +657,16 @@ class Config:
         self.save_mode = raw["PI_AGENT_SAVE"]
         if self.save_mode not in ("background", "foreground"):
             raise BadSetting("PI_AGENT_SAVE=%s: use background or foreground" % self.save_mode)
+        limit = raw["PI_AGENT_SAVE_LIMIT"].strip().lower()
+        size = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmgt]?)", limit)
+        if limit not in ("", "none") and not (size and float(size.group(1)) > 0):
+            raise BadSetting("PI_AGENT_SAVE_LIMIT=%s is not a size such as 10g or 500m (or none)"
+                             % raw["PI_AGENT_SAVE_LIMIT"])
+        self.save_limit = size and float(size.group(1)) * 1024 ** "bkmgt".index(
+            size.group(2) or "b") or (float("inf") if limit else None)
+        self.hardlinks = raw["PI_AGENT_HARDLINKS"]
+        if self.hardlinks not in ("copy", "refuse", "allow"):
+            raise BadSetting("PI_AGENT_HARDLINKS=%s: use copy, refuse or allow" % self.hardlinks)
 
     def _preset(self, flag):
         """The agent's command, install command and key list, where they
@@ -1086,6 +1111,10 @@ class Line:
                      listing made it)
       removing       {container: pid}: saved containers, being removed by pid
       failed         the container whose save failed (recovery retries it)
+      waiting        {container: {what, why, size, largest}}: runs not saved
+                     as they would write too much (save_cost) or the disk
+                     was full, kept for the user's decision (pi-recover
+                     --drop, pi-clean-orphans); no recovery retries them
       notice         a line for the next command to show
       pruned         snapshots a detached auto-prune removed, for the next
                      command to say
@@ -1931,9 +1960,10 @@ class ProjectWatch:
         return found
 
 
-# Pre-run: what a run must know (git directories to protect, sockets), and
-# the directories to watch.
-SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s", "-o", "-type", "d"]
+# Pre-run: what a run must know (git directories to protect, sockets, files
+# with other names, perhaps outside the project), and the directories to watch.
+SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s", "-o", "-type", "d",
+               "-o", "-type", "f", "-links", "+1"]
 
 
 def scan_after(uid):
@@ -3331,13 +3361,16 @@ def look_through(target, skip_git, cache):
     has changed since: no entry is added, removed or renamed without its
     directory's ctime changing, and no one can set a ctime back. Else from
     a fresh scan, which is kept for the next run (if no directory changed in
-    the last second, so that a coarse clock cannot hide a change)."""
+    the last second, so that a coarse clock cannot hide a change). Its
+    limit: a hard link made from outside to a file already here changes no
+    directory of the project, so the file is known as linked at the next
+    fresh scan only."""
     try:
         known = json.loads(read_regular(cache, 64 << 20) or b"null") if cache else None
     except ValueError:
         known = None
     if isinstance(known, dict) and known.get("target") == target and \
-            known.get("skip_git") == skip_git:
+            known.get("skip_git") == skip_git and known.get("predicate") == SCAN_BEFORE:
         found = []
         for path, stamp in known.get("dirs", {}).items():
             try:
@@ -3360,7 +3393,8 @@ def look_through(target, skip_git, cache):
         try:
             temp = "%s.%d" % (cache, os.getpid())
             write_file(temp, json.dumps({
-                "target": target, "skip_git": skip_git, "dirs": dirs,
+                "target": target, "skip_git": skip_git, "predicate": SCAN_BEFORE,
+                "dirs": dirs,
                 "entries": [path for path, info in found if not stat.S_ISDIR(info.st_mode)]})
                 .encode("utf-8", "surrogateescape"), 0o600)
             os.replace(temp, cache)
@@ -3394,13 +3428,14 @@ class Project:
 
     def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
                  git_files=None, protected=(), object_format="sha1", dirs=(), modules=False,
-                 read=(), git_config=()):
+                 read=(), git_config=(), linked=None):
         self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
         self.gated, self.protected, self.format = gated, list(protected), object_format
         self.read = list(read)  # what host git reads as the repository's config and hooks
         self.git_config = [list(entry) for entry in git_config]  # what the gate takes of it
         self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
         self.modules = modules
+        self.linked = linked or {}  # {path: lstat}: see shared_files
 
     @classmethod
     def inspect(cls, config, cwd, here, hold=None, found=None):
@@ -3445,9 +3480,11 @@ class Project:
         if facts["left_out"]:
             notes.append("your repository's git config holds what may be credentials (%s): "
                          "they stay out of the run" % ", ".join(facts["left_out"][:4]))
+        readonly = list(git_dirs) + [os.path.relpath(path, target)
+                                     for path, _dev, _ino in facts["protected"]]
         return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
                    facts["format"], dirs, repo is not None and submodules_mountable(repo, notes),
-                   facts["read"], facts["local"])
+                   facts["read"], facts["local"], shared_files(found, readonly))
 
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
@@ -3455,6 +3492,95 @@ class Project:
         paths = [os.path.join(self.target, path) for path in self.git_dirs]
         paths += [path for path, _dev, _ino in self.protected]
         return [(path, inside_path(path, self.target, point), True) for path in outermost(paths)]
+
+
+def shared_files(found, readonly):
+    """{path: lstat} of the files (in a scan) that are hard links to a file
+    the agent must not change: through them it would, whatever the mounts.
+    An inode with a name outside the project (a uv or pnpm cache's, one in
+    your home: more names than the scan found) or in what is mounted
+    read-only (`readonly`, relative paths: the git directories inside)."""
+    inodes = {}
+    for path, info in found:
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+            inodes.setdefault((info.st_dev, info.st_ino), []).append((path, info))
+    shared = {}
+    for names in inodes.values():
+        writable = [(path, info) for path, info in names
+                    if not any(is_within(path, top) for top in readonly)]
+        if writable and len(writable) < names[0][1].st_nlink:
+            shared.update(writable)
+    return shared
+
+
+def unshare_file(target, path):
+    """Make the project's file `path` a copy of its own, where it is: the
+    same bytes, permissions (less setuid and setgid) and mtime, in a new
+    file renamed over the name; never through a symbolic link."""
+    parts = path.split("/")
+    fd = open_beneath(target, *parts[:-1])
+    if fd is None:
+        raise Refused("cannot make %s a copy of its own: a directory on the way is a symbolic "
+                      "link or is gone; look at it, then run again" % path)
+    name, temp = parts[-1], ".pi-agent-copy-%d" % os.getpid()
+
+    def beneath(file, flags):  # (never through a link; never blocking on a FIFO)
+        return os.open(file, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600, dir_fd=fd)
+    try:
+        try:  # (one a crashed run left)
+            os.unlink(temp, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        with open(name, "rb", opener=beneath) as source, open(temp, "xb", opener=beneath) as copy:
+            info = os.fstat(source.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(0, "it is no longer a plain file")
+            import shutil
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            os.fchmod(copy.fileno(), stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            os.utime(copy.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
+        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        if os.lstat(name, dir_fd=fd).st_nlink != 1:
+            raise OSError(0, "it has other names still")
+    except BaseException as err:  # (Ctrl-C too: no copy is left behind)
+        try:
+            os.unlink(temp, dir_fd=fd)
+        except OSError:
+            pass
+        if not isinstance(err, OSError):
+            raise
+        raise Refused("cannot make %s a copy of its own (it is a hard link to a file outside "
+                      "the project, which the agent could change through it): %s; make it one "
+                      "(cp --remove-destination), then run again"
+                      % (path, err.strerror or err))
+    finally:
+        os.close(fd)
+
+
+def unshare_links(config, project):
+    """PI_AGENT_HARDLINKS before a run, under the project's lock and before
+    its watch: the project's files that are hard links to files the agent
+    must not change (shared_files) become copies of their own (copy), or
+    stop the run (refuse); allow leaves them, and end_run names those it
+    changed."""
+    linked = project.linked
+    if not linked or config.hardlinks == "allow":
+        return
+    tops = sorted({path.split("/")[0] if "/" in path else "." for path in linked})
+    where = "%s in %s" % (plural(len(linked), "file"),
+                          ", ".join(tops[:3] + ["..."] * (len(tops) > 3)))
+    if config.hardlinks == "refuse":
+        raise Refused("refusing to run in %s: it holds hard links to files outside it (%s), "
+                      "a cache's or your home's, which the agent could change through them; "
+                      "make them copies (uv sync --link-mode=copy; pnpm: "
+                      "package-import-method=copy in .npmrc; cp without -l), or set "
+                      "PI_AGENT_HARDLINKS=copy" % (project.target, where))
+    for path in sorted(linked):
+        unshare_file(project.target, path)
+    say("hard links to files outside the project (%s) are copies of their own now, so that the "
+        "agent cannot change those files through them (uv: UV_LINK_MODE=copy and pnpm: "
+        "package-import-method=copy keep them copies)" % where)
 
 
 def host_run_files(target, extra=()):
@@ -3679,13 +3805,13 @@ def docker_config_proxies():
 
 
 def container_env(environ, pass_env):
-    """[(name, value)] a run exports inside: the short list, LC_*, and
+    """[(name, value)] a run exports inside: the short list, the locale, and
     PI_AGENT_PASS_ENV from our environment; credentials set empty. The
     docker client's proxies come in where ours are not set."""
     if not any(name in environ for name in PROXY_ENV):
         environ = dict(docker_config_proxies(), **environ)
     names = [name for name in ALLOWED_ENV if name in environ]
-    names += sorted(name for name in environ if name.startswith("LC_"))
+    names += [name for name in LOCALE_ENV if LOCALE_VALUE.fullmatch(environ.get(name, "-" * 65))]
     names += [name for name in pass_env if name in environ and name not in names]
     return [(name, environ[name]) for name in names] + [(name, "") for name in CREDENTIAL_ENV]
 
@@ -3721,6 +3847,20 @@ def end_run(line, run_dir, record, watch=None):
     notes += sweep(line, record, found, predicate)
     if record["armed"]:
         notes.insert(0, keep_armed(line, record))
+    linked = []
+    for path, stamp in sorted((record.get("linked") or {}).items()):
+        try:
+            info = os.lstat(os.path.join(target, path))
+            if [info.st_ino, info.st_ctime_ns] == stamp:
+                continue
+        except OSError:
+            pass
+        linked.append(path)
+    if linked:
+        notes.append("the agent changed (or moved) %s, hard links to files outside the project "
+                     "(PI_AGENT_HARDLINKS=allow): those changed too; %s" % (
+                         plural(len(linked), "file"),
+                         ", ".join(linked[:5] + (["..."] if len(linked) > 5 else []))))
     changed = changed_files(record["host_run"], host_run_files(target))
     if changed:
         notes.append("the agent changed %s, which your host may run by itself; review before "
@@ -4472,6 +4612,9 @@ class RunPlan:
             "git_files": {path: list(value) for path, value in project.git_files.items()},
             "protected": [list(entry) for entry in project.protected],
             "read": list(project.read), "git_config": project.git_config,
+            # (PI_AGENT_HARDLINKS=allow: the shared files, for end_run to name those changed)
+            "linked": {path: [info.st_ino, info.st_ctime_ns] for path, info in
+                       project.linked.items()} if self.line.config.hardlinks == "allow" else {},
             "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
             "notes": [], "host_run": {}}
 
@@ -4553,6 +4696,9 @@ def session_env(config, kind, environ):
         env.append(("EMAIL", config.git_identity[1]))  # (see session_script())
     if kind == "run":
         env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
+    # Installs inside copy files into the project, never link them to a cache.
+    env += [(name, "copy") for name in ("UV_LINK_MODE", "npm_config_package_import_method")
+            if name not in dict(env)]
     return env
 
 
@@ -4862,6 +5008,108 @@ def keep_snapshot(line, state, image_id, name):
     return DockerCall(("tag", image_id, line.snap(name)))
 
 
+# What a save may cost the engine's disk (see save_cost): it keeps this much
+# free; the free space is asked only of a layer this big; the limit where
+# it cannot be known.
+SAVE_MARGIN = 1 << 30
+SAVE_ASK_FREE = 512 << 20
+SAVE_FALLBACK_LIMIT = 20 << 30
+
+
+class SaveWaits(Refused):
+    """A save not made, as it would write too much (or the disk is full):
+    the container waits for the user's decision (see wait_for_decision)."""
+
+
+def engine_free_space():
+    """Bytes free where a local engine keeps its layers, or None: an engine
+    elsewhere (a context, ssh, tcp, Docker Desktop's VM) is not looked at."""
+    if not docker_endpoint()[0].startswith("unix://"):
+        return None
+    root = docker("info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
+    try:
+        found = os.statvfs(root) if root.startswith("/") else None
+    except OSError:
+        return None
+    return found and found.f_bavail * found.f_frsize
+
+
+def size_call(container):
+    """What the commit of `container` will write, asked (see save_cost)."""
+    return DockerCall(("container", "inspect", "--size", "--format", "{{.SizeRw}}", container))
+
+
+def save_cost(line, sizing):
+    """The bytes the commit will write (`sizing`: the container's inspect
+    --size under way; the engine counts a sparse file whole, as the commit
+    writes its holes), or None when not known. SaveWaits above
+    PI_AGENT_SAVE_LIMIT (default: half the engine's free space), or where
+    less than SAVE_MARGIN would be left free."""
+    result = sizing.finish(check=False)
+    if result.returncode != 0 or not result.stdout.strip().isdigit():
+        return None  # (the commit says what is wrong)
+    size, limit = int(result.stdout.strip()), line.config.save_limit
+    free = engine_free_space() if size > SAVE_ASK_FREE else None
+    if limit is None:
+        limit = free // 2 if free is not None else SAVE_FALLBACK_LIMIT
+    if free is not None and size > free - SAVE_MARGIN:
+        why = "and the engine's disk has only %s free" % human_size(free)
+    elif size <= limit:
+        return size
+    elif line.config.save_limit is not None:
+        why = "more than PI_AGENT_SAVE_LIMIT=%s" % line.config.raw["PI_AGENT_SAVE_LIMIT"]
+    elif free is not None:
+        why = "more than half the engine's free space (%s; PI_AGENT_SAVE_LIMIT sets another " \
+            "limit)" % human_size(free)
+    else:
+        why = "more than %s (the engine's free space is not known here; PI_AGENT_SAVE_LIMIT " \
+            "sets another limit)" % human_size(limit)
+    err = SaveWaits("it would write %s, %s" % (human_size(size), why))
+    err.size = size
+    raise err
+
+
+def waiting_message(name, entry):
+    """The one line for a container that waits for the user's decision."""
+    largest = ", ".join("%s (%s)" % (path, human_size(size)) for path, size in
+                        entry.get("largest") or []) or "docker diff %s lists them" % name
+    return ("the %s was not saved: %s. Its container %s waits for your decision; the "
+            "largest: %s. pi-recover --drop PATH ... %s saves the run without those paths; "
+            "pi-clean-orphans discards it" % (entry.get("what"), entry.get("why"), name, largest,
+                                              name))
+
+
+def wait_for_decision(line, state, container, what, why, size):
+    """A save not made for its size or the disk's space: the container is
+    stopped and kept, and waits (the state's `waiting`) with its largest
+    files; the next command says so once, and no recovery retries it."""
+    docker("stop", "--time", "0", container, check=False)  # (a wrapper that died left it?)
+    largest, sizes, info = None, None, inspect("container", container)
+    if layer_listable(info):
+        try:
+            sizes = list_layer(line, info, names_only=True)[1]
+        except PiError as err:
+            line.log("could not list the layer of %s: %s" % (container, err))
+    if sizes is not None:
+        # The biggest files; where they are not the half of it (many small
+        # ones), the directories three deep that hold the most too.
+        largest = [item for item in sorted(sizes.items(), key=lambda item: -item[1])[:5]
+                   if item[1] >= 1 << 20]
+        if sum(found for _path, found in largest) < (size or 0) // 2:
+            tops = {}
+            for path, found in sizes.items():
+                top = "/".join(path.split("/")[:4])
+                if top != path:
+                    tops[top] = tops.get(top, 0) + found
+            largest += sorted(tops.items(), key=lambda item: -item[1])[:3]
+    entry = {"what": what, "why": why, "size": size, "largest": largest}
+    state.setdefault("waiting", {})[container] = entry
+    state["notice"] = waiting_message(container, entry)
+    line.write_state(state)
+    line.log(state["notice"])
+    return SaveWaits(state["notice"])
+
+
 def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
                defer_remove=False):
     """The commit of save_run(): into current, or into a snapshot when the
@@ -4930,7 +5178,7 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
 
 
 def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-             defer_remove=False, ended_by="run"):
+             defer_remove=False, ended_by="run", sizing=None):
     """Save a finished run's container: the one save, whoever saves it (the
     saver; the wrapper, when its saver died; recovery, for a container an
     interrupted run left).
@@ -4959,16 +5207,26 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     unless record_changes needs the container: no layer to list).
     """
     what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
+    sizing = sizing or size_call(container)
     if snapshot is None and current_id == image["Id"]:
         snapshot = kept_as(line, image)
         meta["kept"] = "1" if snapshot else ""
         snapshot = snapshot or next_snapshot(state, meta.get("epoch"))
     if snapshot is not None and tagging is None:
         tagging = keep_snapshot(line, state, image["Id"], snapshot)
+    size = None
     try:
+        size = save_cost(line, sizing)
         snap = commit_run(line, state, container, image, meta, snapshot, current_id, tagging,
                           defer_remove)
     except PiError as err:
+        if isinstance(err, SaveWaits) or "no space left on device" in str(err).lower():
+            if tagging is not None:
+                tagging.finish(check=False)
+            line.record_session(dict(meta, container=container), "waiting")
+            raise wait_for_decision(line, state, container, what, str(err) if isinstance(
+                err, SaveWaits) else "the engine's disk is full (%s)" % err,
+                getattr(err, "size", size))
         state["failed"] = container
         state["notice"] = ("the save of the %s failed: %s. The container %s keeps its "
                            "changes: fix the engine (disk space?), then the next pi retries "
@@ -5022,28 +5280,36 @@ def teardown(line, names, state=None, removal=None, check=False, summaries=None)
         return None
     notes = []
     for name in names:
-        run_dir = os.path.join(line.run_dir, name)
-        record = read_run_record(run_dir)
-        if record is not None:
-            # Nobody ended it: it is ended under its project's lock, as by
-            # its wrapper (waited for: no run waits for this line meanwhile).
-            repo = record.get("repo") or {}
-            fd = lock_project(line, record["target"], "end", True,
-                              [path for path in [repo.get("common"), repo.get("gitdir")] +
-                               list(record.get("read") or []) if isinstance(path, str)])
-            try:
-                notes += end_run(line, run_dir, record)
-                if summaries is not None:
-                    summaries[name] = record.get("summary")
-            finally:
-                if fd is not None:
-                    release_project_lock(fd)
-        remove_run_dir(run_dir, line=line)
+        notes += end_unended(line, name, summaries)
+        remove_run_dir(os.path.join(line.run_dir, name), line=line)
         if state is not None:
             (state.get("removing") or {}).pop(name, None)
+            (state.get("waiting") or {}).pop(name, None)
     if state is not None:
         line.write_state(state)
     return notes
+
+
+def end_unended(line, name, summaries=None):
+    """A stopped run that nobody ended is ended under its project's lock,
+    as by its wrapper (waited for: no run waits for this line meanwhile).
+    Returns end_run's notes; its summary goes into `summaries` by name."""
+    run_dir = os.path.join(line.run_dir, name)
+    record = read_run_record(run_dir)
+    if record is None:
+        return []
+    repo = record.get("repo") or {}
+    fd = lock_project(line, record["target"], "end", True,
+                      [path for path in [repo.get("common"), repo.get("gitdir")] +
+                       list(record.get("read") or []) if isinstance(path, str)])
+    try:
+        notes = end_run(line, run_dir, record)
+        if summaries is not None:
+            summaries[name] = record.get("summary")
+        return notes
+    finally:
+        if fd is not None:
+            release_project_lock(fd)
 
 
 # --------------------------------------------------------------- recovery
@@ -5125,20 +5391,22 @@ def recover_container(line, state, row):
     return "removed %s: the interrupted run of %s changed nothing" % (name, started)
 
 
-def recover_leftovers(line, state, listing=None, only=None):
+def recover_leftovers(line, state, listing=None, only=None, decide=False):
     """Save what interrupted runs left behind, oldest first, before anything
     else changes the line; returns how many it saved. One `docker ps` when
     there is nothing to do: the labels find leftovers even when the state
     file was lost. `only` (pi-recover CONTAINER) picks one by name or ID.
-    A save that fails stops it (save_run keeps the failure for the next)."""
+    A save that fails stops it (save_run keeps the failure for the next).
+    Those that wait for the user's decision (too big to save) are left as
+    they are, but for pi-recover (`decide`): it tries them again."""
     host = os.uname().nodename
     recovered = 0
     rows = list_run_containers(line, listing=listing)
-    removing = state.get("removing") or {}
-    if removing:
-        present = {row["names"] for row in rows}
-        state["removing"] = {name: pid for name, pid in removing.items() if name in present}
-        line.write_state(state)
+    present = {row["names"] for row in rows}
+    for key in ("removing", "waiting"):
+        if set(state.get(key) or {}) - present:
+            state[key] = {name: value for name, value in state[key].items() if name in present}
+            line.write_state(state)
     if only:
         rows = [row for row in rows if only in (row["names"], row["id"])]
         if not rows:
@@ -5152,8 +5420,18 @@ def recover_leftovers(line, state, listing=None, only=None):
         if row.get("host") and row.get("host") != host:
             say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
             continue
+        if row["names"] in (state.get("waiting") or {}) and not decide:
+            show_notes(line, end_unended(line, row["names"]))  # (its wrapper died)
+            continue
         try:
             say(recover_container(line, state, row))
+        except SaveWaits as err:
+            state.pop("notice", None)  # (said here, once)
+            line.write_state(state)
+            if decide:
+                raise
+            say(str(err))
+            continue
         except BaseException as err:
             # Not saved (Ctrl-C too): the next command must look again.
             first = state.get("failed") != row["names"]  # save_run says it its own way
@@ -5889,7 +6167,7 @@ class Saver:
             self._abort()
             self._answer(up_w, SAID_OK)
             return 0
-        tagging, current_id = self._tidy()
+        tagging, current_id, sizing = self._tidy()
         status = next((m.split()[1] for m in messages if m.startswith(SAID_STATUS)), None)
         if status is not None:
             # The container has stopped; the wrapper holds the project until
@@ -5902,7 +6180,8 @@ class Saver:
         meta = self.plan.save_meta(status)
         try:
             snap = save_run(self.line, self.state, self.plan.container, self.plan.image, meta,
-                            self.plan.snapshot, current_id, tagging, defer_remove=True)
+                            self.plan.snapshot, current_id, tagging, defer_remove=True,
+                            sizing=sizing)
         except PiError as err:
             self._hear(pipe)  # the wrapper is still ending the run: let it
             if not self._answer(up_w, "%s %d %s" % (SAID_ERROR, err.code, err)):
@@ -5944,10 +6223,11 @@ class Saver:
         the snapshot's tag (by the image's ID, which stays), the check of a
         remembered current (changed by hand since, the run is saved as a
         snapshot and current stays), the teardown of earlier runs' saved
-        containers whose removers died. Returns the tag under way and
-        current's ID."""
+        containers whose removers died. Returns the tag under way, current's
+        ID, and the size of the save, asked (save_cost)."""
         line, plan = self.line, self.plan
         tagging = keep_snapshot(line, self.state, plan.image["Id"], plan.snapshot)
+        sizing = size_call(plan.container)
         removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
         current_id = plan.image["Id"]
         if self.verify:
@@ -5960,7 +6240,7 @@ class Saver:
             for note in teardown(line, self.stale, self.state, removing) or []:
                 line.log(note)
         remove_run_dir(plan.run_dir, script_only=True)
-        return tagging, current_id
+        return tagging, current_id, sizing
 
     def _container_exists(self, tagging):
         """Without an exit status the wrapper died; if it died while `docker
@@ -6023,7 +6303,7 @@ class Saver:
             return False
 
 
-def run_attached(argv, container=None):
+def run_attached(argv, container=None, env=None):
     """Run the docker client in the foreground and return the status.
 
     Hangup, terminate and interrupt go on to the client, which passes them
@@ -6033,7 +6313,7 @@ def run_attached(argv, container=None):
     this returns); the saver commits it as it was, then removes it.
     """
     try:
-        proc = subprocess.Popen(["docker", *argv])
+        proc = subprocess.Popen(["docker", *argv], env=env)
     except FileNotFoundError:
         raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
 
@@ -6107,6 +6387,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
     check_engine()
     if not offline:
         check_network(config)
+    unshare_links(config, project)
     say_what_was_left(line, found, state)
     stale, remembered = [], None
     if released_cleanly(found):
@@ -6290,9 +6571,14 @@ def join_run(line, found, kind, args):
             except FileNotFoundError:
                 pass
         # Locked before it is where the run's script looks: never by the agent first.
+        # No value of the environment is in it (the agent reads what is in
+        # the run directory): docker exec takes them by name (-e NAME) from
+        # the client's own environment, so they are in no file and on no
+        # command line. It stays until the session ends, not once read: it
+        # is how the run's script knows that a session is still in there.
         write_file(pending, session_script(
-            holder["container"], env, config, os.path.join(point, subdir) if subdir else point,
-            agent_command(kind, args.argv, config, network)).encode())
+            holder["container"], [], config, os.path.join(point, subdir) if subdir else point,
+            agent_command(kind, args.argv, config, network)).encode(), 0o600)
         held = os.open(pending, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -6305,8 +6591,11 @@ def join_run(line, found, kind, args):
         os.close(door)
         door = None
         tty = sys.stdin.isatty() and sys.stdout.isatty()
-        status = run_attached(["exec", "-i"] + (["-t"] if tty else []) +
-                              [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name])
+        passing = [arg for name, value in env for arg in ("-e", name if value else name + "=")]
+        status = run_attached(["exec", "-i"] + (["-t"] if tty else []) + passing +
+                              [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name],
+                              env=dict(os.environ, **{name: value for name, value in env
+                                                      if value}))
     finally:
         for path in (pending, script):
             try:
@@ -6474,7 +6763,10 @@ def status_facts(config, line):
                                 ("pid", "kind", "phase", "target", "started", "saver_pid")}
     facts["lock_holder"] = holder is not None and describe_holder(holder) or None
     facts["notice"] = state.get("notice")
-    facts["left_behind"] = len(leftover_containers(line))
+    left = [row["names"] for row in leftover_containers(line)]
+    facts["waiting"] = {name: entry for name, entry in (state.get("waiting") or {}).items()
+                        if name in left}
+    facts["left_behind"] = len(left) - len(facts["waiting"])
     try:
         cwd = os.path.realpath(os.getcwd())
         project = Project.inspect(config, cwd, here=False)
@@ -6543,6 +6835,8 @@ def print_status(config, line, facts):
     if facts["left_behind"]:
         print("left-behind containers: %d (see pi-orphans; the next pi recovers them)"
               % facts["left_behind"])
+    for name, entry in facts["waiting"].items():
+        print("waiting: %s" % printable(waiting_message(name, entry)))
     target = facts["target"]
     if target["path"] is None:
         print("target: none here: %s" % printable(target["why_not"]))
@@ -6839,19 +7133,96 @@ def cmd_orphans(args):
         print("no left-behind containers of %s" % line.name)
         return 0
     table = [("CONTAINER", "AGE", "TARGET", "STATE", "CHANGES")]
+    waiting = line.read_state().get("waiting") or {}
     for row in rows:
         table.append((row["names"], row.get("runningfor", ""), row.get("target", ""),
-                      row.get("state", ""), (row.get("size") or "").split(" ")[0]))
+                      "waiting" if row["names"] in waiting else row.get("state", ""),
+                      (row.get("size") or "").split(" ")[0]))
     print_table(table)
+    for row in rows:
+        if row["names"] in waiting:
+            print(printable(waiting_message(row["names"], waiting[row["names"]])))
     return 0
 
 
 def cmd_recover(args):
     line = profile_line(args)
+    # (--drop takes the words after it: the one that is not a path is the container)
+    paths = [word for word in args.drop if word.startswith("/")]
+    names = [word for word in args.drop if not word.startswith("/")] + \
+        ([args.container] if args.container else [])
+    if len(names) > 1 or (args.drop and not paths):
+        raise PiError("pi-recover --drop PATH ... [CONTAINER]: each PATH absolute, as inside "
+                      "the container, and one container at most", EXIT_USAGE)
     with exclusive(line, "recover", recover=False) as state:
-        if not recover_leftovers(line, state, only=args.container):
+        only = drop_paths(line, state, names[0] if names else None, paths) if paths \
+            else names[0] if names else None
+        if not recover_leftovers(line, state, only=only, decide=True):
             say("no left-behind containers of %s; nothing to recover" % line.name)
     return 0
+
+
+# Takes the paths (NUL-separated, on stdin) out of a stopped container's
+# writable layer, at /pi-agent-layer: first each is checked, never through
+# a symbolic link (a directory on the way that the run made a link), and
+# none goes unless all are there; a line says what is wrong with one.
+DROP_SCRIPT = r"""cd /pi-agent-layer || exit 1
+xargs -0 -r sh -c '
+check() {
+  d=. r=${1#/}
+  while :; do
+    case $r in */*) d=$d/${r%%/*} r=${r#*/} ;; *) d=$d/$r; break ;; esac
+    if [ -L "$d" ]; then echo "$1: the run made ${d#.} a symbolic link; drop that"; return 1; fi
+    [ -d "$d" ] || { echo "$1: the run did not change it"; return 1; }
+  done
+  [ -e "$d" ] || [ -L "$d" ] || { echo "$1: the run did not change it"; return 1; }
+}
+bad=
+for p do check "$p" || bad=1; done
+[ -z "$bad" ] || exit 3
+for p do check "$p" && rm -rf -- "$d" || exit 1; done
+' sh"""
+
+
+def drop_paths(line, state, only, paths):
+    """pi-recover --drop: what the run of a left-behind container (`only`,
+    else the one waiting, else the one left) did to `paths` is not kept: a
+    new file goes, a changed one shows its old version. Its writable layer
+    is changed by a short root container of REPO:base (never current),
+    with no network and no capability but to delete. Returns its name."""
+    for path in paths:
+        if os.path.normpath(path) != path or path.startswith("//") or path == "/" or \
+                "\0" in path:
+            raise PiError("pi-recover --drop %s: give each path absolute and as it is, with "
+                          "no .., no // and no / at the end" % path, EXIT_USAGE)
+    rows = leftover_containers(line)
+    if only:
+        rows = [row for row in rows if only in (row["names"], row["id"])]
+    waiting = [row for row in rows if row["names"] in (state.get("waiting") or {})]
+    if len(waiting or rows) != 1:
+        raise NotFound("no left-behind container %s; pi-orphans lists them" % only if only else
+                       "pi-recover --drop PATH ... CONTAINER: name the container; pi-orphans "
+                       "lists them" if rows else "no left-behind containers of %s" % line.name)
+    name = (waiting or rows)[0]["names"]
+    docker("stop", "--time", "0", name, check=False)  # (its agent may be at work still)
+    info = inspect("container", name)
+    if not layer_listable(info):
+        raise Refused("the layer of %s is out of reach here (the engine's storage is not "
+                      "overlay2 on this host), so pi-agent cannot drop paths from it: "
+                      "pi-recover %s saves it whole, pi-clean-orphans discards it" % (name, name))
+    result = docker("run", "--rm", "-i", "--pull", "never", "--network", "none", "-u", "0",
+                    "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add", "FOWNER",
+                    "--read-only", "--security-opt", "no-new-privileges", "--log-driver",
+                    "none", "--entrypoint", "sh", "--mount", mount_spec(
+                        info["GraphDriver"]["Data"]["UpperDir"], "/pi-agent-layer"),
+                    line.base, "-c", DROP_SCRIPT, feed="\0".join(paths), check=False)
+    if result.returncode != 0:
+        problems = [printable(text) for text in result.stdout.splitlines()]
+        if problems:
+            raise Refused("nothing dropped from %s: %s" % (name, "; ".join(problems[:5])))
+        raise docker_failure(("run",), result.stderr)
+    say("dropped from %s: %s" % (name, ", ".join(printable(path) for path in paths)))
+    return name
 
 
 def cmd_clean_orphans(args):
@@ -7633,8 +8004,12 @@ def build_parser():
     simple("flatten", cmd_flatten, "rewrite current as a single layer (same files, same "
            "config); the layered image is kept as a snapshot")
     simple("orphans", cmd_orphans, "list containers that interrupted runs left behind")
-    simple("recover", cmd_recover, "save left-behind containers into current now").add_argument(
-        "container", nargs="?")
+    recover = simple("recover", cmd_recover, "save left-behind containers into current now")
+    recover.usage = "pi-recover [--profile NAME] [--drop PATH ...] [CONTAINER]"
+    recover.add_argument("container", nargs="?")
+    recover.add_argument("--drop", nargs="+", metavar="PATH", default=[],
+                         help="save it without what the run did to these paths (absolute, as "
+                         "inside): a new file goes, a changed one keeps its old version")
     simple("clean-orphans", cmd_clean_orphans, "discard left-behind containers").add_argument(
         "--yes", "-y", action="store_true", help="do not ask")
     simple("unlock", cmd_unlock, "show who holds the lock (a dead holder never does)")

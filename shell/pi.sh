@@ -83,7 +83,7 @@ function _pi_agent_candidates {
     pi-shell) printf '%s\n' --profile --wait --here --offline --dry-run --help --version -- ;;
     pi-exec) printf '%s\n' --profile --wait --here --offline --dry-run --help -- ;;
     pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --profile --help ;;
-    pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --profile --help ;;
+    pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --drop --profile --help ;;
     pi-branch) _pi_agent complete profiles 2>/dev/null
       printf '%s\n' --from --delete --yes --profile --help ;;
     pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --profile --help -- ;;

@@ -374,8 +374,9 @@ def bench_sweep(line, sizes):
             start = time.perf_counter()
             sh("find", tree, "-xdev", "-perm", "-4000")
             plain.append(time.perf_counter() - start)
+        # (1.5: since issue 30 it stats every plain file too, for its links)
         row("look before a run, %d files, vs one find (median of 5)" % files,
-            statistics.median(before), statistics.median(plain), 1.0)
+            statistics.median(before), statistics.median(plain), 1.5)
         row("full look after one, %d files, vs one find (median of 5)" % files,
             statistics.median(after), statistics.median(plain), 2.0)
 

@@ -320,7 +320,7 @@ def test_a_recovery_that_fails_before_its_save_is_tried_again(faulty):
 # --- failed saves -----------------------------------------------------------
 
 @pytest.mark.parametrize("error,code", [
-    ("Error response from daemon: write /var/lib/docker/tmp: no space left on device", 8),
+    ("Error response from daemon: layer does not exist", 8),
     ("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
      "Is the docker daemon running?", 7)])
 def test_a_failed_commit_keeps_current_and_the_container_until_recovered(faulty, error, code):
@@ -349,15 +349,33 @@ def test_a_failed_commit_keeps_current_and_the_container_until_recovered(faulty,
 
 def test_a_background_save_failure_is_reported_by_the_next_command(faulty):
     box = faulty
-    fault(box, "commit-fails", "Error response from daemon: no space left on device")
+    fault(box, "commit-fails", "Error response from daemon: layer does not exist")
     assert box.sh("pi-exec touch ~/bg").returncode == 0, "the agent's own status"
     box.wait_saved()
     status = box.ok("pi-status").stdout
-    assert "notice: the save" in status and "no space left" in status
+    assert "notice: the save" in status and "layer does not exist" in status
     clear(box, "commit-fails")
     result = box.ok("pi-recover")
     assert "recovered" in result.stderr
     assert "notice" not in box.ok("pi-status").stdout
+    box.ok("pi-exec test -e ~/bg")
+
+
+def test_a_save_that_fails_for_disk_space_waits_for_your_decision(faulty):
+    """Not retried by every run, each filling the disk again."""
+    box = faulty
+    fault(box, "commit-fails", "Error response from daemon: write /var/lib/docker/tmp: "
+                               "no space left on device")
+    failed = box.sh("pi-exec touch ~/bg", env={"PI_AGENT_SAVE": "foreground"})
+    assert failed.returncode == 3 and "pi-recover --drop PATH" in failed.stderr
+    clear(box, "commit-fails")
+    assert "waiting: " in box.ok("pi-status").stdout
+    assert "no space left" in box.ok("pi-exec true").stderr, "said by the next command"
+    assert "no space left" not in box.ok("pi-exec true").stderr, "once, and not retried"
+    box.wait_saved()
+    assert len(box.containers()) == 1
+    assert "recovered" in box.ok("pi-recover").stderr
+    assert "waiting" not in box.ok("pi-status").stdout
     box.ok("pi-exec test -e ~/bg")
 
 

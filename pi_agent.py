@@ -61,6 +61,7 @@ Exit codes:
 
 import argparse
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -1606,6 +1607,27 @@ def home_dirs(environ=None):
     return sorted(homes)
 
 
+def physical(target, path):
+    """The directory target/path (`path` relative) is reached through real
+    directories alone, no symbolic link on the way: checked a component at
+    a time, never with realpath (a chain of links an agent made would make
+    that recurse)."""
+    fd = open_beneath(target, *[part for part in path.split("/") if part])
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def real_path(path):
+    """os.path.realpath, or None where it cannot say (a chain of links so
+    long it would recurse past Python's limit)."""
+    try:
+        return os.path.realpath(path)
+    except (RecursionError, OSError):
+        return None
+
+
 def is_within(path, parent):
     """path is parent or below it (both normalized, absolute)."""
     return path == parent or parent == "/" or path.startswith(parent + "/")
@@ -1717,13 +1739,13 @@ def linked_worktree(work_tree):
     if text is None or not text.startswith(b"gitdir:"):
         return None, "it is neither a git directory nor the .git file of a worktree"
     named = os.fsdecode(text[len(b"gitdir:"):].strip())
-    gitdir = os.path.realpath(os.path.join(work_tree, named))
+    gitdir = real_path(os.path.join(work_tree, named)) or "/"
     common = os.path.dirname(os.path.dirname(gitdir))
     back = read_regular(os.path.join(gitdir, "gitdir"), 4096)
     via = read_regular(os.path.join(gitdir, "commondir"), 4096)
     if (os.path.basename(os.path.dirname(gitdir)) != "worktrees" or back is None or via is None
-            or os.path.realpath(os.path.join(gitdir, os.fsdecode(back.strip()))) != dot
-            or os.path.realpath(os.path.join(gitdir, os.fsdecode(via.strip()))) != common):
+            or real_path(os.path.join(gitdir, os.fsdecode(back.strip()))) != dot
+            or real_path(os.path.join(gitdir, os.fsdecode(via.strip()))) != common):
         return None, ("it names %s, which is not a worktree of a repository that points back "
                       "here" % named)
     problem = git_dir_problem(common)
@@ -1831,14 +1853,33 @@ def mount_spec(source, destination):
                     ("type=bind", "source=" + source, "target=" + destination))
 
 
+# A look at part of a project starts find at most this many places: past
+# that, its command line could be too long (and a look at all is cheaper).
+MAX_SCAN_STARTS = 256
+
+
+def mounts_below(target):
+    """The file systems mounted inside `target`, by the kernel's own list
+    (none known where there is no /proc)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            text = handle.read(16 << 20).decode("utf-8", "surrogateescape")
+    except OSError:
+        return []
+    points = [re.sub(r"\\([0-7]{3})", lambda code: chr(int(code.group(1), 8)), fields[4])
+              for fields in (row.split(" ") for row in text.splitlines()) if len(fields) > 4]
+    return sorted(point for point in points if point != target and is_within(point, target))
+
+
 class ProjectScan:
     """One `find` over the project (or parts of it: `starts`), started at
     once and read later, so that it overlaps other work: C speed, never into
     another file system, nor into the .git a run replaces with its own.
-    Unreadable paths are passed over."""
+    What it lists but cannot be looked at (too deep for a path, or in a
+    directory the user cannot search) is kept in `problems`."""
 
     def __init__(self, target, predicate, skip_git, starts=(".",)):
-        self.target = target
+        self.target, self.problems = target, []
         argv = ["find", *starts, "-xdev"] + (["-path", "./.git", "-prune", "-o"]
                                              if skip_git else [])
         argv += ["("] + predicate + [")", "-print0"]
@@ -1849,15 +1890,19 @@ class ProjectScan:
             raise PiError("cannot look through %s with find: %s" % (target, err.strerror))
 
     def results(self):
-        """[(relative path, lstat)] of what matched (and still exists)."""
+        """[(relative path, lstat)] of what matched (and still exists);
+        [(relative path, errno)] of what could not be looked at in
+        `problems`."""
         found = []
         for raw in self.proc.communicate()[0].split(b"\0"):
             path = os.fsdecode(raw[2:]) if raw.startswith(b"./") else ""
             try:
                 if raw:
                     found.append((path, os.lstat(os.path.join(self.target, path))))
-            except OSError:
+            except FileNotFoundError:
                 pass
+            except OSError as err:
+                self.problems.append((path, err.errno))
         return found
 
 
@@ -1941,7 +1986,7 @@ class ProjectWatch:
             # A watched directory the agent replaced with a symlink: its old
             # name now leads outside the project, where the sweep must not
             # act. (A full scan never follows one.)
-            if os.path.realpath(os.path.dirname(full)) != os.path.dirname(full):
+            if not physical(self.target, os.path.dirname(path)):
                 return None
             try:
                 info = os.lstat(full)
@@ -1950,13 +1995,15 @@ class ProjectWatch:
             if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
                 return None  # changed through this name, it is also seen through another
             found.append((path, info))
-        for path in new_dirs:
-            full = os.path.join(self.target, path)
-            if os.path.realpath(full) != full or not os.path.isdir(full):
-                return None
+        if len(new_dirs) > MAX_SCAN_STARTS or not all(physical(self.target, path)
+                                                      for path in new_dirs):
+            return None
         if new_dirs:
-            found += ProjectScan(self.target, predicate, skip_git,
-                                 ["./" + path for path in sorted(new_dirs)]).results()
+            scan = ProjectScan(self.target, predicate, skip_git,
+                               ["./" + path for path in sorted(new_dirs)])
+            found += scan.results()
+            if scan.problems:
+                return None
         return found
 
 
@@ -2032,6 +2079,7 @@ GATE_DIR = "git"             # in the run directory: the private git directory
 GATE_FILE = "gitfile"        # a linked worktree's .git inside: "gitdir: <the gate>"
 GATE_OBJECTS = "objects"     # where the host's objects are mounted (read-only)
 RUN_RECORD = "run.json"      # what the run found and seeded, for whoever ends it
+MODULE_CONFIGS = "modules"   # the submodules' configs, as the agent sees them
 KEPT_DIR = "kept"            # in the state directory: git data that could not come back
 # Files of an operation in progress that are data (object IDs, a message):
 # they travel both ways. A rebase's todo list runs commands: never carried.
@@ -2046,6 +2094,10 @@ MAX_NESTED_GIT = 100
 # MAX_AGENT_REFS refs beyond those it was given is not read at all.
 MAX_NEW_REFS = 1000
 MAX_AGENT_REFS = 100000
+# Stash entries a run brings back at most (each is a host git process), and
+# index entries beyond the host's a run's staging may have.
+MAX_NEW_STASH = 50
+MAX_NEW_INDEX_ENTRIES = 100000
 PACKED_REFS_LIMIT = 1 << 30
 # The commits of a run that are read (for the session log and the note on
 # authors) at most.
@@ -2476,6 +2528,18 @@ def gate_config(entries, point, identity):
     that are let in (gate_entries), then what makes commits inside the
     agent's own and keeps git from running or repacking anything of the
     host's."""
+    name, email = identity
+    who = "\tname = %s\n\temail = %s\n" % (config_quote(name), config_quote(email))
+    return (config_text(entries) + "# pi-agent: the agent's own commits, whatever is above\n"
+            "[core]\n\tbare = false\n\tfsmonitor = false\n\tworktree = %s\n"
+            "[user]\n%s[author]\n%s[committer]\n%s"
+            "[commit]\n\tgpgsign = false\n[tag]\n\tgpgsign = false\n"
+            "[gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n"
+            % (config_quote(point), who, who, who))
+
+
+def config_text(entries):
+    """A git config file that gives [(key, value)] (value None: a bare key)."""
     lines, header = [], None
     for key, value in entries:
         head, _, name = key.rpartition(".")
@@ -2484,14 +2548,7 @@ def gate_config(entries, point, identity):
             header = section, sub
             lines.append("[%s%s]" % (section, " " + config_quote(sub) if sub else ""))
         lines.append("\t%s = %s" % (name, "true" if value is None else config_quote(value)))
-    name, email = identity
-    who = "\tname = %s\n\temail = %s\n" % (config_quote(name), config_quote(email))
-    return ("\n".join(lines) + "\n# pi-agent: the agent's own commits, whatever is above\n"
-            "[core]\n\tbare = false\n\tfsmonitor = false\n\tworktree = %s\n"
-            "[user]\n%s[author]\n%s[committer]\n%s"
-            "[commit]\n\tgpgsign = false\n[tag]\n\tgpgsign = false\n"
-            "[gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n"
-            % (config_quote(point), who, who, who))
+    return "".join(line + "\n" for line in lines)
 
 
 def text_digest(text):
@@ -2640,6 +2697,11 @@ def seed_gate(run_dir, record, identity):
         os.mkdir(os.path.join(gate, sub), 0o755)
     seed_refs(gate, gitdir, common, record)
     seed_index(gate, gitdir, record)
+    if record["module_configs"]:
+        os.mkdir(os.path.join(run_dir, MODULE_CONFIGS), 0o755)
+    for number, (_directory, entries) in enumerate(record["module_configs"]):
+        write_file(os.path.join(run_dir, MODULE_CONFIGS, str(number)), config_text(
+            entries).encode("utf-8", "surrogateescape"))
     text = gate_config(record["git_config"], record["point"], identity)
     write_file(os.path.join(gate, "config"), text.encode("utf-8", "surrogateescape"))
     record["gate_config"] = text_digest(text)
@@ -2660,11 +2722,17 @@ def agent_stash(gate):
 def carry_stash(record, repo, entries):
     """Stash entries the agent made become the host's (git stash list), in
     its order; one of the user's it dropped stays."""
-    known = set(record.get("stash") or ())
+    known, new = set(record.get("stash") or ()), []
     for oid, message in entries:
         if oid not in known:
-            host_git(repo["gitdir"], "update-ref", "--create-reflog", "-m", message or "stash",
-                     "refs/stash", oid)
+            known.add(oid)
+            new.append((oid, message))
+    if len(new) > MAX_NEW_STASH:
+        record["notes"].append("the agent made %d stash entries; the newest %d come back" % (
+            len(new), MAX_NEW_STASH))
+    for oid, message in new[-MAX_NEW_STASH:]:
+        host_git(repo["gitdir"], "update-ref", "--create-reflog", "-m", clip(message or "stash"),
+                 "refs/stash", oid)
     if known - {oid for oid, _message in entries}:
         record["notes"].append("the agent dropped stash entries of yours; they are kept "
                                "(git stash list)")
@@ -2688,6 +2756,10 @@ def gate_mounts(record, run_dir):
                    True))
     if repo["modules"]:
         mounts.append((os.path.join(repo["gitdir"], "modules"), inside + "/modules", True))
+        # (each submodule's config, over its own: the allow-listed one)
+        mounts += [(os.path.join(run_dir, MODULE_CONFIGS, str(number)),
+                    "%s/modules/%s/config" % (inside, directory), True)
+                   for number, (directory, _entries) in enumerate(record["module_configs"])]
     return mounts
 
 
@@ -2845,7 +2917,7 @@ def branches_checked_out_elsewhere(repo):
     return elsewhere
 
 
-def ref_updates(record, agent_refs, host_refs, elsewhere):
+def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
     """The update-ref --stdin lines that bring the agent's ref changes back,
     by allow-list; notes for the user; and the refs left out ("OID NAME").
     Applied: branches moved, made or deleted compare-and-swap against what
@@ -2857,8 +2929,9 @@ def ref_updates(record, agent_refs, host_refs, elsewhere):
     the remote's), and any other change: a moved tag, remote-tracking refs
     (git log origin/main.. would lie), replace refs (host git would show
     one object for another), notes, refs directly under refs/. Deletions
-    of what is not a branch are not applied. At most MAX_NEW_REFS refs are
-    made; the others are left out."""
+    of what is not a branch, or of a branch a work tree has checked out
+    (`elsewhere`, or `current_branch`: this one's), are not applied. At most
+    MAX_NEW_REFS refs are made; the others are left out."""
     seeded, lines, notes, aside, kept_deleted, left_out = record["refs"], [], [], [], [], []
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(record["started"]))
     known, made = set(host_refs), 0
@@ -2873,7 +2946,10 @@ def ref_updates(record, agent_refs, host_refs, elsewhere):
         if current == new:
             continue
         line, branch, outside = None, name.startswith("refs/heads/"), False
-        if branch and (current != old or (new and name in elsewhere)):
+        if branch and new is None and (name in elsewhere or name == current_branch):
+            notes.append("the agent deleted %s, which %s has checked out: it stays" % (
+                name, elsewhere.get(name, "your work tree")))
+        elif branch and (current != old or (new and name in elsewhere)):
             if new:
                 line = "create refs/pi-agent/%s/%s %s" % (stamp, name[len("refs/"):], new)
                 why = ("is checked out in %s" % elsewhere[name] if current == old
@@ -2919,13 +2995,24 @@ def ref_updates(record, agent_refs, host_refs, elsewhere):
     return lines, notes, left_out
 
 
+# What a new branch or tag of the agent's may be named, short (refs/heads/,
+# refs/tags/ taken off), to come back as it is.
+PLAIN_REF_NAME = re.compile(r"[A-Za-z0-9._/@+,-]+")
+
+
 def ambiguous_ref(name, known):
-    """Host git would take a new branch or tag `name` for another ref of
-    `known`, or another for it: the names it tries for a short name."""
+    """A new branch or tag `name` is not to be taken as it is: host git
+    would take it for another ref of `known`, or another for it (the
+    names it tries for a short name), or for a commit (a short name of
+    hex digits), or it is not plain ASCII (a name that looks like another
+    one, or that a prompt would print as something else)."""
     short = name.split("/", 2)[2]
-    return short == "HEAD" or any(other != name and other in known for other in (
-        "refs/" + short, "refs/tags/" + short, "refs/heads/" + short, "refs/remotes/" + short,
-        "refs/remotes/%s/HEAD" % short))
+    return short == "HEAD" or not PLAIN_REF_NAME.fullmatch(short) or \
+        bool(re.fullmatch(r"[0-9a-f]{4,64}", short, re.I)) or any(
+            other != name and other in known for other in (
+                "refs/" + short, "refs/tags/" + short, "refs/heads/" + short,
+                "refs/remotes/" + short, "refs/remotes/%s/HEAD" % short))
+
 
 
 def apply_index(record, repo, gate_fd, hash_len, wanted):
@@ -2949,11 +3036,20 @@ def apply_index(record, repo, gate_fd, hash_len, wanted):
         record["notes"].append("the staging area (index) changed on the host during the run: "
                                "yours stays, and what the agent staged is not applied")
         return None
+    # Bounded by the host's: an index of millions of entries that need no
+    # object (gitlinks) would cost this process gigabytes, and every later
+    # git status its size.
+    host_data = read_regular(host_path, 1 << 30) if host_now else b""
+    agent_data = read_regular("index", len(host_data) + (64 << 20), dir_fd=gate_fd)
+    entries = [struct.unpack_from(">L", data, 8)[0] if len(data or b"") >= 12 else 0
+               for data in (agent_data, host_data)]
     try:
-        data, needed, stale = sanitized_index(
-            read_regular("index", 1 << 30, dir_fd=gate_fd) or b"",
-            read_regular(host_path, 1 << 30) if host_now else b"", hash_len,
-            host_now[1] // 10**9 if host_now else 0)
+        if agent_data is None:
+            raise ValueError("it is not a file, or it is 64 MB larger than yours")
+        if entries[0] > entries[1] + MAX_NEW_INDEX_ENTRIES:
+            raise ValueError("it has %d entries more than yours" % (entries[0] - entries[1]))
+        data, needed, stale = sanitized_index(agent_data, host_data, hash_len,
+                                              host_now[1] // 10**9 if host_now else 0)
     except ValueError as err:
         record["notes"].append("the agent's staging area (index) is not applied: %s" % err)
         return None
@@ -2991,8 +3087,8 @@ def apply_state_files(record, repo, agent_state):
     host's files follow, unless the user changed them meanwhile."""
     for name in GIT_STATE_FILES:
         before, after = record["state"].get(name), agent_state.get(name)
-        if before == after:
-            continue
+        if before == after or name == "ORIG_HEAD":
+            continue  # (ORIG_HEAD: no one sees it, and git reset --hard ORIG_HEAD trusts it)
         path = os.path.join(repo["gitdir"], name)
         now = read_regular(path, 16 << 20)
         if (None if now is None else now.decode("utf-8", "replace")) != before:
@@ -3069,7 +3165,11 @@ def hand_back_git(run_dir, record):
     gate = os.path.join(run_dir, GATE_DIR)
     try:
         gate_fd = open_dir(gate)
-    except OSError:
+    except FileNotFoundError:
+        return  # (brought back already)
+    except OSError as err:
+        record["notes"].append("the agent's git work could not be brought back: its git "
+                               "directory cannot be read (%s)" % err.strerror)
         return
     try:
         if record["repo"] is None:
@@ -3086,8 +3186,10 @@ def hand_back_git(run_dir, record):
             os.rename(gate, gate + ".done")
             return
         elsewhere = branches_checked_out_elsewhere(repo)
+        here = ref_value(read_regular(os.path.join(repo["gitdir"], "HEAD"), 4096)) or ""
         lines, notes, left_out = ref_updates(record, refs, host_ref_store(repo["common"]),
-                                             elsewhere)
+                                             elsewhere, here[5:] if here.startswith("ref: ")
+                                             else None)
         record["notes"].extend(notes)
         tips = {line.split(" ")[2] for line in lines if not line.startswith("delete ")}
         if head and OID_RE.fullmatch(head):
@@ -3323,18 +3425,19 @@ SECRET_WORDS = re.compile(r"extraheader|credential|token|password|passwd|secret|
 URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.I)
 
 
-def gate_entries(local, target, hooks):
+def gate_entries(local, target, hooks, also=()):
     """[(key, value)] of the repository's own config (`local`) that the
     private git directory gets, by GATE_CONFIG_KEYS: URLs without a
     password or a token (any userinfo but an ssh user), a core.hooksPath
-    only inside the project (relative: the hooks run there inside too).
-    And the names left out that look like credentials (userinfo masked)."""
+    only inside the project (relative: the hooks run there inside too),
+    and the keys `also`. And the names left out that look like credentials
+    (userinfo masked)."""
     kept, left_out = [], []
     for key, value in local:
         if key == "core.hookspath" and hooks and is_within(hooks, target):
             kept.append((key, os.path.relpath(hooks, target)))
             continue
-        if not GATE_CONFIG_KEYS.fullmatch(key):
+        if not GATE_CONFIG_KEYS.fullmatch(key) and key not in also:
             section, _, rest = key.partition(".")
             if SECRET_WORDS.search(key) or URL_USERINFO.search(rest):
                 left_out.append(section + "." + URL_USERINFO.sub(r"\1***@", rest))
@@ -3403,21 +3506,38 @@ def look_through(target, skip_git, cache):
     return found
 
 
-def submodules_mountable(repo, notes):
-    """The submodules' git directories (GITDIR/modules) may be mounted
-    read-only inside: a real directory, with no socket in it (a host
-    program's, such as git's fsmonitor daemon)."""
+def submodules_mountable(repo, target, notes):
+    """Whether the submodules' git directories (GITDIR/modules) may be
+    mounted read-only inside: a real directory, with no socket in it (a
+    host program's, such as git's fsmonitor daemon); and what each one's
+    config becomes inside, [(its directory in modules, [(key, value)])]
+    by the gate's allow-list (core.worktree too): a submodule's config
+    holds credentials as the repository's does."""
     path = os.path.join(repo.gitdir, "modules")
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
-            return False
+            return False, []
     except OSError:
-        return False
-    if ProjectScan(path, ["-type", "s"], False).results():
+        return False, []
+    found = ProjectScan(path, ["-type", "s", "-o", "-name", "config", "-type", "f"],
+                        False).results()
+    if any(stat.S_ISSOCK(info.st_mode) for _path, info in found):
         notes.append("the submodules' git directories hold sockets (a git fsmonitor daemon's?): "
                      "they are not mounted, so submodules cannot be looked into inside")
-        return False
-    return True
+        return False, []
+    configs, left_out = [], []
+    for config, _info in found:
+        listing = host_git(None, "config", "--file", os.path.join(path, config), "--list", "-z",
+                           check=False).stdout.decode("utf-8", "surrogateescape").split("\0")
+        entries, dropped = gate_entries([(pair.partition("\n")[0].lower(), pair.partition(
+            "\n")[2] if "\n" in pair else None) for pair in listing if pair], target, None,
+            also=("core.worktree",))
+        configs.append((os.path.dirname(config), entries))
+        left_out += dropped
+    if left_out:
+        notes.append("your submodules' git config holds what may be credentials (%s): they "
+                     "stay out of the run" % ", ".join(sorted(set(left_out))[:4]))
+    return True, configs
 
 
 class Project:
@@ -3428,13 +3548,14 @@ class Project:
 
     def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
                  git_files=None, protected=(), object_format="sha1", dirs=(), modules=False,
-                 read=(), git_config=(), linked=None):
+                 read=(), git_config=(), linked=None, module_configs=()):
         self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
         self.gated, self.protected, self.format = gated, list(protected), object_format
         self.read = list(read)  # what host git reads as the repository's config and hooks
         self.git_config = [list(entry) for entry in git_config]  # what the gate takes of it
         self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
         self.modules = modules
+        self.module_configs = [list(entry) for entry in module_configs]  # submodules' configs
         self.linked = linked or {}  # {path: lstat}: see shared_files
 
     @classmethod
@@ -3465,6 +3586,12 @@ class Project:
                           "remove the socket (or give it one outside the project), or cd into "
                           "a subdirectory without one and use --here" % (
                               target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
+        mounts = mounts_below(target)
+        if mounts:
+            raise Refused("refusing to mount %s: file systems are mounted inside it (%s), which "
+                          "a run would reach and the sweep after it does not look into; unmount "
+                          "them, or cd into a part without one and use --here" % (
+                              target, ", ".join(mounts[:3] + ["..."] * (len(mounts) > 3))))
         git_dirs, git_files = git_entries(target, found)
         facts = config_facts(listing, target, repo)
         if hold and repo:
@@ -3482,9 +3609,11 @@ class Project:
                          "they stay out of the run" % ", ".join(facts["left_out"][:4]))
         readonly = list(git_dirs) + [os.path.relpath(path, target)
                                      for path, _dev, _ino in facts["protected"]]
+        modules, module_configs = submodules_mountable(repo, target, notes) if repo else (
+            False, [])
         return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
-                   facts["format"], dirs, repo is not None and submodules_mountable(repo, notes),
-                   facts["read"], facts["local"], shared_files(found, readonly))
+                   facts["format"], dirs, modules, facts["read"], facts["local"],
+                   shared_files(found, readonly), module_configs)
 
     def protect_mounts(self, point):
         """Read-only mounts of what host git reads in the project: the git
@@ -3615,6 +3744,8 @@ def changed_files(before, after):
 
 
 UNTRUSTED_SUFFIX = ".pi-agent-untrusted-"
+# The sweep's rounds at most (each opens what the last could not look into).
+SWEEP_ROUNDS = 100
 
 
 def set_aside(full):
@@ -3632,11 +3763,10 @@ def set_aside(full):
 
 def still_armed(target, path, kind):
     """What a disarm was for is there still: `kind` "dir", a git directory
-    git would find at `path`; "file", a file at `path`; "unseen", a
-    directory the user cannot look into."""
+    git would find at `path`; any other ("file"; "deep", a directory whose
+    tree is too deep to look at; "unswept", one the sweep could not look
+    through), `path` is there."""
     full = os.path.join(target, path)
-    if kind == "unseen":
-        return os.path.isdir(full) and not os.access(full, os.R_OK | os.X_OK)
     return looks_like_git_dir(full) if kind == "dir" else os.path.lexists(full)
 
 
@@ -3672,12 +3802,11 @@ def sweep_project(record, found):
 
     def disarm(path, what):
         full = os.path.join(target, path)
-        real = os.path.realpath(os.path.dirname(full))
-        if not is_within(real, target):
+        if not physical(target, os.path.dirname(path)):
             # A directory above it made a link out of the project: what is
             # there now is the host's own, never the agent's. Not touched.
-            notes.append("%s now leads out of the project (to %s), %s: left alone"
-                         % (path, os.path.join(real, os.path.basename(full)), what))
+            notes.append("%s now leads out of the project (a directory on its way is a "
+                         "symbolic link), %s: left alone" % (path, what))
             return
         # (checked once the sweep is over: one that failed stops the next run)
         if os.path.basename(path) == "HEAD":
@@ -3753,9 +3882,9 @@ def sweep_project(record, found):
 # Run as root in a container of REPO:base (never current: the agent's),
 # with only the project mounted: what the host user cannot do themselves.
 GIVE_BACK_SCRIPT = """owner=$0
-find "$@" -xdev \\( -type b -o -type c \\) -exec rm -f {} +
+find "$@" -xdev \\( -type b -o -type c \\) -execdir rm -f {} +
 chown -hR "$owner" "$@"
-find "$@" -xdev ! -type l ! -type d \\( -perm -4000 -o -perm -2000 \\) -exec chmod ug-s {} +
+find "$@" -xdev ! -type l ! -type d \\( -perm -4000 -o -perm -2000 \\) -execdir chmod ug-s {} +
 true"""
 
 
@@ -3824,14 +3953,20 @@ def end_run(line, run_dir, record, watch=None):
     have stopped. Safe to repeat: whoever ends the run does it (the
     wrapper; the saver or recovery when the wrapper is gone)."""
     target, predicate = record["target"], scan_after(record["uid"])
-    scan, found = None, None
+    scan, found, problems = None, None, []
     try:
         found = watch.found(predicate, record["gated"]) if watch else None
-        if found is None:
+    except Exception:  # (whatever the agent made of the tree, all of it is looked at)
+        found = None
+    if found is None:
+        try:
             scan = ProjectScan(target, predicate, record["gated"])
-    except (PiError, OSError):
-        found = []  # the project is gone
-    record["notes"] = []
+        except PiError as err:  # (not a project gone: one that cannot be looked at)
+            found = []
+            if os.path.lexists(target):
+                record.setdefault("disarmed", {})[""] = "unswept"
+                record.setdefault("notes", []).append(str(err))
+    record["notes"] = record.get("notes") or []
     try:
         hand_back_git(run_dir, record)
     except Exception as err:  # whatever went wrong, the sweep below must happen
@@ -3843,8 +3978,8 @@ def end_run(line, run_dir, record, watch=None):
         except OSError:
             pass
     if scan is not None:
-        found = scan.results()
-    notes += sweep(line, record, found, predicate)
+        found, problems = scan.results(), scan.problems
+    notes += sweep(line, record, found, predicate, problems)
     if record["armed"]:
         notes.insert(0, keep_armed(line, record))
     linked = []
@@ -3881,47 +4016,70 @@ def armed_paths(state_dir, target):
         entries = json.loads(read_regular(project_file(state_dir, target, ".armed")) or b"{}")
     except ValueError:
         return {}
-    return {path: kind for path, kind in entries.items() if isinstance(kind, str)} \
-        if isinstance(entries, dict) else {}
+    paths = entries.get("paths") if isinstance(entries, dict) else None
+    return {path: kind for path, kind in paths.items() if isinstance(kind, str)} \
+        if isinstance(paths, dict) else {}
 
 
 def keep_armed(line, record):
-    """What the sweep could not make safe, written down: the next run in the
-    project stops until it is gone (check_armed). Returns the loud note."""
+    """What the sweep could not make safe, written down: a later run in the
+    project, or in a part of it, stops until it is gone (check_armed).
+    Returns the loud note."""
     target = record["target"]
     entries = armed_paths(line.state_dir, target)
     entries.update((path, record["disarmed"][path]) for path in record["armed"])
     path = project_file(line.state_dir, target, ".armed")
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_private(path, json.dumps(entries).encode())
+        write_private(path, json.dumps({"target": target, "paths": entries}).encode())
     except OSError as err:
         line.log("could not write %s: %s" % (path, err.strerror))
-    return Alarm("could not make %s safe (a git directory or .git file the agent made, or a "
-                 "directory you cannot look into): host git would run what it says if you cd "
-                 "there; look, then remove it (rm -rf %s); pi-agent runs nothing more in %s "
-                 "until it is gone" % (", ".join(record["armed"][:3]), " ".join(
-                     shlex.quote(os.path.join(target, path)) for path in record["armed"][:3]),
+    return Alarm("could not make %s safe (a git directory or .git file the agent made, a "
+                 "directory too deep or that the sweep could not look through): host git, or "
+                 "a program there, could run what the agent left; %s; pi-agent runs nothing "
+                 "more in %s until then" % (", ".join(record["armed"][:3]) or ".", disarm_advice(
+                     [os.path.join(target, path) for path in record["armed"]], target, path),
                      target))
 
 
+def disarm_advice(paths, target, record_file):
+    """What the user does about armed `paths`: remove them (never the
+    project, `target`: its record goes instead, once it has been looked at)."""
+    doomed = [path for path in map(os.path.normpath, paths) if path != target][:3]
+    return ("look, then remove %s (rm -rf %s); if yours and safe: rm %s" % (
+        "it" if len(doomed) == 1 else "them", " ".join(map(shlex.quote, doomed)), record_file)
+        if doomed else "look through it, then rm %s" % record_file)
+
+
 def check_armed(state_dir, target, forget=False):
-    """Refused while an earlier run left something armed in `target`;
-    with `forget`, a record of what is gone since is dropped."""
-    entries = armed_paths(state_dir, target)
-    armed = sorted(path for path, kind in entries.items() if still_armed(target, path, kind))
-    if armed:
-        raise Refused("refusing to run in %s: an earlier run left %s there, which pi-agent could "
-                      "not make safe (host git would run what it says); look, then remove it "
-                      "(rm -rf %s); if it is yours and safe: rm %s" % (
-                          target, ", ".join(armed[:3]), " ".join(shlex.quote(os.path.join(
-                              target, path)) for path in armed[:3]),
-                          project_file(state_dir, target, ".armed")))
-    if entries and forget:
+    """Refused while an earlier run left something armed that a run in
+    `target` would reach (in it, or it in that); with `forget`, the record
+    of a project whose armed paths are all gone is dropped."""
+    directory = os.path.join(state_dir, "projects")
+    try:
+        names = [name for name in os.listdir(directory) if name.endswith(".armed")]
+    except OSError:
+        return
+    for name in names:
         try:
-            os.remove(project_file(state_dir, target, ".armed"))
-        except FileNotFoundError:
-            pass
+            entries = json.loads(read_regular(os.path.join(directory, name)) or b"{}")
+            armed_in = entries["target"]
+            paths = armed_paths(state_dir, armed_in)
+        except (ValueError, KeyError, TypeError):
+            continue
+        armed = sorted(os.path.normpath(os.path.join(armed_in, path))
+                       for path, kind in paths.items() if still_armed(armed_in, path, kind))
+        near = [path for path in armed if is_within(path, target) or is_within(target, path)]
+        if near:
+            raise Refused("refusing to run in %s: an earlier run left %s, which pi-agent could "
+                          "not make safe (host git, or a program there, could run what the agent "
+                          "left); %s" % (target, ", ".join(near[:3]), disarm_advice(
+                              near, armed_in, os.path.join(directory, name))))
+        if not armed and forget:
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
 
 
 # A session record lists this many commits, refs and swept files at most;
@@ -3952,14 +4110,26 @@ def summary_message(summary):
             summary[key] = summary[key][:len(summary[key]) // 2]
 
 
-def sweep(line, record, found, predicate):
+def sweep(line, record, found, predicate, problems=()):
     """sweep_project() on what was found, and again on what it could not
-    look into until it was given back (or made readable). Returns notes.
-    What it could not disarm, or look into, is record["armed"]: see
-    end_run."""
-    notes, target, reopen = [], record["target"], []
-    for _ in range(4):
+    look into until it was given back (or made readable), as many rounds
+    as that takes. What find listed but could not be looked at
+    (`problems`): a path deeper than a path can be goes to root (given
+    back, made unprivileged) and is an alarm; one in a directory the user
+    cannot search is looked at again. Returns notes.
+    What it could not disarm or look into, or what was too deep to, is
+    record["armed"]: see end_run."""
+    notes, target, reopen, last = [], record["target"], [], None
+    disarmed = record.setdefault("disarmed", {})
+    for _ in range(SWEEP_ROUNDS):
         swept, for_root, reopen = sweep_project(record, found)
+        for path, number in problems:
+            if number == errno.ENAMETOOLONG:
+                deep = reachable_part(target, path)
+                disarmed[deep] = "deep"
+                for_root.append(deep)
+            else:  # (its directory, made searchable or given back, is looked at again)
+                reopen.append(os.path.dirname(path))
         notes += swept
         if for_root:
             try:
@@ -3968,19 +4138,31 @@ def sweep(line, record, found, predicate):
                     {"path": clip(path or ".", 300), "action": "given back"} for path in for_root)
             except PiError as err:
                 notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
-        if not reopen:
+        if not reopen or set(reopen) == last:
             break
+        last = set(reopen)
         try:
-            found = ProjectScan(target, predicate, record["gated"],
-                                ["./" + path for path in reopen]).results()
+            scan = ProjectScan(target, predicate, record["gated"], ["./" + path for path in reopen]
+                               if len(reopen) <= MAX_SCAN_STARTS else ["."])
+            found, problems = scan.results(), scan.problems
         except PiError:
             break
-    disarmed = record.setdefault("disarmed", {})
     for path in reopen:
-        disarmed.setdefault(path, "unseen")
+        disarmed.setdefault(path, "unswept")
     record["armed"] = sorted(path for path, kind in disarmed.items()
                              if still_armed(target, path, kind))
     return notes
+
+
+def reachable_part(target, path):
+    """The part of `path` (relative to target) that a path can still name,
+    with some room to spare: where what is too deep below it starts."""
+    parts, kept = path.split("/"), []
+    for part in parts[:-1]:
+        if len(os.path.join(target, *kept, part)) > 2048:
+            break
+        kept.append(part)
+    return "/".join(kept or parts[:1])
 
 
 class Alarm(str):
@@ -4612,6 +4794,7 @@ class RunPlan:
             "git_files": {path: list(value) for path, value in project.git_files.items()},
             "protected": [list(entry) for entry in project.protected],
             "read": list(project.read), "git_config": project.git_config,
+            "module_configs": project.module_configs,
             # (PI_AGENT_HARDLINKS=allow: the shared files, for end_run to name those changed)
             "linked": {path: [info.st_ino, info.st_ctime_ns] for path, info in
                        project.linked.items()} if self.line.config.hardlinks == "allow" else {},

@@ -78,6 +78,12 @@ __version__ = "0.2.0"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+# ------------------------------------------------------------------ constants
+#
+# Every PI_AGENT_* setting, with its default and meaning; exit codes; the
+# names and limits the other sections share.
+
 # Every setting: name, default, meaning. Defaults in <> are computed.
 SETTINGS = (
     ("PI_AGENT_IMAGE_REPO", "pi-agent",
@@ -242,6 +248,9 @@ LABEL = "pi-agent."
 RUN_LABELS = ("repo", "profile", "pid", "host", "target", "started", "kind", "snapshot", "kept")
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
+
+# Where the engine mounts its init (--init) binary: a mount point it creates.
+INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init")
 # A run's environment and command reach the container as a script in a
 # private host directory mounted here, never as `-e` or command arguments,
 # which the engine would keep in the container's config and commit into the
@@ -267,6 +276,12 @@ STOP_GRACE = 3
 # overlay2 refuses to commit on an image this deep ("max depth exceeded").
 MAX_LAYERS = 125
 
+LIFECYCLE_KINDS = ("run", "exec", "shell")
+
+# Sessions that join a run of their profile in their project, instead of
+# waiting for it (pi-exec, for scripts, keeps the lock's rules).
+JOINABLE_KINDS = ("run", "shell")
+
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_NOT_FOUND = 4
@@ -278,7 +293,9 @@ EXIT_BAD_SETTING = 9
 EXIT_INTERRUPTED = 130
 
 
-# ----------------------------------------------------------------- errors
+# --------------------------------------------------------------------- errors
+#
+# The one way out: a PiError is one line on stderr and its exit code.
 
 class PiError(Exception):
     """A failure the user can act on: one line on stderr and an exit code."""
@@ -311,7 +328,9 @@ class BadSetting(PiError):
     code = EXIT_BAD_SETTING
 
 
-# ----------------------------------------------------------------- output
+# --------------------------------------------------------------------- output
+#
+# What the user sees: one line per message, nothing that steers a terminal.
 
 def colour(code):
     """An ANSI colour for stderr: only on a terminal, never with NO_COLOR."""
@@ -349,6 +368,10 @@ def say(message, kind=None):
               flush=True)
     except (OSError, ValueError):
         pass
+
+
+class Alarm(str):
+    """A note that is an error: something pi-agent could not make safe."""
 
 
 def utc_iso(epoch):
@@ -392,6 +415,10 @@ def plural(count, noun):
     return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
+def clip(text, limit=200):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def print_table(rows):
     rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
@@ -400,7 +427,179 @@ def print_table(rows):
         print("  ".join(cells).rstrip())
 
 
-# --------------------------------------------------------------- settings
+# ---------------------------------------------------- helpers used everywhere
+#
+# Paths compared and reached without following a link the agent made, files
+# read and written whole, processes looked for.
+
+def is_within(path, parent):
+    """path is parent or below it (both normalized, absolute)."""
+    return path == parent or parent == "/" or path.startswith(parent + "/")
+
+
+def real_path(path):
+    """os.path.realpath, or None where it cannot say (a chain of links so
+    long it would recurse past Python's limit)."""
+    try:
+        return os.path.realpath(path)
+    except (RecursionError, OSError):
+        return None
+
+
+def read_regular(path, limit=1 << 20, dir_fd=None):
+    """The bytes of a regular file, or None: never through a symlink (its
+    last component), never blocking on a FIFO, never more than `limit`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        chunks, left = [], info.st_size + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return data if len(data) <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def open_dir(name, dir_fd=None):
+    """A directory's fd, never through a symlink (nor a non-directory)."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+def open_beneath(base, *parts):
+    """An fd of base/parts..., no component of `parts` a symlink, or None:
+    even a repository the host trusts may hold links the agent planted in
+    an earlier life of it, and they must not lead a copy elsewhere."""
+    try:
+        fd = open_dir(base)
+    except OSError:
+        return None
+    for part in parts:
+        try:
+            inner = open_dir(part, fd)
+        except OSError:
+            inner = None
+        os.close(fd)
+        if inner is None:
+            return None
+        fd = inner
+    return fd
+
+
+def read_beneath(base, *parts, limit=16 << 20):
+    """The bytes of the plain file base/parts... (see open_beneath), or None."""
+    fd = open_beneath(base, *parts[:-1])
+    if fd is None:
+        return None
+    try:
+        return read_regular(parts[-1], limit, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def physical(target, path):
+    """The directory target/path (`path` relative) is reached through real
+    directories alone, no symbolic link on the way: checked a component at
+    a time, never with realpath (a chain of links an agent made would make
+    that recurse)."""
+    fd = open_beneath(target, *[part for part in path.split("/") if part])
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def write_file(path, data, mode=0o644):
+    """A new file (never through an existing one or a link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def write_private(path, data):
+    temp = "%s.%d.tmp" % (path, os.getpid())
+    with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(data)
+    os.replace(temp, path)
+
+
+def text_digest(text):
+    import hashlib
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def json_lines(output):
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def csv_field(text):
+    """One field of docker's --mount value, which docker parses as CSV."""
+    if any(char in text for char in ',"\r\n') or text != text.strip():
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def mount_spec(source, destination):
+    return ",".join(csv_field(field) for field in
+                    ("type=bind", "source=" + source, "target=" + destination))
+
+
+def label_args(labels):
+    args = []
+    for key, value in labels.items():
+        args += ["--label", "%s=%s" % (key, value)]
+    return args
+
+
+def dockerfile_quote(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+def pid_alive(pid):
+    """The process exists and is not a zombie (a killed saver whose new
+    parent has not reaped it yet is dead for our purposes)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open("/proc/%d/stat" % int(pid)) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): existence is all we can tell
+
+
+def home_dirs(environ=None):
+    """The user's home directories: $HOME and the password database's."""
+    environ = os.environ if environ is None else environ
+    homes = set()
+    if environ.get("HOME"):
+        homes.add(os.path.realpath(environ["HOME"]))
+    try:
+        import pwd
+        homes.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
+    except (ImportError, KeyError):
+        pass
+    return sorted(homes)
+
+
+# ------------------------------------------------------------------- settings
+#
+# The config file, read as a shell would, and the Config every command starts
+# from.
 
 def parse_bool(name, value):
     lowered = value.strip().lower()
@@ -420,48 +619,12 @@ def config_path(environ):
     return os.path.join(base, "pi-agent", "config")
 
 
-def read_config_file(path, home, problems=None):
-    """{NAME: (value, line number)} from NAME=value lines, read as a POSIX
-    shell would assign them (so the file can be sourced, and means the same):
-    blank lines, # comments, `export `, quotes, a leading ~. What a shell
-    would read differently is refused, each line with its number; with
-    `problems` (a list), bad lines are put there and skipped instead."""
-    try:
-        # Lines end at a newline only, as in a shell (no universal newlines).
-        with open(path, encoding="utf-8", newline="") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadSetting("cannot read the config file %s: %s" % (path, err))
-    known = [name for name, _default, _meaning in SETTINGS]
-    values = {}
-    for number, line in enumerate(text.split("\n"), 1):
-        entry = line.strip(" \t")
-        try:
-            if re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]", line):
-                raise BadSetting("a control character%s; a shell reads it otherwise"
-                                 % (" (a Windows line end: save the file with Unix ones)"
-                                    if line.endswith("\r") else ""))
-            if not entry or entry.startswith("#"):
-                continue
-            if entry.startswith("export "):
-                entry = entry[len("export "):].lstrip(" \t")
-            name, equals, value = entry.partition("=")
-            if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise BadSetting("expected NAME=value with no spaces around =, not %r" % line)
-            if name not in known:
-                import difflib
-                close = difflib.get_close_matches(name, known, 1)
-                raise BadSetting("unknown setting %s%s" % (
-                    name, "; did you mean %s?" % close[0] if close else "; pi-status lists them"))
-            values[name] = (shell_value(value, home), number)
-        except BadSetting as err:
-            err = BadSetting("%s line %d: %s" % (path, number, err))
-            if problems is None:
-                raise err
-            problems.append(str(err))
-    return values
+def tilde_prefix(text, index):
+    """The ~ or ~user a shell expands at `index` of an assignment (at the
+    value's start, or after an unquoted colon), or None."""
+    prefix = re.match(r"~[A-Za-z0-9._-]*", text[index:]).group()
+    following = text[index + len(prefix):index + len(prefix) + 1]
+    return prefix if following in ("", "/", ":", " ", "\t") else None
 
 
 def shell_value(text, home):
@@ -522,12 +685,179 @@ def shell_value(text, home):
     return "".join(value)
 
 
-def tilde_prefix(text, index):
-    """The ~ or ~user a shell expands at `index` of an assignment (at the
-    value's start, or after an unquoted colon), or None."""
-    prefix = re.match(r"~[A-Za-z0-9._-]*", text[index:]).group()
-    following = text[index + len(prefix):index + len(prefix) + 1]
-    return prefix if following in ("", "/", ":", " ", "\t") else None
+def read_config_file(path, home, problems=None):
+    """{NAME: (value, line number)} from NAME=value lines, read as a POSIX
+    shell would assign them (so the file can be sourced, and means the same):
+    blank lines, # comments, `export `, quotes, a leading ~. What a shell
+    would read differently is refused, each line with its number; with
+    `problems` (a list), bad lines are put there and skipped instead."""
+    try:
+        # Lines end at a newline only, as in a shell (no universal newlines).
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadSetting("cannot read the config file %s: %s" % (path, err))
+    known = [name for name, _default, _meaning in SETTINGS]
+    values = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        entry = line.strip(" \t")
+        try:
+            if re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]", line):
+                raise BadSetting("a control character%s; a shell reads it otherwise"
+                                 % (" (a Windows line end: save the file with Unix ones)"
+                                    if line.endswith("\r") else ""))
+            if not entry or entry.startswith("#"):
+                continue
+            if entry.startswith("export "):
+                entry = entry[len("export "):].lstrip(" \t")
+            name, equals, value = entry.partition("=")
+            if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise BadSetting("expected NAME=value with no spaces around =, not %r" % line)
+            if name not in known:
+                import difflib
+                close = difflib.get_close_matches(name, known, 1)
+                raise BadSetting("unknown setting %s%s" % (
+                    name, "; did you mean %s?" % close[0] if close else "; pi-status lists them"))
+            values[name] = (shell_value(value, home), number)
+        except BadSetting as err:
+            err = BadSetting("%s line %d: %s" % (path, number, err))
+            if problems is None:
+                raise err
+            problems.append(str(err))
+    return values
+
+
+def shadows_the_image(path, container_home=None):
+    """Mounting at `path` would hide (or land inside) the image's own tree."""
+    protected = SYSTEM_DIRS + ((container_home,) if container_home else ())
+    return (any(is_within(system, path) for system in protected)
+            or any(is_within(path, tree) for tree in SYSTEM_TREES))
+
+
+# No --ulimit nproc beside --pids-limit: RLIMIT_NPROC counts every process of
+# the UID on the host (the agent's is yours), so a limit inside would fail the
+# agent's forks for your processes outside; root (sudo) is not held to it;
+# and a hard limit above the engine's own fails the run. The pids cgroup is
+# the container's own.
+def parse_limits(raw):
+    """docker run options for the resource limits that are set (none: no limit)."""
+    options = []
+    checks = (("PI_AGENT_CPUS", "--cpus", r"\d+(\.\d+)?", "a number of CPUs such as 2 or 1.5"),
+              ("PI_AGENT_MEMORY", "--memory", r"\d+(\.\d+)?[bkmgBKMG]?",
+               "a size such as 4g or 512m"),
+              ("PI_AGENT_PIDS", "--pids-limit", r"\d+", "a whole number of processes such as 512"))
+    for name, option, pattern, what in checks:
+        value = raw[name]
+        if value in ("", "none"):
+            continue
+        if not re.fullmatch(pattern, value) or float(re.sub(r"[a-zA-Z]", "", value)) <= 0:
+            raise BadSetting("%s=%s is not %s, nor none" % (name, value, what))
+        options += [option, value]
+    return options
+
+
+def profile_problem(name):
+    """Why `name` cannot name a profile, or None. It becomes part of image
+    tags and, for pi-worktree, of a directory and a git branch."""
+    if not PROFILE_RE.fullmatch(name):
+        return ("a profile name is 1 to 40 of a-z, 0-9, '.', '_' and '-', starting with a "
+                "letter or digit")
+    if name in ("base", "current"):
+        return "the default profile's images are named %s; pick another name" % name
+    if name.startswith(SNAPSHOT_PREFIX):
+        return ("a name starting with %s would read as a snapshot's; pick another name"
+                % SNAPSHOT_PREFIX)
+    if ".." in name or name.endswith((".", ".lock")):
+        return ("pi-worktree makes a git branch agent/NAME, and git refuses that one; pick "
+                "another name")
+    return None
+
+
+def checked_profile(prog, name, option="--profile"):
+    """A profile name given on the command line (after `option`, or as an
+    argument if None): "" for the default profile, None when not given."""
+    if name is None or name == DEFAULT_PROFILE:
+        return name and ""
+    problem = profile_problem(name)
+    if problem:
+        raise PiError("%s: %s: %s" % (prog, "%s %s" % (option, shlex.quote(name)) if option
+                                      else "profile name %s" % shlex.quote(name), problem),
+                      EXIT_USAGE)
+    return name
+
+
+def parse_pass_env(value):
+    if value.strip() == "none":
+        return []
+    names = [name for name in re.split(r"[\s,]+", value) if name]
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise BadSetting("PI_AGENT_PASS_ENV: %r is not a variable name; list names like "
+                             "ANTHROPIC_API_KEY, separated by commas or spaces" % name)
+        if name in CREDENTIAL_ENV:
+            raise Refused("PI_AGENT_PASS_ENV lists %s, a credential pi-agent never passes "
+                          "into the container; remove it from PI_AGENT_PASS_ENV" % name)
+    return names
+
+
+def ca_cert_files(value):
+    """The files PI_AGENT_CA_CERTS names (absolute paths: files, or
+    directories of *.crt and *.pem), in a stable order."""
+    files = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        if not item.startswith("/"):
+            raise BadSetting("PI_AGENT_CA_CERTS: %s must be an absolute path (a relative one "
+                             "would be read from the project you are in)" % item)
+        if not os.path.isdir(item):
+            files.append(item)
+            continue
+        try:
+            names = os.listdir(item)
+        except OSError as err:
+            raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (item, err.strerror))
+        files += sorted(os.path.join(item, name) for name in names
+                        if name.endswith((".crt", ".pem")))
+    return files
+
+
+CERT_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+"
+                        r"-----END CERTIFICATE-----")
+# What one build arg can carry (the kernel's limit for one argument is 128 KiB).
+MAX_CA_TEXT = 100000
+
+
+def read_ca_certs(value):
+    """The certificates of PI_AGENT_CA_CERTS as PEM text: the certificate
+    blocks of regular files, nothing else of them, so nothing secret is
+    built into an image."""
+    blocks = []
+    for path in ca_cert_files(value):
+        try:
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
+                raise BadSetting("PI_AGENT_CA_CERTS: %s is not a certificate file (a regular "
+                                 "file under 1 MB)" % path)
+            with open(path, "rb") as handle:
+                text = handle.read(1 << 20).decode("ascii", "replace")
+        except OSError as err:
+            raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (path, err.strerror))
+        if "PRIVATE KEY" in text:
+            raise Refused("PI_AGENT_CA_CERTS: %s holds a private key, which must never go "
+                          "into an image; name the certificate alone" % path)
+        found = CERT_BLOCK.findall(text)
+        if not found:
+            raise BadSetting("PI_AGENT_CA_CERTS: %s is not a PEM certificate" % path)
+        blocks += [block.replace("\r", "") for block in found]
+    text = "\n".join(blocks)
+    if len(text) > MAX_CA_TEXT:
+        raise BadSetting("PI_AGENT_CA_CERTS: %d certificates (%d kB) are more than a build "
+                         "can take; name only those your network needs (not a whole system "
+                         "bundle)" % (len(blocks), len(text) // 1000))
+    return text
 
 
 class Config:
@@ -747,118 +1077,21 @@ def network_typos(environ):
                              "--offline), and unset %s" % (name, name))
 
 
-# No --ulimit nproc beside --pids-limit: RLIMIT_NPROC counts every process of
-# the UID on the host (the agent's is yours), so a limit inside would fail the
-# agent's forks for your processes outside; root (sudo) is not held to it;
-# and a hard limit above the engine's own fails the run. The pids cgroup is
-# the container's own.
-def parse_limits(raw):
-    """docker run options for the resource limits that are set (none: no limit)."""
-    options = []
-    checks = (("PI_AGENT_CPUS", "--cpus", r"\d+(\.\d+)?", "a number of CPUs such as 2 or 1.5"),
-              ("PI_AGENT_MEMORY", "--memory", r"\d+(\.\d+)?[bkmgBKMG]?",
-               "a size such as 4g or 512m"),
-              ("PI_AGENT_PIDS", "--pids-limit", r"\d+", "a whole number of processes such as 512"))
-    for name, option, pattern, what in checks:
-        value = raw[name]
-        if value in ("", "none"):
-            continue
-        if not re.fullmatch(pattern, value) or float(re.sub(r"[a-zA-Z]", "", value)) <= 0:
-            raise BadSetting("%s=%s is not %s, nor none" % (name, value, what))
-        options += [option, value]
-    return options
+def guarded_dirs(config):
+    """pi-agent's own directories, its config file and the CA certificates
+    it builds into a base: no project may hold (or be inside) one, or the
+    agent could rewrite what the host runs (or trusts) next.
+    The file, not its directory: a config file kept in the home must not
+    make every project there refused."""
+    ca_paths = [path.strip() for path in config.raw["PI_AGENT_CA_CERTS"].split(",")]
+    return [os.path.realpath(path) for path in [HERE, config.state_dir, config.path]
+            + [path for path in ca_paths if path]]
 
 
-def profile_problem(name):
-    """Why `name` cannot name a profile, or None. It becomes part of image
-    tags and, for pi-worktree, of a directory and a git branch."""
-    if not PROFILE_RE.fullmatch(name):
-        return ("a profile name is 1 to 40 of a-z, 0-9, '.', '_' and '-', starting with a "
-                "letter or digit")
-    if name in ("base", "current"):
-        return "the default profile's images are named %s; pick another name" % name
-    if name.startswith(SNAPSHOT_PREFIX):
-        return ("a name starting with %s would read as a snapshot's; pick another name"
-                % SNAPSHOT_PREFIX)
-    if ".." in name or name.endswith((".", ".lock")):
-        return ("pi-worktree makes a git branch agent/NAME, and git refuses that one; pick "
-                "another name")
-    return None
-
-
-def parse_pass_env(value):
-    if value.strip() == "none":
-        return []
-    names = [name for name in re.split(r"[\s,]+", value) if name]
-    for name in names:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise BadSetting("PI_AGENT_PASS_ENV: %r is not a variable name; list names like "
-                             "ANTHROPIC_API_KEY, separated by commas or spaces" % name)
-        if name in CREDENTIAL_ENV:
-            raise Refused("PI_AGENT_PASS_ENV lists %s, a credential pi-agent never passes "
-                          "into the container; remove it from PI_AGENT_PASS_ENV" % name)
-    return names
-
-
-def ca_cert_files(value):
-    """The files PI_AGENT_CA_CERTS names (absolute paths: files, or
-    directories of *.crt and *.pem), in a stable order."""
-    files = []
-    for item in (part.strip() for part in value.split(",")):
-        if not item:
-            continue
-        if not item.startswith("/"):
-            raise BadSetting("PI_AGENT_CA_CERTS: %s must be an absolute path (a relative one "
-                             "would be read from the project you are in)" % item)
-        if not os.path.isdir(item):
-            files.append(item)
-            continue
-        try:
-            names = os.listdir(item)
-        except OSError as err:
-            raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (item, err.strerror))
-        files += sorted(os.path.join(item, name) for name in names
-                        if name.endswith((".crt", ".pem")))
-    return files
-
-
-CERT_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+"
-                        r"-----END CERTIFICATE-----")
-# What one build arg can carry (the kernel's limit for one argument is 128 KiB).
-MAX_CA_TEXT = 100000
-
-
-def read_ca_certs(value):
-    """The certificates of PI_AGENT_CA_CERTS as PEM text: the certificate
-    blocks of regular files, nothing else of them, so nothing secret is
-    built into an image."""
-    blocks = []
-    for path in ca_cert_files(value):
-        try:
-            info = os.stat(path)
-            if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
-                raise BadSetting("PI_AGENT_CA_CERTS: %s is not a certificate file (a regular "
-                                 "file under 1 MB)" % path)
-            with open(path, "rb") as handle:
-                text = handle.read(1 << 20).decode("ascii", "replace")
-        except OSError as err:
-            raise BadSetting("PI_AGENT_CA_CERTS: cannot read %s: %s" % (path, err.strerror))
-        if "PRIVATE KEY" in text:
-            raise Refused("PI_AGENT_CA_CERTS: %s holds a private key, which must never go "
-                          "into an image; name the certificate alone" % path)
-        found = CERT_BLOCK.findall(text)
-        if not found:
-            raise BadSetting("PI_AGENT_CA_CERTS: %s is not a PEM certificate" % path)
-        blocks += [block.replace("\r", "") for block in found]
-    text = "\n".join(blocks)
-    if len(text) > MAX_CA_TEXT:
-        raise BadSetting("PI_AGENT_CA_CERTS: %d certificates (%d kB) are more than a build "
-                         "can take; name only those your network needs (not a whole system "
-                         "bundle)" % (len(blocks), len(text) // 1000))
-    return text
-
-
-# ----------------------------------------------------------------- docker
+# ----------------------------------------------------------------- the engine
+#
+# The one docker helper (argument lists, a trace line and an error for every
+# call), and what the engine says of images.
 
 _client_config = None
 
@@ -905,26 +1138,6 @@ def engine_unreachable():
                 % (chosen_by, chosen_by))
     return PiError("cannot reach the Docker engine at %s; %s" % (endpoint, hint),
                    EXIT_ENGINE_DOWN)
-
-
-def check_network(config):
-    """A network that is not there is a bad setting (exit 9), said before
-    the run, not docker run's own error. Asked only for a network other
-    than the engine's own: a default run pays nothing."""
-    name = config.network
-    if name in ("", "none", "bridge"):
-        return
-    result = docker("network", "inspect", "--format", "{{.Driver}}", name, check=False)
-    source = config.sources["PI_AGENT_NETWORK"]
-    where = "" if source == "environment" else source + ": "
-    if is_absent(result, "network") or "not found" in result.stderr:
-        raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; docker network "
-                         "ls lists them (unset it for the engine's default)" % (where, name))
-    if result.returncode != 0:
-        raise docker_failure(("network",), result.stderr)
-    if result.stdout.strip() == "host":  # `host` by its ID
-        raise BadSetting("%sPI_AGENT_NETWORK=%s is the host's own network; use none, or a network "
-                         "made with docker network create" % (where, name))
 
 
 def socket_denied():
@@ -1053,6 +1266,26 @@ def is_absent(result, kind):
     return result.returncode != 0 and ("no such " + kind) in text
 
 
+def check_network(config):
+    """A network that is not there is a bad setting (exit 9), said before
+    the run, not docker run's own error. Asked only for a network other
+    than the engine's own: a default run pays nothing."""
+    name = config.network
+    if name in ("", "none", "bridge"):
+        return
+    result = docker("network", "inspect", "--format", "{{.Driver}}", name, check=False)
+    source = config.sources["PI_AGENT_NETWORK"]
+    where = "" if source == "environment" else source + ": "
+    if is_absent(result, "network") or "not found" in result.stderr:
+        raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; docker network "
+                         "ls lists them (unset it for the engine's default)" % (where, name))
+    if result.returncode != 0:
+        raise docker_failure(("network",), result.stderr)
+    if result.stdout.strip() == "host":  # `host` by its ID
+        raise BadSetting("%sPI_AGENT_NETWORK=%s is the host's own network; use none, or a network "
+                         "made with docker network create" % (where, name))
+
+
 def inspect(kind, ref):
     """The inspect record of an image or container, or None when it does not
     exist (any other failure is an error, never "absent")."""
@@ -1086,11 +1319,117 @@ def image_home(image):
     return "/root" if user in ("", "root", "0") else "/home/" + user
 
 
-def json_lines(output):
-    return [json.loads(line) for line in output.splitlines() if line.strip()]
+def known_mounts(image):
+    try:
+        mounts = json.loads(image_labels(image).get(MOUNTS_LABEL) or "[]")
+    except ValueError:
+        return []
+    return [m for m in mounts if isinstance(m, str)] if isinstance(mounts, list) else []
 
 
-# -------------------------------------------------------- state and locks
+def docker_config_proxies():
+    """The proxies of the docker client's config file (its "default"), as
+    variables: the client would give them to every container."""
+    proxies = docker_client_config().get("proxies")
+    proxies = proxies.get("default") if isinstance(proxies, dict) else None
+    keys = {"httpProxy": "HTTP_PROXY", "httpsProxy": "HTTPS_PROXY", "noProxy": "NO_PROXY",
+            "allProxy": "ALL_PROXY"}
+    found = {}
+    for key, name in keys.items():
+        value = proxies.get(key) if isinstance(proxies, dict) else None
+        if isinstance(value, str) and value:
+            found[name] = found[name.lower()] = value
+    return found
+
+
+def describe_engine():
+    """The engine's version, and whether root inside is root on the host:
+    under a user namespace (rootless Docker, userns-remap, Podman) it is
+    not, and what root inside leaves in the project is harmless."""
+    info = docker("info", "--format", "{{.ServerVersion}} {{json .SecurityOptions}}").stdout
+    version, _, options = info.strip().partition(" ")
+    if "name=rootless" in options or "name=userns" in options:
+        return ("Docker %s, with user namespaces: root inside is not root on the host"
+                % version)
+    return ("Docker %s, no user namespace: root inside (sudo) is root on the host, so each run "
+            "ends with a sweep of the project for what it left privileged; rootless Docker or "
+            "userns-remap makes that harmless (see the README)" % version)
+
+
+def run_attached(argv, container=None, env=None):
+    """Run the docker client in the foreground and return the status.
+
+    Hangup, terminate and interrupt go on to the client, which passes them
+    to the container's init and it to the agent. An agent that does not stop
+    within STOP_GRACE seconds (or a second signal) is stopped: the client is
+    killed and so is `container` (nothing more happens in the project once
+    this returns); the saver commits it as it was, then removes it.
+    """
+    try:
+        proc = subprocess.Popen(["docker", *argv], env=env)
+    except FileNotFoundError:
+        raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
+
+    caught, killed = [], []
+
+    def stop_waiting(_signum=None, _frame=None):
+        killed.append(True)
+        try:
+            proc.kill()
+        except OSError:
+            pass
+
+    def forward(signum, _frame):
+        caught.append(signum)
+        if len(caught) > 1:
+            return stop_waiting()
+        try:
+            proc.send_signal(signum)
+        except OSError:
+            pass
+        signal.setitimer(signal.ITIMER_REAL, STOP_GRACE)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
+    previous = {signum: signal.signal(signum, stop_waiting if signum == signal.SIGALRM
+                                      else forward) for signum in handled}
+    started = time.monotonic()
+    try:
+        status = proc.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    trace(proc.args, started, status)
+    if killed and container:
+        docker("kill", container, check=False)
+    # The docker client may exit 0 when signalled: the signal is the status.
+    if caught:
+        return 128 + caught[0]
+    return 128 - status if status < 0 else status
+
+
+def ensure_stopped(container):
+    """On a terminal, docker's detach keys (ctrl-p ctrl-q) end docker run
+    with the container still running: pi-agent ends the run instead of
+    leaving an agent at work in the project it is about to sweep."""
+    info = inspect("container", container)
+    if info and (info.get("State") or {}).get("Running"):
+        docker("kill", container, check=False)
+        say("the terminal detached from the container (ctrl-p ctrl-q?); pi-agent does not leave "
+            "an agent running in the background: it was stopped, and its work is saved",
+            "warning")
+
+
+def has_started(container):
+    """`docker run` exits 125 for its own failures, and so may the agent:
+    a container that never started tells them apart."""
+    info = inspect("container", container)
+    return bool(info) and not (info.get("State") or {}).get("StartedAt", "").startswith("0001-")
+
+
+# ------------------------------------------------------------ state and locks
+#
+# An image line's lock, state file and session log; the project's lock.
 
 class Line:
     """One image line: REPO:base, REPO:current, REPO:snap-*, and its files.
@@ -1231,20 +1570,40 @@ class Line:
             pass
 
 
-def pid_alive(pid):
-    """The process exists and is not a zombie (a killed saver whose new
-    parent has not reaped it yet is dead for our purposes)."""
+def newest_sessions(path, count):
+    """The newest `count` records of a session log, newest first, read from
+    its end: a long log costs no more than a short one."""
     try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        pass
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return []
+    records = []
     try:
-        with open("/proc/%d/stat" % int(pid)) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): existence is all we can tell
+        end, partial = os.fstat(fd).st_size, b""
+        while end > 0 and len(records) < count:
+            start = max(0, end - (1 << 16))
+            lines = (os.pread(fd, end - start, start) + partial).split(b"\n")
+            partial = lines.pop(0) if start > 0 else b""
+            for raw in reversed(lines):
+                try:
+                    record = json.loads(raw) if raw.strip() else None
+                except ValueError:
+                    continue  # (a line cut short by a full disk, say)
+                if isinstance(record, dict) and len(records) < count:
+                    records.append(record)
+            end = start
+    finally:
+        os.close(fd)
+    return records
+
+
+def show_notes(line, notes, limit=8):
+    for note in notes[:limit]:
+        say(note, "error" if isinstance(note, Alarm) else "warning")
+    if len(notes) > limit:
+        say("... and %d more, in %s" % (len(notes) - limit, line.log_path), "warning")
+    for note in notes:
+        line.log(note)
 
 
 RUNS = {"run": "running the agent", "exec": "running a command", "shell": "running a shell",
@@ -1355,86 +1714,11 @@ class LineLock:
 HELD_PROJECTS = {}
 
 
-def lock_project(line, target, kind, wait, paths=()):
-    """An fcntl lock on the project for the whole run, whatever the image
-    line or profile: another run's agent must not change the project
-    between this run's look at it and its container's start, nor while
-    this run ends. `paths`: the others host git reads for the project (its
-    repository's, when it is a worktree; files its config includes); no
-    other live run's agent may reach those either, nor may two projects
-    nest (an agent in the outer one could swap the inner one's directory
-    for a link to anywhere just as the engine mounts it). The lock file
-    says who holds it, and what it covers. Returns the fd (None when this
-    process holds it already); Busy if a live run has it, or what it
-    covers (after a second's grace for one that is ending), unless `wait`."""
-    path = project_file(line.state_dir, target, ".lock")
-    if path in HELD_PROJECTS:
-        return None
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as err:
-        raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s" % (line.state_dir, err.strerror))
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if not wait and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-        holder = project_holder(fd)
-        if not wait and pid_alive(holder.get("pid")):
-            os.close(fd)
-            raise Busy("%s is in use by %s; add --wait to wait for it%s" % (
-                target, describe_project_holder(holder), ", or join it: pi-shell"
-                if holder.get("repo") == line.name and kind in LIFECYCLE_KINDS else ""))
-        # (a holder that is gone left the end of its run to its saver)
-        say("waiting for %s ..." % describe_project_holder(holder))
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        break
-    HELD_PROJECTS[path] = fd
-    try:
-        cover_project(fd, line, target, kind, paths)
-    except Busy as err:
-        release_project_lock(fd)
-        if not wait:
-            raise
-        # (held while waiting, it could deadlock with the other run)
-        say("waiting for %s ..." % err.holder_words)
-        waiting = os.open(err.lock_path, os.O_RDONLY)
-        try:
-            fcntl.flock(waiting, fcntl.LOCK_SH)
-        finally:
-            os.close(waiting)
-        return lock_project(line, target, kind, wait, paths)
-    return fd
-
-
-def cover_project(fd, line, target, kind, paths):
-    """Say in the lock what it covers, then look for a live run whose own
-    covers overlap it: each run writes before it looks, so of two that
-    start at once, one sees the other. Busy names it."""
-    holder = {"pid": os.getpid(), "kind": kind, "repo": line.name, "target": target,
-              "paths": sorted(set(paths)), "started": utc_iso(time.time())}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
-    other, other_path = overlapping_run(line.state_dir, holder)
-    if other is None:
-        return
-    err = Busy("%s overlaps %s, where %s: %s; they take turns: add --wait to wait for it"
-               % (target, other["target"], describe_project_holder(other), overlap(
-                   holder, other)))
-    err.holder_words, err.lock_path = describe_project_holder(other), other_path
-    raise err
-
-
-def release_project_lock(fd):
-    for path, held in list(HELD_PROJECTS.items()):
-        if held == fd:
-            del HELD_PROJECTS[path]
-    os.close(fd)
+def project_file(state_dir, target, suffix):
+    """A file of pi-agent's about one project, in the state directory."""
+    import hashlib
+    return os.path.join(state_dir, "projects",
+                        hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + suffix)
 
 
 def project_holder(fd):
@@ -1496,10 +1780,97 @@ def overlapping_run(state_dir, holder):
     return None, None
 
 
+def release_project_lock(fd):
+    for path, held in list(HELD_PROJECTS.items()):
+        if held == fd:
+            del HELD_PROJECTS[path]
+    os.close(fd)
+
+
+def cover_project(fd, line, target, kind, paths):
+    """Say in the lock what it covers, then look for a live run whose own
+    covers overlap it: each run writes before it looks, so of two that
+    start at once, one sees the other. Busy names it."""
+    holder = {"pid": os.getpid(), "kind": kind, "repo": line.name, "target": target,
+              "paths": sorted(set(paths)), "started": utc_iso(time.time())}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    other, other_path = overlapping_run(line.state_dir, holder)
+    if other is None:
+        return
+    err = Busy("%s overlaps %s, where %s: %s; they take turns: add --wait to wait for it"
+               % (target, other["target"], describe_project_holder(other), overlap(
+                   holder, other)))
+    err.holder_words, err.lock_path = describe_project_holder(other), other_path
+    raise err
+
+
+def lock_project(line, target, kind, wait, paths=()):
+    """An fcntl lock on the project for the whole run, whatever the image
+    line or profile: another run's agent must not change the project
+    between this run's look at it and its container's start, nor while
+    this run ends. `paths`: the others host git reads for the project (its
+    repository's, when it is a worktree; files its config includes); no
+    other live run's agent may reach those either, nor may two projects
+    nest (an agent in the outer one could swap the inner one's directory
+    for a link to anywhere just as the engine mounts it). The lock file
+    says who holds it, and what it covers. Returns the fd (None when this
+    process holds it already); Busy if a live run has it, or what it
+    covers (after a second's grace for one that is ending), unless `wait`."""
+    path = project_file(line.state_dir, target, ".lock")
+    if path in HELD_PROJECTS:
+        return None
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise BadSetting("cannot use PI_AGENT_STATE_DIR=%s: %s" % (line.state_dir, err.strerror))
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not wait and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+        holder = project_holder(fd)
+        if not wait and pid_alive(holder.get("pid")):
+            os.close(fd)
+            raise Busy("%s is in use by %s; add --wait to wait for it%s" % (
+                target, describe_project_holder(holder), ", or join it: pi-shell"
+                if holder.get("repo") == line.name and kind in LIFECYCLE_KINDS else ""))
+        # (a holder that is gone left the end of its run to its saver)
+        say("waiting for %s ..." % describe_project_holder(holder))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        break
+    HELD_PROJECTS[path] = fd
+    try:
+        cover_project(fd, line, target, kind, paths)
+    except Busy as err:
+        release_project_lock(fd)
+        if not wait:
+            raise
+        # (held while waiting, it could deadlock with the other run)
+        say("waiting for %s ..." % err.holder_words)
+        waiting = os.open(err.lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(waiting, fcntl.LOCK_SH)
+        finally:
+            os.close(waiting)
+        return lock_project(line, target, kind, wait, paths)
+    return fd
+
+
 def released_cleanly(found):
     """The state the lock's last holder left says it finished its work."""
     return bool(found) and not any(found.get(key) for key in
                                    ("holder", "corrupt", "failed", "notice"))
+
+
+def pruned_message(names, keep):
+    return ("auto-prune removed %s (%s): PI_AGENT_SNAPSHOT_KEEP=%d keeps the newest"
+            % (plural(len(names), "snapshot"), ", ".join(names), keep))
 
 
 def say_what_was_left(line, found, state):
@@ -1537,30 +1908,6 @@ def wait_for_save(line):
         os.close(fd)
 
 
-class exclusive:
-    """`with exclusive(line, kind) as state:` for commands that change images:
-    waits for any save, recovers what an interrupted run left, and releases."""
-
-    def __init__(self, line, kind, wait=False, recover=True):
-        self.lock = LineLock(line)
-        self.line, self.kind, self.wait, self.recover = line, kind, wait, recover
-
-    def __enter__(self):
-        found, self.state = self.lock.acquire(self.kind, wait=self.wait)
-        say_what_was_left(self.line, found, self.state)
-        if self.recover:
-            try:
-                recover_leftovers(self.line, self.state)
-            except BaseException:
-                self.lock.release(self.state)
-                raise
-        return self.state
-
-    def __exit__(self, *exc):
-        self.lock.release(self.state)
-        return False
-
-
 def profile_exists(line):
     """The default profile always is; another once pi-branch made it (or
     while it has a current)."""
@@ -1585,6 +1932,11 @@ def profile_line(args):
     return require_profile(Line(Config(profile=args.profile)))
 
 
+# --------------------------------------------------- the project and its scan
+#
+# Which directory a run mounts, and what is in it before and after (one find,
+# an inotify watch).
+
 # ------------------------------------------------------------ the project
 #
 # The project is the one host directory a run mounts. Everything the agent
@@ -1592,45 +1944,6 @@ def profile_line(args):
 # in it included: what is mounted, and what host git reads, is decided only
 # from what the host alone could have written, resolved physically, checked,
 # and read without following a symlink the agent could have planted.
-
-def home_dirs(environ=None):
-    """The user's home directories: $HOME and the password database's."""
-    environ = os.environ if environ is None else environ
-    homes = set()
-    if environ.get("HOME"):
-        homes.add(os.path.realpath(environ["HOME"]))
-    try:
-        import pwd
-        homes.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
-    except (ImportError, KeyError):
-        pass
-    return sorted(homes)
-
-
-def physical(target, path):
-    """The directory target/path (`path` relative) is reached through real
-    directories alone, no symbolic link on the way: checked a component at
-    a time, never with realpath (a chain of links an agent made would make
-    that recurse)."""
-    fd = open_beneath(target, *[part for part in path.split("/") if part])
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
-
-
-def real_path(path):
-    """os.path.realpath, or None where it cannot say (a chain of links so
-    long it would recurse past Python's limit)."""
-    try:
-        return os.path.realpath(path)
-    except (RecursionError, OSError):
-        return None
-
-
-def is_within(path, parent):
-    """path is parent or below it (both normalized, absolute)."""
-    return path == parent or parent == "/" or path.startswith(parent + "/")
 
 
 def refusal(path, homes, guarded=()):
@@ -1663,32 +1976,6 @@ def refusal(path, homes, guarded=()):
                     "keep projects apart from pi-agent's install, state and config (./install.sh "
                     "puts a copy of a checkout elsewhere)")
     return None
-
-
-def read_regular(path, limit=1 << 20, dir_fd=None):
-    """The bytes of a regular file, or None: never through a symlink (its
-    last component), never blocking on a FIFO, never more than `limit`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        chunks, left = [], info.st_size + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        return data if len(data) <= limit else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def git_dir_problem(path, main=True):
@@ -1819,13 +2106,6 @@ def find_target(cwd, homes, here=False, guarded=()):
     return target, subdir, repo, notes
 
 
-def shadows_the_image(path, container_home=None):
-    """Mounting at `path` would hide (or land inside) the image's own tree."""
-    protected = SYSTEM_DIRS + ((container_home,) if container_home else ())
-    return (any(is_within(system, path) for system in protected)
-            or any(is_within(path, tree) for tree in SYSTEM_TREES))
-
-
 def mount_point(target, container_home, mount_at=""):
     """Where the project appears inside: its host path, unless that would
     shadow part of the image (then /workspace/NAME), or PI_AGENT_MOUNT_AT."""
@@ -1839,18 +2119,6 @@ def mount_point(target, container_home, mount_at=""):
 def inside_path(host_path, target, point):
     """Where a host path in the project appears inside."""
     return os.path.normpath(os.path.join(point, os.path.relpath(host_path, target)))
-
-
-def csv_field(text):
-    """One field of docker's --mount value, which docker parses as CSV."""
-    if any(char in text for char in ',"\r\n') or text != text.strip():
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
-def mount_spec(source, destination):
-    return ",".join(csv_field(field) for field in
-                    ("type=bind", "source=" + source, "target=" + destination))
 
 
 # A look at part of a project starts find at most this many places: past
@@ -2012,6 +2280,9 @@ class ProjectWatch:
 SCAN_BEFORE = ["-name", "HEAD", "-o", "-name", ".git", "-o", "-type", "s", "-o", "-type", "d",
                "-o", "-type", "f", "-links", "+1"]
 
+# What git needs to take a directory for a git directory.
+GIT_DIR_PARTS = ("HEAD", "objects", "refs", "commondir")
+
 
 def scan_after(uid):
     """Post-run: what could make a git directory, .git files, what is
@@ -2021,10 +2292,6 @@ def scan_after(uid):
     return names + ["-type", "b", "-o", "-type", "c", "-o", "-type", "s", "-o", "-perm", "-4000",
                     "-o", "-perm", "-2000", "-o", "!", "-user", str(uid), "-o", "-type", "d",
                     "!", "-perm", "-500"]
-
-
-# What git needs to take a directory for a git directory.
-GIT_DIR_PARTS = ("HEAD", "objects", "refs", "commondir")
 
 
 def looks_like_git_dir(path):
@@ -2063,6 +2330,191 @@ def outermost(paths):
             kept.append(path)
     return kept
 
+
+def look_through(target, skip_git, cache):
+    """What SCAN_BEFORE finds in the project, as (relative path, lstat).
+    From the last look, kept in `cache`, when no directory of the project
+    has changed since: no entry is added, removed or renamed without its
+    directory's ctime changing, and no one can set a ctime back. Else from
+    a fresh scan, which is kept for the next run (if no directory changed in
+    the last second, so that a coarse clock cannot hide a change). Its
+    limit: a hard link made from outside to a file already here changes no
+    directory of the project, so the file is known as linked at the next
+    fresh scan only."""
+    try:
+        known = json.loads(read_regular(cache, 64 << 20) or b"null") if cache else None
+    except ValueError:
+        known = None
+    if isinstance(known, dict) and known.get("target") == target and \
+            known.get("skip_git") == skip_git and known.get("predicate") == SCAN_BEFORE:
+        found = []
+        for path, stamp in known.get("dirs", {}).items():
+            try:
+                info = os.lstat(os.path.join(target, path))
+            except OSError:
+                break
+            if not stat.S_ISDIR(info.st_mode) or [info.st_mtime_ns, info.st_ctime_ns] != stamp:
+                break
+            found.append((path, info))
+        else:
+            try:
+                return found + [(path, os.lstat(os.path.join(target, path)))
+                                for path in known.get("entries", [])]
+            except OSError:
+                pass
+    found = ProjectScan(target, SCAN_BEFORE, skip_git=skip_git).results()
+    dirs = {path: [info.st_mtime_ns, info.st_ctime_ns] for path, info in found
+            if stat.S_ISDIR(info.st_mode)}
+    if cache and max((stamp[1] for stamp in dirs.values()), default=0) < time.time_ns() - 10**9:
+        try:
+            temp = "%s.%d" % (cache, os.getpid())
+            write_file(temp, json.dumps({
+                "target": target, "skip_git": skip_git, "predicate": SCAN_BEFORE,
+                "dirs": dirs,
+                "entries": [path for path, info in found if not stat.S_ISDIR(info.st_mode)]})
+                .encode("utf-8", "surrogateescape"), 0o600)
+            os.replace(temp, cache)
+        except OSError:
+            pass
+    return found
+
+
+def shared_files(found, readonly):
+    """{path: lstat} of the files (in a scan) that are hard links to a file
+    the agent must not change: through them it would, whatever the mounts.
+    An inode with a name outside the project (a uv or pnpm cache's, one in
+    your home: more names than the scan found) or in what is mounted
+    read-only (`readonly`, relative paths: the git directories inside)."""
+    inodes = {}
+    for path, info in found:
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+            inodes.setdefault((info.st_dev, info.st_ino), []).append((path, info))
+    shared = {}
+    for names in inodes.values():
+        writable = [(path, info) for path, info in names
+                    if not any(is_within(path, top) for top in readonly)]
+        if writable and len(writable) < names[0][1].st_nlink:
+            shared.update(writable)
+    return shared
+
+
+def unshare_file(target, path):
+    """Make the project's file `path` a copy of its own, where it is: the
+    same bytes, permissions (less setuid and setgid) and mtime, in a new
+    file renamed over the name; never through a symbolic link."""
+    parts = path.split("/")
+    fd = open_beneath(target, *parts[:-1])
+    if fd is None:
+        raise Refused("cannot make %s a copy of its own: a directory on the way is a symbolic "
+                      "link or is gone; look at it, then run again" % path)
+    name, temp = parts[-1], ".pi-agent-copy-%d" % os.getpid()
+
+    def beneath(file, flags):  # (never through a link; never blocking on a FIFO)
+        return os.open(file, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600, dir_fd=fd)
+    try:
+        try:  # (one a crashed run left)
+            os.unlink(temp, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        with open(name, "rb", opener=beneath) as source, open(temp, "xb", opener=beneath) as copy:
+            info = os.fstat(source.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(0, "it is no longer a plain file")
+            import shutil
+            shutil.copyfileobj(source, copy, 1 << 20)
+            copy.flush()
+            os.fchmod(copy.fileno(), stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            os.utime(copy.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
+        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        if os.lstat(name, dir_fd=fd).st_nlink != 1:
+            raise OSError(0, "it has other names still")
+    except BaseException as err:  # (Ctrl-C too: no copy is left behind)
+        try:
+            os.unlink(temp, dir_fd=fd)
+        except OSError:
+            pass
+        if not isinstance(err, OSError):
+            raise
+        raise Refused("cannot make %s a copy of its own (it is a hard link to a file outside "
+                      "the project, which the agent could change through it): %s; make it one "
+                      "(cp --remove-destination), then run again"
+                      % (path, err.strerror or err))
+    finally:
+        os.close(fd)
+
+
+def unshare_links(config, project):
+    """PI_AGENT_HARDLINKS before a run, under the project's lock and before
+    its watch: the project's files that are hard links to files the agent
+    must not change (shared_files) become copies of their own (copy), or
+    stop the run (refuse); allow leaves them, and end_run names those it
+    changed."""
+    linked = project.linked
+    if not linked or config.hardlinks == "allow":
+        return
+    tops = sorted({path.split("/")[0] if "/" in path else "." for path in linked})
+    where = "%s in %s" % (plural(len(linked), "file"),
+                          ", ".join(tops[:3] + ["..."] * (len(tops) > 3)))
+    if config.hardlinks == "refuse":
+        raise Refused("refusing to run in %s: it holds hard links to files outside it (%s), "
+                      "a cache's or your home's, which the agent could change through them; "
+                      "make them copies (uv sync --link-mode=copy; pnpm: "
+                      "package-import-method=copy in .npmrc; cp without -l), or set "
+                      "PI_AGENT_HARDLINKS=copy" % (project.target, where))
+    for path in sorted(linked):
+        unshare_file(project.target, path)
+    say("hard links to files outside the project (%s) are copies of their own now, so that the "
+        "agent cannot change those files through them (uv: UV_LINK_MODE=copy and pnpm: "
+        "package-import-method=copy keep them copies)" % where)
+
+
+# Files in a project that tools on the host run (or read commands from) by
+# themselves: the agent may change them, the user should hear of it. Out of
+# scope: files the user runs knowingly (Makefiles, package scripts).
+HOST_RUN_PATHS = (
+    ".envrc", ".vscode", ".devcontainer", ".idea", ".zed", ".helix", ".nvim.lua", ".nvimrc",
+    ".exrc", ".vimrc", ".dir-locals.el", ".pre-commit-config.yaml", "lefthook.yml",
+    "lefthook.yaml", ".lefthook.yml", "lefthook-local.yml", ".husky", ".yarnrc.yml", ".npmrc",
+    "rust-toolchain", "rust-toolchain.toml", ".tool-versions", "mise.toml", ".mise.toml",
+    ".cargo/config", ".cargo/config.toml", ".gitmodules", ".mailmap", ".claude", ".mcp.json",
+    ".cursor", ".aider.conf.yml")
+
+
+def host_run_files(target, extra=()):
+    """{relative path: [size, ctime]} of the files the host runs by itself
+    (never following a link: the agent may have made one; ctime, which no
+    one can set back)."""
+    found = {}
+    for name in HOST_RUN_PATHS + tuple(extra):
+        top = os.path.join(target, name)
+        try:
+            info = os.lstat(top)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            found[name] = [info.st_size, info.st_ctime_ns]
+            continue
+        for dirpath, _dirnames, filenames in os.walk(top):
+            for filename in filenames:
+                path = os.path.join(dirpath, filename)
+                try:
+                    info = os.lstat(path)
+                except OSError:
+                    continue
+                found[os.path.relpath(path, target)] = [info.st_size, info.st_ctime_ns]
+            if len(found) > 5000:
+                return found
+    return found
+
+
+def changed_files(before, after):
+    return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+
+
+# --------------------------------------------------------------- the git gate
+#
+# The run's private git directory: seeded from the host's, and what the agent
+# did brought back as data.
 
 # ----------------------------------------------------------- the git gate
 #
@@ -2125,11 +2577,6 @@ def ref_value(data):
     if text.startswith("ref: ") and valid_refname(text[5:].strip()):
         return "ref: " + text[5:].strip()
     return None
-
-
-def open_dir(name, dir_fd=None):
-    """A directory's fd, never through a symlink (nor a non-directory)."""
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
 def read_ref_store(dir_fd, limit=None):
@@ -2229,6 +2676,17 @@ def host_git(repo_dir, *args, stdin=None, check=True):
     if check and proc.returncode != 0:
         raise git_failure(args, err)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def host_ref_store(common):
+    """The refs of a repository pi-agent trusts (see read_ref_store)."""
+    fd = open_dir(common)
+    try:
+        return read_ref_store(fd)
+    except ValueError as err:
+        raise PiError("cannot read the refs of %s: %s" % (common, err))
+    finally:
+        os.close(fd)
 
 
 # --- the index: read, checked, written back without what could hide a change
@@ -2516,26 +2974,156 @@ def sanitized_index(agent_data, host_data, hash_len, host_mtime=0):
     return body + digest, needed, invalid_trees(tree) > STALE_TREES
 
 
+# --- git's config: what host git reads from the project, and what the gate takes of it
+
+def start_config_listing(repo):
+    """Host git's own list of the configuration it reads for the repository
+    (each value with the file it came from), started now, read later."""
+    try:
+        return host_git_process(repo.gitdir, "config", "--list", "--show-origin", "-z")
+    except PiError:
+        return None
+
+
+# What a run's private git directory takes of the repository's own config
+# (names as git config --list gives them): what git needs inside to read
+# the repository, its remotes and branches. Nothing else comes in: not the
+# credentials a config may hold (http.<url>.extraheader, credential.*, a
+# token in url.<base>.insteadOf or in a remote's URL), not commands.
+GATE_CONFIG_KEYS = re.compile(
+    r"core\.(?:repositoryformatversion|filemode|symlinks|ignorecase|precomposeunicode|"
+    r"logallrefupdates|autocrlf|eol|safecrlf|quotepath|abbrev|commentchar|whitespace|"
+    r"sparsecheckout|sparsecheckoutcone|checkstat|trustctime)"
+    r"|extensions\.(?:objectformat|worktreeconfig|preciousobjects|noop)"
+    r"|remote\..+\.(?:url|pushurl|fetch|push|tagopt|mirror|prune)"
+    r"|branch\..+\.(?:remote|merge|rebase|pushremote|description)"
+    r"|submodule\..+\.(?:url|active|branch)"
+    r"|pull\.(?:rebase|ff)|merge\.(?:ff|conflictstyle)|init\.defaultbranch"
+    r"|diff\.(?:renames|algorithm)", re.S)
+SECRET_WORDS = re.compile(r"extraheader|credential|token|password|passwd|secret|auth|cookie|"
+                          r"insteadof|proxy", re.I)
+URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.I)
+
+
+def gate_entries(local, target, hooks, also=()):
+    """[(key, value)] of the repository's own config (`local`) that the
+    private git directory gets, by GATE_CONFIG_KEYS: URLs without a
+    password or a token (any userinfo but an ssh user), a core.hooksPath
+    only inside the project (relative: the hooks run there inside too),
+    and the keys `also`. And the names left out that look like credentials
+    (userinfo masked)."""
+    kept, left_out = [], []
+    for key, value in local:
+        if key == "core.hookspath" and hooks and is_within(hooks, target):
+            kept.append((key, os.path.relpath(hooks, target)))
+            continue
+        if not GATE_CONFIG_KEYS.fullmatch(key) and key not in also:
+            section, _, rest = key.partition(".")
+            if SECRET_WORDS.search(key) or URL_USERINFO.search(rest):
+                left_out.append(section + "." + URL_USERINFO.sub(r"\1***@", rest))
+            continue
+        userinfo = URL_USERINFO.match(value or "")
+        if key.endswith("url") and userinfo and (":" in userinfo.group(2) or not
+                                                  userinfo.group(1).lower().startswith("ssh")):
+            value = URL_USERINFO.sub(r"\1", value)
+            left_out.append("the user and password in %s" % key)
+        kept.append((key, value))
+    return kept, left_out
+
+
+def config_facts(listing, target, repo=None):
+    """From that listing: the object format, and the paths host git reads
+    as configuration or runs as hooks that lie in the project (outside its
+    .git): files it included, a core.hooksPath there. The agent must not
+    write those: they are mounted read-only, and must exist (else the
+    agent could create them). And what the run's private git directory
+    takes of `repo`'s own config (gate_entries)."""
+    facts = {"format": "sha1", "protected": [], "read": [], "local": [], "left_out": []}
+    if listing is None:
+        return facts
+    out = listing.communicate()[0].decode("utf-8", "surrogateescape")
+    files, hooks, local = set(), None, []
+    own = {os.path.join(repo.common, "config"), os.path.join(repo.gitdir, "config.worktree")} \
+        if repo else set()
+    fields = out.split("\0")
+    for origin, pair in zip(fields[0::2], fields[1::2]):
+        key, newline, value = pair.partition("\n")
+        key = key.lower()
+        source = origin[len("file:"):] if origin.startswith("file:") else None
+        if source:
+            files.add(os.path.normpath(os.path.join(target, source)))
+            if os.path.normpath(os.path.join(target, source)) in own:
+                local.append((key, value if newline else None))
+        if key == "extensions.objectformat":
+            facts["format"] = value.strip().lower()
+        elif key == "extensions.refstorage" and value.strip().lower() != "files":
+            raise Refused("the repository in %s keeps its refs in %s, which pi-agent cannot "
+                          "read yet" % (target, value.strip()))
+        elif re.fullmatch(r"include(?:if\..*)?\.path", key) and source:
+            files.add(os.path.normpath(os.path.join(os.path.dirname(source),
+                                                    os.path.expanduser(value))))
+        elif key == "core.hookspath" and source:
+            hooks = os.path.normpath(os.path.join(target, os.path.expanduser(value)))
+    git_dir = os.path.join(target, ".git")
+    facts["read"] = [path for path in sorted(files) + ([hooks] if hooks else [])
+                     if not is_within(path, git_dir)]
+    for path in facts["read"]:
+        if not is_within(path, target):
+            continue
+        try:
+            info = os.lstat(path)
+        except OSError:
+            raise Refused("your git config %s %s, which does not exist in the project: the agent "
+                          "could create it; create it, or change the setting"
+                          % ("runs hooks from" if path == hooks else "includes", path))
+        if stat.S_ISLNK(info.st_mode):
+            raise Refused("your git config %s %s, a symbolic link in the project; make it a "
+                          "file, or change the setting"
+                          % ("runs hooks from" if path == hooks else "includes", path))
+        facts["protected"].append((path, info.st_dev, info.st_ino))
+    facts["local"], facts["left_out"] = gate_entries(local, target, hooks)
+    return facts
+
+
+def submodules_mountable(repo, target, notes):
+    """Whether the submodules' git directories (GITDIR/modules) may be
+    mounted read-only inside: a real directory, with no socket in it (a
+    host program's, such as git's fsmonitor daemon); and what each one's
+    config becomes inside, [(its directory in modules, [(key, value)])]
+    by the gate's allow-list (core.worktree too): a submodule's config
+    holds credentials as the repository's does."""
+    path = os.path.join(repo.gitdir, "modules")
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False, []
+    except OSError:
+        return False, []
+    found = ProjectScan(path, ["-type", "s", "-o", "-name", "config", "-type", "f"],
+                        False).results()
+    if any(stat.S_ISSOCK(info.st_mode) for _path, info in found):
+        notes.append("the submodules' git directories hold sockets (a git fsmonitor daemon's?): "
+                     "they are not mounted, so submodules cannot be looked into inside")
+        return False, []
+    configs, left_out = [], []
+    for config, _info in found:
+        listing = host_git(None, "config", "--file", os.path.join(path, config), "--list", "-z",
+                           check=False).stdout.decode("utf-8", "surrogateescape").split("\0")
+        entries, dropped = gate_entries([(pair.partition("\n")[0].lower(), pair.partition(
+            "\n")[2] if "\n" in pair else None) for pair in listing if pair], target, None,
+            also=("core.worktree",))
+        configs.append((os.path.dirname(config), entries))
+        left_out += dropped
+    if left_out:
+        notes.append("your submodules' git config holds what may be credentials (%s): they "
+                     "stay out of the run" % ", ".join(sorted(set(left_out))[:4]))
+    return True, configs
+
+
 # --- seeding: the private git directory, from the host's (read, never written)
 
 def config_quote(value):
     return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"').replace(
         "\n", "\\n").replace("\t", "\\t")
-
-
-def gate_config(entries, point, identity):
-    """The private git directory's config: the repository's own entries
-    that are let in (gate_entries), then what makes commits inside the
-    agent's own and keeps git from running or repacking anything of the
-    host's."""
-    name, email = identity
-    who = "\tname = %s\n\temail = %s\n" % (config_quote(name), config_quote(email))
-    return (config_text(entries) + "# pi-agent: the agent's own commits, whatever is above\n"
-            "[core]\n\tbare = false\n\tfsmonitor = false\n\tworktree = %s\n"
-            "[user]\n%s[author]\n%s[committer]\n%s"
-            "[commit]\n\tgpgsign = false\n[tag]\n\tgpgsign = false\n"
-            "[gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n"
-            % (config_quote(point), who, who, who))
 
 
 def config_text(entries):
@@ -2551,47 +3139,19 @@ def config_text(entries):
     return "".join(line + "\n" for line in lines)
 
 
-def text_digest(text):
-    import hashlib
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def write_file(path, data, mode=0o644):
-    """A new file (never through an existing one or a link)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
-def open_beneath(base, *parts):
-    """An fd of base/parts..., no component of `parts` a symlink, or None:
-    even a repository the host trusts may hold links the agent planted in
-    an earlier life of it, and they must not lead a copy elsewhere."""
-    try:
-        fd = open_dir(base)
-    except OSError:
-        return None
-    for part in parts:
-        try:
-            inner = open_dir(part, fd)
-        except OSError:
-            inner = None
-        os.close(fd)
-        if inner is None:
-            return None
-        fd = inner
-    return fd
-
-
-def read_beneath(base, *parts, limit=16 << 20):
-    """The bytes of the plain file base/parts... (see open_beneath), or None."""
-    fd = open_beneath(base, *parts[:-1])
-    if fd is None:
-        return None
-    try:
-        return read_regular(parts[-1], limit, dir_fd=fd)
-    finally:
-        os.close(fd)
+def gate_config(entries, point, identity):
+    """The private git directory's config: the repository's own entries
+    that are let in (gate_entries), then what makes commits inside the
+    agent's own and keeps git from running or repacking anything of the
+    host's."""
+    name, email = identity
+    who = "\tname = %s\n\temail = %s\n" % (config_quote(name), config_quote(email))
+    return (config_text(entries) + "# pi-agent: the agent's own commits, whatever is above\n"
+            "[core]\n\tbare = false\n\tfsmonitor = false\n\tworktree = %s\n"
+            "[user]\n%s[author]\n%s[committer]\n%s"
+            "[commit]\n\tgpgsign = false\n[tag]\n\tgpgsign = false\n"
+            "[gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n"
+            % (config_quote(point), who, who, who))
 
 
 def copy_tree_files(source, dest, keep=lambda name: True):
@@ -2714,30 +3274,6 @@ def seed_gate(run_dir, record, identity):
                    ("gitdir: %s/%s\n" % (RUN_DIR_INSIDE, GATE_DIR)).encode())
 
 
-def agent_stash(gate):
-    """The agent's stash entries, read as the rest of its git directory is."""
-    return stash_entries(read_beneath(gate, "logs", "refs", "stash"))
-
-
-def carry_stash(record, repo, entries):
-    """Stash entries the agent made become the host's (git stash list), in
-    its order; one of the user's it dropped stays."""
-    known, new = set(record.get("stash") or ()), []
-    for oid, message in entries:
-        if oid not in known:
-            known.add(oid)
-            new.append((oid, message))
-    if len(new) > MAX_NEW_STASH:
-        record["notes"].append("the agent made %d stash entries; the newest %d come back" % (
-            len(new), MAX_NEW_STASH))
-    for oid, message in new[-MAX_NEW_STASH:]:
-        host_git(repo["gitdir"], "update-ref", "--create-reflog", "-m", clip(message or "stash"),
-                 "refs/stash", oid)
-    if known - {oid for oid, _message in entries}:
-        record["notes"].append("the agent dropped stash entries of yours; they are kept "
-                               "(git stash list)")
-
-
 def gate_mounts(record, run_dir):
     """[(source, destination inside, read-only)] that put the private git
     directory where the agent expects .git, the host's objects under it
@@ -2841,10 +3377,6 @@ def note_commits(record, repo, tips, have):
                 foreign[0][0][:12], foreign[0][1]))
 
 
-def clip(text, limit=200):
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def import_objects(gitdir, incoming, wanted, have):
     """Into the host repository: the objects reachable from `wanted` and
     not from `have`, packed by host git from the linked ones, and checked
@@ -2915,6 +3447,25 @@ def branches_checked_out_elsewhere(repo):
         elsewhere[value[5:]] = os.path.dirname(os.fsdecode(dot.strip())) if dot else \
             os.path.dirname(common)
     return elsewhere
+
+
+# What a new branch or tag of the agent's may be named, short (refs/heads/,
+# refs/tags/ taken off), to come back as it is.
+PLAIN_REF_NAME = re.compile(r"[A-Za-z0-9._/@+,-]+")
+
+
+def ambiguous_ref(name, known):
+    """A new branch or tag `name` is not to be taken as it is: host git
+    would take it for another ref of `known`, or another for it (the
+    names it tries for a short name), or for a commit (a short name of
+    hex digits), or it is not plain ASCII (a name that looks like another
+    one, or that a prompt would print as something else)."""
+    short = name.split("/", 2)[2]
+    return short == "HEAD" or not PLAIN_REF_NAME.fullmatch(short) or \
+        bool(re.fullmatch(r"[0-9a-f]{4,64}", short, re.I)) or any(
+            other != name and other in known for other in (
+                "refs/" + short, "refs/tags/" + short, "refs/heads/" + short,
+                "refs/remotes/" + short, "refs/remotes/%s/HEAD" % short))
 
 
 def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
@@ -2993,26 +3544,6 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
                          "; deletions of %s left undone" % plural(len(kept_deleted), "ref")
                          if kept_deleted else ""))
     return lines, notes, left_out
-
-
-# What a new branch or tag of the agent's may be named, short (refs/heads/,
-# refs/tags/ taken off), to come back as it is.
-PLAIN_REF_NAME = re.compile(r"[A-Za-z0-9._/@+,-]+")
-
-
-def ambiguous_ref(name, known):
-    """A new branch or tag `name` is not to be taken as it is: host git
-    would take it for another ref of `known`, or another for it (the
-    names it tries for a short name), or for a commit (a short name of
-    hex digits), or it is not plain ASCII (a name that looks like another
-    one, or that a prompt would print as something else)."""
-    short = name.split("/", 2)[2]
-    return short == "HEAD" or not PLAIN_REF_NAME.fullmatch(short) or \
-        bool(re.fullmatch(r"[0-9a-f]{4,64}", short, re.I)) or any(
-            other != name and other in known for other in (
-                "refs/" + short, "refs/tags/" + short, "refs/heads/" + short,
-                "refs/remotes/" + short, "refs/remotes/%s/HEAD" % short))
-
 
 
 def apply_index(record, repo, gate_fd, hash_len, wanted):
@@ -3133,6 +3664,11 @@ def keep_gate(run_dir, gate_fd, record, why, refs=None):
                            % (why, where))
 
 
+def agent_stash(gate):
+    """The agent's stash entries, read as the rest of its git directory is."""
+    return stash_entries(read_beneath(gate, "logs", "refs", "stash"))
+
+
 def agent_git_work(record, gate, gate_fd):
     """What the agent left in its git directory: HEAD, refs (ValueError
     for a store past MAX_AGENT_REFS more than it was given), operation
@@ -3146,15 +3682,125 @@ def agent_git_work(record, gate, gate_fd):
     return head, refs, state, stash
 
 
-def host_ref_store(common):
-    """The refs of a repository pi-agent trusts (see read_ref_store)."""
-    fd = open_dir(common)
+def list_left_out(run_dir, record, left_out):
+    """The new refs past MAX_NEW_REFS: named in STATE/kept/CONTAINER.refs
+    (1 MB of them at most), never made."""
+    path = os.path.join(os.path.dirname(os.path.dirname(run_dir)), KEPT_DIR,
+                        os.path.basename(run_dir) + ".refs")
     try:
-        return read_ref_store(fd)
-    except ValueError as err:
-        raise PiError("cannot read the refs of %s: %s" % (common, err))
-    finally:
-        os.close(fd)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_file(path, "".join(line + "\n" for line in left_out).encode()[:1 << 20], 0o600)
+        where = "they are listed in %s" % path
+    except OSError as err:
+        where = "their list could not be written (%s)" % err.strerror
+    record["notes"].append("the agent made %d new refs more than the %d a run brings back: "
+                           "those are not made, and their objects not taken; %s"
+                           % (len(left_out), MAX_NEW_REFS, where))
+
+
+def ref_move(line):
+    """{ref, old, new} of an update-ref --stdin line."""
+    verb, name, *ids = line.split(" ")
+    old = ids[-1] if verb in ("update", "delete") else None
+    return {"ref": clip(name), "old": old, "new": ids[0] if verb != "delete" else None}
+
+
+def apply_ref_lines(repo, lines, message, record):
+    """update-ref --stdin, all at once; if that fails (a name clash with a
+    ref the user made meanwhile, say), one by one, so one failure costs
+    one ref, which is named with its object ID. The refs moved go into
+    record["moved"] (for the session log)."""
+    moved = record.setdefault("moved", [])
+    try:
+        host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
+                 stdin="".join(line + "\n" for line in lines).encode())
+        moved.extend(ref_move(line) for line in lines)
+        return
+    except PiError:
+        pass
+    for line in lines:
+        try:
+            host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
+                     stdin=(line + "\n").encode())
+            moved.append(ref_move(line))
+        except PiError as err:
+            verb, name, *ids = line.split(" ")
+            record["notes"].append("could not %s %s%s: %s" % (
+                verb, name, " to " + ids[0] if verb != "delete" else "", err))
+
+
+def move_refs(record, repo, lines, head, elsewhere):
+    """The ref changes `lines` (ref_updates'), then HEAD, through host git
+    (its reflogs say pi-agent)."""
+    message = "pi-agent: %s in %s" % (record["kind"], record["container"])
+    try:
+        if lines:
+            apply_ref_lines(repo, lines, message, record)
+        if sum(line.startswith("create ") for line in lines) > 100:
+            host_git(repo["gitdir"], "pack-refs", "--all", check=False)  # (not an inode each)
+        if head is None or head == record["head"]:
+            return
+        now = ref_value(read_regular(os.path.join(repo["gitdir"], "HEAD"), 4096))
+        if now != record["head"]:
+            record["notes"].append("HEAD changed on the host during the run: it stays (the "
+                                   "agent's was %s)" % head)
+        elif head[5:] in elsewhere:
+            record["notes"].append("the agent checked out %s, which %s has checked out: HEAD "
+                                   "stays" % (head[5:], elsewhere[head[5:]]))
+        elif head.startswith("ref: refs/heads/") and host_git(
+                repo["gitdir"], "rev-parse", "--verify", "--quiet", head[5:],
+                check=False).returncode != 0:
+            record["notes"].append("the agent checked out %s, which did not come back: HEAD "
+                                   "stays" % head[5:])
+        elif head.startswith("ref: refs/heads/"):
+            host_git(repo["gitdir"], "symbolic-ref", "-m", message, "HEAD", head[5:])
+            record.setdefault("moved", []).append(
+                {"ref": "HEAD", "old": clip(record["head"] or ""), "new": clip(head)})
+        elif OID_RE.fullmatch(head):
+            host_git(repo["gitdir"], "update-ref", "--no-deref", "-m", message, "HEAD", head)
+            record.setdefault("moved", []).append(
+                {"ref": "HEAD", "old": clip(record["head"] or ""), "new": head})
+    except PiError as err:
+        record["notes"].append("the agent's branches could not all be moved: %s" % err)
+
+
+def carry_stash(record, repo, entries):
+    """Stash entries the agent made become the host's (git stash list), in
+    its order; one of the user's it dropped stays."""
+    known, new = set(record.get("stash") or ()), []
+    for oid, message in entries:
+        if oid not in known:
+            known.add(oid)
+            new.append((oid, message))
+    if len(new) > MAX_NEW_STASH:
+        record["notes"].append("the agent made %d stash entries; the newest %d come back" % (
+            len(new), MAX_NEW_STASH))
+    for oid, message in new[-MAX_NEW_STASH:]:
+        host_git(repo["gitdir"], "update-ref", "--create-reflog", "-m", clip(message or "stash"),
+                 "refs/stash", oid)
+    if known - {oid for oid, _message in entries}:
+        record["notes"].append("the agent dropped stash entries of yours; they are kept "
+                               "(git stash list)")
+
+
+def keep_agent_config(record, repo, gate_fd):
+    """The agent's own git settings (remotes it added, say) stay its own;
+    a copy is left where the user can read it, never where git reads it."""
+    text = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8", "replace")
+    if not text or text_digest(text) == record.get("gate_config") or \
+            record.get("gate_config") == "" and \
+            not re.search(r"^\s*\[(?!core\])", text, re.M):
+        return  # (a repository it made: git init's own [core] is nothing to report)
+    path = os.path.join(repo["gitdir"], "pi-agent", "agent-config")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = "%s.%d" % (path, os.getpid())
+        write_file(temp, text.encode())
+        os.replace(temp, path)
+    except OSError:
+        return
+    record["notes"].append("the agent changed its git config (remotes, settings); yours is "
+                           "unchanged, and its version is in %s" % path)
 
 
 def hand_back_git(run_dir, record):
@@ -3227,521 +3873,10 @@ def hand_back_git(run_dir, record):
         os.close(gate_fd)
 
 
-def list_left_out(run_dir, record, left_out):
-    """The new refs past MAX_NEW_REFS: named in STATE/kept/CONTAINER.refs
-    (1 MB of them at most), never made."""
-    path = os.path.join(os.path.dirname(os.path.dirname(run_dir)), KEPT_DIR,
-                        os.path.basename(run_dir) + ".refs")
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_file(path, "".join(line + "\n" for line in left_out).encode()[:1 << 20], 0o600)
-        where = "they are listed in %s" % path
-    except OSError as err:
-        where = "their list could not be written (%s)" % err.strerror
-    record["notes"].append("the agent made %d new refs more than the %d a run brings back: "
-                           "those are not made, and their objects not taken; %s"
-                           % (len(left_out), MAX_NEW_REFS, where))
-
-
-def apply_ref_lines(repo, lines, message, record):
-    """update-ref --stdin, all at once; if that fails (a name clash with a
-    ref the user made meanwhile, say), one by one, so one failure costs
-    one ref, which is named with its object ID. The refs moved go into
-    record["moved"] (for the session log)."""
-    moved = record.setdefault("moved", [])
-    try:
-        host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
-                 stdin="".join(line + "\n" for line in lines).encode())
-        moved.extend(ref_move(line) for line in lines)
-        return
-    except PiError:
-        pass
-    for line in lines:
-        try:
-            host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
-                     stdin=(line + "\n").encode())
-            moved.append(ref_move(line))
-        except PiError as err:
-            verb, name, *ids = line.split(" ")
-            record["notes"].append("could not %s %s%s: %s" % (
-                verb, name, " to " + ids[0] if verb != "delete" else "", err))
-
-
-def ref_move(line):
-    """{ref, old, new} of an update-ref --stdin line."""
-    verb, name, *ids = line.split(" ")
-    old = ids[-1] if verb in ("update", "delete") else None
-    return {"ref": clip(name), "old": old, "new": ids[0] if verb != "delete" else None}
-
-
-def move_refs(record, repo, lines, head, elsewhere):
-    """The ref changes `lines` (ref_updates'), then HEAD, through host git
-    (its reflogs say pi-agent)."""
-    message = "pi-agent: %s in %s" % (record["kind"], record["container"])
-    try:
-        if lines:
-            apply_ref_lines(repo, lines, message, record)
-        if sum(line.startswith("create ") for line in lines) > 100:
-            host_git(repo["gitdir"], "pack-refs", "--all", check=False)  # (not an inode each)
-        if head is None or head == record["head"]:
-            return
-        now = ref_value(read_regular(os.path.join(repo["gitdir"], "HEAD"), 4096))
-        if now != record["head"]:
-            record["notes"].append("HEAD changed on the host during the run: it stays (the "
-                                   "agent's was %s)" % head)
-        elif head[5:] in elsewhere:
-            record["notes"].append("the agent checked out %s, which %s has checked out: HEAD "
-                                   "stays" % (head[5:], elsewhere[head[5:]]))
-        elif head.startswith("ref: refs/heads/") and host_git(
-                repo["gitdir"], "rev-parse", "--verify", "--quiet", head[5:],
-                check=False).returncode != 0:
-            record["notes"].append("the agent checked out %s, which did not come back: HEAD "
-                                   "stays" % head[5:])
-        elif head.startswith("ref: refs/heads/"):
-            host_git(repo["gitdir"], "symbolic-ref", "-m", message, "HEAD", head[5:])
-            record.setdefault("moved", []).append(
-                {"ref": "HEAD", "old": clip(record["head"] or ""), "new": clip(head)})
-        elif OID_RE.fullmatch(head):
-            host_git(repo["gitdir"], "update-ref", "--no-deref", "-m", message, "HEAD", head)
-            record.setdefault("moved", []).append(
-                {"ref": "HEAD", "old": clip(record["head"] or ""), "new": head})
-    except PiError as err:
-        record["notes"].append("the agent's branches could not all be moved: %s" % err)
-
-
-def keep_agent_config(record, repo, gate_fd):
-    """The agent's own git settings (remotes it added, say) stay its own;
-    a copy is left where the user can read it, never where git reads it."""
-    text = (read_regular("config", 1 << 20, dir_fd=gate_fd) or b"").decode("utf-8", "replace")
-    if not text or text_digest(text) == record.get("gate_config") or \
-            record.get("gate_config") == "" and \
-            not re.search(r"^\s*\[(?!core\])", text, re.M):
-        return  # (a repository it made: git init's own [core] is nothing to report)
-    path = os.path.join(repo["gitdir"], "pi-agent", "agent-config")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = "%s.%d" % (path, os.getpid())
-        write_file(temp, text.encode())
-        os.replace(temp, path)
-    except OSError:
-        return
-    record["notes"].append("the agent changed its git config (remotes, settings); yours is "
-                           "unchanged, and its version is in %s" % path)
-
-
-# ------------------------------------------------- before and after a run
-
-def guarded_dirs(config):
-    """pi-agent's own directories, its config file and the CA certificates
-    it builds into a base: no project may hold (or be inside) one, or the
-    agent could rewrite what the host runs (or trusts) next.
-    The file, not its directory: a config file kept in the home must not
-    make every project there refused."""
-    ca_paths = [path.strip() for path in config.raw["PI_AGENT_CA_CERTS"].split(",")]
-    return [os.path.realpath(path) for path in [HERE, config.state_dir, config.path]
-            + [path for path in ca_paths if path]]
-
-
-def start_config_listing(repo):
-    """Host git's own list of the configuration it reads for the repository
-    (each value with the file it came from), started now, read later."""
-    try:
-        return host_git_process(repo.gitdir, "config", "--list", "--show-origin", "-z")
-    except PiError:
-        return None
-
-
-def config_facts(listing, target, repo=None):
-    """From that listing: the object format, and the paths host git reads
-    as configuration or runs as hooks that lie in the project (outside its
-    .git): files it included, a core.hooksPath there. The agent must not
-    write those: they are mounted read-only, and must exist (else the
-    agent could create them). And what the run's private git directory
-    takes of `repo`'s own config (gate_entries)."""
-    facts = {"format": "sha1", "protected": [], "read": [], "local": [], "left_out": []}
-    if listing is None:
-        return facts
-    out = listing.communicate()[0].decode("utf-8", "surrogateescape")
-    files, hooks, local = set(), None, []
-    own = {os.path.join(repo.common, "config"), os.path.join(repo.gitdir, "config.worktree")} \
-        if repo else set()
-    fields = out.split("\0")
-    for origin, pair in zip(fields[0::2], fields[1::2]):
-        key, newline, value = pair.partition("\n")
-        key = key.lower()
-        source = origin[len("file:"):] if origin.startswith("file:") else None
-        if source:
-            files.add(os.path.normpath(os.path.join(target, source)))
-            if os.path.normpath(os.path.join(target, source)) in own:
-                local.append((key, value if newline else None))
-        if key == "extensions.objectformat":
-            facts["format"] = value.strip().lower()
-        elif key == "extensions.refstorage" and value.strip().lower() != "files":
-            raise Refused("the repository in %s keeps its refs in %s, which pi-agent cannot "
-                          "read yet" % (target, value.strip()))
-        elif re.fullmatch(r"include(?:if\..*)?\.path", key) and source:
-            files.add(os.path.normpath(os.path.join(os.path.dirname(source),
-                                                    os.path.expanduser(value))))
-        elif key == "core.hookspath" and source:
-            hooks = os.path.normpath(os.path.join(target, os.path.expanduser(value)))
-    git_dir = os.path.join(target, ".git")
-    facts["read"] = [path for path in sorted(files) + ([hooks] if hooks else [])
-                     if not is_within(path, git_dir)]
-    for path in facts["read"]:
-        if not is_within(path, target):
-            continue
-        try:
-            info = os.lstat(path)
-        except OSError:
-            raise Refused("your git config %s %s, which does not exist in the project: the agent "
-                          "could create it; create it, or change the setting"
-                          % ("runs hooks from" if path == hooks else "includes", path))
-        if stat.S_ISLNK(info.st_mode):
-            raise Refused("your git config %s %s, a symbolic link in the project; make it a "
-                          "file, or change the setting"
-                          % ("runs hooks from" if path == hooks else "includes", path))
-        facts["protected"].append((path, info.st_dev, info.st_ino))
-    facts["local"], facts["left_out"] = gate_entries(local, target, hooks)
-    return facts
-
-
-# What a run's private git directory takes of the repository's own config
-# (names as git config --list gives them): what git needs inside to read
-# the repository, its remotes and branches. Nothing else comes in: not the
-# credentials a config may hold (http.<url>.extraheader, credential.*, a
-# token in url.<base>.insteadOf or in a remote's URL), not commands.
-GATE_CONFIG_KEYS = re.compile(
-    r"core\.(?:repositoryformatversion|filemode|symlinks|ignorecase|precomposeunicode|"
-    r"logallrefupdates|autocrlf|eol|safecrlf|quotepath|abbrev|commentchar|whitespace|"
-    r"sparsecheckout|sparsecheckoutcone|checkstat|trustctime)"
-    r"|extensions\.(?:objectformat|worktreeconfig|preciousobjects|noop)"
-    r"|remote\..+\.(?:url|pushurl|fetch|push|tagopt|mirror|prune)"
-    r"|branch\..+\.(?:remote|merge|rebase|pushremote|description)"
-    r"|submodule\..+\.(?:url|active|branch)"
-    r"|pull\.(?:rebase|ff)|merge\.(?:ff|conflictstyle)|init\.defaultbranch"
-    r"|diff\.(?:renames|algorithm)", re.S)
-SECRET_WORDS = re.compile(r"extraheader|credential|token|password|passwd|secret|auth|cookie|"
-                          r"insteadof|proxy", re.I)
-URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.I)
-
-
-def gate_entries(local, target, hooks, also=()):
-    """[(key, value)] of the repository's own config (`local`) that the
-    private git directory gets, by GATE_CONFIG_KEYS: URLs without a
-    password or a token (any userinfo but an ssh user), a core.hooksPath
-    only inside the project (relative: the hooks run there inside too),
-    and the keys `also`. And the names left out that look like credentials
-    (userinfo masked)."""
-    kept, left_out = [], []
-    for key, value in local:
-        if key == "core.hookspath" and hooks and is_within(hooks, target):
-            kept.append((key, os.path.relpath(hooks, target)))
-            continue
-        if not GATE_CONFIG_KEYS.fullmatch(key) and key not in also:
-            section, _, rest = key.partition(".")
-            if SECRET_WORDS.search(key) or URL_USERINFO.search(rest):
-                left_out.append(section + "." + URL_USERINFO.sub(r"\1***@", rest))
-            continue
-        userinfo = URL_USERINFO.match(value or "")
-        if key.endswith("url") and userinfo and (":" in userinfo.group(2) or not
-                                                  userinfo.group(1).lower().startswith("ssh")):
-            value = URL_USERINFO.sub(r"\1", value)
-            left_out.append("the user and password in %s" % key)
-        kept.append((key, value))
-    return kept, left_out
-
-
-def project_file(state_dir, target, suffix):
-    """A file of pi-agent's about one project, in the state directory."""
-    import hashlib
-    return os.path.join(state_dir, "projects",
-                        hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + suffix)
-
-
-def look_through(target, skip_git, cache):
-    """What SCAN_BEFORE finds in the project, as (relative path, lstat).
-    From the last look, kept in `cache`, when no directory of the project
-    has changed since: no entry is added, removed or renamed without its
-    directory's ctime changing, and no one can set a ctime back. Else from
-    a fresh scan, which is kept for the next run (if no directory changed in
-    the last second, so that a coarse clock cannot hide a change). Its
-    limit: a hard link made from outside to a file already here changes no
-    directory of the project, so the file is known as linked at the next
-    fresh scan only."""
-    try:
-        known = json.loads(read_regular(cache, 64 << 20) or b"null") if cache else None
-    except ValueError:
-        known = None
-    if isinstance(known, dict) and known.get("target") == target and \
-            known.get("skip_git") == skip_git and known.get("predicate") == SCAN_BEFORE:
-        found = []
-        for path, stamp in known.get("dirs", {}).items():
-            try:
-                info = os.lstat(os.path.join(target, path))
-            except OSError:
-                break
-            if not stat.S_ISDIR(info.st_mode) or [info.st_mtime_ns, info.st_ctime_ns] != stamp:
-                break
-            found.append((path, info))
-        else:
-            try:
-                return found + [(path, os.lstat(os.path.join(target, path)))
-                                for path in known.get("entries", [])]
-            except OSError:
-                pass
-    found = ProjectScan(target, SCAN_BEFORE, skip_git=skip_git).results()
-    dirs = {path: [info.st_mtime_ns, info.st_ctime_ns] for path, info in found
-            if stat.S_ISDIR(info.st_mode)}
-    if cache and max((stamp[1] for stamp in dirs.values()), default=0) < time.time_ns() - 10**9:
-        try:
-            temp = "%s.%d" % (cache, os.getpid())
-            write_file(temp, json.dumps({
-                "target": target, "skip_git": skip_git, "predicate": SCAN_BEFORE,
-                "dirs": dirs,
-                "entries": [path for path, info in found if not stat.S_ISDIR(info.st_mode)]})
-                .encode("utf-8", "surrogateescape"), 0o600)
-            os.replace(temp, cache)
-        except OSError:
-            pass
-    return found
-
-
-def submodules_mountable(repo, target, notes):
-    """Whether the submodules' git directories (GITDIR/modules) may be
-    mounted read-only inside: a real directory, with no socket in it (a
-    host program's, such as git's fsmonitor daemon); and what each one's
-    config becomes inside, [(its directory in modules, [(key, value)])]
-    by the gate's allow-list (core.worktree too): a submodule's config
-    holds credentials as the repository's does."""
-    path = os.path.join(repo.gitdir, "modules")
-    try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            return False, []
-    except OSError:
-        return False, []
-    found = ProjectScan(path, ["-type", "s", "-o", "-name", "config", "-type", "f"],
-                        False).results()
-    if any(stat.S_ISSOCK(info.st_mode) for _path, info in found):
-        notes.append("the submodules' git directories hold sockets (a git fsmonitor daemon's?): "
-                     "they are not mounted, so submodules cannot be looked into inside")
-        return False, []
-    configs, left_out = [], []
-    for config, _info in found:
-        listing = host_git(None, "config", "--file", os.path.join(path, config), "--list", "-z",
-                           check=False).stdout.decode("utf-8", "surrogateescape").split("\0")
-        entries, dropped = gate_entries([(pair.partition("\n")[0].lower(), pair.partition(
-            "\n")[2] if "\n" in pair else None) for pair in listing if pair], target, None,
-            also=("core.worktree",))
-        configs.append((os.path.dirname(config), entries))
-        left_out += dropped
-    if left_out:
-        notes.append("your submodules' git config holds what may be credentials (%s): they "
-                     "stay out of the run" % ", ".join(sorted(set(left_out))[:4]))
-    return True, configs
-
-
-class Project:
-    """The project as a run finds it, read before anything starts: where it
-    is, its repository, whether the run mounts a private .git there
-    (`gated`), the git directories and .git files already inside it (the
-    git directories are mounted read-only), what host git reads from it."""
-
-    def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
-                 git_files=None, protected=(), object_format="sha1", dirs=(), modules=False,
-                 read=(), git_config=(), linked=None, module_configs=()):
-        self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
-        self.gated, self.protected, self.format = gated, list(protected), object_format
-        self.read = list(read)  # what host git reads as the repository's config and hooks
-        self.git_config = [list(entry) for entry in git_config]  # what the gate takes of it
-        self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
-        self.modules = modules
-        self.module_configs = [list(entry) for entry in module_configs]  # submodules' configs
-        self.linked = linked or {}  # {path: lstat}: see shared_files
-
-    @classmethod
-    def inspect(cls, config, cwd, here, hold=None, found=None):
-        """Find and read the project; refusals (Refused) come from here,
-        with nothing changed. `hold(target, paths)` runs before it is read
-        (a lock that keeps another run's agent from changing it, or the
-        other paths host git reads for it, meanwhile), and again with all
-        of those paths once they are known. `found`: what find_target()
-        found already."""
-        target, subdir, repo, notes = found or find_target(cwd, home_dirs(), here,
-                                                           guarded_dirs(config))
-        if hold:
-            hold(target, [repo.common, repo.gitdir] if repo else [])
-        check_armed(config.state_dir, target, forget=hold is not None)
-        try:
-            gated = repo is not None or stat.S_ISDIR(os.lstat(os.path.join(target, ".git")).st_mode)
-        except OSError:
-            gated = True
-        listing = start_config_listing(repo) if repo else None
-        # (a look for a dry run or pi-status keeps nothing: those write no state)
-        found = look_through(target, gated, project_file(config.state_dir, target, ".scan")
-                             if hold else None)
-        sockets = sorted(path for path, info in found if stat.S_ISSOCK(info.st_mode))
-        if sockets:
-            raise Refused("refusing to mount %s: it holds Unix sockets (%s), doors to programs "
-                          "on your host that the agent could use; stop what listens there and "
-                          "remove the socket (or give it one outside the project), or cd into "
-                          "a subdirectory without one and use --here" % (
-                              target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
-        mounts = mounts_below(target)
-        if mounts:
-            raise Refused("refusing to mount %s: file systems are mounted inside it (%s), which "
-                          "a run would reach and the sweep after it does not look into; unmount "
-                          "them, or cd into a part without one and use --here" % (
-                              target, ", ".join(mounts[:3] + ["..."] * (len(mounts) > 3))))
-        git_dirs, git_files = git_entries(target, found)
-        facts = config_facts(listing, target, repo)
-        if hold and repo:
-            hold(target, [repo.common, repo.gitdir] + facts["read"])
-        if repo and os.path.exists(os.path.join(repo.common, "objects", "info", "alternates")):
-            notes.append("the repository borrows objects from another (git clone --shared or "
-                         "--reference); inside, those objects are missing")
-        if len(outermost(git_dirs)) > MAX_NESTED_GIT:
-            raise Refused("refusing to mount %s: it holds %d git repositories, each of which "
-                          "would be mounted read-only; cd into one and use --here"
-                          % (target, len(git_dirs)))
-        dirs = [path for path, info in found if stat.S_ISDIR(info.st_mode)]
-        if facts["left_out"]:
-            notes.append("your repository's git config holds what may be credentials (%s): "
-                         "they stay out of the run" % ", ".join(facts["left_out"][:4]))
-        readonly = list(git_dirs) + [os.path.relpath(path, target)
-                                     for path, _dev, _ino in facts["protected"]]
-        modules, module_configs = submodules_mountable(repo, target, notes) if repo else (
-            False, [])
-        return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
-                   facts["format"], dirs, modules, facts["read"], facts["local"],
-                   shared_files(found, readonly), module_configs)
-
-    def protect_mounts(self, point):
-        """Read-only mounts of what host git reads in the project: the git
-        directories inside it, and its config's files there."""
-        paths = [os.path.join(self.target, path) for path in self.git_dirs]
-        paths += [path for path, _dev, _ino in self.protected]
-        return [(path, inside_path(path, self.target, point), True) for path in outermost(paths)]
-
-
-def shared_files(found, readonly):
-    """{path: lstat} of the files (in a scan) that are hard links to a file
-    the agent must not change: through them it would, whatever the mounts.
-    An inode with a name outside the project (a uv or pnpm cache's, one in
-    your home: more names than the scan found) or in what is mounted
-    read-only (`readonly`, relative paths: the git directories inside)."""
-    inodes = {}
-    for path, info in found:
-        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
-            inodes.setdefault((info.st_dev, info.st_ino), []).append((path, info))
-    shared = {}
-    for names in inodes.values():
-        writable = [(path, info) for path, info in names
-                    if not any(is_within(path, top) for top in readonly)]
-        if writable and len(writable) < names[0][1].st_nlink:
-            shared.update(writable)
-    return shared
-
-
-def unshare_file(target, path):
-    """Make the project's file `path` a copy of its own, where it is: the
-    same bytes, permissions (less setuid and setgid) and mtime, in a new
-    file renamed over the name; never through a symbolic link."""
-    parts = path.split("/")
-    fd = open_beneath(target, *parts[:-1])
-    if fd is None:
-        raise Refused("cannot make %s a copy of its own: a directory on the way is a symbolic "
-                      "link or is gone; look at it, then run again" % path)
-    name, temp = parts[-1], ".pi-agent-copy-%d" % os.getpid()
-
-    def beneath(file, flags):  # (never through a link; never blocking on a FIFO)
-        return os.open(file, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600, dir_fd=fd)
-    try:
-        try:  # (one a crashed run left)
-            os.unlink(temp, dir_fd=fd)
-        except FileNotFoundError:
-            pass
-        with open(name, "rb", opener=beneath) as source, open(temp, "xb", opener=beneath) as copy:
-            info = os.fstat(source.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise OSError(0, "it is no longer a plain file")
-            import shutil
-            shutil.copyfileobj(source, copy, 1 << 20)
-            copy.flush()
-            os.fchmod(copy.fileno(), stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
-            os.utime(copy.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
-        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        if os.lstat(name, dir_fd=fd).st_nlink != 1:
-            raise OSError(0, "it has other names still")
-    except BaseException as err:  # (Ctrl-C too: no copy is left behind)
-        try:
-            os.unlink(temp, dir_fd=fd)
-        except OSError:
-            pass
-        if not isinstance(err, OSError):
-            raise
-        raise Refused("cannot make %s a copy of its own (it is a hard link to a file outside "
-                      "the project, which the agent could change through it): %s; make it one "
-                      "(cp --remove-destination), then run again"
-                      % (path, err.strerror or err))
-    finally:
-        os.close(fd)
-
-
-def unshare_links(config, project):
-    """PI_AGENT_HARDLINKS before a run, under the project's lock and before
-    its watch: the project's files that are hard links to files the agent
-    must not change (shared_files) become copies of their own (copy), or
-    stop the run (refuse); allow leaves them, and end_run names those it
-    changed."""
-    linked = project.linked
-    if not linked or config.hardlinks == "allow":
-        return
-    tops = sorted({path.split("/")[0] if "/" in path else "." for path in linked})
-    where = "%s in %s" % (plural(len(linked), "file"),
-                          ", ".join(tops[:3] + ["..."] * (len(tops) > 3)))
-    if config.hardlinks == "refuse":
-        raise Refused("refusing to run in %s: it holds hard links to files outside it (%s), "
-                      "a cache's or your home's, which the agent could change through them; "
-                      "make them copies (uv sync --link-mode=copy; pnpm: "
-                      "package-import-method=copy in .npmrc; cp without -l), or set "
-                      "PI_AGENT_HARDLINKS=copy" % (project.target, where))
-    for path in sorted(linked):
-        unshare_file(project.target, path)
-    say("hard links to files outside the project (%s) are copies of their own now, so that the "
-        "agent cannot change those files through them (uv: UV_LINK_MODE=copy and pnpm: "
-        "package-import-method=copy keep them copies)" % where)
-
-
-def host_run_files(target, extra=()):
-    """{relative path: [size, ctime]} of the files the host runs by itself
-    (never following a link: the agent may have made one; ctime, which no
-    one can set back)."""
-    found = {}
-    for name in HOST_RUN_PATHS + tuple(extra):
-        top = os.path.join(target, name)
-        try:
-            info = os.lstat(top)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(info.st_mode):
-            found[name] = [info.st_size, info.st_ctime_ns]
-            continue
-        for dirpath, _dirnames, filenames in os.walk(top):
-            for filename in filenames:
-                path = os.path.join(dirpath, filename)
-                try:
-                    info = os.lstat(path)
-                except OSError:
-                    continue
-                found[os.path.relpath(path, target)] = [info.st_size, info.st_ctime_ns]
-            if len(found) > 5000:
-                return found
-    return found
-
-
-def changed_files(before, after):
-    return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
-
+# ------------------------------------------------------------------ the sweep
+#
+# After a run, in the project: what the host must not trust is disarmed, given
+# back or named; what cannot be, stops the next run.
 
 UNTRUSTED_SUFFIX = ".pi-agent-untrusted-"
 # The sweep's rounds at most (each opens what the last could not look into).
@@ -3908,41 +4043,160 @@ def give_back(line, root, paths, uid, gid):
             for path in paths]
 
 
-# Files in a project that tools on the host run (or read commands from) by
-# themselves: the agent may change them, the user should hear of it. Out of
-# scope: files the user runs knowingly (Makefiles, package scripts).
-HOST_RUN_PATHS = (
-    ".envrc", ".vscode", ".devcontainer", ".idea", ".zed", ".helix", ".nvim.lua", ".nvimrc",
-    ".exrc", ".vimrc", ".dir-locals.el", ".pre-commit-config.yaml", "lefthook.yml",
-    "lefthook.yaml", ".lefthook.yml", "lefthook-local.yml", ".husky", ".yarnrc.yml", ".npmrc",
-    "rust-toolchain", "rust-toolchain.toml", ".tool-versions", "mise.toml", ".mise.toml",
-    ".cargo/config", ".cargo/config.toml", ".gitmodules", ".mailmap", ".claude", ".mcp.json",
-    ".cursor", ".aider.conf.yml")
-def docker_config_proxies():
-    """The proxies of the docker client's config file (its "default"), as
-    variables: the client would give them to every container."""
-    proxies = docker_client_config().get("proxies")
-    proxies = proxies.get("default") if isinstance(proxies, dict) else None
-    keys = {"httpProxy": "HTTP_PROXY", "httpsProxy": "HTTPS_PROXY", "noProxy": "NO_PROXY",
-            "allProxy": "ALL_PROXY"}
-    found = {}
-    for key, name in keys.items():
-        value = proxies.get(key) if isinstance(proxies, dict) else None
-        if isinstance(value, str) and value:
-            found[name] = found[name.lower()] = value
-    return found
+def reachable_part(target, path):
+    """The part of `path` (relative to target) that a path can still name,
+    with some room to spare: where what is too deep below it starts."""
+    parts, kept = path.split("/"), []
+    for part in parts[:-1]:
+        if len(os.path.join(target, *kept, part)) > 2048:
+            break
+        kept.append(part)
+    return "/".join(kept or parts[:1])
 
 
-def container_env(environ, pass_env):
-    """[(name, value)] a run exports inside: the short list, the locale, and
-    PI_AGENT_PASS_ENV from our environment; credentials set empty. The
-    docker client's proxies come in where ours are not set."""
-    if not any(name in environ for name in PROXY_ENV):
-        environ = dict(docker_config_proxies(), **environ)
-    names = [name for name in ALLOWED_ENV if name in environ]
-    names += [name for name in LOCALE_ENV if LOCALE_VALUE.fullmatch(environ.get(name, "-" * 65))]
-    names += [name for name in pass_env if name in environ and name not in names]
-    return [(name, environ[name]) for name in names] + [(name, "") for name in CREDENTIAL_ENV]
+def sweep(line, record, found, predicate, problems=()):
+    """sweep_project() on what was found, and again on what it could not
+    look into until it was given back (or made readable), as many rounds
+    as that takes. What find listed but could not be looked at
+    (`problems`): a path deeper than a path can be goes to root (given
+    back, made unprivileged) and is an alarm; one in a directory the user
+    cannot search is looked at again. Returns notes.
+    What it could not disarm or look into, or what was too deep to, is
+    record["armed"]: see end_run."""
+    notes, target, reopen, last = [], record["target"], [], None
+    disarmed = record.setdefault("disarmed", {})
+    for _ in range(SWEEP_ROUNDS):
+        swept, for_root, reopen = sweep_project(record, found)
+        for path, number in problems:
+            if number == errno.ENAMETOOLONG:
+                deep = reachable_part(target, path)
+                disarmed[deep] = "deep"
+                for_root.append(deep)
+            else:  # (its directory, made searchable or given back, is looked at again)
+                reopen.append(os.path.dirname(path))
+        notes += swept
+        if for_root:
+            try:
+                notes += give_back(line, target, for_root, record["uid"], record["gid"])
+                record.setdefault("swept", []).extend(
+                    {"path": clip(path or ".", 300), "action": "given back"} for path in for_root)
+            except PiError as err:
+                notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
+        if not reopen or set(reopen) == last:
+            break
+        last = set(reopen)
+        try:
+            scan = ProjectScan(target, predicate, record["gated"], ["./" + path for path in reopen]
+                               if len(reopen) <= MAX_SCAN_STARTS else ["."])
+            found, problems = scan.results(), scan.problems
+        except PiError:
+            break
+    for path in reopen:
+        disarmed.setdefault(path, "unswept")
+    record["armed"] = sorted(path for path, kind in disarmed.items()
+                             if still_armed(target, path, kind))
+    return notes
+
+
+def armed_paths(state_dir, target):
+    """{relative path: kind} of what earlier runs' sweeps could not make
+    safe in `target` (see still_armed)."""
+    try:
+        entries = json.loads(read_regular(project_file(state_dir, target, ".armed")) or b"{}")
+    except ValueError:
+        return {}
+    paths = entries.get("paths") if isinstance(entries, dict) else None
+    return {path: kind for path, kind in paths.items() if isinstance(kind, str)} \
+        if isinstance(paths, dict) else {}
+
+
+def disarm_advice(paths, target, record_file):
+    """What the user does about armed `paths`: remove them (never the
+    project, `target`: its record goes instead, once it has been looked at)."""
+    doomed = [path for path in map(os.path.normpath, paths) if path != target][:3]
+    return ("look, then remove %s (rm -rf %s); if yours and safe: rm %s" % (
+        "it" if len(doomed) == 1 else "them", " ".join(map(shlex.quote, doomed)), record_file)
+        if doomed else "look through it, then rm %s" % record_file)
+
+
+def keep_armed(line, record):
+    """What the sweep could not make safe, written down: a later run in the
+    project, or in a part of it, stops until it is gone (check_armed).
+    Returns the loud note."""
+    target = record["target"]
+    entries = armed_paths(line.state_dir, target)
+    entries.update((path, record["disarmed"][path]) for path in record["armed"])
+    path = project_file(line.state_dir, target, ".armed")
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_private(path, json.dumps({"target": target, "paths": entries}).encode())
+    except OSError as err:
+        line.log("could not write %s: %s" % (path, err.strerror))
+    return Alarm("could not make %s safe (a git directory or .git file the agent made, a "
+                 "directory too deep or that the sweep could not look through): host git, or "
+                 "a program there, could run what the agent left; %s; pi-agent runs nothing "
+                 "more in %s until then" % (", ".join(record["armed"][:3]) or ".", disarm_advice(
+                     [os.path.join(target, path) for path in record["armed"]], target, path),
+                     target))
+
+
+def check_armed(state_dir, target, forget=False):
+    """Refused while an earlier run left something armed that a run in
+    `target` would reach (in it, or it in that); with `forget`, the record
+    of a project whose armed paths are all gone is dropped."""
+    directory = os.path.join(state_dir, "projects")
+    try:
+        names = [name for name in os.listdir(directory) if name.endswith(".armed")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            entries = json.loads(read_regular(os.path.join(directory, name)) or b"{}")
+            armed_in = entries["target"]
+            paths = armed_paths(state_dir, armed_in)
+        except (ValueError, KeyError, TypeError):
+            continue
+        armed = sorted(os.path.normpath(os.path.join(armed_in, path))
+                       for path, kind in paths.items() if still_armed(armed_in, path, kind))
+        near = [path for path in armed if is_within(path, target) or is_within(target, path)]
+        if near:
+            raise Refused("refusing to run in %s: an earlier run left %s, which pi-agent could "
+                          "not make safe (host git, or a program there, could run what the agent "
+                          "left); %s" % (target, ", ".join(near[:3]), disarm_advice(
+                              near, armed_in, os.path.join(directory, name))))
+        if not armed and forget:
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+
+
+# A session record lists this many commits, refs and swept files at most;
+# the wrapper sends them to the saver on a pipe, whose buffer (64 kB on
+# Linux) must not fill before the saver reads: SUMMARY_BYTES at most.
+SUMMARY_LIMIT = 50
+SUMMARY_BYTES = 16384
+
+
+def run_summary(record):
+    """What end_run brought back and swept, for the session log."""
+    commits = record.get("commits") or []
+    return {"commits": commits[:SUMMARY_LIMIT], "commits_total": len(commits),
+            "refs": (record.get("moved") or [])[:SUMMARY_LIMIT],
+            "swept": (record.get("swept") or [])[:SUMMARY_LIMIT]}
+
+
+def summary_message(summary):
+    """run_summary() as one line of JSON of SUMMARY_BYTES at most (its
+    lists cut short if need be: the agent writes the subjects and names)."""
+    summary = dict(summary)
+    while True:
+        message = json.dumps(summary)
+        lists = [key for key in ("commits", "refs", "swept") if summary.get(key)]
+        if len(message) <= SUMMARY_BYTES or not lists:
+            return message
+        for key in lists:
+            summary[key] = summary[key][:len(summary[key]) // 2]
 
 
 def end_run(line, run_dir, record, watch=None):
@@ -4009,176 +4263,19 @@ def end_run(line, run_dir, record, watch=None):
     return notes
 
 
-def armed_paths(state_dir, target):
-    """{relative path: kind} of what earlier runs' sweeps could not make
-    safe in `target` (see still_armed)."""
-    try:
-        entries = json.loads(read_regular(project_file(state_dir, target, ".armed")) or b"{}")
-    except ValueError:
-        return {}
-    paths = entries.get("paths") if isinstance(entries, dict) else None
-    return {path: kind for path, kind in paths.items() if isinstance(kind, str)} \
-        if isinstance(paths, dict) else {}
+# ------------------------------------------------------- images and snapshots
+#
+# The base, current, snapshots and their names, prune, disk, flatten.
 
+def snapshot_epoch(name):
+    match = SNAPSHOT_RE.match(name)
+    if not match:
+        return None
+    digits = match.group(1) + match.group(2)  # not strptime: its import costs every run
+    then = [int(digits[start:end]) for start, end in ((0, 4), (4, 6), (6, 8), (8, 10),
+                                                      (10, 12), (12, 14))]
+    return utc_epoch(then) + int(match.group(3)) / 1000
 
-def keep_armed(line, record):
-    """What the sweep could not make safe, written down: a later run in the
-    project, or in a part of it, stops until it is gone (check_armed).
-    Returns the loud note."""
-    target = record["target"]
-    entries = armed_paths(line.state_dir, target)
-    entries.update((path, record["disarmed"][path]) for path in record["armed"])
-    path = project_file(line.state_dir, target, ".armed")
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_private(path, json.dumps({"target": target, "paths": entries}).encode())
-    except OSError as err:
-        line.log("could not write %s: %s" % (path, err.strerror))
-    return Alarm("could not make %s safe (a git directory or .git file the agent made, a "
-                 "directory too deep or that the sweep could not look through): host git, or "
-                 "a program there, could run what the agent left; %s; pi-agent runs nothing "
-                 "more in %s until then" % (", ".join(record["armed"][:3]) or ".", disarm_advice(
-                     [os.path.join(target, path) for path in record["armed"]], target, path),
-                     target))
-
-
-def disarm_advice(paths, target, record_file):
-    """What the user does about armed `paths`: remove them (never the
-    project, `target`: its record goes instead, once it has been looked at)."""
-    doomed = [path for path in map(os.path.normpath, paths) if path != target][:3]
-    return ("look, then remove %s (rm -rf %s); if yours and safe: rm %s" % (
-        "it" if len(doomed) == 1 else "them", " ".join(map(shlex.quote, doomed)), record_file)
-        if doomed else "look through it, then rm %s" % record_file)
-
-
-def check_armed(state_dir, target, forget=False):
-    """Refused while an earlier run left something armed that a run in
-    `target` would reach (in it, or it in that); with `forget`, the record
-    of a project whose armed paths are all gone is dropped."""
-    directory = os.path.join(state_dir, "projects")
-    try:
-        names = [name for name in os.listdir(directory) if name.endswith(".armed")]
-    except OSError:
-        return
-    for name in names:
-        try:
-            entries = json.loads(read_regular(os.path.join(directory, name)) or b"{}")
-            armed_in = entries["target"]
-            paths = armed_paths(state_dir, armed_in)
-        except (ValueError, KeyError, TypeError):
-            continue
-        armed = sorted(os.path.normpath(os.path.join(armed_in, path))
-                       for path, kind in paths.items() if still_armed(armed_in, path, kind))
-        near = [path for path in armed if is_within(path, target) or is_within(target, path)]
-        if near:
-            raise Refused("refusing to run in %s: an earlier run left %s, which pi-agent could "
-                          "not make safe (host git, or a program there, could run what the agent "
-                          "left); %s" % (target, ", ".join(near[:3]), disarm_advice(
-                              near, armed_in, os.path.join(directory, name))))
-        if not armed and forget:
-            try:
-                os.remove(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
-
-
-# A session record lists this many commits, refs and swept files at most;
-# the wrapper sends them to the saver on a pipe, whose buffer (64 kB on
-# Linux) must not fill before the saver reads: SUMMARY_BYTES at most.
-SUMMARY_LIMIT = 50
-SUMMARY_BYTES = 16384
-
-
-def run_summary(record):
-    """What end_run brought back and swept, for the session log."""
-    commits = record.get("commits") or []
-    return {"commits": commits[:SUMMARY_LIMIT], "commits_total": len(commits),
-            "refs": (record.get("moved") or [])[:SUMMARY_LIMIT],
-            "swept": (record.get("swept") or [])[:SUMMARY_LIMIT]}
-
-
-def summary_message(summary):
-    """run_summary() as one line of JSON of SUMMARY_BYTES at most (its
-    lists cut short if need be: the agent writes the subjects and names)."""
-    summary = dict(summary)
-    while True:
-        message = json.dumps(summary)
-        lists = [key for key in ("commits", "refs", "swept") if summary.get(key)]
-        if len(message) <= SUMMARY_BYTES or not lists:
-            return message
-        for key in lists:
-            summary[key] = summary[key][:len(summary[key]) // 2]
-
-
-def sweep(line, record, found, predicate, problems=()):
-    """sweep_project() on what was found, and again on what it could not
-    look into until it was given back (or made readable), as many rounds
-    as that takes. What find listed but could not be looked at
-    (`problems`): a path deeper than a path can be goes to root (given
-    back, made unprivileged) and is an alarm; one in a directory the user
-    cannot search is looked at again. Returns notes.
-    What it could not disarm or look into, or what was too deep to, is
-    record["armed"]: see end_run."""
-    notes, target, reopen, last = [], record["target"], [], None
-    disarmed = record.setdefault("disarmed", {})
-    for _ in range(SWEEP_ROUNDS):
-        swept, for_root, reopen = sweep_project(record, found)
-        for path, number in problems:
-            if number == errno.ENAMETOOLONG:
-                deep = reachable_part(target, path)
-                disarmed[deep] = "deep"
-                for_root.append(deep)
-            else:  # (its directory, made searchable or given back, is looked at again)
-                reopen.append(os.path.dirname(path))
-        notes += swept
-        if for_root:
-            try:
-                notes += give_back(line, target, for_root, record["uid"], record["gid"])
-                record.setdefault("swept", []).extend(
-                    {"path": clip(path or ".", 300), "action": "given back"} for path in for_root)
-            except PiError as err:
-                notes.append("could not give back %s: %s" % (", ".join(for_root[:5]), err))
-        if not reopen or set(reopen) == last:
-            break
-        last = set(reopen)
-        try:
-            scan = ProjectScan(target, predicate, record["gated"], ["./" + path for path in reopen]
-                               if len(reopen) <= MAX_SCAN_STARTS else ["."])
-            found, problems = scan.results(), scan.problems
-        except PiError:
-            break
-    for path in reopen:
-        disarmed.setdefault(path, "unswept")
-    record["armed"] = sorted(path for path, kind in disarmed.items()
-                             if still_armed(target, path, kind))
-    return notes
-
-
-def reachable_part(target, path):
-    """The part of `path` (relative to target) that a path can still name,
-    with some room to spare: where what is too deep below it starts."""
-    parts, kept = path.split("/"), []
-    for part in parts[:-1]:
-        if len(os.path.join(target, *kept, part)) > 2048:
-            break
-        kept.append(part)
-    return "/".join(kept or parts[:1])
-
-
-class Alarm(str):
-    """A note that is an error: something pi-agent could not make safe."""
-
-
-def show_notes(line, notes, limit=8):
-    for note in notes[:limit]:
-        say(note, "error" if isinstance(note, Alarm) else "warning")
-    if len(notes) > limit:
-        say("... and %d more, in %s" % (len(notes) - limit, line.log_path), "warning")
-    for note in notes:
-        line.log(note)
-
-
-# --------------------------------------------------- images and snapshots
 
 def snapshot_name(epoch, last=None):
     """snap-YYYYMMDD-HHMMSS.mmm (UTC), strictly after `last`: unique for runs
@@ -4190,16 +4287,6 @@ def snapshot_name(epoch, last=None):
     seconds, fraction = divmod(millis, 1000)
     return SNAPSHOT_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds)) + \
         ".%03d" % fraction
-
-
-def snapshot_epoch(name):
-    match = SNAPSHOT_RE.match(name)
-    if not match:
-        return None
-    digits = match.group(1) + match.group(2)  # not strptime: its import costs every run
-    then = [int(digits[start:end]) for start, end in ((0, 4), (4, 6), (6, 8), (8, 10),
-                                                      (10, 12), (12, 14))]
-    return utc_epoch(then) + int(match.group(3)) / 1000
 
 
 def list_snapshots(line):
@@ -4548,12 +4635,65 @@ def prune_if_due(line, state, protect=()):
     line.write_state(state)
 
 
-def pruned_message(names, keep):
-    return ("auto-prune removed %s (%s): PI_AGENT_SNAPSHOT_KEEP=%d keeps the newest"
-            % (plural(len(names), "snapshot"), ", ".join(names), keep))
+def resolve_snapshot(line, name):
+    snaps = list_snapshots(line)
+    if not snaps:
+        raise NotFound("%s has no snapshots yet: each run that changes the environment makes "
+                       "one" % line.name)
+    if name is None:
+        return snaps[0]
+    tag = (line.snapshot_named(name.split(":", 1)[1]) if name.startswith(line.repo + ":")
+           else name)
+    for snap in snaps:
+        if snap["tag"] == tag:
+            return snap
+    raise NotFound("no snapshot %r of %s; pi-snapshots lists them%s" % (
+        name, line.name, " (pi-reset-system makes base current)" if name == "base" else ""))
 
 
-# ---------------------------------------------------------------- flatten
+def commit_args(container, image, labels, message):
+    """docker commit arguments that give the new image the old image's own
+    config: the run's command is replaced by the image's CMD/ENTRYPOINT (or
+    FALLBACK_CMD), its user by the image's, and every run label by its
+    image value."""
+    config = image.get("Config") or {}
+    args = ["commit", "-m", message]
+    if config.get("Entrypoint"):
+        args += ["--change", "ENTRYPOINT " + json.dumps(config["Entrypoint"], ensure_ascii=False)]
+    if config.get("Cmd") or not config.get("Entrypoint"):
+        command = config.get("Cmd") or FALLBACK_CMD
+        args += ["--change", "CMD " + json.dumps(command, ensure_ascii=False)]
+    if config.get("User"):
+        args += ["--change", "USER " + config["User"]]
+    # The docker client gives every container its config file's proxies
+    # (~/.docker/config.json), and a commit would keep them: emptied unless
+    # the image had them. (The run script gives each run its proxies.)
+    had = {entry.split("=", 1)[0] for entry in config.get("Env") or []}
+    for name in sorted(set(docker_config_proxies()) - had):
+        args += ["--change", "ENV %s=" % name]
+    for key in sorted(labels):
+        args += ["--change", "LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(labels[key]))]
+    return args + [container]
+
+
+def saved_labels(line, container, image, meta):
+    """The labels a save puts on the image it commits: the run's (`meta`),
+    its outcome, and the mount points the image now has."""
+    mount = meta.get("mount") or ""
+    mounts = known_mounts(image)
+    if mount and mount not in mounts:
+        mounts = (mounts + [mount])[-MAX_KNOWN_MOUNTS:]
+    labels = {LABEL + key: meta.get(key, "") for key in RUN_LABELS}
+    labels.update({LABEL + "pid": "", LABEL + "repo": line.repo, LABEL + "profile": line.profile,
+                   LABEL + "container": container,
+                   LABEL + "previous": image["Id"],
+                   LABEL + "committed_at": utc_iso(time.time()),
+                   LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
+                   MOUNTS_LABEL: json.dumps(mounts, ensure_ascii=False)})
+    return labels
+
+
+# --- flatten
 
 def import_changes(config):
     """`docker import --change` lines that give a new image `config`.
@@ -4611,6 +4751,24 @@ def finish_config(image_id, config):
     return result.stdout.strip()
 
 
+def relay(source, sink, expected, started):
+    """Copy a stream in 1 MiB pieces, showing progress on the terminal."""
+    done, shown = 0, 0.0
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            break
+        sink.write(chunk)  # communicate() closes it afterwards
+        done += len(chunk)
+        now = time.monotonic()
+        if now - shown > 0.2:
+            shown = now
+            sys.stderr.write("\rpi-agent: flattening: %s of about %s, %.0f s " % (
+                human_size(done), human_size(expected), now - started))
+            sys.stderr.flush()
+    sys.stderr.write("\r\033[K")
+
+
 def flatten_image(line, image, progress=False):
     """A one-layer copy of `image`: the same files (export streamed into
     import, never held whole in memory or on disk) and the same config.
@@ -4654,24 +4812,6 @@ def flatten_image(line, image, progress=False):
     return new_id
 
 
-def relay(source, sink, expected, started):
-    """Copy a stream in 1 MiB pieces, showing progress on the terminal."""
-    done, shown = 0, 0.0
-    while True:
-        chunk = source.read(1 << 20)
-        if not chunk:
-            break
-        sink.write(chunk)  # communicate() closes it afterwards
-        done += len(chunk)
-        now = time.monotonic()
-        if now - shown > 0.2:
-            shown = now
-            sys.stderr.write("\rpi-agent: flattening: %s of about %s, %.0f s " % (
-                human_size(done), human_size(expected), now - started))
-            sys.stderr.flush()
-    sys.stderr.write("\r\033[K")
-
-
 def flatten_current(line, state, current, progress=False):
     """current := a one-layer copy of itself; the layered one stays as a
     snapshot like any other replaced current. Returns the snapshot name."""
@@ -4706,938 +4846,10 @@ def auto_flatten(line, state):
     line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
 
 
-# ----------------------------------------------------------- the run plan
+# ------------------------------------------------- the change record and diff
 #
-# The run, its save and its recovery, as one story:
-#   lifecycle: the project is found and held (Project.inspect, lock_project)
-#   -> prepare_run, under the line's lock (LineLock): leftovers recovered,
-#      current there, the run planned (RunPlan) and written down
-#      (write_run_dir, the git gate)
-#   -> the saver forked (Saver), the container run in the foreground
-#      (run_container)
-#   -> hand_over: the saver saves (save_run: commit into current, or put
-#      back when nothing changed; prune; flatten at the threshold) while the
-#      wrapper ends the run in the project (end_run); the container goes
-#      (teardown).
-# Recovery (recover_leftovers) saves what an interrupted run left with the
-# same save_run; rollback, reset and flatten move current with
-# replace_current(), under the same lock.
-
-LIFECYCLE_KINDS = ("run", "exec", "shell")
-
-
-class RunPlan:
-    """Everything a run needs, computed before anything starts (pure).
-    `snapshot` names the tag that keeps current as it was before the run;
-    `kept`: that snapshot kept it already (after a rollback), so the run
-    makes no new one, and never takes that one back."""
-
-    def __init__(self, line, kind, argv, image, project, environ, now, pid, tty, snapshot,
-                 offline=False, kept=False):
-        config = line.config
-        self.line, self.kind, self.argv, self.image = line, kind, list(argv), image
-        self.environ, self.tty, self.offline, self.project = environ, tty, offline, project
-        self.network = "none" if offline else config.network
-        self.target, self.subdir = project.target, project.subdir
-        self.started, self.snapshot, self.kept = now, snapshot, kept
-        home = image_home(image)
-        self.mount_point = mount_point(self.target, home, config.mount_at)
-        self.workdir = os.path.join(self.mount_point, self.subdir) if self.subdir \
-            else self.mount_point
-        # The engine creates a new mount point's missing parents as root; in
-        # a non-root agent's home they must be the agent's (~/src of
-        # ~/src/app). Parents of a mount point the image has seen were made then.
-        known = known_mounts(image)
-        self.home_parents = []
-        user = ((image.get("Config") or {}).get("User") or "").split(":")[0]
-        if (self.mount_point not in known and self.mount_point.startswith(home + "/")
-                and user not in ("", "root", "0")):
-            parent = os.path.dirname(self.mount_point)
-            while parent != home:
-                if not any(is_within(seen, parent) for seen in known):
-                    self.home_parents.insert(0, parent)
-                parent = os.path.dirname(parent)
-        slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo + "-" * bool(line.profile) + line.profile)
-        self.container = "pi-agent-%s-%s-%d" % (slug, time.strftime("%Y%m%d-%H%M%S",
-                                                                    time.gmtime(now)), pid)
-        self.run_dir = os.path.join(line.run_dir, self.container)
-        self.labels = {LABEL + "repo": line.repo, LABEL + "profile": line.profile,
-                       LABEL + "pid": str(pid),
-                       LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
-                       LABEL + "started": utc_iso(now), LABEL + "kind": kind,
-                       LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
-        self.env = session_env(config, kind, environ)
-        self.record = self._record()
-        self.mounts = ([(self.target, self.mount_point, False)]
-                       + gate_mounts(self.record, self.run_dir)
-                       + project.protect_mounts(self.mount_point))
-        self.run_args = self._run_args()
-
-    def on(self, image, snapshot):
-        """The same run, started from another image, kept by a new snapshot."""
-        return RunPlan(self.line, self.kind, self.argv, image, self.project, self.environ,
-                       self.started, int(self.labels[LABEL + "pid"]), self.tty, snapshot,
-                       self.offline)
-
-    def _record(self):
-        """What whoever ends the run (see end_run) needs, kept in its run
-        directory; the seeding of the git gate adds what it found."""
-        project, repo = self.project, self.project.repo
-        return {
-            "container": self.container, "kind": self.kind, "target": self.target,
-            "point": self.mount_point, "uid": os.getuid(), "gid": os.getgid(),
-            "started": self.started, "gated": project.gated, "format": project.format,
-            "repo": repo and {"gitdir": repo.gitdir, "common": repo.common,
-                              "linked": repo.linked,
-                              "modules": project.modules},
-            "git_dirs": [list(value) for value in project.git_dirs.values()],
-            "git_files": {path: list(value) for path, value in project.git_files.items()},
-            "protected": [list(entry) for entry in project.protected],
-            "read": list(project.read), "git_config": project.git_config,
-            "module_configs": project.module_configs,
-            # (PI_AGENT_HARDLINKS=allow: the shared files, for end_run to name those changed)
-            "linked": {path: [info.st_ino, info.st_ctime_ns] for path, info in
-                       project.linked.items()} if self.line.config.hardlinks == "allow" else {},
-            "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
-            "notes": [], "host_run": {}}
-
-    def _run_args(self):
-        args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
-        args += label_args(self.labels)
-        args += CAP_DROP_ARGS
-        for source, destination, readonly in self.mounts:
-            args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
-        if self.network:
-            args += ["--network", self.network]
-        return args + self.line.config.limits + script_command(self.image, self.run_dir)
-
-    def script(self, redact=False):
-        """The run script: the environment, the working directory, the
-        command; it waits for sessions that joined the run to leave."""
-        return session_script(self.container, self.env, self.line.config, self.workdir,
-                              agent_command(self.kind, self.argv, self.line.config, self.network),
-                              redact, main=True)
-
-    def save_meta(self, exit_status):
-        """The run's labels and outcome, as save_run() takes them."""
-        meta = {key[len(LABEL):]: value for key, value in self.labels.items()}
-        meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
-                    mount=self.mount_point, epoch=self.started, command=self.argv,
-                    agent=self.line.config.agent if self.kind == "run" else None)
-        return meta
-
-
-def agent_command(kind, argv, config, network):
-    """What a session of `kind` runs inside: the command (exec), a shell,
-    or the agent (run), installed on first use."""
-    if kind == "exec":
-        # Through sh: a missing command is the shell's one line and 127,
-        # not the runtime's OCI error and 126.
-        return ["sh", "-c", 'exec "$@"', "pi-exec"] + list(argv)
-    if kind == "shell":
-        return ["sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash; exec sh"]
-    if network == "none":
-        script = ('command -v "$1" >/dev/null 2>&1 || {'
-                  ' echo "pi-agent: $1 is not installed here, and an offline run cannot'
-                  ' install it; run pi once with the network" >&2; exit 127; }; exec "$@"')
-        return ["sh", "-c", script, "pi-agent"] + config.command_argv + list(argv)
-    # Installed on first use: on a terminal with its output and the
-    # time it took; in a pipe quietly (its output only if it fails),
-    # so that the agent's own output stays clean.
-    script = ('command -v "$1" >/dev/null 2>&1 || {'
-              ' log=/tmp/pi-agent-install.log; started=$(date +%s);'
-              ' if [ -t 2 ]; then'
-              ' echo "pi-agent: $1 is not installed here; installing it: $PI_AGENT_INSTALL_CMD" >&2;'
-              ' sh -c "$PI_AGENT_INSTALL_CMD" >&2; status=$?; else'
-              ' sh -c "$PI_AGENT_INSTALL_CMD" >"$log" 2>&1; status=$?;'
-              ' if [ $status != 0 ] || ! command -v "$1" >/dev/null 2>&1; then'
-              ' cat "$log" >&2; fi; fi;'
-              ' rm -f "$log";'
-              ' if [ $status != 0 ]; then'
-              ' echo "pi-agent: the install command failed (exit $status); fix'
-              ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them). Paths it'
-              ' named are inside the environment, not on your host: pi-exec cat PATH shows'
-              ' one" >&2;'
-              ' exit $status; fi;'
-              ' command -v "$1" >/dev/null 2>&1 || {'
-              ' echo "pi-agent: the install command ended without installing $1 (its'
-              ' output is above: no network?); check that, or fix PI_AGENT_INSTALL_CMD or'
-              ' PI_AGENT_COMMAND (pi-status shows them)" >&2;'
-              ' exit 127; };'
-              ' [ -t 2 ] && echo "pi-agent: installed $1 in $(( $(date +%s) - started )) s" >&2;'
-              ' };'
-              ' exec "$@"')
-    return ["sh", "-c", script, "pi-agent"] + config.command_argv + list(argv)
-
-
-def session_env(config, kind, environ):
-    """[(name, value)] a session of `kind` gets: the agent's keys reach the
-    agent only, unless PI_AGENT_PASS_ENV names them (see Config)."""
-    env = container_env(environ, config.pass_env if kind == "run" or
-                        not config.keys_for_agent_only else [])
-    if not any(name == "EMAIL" for name, _value in env):
-        env.append(("EMAIL", config.git_identity[1]))  # (see session_script())
-    if kind == "run":
-        env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
-    # Installs inside copy files into the project, never link them to a cache.
-    env += [(name, "copy") for name in ("UV_LINK_MODE", "npm_config_package_import_method")
-            if name not in dict(env)]
-    return env
-
-
-def session_script(container, env, config, workdir, command, redact=False, main=False):
-    """A session's script: its environment, git's identity fallback, the
-    working directory, the command. The run's own (`main`) stays the
-    command's parent where it can, so that sessions that joined the run
-    (see JOIN_FILE) end when they leave, not with the agent: tini (docker
-    run --init) must send signals to the whole process group for that
-    (TINI_KILL_PROCESS_GROUP, in the shipped Dockerfile), so that the agent
-    still gets them, and flock is needed."""
-    lines = ["#!/bin/sh",
-             "# pi-agent: the environment and command of %s (removed when it ends)" % container]
-    for name, value in env:
-        shown = "<from your environment>" if redact and value else value
-        lines.append("export %s=%s" % (name, shlex.quote(shown)))
-    # git's fallbacks for an image with no identity (EMAIL, in env, for the
-    # address): commits work in any image, and nothing is written into a
-    # git config. A user.name the image has stays; it is looked for with
-    # the shell's own read (git config would cost every run 5 ms).
-    name = shlex.quote(config.git_identity[0])
-    lines += [
-        'for f in "$HOME/.gitconfig" "${XDG_CONFIG_HOME:-$HOME/.config}/git/config" '
-        '/etc/gitconfig; do [ -r "$f" ] || continue; s=',
-        '  while IFS= read -r l || [ -n "$l" ]; do case $l in *"["*) s=$l ;; *name*=*)',
-        '    case $s in *[Uu][Ss][Ee][Rr]*) named=1 ;; esac ;; esac; done < "$f"',
-        'done',
-        '[ -n "${named-}" ] || export GIT_AUTHOR_NAME=%s GIT_COMMITTER_NAME=%s' % (name, name),
-        'unset f s l named']
-    lines.append("cd %s || exit 1" % shlex.quote(workdir))
-    run = shlex.join(command)
-    if not main:
-        return "\n".join(lines + ["exec " + run]) + "\n"
-    lines += [
-        'if [ -z "${TINI_KILL_PROCESS_GROUP+set}" ] || ! command -v flock >/dev/null 2>&1; then',
-        "  exec " + run,
-        "fi",
-        # (a run stopped by a signal ends the sessions that joined it too)
-        "stopped=",
-        "trap stopped=1 INT TERM HUP",
-        run,
-        "status=$?",
-        'if [ -z "$stopped" ]; then',
-        "  exec 9<%s/%s" % (RUN_DIR_INSIDE, JOIN_FILE),
-        "  flock -w 2 9",
-        "  said=",
-        '  while [ -z "$stopped" ]; do',
-        "    open=",
-        "    for f in %s/%s*; do" % (RUN_DIR_INSIDE, JOIN_PREFIX),
-        '      [ -e "$f" ] && ! flock -n "$f" true && open=1',
-        "    done",
-        '    [ -n "$open" ] || break',
-        '    [ -n "$said" ] || echo "pi-agent: the run has ended; it is saved when the sessions '
-        'that joined it leave (ctrl-c ends them now)" >&2',
-        "    said=1",
-        "    sleep 0.5",
-        "  done",
-        "fi",
-        "exit $status"]
-    return "\n".join(lines) + "\n"
-
-
-def label_args(labels):
-    args = []
-    for key, value in labels.items():
-        args += ["--label", "%s=%s" % (key, value)]
-    return args
-
-
-def script_command(image, run_dir):
-    """The end of a `docker run` that runs the script in run_dir. An
-    image's entrypoint is replaced by the script itself, so the container
-    has no command to leave in the commit; without one, the command runs
-    it, and the commit puts the image's CMD back."""
-    script = RUN_DIR_INSIDE + "/" + RUN_SCRIPT
-    args = ["--mount", mount_spec(run_dir, RUN_DIR_INSIDE) + ",readonly"]
-    if (image.get("Config") or {}).get("Entrypoint"):
-        return args + ["--entrypoint", script, image["Id"]]
-    return args + [image["Id"], "sh", script]
-
-
-def write_run_dir(run_dir, script, record=None, identity=None):
-    """A run's directory, which only the user can reach on the host (the
-    parent is 0700), readable inside whatever the container's user: its
-    script and, for a run in a project, its private git directory (see the
-    git gate) and its record (RUN_RECORD)."""
-    parent = os.path.dirname(run_dir)
-    path = os.path.join(run_dir, RUN_SCRIPT)
-    try:
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        os.chmod(parent, 0o700)
-        os.mkdir(run_dir, 0o755)
-        os.chmod(run_dir, 0o755)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(script)
-        os.chmod(path, 0o755)
-    except OSError as err:
-        raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
-                         "can write" % (path, err.strerror))
-    if record is None:
-        return
-    try:
-        write_file(os.path.join(run_dir, JOIN_FILE), b"")
-        if record["gated"]:
-            seed_gate(run_dir, record, identity)
-        write_file(os.path.join(run_dir, RUN_RECORD), json.dumps(record).encode())
-    except OSError as err:
-        raise PiError("cannot prepare the run's git directory in %s: %s" % (run_dir, err))
-
-
-def read_run_record(run_dir):
-    """The record a run left in its directory, or None."""
-    try:
-        record = json.loads(read_regular(os.path.join(run_dir, RUN_RECORD), 1 << 30) or b"")
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def remove_run_dir(run_dir, script_only=False, line=None):
-    """The script goes when the run ends; the rest of the directory stays
-    until the container is removed, so that a saved container whose remover
-    died is told from one it removed without asking the engine. What the
-    agent left there as root (in its git directory) goes as root."""
-    import shutil
-    if script_only:
-        try:
-            os.remove(os.path.join(run_dir, RUN_SCRIPT))
-        except FileNotFoundError:
-            pass
-        return
-    try:
-        shutil.rmtree(run_dir)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        if line is not None:
-            try:
-                give_back(line, os.path.dirname(run_dir), [os.path.basename(run_dir)],
-                          os.getuid(), os.getgid())
-            except PiError:
-                pass
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def abandon_run_dir(run_dir, record):
-    """The directory of a run that never started goes, with the empty .git
-    it made in a project that has no repository."""
-    if record.get("made_dot"):
-        try:
-            os.rmdir(os.path.join(record["target"], ".git"))
-        except OSError:
-            pass
-    remove_run_dir(run_dir)
-
-
-def make_home_parents(line, plan):
-    """Create a new mount point and its parents in the agent's home, owned
-    by the agent (the engine would make them root's), and commit that into
-    current; returns the new current. Once per new directory: the image
-    then knows the mount point."""
-    image = plan.image
-    user = image["Config"]["User"].split(":")[0]
-    name = plan.container + "-prepare"
-    run_dir = os.path.join(line.run_dir, name)
-    labels = dict(plan.labels)
-    labels[LABEL + "kind"] = "prepare"
-    write_run_dir(run_dir, "#!/bin/sh\nmkdir -p %s && chown %s %s\n" % (
-        shlex.quote(plan.mount_point), shlex.quote(user + ":"), shlex.join(plan.home_parents)))
-    try:
-        # --init as in a run, so that its mount point is made here too.
-        docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
-               *CAP_DROP_ARGS, *line.config.limits, *label_args(labels),
-               *script_command(image, run_dir))
-        labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
-                                                  "exit_status": 0, "mount": plan.mount_point})
-        docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
-                            % ", ".join(plan.home_parents)), line.current)
-    finally:
-        remove_run_dir(run_dir)
-        docker("rm", "-f", "-v", name, check=False)
-    return inspect_image(line.current)
-
-
-def print_plan(line, kind, argv, project, tty, offline):
-    """--dry-run: what a run would do, as docker commands; nothing changes.
-    (Printable only: the names come from the project, which the agent may
-    have named.)"""
-    def show(text):
-        print(printable(text))
-
-    current = inspect_image(line.current)
-    if current is None:
-        if inspect_image(line.base) is None:
-            base_image = line.config.base_image
-            show("# %s is missing: it would be built from %s, FROM %s (%s; until then its "
-                 "CMD, USER and home are unknown: the commands below use defaults)"
-                 % (line.base, line.config.dockerfile, base_image,
-                    "here already" if inspect_image(base_image) else
-                    "not here: the build would pull it; PI_AGENT_BASE_IMAGE picks another"))
-        show(shlex.join(["docker", "tag", line.base, line.current]))
-        current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
-    now = time.time()
-    kept = kept_as(line, current)
-    plan = RunPlan(line, kind, argv, current, project, os.environ, now, os.getpid(), tty,
-                   kept or snapshot_name(now), offline=offline, kept=bool(kept))
-    show("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
-                                                              plan.workdir))
-    if project.repo:
-        show("# its git directory stays outside: the agent gets a private one at %s (see the "
-             "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
-    if plan.home_parents:
-        show("# first, %s made the agent's in a container committed into current"
-             % ", ".join(plan.home_parents))
-    if plan.kept:
-        show("# current is kept already, as %s: no new snapshot" % plan.snapshot)
-    else:
-        show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
-    show("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
-                                             RUN_DIR_INSIDE))
-    for text in plan.script(redact=True).splitlines():
-        show("#   " + text)
-    show(shlex.join(["docker", *plan.run_args]))
-    labels = {key: "..." for key in plan.labels}
-    show(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
-                     line.current]))
-    show("# if that added no layer, the run changed nothing: current and the snapshot go back")
-    show(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
-    return 0
-
-
-# --------------------------------------------------------------- the save
-
-def dockerfile_quote(text):
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
-
-
-def commit_args(container, image, labels, message):
-    """docker commit arguments that give the new image the old image's own
-    config: the run's command is replaced by the image's CMD/ENTRYPOINT (or
-    FALLBACK_CMD), its user by the image's, and every run label by its
-    image value."""
-    config = image.get("Config") or {}
-    args = ["commit", "-m", message]
-    if config.get("Entrypoint"):
-        args += ["--change", "ENTRYPOINT " + json.dumps(config["Entrypoint"], ensure_ascii=False)]
-    if config.get("Cmd") or not config.get("Entrypoint"):
-        command = config.get("Cmd") or FALLBACK_CMD
-        args += ["--change", "CMD " + json.dumps(command, ensure_ascii=False)]
-    if config.get("User"):
-        args += ["--change", "USER " + config["User"]]
-    # The docker client gives every container its config file's proxies
-    # (~/.docker/config.json), and a commit would keep them: emptied unless
-    # the image had them. (The run script gives each run its proxies.)
-    had = {entry.split("=", 1)[0] for entry in config.get("Env") or []}
-    for name in sorted(set(docker_config_proxies()) - had):
-        args += ["--change", "ENV %s=" % name]
-    for key in sorted(labels):
-        args += ["--change", "LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(labels[key]))]
-    return args + [container]
-
-
-def known_mounts(image):
-    try:
-        mounts = json.loads(image_labels(image).get(MOUNTS_LABEL) or "[]")
-    except ValueError:
-        return []
-    return [m for m in mounts if isinstance(m, str)] if isinstance(mounts, list) else []
-
-
-# Where the engine mounts its init (--init) binary: a mount point it creates.
-INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init")
-
-
-def only_mountpoint_changes(changes, mount):
-    """A run's changes ([(A|C|D, path)]) hold the mount points the engine
-    created (and their parents' mtimes): that alone is not a change the
-    run made."""
-    return all(kind in ("A", "C") and any(is_within(point, path)
-                                          for point in (mount,) + INIT_MOUNTS)
-               for kind, path in changes)
-
-
-def saved_labels(line, container, image, meta):
-    """The labels a save puts on the image it commits: the run's (`meta`),
-    its outcome, and the mount points the image now has."""
-    mount = meta.get("mount") or ""
-    mounts = known_mounts(image)
-    if mount and mount not in mounts:
-        mounts = (mounts + [mount])[-MAX_KNOWN_MOUNTS:]
-    labels = {LABEL + key: meta.get(key, "") for key in RUN_LABELS}
-    labels.update({LABEL + "pid": "", LABEL + "repo": line.repo, LABEL + "profile": line.profile,
-                   LABEL + "container": container,
-                   LABEL + "previous": image["Id"],
-                   LABEL + "committed_at": utc_iso(time.time()),
-                   LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
-                   MOUNTS_LABEL: json.dumps(mounts, ensure_ascii=False)})
-    return labels
-
-
-def keep_snapshot(line, state, image_id, name):
-    """The one tag of the image a run started from as its snapshot `name`
-    (recorded first: a name never tagged is harmless, and tagging again
-    is too). Returns the call under way; the caller finishes it."""
-    record_snapshot(state, name)
-    return DockerCall(("tag", image_id, line.snap(name)))
-
-
-# What a save may cost the engine's disk (see save_cost): it keeps this much
-# free; the free space is asked only of a layer this big; the limit where
-# it cannot be known.
-SAVE_MARGIN = 1 << 30
-SAVE_ASK_FREE = 512 << 20
-SAVE_FALLBACK_LIMIT = 20 << 30
-
-
-class SaveWaits(Refused):
-    """A save not made, as it would write too much (or the disk is full):
-    the container waits for the user's decision (see wait_for_decision)."""
-
-
-def engine_free_space():
-    """Bytes free where a local engine keeps its layers, or None: an engine
-    elsewhere (a context, ssh, tcp, Docker Desktop's VM) is not looked at."""
-    if not docker_endpoint()[0].startswith("unix://"):
-        return None
-    root = docker("info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
-    try:
-        found = os.statvfs(root) if root.startswith("/") else None
-    except OSError:
-        return None
-    return found and found.f_bavail * found.f_frsize
-
-
-def size_call(container):
-    """What the commit of `container` will write, asked (see save_cost)."""
-    return DockerCall(("container", "inspect", "--size", "--format", "{{.SizeRw}}", container))
-
-
-def save_cost(line, sizing):
-    """The bytes the commit will write (`sizing`: the container's inspect
-    --size under way; the engine counts a sparse file whole, as the commit
-    writes its holes), or None when not known. SaveWaits above
-    PI_AGENT_SAVE_LIMIT (default: half the engine's free space), or where
-    less than SAVE_MARGIN would be left free."""
-    result = sizing.finish(check=False)
-    if result.returncode != 0 or not result.stdout.strip().isdigit():
-        return None  # (the commit says what is wrong)
-    size, limit = int(result.stdout.strip()), line.config.save_limit
-    free = engine_free_space() if size > SAVE_ASK_FREE else None
-    if limit is None:
-        limit = free // 2 if free is not None else SAVE_FALLBACK_LIMIT
-    if free is not None and size > free - SAVE_MARGIN:
-        why = "and the engine's disk has only %s free" % human_size(free)
-    elif size <= limit:
-        return size
-    elif line.config.save_limit is not None:
-        why = "more than PI_AGENT_SAVE_LIMIT=%s" % line.config.raw["PI_AGENT_SAVE_LIMIT"]
-    elif free is not None:
-        why = "more than half the engine's free space (%s; PI_AGENT_SAVE_LIMIT sets another " \
-            "limit)" % human_size(free)
-    else:
-        why = "more than %s (the engine's free space is not known here; PI_AGENT_SAVE_LIMIT " \
-            "sets another limit)" % human_size(limit)
-    err = SaveWaits("it would write %s, %s" % (human_size(size), why))
-    err.size = size
-    raise err
-
-
-def waiting_message(name, entry):
-    """The one line for a container that waits for the user's decision."""
-    largest = ", ".join("%s (%s)" % (path, human_size(size)) for path, size in
-                        entry.get("largest") or []) or "docker diff %s lists them" % name
-    return ("the %s was not saved: %s. Its container %s waits for your decision; the "
-            "largest: %s. pi-recover --drop PATH ... %s saves the run without those paths; "
-            "pi-clean-orphans discards it" % (entry.get("what"), entry.get("why"), name, largest,
-                                              name))
-
-
-def wait_for_decision(line, state, container, what, why, size):
-    """A save not made for its size or the disk's space: the container is
-    stopped and kept, and waits (the state's `waiting`) with its largest
-    files; the next command says so once, and no recovery retries it."""
-    docker("stop", "--time", "0", container, check=False)  # (a wrapper that died left it?)
-    largest, sizes, info = None, None, inspect("container", container)
-    if layer_listable(info):
-        try:
-            sizes = list_layer(line, info, names_only=True)[1]
-        except PiError as err:
-            line.log("could not list the layer of %s: %s" % (container, err))
-    if sizes is not None:
-        # The biggest files; where they are not the half of it (many small
-        # ones), the directories three deep that hold the most too.
-        largest = [item for item in sorted(sizes.items(), key=lambda item: -item[1])[:5]
-                   if item[1] >= 1 << 20]
-        if sum(found for _path, found in largest) < (size or 0) // 2:
-            tops = {}
-            for path, found in sizes.items():
-                top = "/".join(path.split("/")[:4])
-                if top != path:
-                    tops[top] = tops.get(top, 0) + found
-            largest += sorted(tops.items(), key=lambda item: -item[1])[:3]
-    entry = {"what": what, "why": why, "size": size, "largest": largest}
-    state.setdefault("waiting", {})[container] = entry
-    state["notice"] = waiting_message(container, entry)
-    line.write_state(state)
-    line.log(state["notice"])
-    return SaveWaits(state["notice"])
-
-
-def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-               defer_remove=False):
-    """The commit of save_run(): into current, or into a snapshot when the
-    container did not start from current. Returns the snapshot's name, or
-    None for no change."""
-    branched = current_id != image["Id"]
-    line.write_state(state)
-    mount = meta.get("mount") or ""
-    labels = saved_labels(line, container, image, meta)
-    message = "pi-agent %s in %s (exit %s)" % (meta.get("kind", "run"), meta.get("target", "?"),
-                                               meta.get("exit_status", "unknown"))
-    args = commit_args(container, image, labels, message)
-    new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
-    new = meta["new_image"] = inspect_image(new_id)
-    if defer_remove and not (mount and mount not in known_mounts(image)):
-        # Saved: from here the container is only to be removed (and read
-        # by record_changes, where the layer cannot be). Recorded first, so
-        # that whoever finds it later (this remover dead) just removes it.
-        state.setdefault("removing", {})[container] = os.getpid()
-        line.write_state(state)
-        if layer_listable(new) or not line.config.record_changes:
-            meta["removal"] = DockerCall(("rm", "-f", "-v", container))
-    if tagging is not None and tagging.finish(check=False).returncode != 0:
-        keep_snapshot(line, state, image["Id"], snapshot).finish()
-    meta["layers"] = image_layers(new)
-    changed = image_layers(new) != image_layers(image)
-    before = image.get("Size")
-    if before is None:  # (a state file of an earlier version remembers no size)
-        before = (inspect_image(image["Id"]) or {}).get("Size") or 0
-    meta.update(image_before=image["Id"], image_after=new["Id"],
-                bytes_added=(new.get("Size") or 0) - before)
-    if changed and mount and mount not in known_mounts(image):
-        if layer_listable(new):
-            try:  # (under the lock: the names alone, which are quick)
-                changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount)
-            except PiError as err:  # (in doubt, the layer stays: it costs nothing more)
-                line.log("could not list the layer of %s: %s" % (container, err))
-        else:
-            meta["diff_output"] = docker("diff", container).stdout
-            try:
-                changed = not only_mountpoint_changes(parse_diff(meta["diff_output"]), mount)
-            except PiError:
-                pass
-    snap = snapshot
-    if not changed:
-        meta.update(image_after=image["Id"], bytes_added=0)
-        if branched:
-            docker("rmi", new_id, check=False)
-        else:
-            docker("tag", image["Id"], line.current)
-            if meta.get("kept"):
-                docker("rmi", new_id, check=False)
-            else:
-                drop_snapshot(line, state, snapshot, also=[new_id])
-            remember_current(state, image)
-        snap = None
-    elif branched:
-        snap = add_snapshot(line, state, new_id)
-        meta["branched"] = True
-        state.pop("current", None)
-    else:
-        remember_current(state, new)
-    state.setdefault("removing", {})[container] = os.getpid()
-    line.write_state(state)
-    return snap
-
-
-def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-             defer_remove=False, ended_by="run", sizing=None):
-    """Save a finished run's container: the one save, whoever saves it (the
-    saver; the wrapper, when its saver died; recovery, for a container an
-    interrupted run left).
-
-    `image` is the record of the image the container started from, `meta`
-    its run labels and exit_status (RunPlan.save_meta), `snapshot` the name
-    that keeps that image (keep_snapshot() tags it, unless `tagging` is
-    that tag under way; None: a new name, unless the image is not current
-    and kept already, as a leftover's is), `current_id` current's ID
-    as it is now (None: there is none). The commit moves current itself,
-    atomically. If the commit added no layer, the run changed nothing, and
-    current, the snapshots and the layers are as they were. If the
-    container did not start from current (a leftover, current changed by
-    hand, reset or removed), its result becomes a snapshot and current
-    stays (meta["branched"]; the notice says so). Snapshots beyond the
-    setting are pruned. Returns the snapshot's name, or None for no change.
-
-    Each save adds a line to the session log (Line.record_session),
-    `ended_by` the run, recovery, or a failed commit, and what the run
-    changed is recorded (record_changes). A failure is kept in the state
-    (failed, notice: the next command says so, and recovery retries) and
-    raised. The container goes (teardown()) unless `defer_remove`: then
-    the caller (the saver) records the session and the changes, and
-    removes the container, the last two after releasing the lock, so that
-    the next run need not wait (meta["removal"]: its removal, started here
-    unless record_changes needs the container: no layer to list).
-    """
-    what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
-    sizing = sizing or size_call(container)
-    if snapshot is None and current_id == image["Id"]:
-        snapshot = kept_as(line, image)
-        meta["kept"] = "1" if snapshot else ""
-        snapshot = snapshot or next_snapshot(state, meta.get("epoch"))
-    if snapshot is not None and tagging is None:
-        tagging = keep_snapshot(line, state, image["Id"], snapshot)
-    size = None
-    try:
-        size = save_cost(line, sizing)
-        snap = commit_run(line, state, container, image, meta, snapshot, current_id, tagging,
-                          defer_remove)
-    except PiError as err:
-        if isinstance(err, SaveWaits) or "no space left on device" in str(err).lower():
-            if tagging is not None:
-                tagging.finish(check=False)
-            line.record_session(dict(meta, container=container), "waiting")
-            raise wait_for_decision(line, state, container, what, str(err) if isinstance(
-                err, SaveWaits) else "the engine's disk is full (%s)" % err,
-                getattr(err, "size", size))
-        state["failed"] = container
-        state["notice"] = ("the save of the %s failed: %s. The container %s keeps its "
-                           "changes: fix the engine (disk space?), then the next pi retries "
-                           "(or pi-recover %s now; pi-clean-orphans discards them)"
-                           % (what, err, container, container))
-        line.write_state(state)
-        line.log(state["notice"])
-        line.record_session(dict(meta, container=container), "failed commit")
-        raise PiError(state["notice"], err.code)
-    line.log("saved %s%s" % (container, " (snapshot %s)" % snap if snap else " (no change)"))
-    meta["saved_as"] = snap
-    if meta.get("branched"):
-        state["notice"] = ("%s was %s before the %s was saved; current stays as it is and the "
-                           "run is snapshot %s (pi-rollback %s to use it)"
-                           % (line.current, "changed outside pi-agent" if current_id else
-                              "gone (reset or removed)", what, snap, snap))
-        line.log(state["notice"])
-    if not defer_remove:
-        record_changes(line, container, meta)
-        ended = {}
-        show_notes(line, teardown(line, [container], state, summaries=ended) or [])
-        line.record_session(dict(meta, container=container,
-                                 ended=meta.get("ended") or ended.get(container)), ended_by)
-    prune_if_due(line, state, protect=(snapshot,))
-    return snap
-
-
-def flatten_if_due(line, state, layers):
-    """After a save that took current to `layers` (see auto_flatten)."""
-    if layers >= flatten_limit(line.config):
-        if state.get("holder"):
-            state["holder"]["phase"] = "flattening"
-        line.write_state(state)
-        auto_flatten(line, state)
-
-
-def teardown(line, names, state=None, removal=None, check=False, summaries=None):
-    """The one teardown of finished runs' containers: they go (an agent
-    still in one too), then their run directories (a run that nobody ended
-    is ended first, see end_run: its notes are returned, and its summary
-    goes into `summaries` by name), then their entries in the state.
-    Without `state` (the lock is not held) the next holder drops those
-    entries. `removal`: their `docker rm`, under way.
-    If the engine did not remove them, all stays for recovery: None is
-    returned, or with `check` the error raised."""
-    removal = removal or DockerCall(("rm", "-f", "-v", *names))
-    result = removal.finish(check=False)
-    if result.returncode != 0:
-        if check:
-            raise docker_failure(("rm",), result.stderr)
-        return None
-    notes = []
-    for name in names:
-        notes += end_unended(line, name, summaries)
-        remove_run_dir(os.path.join(line.run_dir, name), line=line)
-        if state is not None:
-            (state.get("removing") or {}).pop(name, None)
-            (state.get("waiting") or {}).pop(name, None)
-    if state is not None:
-        line.write_state(state)
-    return notes
-
-
-def end_unended(line, name, summaries=None):
-    """A stopped run that nobody ended is ended under its project's lock,
-    as by its wrapper (waited for: no run waits for this line meanwhile).
-    Returns end_run's notes; its summary goes into `summaries` by name."""
-    run_dir = os.path.join(line.run_dir, name)
-    record = read_run_record(run_dir)
-    if record is None:
-        return []
-    repo = record.get("repo") or {}
-    fd = lock_project(line, record["target"], "end", True,
-                      [path for path in [repo.get("common"), repo.get("gitdir")] +
-                       list(record.get("read") or []) if isinstance(path, str)])
-    try:
-        notes = end_run(line, run_dir, record)
-        if summaries is not None:
-            summaries[name] = record.get("summary")
-        return notes
-    finally:
-        if fd is not None:
-            release_project_lock(fd)
-
-
-# --------------------------------------------------------------- recovery
-
-def start_listing_runs(line, sizes=False):
-    fields = ["ID", "Names", "State", "CreatedAt", "RunningFor"] + (["Size"] if sizes else [])
-    parts = ['"%s":{{json .%s}}' % (field.lower(), field) for field in fields]
-    parts += ['"%s":{{json (.Label "%s%s")}}' % (key, LABEL, key) for key in RUN_LABELS]
-    return DockerCall(("ps", "-a", *(["--size"] if sizes else []),
-                       "--filter", "label=%srepo=%s" % (LABEL, line.repo),
-                       "--format", "{" + ",".join(parts) + "}"))
-
-
-def list_run_containers(line, sizes=False, listing=None):
-    """Containers this line's runs started (by label), oldest first."""
-    listing = listing or start_listing_runs(line, sizes)
-    rows = [row for row in json_lines(listing.finish().stdout)
-            if row.get("pid") and (row.get("profile") or "") == line.profile]
-    rows.sort(key=lambda row: (row.get("started") or "", row.get("createdat") or ""))
-    return rows
-
-
-def being_removed(state, name):
-    """Saved, and its remover still at work."""
-    pid = (state.get("removing") or {}).get(name)
-    return pid is not None and pid_alive(pid)
-
-
-def leftover_containers(line, sizes=False):
-    """Run containers that no live lifecycle owns. The state is read before
-    the listing: a save that ends in between removes its container after
-    writing that it does, so it is never taken for a leftover."""
-    state = line.read_state()
-    holder = (state.get("holder") or {}) if lock_is_held(line) else {}
-    host = os.uname().nodename
-    return [row for row in list_run_containers(line, sizes)
-            if row["names"] != holder.get("container")
-            and not being_removed(state, row["names"])
-            and not (row.get("host") == host and pid_alive(row["pid"]))]
-
-
-def recover_container(line, state, row):
-    """Save one left-behind container (see save_run). Returns a line for
-    the user."""
-    name = row["names"]
-    current = inspect_image(line.current)
-    if image_labels(current).get(LABEL + "container") == name:
-        show_notes(line, teardown(line, [name], state, check=True))
-        return "removed %s: its run was saved already" % name
-    info = inspect("container", name)
-    if info is None:
-        return "%s is gone already" % name
-    image = inspect_image(info["Image"])
-    if image is None:
-        raise EngineError("the image that %s started from is gone, so it cannot be saved; "
-                          "pi-clean-orphans discards it" % name)
-    meta = {key: row.get(key) or "" for key in RUN_LABELS}
-    meta.update(exit_status="unknown", kind=(row.get("kind") or "run"),
-                mount=next((m.get("Destination") for m in info.get("Mounts") or []
-                            if m.get("Type") == "bind" and m.get("RW")
-                            and m.get("Destination") != RUN_DIR_INSIDE), ""))
-    current_id = current["Id"] if current else None
-    # The run (almost surely) tagged its snapshot; a leftover of another
-    # image than current's is kept by a snapshot already, or is current's past.
-    snapshot = (row.get("snapshot") or None) if current_id == image["Id"] else None
-    snap = save_run(line, state, name, image, meta, snapshot, current_id, ended_by="recovered")
-    started = local_time(row.get("started"))
-    if meta.get("branched") and current is None:
-        return ("saved the run of %s in %s as snapshot %s: there was no current (reset or "
-                "removed), so the next run starts from base (pi-rollback %s to use the run)"
-                % (started, row.get("target"), snap, snap))
-    if meta.get("branched"):
-        return ("saved the run of %s in %s, which started from an older environment, as "
-                "snapshot %s; current is unchanged (pi-rollback %s to use it)"
-                % (started, row.get("target"), snap, snap))
-    if snap:
-        return ("recovered the interrupted run of %s in %s into current (before it: %s)"
-                % (started, row.get("target"), snap))
-    return "removed %s: the interrupted run of %s changed nothing" % (name, started)
-
-
-def recover_leftovers(line, state, listing=None, only=None, decide=False):
-    """Save what interrupted runs left behind, oldest first, before anything
-    else changes the line; returns how many it saved. One `docker ps` when
-    there is nothing to do: the labels find leftovers even when the state
-    file was lost. `only` (pi-recover CONTAINER) picks one by name or ID.
-    A save that fails stops it (save_run keeps the failure for the next).
-    Those that wait for the user's decision (too big to save) are left as
-    they are, but for pi-recover (`decide`): it tries them again."""
-    host = os.uname().nodename
-    recovered = 0
-    rows = list_run_containers(line, listing=listing)
-    present = {row["names"] for row in rows}
-    for key in ("removing", "waiting"):
-        if set(state.get(key) or {}) - present:
-            state[key] = {name: value for name, value in state[key].items() if name in present}
-            line.write_state(state)
-    if only:
-        rows = [row for row in rows if only in (row["names"], row["id"])]
-        if not rows:
-            raise NotFound("no left-behind container %s; pi-orphans lists them" % only)
-    for row in rows:
-        if row["names"] in state.get("removing", {}):
-            # Saved already: its remover is at work, or died and we finish.
-            if not being_removed(state, row["names"]):
-                show_notes(line, teardown(line, [row["names"]], state, check=True))
-            continue
-        if row.get("host") and row.get("host") != host:
-            say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
-            continue
-        if row["names"] in (state.get("waiting") or {}) and not decide:
-            show_notes(line, end_unended(line, row["names"]))  # (its wrapper died)
-            continue
-        try:
-            say(recover_container(line, state, row))
-        except SaveWaits as err:
-            state.pop("notice", None)  # (said here, once)
-            line.write_state(state)
-            if decide:
-                raise
-            say(str(err))
-            continue
-        except BaseException as err:
-            # Not saved (Ctrl-C too): the next command must look again.
-            first = state.get("failed") != row["names"]  # save_run says it its own way
-            state["failed"] = row["names"]
-            line.write_state(state)
-            if first and isinstance(err, PiError):
-                raise PiError("could not save the environment that an interrupted run left in "
-                              "container %s: %s. Fix the engine, then pi-recover %s saves it "
-                              "(pi-clean-orphans discards it)"
-                              % (row["names"], err, row["names"]), err.code)
-            raise
-        recovered += 1
-    if recovered or state.get("failed") or state.get("notice"):
-        state.pop("failed", None)
-        state.pop("notice", None)
-        line.write_state(state)
-        remove_own_dangling(line)
-    if recovered:
-        flatten_if_due(line, state, image_layers(inspect_image(line.current)))
-    return recovered
-
-
-# ------------------------------------------------------ what a run changed
+# What each run changed in the environment, listed from its layer, and runs
+# put together for pi-diff and pi-log.
 
 # What a person does not mean by "what did the run change": caches, logs,
 # temporary files, shell histories, and the package managers' own books
@@ -5685,7 +4897,6 @@ REPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}")
 CHANGE_WORDS = {"A": "added", "C": "changed", "D": "deleted"}
 # How far back in the session log pi-diff looks for the runs since a snapshot.
 DIFF_LOG_DEPTH = 5000
-
 
 # What a run's commit holds, listed in a container of the base (never the
 # agent's image: its tools could lie) as root with no capability but
@@ -5865,16 +5076,21 @@ def leaf_rows(rows):
             and not (deleted and in_deleted(row[1]))]
 
 
-def dpkg_books(container, wanted):
-    """The package managers' books (see read_books) in a container: dpkg's,
-    by `docker cp` of its /var/lib/dpkg."""
-    call = DockerCall(("cp", container + ":/var/lib/dpkg", "-"), capture=False,
-                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        return read_books(call.proc.stdout, wanted)
-    finally:
-        call.proc.kill()
-        call.finish(check=False)
+def parse_dpkg_status(data):
+    """{name and name:arch: (version, bytes or None)} of the packages dpkg
+    knows (a removed one whose configuration is kept, too)."""
+    found = {}
+    for stanza in data.decode("utf-8", "replace").split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): *(.*)$", stanza, re.M))
+        if not fields.get("Package") or not fields.get("Version"):
+            continue
+        size = fields.get("Installed-Size", "")
+        installed = fields.get("Status", "").endswith(" installed")
+        value = (fields["Version"], int(size) * 1024 if re.fullmatch(r"[0-9]{1,15}", size)
+                 and installed else None)
+        found[fields["Package"]] = value
+        found["%s:%s" % (fields["Package"], fields.get("Architecture"))] = value
+    return found
 
 
 def read_books(stream, wanted):
@@ -5924,21 +5140,16 @@ def read_books(stream, wanted):
     return status, lists, records
 
 
-def parse_dpkg_status(data):
-    """{name and name:arch: (version, bytes or None)} of the packages dpkg
-    knows (a removed one whose configuration is kept, too)."""
-    found = {}
-    for stanza in data.decode("utf-8", "replace").split("\n\n"):
-        fields = dict(re.findall(r"^([A-Za-z-]+): *(.*)$", stanza, re.M))
-        if not fields.get("Package") or not fields.get("Version"):
-            continue
-        size = fields.get("Installed-Size", "")
-        installed = fields.get("Status", "").endswith(" installed")
-        value = (fields["Version"], int(size) * 1024 if re.fullmatch(r"[0-9]{1,15}", size)
-                 and installed else None)
-        found[fields["Package"]] = value
-        found["%s:%s" % (fields["Package"], fields.get("Architecture"))] = value
-    return found
+def dpkg_books(container, wanted):
+    """The package managers' books (see read_books) in a container: dpkg's,
+    by `docker cp` of its /var/lib/dpkg."""
+    call = DockerCall(("cp", container + ":/var/lib/dpkg", "-"), capture=False,
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        return read_books(call.proc.stdout, wanted)
+    finally:
+        call.proc.kill()
+        call.finish(check=False)
 
 
 def find_packages(changes, books=None):
@@ -6003,6 +5214,10 @@ def find_packages(changes, books=None):
     return sorted(packages.values(), key=lambda p: (p["manager"], p["name"])), owners
 
 
+def package_prefixes(owners):
+    return sorted((key for key in owners if key.endswith("/")), key=len, reverse=True)
+
+
 def owner_of(path, owners, prefixes=None):
     """The package that owns `path`: listed in its books (exact paths), or
     inside a directory of pip's or npm's (keys ending in /; `prefixes`,
@@ -6018,8 +5233,72 @@ def owner_of(path, owners, prefixes=None):
     return None
 
 
-def package_prefixes(owners):
-    return sorted((key for key in owners if key.endswith("/")), key=len, reverse=True)
+def credit(changes, sizes, packages, owners):
+    """[kind, path, owner, size] rows of a layer's `changes` (owner_of), and
+    the `packages`' sizes set: what a pip or npm package's files written
+    take; dpkg's (its books, which the agent can write) at most what the
+    layer's files take, and not known without their sizes."""
+    prefixes = package_prefixes(owners)
+    rows = [[kind, path, owner_of(path, owners, prefixes), sizes.get(path)]
+            for kind, path in changes]
+    written, taken = 0, {}
+    for kind, _path, owner, size in rows:
+        if kind != "D":
+            written += size or 0
+            if owner:
+                taken[owner] = taken.get(owner, 0) + (size or 0)
+    for package in packages:
+        owner = "%s:%s" % (package["manager"], package["name"])
+        if package["size"] is None and package["change"] != "removed" and owner in taken:
+            package["size"] = taken[owner]
+        elif package["size"] is not None:
+            package["size"] = min(package["size"], written) if sizes else None
+    return rows
+
+
+def prune_reports(line):
+    """The records of the newest KEEP_REPORTS runs stay (a snapshot older
+    than those has nothing to show to pi-diff anyway: auto-prune keeps 10)."""
+    names = [name for name in os.listdir(line.runs_dir) if name.endswith(".json")]
+    if len(names) <= KEEP_REPORTS:
+        return
+    names.sort(key=lambda name: os.stat(os.path.join(line.runs_dir, name)).st_mtime)
+    for name in names[:-KEEP_REPORTS]:
+        for doomed in (name, name[:-len(".json")] + ".changes.gz"):
+            try:
+                os.remove(os.path.join(line.runs_dir, doomed))
+            except FileNotFoundError:
+                pass
+
+
+def gzip_json(value):
+    import gzip
+    return gzip.compress(json.dumps(value, separators=(",", ":")).encode(), 6)
+
+
+def summarize(leaves, packages, everything=False):
+    """The counts of [kind, path, owner, size] rows (leaf_rows), and the
+    other paths (not a package's, not noise unless `everything`) grouped by
+    their top two directories."""
+    counts = {word: 0 for word in CHANGE_WORDS.values()}
+    groups, hidden, hidden_bytes, owned = {}, 0, 0, 0
+    for kind, path, owner, size in leaves:
+        counts[CHANGE_WORDS[kind]] += 1
+        if owner:
+            owned += 1
+            continue
+        if not everything and is_noise(path):
+            hidden += 1
+            hidden_bytes += (size or 0) if kind != "D" else 0
+            continue
+        parts = path.split("/")
+        group = "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts[:2])
+        groups.setdefault(group, dict({word: 0 for word in CHANGE_WORDS.values()}, bytes=0))
+        groups[group][CHANGE_WORDS[kind]] += 1
+        groups[group]["bytes"] += (size or 0) if kind != "D" else 0
+    return {"paths": counts, "packages": packages, "package_paths": owned, "hidden": hidden,
+            "hidden_bytes": hidden_bytes,
+            "groups": [dict(directory=name, **groups[name]) for name in sorted(groups)]}
 
 
 def record_changes(line, container, meta):
@@ -6071,81 +5350,6 @@ def record_changes(line, container, meta):
     except OSError as err:
         line.log("could not write the record of %s: %s" % (container, err.strerror))
     return report
-
-
-def credit(changes, sizes, packages, owners):
-    """[kind, path, owner, size] rows of a layer's `changes` (owner_of), and
-    the `packages`' sizes set: what a pip or npm package's files written
-    take; dpkg's (its books, which the agent can write) at most what the
-    layer's files take, and not known without their sizes."""
-    prefixes = package_prefixes(owners)
-    rows = [[kind, path, owner_of(path, owners, prefixes), sizes.get(path)]
-            for kind, path in changes]
-    written, taken = 0, {}
-    for kind, _path, owner, size in rows:
-        if kind != "D":
-            written += size or 0
-            if owner:
-                taken[owner] = taken.get(owner, 0) + (size or 0)
-    for package in packages:
-        owner = "%s:%s" % (package["manager"], package["name"])
-        if package["size"] is None and package["change"] != "removed" and owner in taken:
-            package["size"] = taken[owner]
-        elif package["size"] is not None:
-            package["size"] = min(package["size"], written) if sizes else None
-    return rows
-
-
-def prune_reports(line):
-    """The records of the newest KEEP_REPORTS runs stay (a snapshot older
-    than those has nothing to show to pi-diff anyway: auto-prune keeps 10)."""
-    names = [name for name in os.listdir(line.runs_dir) if name.endswith(".json")]
-    if len(names) <= KEEP_REPORTS:
-        return
-    names.sort(key=lambda name: os.stat(os.path.join(line.runs_dir, name)).st_mtime)
-    for name in names[:-KEEP_REPORTS]:
-        for doomed in (name, name[:-len(".json")] + ".changes.gz"):
-            try:
-                os.remove(os.path.join(line.runs_dir, doomed))
-            except FileNotFoundError:
-                pass
-
-
-def gzip_json(value):
-    import gzip
-    return gzip.compress(json.dumps(value, separators=(",", ":")).encode(), 6)
-
-
-def write_private(path, data):
-    temp = "%s.%d.tmp" % (path, os.getpid())
-    with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-        handle.write(data)
-    os.replace(temp, path)
-
-
-def summarize(leaves, packages, everything=False):
-    """The counts of [kind, path, owner, size] rows (leaf_rows), and the
-    other paths (not a package's, not noise unless `everything`) grouped by
-    their top two directories."""
-    counts = {word: 0 for word in CHANGE_WORDS.values()}
-    groups, hidden, hidden_bytes, owned = {}, 0, 0, 0
-    for kind, path, owner, size in leaves:
-        counts[CHANGE_WORDS[kind]] += 1
-        if owner:
-            owned += 1
-            continue
-        if not everything and is_noise(path):
-            hidden += 1
-            hidden_bytes += (size or 0) if kind != "D" else 0
-            continue
-        parts = path.split("/")
-        group = "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts[:2])
-        groups.setdefault(group, dict({word: 0 for word in CHANGE_WORDS.values()}, bytes=0))
-        groups[group][CHANGE_WORDS[kind]] += 1
-        groups[group]["bytes"] += (size or 0) if kind != "D" else 0
-    return {"paths": counts, "packages": packages, "package_paths": owned, "hidden": hidden,
-            "hidden_bytes": hidden_bytes,
-            "groups": [dict(directory=name, **groups[name]) for name in sorted(groups)]}
 
 
 def read_report(line, container):
@@ -6221,7 +5425,1248 @@ def compose_packages(runs):
     return [result[key] for key in sorted(result, key=lambda k: (str(k[0]), str(k[1])))]
 
 
-# -------------------------------------------------- the saver and the run
+def wait_for_reports(line, records, timeout=120):
+    """Until the runs' changes are recorded, or nobody is at it: the saver
+    records them once the line is free (record_changes), a moment after
+    the prompt."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        removing = line.read_state().get("removing") or {}
+        pending = [r for r in records if r.get("container") in removing
+                   and read_report(line, r["container"]) is None
+                   and pid_alive(removing[r["container"]])]
+        if not pending:
+            return
+        time.sleep(0.05)
+
+
+def changed_nothing(record):
+    return record.get("image_after") == record.get("image_before")
+
+
+def trace_runs(line, records, from_id, to_id):
+    """The saved runs (session records, oldest first) that led from image
+    `from_id` to image `to_id`, found from `to_id` back: the run whose
+    image it is, then the run that made the image that run started from,
+    and so on. An image the log does not know (a flattened current) is
+    known by its labels, which name the run that made what it holds.
+    Returns None if the way back does not reach `from_id`."""
+    by_image, by_container = {}, {}
+    for record in records:  # (newest first: a later record of an image wins)
+        if record.get("ended_by") == "failed commit" or changed_nothing(record):
+            continue
+        by_image.setdefault(record.get("image_after"), record)
+        by_container.setdefault(record.get("container"), record)
+    chain, image, seen = [], to_id, set()
+    while image != from_id:
+        if image in seen or image is None:
+            return None
+        seen.add(image)
+        record = by_image.get(image) or by_container.get(
+            image_labels(inspect_image(image)).get(LABEL + "container"))
+        if record is None:
+            return None
+        if record.get("image_after") == from_id:
+            break  # `to_id` is a flattened copy of `from_id`
+        chain.append(record)
+        image = record.get("image_before")
+    return chain[::-1]
+
+
+def diff_endpoint(line, name):
+    """(image ID, what to call it) for a snapshot name, current or base."""
+    if name in ("current", "base"):
+        image = inspect_image(line.current if name == "current" else line.base)
+        if image is None:
+            raise NotFound("%s has no %s image" % (line.name, name))
+        return image["Id"], name
+    snap = resolve_snapshot(line, name)
+    return inspect_image(line.snap(snap["tag"]))["Id"], snap["tag"]
+
+
+def image_names(line, image_ids, current_id):
+    """current, a snapshot's name, base or None for each image ID (the
+    engine asked once)."""
+    snaps, base = list_snapshots(line), inspect_image(line.base)
+
+    def name(image_id):
+        if not image_id:
+            return None
+        if image_id == current_id:
+            return "current"
+        for snap in snaps:
+            if image_id.split(":")[-1].startswith(snap["id"]):
+                return snap["tag"]
+        return "base" if base and base["Id"] == image_id else None
+    return [name(image_id) for image_id in image_ids]
+
+
+def invert_changes(rows, packages):
+    """What going back undoes: the changes of the way forward, reversed."""
+    flip = {"A": "D", "D": "A", "C": "C"}
+    undo = {"installed": "removed", "removed": "installed", "changed": "changed"}
+    return ([[flip[kind], path, owner, None] for kind, path, owner, _size in rows],
+            [dict(package, change=undo.get(package.get("change"), package.get("change")),
+                  size=None) for package in packages])
+
+
+def run_paths(line, record):
+    """A run's counts of paths added, changed, deleted (its report's), or
+    None when not recorded."""
+    if changed_nothing(record) and record.get("ended_by") != "failed commit":
+        return {"added": 0, "changed": 0, "deleted": 0}
+    report = read_report(line, record.get("container")) or {}
+    paths = report.get("paths")
+    return paths if isinstance(paths, dict) else None
+
+
+# -------------------------------------------------------------------- the run
+#
+# One run, start to end: the map below, then its steps, each before the step
+# that calls it.
+
+
+# MAP
+
+
+# --- find the project
+
+class Project:
+    """The project as a run finds it, read before anything starts: where it
+    is, its repository, whether the run mounts a private .git there
+    (`gated`), the git directories and .git files already inside it (the
+    git directories are mounted read-only), what host git reads from it."""
+
+    def __init__(self, target, subdir="", repo=None, notes=(), gated=False, git_dirs=None,
+                 git_files=None, protected=(), object_format="sha1", dirs=(), modules=False,
+                 read=(), git_config=(), linked=None, module_configs=()):
+        self.target, self.subdir, self.repo, self.notes = target, subdir, repo, list(notes)
+        self.gated, self.protected, self.format = gated, list(protected), object_format
+        self.read = list(read)  # what host git reads as the repository's config and hooks
+        self.git_config = [list(entry) for entry in git_config]  # what the gate takes of it
+        self.git_dirs, self.git_files, self.dirs = git_dirs or {}, git_files or {}, list(dirs)
+        self.modules = modules
+        self.module_configs = [list(entry) for entry in module_configs]  # submodules' configs
+        self.linked = linked or {}  # {path: lstat}: see shared_files
+
+    @classmethod
+    def inspect(cls, config, cwd, here, hold=None, found=None):
+        """Find and read the project; refusals (Refused) come from here,
+        with nothing changed. `hold(target, paths)` runs before it is read
+        (a lock that keeps another run's agent from changing it, or the
+        other paths host git reads for it, meanwhile), and again with all
+        of those paths once they are known. `found`: what find_target()
+        found already."""
+        target, subdir, repo, notes = found or find_target(cwd, home_dirs(), here,
+                                                           guarded_dirs(config))
+        if hold:
+            hold(target, [repo.common, repo.gitdir] if repo else [])
+        check_armed(config.state_dir, target, forget=hold is not None)
+        try:
+            gated = repo is not None or stat.S_ISDIR(os.lstat(os.path.join(target, ".git")).st_mode)
+        except OSError:
+            gated = True
+        listing = start_config_listing(repo) if repo else None
+        # (a look for a dry run or pi-status keeps nothing: those write no state)
+        found = look_through(target, gated, project_file(config.state_dir, target, ".scan")
+                             if hold else None)
+        sockets = sorted(path for path, info in found if stat.S_ISSOCK(info.st_mode))
+        if sockets:
+            raise Refused("refusing to mount %s: it holds Unix sockets (%s), doors to programs "
+                          "on your host that the agent could use; stop what listens there and "
+                          "remove the socket (or give it one outside the project), or cd into "
+                          "a subdirectory without one and use --here" % (
+                              target, ", ".join(sockets[:3] + ["..."] * (len(sockets) > 3))))
+        mounts = mounts_below(target)
+        if mounts:
+            raise Refused("refusing to mount %s: file systems are mounted inside it (%s), which "
+                          "a run would reach and the sweep after it does not look into; unmount "
+                          "them, or cd into a part without one and use --here" % (
+                              target, ", ".join(mounts[:3] + ["..."] * (len(mounts) > 3))))
+        git_dirs, git_files = git_entries(target, found)
+        facts = config_facts(listing, target, repo)
+        if hold and repo:
+            hold(target, [repo.common, repo.gitdir] + facts["read"])
+        if repo and os.path.exists(os.path.join(repo.common, "objects", "info", "alternates")):
+            notes.append("the repository borrows objects from another (git clone --shared or "
+                         "--reference); inside, those objects are missing")
+        if len(outermost(git_dirs)) > MAX_NESTED_GIT:
+            raise Refused("refusing to mount %s: it holds %d git repositories, each of which "
+                          "would be mounted read-only; cd into one and use --here"
+                          % (target, len(git_dirs)))
+        dirs = [path for path, info in found if stat.S_ISDIR(info.st_mode)]
+        if facts["left_out"]:
+            notes.append("your repository's git config holds what may be credentials (%s): "
+                         "they stay out of the run" % ", ".join(facts["left_out"][:4]))
+        readonly = list(git_dirs) + [os.path.relpath(path, target)
+                                     for path, _dev, _ino in facts["protected"]]
+        modules, module_configs = submodules_mountable(repo, target, notes) if repo else (
+            False, [])
+        return cls(target, subdir, repo, notes, gated, git_dirs, git_files, facts["protected"],
+                   facts["format"], dirs, modules, facts["read"], facts["local"],
+                   shared_files(found, readonly), module_configs)
+
+    def protect_mounts(self, point):
+        """Read-only mounts of what host git reads in the project: the git
+        directories inside it, and its config's files there."""
+        paths = [os.path.join(self.target, path) for path in self.git_dirs]
+        paths += [path for path, _dev, _ino in self.protected]
+        return [(path, inside_path(path, self.target, point), True) for path in outermost(paths)]
+
+
+# --- plan: what runs inside, and how; or join a run already there
+
+def agent_command(kind, argv, config, network):
+    """What a session of `kind` runs inside: the command (exec), a shell,
+    or the agent (run), installed on first use."""
+    if kind == "exec":
+        # Through sh: a missing command is the shell's one line and 127,
+        # not the runtime's OCI error and 126.
+        return ["sh", "-c", 'exec "$@"', "pi-exec"] + list(argv)
+    if kind == "shell":
+        return ["sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash; exec sh"]
+    if network == "none":
+        script = ('command -v "$1" >/dev/null 2>&1 || {'
+                  ' echo "pi-agent: $1 is not installed here, and an offline run cannot'
+                  ' install it; run pi once with the network" >&2; exit 127; }; exec "$@"')
+        return ["sh", "-c", script, "pi-agent"] + config.command_argv + list(argv)
+    # Installed on first use: on a terminal with its output and the
+    # time it took; in a pipe quietly (its output only if it fails),
+    # so that the agent's own output stays clean.
+    script = ('command -v "$1" >/dev/null 2>&1 || {'
+              ' log=/tmp/pi-agent-install.log; started=$(date +%s);'
+              ' if [ -t 2 ]; then'
+              ' echo "pi-agent: $1 is not installed here; installing it: $PI_AGENT_INSTALL_CMD" >&2;'
+              ' sh -c "$PI_AGENT_INSTALL_CMD" >&2; status=$?; else'
+              ' sh -c "$PI_AGENT_INSTALL_CMD" >"$log" 2>&1; status=$?;'
+              ' if [ $status != 0 ] || ! command -v "$1" >/dev/null 2>&1; then'
+              ' cat "$log" >&2; fi; fi;'
+              ' rm -f "$log";'
+              ' if [ $status != 0 ]; then'
+              ' echo "pi-agent: the install command failed (exit $status); fix'
+              ' PI_AGENT_INSTALL_CMD or PI_AGENT_COMMAND (pi-status shows them). Paths it'
+              ' named are inside the environment, not on your host: pi-exec cat PATH shows'
+              ' one" >&2;'
+              ' exit $status; fi;'
+              ' command -v "$1" >/dev/null 2>&1 || {'
+              ' echo "pi-agent: the install command ended without installing $1 (its'
+              ' output is above: no network?); check that, or fix PI_AGENT_INSTALL_CMD or'
+              ' PI_AGENT_COMMAND (pi-status shows them)" >&2;'
+              ' exit 127; };'
+              ' [ -t 2 ] && echo "pi-agent: installed $1 in $(( $(date +%s) - started )) s" >&2;'
+              ' };'
+              ' exec "$@"')
+    return ["sh", "-c", script, "pi-agent"] + config.command_argv + list(argv)
+
+
+def container_env(environ, pass_env):
+    """[(name, value)] a run exports inside: the short list, the locale, and
+    PI_AGENT_PASS_ENV from our environment; credentials set empty. The
+    docker client's proxies come in where ours are not set."""
+    if not any(name in environ for name in PROXY_ENV):
+        environ = dict(docker_config_proxies(), **environ)
+    names = [name for name in ALLOWED_ENV if name in environ]
+    names += [name for name in LOCALE_ENV if LOCALE_VALUE.fullmatch(environ.get(name, "-" * 65))]
+    names += [name for name in pass_env if name in environ and name not in names]
+    return [(name, environ[name]) for name in names] + [(name, "") for name in CREDENTIAL_ENV]
+
+
+def session_env(config, kind, environ):
+    """[(name, value)] a session of `kind` gets: the agent's keys reach the
+    agent only, unless PI_AGENT_PASS_ENV names them (see Config)."""
+    env = container_env(environ, config.pass_env if kind == "run" or
+                        not config.keys_for_agent_only else [])
+    if not any(name == "EMAIL" for name, _value in env):
+        env.append(("EMAIL", config.git_identity[1]))  # (see session_script())
+    if kind == "run":
+        env.append(("PI_AGENT_INSTALL_CMD", config.install_cmd))
+    # Installs inside copy files into the project, never link them to a cache.
+    env += [(name, "copy") for name in ("UV_LINK_MODE", "npm_config_package_import_method")
+            if name not in dict(env)]
+    return env
+
+
+def session_script(container, env, config, workdir, command, redact=False, main=False):
+    """A session's script: its environment, git's identity fallback, the
+    working directory, the command. The run's own (`main`) stays the
+    command's parent where it can, so that sessions that joined the run
+    (see JOIN_FILE) end when they leave, not with the agent: tini (docker
+    run --init) must send signals to the whole process group for that
+    (TINI_KILL_PROCESS_GROUP, in the shipped Dockerfile), so that the agent
+    still gets them, and flock is needed."""
+    lines = ["#!/bin/sh",
+             "# pi-agent: the environment and command of %s (removed when it ends)" % container]
+    for name, value in env:
+        shown = "<from your environment>" if redact and value else value
+        lines.append("export %s=%s" % (name, shlex.quote(shown)))
+    # git's fallbacks for an image with no identity (EMAIL, in env, for the
+    # address): commits work in any image, and nothing is written into a
+    # git config. A user.name the image has stays; it is looked for with
+    # the shell's own read (git config would cost every run 5 ms).
+    name = shlex.quote(config.git_identity[0])
+    lines += [
+        'for f in "$HOME/.gitconfig" "${XDG_CONFIG_HOME:-$HOME/.config}/git/config" '
+        '/etc/gitconfig; do [ -r "$f" ] || continue; s=',
+        '  while IFS= read -r l || [ -n "$l" ]; do case $l in *"["*) s=$l ;; *name*=*)',
+        '    case $s in *[Uu][Ss][Ee][Rr]*) named=1 ;; esac ;; esac; done < "$f"',
+        'done',
+        '[ -n "${named-}" ] || export GIT_AUTHOR_NAME=%s GIT_COMMITTER_NAME=%s' % (name, name),
+        'unset f s l named']
+    lines.append("cd %s || exit 1" % shlex.quote(workdir))
+    run = shlex.join(command)
+    if not main:
+        return "\n".join(lines + ["exec " + run]) + "\n"
+    lines += [
+        'if [ -z "${TINI_KILL_PROCESS_GROUP+set}" ] || ! command -v flock >/dev/null 2>&1; then',
+        "  exec " + run,
+        "fi",
+        # (a run stopped by a signal ends the sessions that joined it too)
+        "stopped=",
+        "trap stopped=1 INT TERM HUP",
+        run,
+        "status=$?",
+        'if [ -z "$stopped" ]; then',
+        "  exec 9<%s/%s" % (RUN_DIR_INSIDE, JOIN_FILE),
+        "  flock -w 2 9",
+        "  said=",
+        '  while [ -z "$stopped" ]; do',
+        "    open=",
+        "    for f in %s/%s*; do" % (RUN_DIR_INSIDE, JOIN_PREFIX),
+        '      [ -e "$f" ] && ! flock -n "$f" true && open=1',
+        "    done",
+        '    [ -n "$open" ] || break',
+        '    [ -n "$said" ] || echo "pi-agent: the run has ended; it is saved when the sessions '
+        'that joined it leave (ctrl-c ends them now)" >&2',
+        "    said=1",
+        "    sleep 0.5",
+        "  done",
+        "fi",
+        "exit $status"]
+    return "\n".join(lines) + "\n"
+
+
+def script_command(image, run_dir):
+    """The end of a `docker run` that runs the script in run_dir. An
+    image's entrypoint is replaced by the script itself, so the container
+    has no command to leave in the commit; without one, the command runs
+    it, and the commit puts the image's CMD back."""
+    script = RUN_DIR_INSIDE + "/" + RUN_SCRIPT
+    args = ["--mount", mount_spec(run_dir, RUN_DIR_INSIDE) + ",readonly"]
+    if (image.get("Config") or {}).get("Entrypoint"):
+        return args + ["--entrypoint", script, image["Id"]]
+    return args + [image["Id"], "sh", script]
+
+
+class RunPlan:
+    """Everything a run needs, computed before anything starts (pure).
+    `snapshot` names the tag that keeps current as it was before the run;
+    `kept`: that snapshot kept it already (after a rollback), so the run
+    makes no new one, and never takes that one back."""
+
+    def __init__(self, line, kind, argv, image, project, environ, now, pid, tty, snapshot,
+                 offline=False, kept=False):
+        config = line.config
+        self.line, self.kind, self.argv, self.image = line, kind, list(argv), image
+        self.environ, self.tty, self.offline, self.project = environ, tty, offline, project
+        self.network = "none" if offline else config.network
+        self.target, self.subdir = project.target, project.subdir
+        self.started, self.snapshot, self.kept = now, snapshot, kept
+        home = image_home(image)
+        self.mount_point = mount_point(self.target, home, config.mount_at)
+        self.workdir = os.path.join(self.mount_point, self.subdir) if self.subdir \
+            else self.mount_point
+        # The engine creates a new mount point's missing parents as root; in
+        # a non-root agent's home they must be the agent's (~/src of
+        # ~/src/app). Parents of a mount point the image has seen were made then.
+        known = known_mounts(image)
+        self.home_parents = []
+        user = ((image.get("Config") or {}).get("User") or "").split(":")[0]
+        if (self.mount_point not in known and self.mount_point.startswith(home + "/")
+                and user not in ("", "root", "0")):
+            parent = os.path.dirname(self.mount_point)
+            while parent != home:
+                if not any(is_within(seen, parent) for seen in known):
+                    self.home_parents.insert(0, parent)
+                parent = os.path.dirname(parent)
+        slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo + "-" * bool(line.profile) + line.profile)
+        self.container = "pi-agent-%s-%s-%d" % (slug, time.strftime("%Y%m%d-%H%M%S",
+                                                                    time.gmtime(now)), pid)
+        self.run_dir = os.path.join(line.run_dir, self.container)
+        self.labels = {LABEL + "repo": line.repo, LABEL + "profile": line.profile,
+                       LABEL + "pid": str(pid),
+                       LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
+                       LABEL + "started": utc_iso(now), LABEL + "kind": kind,
+                       LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
+        self.env = session_env(config, kind, environ)
+        self.record = self._record()
+        self.mounts = ([(self.target, self.mount_point, False)]
+                       + gate_mounts(self.record, self.run_dir)
+                       + project.protect_mounts(self.mount_point))
+        self.run_args = self._run_args()
+
+    def on(self, image, snapshot):
+        """The same run, started from another image, kept by a new snapshot."""
+        return RunPlan(self.line, self.kind, self.argv, image, self.project, self.environ,
+                       self.started, int(self.labels[LABEL + "pid"]), self.tty, snapshot,
+                       self.offline)
+
+    def _record(self):
+        """What whoever ends the run (see end_run) needs, kept in its run
+        directory; the seeding of the git gate adds what it found."""
+        project, repo = self.project, self.project.repo
+        return {
+            "container": self.container, "kind": self.kind, "target": self.target,
+            "point": self.mount_point, "uid": os.getuid(), "gid": os.getgid(),
+            "started": self.started, "gated": project.gated, "format": project.format,
+            "repo": repo and {"gitdir": repo.gitdir, "common": repo.common,
+                              "linked": repo.linked,
+                              "modules": project.modules},
+            "git_dirs": [list(value) for value in project.git_dirs.values()],
+            "git_files": {path: list(value) for path, value in project.git_files.items()},
+            "protected": [list(entry) for entry in project.protected],
+            "read": list(project.read), "git_config": project.git_config,
+            "module_configs": project.module_configs,
+            # (PI_AGENT_HARDLINKS=allow: the shared files, for end_run to name those changed)
+            "linked": {path: [info.st_ino, info.st_ctime_ns] for path, info in
+                       project.linked.items()} if self.line.config.hardlinks == "allow" else {},
+            "head": None, "refs": {}, "index": None, "state": {}, "made_dot": False,
+            "notes": [], "host_run": {}}
+
+    def _run_args(self):
+        args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
+        args += label_args(self.labels)
+        args += CAP_DROP_ARGS
+        for source, destination, readonly in self.mounts:
+            args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
+        if self.network:
+            args += ["--network", self.network]
+        return args + self.line.config.limits + script_command(self.image, self.run_dir)
+
+    def script(self, redact=False):
+        """The run script: the environment, the working directory, the
+        command; it waits for sessions that joined the run to leave."""
+        return session_script(self.container, self.env, self.line.config, self.workdir,
+                              agent_command(self.kind, self.argv, self.line.config, self.network),
+                              redact, main=True)
+
+    def save_meta(self, exit_status):
+        """The run's labels and outcome, as save_run() takes them."""
+        meta = {key[len(LABEL):]: value for key, value in self.labels.items()}
+        meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
+                    mount=self.mount_point, epoch=self.started, command=self.argv,
+                    agent=self.line.config.agent if self.kind == "run" else None)
+        return meta
+
+
+def write_run_dir(run_dir, script, record=None, identity=None):
+    """A run's directory, which only the user can reach on the host (the
+    parent is 0700), readable inside whatever the container's user: its
+    script and, for a run in a project, its private git directory (see the
+    git gate) and its record (RUN_RECORD)."""
+    parent = os.path.dirname(run_dir)
+    path = os.path.join(run_dir, RUN_SCRIPT)
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.chmod(parent, 0o700)
+        os.mkdir(run_dir, 0o755)
+        os.chmod(run_dir, 0o755)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(script)
+        os.chmod(path, 0o755)
+    except OSError as err:
+        raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
+                         "can write" % (path, err.strerror))
+    if record is None:
+        return
+    try:
+        write_file(os.path.join(run_dir, JOIN_FILE), b"")
+        if record["gated"]:
+            seed_gate(run_dir, record, identity)
+        write_file(os.path.join(run_dir, RUN_RECORD), json.dumps(record).encode())
+    except OSError as err:
+        raise PiError("cannot prepare the run's git directory in %s: %s" % (run_dir, err))
+
+
+def read_run_record(run_dir):
+    """The record a run left in its directory, or None."""
+    try:
+        record = json.loads(read_regular(os.path.join(run_dir, RUN_RECORD), 1 << 30) or b"")
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def remove_run_dir(run_dir, script_only=False, line=None):
+    """The script goes when the run ends; the rest of the directory stays
+    until the container is removed, so that a saved container whose remover
+    died is told from one it removed without asking the engine. What the
+    agent left there as root (in its git directory) goes as root."""
+    import shutil
+    if script_only:
+        try:
+            os.remove(os.path.join(run_dir, RUN_SCRIPT))
+        except FileNotFoundError:
+            pass
+        return
+    try:
+        shutil.rmtree(run_dir)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if line is not None:
+            try:
+                give_back(line, os.path.dirname(run_dir), [os.path.basename(run_dir)],
+                          os.getuid(), os.getgid())
+            except PiError:
+                pass
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def abandon_run_dir(run_dir, record):
+    """The directory of a run that never started goes, with the empty .git
+    it made in a project that has no repository."""
+    if record.get("made_dot"):
+        try:
+            os.rmdir(os.path.join(record["target"], ".git"))
+        except OSError:
+            pass
+    remove_run_dir(run_dir)
+
+
+def make_home_parents(line, plan):
+    """Create a new mount point and its parents in the agent's home, owned
+    by the agent (the engine would make them root's), and commit that into
+    current; returns the new current. Once per new directory: the image
+    then knows the mount point."""
+    image = plan.image
+    user = image["Config"]["User"].split(":")[0]
+    name = plan.container + "-prepare"
+    run_dir = os.path.join(line.run_dir, name)
+    labels = dict(plan.labels)
+    labels[LABEL + "kind"] = "prepare"
+    write_run_dir(run_dir, "#!/bin/sh\nmkdir -p %s && chown %s %s\n" % (
+        shlex.quote(plan.mount_point), shlex.quote(user + ":"), shlex.join(plan.home_parents)))
+    try:
+        # --init as in a run, so that its mount point is made here too.
+        docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
+               *CAP_DROP_ARGS, *line.config.limits, *label_args(labels),
+               *script_command(image, run_dir))
+        labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
+                                                  "exit_status": 0, "mount": plan.mount_point})
+        docker(*commit_args(name, image, labels, "pi-agent: %s for the agent"
+                            % ", ".join(plan.home_parents)), line.current)
+    finally:
+        remove_run_dir(run_dir)
+        docker("rm", "-f", "-v", name, check=False)
+    return inspect_image(line.current)
+
+
+def print_plan(line, kind, argv, project, tty, offline):
+    """--dry-run: what a run would do, as docker commands; nothing changes.
+    (Printable only: the names come from the project, which the agent may
+    have named.)"""
+    def show(text):
+        print(printable(text))
+
+    current = inspect_image(line.current)
+    if current is None:
+        if inspect_image(line.base) is None:
+            base_image = line.config.base_image
+            show("# %s is missing: it would be built from %s, FROM %s (%s; until then its "
+                 "CMD, USER and home are unknown: the commands below use defaults)"
+                 % (line.base, line.config.dockerfile, base_image,
+                    "here already" if inspect_image(base_image) else
+                    "not here: the build would pull it; PI_AGENT_BASE_IMAGE picks another"))
+        show(shlex.join(["docker", "tag", line.base, line.current]))
+        current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
+    now = time.time()
+    kept = kept_as(line, current)
+    plan = RunPlan(line, kind, argv, current, project, os.environ, now, os.getpid(), tty,
+                   kept or snapshot_name(now), offline=offline, kept=bool(kept))
+    show("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
+                                                              plan.workdir))
+    if project.repo:
+        show("# its git directory stays outside: the agent gets a private one at %s (see the "
+             "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
+    if plan.home_parents:
+        show("# first, %s made the agent's in a container committed into current"
+             % ", ".join(plan.home_parents))
+    if plan.kept:
+        show("# current is kept already, as %s: no new snapshot" % plan.snapshot)
+    else:
+        show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
+    show("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
+                                             RUN_DIR_INSIDE))
+    for text in plan.script(redact=True).splitlines():
+        show("#   " + text)
+    show(shlex.join(["docker", *plan.run_args]))
+    labels = {key: "..." for key in plan.labels}
+    show(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
+                     line.current]))
+    show("# if that added no layer, the run changed nothing: current and the snapshot go back")
+    show(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
+    return 0
+
+
+def running_session(line, target):
+    """(holder, run directory) of the line's agent running in `target`, or None."""
+    holder = line.read_state().get("holder")
+    if not (agent_is_running(holder) and holder.get("phase") == "running"
+            and holder.get("target") == target and isinstance(holder.get("container"), str)):
+        return None
+    return holder, os.path.join(line.run_dir, os.path.basename(holder["container"]))
+
+
+def passed_secrets(env, config):
+    """{name: a digest of its value} of the variables of `env` that may be
+    secrets: PASS_ENV's, and the proxies (a proxy URL can hold a password)."""
+    import hashlib
+    names = set(config.pass_env) | set(PROXY_ENV)
+    return {name: hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+            for name, value in env if name in names}
+
+
+def join_run(line, found, kind, args):
+    """pi-shell (or pi) where the line's agent runs in the same project: a
+    session in its container (docker exec), with this command's own
+    environment, instead of waiting. The agent (pi) joins only the agent's
+    run; a shell joins any. A session joins only what has its network, and
+    brings no variable that may be a secret (passed_secrets) unless the
+    container has it already (the agent there could read it). The
+    container is saved once, by its run, after the last session has left
+    (see JOIN_FILE). Returns the session's exit status, or None when there
+    is no run to join."""
+    target, subdir = found[0], found[1]
+    running = running_session(line, target)
+    if running is None or (kind == "run" and running[0].get("kind") != "run"):
+        return None
+    holder, run_dir = running
+    config = line.config
+    network = "none" if args.offline else config.network
+    env = session_env(config, kind, os.environ)
+    if holder.get("network", "") != network:
+        raise Busy("%s is in use by %s; a session that joined it would be on its network (%s), "
+                   "not on yours (%s): add --wait to wait for it" % (
+                       line.name, describe_holder(holder), holder.get("network") or "default",
+                       network or "default"))
+    theirs, mine = holder.get("secrets") or {}, passed_secrets(env, config)
+    brought = sorted(name for name in mine if theirs.get(name) != mine[name])
+    if brought:
+        raise Busy("%s is in use by %s; a session that joined it would bring %s, which it does "
+                   "not have (its agent could read them): add --wait to wait for it"
+                   % (line.name, describe_holder(holder), ", ".join(brought)))
+    name = JOIN_PREFIX + str(os.getpid())
+    script, pending = os.path.join(run_dir, name), os.path.join(run_dir, "pending-" + name)
+    try:
+        door = os.open(os.path.join(run_dir, JOIN_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None  # it has just ended
+    held = None
+    try:
+        try:
+            fcntl.flock(door, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # it is ending: the line's lock is for the next one to wait for
+        point = (read_run_record(run_dir) or {}).get("point")
+        if not isinstance(point, str):
+            return None
+        for stale in (script, pending):  # (a killed session's, of the same pid)
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
+        # Locked before it is where the run's script looks: never by the agent first.
+        # No value of the environment is in it (the agent reads what is in
+        # the run directory): docker exec takes them by name (-e NAME) from
+        # the client's own environment, so they are in no file and on no
+        # command line. It stays until the session ends, not once read: it
+        # is how the run's script knows that a session is still in there.
+        write_file(pending, session_script(
+            holder["container"], [], config, os.path.join(point, subdir) if subdir else point,
+            agent_command(kind, args.argv, config, network)).encode(), 0o600)
+        held = os.open(pending, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy("%s is in use by %s, and its container keeps this session from joining "
+                       "it: add --wait to wait for it" % (line.name, describe_holder(holder)))
+        os.rename(pending, script)
+        say("joining %s: this session shares its container, which is saved once, when the "
+            "last session has left" % describe_holder(holder))
+        os.close(door)
+        door = None
+        tty = sys.stdin.isatty() and sys.stdout.isatty()
+        passing = [arg for name, value in env for arg in ("-e", name if value else name + "=")]
+        status = run_attached(["exec", "-i"] + (["-t"] if tty else []) + passing +
+                              [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name],
+                              env=dict(os.environ, **{name: value for name, value in env
+                                                      if value}))
+    finally:
+        for path in (pending, script):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        for fd in (held, door):
+            if fd is not None:
+                os.close(fd)
+    if status > 128 and not (inspect("container", holder["container"]) or
+                             {}).get("State", {}).get("Running"):
+        say("the run this session joined was stopped, and the session with it")
+    return status
+
+
+# --- the save: commit, or put back; whoever saves
+
+def only_mountpoint_changes(changes, mount):
+    """A run's changes ([(A|C|D, path)]) hold the mount points the engine
+    created (and their parents' mtimes): that alone is not a change the
+    run made."""
+    return all(kind in ("A", "C") and any(is_within(point, path)
+                                          for point in (mount,) + INIT_MOUNTS)
+               for kind, path in changes)
+
+
+def keep_snapshot(line, state, image_id, name):
+    """The one tag of the image a run started from as its snapshot `name`
+    (recorded first: a name never tagged is harmless, and tagging again
+    is too). Returns the call under way; the caller finishes it."""
+    record_snapshot(state, name)
+    return DockerCall(("tag", image_id, line.snap(name)))
+
+
+# What a save may cost the engine's disk (see save_cost): it keeps this much
+# free; the free space is asked only of a layer this big; the limit where
+# it cannot be known.
+SAVE_MARGIN = 1 << 30
+SAVE_ASK_FREE = 512 << 20
+SAVE_FALLBACK_LIMIT = 20 << 30
+
+
+class SaveWaits(Refused):
+    """A save not made, as it would write too much (or the disk is full):
+    the container waits for the user's decision (see wait_for_decision)."""
+
+
+def engine_free_space():
+    """Bytes free where a local engine keeps its layers, or None: an engine
+    elsewhere (a context, ssh, tcp, Docker Desktop's VM) is not looked at."""
+    if not docker_endpoint()[0].startswith("unix://"):
+        return None
+    root = docker("info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
+    try:
+        found = os.statvfs(root) if root.startswith("/") else None
+    except OSError:
+        return None
+    return found and found.f_bavail * found.f_frsize
+
+
+def size_call(container):
+    """What the commit of `container` will write, asked (see save_cost)."""
+    return DockerCall(("container", "inspect", "--size", "--format", "{{.SizeRw}}", container))
+
+
+def save_cost(line, sizing):
+    """The bytes the commit will write (`sizing`: the container's inspect
+    --size under way; the engine counts a sparse file whole, as the commit
+    writes its holes), or None when not known. SaveWaits above
+    PI_AGENT_SAVE_LIMIT (default: half the engine's free space), or where
+    less than SAVE_MARGIN would be left free."""
+    result = sizing.finish(check=False)
+    if result.returncode != 0 or not result.stdout.strip().isdigit():
+        return None  # (the commit says what is wrong)
+    size, limit = int(result.stdout.strip()), line.config.save_limit
+    free = engine_free_space() if size > SAVE_ASK_FREE else None
+    if limit is None:
+        limit = free // 2 if free is not None else SAVE_FALLBACK_LIMIT
+    if free is not None and size > free - SAVE_MARGIN:
+        why = "and the engine's disk has only %s free" % human_size(free)
+    elif size <= limit:
+        return size
+    elif line.config.save_limit is not None:
+        why = "more than PI_AGENT_SAVE_LIMIT=%s" % line.config.raw["PI_AGENT_SAVE_LIMIT"]
+    elif free is not None:
+        why = "more than half the engine's free space (%s; PI_AGENT_SAVE_LIMIT sets another " \
+            "limit)" % human_size(free)
+    else:
+        why = "more than %s (the engine's free space is not known here; PI_AGENT_SAVE_LIMIT " \
+            "sets another limit)" % human_size(limit)
+    err = SaveWaits("it would write %s, %s" % (human_size(size), why))
+    err.size = size
+    raise err
+
+
+def waiting_message(name, entry):
+    """The one line for a container that waits for the user's decision."""
+    largest = ", ".join("%s (%s)" % (path, human_size(size)) for path, size in
+                        entry.get("largest") or []) or "docker diff %s lists them" % name
+    return ("the %s was not saved: %s. Its container %s waits for your decision; the "
+            "largest: %s. pi-recover --drop PATH ... %s saves the run without those paths; "
+            "pi-clean-orphans discards it" % (entry.get("what"), entry.get("why"), name, largest,
+                                              name))
+
+
+def wait_for_decision(line, state, container, what, why, size):
+    """A save not made for its size or the disk's space: the container is
+    stopped and kept, and waits (the state's `waiting`) with its largest
+    files; the next command says so once, and no recovery retries it."""
+    docker("stop", "--time", "0", container, check=False)  # (a wrapper that died left it?)
+    largest, sizes, info = None, None, inspect("container", container)
+    if layer_listable(info):
+        try:
+            sizes = list_layer(line, info, names_only=True)[1]
+        except PiError as err:
+            line.log("could not list the layer of %s: %s" % (container, err))
+    if sizes is not None:
+        # The biggest files; where they are not the half of it (many small
+        # ones), the directories three deep that hold the most too.
+        largest = [item for item in sorted(sizes.items(), key=lambda item: -item[1])[:5]
+                   if item[1] >= 1 << 20]
+        if sum(found for _path, found in largest) < (size or 0) // 2:
+            tops = {}
+            for path, found in sizes.items():
+                top = "/".join(path.split("/")[:4])
+                if top != path:
+                    tops[top] = tops.get(top, 0) + found
+            largest += sorted(tops.items(), key=lambda item: -item[1])[:3]
+    entry = {"what": what, "why": why, "size": size, "largest": largest}
+    state.setdefault("waiting", {})[container] = entry
+    state["notice"] = waiting_message(container, entry)
+    line.write_state(state)
+    line.log(state["notice"])
+    return SaveWaits(state["notice"])
+
+
+def end_unended(line, name, summaries=None):
+    """A stopped run that nobody ended is ended under its project's lock,
+    as by its wrapper (waited for: no run waits for this line meanwhile).
+    Returns end_run's notes; its summary goes into `summaries` by name."""
+    run_dir = os.path.join(line.run_dir, name)
+    record = read_run_record(run_dir)
+    if record is None:
+        return []
+    repo = record.get("repo") or {}
+    fd = lock_project(line, record["target"], "end", True,
+                      [path for path in [repo.get("common"), repo.get("gitdir")] +
+                       list(record.get("read") or []) if isinstance(path, str)])
+    try:
+        notes = end_run(line, run_dir, record)
+        if summaries is not None:
+            summaries[name] = record.get("summary")
+        return notes
+    finally:
+        if fd is not None:
+            release_project_lock(fd)
+
+
+def teardown(line, names, state=None, removal=None, check=False, summaries=None):
+    """The one teardown of finished runs' containers: they go (an agent
+    still in one too), then their run directories (a run that nobody ended
+    is ended first, see end_run: its notes are returned, and its summary
+    goes into `summaries` by name), then their entries in the state.
+    Without `state` (the lock is not held) the next holder drops those
+    entries. `removal`: their `docker rm`, under way.
+    If the engine did not remove them, all stays for recovery: None is
+    returned, or with `check` the error raised."""
+    removal = removal or DockerCall(("rm", "-f", "-v", *names))
+    result = removal.finish(check=False)
+    if result.returncode != 0:
+        if check:
+            raise docker_failure(("rm",), result.stderr)
+        return None
+    notes = []
+    for name in names:
+        notes += end_unended(line, name, summaries)
+        remove_run_dir(os.path.join(line.run_dir, name), line=line)
+        if state is not None:
+            (state.get("removing") or {}).pop(name, None)
+            (state.get("waiting") or {}).pop(name, None)
+    if state is not None:
+        line.write_state(state)
+    return notes
+
+
+def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
+               defer_remove=False):
+    """The commit of save_run(): into current, or into a snapshot when the
+    container did not start from current. Returns the snapshot's name, or
+    None for no change."""
+    branched = current_id != image["Id"]
+    line.write_state(state)
+    mount = meta.get("mount") or ""
+    labels = saved_labels(line, container, image, meta)
+    message = "pi-agent %s in %s (exit %s)" % (meta.get("kind", "run"), meta.get("target", "?"),
+                                               meta.get("exit_status", "unknown"))
+    args = commit_args(container, image, labels, message)
+    new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
+    new = meta["new_image"] = inspect_image(new_id)
+    if defer_remove and not (mount and mount not in known_mounts(image)):
+        # Saved: from here the container is only to be removed (and read
+        # by record_changes, where the layer cannot be). Recorded first, so
+        # that whoever finds it later (this remover dead) just removes it.
+        state.setdefault("removing", {})[container] = os.getpid()
+        line.write_state(state)
+        if layer_listable(new) or not line.config.record_changes:
+            meta["removal"] = DockerCall(("rm", "-f", "-v", container))
+    if tagging is not None and tagging.finish(check=False).returncode != 0:
+        keep_snapshot(line, state, image["Id"], snapshot).finish()
+    meta["layers"] = image_layers(new)
+    changed = image_layers(new) != image_layers(image)
+    before = image.get("Size")
+    if before is None:  # (a state file of an earlier version remembers no size)
+        before = (inspect_image(image["Id"]) or {}).get("Size") or 0
+    meta.update(image_before=image["Id"], image_after=new["Id"],
+                bytes_added=(new.get("Size") or 0) - before)
+    if changed and mount and mount not in known_mounts(image):
+        if layer_listable(new):
+            try:  # (under the lock: the names alone, which are quick)
+                changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount)
+            except PiError as err:  # (in doubt, the layer stays: it costs nothing more)
+                line.log("could not list the layer of %s: %s" % (container, err))
+        else:
+            meta["diff_output"] = docker("diff", container).stdout
+            try:
+                changed = not only_mountpoint_changes(parse_diff(meta["diff_output"]), mount)
+            except PiError:
+                pass
+    snap = snapshot
+    if not changed:
+        meta.update(image_after=image["Id"], bytes_added=0)
+        if branched:
+            docker("rmi", new_id, check=False)
+        else:
+            docker("tag", image["Id"], line.current)
+            if meta.get("kept"):
+                docker("rmi", new_id, check=False)
+            else:
+                drop_snapshot(line, state, snapshot, also=[new_id])
+            remember_current(state, image)
+        snap = None
+    elif branched:
+        snap = add_snapshot(line, state, new_id)
+        meta["branched"] = True
+        state.pop("current", None)
+    else:
+        remember_current(state, new)
+    state.setdefault("removing", {})[container] = os.getpid()
+    line.write_state(state)
+    return snap
+
+
+def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
+             defer_remove=False, ended_by="run", sizing=None):
+    """Save a finished run's container: the one save, whoever saves it (the
+    saver; the wrapper, when its saver died; recovery, for a container an
+    interrupted run left).
+
+    `image` is the record of the image the container started from, `meta`
+    its run labels and exit_status (RunPlan.save_meta), `snapshot` the name
+    that keeps that image (keep_snapshot() tags it, unless `tagging` is
+    that tag under way; None: a new name, unless the image is not current
+    and kept already, as a leftover's is), `current_id` current's ID
+    as it is now (None: there is none). The commit moves current itself,
+    atomically. If the commit added no layer, the run changed nothing, and
+    current, the snapshots and the layers are as they were. If the
+    container did not start from current (a leftover, current changed by
+    hand, reset or removed), its result becomes a snapshot and current
+    stays (meta["branched"]; the notice says so). Snapshots beyond the
+    setting are pruned. Returns the snapshot's name, or None for no change.
+
+    Each save adds a line to the session log (Line.record_session),
+    `ended_by` the run, recovery, or a failed commit, and what the run
+    changed is recorded (record_changes). A failure is kept in the state
+    (failed, notice: the next command says so, and recovery retries) and
+    raised. The container goes (teardown()) unless `defer_remove`: then
+    the caller (the saver) records the session and the changes, and
+    removes the container, the last two after releasing the lock, so that
+    the next run need not wait (meta["removal"]: its removal, started here
+    unless record_changes needs the container: no layer to list).
+    """
+    what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
+    sizing = sizing or size_call(container)
+    if snapshot is None and current_id == image["Id"]:
+        snapshot = kept_as(line, image)
+        meta["kept"] = "1" if snapshot else ""
+        snapshot = snapshot or next_snapshot(state, meta.get("epoch"))
+    if snapshot is not None and tagging is None:
+        tagging = keep_snapshot(line, state, image["Id"], snapshot)
+    size = None
+    try:
+        size = save_cost(line, sizing)
+        snap = commit_run(line, state, container, image, meta, snapshot, current_id, tagging,
+                          defer_remove)
+    except PiError as err:
+        if isinstance(err, SaveWaits) or "no space left on device" in str(err).lower():
+            if tagging is not None:
+                tagging.finish(check=False)
+            line.record_session(dict(meta, container=container), "waiting")
+            raise wait_for_decision(line, state, container, what, str(err) if isinstance(
+                err, SaveWaits) else "the engine's disk is full (%s)" % err,
+                getattr(err, "size", size))
+        state["failed"] = container
+        state["notice"] = ("the save of the %s failed: %s. The container %s keeps its "
+                           "changes: fix the engine (disk space?), then the next pi retries "
+                           "(or pi-recover %s now; pi-clean-orphans discards them)"
+                           % (what, err, container, container))
+        line.write_state(state)
+        line.log(state["notice"])
+        line.record_session(dict(meta, container=container), "failed commit")
+        raise PiError(state["notice"], err.code)
+    line.log("saved %s%s" % (container, " (snapshot %s)" % snap if snap else " (no change)"))
+    meta["saved_as"] = snap
+    if meta.get("branched"):
+        state["notice"] = ("%s was %s before the %s was saved; current stays as it is and the "
+                           "run is snapshot %s (pi-rollback %s to use it)"
+                           % (line.current, "changed outside pi-agent" if current_id else
+                              "gone (reset or removed)", what, snap, snap))
+        line.log(state["notice"])
+    if not defer_remove:
+        record_changes(line, container, meta)
+        ended = {}
+        show_notes(line, teardown(line, [container], state, summaries=ended) or [])
+        line.record_session(dict(meta, container=container,
+                                 ended=meta.get("ended") or ended.get(container)), ended_by)
+    prune_if_due(line, state, protect=(snapshot,))
+    return snap
+
+
+def flatten_if_due(line, state, layers):
+    """After a save that took current to `layers` (see auto_flatten)."""
+    if layers >= flatten_limit(line.config):
+        if state.get("holder"):
+            state["holder"]["phase"] = "flattening"
+        line.write_state(state)
+        auto_flatten(line, state)
+
+
+# --- recovery: what an interrupted run left, saved the same way
+
+def start_listing_runs(line, sizes=False):
+    fields = ["ID", "Names", "State", "CreatedAt", "RunningFor"] + (["Size"] if sizes else [])
+    parts = ['"%s":{{json .%s}}' % (field.lower(), field) for field in fields]
+    parts += ['"%s":{{json (.Label "%s%s")}}' % (key, LABEL, key) for key in RUN_LABELS]
+    return DockerCall(("ps", "-a", *(["--size"] if sizes else []),
+                       "--filter", "label=%srepo=%s" % (LABEL, line.repo),
+                       "--format", "{" + ",".join(parts) + "}"))
+
+
+def list_run_containers(line, sizes=False, listing=None):
+    """Containers this line's runs started (by label), oldest first."""
+    listing = listing or start_listing_runs(line, sizes)
+    rows = [row for row in json_lines(listing.finish().stdout)
+            if row.get("pid") and (row.get("profile") or "") == line.profile]
+    rows.sort(key=lambda row: (row.get("started") or "", row.get("createdat") or ""))
+    return rows
+
+
+def being_removed(state, name):
+    """Saved, and its remover still at work."""
+    pid = (state.get("removing") or {}).get(name)
+    return pid is not None and pid_alive(pid)
+
+
+def leftover_containers(line, sizes=False):
+    """Run containers that no live lifecycle owns. The state is read before
+    the listing: a save that ends in between removes its container after
+    writing that it does, so it is never taken for a leftover."""
+    state = line.read_state()
+    holder = (state.get("holder") or {}) if lock_is_held(line) else {}
+    host = os.uname().nodename
+    return [row for row in list_run_containers(line, sizes)
+            if row["names"] != holder.get("container")
+            and not being_removed(state, row["names"])
+            and not (row.get("host") == host and pid_alive(row["pid"]))]
+
+
+def recover_container(line, state, row):
+    """Save one left-behind container (see save_run). Returns a line for
+    the user."""
+    name = row["names"]
+    current = inspect_image(line.current)
+    if image_labels(current).get(LABEL + "container") == name:
+        show_notes(line, teardown(line, [name], state, check=True))
+        return "removed %s: its run was saved already" % name
+    info = inspect("container", name)
+    if info is None:
+        return "%s is gone already" % name
+    image = inspect_image(info["Image"])
+    if image is None:
+        raise EngineError("the image that %s started from is gone, so it cannot be saved; "
+                          "pi-clean-orphans discards it" % name)
+    meta = {key: row.get(key) or "" for key in RUN_LABELS}
+    meta.update(exit_status="unknown", kind=(row.get("kind") or "run"),
+                mount=next((m.get("Destination") for m in info.get("Mounts") or []
+                            if m.get("Type") == "bind" and m.get("RW")
+                            and m.get("Destination") != RUN_DIR_INSIDE), ""))
+    current_id = current["Id"] if current else None
+    # The run (almost surely) tagged its snapshot; a leftover of another
+    # image than current's is kept by a snapshot already, or is current's past.
+    snapshot = (row.get("snapshot") or None) if current_id == image["Id"] else None
+    snap = save_run(line, state, name, image, meta, snapshot, current_id, ended_by="recovered")
+    started = local_time(row.get("started"))
+    if meta.get("branched") and current is None:
+        return ("saved the run of %s in %s as snapshot %s: there was no current (reset or "
+                "removed), so the next run starts from base (pi-rollback %s to use the run)"
+                % (started, row.get("target"), snap, snap))
+    if meta.get("branched"):
+        return ("saved the run of %s in %s, which started from an older environment, as "
+                "snapshot %s; current is unchanged (pi-rollback %s to use it)"
+                % (started, row.get("target"), snap, snap))
+    if snap:
+        return ("recovered the interrupted run of %s in %s into current (before it: %s)"
+                % (started, row.get("target"), snap))
+    return "removed %s: the interrupted run of %s changed nothing" % (name, started)
+
+
+def recover_leftovers(line, state, listing=None, only=None, decide=False):
+    """Save what interrupted runs left behind, oldest first, before anything
+    else changes the line; returns how many it saved. One `docker ps` when
+    there is nothing to do: the labels find leftovers even when the state
+    file was lost. `only` (pi-recover CONTAINER) picks one by name or ID.
+    A save that fails stops it (save_run keeps the failure for the next).
+    Those that wait for the user's decision (too big to save) are left as
+    they are, but for pi-recover (`decide`): it tries them again."""
+    host = os.uname().nodename
+    recovered = 0
+    rows = list_run_containers(line, listing=listing)
+    present = {row["names"] for row in rows}
+    for key in ("removing", "waiting"):
+        if set(state.get(key) or {}) - present:
+            state[key] = {name: value for name, value in state[key].items() if name in present}
+            line.write_state(state)
+    if only:
+        rows = [row for row in rows if only in (row["names"], row["id"])]
+        if not rows:
+            raise NotFound("no left-behind container %s; pi-orphans lists them" % only)
+    for row in rows:
+        if row["names"] in state.get("removing", {}):
+            # Saved already: its remover is at work, or died and we finish.
+            if not being_removed(state, row["names"]):
+                show_notes(line, teardown(line, [row["names"]], state, check=True))
+            continue
+        if row.get("host") and row.get("host") != host:
+            say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
+            continue
+        if row["names"] in (state.get("waiting") or {}) and not decide:
+            show_notes(line, end_unended(line, row["names"]))  # (its wrapper died)
+            continue
+        try:
+            say(recover_container(line, state, row))
+        except SaveWaits as err:
+            state.pop("notice", None)  # (said here, once)
+            line.write_state(state)
+            if decide:
+                raise
+            say(str(err))
+            continue
+        except BaseException as err:
+            # Not saved (Ctrl-C too): the next command must look again.
+            first = state.get("failed") != row["names"]  # save_run says it its own way
+            state["failed"] = row["names"]
+            line.write_state(state)
+            if first and isinstance(err, PiError):
+                raise PiError("could not save the environment that an interrupted run left in "
+                              "container %s: %s. Fix the engine, then pi-recover %s saves it "
+                              "(pi-clean-orphans discards it)"
+                              % (row["names"], err, row["names"]), err.code)
+            raise
+        recovered += 1
+    if recovered or state.get("failed") or state.get("notice"):
+        state.pop("failed", None)
+        state.pop("notice", None)
+        line.write_state(state)
+        remove_own_dangling(line)
+    if recovered:
+        flatten_if_due(line, state, image_layers(inspect_image(line.current)))
+    return recovered
+
+
+class exclusive:
+    """`with exclusive(line, kind) as state:` for commands that change images:
+    waits for any save, recovers what an interrupted run left, and releases."""
+
+    def __init__(self, line, kind, wait=False, recover=True):
+        self.lock = LineLock(line)
+        self.line, self.kind, self.wait, self.recover = line, kind, wait, recover
+
+    def __enter__(self):
+        found, self.state = self.lock.acquire(self.kind, wait=self.wait)
+        say_what_was_left(self.line, found, self.state)
+        if self.recover:
+            try:
+                recover_leftovers(self.line, self.state)
+            except BaseException:
+                self.lock.release(self.state)
+                raise
+        return self.state
+
+    def __exit__(self, *exc):
+        self.lock.release(self.state)
+        return False
+
+
+# --- prepare, under the line's lock and the project's
+
+def prepare_run(line, found, state, project, kind, argv, offline, tty):
+    """Under the line's lock, before anything starts: what the last holder
+    left is dealt with (recovery, unless it released cleanly), current is
+    there, warnings are said, the run is planned and written down (its
+    run directory, the git gate), the project watched. Returns (plan,
+    watch, stale, verify, built): stale, the saved
+    containers whose removers died, for the saver to tear down, whether
+    current's remembered record is to be checked (by the saver: off the
+    path to the prompt), and whether the base was built for this run."""
+    config = line.config
+    check_engine()
+    if not offline:
+        check_network(config)
+    unshare_links(config, project)
+    say_what_was_left(line, found, state)
+    stale, remembered = [], None
+    if released_cleanly(found):
+        # No lifecycle died holding the lock: nothing was left behind but
+        # saved containers whose removers died (a remover that finished
+        # took its run directory).
+        removing = state.get("removing") or {}
+        for name, pid in list(removing.items()):
+            if not pid_alive(pid):
+                if os.path.isdir(os.path.join(line.run_dir, name)):
+                    stale.append(name)
+                else:
+                    del removing[name]
+        remembered = remembered_current(state)
+        current = remembered or inspect_image(line.current)
+    else:
+        listing = start_listing_runs(line)  # overlaps the inspect below
+        current = inspect_image(line.current)
+        if recover_leftovers(line, state, listing):
+            current = None
+    image, built = ensure_current(line, current, made=bool(found.get("made")))
+    for warning in misspelled_settings(os.environ) + [owner_mismatch(image)]:
+        if warning:
+            say(warning, "warning")
+    now = time.time()
+    kept = kept_as(line, image)
+    plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
+                   snapshot=kept or next_snapshot(state, now), offline=offline, kept=bool(kept))
+    try:
+        if plan.home_parents:
+            plan = plan.on(make_home_parents(line, plan),
+                           next_snapshot(state, now) if kept else plan.snapshot)
+            state.pop("current", None)
+        plan.record["host_run"] = host_run_files(project.target)
+        plan.record["identity"] = "%s <%s>" % config.git_identity
+        write_run_dir(plan.run_dir, plan.script(), plan.record, config.git_identity)
+        watch = ProjectWatch(project.target, project.dirs)
+    except BaseException:
+        if os.path.isdir(plan.run_dir):
+            abandon_run_dir(plan.run_dir, plan.record)
+        raise
+    return plan, watch, stale, remembered is not None, built
+
+
+# --- the saver, forked before the container starts
 
 # The wrapper's words to the saver, one line each, and its answers.
 SAID_ABORT = "abort"    # the container could not start: take the run back
@@ -6486,134 +6931,7 @@ class Saver:
             return False
 
 
-def run_attached(argv, container=None, env=None):
-    """Run the docker client in the foreground and return the status.
-
-    Hangup, terminate and interrupt go on to the client, which passes them
-    to the container's init and it to the agent. An agent that does not stop
-    within STOP_GRACE seconds (or a second signal) is stopped: the client is
-    killed and so is `container` (nothing more happens in the project once
-    this returns); the saver commits it as it was, then removes it.
-    """
-    try:
-        proc = subprocess.Popen(["docker", *argv], env=env)
-    except FileNotFoundError:
-        raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
-
-    caught, killed = [], []
-
-    def stop_waiting(_signum=None, _frame=None):
-        killed.append(True)
-        try:
-            proc.kill()
-        except OSError:
-            pass
-
-    def forward(signum, _frame):
-        caught.append(signum)
-        if len(caught) > 1:
-            return stop_waiting()
-        try:
-            proc.send_signal(signum)
-        except OSError:
-            pass
-        signal.setitimer(signal.ITIMER_REAL, STOP_GRACE)
-
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
-    previous = {signum: signal.signal(signum, stop_waiting if signum == signal.SIGALRM
-                                      else forward) for signum in handled}
-    started = time.monotonic()
-    try:
-        status = proc.wait()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    trace(proc.args, started, status)
-    if killed and container:
-        docker("kill", container, check=False)
-    # The docker client may exit 0 when signalled: the signal is the status.
-    if caught:
-        return 128 + caught[0]
-    return 128 - status if status < 0 else status
-
-
-def ensure_stopped(container):
-    """On a terminal, docker's detach keys (ctrl-p ctrl-q) end docker run
-    with the container still running: pi-agent ends the run instead of
-    leaving an agent at work in the project it is about to sweep."""
-    info = inspect("container", container)
-    if info and (info.get("State") or {}).get("Running"):
-        docker("kill", container, check=False)
-        say("the terminal detached from the container (ctrl-p ctrl-q?); pi-agent does not leave "
-            "an agent running in the background: it was stopped, and its work is saved",
-            "warning")
-
-
-def has_started(container):
-    """`docker run` exits 125 for its own failures, and so may the agent:
-    a container that never started tells them apart."""
-    info = inspect("container", container)
-    return bool(info) and not (info.get("State") or {}).get("StartedAt", "").startswith("0001-")
-
-
-def prepare_run(line, found, state, project, kind, argv, offline, tty):
-    """Under the line's lock, before anything starts: what the last holder
-    left is dealt with (recovery, unless it released cleanly), current is
-    there, warnings are said, the run is planned and written down (its
-    run directory, the git gate), the project watched. Returns (plan,
-    watch, stale, verify, built): stale, the saved
-    containers whose removers died, for the saver to tear down, whether
-    current's remembered record is to be checked (by the saver: off the
-    path to the prompt), and whether the base was built for this run."""
-    config = line.config
-    check_engine()
-    if not offline:
-        check_network(config)
-    unshare_links(config, project)
-    say_what_was_left(line, found, state)
-    stale, remembered = [], None
-    if released_cleanly(found):
-        # No lifecycle died holding the lock: nothing was left behind but
-        # saved containers whose removers died (a remover that finished
-        # took its run directory).
-        removing = state.get("removing") or {}
-        for name, pid in list(removing.items()):
-            if not pid_alive(pid):
-                if os.path.isdir(os.path.join(line.run_dir, name)):
-                    stale.append(name)
-                else:
-                    del removing[name]
-        remembered = remembered_current(state)
-        current = remembered or inspect_image(line.current)
-    else:
-        listing = start_listing_runs(line)  # overlaps the inspect below
-        current = inspect_image(line.current)
-        if recover_leftovers(line, state, listing):
-            current = None
-    image, built = ensure_current(line, current, made=bool(found.get("made")))
-    for warning in misspelled_settings(os.environ) + [owner_mismatch(image)]:
-        if warning:
-            say(warning, "warning")
-    now = time.time()
-    kept = kept_as(line, image)
-    plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
-                   snapshot=kept or next_snapshot(state, now), offline=offline, kept=bool(kept))
-    try:
-        if plan.home_parents:
-            plan = plan.on(make_home_parents(line, plan),
-                           next_snapshot(state, now) if kept else plan.snapshot)
-            state.pop("current", None)
-        plan.record["host_run"] = host_run_files(project.target)
-        plan.record["identity"] = "%s <%s>" % config.git_identity
-        write_run_dir(plan.run_dir, plan.script(), plan.record, config.git_identity)
-        watch = ProjectWatch(project.target, project.dirs)
-    except BaseException:
-        if os.path.isdir(plan.run_dir):
-            abandon_run_dir(plan.run_dir, plan.record)
-        raise
-    return plan, watch, stale, remembered is not None, built
-
+# --- the container, in the foreground; then handed over
 
 def run_container(plan, saver):
     """The container, in the foreground; returns its exit status. One that
@@ -6690,133 +7008,7 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     return status
 
 
-# Sessions that join a run of their profile in their project, instead of
-# waiting for it (pi-exec, for scripts, keeps the lock's rules).
-JOINABLE_KINDS = ("run", "shell")
-
-
-def running_session(line, target):
-    """(holder, run directory) of the line's agent running in `target`, or None."""
-    holder = line.read_state().get("holder")
-    if not (agent_is_running(holder) and holder.get("phase") == "running"
-            and holder.get("target") == target and isinstance(holder.get("container"), str)):
-        return None
-    return holder, os.path.join(line.run_dir, os.path.basename(holder["container"]))
-
-
-def join_run(line, found, kind, args):
-    """pi-shell (or pi) where the line's agent runs in the same project: a
-    session in its container (docker exec), with this command's own
-    environment, instead of waiting. The agent (pi) joins only the agent's
-    run; a shell joins any. A session joins only what has its network, and
-    brings no variable that may be a secret (passed_secrets) unless the
-    container has it already (the agent there could read it). The
-    container is saved once, by its run, after the last session has left
-    (see JOIN_FILE). Returns the session's exit status, or None when there
-    is no run to join."""
-    target, subdir = found[0], found[1]
-    running = running_session(line, target)
-    if running is None or (kind == "run" and running[0].get("kind") != "run"):
-        return None
-    holder, run_dir = running
-    config = line.config
-    network = "none" if args.offline else config.network
-    env = session_env(config, kind, os.environ)
-    if holder.get("network", "") != network:
-        raise Busy("%s is in use by %s; a session that joined it would be on its network (%s), "
-                   "not on yours (%s): add --wait to wait for it" % (
-                       line.name, describe_holder(holder), holder.get("network") or "default",
-                       network or "default"))
-    theirs, mine = holder.get("secrets") or {}, passed_secrets(env, config)
-    brought = sorted(name for name in mine if theirs.get(name) != mine[name])
-    if brought:
-        raise Busy("%s is in use by %s; a session that joined it would bring %s, which it does "
-                   "not have (its agent could read them): add --wait to wait for it"
-                   % (line.name, describe_holder(holder), ", ".join(brought)))
-    name = JOIN_PREFIX + str(os.getpid())
-    script, pending = os.path.join(run_dir, name), os.path.join(run_dir, "pending-" + name)
-    try:
-        door = os.open(os.path.join(run_dir, JOIN_FILE), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None  # it has just ended
-    held = None
-    try:
-        try:
-            fcntl.flock(door, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None  # it is ending: the line's lock is for the next one to wait for
-        point = (read_run_record(run_dir) or {}).get("point")
-        if not isinstance(point, str):
-            return None
-        for stale in (script, pending):  # (a killed session's, of the same pid)
-            try:
-                os.remove(stale)
-            except FileNotFoundError:
-                pass
-        # Locked before it is where the run's script looks: never by the agent first.
-        # No value of the environment is in it (the agent reads what is in
-        # the run directory): docker exec takes them by name (-e NAME) from
-        # the client's own environment, so they are in no file and on no
-        # command line. It stays until the session ends, not once read: it
-        # is how the run's script knows that a session is still in there.
-        write_file(pending, session_script(
-            holder["container"], [], config, os.path.join(point, subdir) if subdir else point,
-            agent_command(kind, args.argv, config, network)).encode(), 0o600)
-        held = os.open(pending, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Busy("%s is in use by %s, and its container keeps this session from joining "
-                       "it: add --wait to wait for it" % (line.name, describe_holder(holder)))
-        os.rename(pending, script)
-        say("joining %s: this session shares its container, which is saved once, when the "
-            "last session has left" % describe_holder(holder))
-        os.close(door)
-        door = None
-        tty = sys.stdin.isatty() and sys.stdout.isatty()
-        passing = [arg for name, value in env for arg in ("-e", name if value else name + "=")]
-        status = run_attached(["exec", "-i"] + (["-t"] if tty else []) + passing +
-                              [holder["container"], "sh", RUN_DIR_INSIDE + "/" + name],
-                              env=dict(os.environ, **{name: value for name, value in env
-                                                      if value}))
-    finally:
-        for path in (pending, script):
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-        for fd in (held, door):
-            if fd is not None:
-                os.close(fd)
-    if status > 128 and not (inspect("container", holder["container"]) or
-                             {}).get("State", {}).get("Running"):
-        say("the run this session joined was stopped, and the session with it")
-    return status
-
-
-def passed_secrets(env, config):
-    """{name: a digest of its value} of the variables of `env` that may be
-    secrets: PASS_ENV's, and the proxies (a proxy URL can hold a password)."""
-    import hashlib
-    names = set(config.pass_env) | set(PROXY_ENV)
-    return {name: hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
-            for name, value in env if name in names}
-
-
-def lifecycle(args, kind, argv):
-    """A run, start to end: the project found and held, the run prepared
-    under the line's lock, the saver forked, the container run in the
-    foreground, then handed over."""
-    import threading  # ctypes (for the project watch) loads meanwhile, off the path
-    loader = threading.Thread(target=__import__, args=("ctypes",), daemon=True)
-    loader.start()
-    try:
-        return run_lifecycle(args, kind, argv)
-    finally:
-        # An interpreter that exits while a thread still loads a C
-        # extension can crash (exit 139): an early error waits for it.
-        loader.join()
-
+# --- the lifecycle: the steps above, in their order
 
 def run_lifecycle(args, kind, argv):
     """lifecycle()'s run, with the ctypes import under way beside it."""
@@ -6879,7 +7071,24 @@ def run_lifecycle(args, kind, argv):
     return status
 
 
-# --------------------------------------------------------------- commands
+def lifecycle(args, kind, argv):
+    """A run, start to end: the project found and held, the run prepared
+    under the line's lock, the saver forked, the container run in the
+    foreground, then handed over."""
+    import threading  # ctypes (for the project watch) loads meanwhile, off the path
+    loader = threading.Thread(target=__import__, args=("ctypes",), daemon=True)
+    loader.start()
+    try:
+        return run_lifecycle(args, kind, argv)
+    finally:
+        # An interpreter that exits while a thread still loads a C
+        # extension can crash (exit 139): an early error waits for it.
+        loader.join()
+
+
+# ------------------------------------------------------------------- commands
+#
+# One cmd_NAME per subcommand, after what only it uses.
 
 def cmd_run(args):
     return lifecycle(args, "run", args.argv)
@@ -6898,21 +7107,65 @@ def cmd_shell(args):
     return lifecycle(args, "shell", [])
 
 
-def cmd_status(args):
-    """Everything, even with a bad setting: the diagnostic command must not
-    go blind when it is needed most. A bad setting is shown (its default
-    used meanwhile) and is the exit status."""
-    config = Config(lenient=True, profile=args.profile)
-    line = Line(config)
-    facts = status_facts(config, line)
-    if args.json:
-        print(json.dumps(facts, indent=1, sort_keys=True))
-    else:
-        print_status(config, line, facts)
-    if config.problems:
-        raise PiError("%s: see above; pi-status used the defaults in their place"
-                      % plural(len(config.problems), "bad setting"), EXIT_BAD_SETTING)
-    return 0
+def installed_agents(line, image):
+    """{agent: its --version line} of the known agents installed in
+    `image`: one throwaway container (no network, nothing mounted), asked
+    once per image and remembered beside the state, so that no run pays.
+    What answers is the agent's (its sh too): the answer is bounded in
+    time and size, and read from no input of ours."""
+    path = line.agents_path
+    try:
+        with open(path, encoding="utf-8") as handle:
+            cached = json.load(handle)
+        if isinstance(cached, dict) and isinstance(cached.get(image["Id"]), dict):
+            return cached[image["Id"]]
+    except (OSError, ValueError):
+        pass
+    # The first line with a version number in it (a tool may warn first).
+    script = ('limit=; command -v timeout >/dev/null 2>&1 && limit="timeout 30";'
+              ' for c in "$@"; do command -v "$c" >/dev/null 2>&1 || continue;'
+              ' out=$($limit "$c" --version 2>&1 </dev/null);'
+              ' v=$(printf "%s\\n" "$out" | grep -m 1 "[0-9]\\.[0-9]" || printf "%s\\n" "$out"'
+              ' | head -n 1);'
+              ' printf "%s\\t%s\\n" "$c" "$v"; done')
+    commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
+    name = "pi-agent-status-%d" % os.getpid()
+    call = DockerCall(("run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh",
+                       *CAP_DROP_ARGS, *line.config.limits, image["Id"], "-c", script, "sh",
+                       *commands), capture=False, stdin=subprocess.DEVNULL,
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    import select
+    output, deadline = b"", time.monotonic() + 60
+    while len(output) < 4096 and time.monotonic() < deadline:
+        if not select.select([call.proc.stdout], [], [], deadline - time.monotonic())[0]:
+            break
+        chunk = os.read(call.proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        output += chunk
+    try:
+        call.proc.wait(timeout=1 if len(output) >= 4096 else
+                       max(deadline - time.monotonic(), 0) + 1)
+    except subprocess.TimeoutExpired:  # too slow, or too much to say
+        docker("rm", "-f", name, check=False)
+        call.proc.kill()
+        call.proc.wait()
+    call.proc.stdout.close()
+    found = {}
+    for row in output.decode("utf-8", "replace").splitlines():
+        command, _, version = row.partition("\t")
+        if command in commands:
+            found[commands[command]] = version.strip()[:80] or "?"
+    if call.proc.returncode == 0:
+        temp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                           encoding="utf-8") as handle:
+                json.dump({image["Id"]: found}, handle)
+            os.replace(temp, path)
+        except OSError:
+            pass
+    return found
 
 
 def status_facts(config, line):
@@ -7029,79 +7282,32 @@ def print_status(config, line, facts):
         print("  " + printable(note))
 
 
-def installed_agents(line, image):
-    """{agent: its --version line} of the known agents installed in
-    `image`: one throwaway container (no network, nothing mounted), asked
-    once per image and remembered beside the state, so that no run pays.
-    What answers is the agent's (its sh too): the answer is bounded in
-    time and size, and read from no input of ours."""
-    path = line.agents_path
-    try:
-        with open(path, encoding="utf-8") as handle:
-            cached = json.load(handle)
-        if isinstance(cached, dict) and isinstance(cached.get(image["Id"]), dict):
-            return cached[image["Id"]]
-    except (OSError, ValueError):
-        pass
-    # The first line with a version number in it (a tool may warn first).
-    script = ('limit=; command -v timeout >/dev/null 2>&1 && limit="timeout 30";'
-              ' for c in "$@"; do command -v "$c" >/dev/null 2>&1 || continue;'
-              ' out=$($limit "$c" --version 2>&1 </dev/null);'
-              ' v=$(printf "%s\\n" "$out" | grep -m 1 "[0-9]\\.[0-9]" || printf "%s\\n" "$out"'
-              ' | head -n 1);'
-              ' printf "%s\\t%s\\n" "$c" "$v"; done')
-    commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
-    name = "pi-agent-status-%d" % os.getpid()
-    call = DockerCall(("run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh",
-                       *CAP_DROP_ARGS, *line.config.limits, image["Id"], "-c", script, "sh",
-                       *commands), capture=False, stdin=subprocess.DEVNULL,
-                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    import select
-    output, deadline = b"", time.monotonic() + 60
-    while len(output) < 4096 and time.monotonic() < deadline:
-        if not select.select([call.proc.stdout], [], [], deadline - time.monotonic())[0]:
-            break
-        chunk = os.read(call.proc.stdout.fileno(), 4096)
-        if not chunk:
-            break
-        output += chunk
-    try:
-        call.proc.wait(timeout=1 if len(output) >= 4096 else
-                       max(deadline - time.monotonic(), 0) + 1)
-    except subprocess.TimeoutExpired:  # too slow, or too much to say
-        docker("rm", "-f", name, check=False)
-        call.proc.kill()
-        call.proc.wait()
-    call.proc.stdout.close()
-    found = {}
-    for row in output.decode("utf-8", "replace").splitlines():
-        command, _, version = row.partition("\t")
-        if command in commands:
-            found[commands[command]] = version.strip()[:80] or "?"
-    if call.proc.returncode == 0:
-        temp = "%s.%d.tmp" % (path, os.getpid())
-        try:
-            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
-                           encoding="utf-8") as handle:
-                json.dump({image["Id"]: found}, handle)
-            os.replace(temp, path)
-        except OSError:
-            pass
-    return found
+def cmd_status(args):
+    """Everything, even with a bad setting: the diagnostic command must not
+    go blind when it is needed most. A bad setting is shown (its default
+    used meanwhile) and is the exit status."""
+    config = Config(lenient=True, profile=args.profile)
+    line = Line(config)
+    facts = status_facts(config, line)
+    if args.json:
+        print(json.dumps(facts, indent=1, sort_keys=True))
+    else:
+        print_status(config, line, facts)
+    if config.problems:
+        raise PiError("%s: see above; pi-status used the defaults in their place"
+                      % plural(len(config.problems), "bad setting"), EXIT_BAD_SETTING)
+    return 0
 
 
-def describe_engine():
-    """The engine's version, and whether root inside is root on the host:
-    under a user namespace (rootless Docker, userns-remap, Podman) it is
-    not, and what root inside leaves in the project is harmless."""
-    info = docker("info", "--format", "{{.ServerVersion}} {{json .SecurityOptions}}").stdout
-    version, _, options = info.strip().partition(" ")
-    if "name=rootless" in options or "name=userns" in options:
-        return ("Docker %s, with user namespaces: root inside is not root on the host"
-                % version)
-    return ("Docker %s, no user namespace: root inside (sudo) is root on the host, so each run "
-            "ends with a sweep of the project for what it left privileged; rootless Docker or "
-            "userns-remap makes that harmless (see the README)" % version)
+def snapshot_entry(snap, image, current, next_run):
+    """pi-snapshots --json: one snapshot (the README's shape)."""
+    day, clock, millis = SNAPSHOT_RE.match(snap["tag"]).groups()
+    return {"name": snap["tag"], "id": image.get("Id"),
+            "kept_at": "%s-%s-%sT%s:%s:%s.%sZ" % (day[:4], day[4:6], day[6:], clock[:2],
+                                                  clock[2:4], clock[4:], millis),
+            "made": image.get("Created"), "size": image.get("Size"),
+            "current": bool(image.get("Id")) and image.get("Id") == current.get("Id"),
+            "made_by": made_by(image), "next_run": next_run}
 
 
 def cmd_snapshots(args):
@@ -7152,33 +7358,6 @@ def cmd_snapshots(args):
     if any(row[0] for row in rows):
         print("* is current's image: pi-rollback to it changes nothing.")
     return 0
-
-
-def snapshot_entry(snap, image, current, next_run):
-    """pi-snapshots --json: one snapshot (the README's shape)."""
-    day, clock, millis = SNAPSHOT_RE.match(snap["tag"]).groups()
-    return {"name": snap["tag"], "id": image.get("Id"),
-            "kept_at": "%s-%s-%sT%s:%s:%s.%sZ" % (day[:4], day[4:6], day[6:], clock[:2],
-                                                  clock[2:4], clock[4:], millis),
-            "made": image.get("Created"), "size": image.get("Size"),
-            "current": bool(image.get("Id")) and image.get("Id") == current.get("Id"),
-            "made_by": made_by(image), "next_run": next_run}
-
-
-def resolve_snapshot(line, name):
-    snaps = list_snapshots(line)
-    if not snaps:
-        raise NotFound("%s has no snapshots yet: each run that changes the environment makes "
-                       "one" % line.name)
-    if name is None:
-        return snaps[0]
-    tag = (line.snapshot_named(name.split(":", 1)[1]) if name.startswith(line.repo + ":")
-           else name)
-    for snap in snaps:
-        if snap["tag"] == tag:
-            return snap
-    raise NotFound("no snapshot %r of %s; pi-snapshots lists them%s" % (
-        name, line.name, " (pi-reset-system makes base current)" if name == "base" else ""))
 
 
 def switch_current(line, state, new_ref, what):
@@ -7328,23 +7507,6 @@ def cmd_orphans(args):
     return 0
 
 
-def cmd_recover(args):
-    line = profile_line(args)
-    # (--drop takes the words after it: the one that is not a path is the container)
-    paths = [word for word in args.drop if word.startswith("/")]
-    names = [word for word in args.drop if not word.startswith("/")] + \
-        ([args.container] if args.container else [])
-    if len(names) > 1 or (args.drop and not paths):
-        raise PiError("pi-recover --drop PATH ... [CONTAINER]: each PATH absolute, as inside "
-                      "the container, and one container at most", EXIT_USAGE)
-    with exclusive(line, "recover", recover=False) as state:
-        only = drop_paths(line, state, names[0] if names else None, paths) if paths \
-            else names[0] if names else None
-        if not recover_leftovers(line, state, only=only, decide=True):
-            say("no left-behind containers of %s; nothing to recover" % line.name)
-    return 0
-
-
 # Takes the paths (NUL-separated, on stdin) out of a stopped container's
 # writable layer, at /pi-agent-layer: first each is checked, never through
 # a symbolic link (a directory on the way that the run made a link), and
@@ -7406,6 +7568,23 @@ def drop_paths(line, state, only, paths):
         raise docker_failure(("run",), result.stderr)
     say("dropped from %s: %s" % (name, ", ".join(printable(path) for path in paths)))
     return name
+
+
+def cmd_recover(args):
+    line = profile_line(args)
+    # (--drop takes the words after it: the one that is not a path is the container)
+    paths = [word for word in args.drop if word.startswith("/")]
+    names = [word for word in args.drop if not word.startswith("/")] + \
+        ([args.container] if args.container else [])
+    if len(names) > 1 or (args.drop and not paths):
+        raise PiError("pi-recover --drop PATH ... [CONTAINER]: each PATH absolute, as inside "
+                      "the container, and one container at most", EXIT_USAGE)
+    with exclusive(line, "recover", recover=False) as state:
+        only = drop_paths(line, state, names[0] if names else None, paths) if paths \
+            else names[0] if names else None
+        if not recover_leftovers(line, state, only=only, decide=True):
+            say("no left-behind containers of %s; nothing to recover" % line.name)
+    return 0
 
 
 def cmd_clean_orphans(args):
@@ -7734,33 +7913,6 @@ def cmd_worktree(args):
                                         argv=args.argv), "run", args.argv)
 
 
-def newest_sessions(path, count):
-    """The newest `count` records of a session log, newest first, read from
-    its end: a long log costs no more than a short one."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return []
-    records = []
-    try:
-        end, partial = os.fstat(fd).st_size, b""
-        while end > 0 and len(records) < count:
-            start = max(0, end - (1 << 16))
-            lines = (os.pread(fd, end - start, start) + partial).split(b"\n")
-            partial = lines.pop(0) if start > 0 else b""
-            for raw in reversed(lines):
-                try:
-                    record = json.loads(raw) if raw.strip() else None
-                except ValueError:
-                    continue  # (a line cut short by a full disk, say)
-                if isinstance(record, dict) and len(records) < count:
-                    records.append(record)
-            end = start
-    finally:
-        os.close(fd)
-    return records
-
-
 def cmd_log(args):
     line = profile_line(args)
     wait_for_save(line)
@@ -7792,89 +7944,49 @@ def cmd_log(args):
     return 0
 
 
-def wait_for_reports(line, records, timeout=120):
-    """Until the runs' changes are recorded, or nobody is at it: the saver
-    records them once the line is free (record_changes), a moment after
-    the prompt."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        removing = line.read_state().get("removing") or {}
-        pending = [r for r in records if r.get("container") in removing
-                   and read_report(line, r["container"]) is None
-                   and pid_alive(removing[r["container"]])]
-        if not pending:
-            return
-        time.sleep(0.05)
-
-
-def changed_nothing(record):
-    return record.get("image_after") == record.get("image_before")
-
-
-def trace_runs(line, records, from_id, to_id):
-    """The saved runs (session records, oldest first) that led from image
-    `from_id` to image `to_id`, found from `to_id` back: the run whose
-    image it is, then the run that made the image that run started from,
-    and so on. An image the log does not know (a flattened current) is
-    known by its labels, which name the run that made what it holds.
-    Returns None if the way back does not reach `from_id`."""
-    by_image, by_container = {}, {}
-    for record in records:  # (newest first: a later record of an image wins)
-        if record.get("ended_by") == "failed commit" or changed_nothing(record):
-            continue
-        by_image.setdefault(record.get("image_after"), record)
-        by_container.setdefault(record.get("container"), record)
-    chain, image, seen = [], to_id, set()
-    while image != from_id:
-        if image in seen or image is None:
-            return None
-        seen.add(image)
-        record = by_image.get(image) or by_container.get(
-            image_labels(inspect_image(image)).get(LABEL + "container"))
-        if record is None:
-            return None
-        if record.get("image_after") == from_id:
-            break  # `to_id` is a flattened copy of `from_id`
-        chain.append(record)
-        image = record.get("image_before")
-    return chain[::-1]
-
-
-def diff_endpoint(line, name):
-    """(image ID, what to call it) for a snapshot name, current or base."""
-    if name in ("current", "base"):
-        image = inspect_image(line.current if name == "current" else line.base)
-        if image is None:
-            raise NotFound("%s has no %s image" % (line.name, name))
-        return image["Id"], name
-    snap = resolve_snapshot(line, name)
-    return inspect_image(line.snap(snap["tag"]))["Id"], snap["tag"]
-
-
-def image_names(line, image_ids, current_id):
-    """current, a snapshot's name, base or None for each image ID (the
-    engine asked once)."""
-    snaps, base = list_snapshots(line), inspect_image(line.base)
-
-    def name(image_id):
-        if not image_id:
-            return None
-        if image_id == current_id:
-            return "current"
-        for snap in snaps:
-            if image_id.split(":")[-1].startswith(snap["id"]):
-                return snap["tag"]
-        return "base" if base and base["Id"] == image_id else None
-    return [name(image_id) for image_id in image_ids]
-
-
-def invert_changes(rows, packages):
-    """What going back undoes: the changes of the way forward, reversed."""
-    flip = {"A": "D", "D": "A", "C": "C"}
-    undo = {"installed": "removed", "removed": "installed", "changed": "changed"}
-    return ([[flip[kind], path, owner, None] for kind, path, owner, _size in rows],
-            [dict(package, change=undo.get(package.get("change"), package.get("change")),
-                  size=None) for package in packages])
+def print_diff(title, runs, facts, shown, missing, everything, nothing_saved=False):
+    counts = facts["paths"]
+    if nothing_saved:
+        print(title)
+        return
+    print("%s: %s" % (title, ", ".join("%d %s" % (counts[word], word) for word in
+                                       ("added", "changed", "deleted") if counts[word])
+                      or ("not recorded" if missing else "no change")))
+    if len(runs) > 1:
+        print("(%d runs)" % len(runs))
+    if facts["packages"]:
+        print("packages:")
+        rows = []
+        for package in facts["packages"]:
+            rows.append(("  " + package["change"], package["manager"],
+                         printable(package["name"]),
+                         printable(package.get("version") or ""),
+                         human_size(package["size"]) if package.get("size") else ""))
+        print_table(rows)
+    if everything:
+        if shown:
+            print("paths:")
+        for kind, path, owner, _size in shown:
+            print("  %s %s%s" % (kind, printable(path), "  (%s)" % printable(owner) if owner
+                                 else "  (noise)" if is_noise(path) else ""))
+        return
+    if facts["groups"]:
+        print("other paths, by directory:")
+        rows = [("  DIRECTORY", "ADDED", "CHANGED", "DELETED", "WRITTEN")]
+        for group in facts["groups"]:
+            rows.append(("  " + printable(group["directory"]), str(group["added"]),
+                         str(group["changed"]), str(group["deleted"]),
+                         human_size(group["bytes"]) if group["bytes"] else "-"))
+        print_table(rows)
+    hidden = []
+    if facts["package_paths"]:
+        hidden.append("%s of the packages above" % plural(facts["package_paths"], "path"))
+    if facts["hidden"]:
+        hidden.append("%s of caches, logs and temporary files%s" % (
+            plural(facts["hidden"], "path"), " (%s written)" % human_size(facts["hidden_bytes"])
+            if facts["hidden_bytes"] else ""))
+    if hidden:
+        print("not shown: %s (pi-diff --all lists every path)" % ", and ".join(hidden))
 
 
 def cmd_diff(args):
@@ -7965,61 +8077,6 @@ def cmd_diff(args):
     return 0
 
 
-def print_diff(title, runs, facts, shown, missing, everything, nothing_saved=False):
-    counts = facts["paths"]
-    if nothing_saved:
-        print(title)
-        return
-    print("%s: %s" % (title, ", ".join("%d %s" % (counts[word], word) for word in
-                                       ("added", "changed", "deleted") if counts[word])
-                      or ("not recorded" if missing else "no change")))
-    if len(runs) > 1:
-        print("(%d runs)" % len(runs))
-    if facts["packages"]:
-        print("packages:")
-        rows = []
-        for package in facts["packages"]:
-            rows.append(("  " + package["change"], package["manager"],
-                         printable(package["name"]),
-                         printable(package.get("version") or ""),
-                         human_size(package["size"]) if package.get("size") else ""))
-        print_table(rows)
-    if everything:
-        if shown:
-            print("paths:")
-        for kind, path, owner, _size in shown:
-            print("  %s %s%s" % (kind, printable(path), "  (%s)" % printable(owner) if owner
-                                 else "  (noise)" if is_noise(path) else ""))
-        return
-    if facts["groups"]:
-        print("other paths, by directory:")
-        rows = [("  DIRECTORY", "ADDED", "CHANGED", "DELETED", "WRITTEN")]
-        for group in facts["groups"]:
-            rows.append(("  " + printable(group["directory"]), str(group["added"]),
-                         str(group["changed"]), str(group["deleted"]),
-                         human_size(group["bytes"]) if group["bytes"] else "-"))
-        print_table(rows)
-    hidden = []
-    if facts["package_paths"]:
-        hidden.append("%s of the packages above" % plural(facts["package_paths"], "path"))
-    if facts["hidden"]:
-        hidden.append("%s of caches, logs and temporary files%s" % (
-            plural(facts["hidden"], "path"), " (%s written)" % human_size(facts["hidden_bytes"])
-            if facts["hidden_bytes"] else ""))
-    if hidden:
-        print("not shown: %s (pi-diff --all lists every path)" % ", and ".join(hidden))
-
-
-def run_paths(line, record):
-    """A run's counts of paths added, changed, deleted (its report's), or
-    None when not recorded."""
-    if changed_nothing(record) and record.get("ended_by") != "failed commit":
-        return {"added": 0, "changed": 0, "deleted": 0}
-    report = read_report(line, record.get("container")) or {}
-    paths = report.get("paths")
-    return paths if isinstance(paths, dict) else None
-
-
 def cmd_complete(args):
     """For shell completion: one candidate per line, nothing on any error."""
     line = Line(Config(profile=args.profile))
@@ -8047,7 +8104,9 @@ def cmd_unlock(args):
                "it, and the next pi recovers its work)" % (line.name, describe_holder(holder)))
 
 
-# ---------------------------------------------------------------- parsing
+# -------------------------------------------------------------------- parsing
+#
+# The command line: wrapper options before the agent's, one parser, main.
 
 LIFECYCLE_FLAGS = {"--wait", "--here", "--dry-run", "--offline", "-h", "--help", "--version"}
 # ... and those that take a value (--agent: pi only).
@@ -8238,19 +8297,6 @@ def build_parser():
     profile_option(complete)
     complete.set_defaults(func=cmd_complete)
     return parser
-
-
-def checked_profile(prog, name, option="--profile"):
-    """A profile name given on the command line (after `option`, or as an
-    argument if None): "" for the default profile, None when not given."""
-    if name is None or name == DEFAULT_PROFILE:
-        return name and ""
-    problem = profile_problem(name)
-    if problem:
-        raise PiError("%s: %s: %s" % (prog, "%s %s" % (option, shlex.quote(name)) if option
-                                      else "profile name %s" % shlex.quote(name), problem),
-                      EXIT_USAGE)
-    return name
 
 
 def parse_args(argv):

@@ -2725,72 +2725,6 @@ def varint(data, pos):
     return value, pos
 
 
-def parse_index(data, hash_len, trusted=False):
-    """The entries of a git index (versions 2 to 4), checked unless it is
-    the host's own (`trusted`): its checksum, sort order, modes and paths.
-    Required extensions (a split or sparse index) are refused; optional ones
-    dropped. ValueError if anything is off."""
-    import hashlib
-    if len(data) < 12 + hash_len or data[:4] != b"DIRC":
-        raise ValueError("not an index file")
-    digest = data[-hash_len:]
-    algorithm = "sha1" if hash_len == 20 else "sha256"
-    if not trusted and digest != bytes(hash_len) and \
-            hashlib.new(algorithm, data[:-hash_len]).digest() != digest:
-        raise ValueError("its checksum is wrong")
-    version, count = struct.unpack_from(">LL", data, 4)
-    if version not in (2, 3, 4):
-        raise ValueError("index version %d" % version)
-    head = struct.Struct(">10L%dsH" % hash_len)
-    unpack, find, fixed, short = head.unpack_from, data.index, head.size, struct.Struct(">H")
-    entries, pos, previous, last = [], 12, b"", (b"", -1)
-    end_of_entries = len(data) - hash_len
-    try:
-        for _ in range(count):
-            start = pos
-            c_s, c_n, m_s, m_n, dev, ino, mode, uid, gid, size, oid, flags = unpack(data, pos)
-            pos += fixed
-            extended = 0
-            if flags & INDEX_EXTENDED:
-                if version < 3:
-                    raise ValueError("extended flags in a version 2 index")
-                extended, = short.unpack_from(data, pos)
-                pos += 2
-            if version == 4:
-                strip, pos = varint(data, pos)
-                end = find(b"\0", pos)
-                if strip > len(previous):
-                    raise ValueError("a bad path prefix")
-                path = previous[:len(previous) - strip] + data[pos:end]
-                pos = end + 1
-            else:
-                end = find(b"\0", pos)
-                path = data[pos:end]
-                pos = start + ((end - start + 8) & ~7)
-            key = (path, (flags >> 12) & 3)
-            if not trusted:
-                if mode not in INDEX_MODES:
-                    raise ValueError("an entry of mode %o (a sparse index?)" % mode)
-                if BAD_INDEX_PATH.search(path):
-                    raise ValueError("a path git would refuse: %r" % path)
-                if key <= last:
-                    raise ValueError("its entries are out of order")
-            entries.append(IndexEntry(path, key[1], (c_s, c_n, m_s, m_n, dev, ino, uid, gid, size),
-                                      mode, oid, flags & INDEX_ASSUME_VALID, extended))
-            previous, last = path, key
-    except (struct.error, IndexError):
-        raise ValueError("it is truncated")
-    if pos > end_of_entries:
-        raise ValueError("it is truncated")
-    while pos + 8 <= end_of_entries:
-        signature = data[pos:pos + 4]
-        size, = struct.unpack_from(">L", data, pos + 4)
-        if not b"A" <= signature[:1] <= b"Z":
-            raise ValueError("a %s extension" % signature.decode("ascii", "replace"))
-        pos += 8 + size
-    return entries
-
-
 def entry_bytes(entry, hash_len):
     """One entry as an index of version 2 or 3 stores it."""
     path, extended = entry.path, entry.extended
@@ -2806,34 +2740,47 @@ def entry_bytes(entry, hash_len):
 
 
 def index_entries(data, hash_len, trusted=False):
-    """The entries of a git index, each as the bytes of a version 2/3 entry
-    (a version 4 index is decoded), after checking the header, checksum and
-    extensions unless it is the host's own (`trusted`)."""
+    """The one reader of a git index (versions 2 to 4): its entries, each as
+    the bytes of a version 2 or 3 entry (a version 4 index's paths are
+    decoded into them), after checking the header, checksum and extensions
+    unless it is the host's own (`trusted`): a required extension (a split
+    or sparse index) is refused. What each entry says is checked where it
+    is used (decode_entry). ValueError if anything is off."""
     import hashlib
     if len(data) < 12 + hash_len or data[:4] != b"DIRC":
         raise ValueError("not an index file")
     version, count = struct.unpack_from(">LL", data, 4)
-    if version == 4:
-        return [entry_bytes(entry, hash_len) for entry in parse_index(data, hash_len, trusted)]
-    if version not in (2, 3):
+    if version not in (2, 3, 4):
         raise ValueError("index version %d" % version)
     digest = data[-hash_len:]
     if not trusted and digest != bytes(hash_len) and hashlib.new(
             "sha1" if hash_len == 20 else "sha256", data[:-hash_len]).digest() != digest:
         raise ValueError("its checksum is wrong")
-    fixed, find, entries, pos = 40 + hash_len + 2, data.index, [], 12
-    end_of_entries = len(data) - hash_len
-    try:
-        for _ in range(count):
-            end = find(b"\0", pos + fixed + (2 if data[pos + fixed - 2] & 0x40 else 0))
-            after = pos + ((end - pos + 8) & ~7)
-            entries.append(data[pos:after])
-            pos = after
-    except (IndexError, ValueError):
+    fixed, find, entries, pos, previous = 40 + hash_len + 2, data.find, [], 12, b""
+    for _ in range(count):
+        if pos + fixed > len(data):
+            raise ValueError("it is truncated")
+        head = pos + fixed + (2 if data[pos + fixed - 2] & 0x40 else 0)
+        if version == 4:
+            try:
+                strip, start = varint(data, head)
+            except IndexError:
+                raise ValueError("it is truncated")
+            end = find(b"\0", start)
+            if strip > len(previous):
+                raise ValueError("a bad path prefix")
+            previous = previous[:len(previous) - strip] + data[start:end]
+            raw = data[pos:head] + previous
+            entries.append(raw + b"\0" * (((len(raw) + 8) & ~7) - len(raw)))
+        else:
+            end = find(b"\0", head)
+            entries.append(data[pos:pos + ((end - pos + 8) & ~7)])
+        if end < 0:
+            raise ValueError("it is truncated")
+        pos = end + 1 if version == 4 else pos + len(entries[-1])
+    if pos > len(data) - hash_len:
         raise ValueError("it is truncated")
-    if pos > end_of_entries:
-        raise ValueError("it is truncated")
-    while not trusted and pos + 8 <= end_of_entries:
+    while not trusted and pos + 8 <= len(data) - hash_len:
         signature = data[pos:pos + 4]
         if not b"A" <= signature[:1] <= b"Z":
             raise ValueError("a %s extension" % signature.decode("ascii", "replace"))

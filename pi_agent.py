@@ -6234,11 +6234,10 @@ def teardown(line, names, state=None, removal=None, check=False, summaries=None)
     return notes
 
 
-def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-               defer_remove=False):
+def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None):
     """The commit of save_run(): into current, or into a snapshot when the
-    container did not start from current. Returns the snapshot's name, or
-    None for no change."""
+    container did not start from current. Returns the snapshot's name (None
+    for no change), and the container's removal if it is under way."""
     branched = current_id != image["Id"]
     line.write_state(state)
     mount = meta.get("mount") or ""
@@ -6248,14 +6247,15 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     args = commit_args(container, image, labels, message)
     new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
     new = meta["new_image"] = inspect_image(new_id)
-    if defer_remove and not (mount and mount not in known_mounts(image)):
+    removal = None
+    if not (mount and mount not in known_mounts(image)):
         # Saved: from here the container is only to be removed (and read
         # by record_changes, where the layer cannot be). Recorded first, so
         # that whoever finds it later (this remover dead) just removes it.
         state.setdefault("removing", {})[container] = os.getpid()
         line.write_state(state)
         if layer_listable(new) or not line.config.record_changes:
-            meta["removal"] = DockerCall(("rm", "-f", "-v", container))
+            removal = DockerCall(("rm", "-f", "-v", container))
     if tagging is not None and tagging.finish(check=False).returncode != 0:
         keep_snapshot(line, state, image["Id"], snapshot).finish()
     meta["layers"] = image_layers(new)
@@ -6298,11 +6298,11 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
         remember_current(state, new)
     state.setdefault("removing", {})[container] = os.getpid()
     line.write_state(state)
-    return snap
+    return snap, removal
 
 
 def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-             defer_remove=False, ended_by="run", sizing=None):
+             sizing=None):
     """Save a finished run's container: the one save, whoever saves it (the
     saver; the wrapper, when its saver died; recovery, for a container an
     interrupted run left).
@@ -6318,17 +6318,13 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     container did not start from current (a leftover, current changed by
     hand, reset or removed), its result becomes a snapshot and current
     stays (meta["branched"]; the notice says so). Snapshots beyond the
-    setting are pruned. Returns the snapshot's name, or None for no change.
+    setting are pruned. Returns the snapshot's name (None for no change)
+    and the container's removal if it is under way; finish_saved() does
+    the rest, whoever saves.
 
-    Each save adds a line to the session log (Line.record_session),
-    `ended_by` the run, recovery, or a failed commit, and what the run
-    changed is recorded (record_changes). A failure is kept in the state
-    (failed, notice: the next command says so, and recovery retries) and
-    raised. The container goes (teardown()) unless `defer_remove`: then
-    the caller (the saver) records the session and the changes, and
-    removes the container, the last two after releasing the lock, so that
-    the next run need not wait (meta["removal"]: its removal, started here
-    unless record_changes needs the container: no layer to list).
+    A failure is kept in the state (failed, notice: the next command says
+    so, and recovery retries), logged as a session "failed commit", and
+    raised; one for size or disk space waits for the user (SaveWaits).
     """
     what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
     sizing = sizing or size_call(container)
@@ -6341,8 +6337,8 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     size = None
     try:
         size = save_cost(line, sizing)
-        snap = commit_run(line, state, container, image, meta, snapshot, current_id, tagging,
-                          defer_remove)
+        snap, removal = commit_run(line, state, container, image, meta, snapshot, current_id,
+                                   tagging)
     except PiError as err:
         if isinstance(err, SaveWaits) or "no space left on device" in str(err).lower():
             if tagging is not None:
@@ -6361,21 +6357,51 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
         line.record_session(dict(meta, container=container), "failed commit")
         raise PiError(state["notice"], err.code)
     line.log("saved %s%s" % (container, " (snapshot %s)" % snap if snap else " (no change)"))
-    meta["saved_as"] = snap
+    meta.update(saved_as=snap, snapshot=snapshot)
     if meta.get("branched"):
         state["notice"] = ("%s was %s before the %s was saved; current stays as it is and the "
                            "run is snapshot %s (pi-rollback %s to use it)"
                            % (line.current, "changed outside pi-agent" if current_id else
                               "gone (reset or removed)", what, snap, snap))
         line.log(state["notice"])
-    if not defer_remove:
+    return snap, removal
+
+
+def finish_saved(line, state, container, meta, ended, ended_by, removal=None,
+                 free_project=None, free_line=None):
+    """What every path after a commit does (the saver's, the wrapper's
+    when its saver died, recovery's), in one order: a run nobody ended
+    (`ended` None) loses its container first (its agent may still be at
+    work), then is ended (teardown, end_run); the session is logged
+    (`ended_by`: run, interrupted, recovered); snapshots are pruned;
+    `free_project` is called; current is flattened if the save took it to
+    the threshold; `free_line` is called (the saver's lock released: the
+    next run need not wait for what follows); then what the run changed is
+    recorded, and the container of a run that was ended goes (`removal`,
+    under way, or started here). Returns the notes of the end it made; a
+    saver (which frees the line) leaves them to the next command instead."""
+    notes = []
+    if ended is None:
+        record_changes(line, container, meta)  # (it may read the container)
+        summaries = {}
+        notes = teardown(line, [container], state, removal, summaries=summaries) or []
+        ended, removal = summaries.get(container), False
+        if notes and free_line:
+            state["notice"] = "after the %s in %s: %s" % (
+                meta.get("kind") or "run", meta.get("target") or "?", "; ".join(notes))
+            line.write_state(state)
+    line.record_session(dict(meta, container=container, ended=ended), ended_by)
+    prune_if_due(line, state, protect=(meta.get("snapshot"),))
+    if free_project:
+        free_project()
+    if meta.get("saved_as") and not meta.get("branched"):
+        flatten_if_due(line, state, meta["layers"])
+    if free_line:
+        free_line()
+    if removal is not False:
         record_changes(line, container, meta)
-        ended = {}
-        show_notes(line, teardown(line, [container], state, summaries=ended) or [])
-        line.record_session(dict(meta, container=container,
-                                 ended=meta.get("ended") or ended.get(container)), ended_by)
-    prune_if_due(line, state, protect=(snapshot,))
-    return snap
+        teardown(line, [container], None if free_line else state, removal)
+    return notes
 
 
 def flatten_if_due(line, state, layers):
@@ -6450,7 +6476,8 @@ def recover_container(line, state, row):
     # The run (almost surely) tagged its snapshot; a leftover of another
     # image than current's is kept by a snapshot already, or is current's past.
     snapshot = (row.get("snapshot") or None) if current_id == image["Id"] else None
-    snap = save_run(line, state, name, image, meta, snapshot, current_id, ended_by="recovered")
+    snap, removal = save_run(line, state, name, image, meta, snapshot, current_id)
+    show_notes(line, finish_saved(line, state, name, meta, None, "recovered", removal))
     started = local_time(row.get("started"))
     if meta.get("branched") and current is None:
         return ("saved the run of %s in %s as snapshot %s: there was no current (reset or "
@@ -6524,8 +6551,6 @@ def recover_leftovers(line, state, listing=None, only=None, decide=False):
         state.pop("notice", None)
         line.write_state(state)
         remove_own_dangling(line)
-    if recovered:
-        flatten_if_due(line, state, image_layers(inspect_image(line.current)))
     return recovered
 
 
@@ -6753,22 +6778,24 @@ class Saver:
         if status is None and not self._container_exists(tagging):
             return 0
         meta = self.plan.save_meta(status)
+        line, state, plan = self.line, self.state, self.plan
         try:
-            snap = save_run(self.line, self.state, self.plan.container, self.plan.image, meta,
-                            self.plan.snapshot, current_id, tagging, defer_remove=True,
-                            sizing=sizing)
+            snap, removal = save_run(line, state, plan.container, plan.image, meta,
+                                     plan.snapshot, current_id, tagging, sizing=sizing)
         except PiError as err:
             self._hear(pipe)  # the wrapper is still ending the run: let it
             if not self._answer(up_w, "%s %d %s" % (SAID_ERROR, err.code, err)):
                 say(str(err))
             return 1
         ended = said_ended(messages + self._hear(pipe))
-        removal = self._end(ended, meta, snap, "run" if status is not None else "interrupted")
-        self._answer(up_w, SAID_OK + " " + (snap or ""))
-        os.close(up_w)  # (a wrapper that waits reads to the end)
-        if removal is not False:  # the line is free: what is left costs nobody a wait
-            record_changes(self.line, self.plan.container, meta)
-            teardown(self.line, [self.plan.container], removal=removal)
+
+        def free_line():
+            self.lock.release(state)
+            self._answer(up_w, SAID_OK + " " + (snap or ""))
+            os.close(up_w)  # (a wrapper that waits reads to the end)
+        finish_saved(line, state, plan.container, meta, ended,
+                     "run" if status is not None else "interrupted", removal,
+                     self.release_project, free_line)
         return 0
 
     @staticmethod
@@ -6835,35 +6862,6 @@ class Saver:
         line.log("%s does not exist (yet?); the next run will look again" % plan.container)
         return False
 
-    def _end(self, ended, meta, snap, ended_by):
-        """The run is ended by the wrapper (`ended`: its summary, see
-        said_ended) or, if it is gone, here: its changes are recorded, the
-        container goes (its agent may still be at work), then end_run,
-        whose notes the next command shows. The session is logged, the
-        project is free, current is flattened if due, the line is released.
-        Returns False when the container is gone; else what is left to do
-        outside the lock, the recording of its changes and its removal:
-        that removal under way, or None."""
-        line, state, plan = self.line, self.state, self.plan
-        removal = meta.pop("removal", None)
-        if ended is None:
-            record_changes(line, plan.container, meta)
-            summaries = {}
-            notes = teardown(line, [plan.container], state, removal,  # (see lock_project)
-                             summaries=summaries)
-            ended = summaries.get(plan.container)
-            if notes:
-                state["notice"] = "after the %s in %s: %s" % (plan.kind, plan.target,
-                                                              "; ".join(notes))
-                line.write_state(state)
-            removal = False
-        line.record_session(dict(meta, container=plan.container, ended=ended), ended_by)
-        self.release_project()
-        if snap and not meta.get("branched"):
-            flatten_if_due(line, state, meta["layers"])
-        self.lock.release(state)
-        return removal
-
     def release_project(self):
         if self.project_fd is not None:
             release_project_lock(self.project_fd)
@@ -6926,23 +6924,20 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     say("the background saver is gone; saving in the foreground")
     try:
         current = inspect_image(line.current)
-        meta = dict(plan.save_meta(status), ended=summary)
+        meta, removal = plan.save_meta(status), None
         if image_labels(current).get(LABEL + "container") == plan.container:
             # It died after its commit: what it wrote stands; its session
             # and changes are recorded, and the container is left to go.
             state = line.read_state()
             meta.update(image_before=plan.image["Id"], image_after=current["Id"],
-                        saved_as=plan.snapshot)
-            record_changes(line, plan.container, meta)
-            show_notes(line, teardown(line, [plan.container], state) or [])
-            line.record_session(dict(meta, container=plan.container), "run")
+                        new_image=current, layers=image_layers(current),
+                        saved_as=plan.snapshot, snapshot=plan.snapshot)
         else:
-            snap = save_run(line, state, plan.container, plan.image, meta, plan.snapshot,
-                            current["Id"] if current else None)
+            _snap, removal = save_run(line, state, plan.container, plan.image, meta,
+                                      plan.snapshot, current["Id"] if current else None)
             if state.get("notice") and meta.get("branched"):
                 say(state.pop("notice"))
-            if snap and not meta.get("branched"):
-                flatten_if_due(line, state, meta["layers"])
+        finish_saved(line, state, plan.container, meta, summary, "run", removal)
     except BaseException as err:
         # Not a clean release (Ctrl-C too): the next command recovers the run.
         state.setdefault("failed", plan.container)

@@ -162,6 +162,7 @@ def test_a_worktree_whose_repository_is_in_another_runs_reach_waits_its_turn(box
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         run.wait(timeout=60)
+    box.wait_saved()  # (its saver holds the project until it hears the run's end)
     run = box.background("cd %s && pi-exec --profile b sh -c 'touch ready; sleep 30'"
                          % worktree)
     try:

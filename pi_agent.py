@@ -527,10 +527,16 @@ def write_file(path, data, mode=0o644):
         handle.write(data)
 
 
-def write_private(path, data):
+def replace_file(path, data, mode=0o600):
+    """The one atomic write: `path` holds `data` whole, or what it held (a
+    file beside it, written, then renamed over it; never through a link; a
+    file left so by a killed process of the same pid is replaced)."""
     temp = "%s.%d.tmp" % (path, os.getpid())
-    with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-        handle.write(data)
+    try:
+        os.unlink(temp)
+    except FileNotFoundError:
+        pass
+    write_file(temp, data, mode)
     os.replace(temp, path)
 
 
@@ -999,6 +1005,16 @@ class Config:
         if self.hardlinks not in ("copy", "refuse", "allow"):
             raise BadSetting("PI_AGENT_HARDLINKS=%s: use copy, refuse or allow" % self.hardlinks)
 
+    def for_profile(self, profile):
+        """The same settings, for another profile (a name checked already:
+        "" or None for the default), without reading anything again."""
+        import copy
+        other = copy.copy(self)
+        other.profile = "" if profile in (None, DEFAULT_PROFILE) else profile
+        other.raw = dict(self.raw, PI_AGENT_PROFILE=other.profile or DEFAULT_PROFILE)
+        other.sources = dict(self.sources, PI_AGENT_PROFILE="--profile")
+        return other
+
     def _preset(self, flag):
         """The agent's command, install command and key list, where they
         were not set. `pi --agent NAME` sets the command and install command
@@ -1235,7 +1251,8 @@ class DockerCall:
         trace(self.argv, self.started, self.proc.returncode)
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
         if check and result.returncode != 0:
-            raise docker_failure(self.args, err if self.capture else "")
+            raise docker_failure(self.args, err.decode(errors="replace")
+                                 if isinstance(err, bytes) else err or "")
         return result
 
 
@@ -1365,10 +1382,8 @@ def run_attached(argv, container=None, env=None):
     killed and so is `container` (nothing more happens in the project once
     this returns); the saver commits it as it was, then removes it.
     """
-    try:
-        proc = subprocess.Popen(["docker", *argv], env=env)
-    except FileNotFoundError:
-        raise PiError("the docker command is not installed", EXIT_NO_DOCKER)
+    call = DockerCall(argv, capture=False, env=env)
+    proc = call.proc
 
     caught, killed = [], []
 
@@ -1392,14 +1407,13 @@ def run_attached(argv, container=None, env=None):
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
     previous = {signum: signal.signal(signum, stop_waiting if signum == signal.SIGALRM
                                       else forward) for signum in handled}
-    started = time.monotonic()
     try:
-        status = proc.wait()
+        proc.wait()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    trace(proc.args, started, status)
+    status = call.finish(check=False).returncode  # (its trace line)
     if killed and container:
         docker("kill", container, check=False)
     # The docker client may exit 0 when signalled: the signal is the status.
@@ -1520,13 +1534,9 @@ class Line:
                              "can write" % (self.state_dir, err.strerror))
 
     def write_state(self, state):
-        temp = "%s.%d.tmp" % (self.state_path, os.getpid())
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
-                           encoding="utf-8") as handle:
-                json.dump(state, handle, indent=1, sort_keys=True)
-            os.replace(temp, self.state_path)
+            replace_file(self.state_path, json.dumps(state, indent=1, sort_keys=True).encode())
         except OSError as err:
             raise BadSetting("cannot write %s: %s; PI_AGENT_STATE_DIR must be a directory you "
                              "can write" % (self.state_path, err.strerror))
@@ -2367,13 +2377,11 @@ def look_through(target, skip_git, cache):
             if stat.S_ISDIR(info.st_mode)}
     if cache and max((stamp[1] for stamp in dirs.values()), default=0) < time.time_ns() - 10**9:
         try:
-            temp = "%s.%d" % (cache, os.getpid())
-            write_file(temp, json.dumps({
+            replace_file(cache, json.dumps({
                 "target": target, "skip_git": skip_git, "predicate": SCAN_BEFORE,
                 "dirs": dirs,
                 "entries": [path for path, info in found if not stat.S_ISDIR(info.st_mode)]})
-                .encode("utf-8", "surrogateescape"), 0o600)
-            os.replace(temp, cache)
+                .encode("utf-8", "surrogateescape"))
         except OSError:
             pass
     return found
@@ -3574,9 +3582,7 @@ def apply_state_files(record, repo, agent_state):
         elif after is None:
             os.remove(path)
         elif state_file_ok(name, after):
-            temp = "%s.pi-agent-%d" % (path, os.getpid())
-            write_file(temp, after.encode())
-            os.replace(temp, path)
+            replace_file(path, after.encode(), 0o644)
 
 
 def keep_gate(run_dir, gate_fd, record, why, refs=None):
@@ -3741,9 +3747,7 @@ def keep_agent_config(record, repo, gate_fd):
     path = os.path.join(repo["gitdir"], "pi-agent", "agent-config")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = "%s.%d" % (path, os.getpid())
-        write_file(temp, text.encode())
-        os.replace(temp, path)
+        replace_file(path, text.encode(), 0o644)
     except OSError:
         return
     record["notes"].append("the agent changed its git config (remotes, settings); yours is "
@@ -4076,7 +4080,7 @@ def keep_armed(line, record):
     path = project_file(line.state_dir, target, ".armed")
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        write_private(path, json.dumps({"target": target, "paths": entries}).encode())
+        replace_file(path, json.dumps({"target": target, "paths": entries}).encode())
     except OSError as err:
         line.log("could not write %s: %s" % (path, err.strerror))
     return Alarm("could not make %s safe (a git directory or .git file the agent made, a "
@@ -4691,11 +4695,7 @@ def finish_config(image_id, config):
     if not lines:
         return image_id
     dockerfile = "FROM %s\n%s\n" % (image_id, "\n".join(lines))
-    result = subprocess.run(["docker", "build", "-q", "-"], input=dockerfile,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise docker_failure(("build",), result.stderr)
-    return result.stdout.strip()
+    return docker("build", "-q", "-", feed=dockerfile).stdout.strip()
 
 
 def relay(source, sink, expected, started):
@@ -4732,25 +4732,21 @@ def flatten_image(line, image, progress=False):
                     "--label", flatten_label, image["Id"], "pi-agent-flatten").stdout.strip()
     try:
         started = time.monotonic()
-        export = subprocess.Popen(["docker", "export", holder], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        importing = subprocess.Popen(
-            ["docker", "import"] + [arg for change in import_changes(config)
-                                    for arg in ("--change", change)] + ["-"],
-            stdin=subprocess.PIPE if progress else export.stdout,
+        export = DockerCall(("export", holder), capture=False, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+        importing = DockerCall(
+            ("import", *[arg for change in import_changes(config) for arg in ("--change", change)],
+             "-"), capture=False, stdin=subprocess.PIPE if progress else export.proc.stdout,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if progress:
-            relay(export.stdout, importing.stdin, image.get("Size") or 0, started)
-        export.stdout.close()  # import alone reads it now (and sees export die)
-        new_id, import_err = importing.communicate()
-        export_err = export.stderr.read()
-        export.wait()
-        trace(["docker", "export", holder, "|", "docker", "import", "-"], started,
-              export.returncode or importing.returncode)
-        if export.returncode != 0:
-            raise docker_failure(("export",), export_err.decode(errors="replace"))
-        if importing.returncode != 0:
-            raise docker_failure(("import",), import_err.decode(errors="replace"))
+            relay(export.proc.stdout, importing.proc.stdin, image.get("Size") or 0, started)
+        export.proc.stdout.close()  # import alone reads it now (and sees export die)
+        export.proc.stdout = None
+        result = importing.finish(check=False)
+        export.finish()  # (export's error first: what import saw came from it)
+        if result.returncode != 0:
+            raise docker_failure(("import",), result.stderr.decode(errors="replace"))
+        new_id = result.stdout
     finally:
         docker("rm", "-f", holder, check=False)
     new_id = finish_config(new_id.decode().strip(), config)
@@ -5282,7 +5278,7 @@ def record_changes(line, container, meta):
                       image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
                       truncated=truncated)
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
-        write_private(os.path.join(line.runs_dir, container + ".changes.gz"),
+        replace_file(os.path.join(line.runs_dir, container + ".changes.gz"),
                       gzip_json(rows))
     except Exception as err:  # (what the run made is read: a surprise must cost only this)
         line.log("could not record what %s changed: %r" % (container, err))
@@ -5291,7 +5287,7 @@ def record_changes(line, container, meta):
                   "failed": str(err) if isinstance(err, PiError) else repr(err)}
     try:
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
-        write_private(os.path.join(line.runs_dir, container + ".json"),
+        replace_file(os.path.join(line.runs_dir, container + ".json"),
                       json.dumps(report, sort_keys=True).encode())
         prune_reports(line)
     except OSError as err:
@@ -7099,12 +7095,8 @@ def installed_agents(line, image):
         if command in commands:
             found[commands[command]] = version.strip()[:80] or "?"
     if call.proc.returncode == 0:
-        temp = "%s.%d.tmp" % (path, os.getpid())
         try:
-            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
-                           encoding="utf-8") as handle:
-                json.dump({image["Id"]: found}, handle)
-            os.replace(temp, path)
+            replace_file(path, json.dumps({image["Id"]: found}).encode())
         except OSError:
             pass
     return found
@@ -7567,7 +7559,7 @@ def list_profiles(config):
     count), used (when its state last changed, or None)}}: those with
     images, and those pi-branch made; the default profile ("") always.
     Saves in progress are waited for first."""
-    lines = {name: Line(Config(config.environ, profile=name))
+    lines = {name: Line(config.for_profile(name))
              for name in [""] + state_profiles(config)}
     for line in lines.values():
         wait_for_save(line)
@@ -7589,7 +7581,7 @@ def list_profiles(config):
     for name in lines:
         found.setdefault(name, {"current": None, "snapshots": 0})
     for name, entry in list(found.items()):
-        line = lines.get(name) or Line(Config(config.environ, profile=name))
+        line = lines.get(name) or Line(config.for_profile(name))
         entry["current"] = images.get(entry["current"])
         if name and entry["current"] is None and not entry["snapshots"] and \
                 not line.read_state().get("made"):
@@ -7610,8 +7602,7 @@ def branch_source(config, source):
     line = Line(config)
     if source is not None and source != "base" and not source.startswith(SNAPSHOT_PREFIX) \
             and ":" not in source:
-        line = Line(Config(config.environ,
-                           profile=checked_profile("pi-branch", source, "--from")))
+        line = Line(config.for_profile(checked_profile("pi-branch", source, "--from")))
         source = None
     wait_for_save(line)
     if source not in (None, "base"):
@@ -7628,7 +7619,7 @@ def branch_source(config, source):
 
 def make_profile(config, name, source=None):
     """Profile `name`, a copy of `source` (see branch_source): a tag."""
-    target = Line(Config(config.environ, profile=name))
+    target = Line(config.for_profile(name))
     exists = Refused("profile %s exists already: pi --profile %s runs in it, pi-branch "
                      "--delete %s removes it" % (name, name, name))
     if profile_exists(target):
@@ -7652,7 +7643,7 @@ def delete_profile(config, name, yes):
     if not name or name == DEFAULT_PROFILE:
         raise Refused("the default profile is %s:current itself; pi-reset-all empties it"
                       % config.image_repo)
-    line = Line(Config(config.environ, profile=checked_profile("pi-branch", name, "--delete")))
+    line = Line(config.for_profile(checked_profile("pi-branch", name, "--delete")))
     if not profile_exists(line) and not list_snapshots(line):
         raise NotFound("there is no profile %s; pi-branch lists them" % name)
     with exclusive(line, "branch", recover=False) as state:
@@ -7686,7 +7677,7 @@ def cmd_branch(args):
             raise PiError("pi-branch: --from needs the NAME of the profile to make", EXIT_USAGE)
         rows = [("", "PROFILE", "CURRENT", "SIZE", "SNAPSHOTS", "LAST USED")]
         for name, entry in sorted(list_profiles(config).items()):
-            line = Line(Config(config.environ, profile=name))
+            line = Line(config.for_profile(name))
             rows.append(("*" if name == config.profile else "", name or DEFAULT_PROFILE,
                          line.current if entry["current"] else "(none yet)",
                          human_size(entry["current"]["Size"]) if entry["current"] else "",
@@ -7746,7 +7737,7 @@ def remove_worktree(config, repo, path, name, yes, wait):
         raise NotFound("there is no worktree %s of %s; git worktree list shows them"
                        % (path, os.path.dirname(repo.common)))
     else:
-        line = Line(Config(config.environ, profile=name))
+        line = Line(config.for_profile(name))
         fd = lock_project(line, path, "worktree", wait, [repo.common, repo.gitdir])
         try:  # (Busy while a run is there)
             result = host_git(repo.gitdir, "worktree", "remove", path, check=False)
@@ -7759,7 +7750,7 @@ def remove_worktree(config, repo, path, name, yes, wait):
                           % (path, why.replace("fatal: ", "")))
         say("removed the worktree %s; its branch agent/%s keeps its commits (git branch -D "
             "agent/%s deletes it)" % (path, name, name))
-    line = Line(Config(config.environ, profile=name))
+    line = Line(config.for_profile(name))
     if not profile_exists(line):
         return 0
     if yes or (sys.stdin.isatty() and ask("delete the profile %s too (its environment and "
@@ -7826,7 +7817,7 @@ def cmd_worktree(args):
         if args.base or args.argv:
             raise PiError("pi-worktree: --remove NAME takes nothing else", EXIT_USAGE)
         return remove_worktree(config, repo, path, name, args.yes, args.wait)
-    line = Line(Config(config.environ, profile=name))
+    line = Line(config.for_profile(name))
     made = profile_exists(line)
     if not made:
         branch_source(config, None)  # (a profile to copy that is not there: said first)

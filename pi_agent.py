@@ -5754,8 +5754,27 @@ class RunPlan:
                        self.offline)
 
     def _record(self):
-        """What whoever ends the run (see end_run) needs, kept in its run
-        directory; the seeding of the git gate adds what it found."""
+        """The run record: what whoever ends the run (end_run) needs, kept
+        as RUN_RECORD in its run directory until the run is ended. Its keys,
+        who writes them (w) and who reads them (r):
+
+          container kind target point uid gid started  w: here
+              r: end_run, the sweep, the hand-back (its reflog messages)
+          gated format repo{gitdir common linked modules} git_dirs git_files
+          protected read git_config module_configs linked  w: here, from
+              Project.inspect; r: seed_gate, gate_mounts, the sweep,
+              end_unended (the locks it takes), end_run (linked)
+          head refs index gate_index state stash gate_config made_dot
+              w: seed_gate (adopt_repository, for a repository the agent
+              made); r: hand_back_git, end_run and abandon_run_dir (made_dot)
+          identity host_run  w: prepare_run; r: note_commits, end_run
+          notes  w: end_run, hand_back_git and its steps, the sweep;
+              r: end_run, which returns them
+          commits moved swept  w: note_commits, apply_ref_lines and
+              move_refs, the sweep; r: run_summary
+          disarmed armed  w: the sweep; r: end_run (keep_armed)
+          summary  w: end_run (run_summary); r: hand_over, teardown
+        """
         project, repo = self.project, self.project.repo
         return {
             "container": self.container, "kind": self.kind, "target": self.target,
@@ -5793,7 +5812,19 @@ class RunPlan:
                               redact, main=True)
 
     def save_meta(self, exit_status):
-        """The run's labels and outcome, as save_run() takes them."""
+        """The save's facts, `meta`, as save_run() takes them (recovery
+        makes them from a container's labels). Plain data, no process in
+        it. Its keys, who writes them (w) and who reads them (r):
+
+          repo profile pid host target started kind snapshot kept (the run
+              labels), exit_status mount epoch command agent  w: here;
+              r: commit_run (saved_labels, its message), record_session
+          image_before image_after bytes_added layers new_image branched
+              diff_output  w: commit_run; r: finish_saved (flatten),
+              record_changes, record_session
+          saved_as snapshot kept  w: save_run; r: finish_saved (prune),
+              record_session
+        """
         meta = {key[len(LABEL):]: value for key, value in self.labels.items()}
         meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
                     mount=self.mount_point, epoch=self.started, command=self.argv,

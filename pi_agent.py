@@ -161,7 +161,9 @@ ALLOWED_ENV = ("TERM", "COLORTERM", "TZ") + PROXY_ENV
 LOCALE_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_MONETARY",
               "LC_NUMERIC", "LC_TIME", "LC_ADDRESS", "LC_IDENTIFICATION", "LC_MEASUREMENT",
               "LC_NAME", "LC_PAPER", "LC_TELEPHONE")
-LOCALE_VALUE = re.compile(r"[A-Za-z0-9_.@+=,-]{0,64}")
+LOCALE_VALUE = re.compile(r"(?:|C|POSIX|[a-z]{2,3}(?:_[A-Z]{2})?)(?:\.(?i:utf-?8|iso-?8859-?1?[0-9]|"
+                          r"euc-?(?:jp|kr|tw|cn)|gb(?:2312|k|18030)|big5(?:-?hkscs)?|koi8-?[ru]|"
+                          r"cp125[0-9]|tis-?620|ascii))?(?:@[a-z]{3,10})?")
 
 # The agents pi-agent knows (PI_AGENT_AGENT, pi --agent): the command, how
 # it installs itself inside, as the agent user (npm's prefix and ~/.local
@@ -1422,23 +1424,22 @@ def run_attached(argv, container=None, env=None):
     return 128 - status if status < 0 else status
 
 
-def ensure_stopped(container):
-    """On a terminal, docker's detach keys (ctrl-p ctrl-q) end docker run
-    with the container still running: pi-agent ends the run instead of
-    leaving an agent at work in the project it is about to sweep."""
+def ensure_stopped(container, tty):
+    """The container of a run whose docker client has returned, stopped
+    for sure before anything happens in its project, and its inspect
+    record (None: gone). The client can return with the container still at
+    work: the terminal detached from it (ctrl-p ctrl-q), or what read its
+    output stopped early (`pi-exec ... | head`: a broken pipe); the agent
+    is stopped then, never left at work in a project about to be swept."""
     info = inspect("container", container)
     if info and (info.get("State") or {}).get("Running"):
         docker("kill", container, check=False)
-        say("the terminal detached from the container (ctrl-p ctrl-q?); pi-agent does not leave "
-            "an agent running in the background: it was stopped, and its work is saved",
-            "warning")
-
-
-def has_started(container):
-    """`docker run` exits 125 for its own failures, and so may the agent:
-    a container that never started tells them apart."""
-    info = inspect("container", container)
-    return bool(info) and not (info.get("State") or {}).get("StartedAt", "").startswith("0001-")
+        docker("wait", container, check=False)
+        say("%s; pi-agent does not leave an agent at work in the background: it was stopped, "
+            "and its work is saved" % ("the terminal detached from the container (ctrl-p "
+                                       "ctrl-q?)" if tty else "the agent's output could not be "
+                                       "passed on (what read it stopped early?)"), "warning")
+    return info
 
 
 # ------------------------------------------------------------ state and locks
@@ -2133,7 +2134,9 @@ def inside_path(host_path, target, point):
 
 # A look at part of a project starts find at most this many places: past
 # that, its command line could be too long (and a look at all is cheaper).
+# What one look keeps at most: an agent can make any number of names.
 MAX_SCAN_STARTS = 256
+MAX_SCAN_ENTRIES = 200000
 
 
 def mounts_below(target):
@@ -2168,19 +2171,33 @@ class ProjectScan:
             raise PiError("cannot look through %s with find: %s" % (target, err.strerror))
 
     def results(self):
-        """[(relative path, lstat)] of what matched (and still exists);
+        """[(relative path, lstat)] of what matched (and still exists), the
+        first MAX_SCAN_ENTRIES (`truncated` says when there were more: a
+        tree can hold more names than this process could keep);
         [(relative path, errno)] of what could not be looked at in
         `problems`."""
-        found = []
-        for raw in self.proc.communicate()[0].split(b"\0"):
-            path = os.fsdecode(raw[2:]) if raw.startswith(b"./") else ""
-            try:
-                if raw:
-                    found.append((path, os.lstat(os.path.join(self.target, path))))
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                self.problems.append((path, err.errno))
+        found, pending = [], b""
+        self.truncated = False
+        while True:
+            chunk = self.proc.stdout.read(1 << 20)
+            names = (pending + chunk).split(b"\0")
+            pending = names.pop() if chunk else b""
+            for raw in names:
+                path = os.fsdecode(raw[2:]) if raw.startswith(b"./") else ""
+                try:
+                    if raw:
+                        found.append((path, os.lstat(os.path.join(self.target, path))))
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    self.problems.append((path, err.errno))
+            if not chunk or len(found) + len(self.problems) > MAX_SCAN_ENTRIES:
+                break
+        if chunk:
+            self.truncated = True
+            self.proc.kill()
+        self.proc.stdout.close()
+        self.proc.wait()
         return found
 
 
@@ -2280,7 +2297,7 @@ class ProjectWatch:
             scan = ProjectScan(self.target, predicate, skip_git,
                                ["./" + path for path in sorted(new_dirs)])
             found += scan.results()
-            if scan.problems:
+            if scan.problems or scan.truncated:
                 return None
         return found
 
@@ -2372,7 +2389,13 @@ def look_through(target, skip_git, cache):
                                 for path in known.get("entries", [])]
             except OSError:
                 pass
-    found = ProjectScan(target, SCAN_BEFORE, skip_git=skip_git).results()
+    scan = ProjectScan(target, SCAN_BEFORE, skip_git=skip_git)
+    found = scan.results()
+    if scan.truncated:
+        raise Refused("refusing to mount %s: it holds more than %d directories and files with "
+                      "other names (hard links) to look at before a run; remove what an agent "
+                      "made of them, or cd into a part with fewer and use --here"
+                      % (target, MAX_SCAN_ENTRIES))
     dirs = {path: [info.st_mtime_ns, info.st_ctime_ns] for path, info in found
             if stat.S_ISDIR(info.st_mode)}
     if cache and max((stamp[1] for stamp in dirs.values()), default=0) < time.time_ns() - 10**9:
@@ -3406,7 +3429,7 @@ def branches_checked_out_elsewhere(repo):
 
 # What a new branch or tag of the agent's may be named, short (refs/heads/,
 # refs/tags/ taken off), to come back as it is.
-PLAIN_REF_NAME = re.compile(r"[A-Za-z0-9._/@+,-]+")
+PLAIN_REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@+,-]*")
 
 
 def ambiguous_ref(name, known):
@@ -3416,7 +3439,7 @@ def ambiguous_ref(name, known):
     hex digits), or it is not plain ASCII (a name that looks like another
     one, or that a prompt would print as something else)."""
     short = name.split("/", 2)[2]
-    return short == "HEAD" or not PLAIN_REF_NAME.fullmatch(short) or \
+    return bool(re.fullmatch(r"[A-Z_]*HEAD", short)) or not PLAIN_REF_NAME.fullmatch(short) or \
         bool(re.fullmatch(r"[0-9a-f]{4,64}", short, re.I)) or any(
             other != name and other in known for other in (
                 "refs/" + short, "refs/tags/" + short, "refs/heads/" + short,
@@ -3609,8 +3632,8 @@ def keep_gate(run_dir, gate_fd, record, why, refs=None):
                 looks_like_git_dir(kept) or looks_like_git_dir(os.path.join(kept, "objects")):
             raise OSError("what was kept is not data alone")
         where = ("its objects and refs are kept in %s, as data (no HEAD, config or hooks); to "
-                 "look: git init -q --bare /tmp/look && cp -r %s/. /tmp/look && git --git-dir "
-                 "/tmp/look log --all" % (kept, kept))
+                 "look: git init -q --bare %s.look && cp -r %s/. %s.look && git --git-dir "
+                 "%s.look log --all" % ((kept,) * 5))
     except OSError as err:
         where = "it could not be kept (%s)" % err
     record["notes"].append("the agent's git work could not be brought back (%s); %s"
@@ -4040,6 +4063,8 @@ def sweep(line, record, found, predicate, problems=()):
             scan = ProjectScan(target, predicate, record["gated"], ["./" + path for path in reopen]
                                if len(reopen) <= MAX_SCAN_STARTS else ["."])
             found, problems = scan.results(), scan.problems
+            if scan.truncated:
+                disarmed[""] = "unswept"
         except PiError:
             break
     for path in reopen:
@@ -4184,6 +4209,8 @@ def end_run(line, run_dir, record, watch=None):
             pass
     if scan is not None:
         found, problems = scan.results(), scan.problems
+        if scan.truncated:  # (what was found is swept; the rest could not be looked at)
+            record.setdefault("disarmed", {})[""] = "unswept"
     notes += sweep(line, record, found, predicate, problems)
     if record["armed"]:
         notes.insert(0, keep_armed(line, record))
@@ -6114,7 +6141,7 @@ def keep_snapshot(line, state, image_id, name):
 # free; the free space is asked only of a layer this big; the limit where
 # it cannot be known.
 SAVE_MARGIN = 1 << 30
-SAVE_ASK_FREE = 512 << 20
+SAVE_ASK_FREE = 64 << 20
 SAVE_FALLBACK_LIMIT = 20 << 30
 
 
@@ -6148,8 +6175,13 @@ def save_cost(line, sizing):
     PI_AGENT_SAVE_LIMIT (default: half the engine's free space), or where
     less than SAVE_MARGIN would be left free."""
     result = sizing.finish(check=False)
-    if result.returncode != 0 or not result.stdout.strip().isdigit():
+    if result.returncode != 0:
         return None  # (the commit says what is wrong)
+    if not result.stdout.strip().isdigit():  # (-1: the engine could not measure it)
+        if line.config.raw["PI_AGENT_SAVE_LIMIT"] == "none":
+            return None
+        raise SaveWaits("the engine cannot say what it would write (a path too deep to "
+                        "measure?), and a save of unknown size could fill its disk")
     size, limit = int(result.stdout.strip()), line.config.save_limit
     free = engine_free_space() if size > SAVE_ASK_FREE else None
     if limit is None:
@@ -6917,18 +6949,19 @@ def run_container(plan, saver):
     except PiError:
         take_back()
         raise
-    if plan.tty:
-        ensure_stopped(plan.container)
-    if status == 125:
-        try:
-            started = has_started(plan.container)
-        except PiError:  # the engine went away before any agent ran
-            take_back()
-            raise
-        if not started:
-            take_back()
-            raise EngineError("docker could not start the container (its error is above); "
-                              "pi-status shows the settings it used")
+    try:
+        info = ensure_stopped(plan.container, plan.tty)
+    except PiError:
+        if status == 125:
+            take_back()  # the engine went away before any agent ran
+        raise
+    # `docker run` exits 125 for its own failures, and so may the agent: a
+    # container that never started tells them apart.
+    if status == 125 and (not info or (info.get("State") or {}).get("StartedAt", "").startswith(
+            "0001-")):
+        take_back()
+        raise EngineError("docker could not start the container (its error is above); "
+                          "pi-status shows the settings it used")
     return status
 
 

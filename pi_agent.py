@@ -161,7 +161,8 @@ ALLOWED_ENV = ("TERM", "COLORTERM", "TZ") + PROXY_ENV
 LOCALE_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_MONETARY",
               "LC_NUMERIC", "LC_TIME", "LC_ADDRESS", "LC_IDENTIFICATION", "LC_MEASUREMENT",
               "LC_NAME", "LC_PAPER", "LC_TELEPHONE")
-LOCALE_VALUE = re.compile(r"(?:|C|POSIX|[a-z]{2,3}(?:_[A-Z]{2})?)(?:\.(?i:utf-?8|iso-?8859-?1?[0-9]|"
+LOCALE_VALUE = re.compile(r"(?:|C|POSIX|[a-z]{2,3}(?:_[A-Z]{2})?)"
+                          r"(?:\.(?i:utf-?8|iso-?8859-?1?[0-9]|"
                           r"euc-?(?:jp|kr|tw|cn)|gb(?:2312|k|18030)|big5(?:-?hkscs)?|koi8-?[ru]|"
                           r"cp125[0-9]|tis-?620|ascii))?(?:@[a-z]{3,10})?")
 
@@ -945,7 +946,8 @@ class Config:
         self.agent = raw["PI_AGENT_AGENT"]
         if self.agent not in AGENTS:
             raise BadSetting("PI_AGENT_AGENT=%s: use one of %s (PI_AGENT_COMMAND and "
-                             "PI_AGENT_INSTALL_CMD run any other)" % (self.agent, ", ".join(AGENTS)))
+                             "PI_AGENT_INSTALL_CMD run any other)"
+                             % (self.agent, ", ".join(AGENTS)))
         self.command = raw["PI_AGENT_COMMAND"]
         try:
             self.command_argv = shlex.split(self.command)
@@ -1372,7 +1374,7 @@ def describe_engine():
                 % version)
     return ("Docker %s, no user namespace: root inside (sudo) is root on the host, so each run "
             "ends with a sweep of the project for what it left privileged; rootless Docker or "
-            "userns-remap makes that harmless (see the README)" % version)
+            "userns-remap makes that harmless (see docs/security.md)" % version)
 
 
 def run_attached(argv, container=None, env=None):
@@ -1543,7 +1545,7 @@ class Line:
                              "can write" % (self.state_path, err.strerror))
 
     def record_session(self, meta, ended_by):
-        """One line of the session log (JSON; the README's "Session log"
+        """One line of the session log (JSON; docs/commands.md's "Session log"
         names its fields) for a saved run, appended whole by whoever saves
         it, under the lock."""
         record = {
@@ -1947,8 +1949,6 @@ def profile_line(args):
 #
 # Which directory a run mounts, and what is in it before and after (one find,
 # an inotify watch).
-
-# ------------------------------------------------------------ the project
 #
 # The project is the one host directory a run mounts. Everything the agent
 # can write is untrusted input, the project's files and anything named .git
@@ -2546,8 +2546,6 @@ def changed_files(before, after):
 #
 # The run's private git directory: seeded from the host's, and what the agent
 # did brought back as data.
-
-# ----------------------------------------------------------- the git gate
 #
 # The host's git directory is never mounted. A run gets a private one in its
 # run directory, seeded from the host's (HEAD, refs, index, config; the
@@ -3498,7 +3496,8 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
             else:
                 line = "update %s %s %s" % (name, new, old)
         elif new:
-            line, outside = "create refs/pi-agent/%s/%s %s" % (stamp, name[len("refs/"):], new), True
+            line = "create refs/pi-agent/%s/%s %s" % (stamp, name[len("refs/"):], new)
+            outside = True
         else:
             kept_deleted.append(name)
         if line and line.startswith("create "):
@@ -4844,7 +4843,8 @@ RUNS_CODE_RE = re.compile(
     r"|/var/lib/dpkg/info/[^/]*\.(preinst|postinst|prerm|postrm|config)"
     r"|.*-packages/([^/]*\.pth|(site|user)customize\.py)"
     r"|/usr/lib/python3[^/]*/sitecustomize\.py"
-    r"|.*/\.(bashrc|bash_profile|bash_login|bash_logout|profile|zshrc|zshenv|zprofile|zlog(in|out))",
+    r"|.*/\.(bashrc|bash_profile|bash_login|bash_logout|profile|zshrc|zshenv|zprofile"
+    r"|zlog(in|out))",
     re.S)
 # The package managers' marks, in the paths docker diff lists.
 DPKG_LIST_RE = re.compile(r"/var/lib/dpkg/info/([a-z0-9][a-z0-9+.-]*)(?::([a-z0-9-]+))?\.list")
@@ -5606,7 +5606,8 @@ def agent_command(kind, argv, config, network):
     script = ('command -v "$1" >/dev/null 2>&1 || {'
               ' log=/tmp/pi-agent-install.log; started=$(date +%s);'
               ' if [ -t 2 ]; then'
-              ' echo "pi-agent: $1 is not installed here; installing it: $PI_AGENT_INSTALL_CMD" >&2;'
+              ' echo "pi-agent: $1 is not installed here; installing it:'
+              ' $PI_AGENT_INSTALL_CMD" >&2;'
               ' sh -c "$PI_AGENT_INSTALL_CMD" >&2; status=$?; else'
               ' sh -c "$PI_AGENT_INSTALL_CMD" >"$log" 2>&1; status=$?;'
               ' if [ $status != 0 ] || ! command -v "$1" >/dev/null 2>&1; then'
@@ -5989,7 +5990,7 @@ def print_plan(line, kind, argv, project, tty, offline):
                                                               plan.workdir))
     if project.repo:
         show("# its git directory stays outside: the agent gets a private one at %s (see the "
-             "README: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
+             "docs/security.md: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
     if plan.home_parents:
         show("# first, %s made the agent's in a container committed into current"
              % ", ".join(plan.home_parents))
@@ -6293,6 +6294,15 @@ def teardown(line, names, state=None, removal=None, check=False, summaries=None)
     return notes
 
 
+def flatten_if_due(line, state, layers):
+    """After a save that took current to `layers` (see auto_flatten)."""
+    if layers >= flatten_limit(line.config):
+        if state.get("holder"):
+            state["holder"]["phase"] = "flattening"
+        line.write_state(state)
+        auto_flatten(line, state)
+
+
 def commit_run(line, state, container, image, meta, snapshot, current_id, tagging=None):
     """The commit of save_run(): into current, or into a snapshot when the
     container did not start from current. Returns the snapshot's name (None
@@ -6461,15 +6471,6 @@ def finish_saved(line, state, container, meta, ended, ended_by, removal=None,
         record_changes(line, container, meta)
         teardown(line, [container], None if free_line else state, removal)
     return notes
-
-
-def flatten_if_due(line, state, layers):
-    """After a save that took current to `layers` (see auto_flatten)."""
-    if layers >= flatten_limit(line.config):
-        if state.get("holder"):
-            state["holder"]["phase"] = "flattening"
-        line.write_state(state)
-        auto_flatten(line, state)
 
 
 # --- recovery: what an interrupted run left, saved the same way
@@ -7167,7 +7168,7 @@ def installed_agents(line, image):
 
 
 def status_facts(config, line):
-    """What pi-status shows, as data (pi-status --json: the README's shape)."""
+    """What pi-status shows, as data (pi-status --json: its shape in docs/commands.md)."""
     facts = {"version": __version__, "config_file": config.path,
              "config_file_exists": os.path.exists(config.path),
              "settings": {name: {"value": config.raw[name], "source": config.sources[name]}
@@ -7298,7 +7299,7 @@ def cmd_status(args):
 
 
 def snapshot_entry(snap, image, current, next_run):
-    """pi-snapshots --json: one snapshot (the README's shape)."""
+    """pi-snapshots --json: one snapshot (its shape in docs/commands.md)."""
     day, clock, millis = SNAPSHOT_RE.match(snap["tag"]).groups()
     return {"name": snap["tag"], "id": image.get("Id"),
             "kept_at": "%s-%s-%sT%s:%s:%s.%sZ" % (day[:4], day[4:6], day[6:], clock[:2],
@@ -8226,9 +8227,9 @@ def build_parser():
         return command
 
     simple("status", cmd_status, "settings, images, lock holder, mount target").add_argument(
-        "--json", action="store_true", help="as JSON (see the README)")
+        "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
     simple("snapshots", cmd_snapshots, "list snapshots, newest first").add_argument(
-        "--json", action="store_true", help="as JSON (see the README)")
+        "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "
            "replaced current is kept as a snapshot").add_argument("snapshot", nargs="?")
     simple("reset-system", cmd_reset_system, "make the base image current (undoable)")
@@ -8255,7 +8256,8 @@ def build_parser():
     log = simple("log", cmd_log, "the saved runs, newest first")
     log.add_argument("-n", dest="count", type=int, default=20, metavar="N",
                      help="this many (default 20)")
-    log.add_argument("--json", action="store_true", help="as JSON (see the README)")
+    log.add_argument("--json", action="store_true",
+                     help="as JSON (docs/commands.md gives its shape)")
     diff = simple("diff", cmd_diff, "what runs changed in the environment: the last run; "
                   "since SNAPSHOT (to current); from snapshot A to B")
     diff.usage = "pi-diff [--all] [--json] [--profile NAME] [SNAPSHOT | A B]"
@@ -8263,7 +8265,8 @@ def build_parser():
                       help="a snapshot name (snap-...), current or base")
     diff.add_argument("--all", action="store_true",
                       help="every path, caches, logs and temporary files too")
-    diff.add_argument("--json", action="store_true", help="as JSON (see the README)")
+    diff.add_argument("--json", action="store_true",
+                      help="as JSON (docs/commands.md gives its shape)")
     branch = simple("branch", cmd_branch, "list the profiles, make one (a copy of current, "
                     "a tag), or delete one")
     branch.add_argument("name", nargs="?", help="the profile to make")

@@ -86,7 +86,8 @@ def test_every_command_of_the_parser_has_its_function_and_completes_every_option
                                                                                   tmp_path):
     """The shell side cannot drift from the parser: each subcommand has its
     function, its alias cleared, its completion registered, and each of its
-    options among the candidates; the module's usage and the README name it."""
+    options among the candidates; the module's usage and docs/commands.md
+    name it."""
     need(shell)
     commands = parser_commands()
     register = "autoload -Uz compinit && compinit -u\n" if shell == "zsh" else ""
@@ -112,10 +113,10 @@ def test_every_command_of_the_parser_has_its_function_and_completes_every_option
         assert not missing, "%s does not complete %s" % (name, ", ".join(sorted(missing)))
         registered = [line for line in out if line.startswith(name + " ") and "_pi_agent" in line]
         assert registered, "no completion registered for %s" % name
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
-        readme = handle.read()
+    with open(os.path.join(ROOT, "docs", "commands.md"), encoding="utf-8") as handle:
+        reference = handle.read()
     for name in commands:
-        assert name + " " in pi_agent.__doc__ and "`%s" % name in readme, name
+        assert name + " " in pi_agent.__doc__ and "`%s" % name in reference, name
 
 
 def install(home, *args, shell="dash", env=None, script=None):
@@ -518,3 +519,40 @@ def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
     assert install(home, "-y").returncode == 0
     from_env = install(home, "--uninstall", env={"PI_AGENT_IMAGE_REPO": "envrepo"})
     assert "docker images 'envrepo' " in from_env.stdout, "the environment beats the file"
+
+
+def test_pi_agent_py_reads_top_to_bottom_and_its_map_is_true():
+    """No definition is used above it (the house style: calls go upward in
+    the file, to what is defined), pi_agent.py imports nothing outside the
+    standard library, and CONTRIBUTING's map names its sections in order."""
+    import ast
+    import re
+    import sys
+    with open(os.path.join(ROOT, "pi_agent.py"), encoding="utf-8") as handle:
+        source = handle.read()
+    tree = ast.parse(source)
+    defined = {}
+    for number, node in enumerate(tree.body):
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
+        for name in names:
+            defined.setdefault(name, number)
+    forward = []
+    for number, node in enumerate(tree.body):
+        local = {sub.arg for sub in ast.walk(node) if isinstance(sub, ast.arg)} | {
+            sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name)
+            and isinstance(sub.ctx, ast.Store)} if isinstance(node, (
+                ast.FunctionDef, ast.ClassDef)) else set()
+        forward += sorted({"%s -> %s" % (getattr(node, "name", "?"), sub.id)
+                           for sub in ast.walk(node) if isinstance(sub, ast.Name)
+                           and sub.id not in local and defined.get(sub.id, -1) > number})
+    assert forward == [], "used above their definitions: %s" % forward
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom) and node.module}
+    if hasattr(sys, "stdlib_module_names"):
+        assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    banners = re.findall(r"^# -{10,} (.+)$", source, re.M)
+    with open(os.path.join(ROOT, "docs", "CONTRIBUTING.md"), encoding="utf-8") as handle:
+        mapped = re.findall(r"^\| ([a-z][a-z ]+) \|", handle.read(), re.M)
+    assert [name for name in mapped if name in banners] == banners, (banners, mapped)

@@ -6950,8 +6950,11 @@ def run_container(plan, saver):
     except PiError:
         take_back()
         raise
+    # The client returns with the container still at work only when it was
+    # detached (a terminal's keys) or failed itself (a broken pipe, exit
+    # 1; a signal; 125): a clean exit off a terminal is the container's.
     try:
-        info = ensure_stopped(plan.container, plan.tty)
+        info = ensure_stopped(plan.container, plan.tty) if plan.tty or status else None
     except PiError:
         if status == 125:
             take_back()  # the engine went away before any agent ran

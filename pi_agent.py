@@ -5496,7 +5496,42 @@ def run_paths(line, record):
 # that calls it.
 
 
-# MAP
+# A run, as run_lifecycle (at the end of this section) takes it. Each step
+# below is defined before the step that calls it; the mechanisms it uses
+# are in the sections above.
+#
+#  1. find       find_target (the project) picks the directory to mount; a
+#                session joins a run of its profile already there instead
+#                (join_run).
+#  2. lock       the image line's (LineLock), then the project's
+#                (lock_project, both in state and locks), held while
+#                Project.inspect looks through the project (look_through,
+#                config_facts).
+#  3. prepare    prepare_run, under both: what an interrupted run left is
+#                saved first (recover_leftovers, with save_run); current is
+#                there (ensure_current); the run is planned (RunPlan) and
+#                written down (write_run_dir: its script and record, and the
+#                git gate, seed_gate); hard links out of the project are
+#                broken (unshare_links); the project is watched
+#                (ProjectWatch).
+#  4. fork       the Saver, a detached process that saves the run whatever
+#                becomes of the wrapper.
+#  5. run        run_container: docker run in the foreground (run_attached);
+#                the container stopped for sure once it returns
+#                (ensure_stopped).
+#  6. hand over  hand_over: the container has stopped; the saver hears its
+#                status while the wrapper ends the run in the project
+#                (end_run: git back through the gate, hand_back_git; the
+#                sweep, sweep).
+#  7. save       in the saver (Saver._main): save_run, the one save: the
+#                commit into current (commit_run; not made when too big,
+#                save_cost), or current put back when nothing changed;
+#                snapshots pruned (prune_if_due); current flattened at the
+#                threshold (flatten_if_due).
+#  8. end        finish_saved, whoever saved: the session logged
+#                (Line.record_session), the locks freed, then what the run
+#                changed recorded (record_changes) and the container and
+#                its run directory gone (teardown).
 
 
 # --- find the project

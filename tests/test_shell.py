@@ -552,6 +552,11 @@ def test_pi_agent_py_reads_top_to_bottom_and_its_map_is_true():
                                             if isinstance(node, ast.ImportFrom) and node.module}
     if hasattr(sys, "stdlib_module_names"):
         assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    run_map = re.search(r"^# A run, as run_lifecycle.*?(?=^[^#])", source, re.M | re.S).group()
+    named = set(re.findall(r"\b([A-Z][a-z]+[A-Z]\w*|[a-z]+_[a-z_]+)\b", run_map))
+    methods = {sub.name for node in tree.body if isinstance(node, ast.ClassDef)
+               for sub in node.body if isinstance(sub, ast.FunctionDef)}
+    assert named and named <= set(defined) | methods, named - set(defined) - methods
     banners = re.findall(r"^# -{10,} (.+)$", source, re.M)
     with open(os.path.join(ROOT, "docs", "CONTRIBUTING.md"), encoding="utf-8") as handle:
         mapped = re.findall(r"^\| ([a-z][a-z ]+) \|", handle.read(), re.M)

@@ -4881,19 +4881,19 @@ DIFF_LOG_DEPTH = 5000
 # the paths alone (no "P" records, no books).
 FIRST_TREES = ("etc", "usr", "root", "home", "opt", "srv", "bin", "sbin", "lib", "lib64",
                "boot", "var/spool", "var/lib")
-LAYER_SCRIPT = r"""cd /pi-agent-layer || exit 1
+LAYER_SCRIPT = r"""cd "$top" || exit 1
 { for tree in %s; do
     if [ -d "$tree" ] && [ ! -L "$tree" ]; then find "$tree" -printf 'L %%y %%s %%p\0'; fi
   done
   find . -mindepth 1 -type d \( %s \) -prune -o -printf 'L %%y %%s %%p\0'
-} | head -z -n "$1"
-[ "$2" = names ] && { printf 'E\0'; exit 0; }
-find . -mindepth 1 ! -type c -print0 | head -z -n "$1" | xargs -0 -r sh -c '
+} | head -z -n "$max"
+[ "$mode" = names ] && { printf 'E\0'; exit 0; }
+find . -mindepth 1 ! -type c -print0 | head -z -n "$max" | xargs -0 -r sh -c '
 new=
 for p do
   p=${p#./}
   if [ -n "$new" ]; then case $p in "$new"/*) continue ;; esac; fi
-  for l in /pi-agent-lower/*; do
+  for l in $LOWERS; do
     [ -c "$l/$p" ] && break
     if [ -e "$l/$p" ] || [ -L "$l/$p" ]; then printf "P %%s\0" "$p"; continue 2; fi
   done
@@ -4909,6 +4909,17 @@ printf 'E\0'
 } | tar --null --no-recursion -T - -cf - | head -c 33554432
 true""" % (" ".join(FIRST_TREES),
            " -o ".join("-path ./%s" % tree for tree in FIRST_TREES))
+# The listing container's own loop: for each layer, named by its mount and
+# those below it (ended by ";"), LAYER_SCRIPT's output as its length in
+# bytes on a line, then the bytes.
+LIST_SCRIPT = r"""max=$1 mode=$2; shift 2
+while [ $# -gt 0 ]; do
+  top=$1; shift; LOWERS=
+  while [ "$1" != ";" ]; do LOWERS="$LOWERS $1"; shift; done; shift
+  export top LOWERS max mode
+  sh -c "$0" > /tmp/layer 2>/dev/null
+  wc -c < /tmp/layer; cat /tmp/layer; rm -f /tmp/layer
+done"""
 
 
 def layer_listable(image):
@@ -4917,50 +4928,9 @@ def layer_listable(image):
     return driver.get("Name") == "overlay2" and bool((driver.get("Data") or {}).get("UpperDir"))
 
 
-def list_layer(line, image, names_only=False):
-    """What the top layer of `image` (a run's commit) holds, as docker diff
-    would say it of the run's container, but reading only that layer (the
-    engine's diff compares the whole image, see record_changes):
-    ([(A|C|D, path)], {path: size of a file}, the tar of dpkg's books), of
-    MAX_RECORDED_PATHS paths at most; with `names_only`, only the paths
-    (every one "A"), which is quick whatever the layers below. Raises
-    EngineError when the listing is more than LAYER_READ_LIMIT or takes
-    more than LAYER_TIMEOUT."""
-    import select
-    data = image["GraphDriver"]["Data"]
-    name = "pi-agent-list-%s" % image["Id"].split(":")[-1][:16]
-    # (never pulled: a base that is gone means no listing, not a stranger's image)
-    args = ["run", "--rm", "--name", name, "--pull", "never", "--network", "none", "-u", "0",
-            "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH", "--read-only",
-            "--security-opt", "no-new-privileges", "--log-driver", "none",
-            "--entrypoint", "sh",
-            "--mount", mount_spec(data["UpperDir"], "/pi-agent-layer") + ",readonly"]
-    for index, lower in enumerate(filter(None, (data.get("LowerDir") or "").split(":"))):
-        args += ["--mount", mount_spec(lower, "/pi-agent-lower/%03d" % index) + ",readonly"]
-    call = DockerCall((*args, line.base, "-c", LAYER_SCRIPT, "sh", str(MAX_RECORDED_PATHS),
-                       "names" if names_only else "all"),
-                      capture=False, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    chunks, size, deadline = [], 0, time.monotonic() + LAYER_TIMEOUT
-    problem = None
-    while problem is None:
-        ready = select.select([call.proc.stdout], [], [], max(0, deadline - time.monotonic()))[0]
-        chunk = os.read(call.proc.stdout.fileno(), 1 << 20) if ready else None
-        if chunk == b"":
-            break
-        size += len(chunk or b"")
-        if chunk is None:
-            problem = "took more than %d s" % LAYER_TIMEOUT
-        elif size > LAYER_READ_LIMIT:
-            problem = "is more than %s" % human_size(LAYER_READ_LIMIT)
-        chunks.append(chunk or b"")
-    if problem:
-        call.proc.kill()
-        docker("rm", "-f", name, check=False)
-        call.finish(check=False)
-        raise EngineError("the listing of the run's layer %s" % problem)
-    if call.finish(check=False).returncode != 0:
-        raise EngineError("the listing of the run's layer failed (is %s there?)" % line.base)
-    out, pos, listed, present, sizes = b"".join(chunks), 0, [], set(), {}
+def parse_listing(out):
+    """([(A|C|D, path)], {path: size}, books) from LAYER_SCRIPT's output."""
+    pos, listed, present, sizes = 0, [], set(), {}
     while True:
         end = out.find(b"\0", pos)
         if end < 0:
@@ -4979,6 +4949,78 @@ def list_layer(line, image, names_only=False):
     changes = [("D" if kind == "c" else "C" if path in present else "A", path)
                for kind, path in listed]
     return changes, sizes, out[pos:]
+
+
+def list_layers(line, jobs, names_only=False):
+    """What layers hold, read as docker diff would say it of the container
+    that made each, reading only that layer (the engine's diff compares the
+    whole image, see record_changes): `jobs` [(key, [the layer's directory,
+    then those below it, top first])]; yields (key, [(A|C|D, path)],
+    {path: size of a file}, the tar of dpkg's books), MAX_RECORDED_PATHS
+    paths of each at most, one container of the base for all (never the
+    agent's image: its tools could lie) as root with no capability but
+    reading, no network, every directory mounted read-only. With
+    `names_only`, only the paths (every one "A"): quick whatever the
+    layers below. EngineError when one layer's listing is more than
+    LAYER_READ_LIMIT, or all take more than LAYER_TIMEOUT."""
+    import select
+    dirs = sorted({path for _key, paths in jobs for path in paths})
+    inside = {path: "/pi-agent-layers/%03d" % number for number, path in enumerate(dirs)}
+    name = "pi-agent-list-%d-%d" % (os.getpid(), time.monotonic_ns() % 10**6)
+    # (never pulled: a base that is gone means no listing, not a stranger's image)
+    args = ["run", "--rm", "--name", name, "--pull", "never", "--network", "none", "-u", "0",
+            "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH", "--read-only",
+            "--tmpfs", "/tmp", "--security-opt", "no-new-privileges", "--log-driver", "none",
+            "--entrypoint", "sh"]
+    for path in dirs:
+        args += ["--mount", mount_spec(path, inside[path]) + ",readonly"]
+    call = DockerCall((*args, line.base, "-c", LIST_SCRIPT, LAYER_SCRIPT, str(MAX_RECORDED_PATHS),
+                       "names" if names_only else "all",
+                       *[part for _key, paths in jobs for part in
+                         [inside[path] for path in paths] + [";"]]),
+                      capture=False, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline, pending = time.monotonic() + LAYER_TIMEOUT, b""
+
+    def read(size, until=None):
+        """`size` bytes of the listing (or up to `until`), within its time."""
+        nonlocal pending
+        while (len(pending) < size) if until is None else (until not in pending):
+            if until is not None and len(pending) > 32:
+                raise EngineError("the listing of a layer is not what it should be")
+            ready = select.select([call.proc.stdout], [], [],
+                                  max(0, deadline - time.monotonic()))[0]
+            chunk = os.read(call.proc.stdout.fileno(), 1 << 20) if ready else None
+            if chunk is None:
+                raise EngineError("the listing of the runs' layers took more than %d s"
+                                  % LAYER_TIMEOUT)
+            if not chunk:
+                raise EngineError("the listing of the runs' layers failed (is %s there?)"
+                                  % line.base)
+            pending += chunk
+        end = size if until is None else pending.index(until) + 1
+        data, pending = pending[:end], pending[end:]
+        return data
+
+    try:
+        for key, _paths in jobs:
+            size = int(read(0, b"\n"))
+            if size > LAYER_READ_LIMIT:
+                raise EngineError("the listing of a run's layer is more than %s"
+                                  % human_size(LAYER_READ_LIMIT))
+            yield (key,) + parse_listing(read(size))
+    finally:
+        if call.proc.poll() is None:
+            call.proc.kill()
+            docker("rm", "-f", name, check=False)
+        call.finish(check=False)
+
+
+def list_layer(line, image, names_only=False):
+    """What the top layer of `image` (a run's commit) holds: list_layers."""
+    data = image["GraphDriver"]["Data"]
+    dirs = [data["UpperDir"]] + [path for path in (data.get("LowerDir") or "").split(":")
+                                 if path]
+    return next(list_layers(line, [(None, dirs)], names_only))[1:]
 
 
 def parse_diff(output):

@@ -1555,7 +1555,11 @@ class Line:
             "agent": meta.get("agent"), "exit_status": exit_number(meta.get("exit_status")),
             "image_before": meta.get("image_before"), "image_after": meta.get("image_after"),
             "snapshot": meta.get("saved_as"), "bytes_added": meta.get("bytes_added"),
-            "ended_by": ended_by, "container": meta.get("container")}
+            "ended_by": ended_by, "container": meta.get("container"),
+            # (where what the run changed is read when asked: see ensure_reports)
+            "layer": ((meta.get("new_image") or {}).get("RootFS") or {}).get("Layers", [None])[-1]
+            if meta.get("image_after") != meta.get("image_before") else None,
+            "mount": meta.get("mount") or None}
         ended = meta.get("ended")  # what end_run brought back and swept
         for key in ("commits", "commits_total", "refs", "swept"):
             record[key] = ended.get(key) if isinstance(ended, dict) else None
@@ -4242,7 +4246,7 @@ def end_run(line, run_dir, record, watch=None):
 
 # ------------------------------------------------------- images and snapshots
 #
-# The base, current, snapshots and their names, prune, disk, flatten.
+# The base, current, snapshots and their names, prune, disk.
 
 def snapshot_epoch(name):
     match = SNAPSHOT_RE.match(name)
@@ -4668,151 +4672,6 @@ def saved_labels(line, container, image, meta):
                    LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
                    MOUNTS_LABEL: json.dumps(mounts, ensure_ascii=False)})
     return labels
-
-
-# --- flatten
-
-def import_changes(config):
-    """`docker import --change` lines that give a new image `config`.
-    (STOPSIGNAL, HEALTHCHECK and SHELL are not accepted there: see
-    finish_config.)"""
-    changes = []
-    for key in ("Entrypoint", "Cmd"):
-        if config.get(key):
-            changes.append("%s %s" % (key.upper(), json.dumps(config[key], ensure_ascii=False)))
-    for entry in config.get("Env") or []:
-        name, _, value = entry.partition("=")
-        changes.append("ENV %s=%s" % (name, dockerfile_quote(value)))
-    if config.get("WorkingDir"):
-        changes.append("WORKDIR " + config["WorkingDir"])
-    if config.get("User"):
-        changes.append("USER " + config["User"])
-    for port in sorted(config.get("ExposedPorts") or {}):
-        changes.append("EXPOSE " + port)
-    if config.get("Volumes"):
-        changes.append("VOLUME " + json.dumps(sorted(config["Volumes"]), ensure_ascii=False))
-    for key, value in sorted((config.get("Labels") or {}).items()):
-        changes.append("LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(value)))
-    for trigger in config.get("OnBuild") or []:
-        changes.append("ONBUILD " + trigger)
-    return changes
-
-
-def finish_config(image_id, config):
-    """Add what import cannot set, by a build that adds no layer."""
-    lines = []
-    if config.get("StopSignal"):
-        lines.append("STOPSIGNAL " + config["StopSignal"])
-    if config.get("Shell"):
-        lines.append("SHELL " + json.dumps(config["Shell"]))
-    check = config.get("Healthcheck") or {}
-    if check.get("Test"):
-        if check["Test"][0] == "NONE":
-            lines.append("HEALTHCHECK NONE")
-        else:
-            options = "".join(" --%s=%dms" % (flag, check[key] // 1000000) for flag, key in (
-                ("interval", "Interval"), ("timeout", "Timeout"),
-                ("start-period", "StartPeriod")) if check.get(key))
-            if check.get("Retries"):
-                options += " --retries=%d" % check["Retries"]
-            command = check["Test"][1:] if check["Test"][0] == "CMD" else \
-                ["/bin/sh", "-c"] + check["Test"][1:]
-            lines.append("HEALTHCHECK%s CMD %s" % (options, json.dumps(command)))
-    if not lines:
-        return image_id
-    dockerfile = "FROM %s\n%s\n" % (image_id, "\n".join(lines))
-    return docker("build", "-q", "-", feed=dockerfile).stdout.strip()
-
-
-def relay(source, sink, expected, started):
-    """Copy a stream in 1 MiB pieces, showing progress on the terminal."""
-    done, shown = 0, 0.0
-    while True:
-        chunk = source.read(1 << 20)
-        if not chunk:
-            break
-        sink.write(chunk)  # communicate() closes it afterwards
-        done += len(chunk)
-        now = time.monotonic()
-        if now - shown > 0.2:
-            shown = now
-            sys.stderr.write("\rpi-agent: flattening: %s of about %s, %.0f s " % (
-                human_size(done), human_size(expected), now - started))
-            sys.stderr.flush()
-    sys.stderr.write("\r\033[K")
-
-
-def flatten_image(line, image, progress=False):
-    """A one-layer copy of `image`: the same files (export streamed into
-    import, never held whole in memory or on disk) and the same config.
-    Returns the new image's ID; nothing is tagged."""
-    config = image.get("Config") or {}
-    # Flattens run under the line's lock, one at a time: any other such
-    # container is what an interrupted one left behind.
-    flatten_label = "%sflatten=%s" % (LABEL, "profile " + line.profile if line.profile else "1")
-    stale = docker("ps", "-aq", "--filter", "label=" + flatten_label,
-                   "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
-    if stale:
-        docker("rm", "-f", *stale, check=False)
-    holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo),
-                    "--label", flatten_label, image["Id"], "pi-agent-flatten").stdout.strip()
-    try:
-        started = time.monotonic()
-        export = DockerCall(("export", holder), capture=False, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-        importing = DockerCall(
-            ("import", *[arg for change in import_changes(config) for arg in ("--change", change)],
-             "-"), capture=False, stdin=subprocess.PIPE if progress else export.proc.stdout,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if progress:
-            relay(export.proc.stdout, importing.proc.stdin, image.get("Size") or 0, started)
-        export.proc.stdout.close()  # import alone reads it now (and sees export die)
-        export.proc.stdout = None
-        result = importing.finish(check=False)
-        export.finish()  # (export's error first: what import saw came from it)
-        if result.returncode != 0:
-            raise docker_failure(("import",), result.stderr.decode(errors="replace"))
-        new_id = result.stdout
-    finally:
-        docker("rm", "-f", holder, check=False)
-    new_id = finish_config(new_id.decode().strip(), config)
-    if image_layers(inspect_image(new_id)) != 1:
-        raise EngineError("the flattened image of %s has more than one layer" % image["Id"])
-    return new_id
-
-
-def flatten_current(line, state, current, progress=False):
-    """current := a one-layer copy of itself; the layered one stays as a
-    snapshot like any other replaced current. Returns the snapshot name."""
-    new_id = flatten_image(line, current, progress)
-    kept, _ = replace_current(line, state, current, new_id)
-    remove_own_dangling(line)
-    return kept
-
-
-def flatten_limit(config):
-    """The layer count at which a save flattens current."""
-    # "0, never" still keeps commits possible: the engine refuses them at 125.
-    return config.flatten_threshold or MAX_LAYERS - 5
-
-
-def auto_flatten(line, state):
-    """Flatten current as part of the (detached) save that took it to the
-    limit: the prompt is back already, and the next run waits for it with a
-    message. Not in parallel with runs: while `docker import` writes the
-    copy, the engine holds back the commits and tags of other saves anyway.
-    Never fails the run: a failure is logged and shown once as a notice."""
-    current = inspect_image(line.current)
-    line.log("flattening %s (%d layers)" % (line.current, image_layers(current)))
-    try:
-        kept = flatten_current(line, state, current)
-    except PiError as err:
-        state["notice"] = ("auto-flatten of %s failed: %s; the run was saved all the same, "
-                           "and pi-flatten retries" % (line.current, err))
-        line.write_state(state)
-        line.log(state["notice"])
-        return
-    line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
 
 
 # ------------------------------------------------- the change record and diff
@@ -5313,55 +5172,58 @@ def summarize(leaves, packages, everything=False):
             "groups": [dict(directory=name, **groups[name]) for name in sorted(groups)]}
 
 
-def record_changes(line, container, meta):
-    """After a save: what the run changed in the environment, and the
-    packages that explains, kept as its report, for pi-diff and pi-log.
-    From the layer the save committed (list_layer), where the engine keeps
-    layers as directories (overlay2); else from `docker diff` of the
-    container, which must still be there: that costs the engine a walk of
-    the whole image (its diff of a container compares the whole tree,
-    moby#39428; meta["diff_output"], if the save asked it already). Done by
-    the saver once the line is free. Never fails the save: a record that
-    cannot be made says why ("failed"), and so does the log. Returns the
-    report, or None when there is nothing to record."""
-    if not line.config.record_changes or meta.get("image_after") == meta.get("image_before") \
-            or not REPORT_NAME_RE.fullmatch(container):
-        return None
-    import io
-    try:
-        new = meta.get("new_image")
-        if layer_listable(new):
-            changes, sizes, books = list_layer(line, new)
-            packages, owners = find_packages(
-                changes, lambda wanted: read_books(io.BytesIO(books), wanted))
-        else:
-            diff_output = meta.pop("diff_output", None) or docker("diff", container).stdout
-            changes, sizes = parse_diff(diff_output), {}
-            packages, owners = find_packages(changes,
-                                             lambda wanted: dpkg_books(container, wanted))
-        truncated = len(changes) >= MAX_RECORDED_PATHS
-        changes = kept_changes(changes[:MAX_RECORDED_PATHS],
-                               [meta.get("mount") or "", RUN_DIR_INSIDE])
-        rows = credit(changes, sizes, packages, owners)
-        report = dict(summarize(leaf_rows(rows), packages), container=container,
-                      image_after=meta.get("image_after"), recorded=utc_iso(time.time()),
-                      truncated=truncated)
-        os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
-        replace_file(os.path.join(line.runs_dir, container + ".changes.gz"),
-                      gzip_json(rows))
-    except Exception as err:  # (what the run made is read: a surprise must cost only this)
-        line.log("could not record what %s changed: %r" % (container, err))
-        report = {"container": container, "image_after": meta.get("image_after"),
-                  "recorded": utc_iso(time.time()),
-                  "failed": str(err) if isinstance(err, PiError) else repr(err)}
+def keep_report(line, container, report):
     try:
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
         replace_file(os.path.join(line.runs_dir, container + ".json"),
-                      json.dumps(report, sort_keys=True).encode())
+                     json.dumps(dict(report, recorded=utc_iso(time.time())),
+                                sort_keys=True).encode())
         prune_reports(line)
     except OSError as err:
         line.log("could not write the record of %s: %s" % (container, err.strerror))
-    return report
+
+
+def report_changes(line, container, image_after, mount, changes, sizes, books):
+    """Keep what a run changed as its report, STATE/REPO[@PROFILE].runs/
+    CONTAINER.json (counts, packages), and every path in .changes.gz, for
+    pi-diff and pi-log: `changes` [(A|C|D, path)], `sizes`, and `books`
+    (a function that reads the package managers' books, see find_packages).
+    What cannot be made is a report that says why ("failed")."""
+    try:
+        truncated = len(changes) >= MAX_RECORDED_PATHS
+        changes = kept_changes(changes[:MAX_RECORDED_PATHS], [mount or "", RUN_DIR_INSIDE])
+        packages, owners = find_packages(changes, books)
+        rows = credit(changes, sizes, packages, owners)
+        report = dict(summarize(leaf_rows(rows), packages), container=container,
+                      image_after=image_after, recorded=utc_iso(time.time()),
+                      truncated=truncated)
+        os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
+        replace_file(os.path.join(line.runs_dir, container + ".changes.gz"), gzip_json(rows))
+    except Exception as err:  # (what the run made is read: a surprise must cost only this)
+        line.log("could not record what %s changed: %r" % (container, err))
+        report = {"failed": str(err) if isinstance(err, PiError) else repr(err)}
+    keep_report(line, container, dict(report, container=container, image_after=image_after))
+
+
+def record_changes(line, container, meta):
+    """After a save where the engine keeps no layer directories (see
+    layer_listable): what the run changed, from `docker diff` of its
+    container, which must still be there. That costs the engine a walk of
+    the whole image (its diff of a container compares the whole tree,
+    moby#39428; meta["diff_output"], if the save asked it already): done
+    by the saver once the line is free. Elsewhere a run's changes are read
+    from its layer when someone asks (ensure_reports)."""
+    if not line.config.record_changes or meta.get("image_after") == meta.get("image_before") \
+            or not REPORT_NAME_RE.fullmatch(container) or layer_listable(meta.get("new_image")):
+        return
+    try:
+        changes = parse_diff(meta.pop("diff_output", None) or docker("diff", container).stdout)
+    except PiError as err:
+        keep_report(line, container, {"image_after": meta.get("image_after"),
+                                      "failed": str(err)})
+        return
+    report_changes(line, container, meta.get("image_after"), meta.get("mount"), changes, {},
+                   lambda wanted: dpkg_books(container, wanted))
 
 
 def read_report(line, container):
@@ -5456,6 +5318,68 @@ def changed_nothing(record):
     return record.get("image_after") == record.get("image_before")
 
 
+def layer_dirs(line):
+    """Where runs' layers can still be read: ({image ID: its layers'
+    directories, top first}, {layer ID: its directory and those below it})
+    of every image of the repository that the engine keeps as overlay2
+    directories; a layer stays in the images made on top of it, whichever
+    snapshots are pruned, until a flatten or a reset drops them all."""
+    ids = sorted(set(docker("image", "ls", "-q", "--no-trunc", line.repo).stdout.split()))
+    by_image, by_layer = {}, {}
+    for image in json.loads(docker("image", "inspect", *ids).stdout) if ids else []:
+        layers = (image.get("RootFS") or {}).get("Layers") or []
+        if not layer_listable(image):
+            continue
+        data = image["GraphDriver"]["Data"]
+        dirs = [data["UpperDir"]] + [path for path in (data.get("LowerDir") or "").split(":")
+                                     if path]
+        if len(dirs) != len(layers):
+            continue
+        by_image[image["Id"]] = dirs
+        for index, layer in enumerate(reversed(layers)):
+            by_layer.setdefault(layer, dirs[index:])
+    return by_image, by_layer
+
+
+def ensure_reports(line, records):
+    """The reports of these runs (session records) that are missing, made
+    now: each run's layer, from an image that still holds it, read by one
+    container for all (list_layers), kept as its report (a second ask reads
+    it). A run whose layer no image holds any more is said to be gone. A
+    save starts no container for this: whoever asks pays, once."""
+    import io
+    todo = [record for record in records if isinstance(record, dict)
+            and isinstance(record.get("layer"), str) and not changed_nothing(record)
+            and REPORT_NAME_RE.fullmatch(str(record.get("container")))
+            and read_report(line, record["container"]) is None]
+    if not todo or not line.config.record_changes:
+        return
+    by_image, by_layer = layer_dirs(line)
+    jobs = []
+    for record in todo:
+        dirs = by_image.get(record.get("image_after")) or by_layer.get(record["layer"])
+        if dirs:
+            jobs.append((record, dirs))
+        else:
+            keep_report(line, record["container"], {
+                "image_after": record.get("image_after"),
+                "failed": "its layer is gone (the images that held it were removed, or "
+                          "flattened)"})
+    done = 0
+    try:
+        for record, changes, sizes, books in list_layers(line, jobs):
+            report_changes(line, record["container"], record.get("image_after"),
+                           record.get("mount"), changes, sizes,
+                           lambda wanted, books=books: read_books(io.BytesIO(books), wanted))
+            done += 1
+    except EngineError as err:
+        if "more than %s" % human_size(LAYER_READ_LIMIT) in str(err):
+            keep_report(line, jobs[done][0]["container"], {
+                "image_after": jobs[done][0].get("image_after"), "failed": str(err)})
+        say("what %s changed could not be listed: %s" % (
+            plural(len(jobs) - done, "run"), err), "warning")
+
+
 def trace_runs(line, records, from_id, to_id):
     """The saved runs (session records, oldest first) that led from image
     `from_id` to image `to_id`, found from `to_id` back: the run whose
@@ -5532,6 +5456,159 @@ def run_paths(line, record):
     return paths if isinstance(paths, dict) else None
 
 
+# -------------------------------------------------------------------- flatten
+#
+# Current rewritten as one layer: what its runs changed is listed first, as
+# their layers are about to go.
+
+def import_changes(config):
+    """`docker import --change` lines that give a new image `config`.
+    (STOPSIGNAL, HEALTHCHECK and SHELL are not accepted there: see
+    finish_config.)"""
+    changes = []
+    for key in ("Entrypoint", "Cmd"):
+        if config.get(key):
+            changes.append("%s %s" % (key.upper(), json.dumps(config[key], ensure_ascii=False)))
+    for entry in config.get("Env") or []:
+        name, _, value = entry.partition("=")
+        changes.append("ENV %s=%s" % (name, dockerfile_quote(value)))
+    if config.get("WorkingDir"):
+        changes.append("WORKDIR " + config["WorkingDir"])
+    if config.get("User"):
+        changes.append("USER " + config["User"])
+    for port in sorted(config.get("ExposedPorts") or {}):
+        changes.append("EXPOSE " + port)
+    if config.get("Volumes"):
+        changes.append("VOLUME " + json.dumps(sorted(config["Volumes"]), ensure_ascii=False))
+    for key, value in sorted((config.get("Labels") or {}).items()):
+        changes.append("LABEL %s=%s" % (dockerfile_quote(key), dockerfile_quote(value)))
+    for trigger in config.get("OnBuild") or []:
+        changes.append("ONBUILD " + trigger)
+    return changes
+
+
+def finish_config(image_id, config):
+    """Add what import cannot set, by a build that adds no layer."""
+    lines = []
+    if config.get("StopSignal"):
+        lines.append("STOPSIGNAL " + config["StopSignal"])
+    if config.get("Shell"):
+        lines.append("SHELL " + json.dumps(config["Shell"]))
+    check = config.get("Healthcheck") or {}
+    if check.get("Test"):
+        if check["Test"][0] == "NONE":
+            lines.append("HEALTHCHECK NONE")
+        else:
+            options = "".join(" --%s=%dms" % (flag, check[key] // 1000000) for flag, key in (
+                ("interval", "Interval"), ("timeout", "Timeout"),
+                ("start-period", "StartPeriod")) if check.get(key))
+            if check.get("Retries"):
+                options += " --retries=%d" % check["Retries"]
+            command = check["Test"][1:] if check["Test"][0] == "CMD" else \
+                ["/bin/sh", "-c"] + check["Test"][1:]
+            lines.append("HEALTHCHECK%s CMD %s" % (options, json.dumps(command)))
+    if not lines:
+        return image_id
+    dockerfile = "FROM %s\n%s\n" % (image_id, "\n".join(lines))
+    return docker("build", "-q", "-", feed=dockerfile).stdout.strip()
+
+
+def relay(source, sink, expected, started):
+    """Copy a stream in 1 MiB pieces, showing progress on the terminal."""
+    done, shown = 0, 0.0
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            break
+        sink.write(chunk)  # communicate() closes it afterwards
+        done += len(chunk)
+        now = time.monotonic()
+        if now - shown > 0.2:
+            shown = now
+            sys.stderr.write("\rpi-agent: flattening: %s of about %s, %.0f s " % (
+                human_size(done), human_size(expected), now - started))
+            sys.stderr.flush()
+    sys.stderr.write("\r\033[K")
+
+
+def flatten_image(line, image, progress=False):
+    """A one-layer copy of `image`: the same files (export streamed into
+    import, never held whole in memory or on disk) and the same config.
+    Returns the new image's ID; nothing is tagged."""
+    config = image.get("Config") or {}
+    # Flattens run under the line's lock, one at a time: any other such
+    # container is what an interrupted one left behind.
+    flatten_label = "%sflatten=%s" % (LABEL, "profile " + line.profile if line.profile else "1")
+    stale = docker("ps", "-aq", "--filter", "label=" + flatten_label,
+                   "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
+    if stale:
+        docker("rm", "-f", *stale, check=False)
+    holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo),
+                    "--label", flatten_label, image["Id"], "pi-agent-flatten").stdout.strip()
+    try:
+        started = time.monotonic()
+        export = DockerCall(("export", holder), capture=False, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+        importing = DockerCall(
+            ("import", *[arg for change in import_changes(config) for arg in ("--change", change)],
+             "-"), capture=False, stdin=subprocess.PIPE if progress else export.proc.stdout,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if progress:
+            relay(export.proc.stdout, importing.proc.stdin, image.get("Size") or 0, started)
+        export.proc.stdout.close()  # import alone reads it now (and sees export die)
+        export.proc.stdout = None
+        result = importing.finish(check=False)
+        export.finish()  # (export's error first: what import saw came from it)
+        if result.returncode != 0:
+            raise docker_failure(("import",), result.stderr.decode(errors="replace"))
+        new_id = result.stdout
+    finally:
+        docker("rm", "-f", holder, check=False)
+    new_id = finish_config(new_id.decode().strip(), config)
+    if image_layers(inspect_image(new_id)) != 1:
+        raise EngineError("the flattened image of %s has more than one layer" % image["Id"])
+    return new_id
+
+
+def flatten_current(line, state, current, progress=False):
+    """current := a one-layer copy of itself; the layered one stays as a
+    snapshot like any other replaced current. What the runs in its layers
+    changed is listed first (ensure_reports), in the same pass: once that
+    snapshot goes, their layers go with it. Returns the snapshot name."""
+    layers = set((current.get("RootFS") or {}).get("Layers") or ())
+    ensure_reports(line, [record for record in newest_sessions(line.sessions_path, DIFF_LOG_DEPTH)
+                          if record.get("layer") in layers])
+    new_id = flatten_image(line, current, progress)
+    kept, _ = replace_current(line, state, current, new_id)
+    remove_own_dangling(line)
+    return kept
+
+
+def flatten_limit(config):
+    """The layer count at which a save flattens current."""
+    # "0, never" still keeps commits possible: the engine refuses them at 125.
+    return config.flatten_threshold or MAX_LAYERS - 5
+
+
+def auto_flatten(line, state):
+    """Flatten current as part of the (detached) save that took it to the
+    limit: the prompt is back already, and the next run waits for it with a
+    message. Not in parallel with runs: while `docker import` writes the
+    copy, the engine holds back the commits and tags of other saves anyway.
+    Never fails the run: a failure is logged and shown once as a notice."""
+    current = inspect_image(line.current)
+    line.log("flattening %s (%d layers)" % (line.current, image_layers(current)))
+    try:
+        kept = flatten_current(line, state, current)
+    except PiError as err:
+        state["notice"] = ("auto-flatten of %s failed: %s; the run was saved all the same, "
+                           "and pi-flatten retries" % (line.current, err))
+        line.write_state(state)
+        line.log(state["notice"])
+        return
+    line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
+
+
 # -------------------------------------------------------------------- the run
 #
 # One run, start to end: the map below, then its steps, each before the step
@@ -5571,9 +5648,11 @@ def run_paths(line, record):
 #                snapshots pruned (prune_if_due); current flattened at the
 #                threshold (flatten_if_due).
 #  8. end        finish_saved, whoever saved: the session logged
-#                (Line.record_session), the locks freed, then what the run
-#                changed recorded (record_changes) and the container and
-#                its run directory gone (teardown).
+#                (Line.record_session), the locks freed, then the container
+#                and its run directory gone (teardown). What the run changed
+#                is read from its layer when someone asks (ensure_reports);
+#                only an engine without layer directories has it recorded
+#                here, from its diff (record_changes).
 
 
 # --- find the project
@@ -7409,6 +7488,8 @@ def cmd_snapshots(args):
     for record in newest_sessions(line.sessions_path, max(200, 5 * len(snaps))):
         next_run.setdefault(record.get("snapshot"), record)
     wait_for_reports(line, list(next_run.values()))
+    if args.json:
+        ensure_reports(line, list(next_run.values()))
     for record in next_run.values():
         record["paths"] = run_paths(line, record)
     if args.json:
@@ -7996,6 +8077,7 @@ def cmd_log(args):
     wait_for_save(line)
     records = newest_sessions(line.sessions_path, args.count)
     wait_for_reports(line, records)
+    ensure_reports(line, records)
     for record in records:
         record["paths"] = run_paths(line, record)
     if args.json:
@@ -8104,6 +8186,7 @@ def cmd_diff(args):
                                      if backwards else "")
         ends = [from_id, to_id]
     wait_for_reports(line, runs)
+    ensure_reports(line, runs)
     rows, packages, missing, truncated, failed = [], [], 0, 0, []
     for record in runs:
         report, changes = read_report(line, record.get("container")), None

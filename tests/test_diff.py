@@ -340,3 +340,41 @@ def test_the_books_cannot_hide_where_code_runs_nor_inflate_a_size():
         status = pi_agent.parse_dpkg_status(("Package: f\nStatus: install ok installed\n"
                                              "Version: 1\nInstalled-Size: %s\n" % forged).encode())
         assert status["f"] == ("1", None), forged
+
+
+def test_a_run_is_read_from_its_layer_when_asked_after_prunes_and_a_flatten(box):
+    """Nothing is listed at the save: pi-diff reads a run's layer when asked,
+    from any image that still holds it. Three runs back, after two prunes,
+    its layer is in current's; after pi-flatten, what was listed at the
+    flatten is kept."""
+    box.extra_env["PI_AGENT_SNAPSHOT_KEEP"] = "1"
+    for name in ("first", "second", "third", "fourth"):
+        box.ok("pi-exec sh -c 'echo %s > ~/%s.txt'" % (name, name))
+    box.wait_saved()
+    assert len(box.snapshots()) == 1, "pruned to one"
+    log = json.loads(box.ok("pi-log --json").stdout)
+    assert log[3]["paths"]["added"] >= 1, "three back, its snapshot pruned, read from current"
+    assert any(path.endswith("/first.txt") for path in diff_paths(box, log[3]))
+    box.ok("pi-exec sh -c 'echo fifth > ~/fifth.txt'")
+    box.wait_saved()
+    with open(box.line().sessions_path) as handle:  # (pi-log would list the run's layer)
+        fifth = json.loads(handle.read().splitlines()[-1])
+    reports = os.path.join(box.state_dir, [name for name in os.listdir(box.state_dir)
+                                           if name.endswith(".runs")][0])
+    assert not os.path.exists(os.path.join(reports, fifth["container"] + ".json"))
+    box.ok("pi-flatten")
+    assert os.path.exists(os.path.join(reports, fifth["container"] + ".json")), \
+        "listed at the flatten, before its layer was squashed"
+    box.ok("pi-prune 0")  # (the layered image kept by the flatten goes too)
+    assert any(path.endswith("fifth.txt") for path in diff_paths(box, fifth))
+    for name in os.listdir(reports):
+        assert os.stat(os.path.join(reports, name)).st_mode & 0o077 == 0, name
+
+
+def diff_paths(box, record):
+    """The paths pi-diff shows from base to current, a way that takes in
+    the run of this session record."""
+    facts = json.loads(box.ok("pi-diff --json --all base").stdout)
+    assert record["container"] in [run["container"] for run in facts["runs"]]
+    assert facts["unrecorded"] == 0 and not facts["failed"], facts
+    return [change["path"] for change in facts["changes"]]

@@ -112,13 +112,22 @@ def test_a_run_after_a_clean_release_makes_seven_docker_calls(box):
     with open(trace) as handle:
         calls = sorted(" ".join(line.split(": docker ", 1)[1].split()[:2])
                        for line in handle)
-    # Seven (one asks what the commit will write: see save_cost), and the
-    # listing of the run's layer, once the line is free, that records what
-    # the run changed (a container of the base: run --rm). A run that exits
-    # 0 off a terminal is not asked whether it stopped: see run_container.
+    # Seven (one asks what the commit will write: see save_cost). The save
+    # starts no container but the run's own: what the run changed is read
+    # from its layer when someone asks (ensure_reports). A run that exits 0
+    # off a terminal is not asked whether it stopped: see run_container.
     assert [call.split(":")[0] for call in calls] == [
         "commit -m", "container inspect", "image inspect", "image inspect", "rm -f",
-        "run --rm", "run -i", "tag sha256"], calls
+        "run -i", "tag sha256"], calls
+    os.remove(trace)
+    first = box.ok("pi-diff").stdout
+    assert "/t2" in first or "added" in first, first
+    with open(trace) as handle:
+        assert " run --rm " in handle.read(), "the first ask lists the run's layer"
+    os.remove(trace)
+    assert box.ok("pi-diff").stdout == first
+    with open(trace) as handle:
+        assert " run " not in handle.read(), "the second reads what the first kept"
 
 
 def test_labels_record_the_run(box):

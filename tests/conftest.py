@@ -61,6 +61,12 @@ def docker(*args, check=True):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def git(repo, *args, env=None, check=True):
+    """Host git in `repo` (the engine-free tests of the gate and the sweep)."""
+    return subprocess.run(["git", "-C", repo, *args], check=check, capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {})))
+
+
 @pytest.fixture(scope="session")
 def engine():
     if shutil.which("docker") is None:

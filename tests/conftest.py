@@ -75,8 +75,8 @@ def engine():
     if result.returncode != 0:
         pytest.skip("Docker engine unreachable: %s" % result.stderr.strip().splitlines()[-1:])
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
-        pytest.skip("no %s image; build it with ../shared/tools/docker-engine.sh or set "
-                    "PI_AGENT_TEST_BASE_IMAGE" % BASE_IMAGE)
+        pytest.skip("no %s image; build it with tests/setup-engine.sh (sudo make setup) "
+                    "or set PI_AGENT_TEST_BASE_IMAGE" % BASE_IMAGE)
     return result.stdout.strip()
 
 

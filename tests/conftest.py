@@ -271,6 +271,13 @@ class Sandbox:
         self.wait_saved()
         return json.loads(docker("image", "inspect", ref).stdout)[0]
 
+    def dangling(self):
+        """This line's untagged images, once no save is at work: what
+        replaced images must not pile up as."""
+        self.wait_saved()
+        return docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
+                      "label=pi-agent.repo=" + self.repo).stdout.split()
+
     def containers(self):
         return docker("ps", "-a", "-q", "--filter", "label=pi-agent.repo=" + self.repo).stdout.split()
 

@@ -38,13 +38,7 @@ def test_environment_persists_and_rollback_is_undoable(any_box):
 
     box.ok("pi-rollback %s" % kept)
     assert box.ok(both).stdout == "hi\nthere\n"
-    assert own_dangling(box) == [], "replaced images do not pile up untagged"
-
-
-def own_dangling(box):
-    box.wait_saved()
-    return docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
-                  "label=pi-agent.repo=" + box.repo).stdout.split()
+    assert box.dangling() == [], "replaced images do not pile up untagged"
 
 
 def test_agent_writes_into_the_project_as_the_host_user(any_box):
@@ -466,10 +460,10 @@ def test_reset_system_prune_and_reset_all(box):
     box.ok("pi-prune 2")
     assert len(box.snapshots()) == 2
     assert box.sh("pi-reset-all </dev/null").returncode == 3, "asks, or needs --yes"
-    assert own_dangling(box) == []
+    assert box.dangling() == []
     box.ok("pi-reset-all --yes")
     assert set(box.images()) == {"base"}
-    assert own_dangling(box) == []
+    assert box.dangling() == []
     box.ok("pi-exec true")
     assert box.images()["current"] == box.images()["base"]
 

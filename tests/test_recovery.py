@@ -227,6 +227,7 @@ def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):
 
 def leave_behind(box, path):
     """A run killed with its saver: its container is left behind."""
+    box.wait_saved()  # (an earlier run's container gone: removed after its lock)
     run = start_and_wait_for(box, path)
     os.kill(box.holder()["saver_pid"], signal.SIGKILL)  # first: it would save if it saw
     os.kill(box.wrapper_pid(), signal.SIGKILL)         # the wrapper go

@@ -251,8 +251,9 @@ def bench_parallel(line, rounds):
         statistics.median(big), statistics.median(small), 1.15)
 
     line.wait_saved()
-    ready = os.path.join(line.project, "ready")
-    holder = subprocess.Popen(line.script("pi-exec sh -c 'touch ready; sleep 600'"),
+    ready, go = (os.path.join(line.project, name) for name in ("ready", "go"))
+    holder = subprocess.Popen(line.script("pi-exec sh -c 'touch ready; "
+                                          "while [ ! -e go ]; do sleep 0.1; done'"),
                               cwd=line.project, env=line.env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     while not os.path.exists(ready):
@@ -269,9 +270,10 @@ def bench_parallel(line, rounds):
     row("joining a running run (pi) vs a bare docker exec (median of %d)" % rounds,
         statistics.median(t1 - t0 for t0, t1, _t2 in stamps),
         statistics.median(t2 - t1 for _t0, t1, t2 in stamps), 1.2)
-    os.killpg(holder.pid, 15)
-    holder.wait()
+    open(go, "w").close()  # the holding run ends
+    holder.wait(timeout=120)
     os.remove(ready)
+    os.remove(go)
 
 
 def bench_log(line, rounds):

@@ -2,10 +2,12 @@
 test (its own image line, state dir, home and project) driven through the
 shell functions exactly as a user would, as root and as an ordinary user."""
 
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,12 @@ def docker(*args, check=True):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def git(repo, *args, env=None, check=True):
+    """Host git in `repo` (the engine-free tests of the gate and the sweep)."""
+    return subprocess.run(["git", "-C", repo, *args], check=check, capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {})))
+
+
 @pytest.fixture(scope="session")
 def engine():
     if shutil.which("docker") is None:
@@ -69,8 +77,8 @@ def engine():
     if result.returncode != 0:
         pytest.skip("Docker engine unreachable: %s" % result.stderr.strip().splitlines()[-1:])
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
-        pytest.skip("no %s image; build it with ../shared/tools/docker-engine.sh or set "
-                    "PI_AGENT_TEST_BASE_IMAGE" % BASE_IMAGE)
+        pytest.skip("no %s image; build it with tests/setup-engine.sh (sudo make setup) "
+                    "or set PI_AGENT_TEST_BASE_IMAGE" % BASE_IMAGE)
     return result.stdout.strip()
 
 
@@ -136,6 +144,7 @@ class Sandbox:
         self.chown(workdir)
         self.chown(self.home)
         self.extra_env = {}
+        self.sessions = []  # box.background's
 
     def chown(self, path):
         if self.user.via_runuser:
@@ -181,14 +190,27 @@ class Sandbox:
         return result
 
     def background(self, script):
-        """Start `script` (with the shell functions) in a session of its own."""
+        """Start `script` (with the shell functions) in a session of its own
+        (one the test has not ended is ended as the sandbox goes)."""
         prefix = ["env", "-i"] + ["%s=%s" % item for item in self.env().items()]
         if self.user.via_runuser:
             prefix = ["runuser", "-u", self.user.name, "--"] + prefix
-        return subprocess.Popen(prefix + ["bash", "--norc", "-c", ". %s/shell/pi.sh\n%s"
-                                          % (self.install_dir, script)],
-                                cwd=self.project, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        run = subprocess.Popen(prefix + ["bash", "--norc", "-c", ". %s/shell/pi.sh\n%s"
+                                         % (self.install_dir, script)],
+                               cwd=self.project, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.sessions.append(run)
+        return run
+
+    @contextlib.contextmanager
+    def running(self, script):
+        """`with box.running(script) as run:` box.background(script) for
+        the block, its session ended (end_session) as the block ends."""
+        run = self.background(script)
+        try:
+            yield run
+        finally:
+            end_session(run)
 
     def line(self):
         """The image line as pi_agent sees it (its state, lock and log paths)."""
@@ -265,10 +287,19 @@ class Sandbox:
         self.wait_saved()
         return json.loads(docker("image", "inspect", ref).stdout)[0]
 
+    def dangling(self):
+        """This line's untagged images, once no save is at work: what
+        replaced images must not pile up as."""
+        self.wait_saved()
+        return docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
+                      "label=pi-agent.repo=" + self.repo).stdout.split()
+
     def containers(self):
         return docker("ps", "-a", "-q", "--filter", "label=pi-agent.repo=" + self.repo).stdout.split()
 
     def cleanup(self):
+        for run in self.sessions:
+            end_session(run)
         ids = self.containers()
         if ids:
             docker("rm", "-f", "-v", *ids, check=False)
@@ -321,6 +352,28 @@ def any_box(request, engine, install_dir):
 @pytest.fixture(params=SHELLS)
 def shell_box(request, engine, install_dir):
     return make_sandbox(request, install_dir, "user", request.param)
+
+
+def end_session(run, timeout=60):
+    """End a background session (box.background) still there: SIGTERM to
+    its process group (the shell, the wrapper, the docker client), a wait
+    of up to `timeout` seconds, then SIGKILL if it is still there. The
+    session's leader is reaped and its pipes closed."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if run.poll() is not None:
+            break
+        try:
+            os.killpg(run.pid, signum)
+        except ProcessLookupError:  # (gone meanwhile)
+            break
+        try:
+            run.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    run.wait(timeout=timeout)
+    for stream in (run.stdout, run.stderr):
+        if stream:
+            stream.close()
 
 
 def wait_until(predicate, timeout=30.0, interval=0.1):

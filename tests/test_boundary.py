@@ -4,7 +4,6 @@ the engine's disk (a sparse file), and the environment (the locale, a
 joined session's). Against the real engine where a `box` is used."""
 
 import os
-import signal
 
 from conftest import docker, wait_until
 
@@ -36,20 +35,16 @@ def test_a_joined_sessions_environment_is_not_in_the_run_directory(box):
     """The agent reads what is under /dev/pi-agent: the joiner's script
     there holds no value of its environment, which still reaches it."""
     value = "Europe/Joiner_Only_Zone"
-    run = box.background(
-        "pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done; "
-        "ls -la /dev/pi-agent > listing; cat /dev/pi-agent/join-* > seen 2>&1; "
-        "touch read-done'")
-    try:
+    with box.running(
+            "pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done; "
+            "ls -la /dev/pi-agent > listing; cat /dev/pi-agent/join-* > seen 2>&1; "
+            "touch read-done'") as run:
         assert wait_until(lambda: in_project(box, "ready"), timeout=60)
         joined = box.ok("pi-shell", env={"TZ": value}, input=(
             "touch go; while [ ! -e read-done ]; do sleep 0.1; done; "
             "printf %s \"$TZ\" > join-tz; exit 0\n"), timeout=120)
         assert "joining" in joined.stderr
         assert run.wait(timeout=60) == 0
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGTERM)
     read = lambda name: open(os.path.join(box.project, name)).read()  # noqa: E731
     assert "join-" in read("listing"), "the agent looked while the session was in"
     assert "cd " in read("seen"), "and could read the script"

@@ -421,10 +421,12 @@ def test_a_planted_repository_with_links_reaches_nothing_of_the_host(box):
 
 
 def test_runs_of_two_image_lines_take_turns_in_one_project(box):
-    run = box.background("pi-exec sh -c 'touch started; sleep 4'")
+    run = box.background("pi-exec sh -c 'touch started; while [ ! -e go ]; do sleep 0.1; "
+                         "done'")
     assert wait_until(lambda: os.path.exists(os.path.join(box.project, "started")), timeout=60)
     other = box.sh("pi-exec true", env={"PI_AGENT_IMAGE_REPO": box.repo + "-other"})
     assert other.returncode == 5 and "%s is in use by pid" % box.project in other.stderr
+    open(os.path.join(box.project, "go"), "w").close()
     assert run.wait(timeout=60) == 0
     docker("rmi", "-f", box.repo + "-other:base", check=False)
 

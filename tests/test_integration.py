@@ -4,6 +4,7 @@ functions in bash and zsh, as an ordinary user and as root."""
 import json
 import os
 import re
+import select
 import shutil
 import signal
 
@@ -38,13 +39,7 @@ def test_environment_persists_and_rollback_is_undoable(any_box):
 
     box.ok("pi-rollback %s" % kept)
     assert box.ok(both).stdout == "hi\nthere\n"
-    assert own_dangling(box) == [], "replaced images do not pile up untagged"
-
-
-def own_dangling(box):
-    box.wait_saved()
-    return docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
-                  "label=pi-agent.repo=" + box.repo).stdout.split()
+    assert box.dangling() == [], "replaced images do not pile up untagged"
 
 
 def test_agent_writes_into_the_project_as_the_host_user(any_box):
@@ -324,18 +319,25 @@ def test_wrapper_help_and_version(shell_box):
 # --- the lock ---------------------------------------------------------------
 
 def test_second_run_is_busy_and_wait_waits(box):
-    first = box.background("pi-exec sh -c 'touch ~/first; sleep 4'")
+    first = box.background("pi-exec sh -c 'touch ~/first; while [ ! -e go ]; do sleep 0.1; "
+                           "done'")
     assert wait_until(lambda: len(box.containers()) == 1, timeout=30)
     busy = box.sh("pi-exec true")
     assert busy.returncode == 5
     assert "pid" in busy.stderr and box.project in busy.stderr and "--wait" in busy.stderr
-    waited = box.ok("pi-exec --wait sh -c 'ls ~/first'")
-    assert "first" in waited.stdout
+    with box.running("pi-exec --wait sh -c 'ls ~/first'") as waiter:
+        select.select([waiter.stderr], [], [], 60)  # until it says what it waits for
+        open(os.path.join(box.project, "go"), "w").close()  # the first run may end
+        out, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, "exit %d\nstdout: %s\nstderr: %s" % (
+            waiter.returncode, out, err)
+    assert "first" in out
     assert first.wait(timeout=60) == 0
 
 
 def test_kill_9_of_the_wrapper_loses_nothing(box):
-    run = box.background("pi-exec sh -c 'sudo touch /usr/local/kill9 && sleep 60'")
+    run = box.background("pi-exec sh -c 'sudo touch /usr/local/kill9 && "
+                         "while [ ! -e go ]; do sleep 0.1; done'")
     assert wait_until(lambda: box.wrapper_pid(), timeout=30)
     assert wait_until(lambda: docker("exec", box.containers()[0], "test", "-e",
                                      "/usr/local/kill9", check=False).returncode == 0)
@@ -476,10 +478,10 @@ def test_reset_system_prune_and_reset_all(box):
     box.ok("pi-prune 2")
     assert len(box.snapshots()) == 2
     assert box.sh("pi-reset-all </dev/null").returncode == 3, "asks, or needs --yes"
-    assert own_dangling(box) == []
+    assert box.dangling() == []
     box.ok("pi-reset-all --yes")
     assert set(box.images()) == {"base"}
-    assert own_dangling(box) == []
+    assert box.dangling() == []
     box.ok("pi-exec true")
     assert box.images()["current"] == box.images()["base"]
 

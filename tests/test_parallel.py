@@ -50,16 +50,12 @@ def test_two_profiles_run_at_once_and_each_keeps_its_own_changes(box):
 
 def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):
     other = box.mkdir(os.path.join(os.path.dirname(box.project), "other"))
-    run = box.background("pi-exec sh -c 'touch ready; sleep 60'")
-    try:
+    with box.running("pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done'"):
         assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
         busy = box.sh("pi-exec true", cwd=other)
         assert busy.returncode == 5
         assert "pi-branch" in busy.stderr and "pi-worktree" in busy.stderr
         assert busy.stderr.count("\n") == 1
-    finally:
-        os.killpg(run.pid, signal.SIGTERM)
-        run.wait(timeout=60)
 
 
 def test_a_profile_must_be_made_first_and_names_are_checked(box):
@@ -116,32 +112,26 @@ def test_projects_nested_in_one_another_take_turns_whatever_the_profile(box):
     box.ok("pi-branch b")
     inner = box.mkdir(os.path.join(box.project, "inner"))
     victim = box.mkdir(os.path.join(os.path.dirname(box.project), "victim"))
-    swap = ("touch ready; while [ ! -e go ]; do sleep 0.1; done; end=$(( $(date +%%s) + 4 )); "
-            "while [ $(date +%%s) -lt $end ]; do mv inner held && ln -s %s inner; "
+    # It swaps from go (the attempts begin) to stop (they are over).
+    swap = ("touch ready; while [ ! -e go ]; do sleep 0.1; done; "
+            "while [ ! -e stop ]; do mv inner held && ln -s %s inner; "
             "sleep 0.01; rm inner && mv held inner; done; touch swapped" % victim)
-    outer = box.background("pi-exec --here sh -c '%s'" % swap)
-    try:
+    with box.running("pi-exec --here sh -c '%s'" % swap) as outer:
         assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
         attempts = box.sh("touch ../go; for i in 1 2 3 4; do pi-exec --profile b sh -c "
-                          "'echo pwned >> marker'; echo rc=$?; sleep 0.3; done", cwd=inner,
-                          timeout=120)
+                          "'echo pwned >> marker'; echo rc=$?; sleep 0.3; done; touch ../stop",
+                          cwd=inner, timeout=120)
         assert attempts.stdout.split() == ["rc=5"] * 4, attempts.stderr
         assert "overlaps" in attempts.stderr and "take turns" in attempts.stderr
         assert outer.wait(timeout=60) == 0
         assert in_project(box.project, "swapped")
-    finally:
-        if outer.poll() is None:
-            os.killpg(outer.pid, signal.SIGTERM)
     assert os.listdir(victim) == [], "nothing reached the victim"
     # And the other way round: the inner project runs, the outer one waits its turn.
-    run = box.background("cd %s && pi-exec --profile b sh -c 'touch ready; sleep 30'" % inner)
-    try:
+    with box.running("cd %s && pi-exec --profile b sh -c 'touch ready; "
+                     "while [ ! -e go ]; do sleep 0.1; done'" % inner):
         assert wait_until(lambda: in_project(inner, "ready"), timeout=60)
         around = box.sh("pi-exec --here true")
         assert around.returncode == 5 and "overlaps" in around.stderr
-    finally:
-        os.killpg(run.pid, signal.SIGTERM)
-        run.wait(timeout=60)
 
 
 def test_a_worktree_whose_repository_is_in_another_runs_reach_waits_its_turn(box):
@@ -154,24 +144,16 @@ def test_a_worktree_whose_repository_is_in_another_runs_reach_waits_its_turn(box
     box.init_repo(repo)
     worktree = os.path.join(os.path.dirname(box.project), "wt")
     box.ok("git worktree add -q %s" % worktree, cwd=repo)
-    run = box.background("cd %s && pi-exec --here sh -c 'touch ready; sleep 30'" % outer)
-    try:
+    hold = "touch ready; while [ ! -e go ]; do sleep 0.1; done"
+    with box.running("cd %s && pi-exec --here sh -c '%s'" % (outer, hold)):
         assert wait_until(lambda: in_project(outer, "ready"), timeout=60)
         busy = box.sh("pi-exec --profile b true", cwd=worktree)
         assert busy.returncode == 5 and "overlaps" in busy.stderr and repo in busy.stderr
-    finally:
-        os.killpg(run.pid, signal.SIGTERM)
-        run.wait(timeout=60)
     box.wait_saved()  # (its saver holds the project until it hears the run's end)
-    run = box.background("cd %s && pi-exec --profile b sh -c 'touch ready; sleep 30'"
-                         % worktree)
-    try:
+    with box.running("cd %s && pi-exec --profile b sh -c '%s'" % (worktree, hold)):
         assert wait_until(lambda: in_project(worktree, "ready"), timeout=60)
         busy = box.sh("pi-exec --here true", cwd=outer)
         assert busy.returncode == 5 and "overlaps" in busy.stderr
-    finally:
-        os.killpg(run.pid, signal.SIGTERM)
-        run.wait(timeout=60)
 
 
 def test_hooks_an_agent_swaps_in_below_the_project_never_run_on_the_host(box):
@@ -187,17 +169,13 @@ def test_hooks_an_agent_swaps_in_below_the_project_never_run_on_the_host(box):
              "chmod +x tools/githooks/$h; done && touch ready && "
              "while [ ! -e go ]; do sleep 0.1; done && git commit -q --allow-empty -m agent"
              % hook)
-    run = box.background("pi-exec sh -c %s" % pi_agent.shlex.quote(plant))
-    try:
+    with box.running("pi-exec sh -c %s" % pi_agent.shlex.quote(plant)) as run:
         assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
         worktree = box.sh("pi-worktree w1 -- -c true", env={"PI_AGENT_COMMAND": "sh"})
         assert worktree.returncode == 5 and "overlaps" in worktree.stderr
         assert not os.path.exists(box.project + "-w1")
         open(os.path.join(box.project, "go"), "w").close()
         assert run.wait(timeout=60) == 0
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGTERM)
     assert "agent" in box.ok("git log --format=%s -1").stdout, "the commit came back"
     assert not os.path.exists(marker), "no hook of the agent's ran on the host"
 
@@ -272,29 +250,27 @@ def test_pi_worktree_does_not_check_out_a_branch_an_agent_made(box):
 def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
     box.ok("pi-exec true")
     before = box.snapshots()
-    run = box.background("pi-exec sh -c 'hostname > main-host; touch ready; "
-                         "while [ ! -e go ]; do sleep 0.1; done; touch ~/from-main main-done'")
-    try:
+    with box.running("pi-exec sh -c 'hostname > main-host; echo $$ > main-pid; touch ready; "
+                     "while [ ! -e go ]; do sleep 0.1; done; touch ~/from-main main-done'"
+                     ) as run:
         assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
         # The session outlives the run's command: it is still at work when
-        # the command has ended, and what it does then is saved too.
+        # the command has ended (its process gone), and what it does then
+        # is saved too.
         joined = box.ok("pi-shell", input="hostname > join-host; touch go; "
-                        "while [ ! -e main-done ]; do sleep 0.1; done; sleep 1; "
+                        "while [ ! -e main-done ]; do sleep 0.1; done; "
+                        "while kill -0 $(cat main-pid) 2>/dev/null; do sleep 0.1; done; "
                         "touch ~/from-join; exit 0\n", timeout=120)
         assert "joining" in joined.stderr
         assert run.wait(timeout=60) == 0
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGTERM)
     assert len(box.snapshots()) == len(before) + 1, "one save for both"
     host = lambda name: open(os.path.join(box.project, name)).read()  # noqa: E731
     assert host("main-host") == host("join-host"), "one container"
     box.ok("pi-exec sh -c 'test -e ~/from-main && test -e ~/from-join'")
     # pi joins the agent's run too, with the agent command, but not with a
     # key the run does not have.
-    run = box.background("PI_AGENT_COMMAND=sh OPENAI_API_KEY=sk-run pi -- -c 'touch ready2; "
-                         "while [ ! -e go2 ]; do sleep 0.1; done'")
-    try:
+    with box.running("PI_AGENT_COMMAND=sh OPENAI_API_KEY=sk-run pi -- -c 'touch ready2; "
+                     "while [ ! -e go2 ]; do sleep 0.1; done'") as run:
         assert wait_until(lambda: in_project(box.project, "ready2"), timeout=60)
         other = box.sh("pi -- -c 'touch go2'", env={"PI_AGENT_COMMAND": "sh",
                                                     "OPENAI_API_KEY": "sk-another"})
@@ -305,12 +281,8 @@ def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
         assert "joining" in agent.stderr
         box.extra_env = {}
         assert run.wait(timeout=60) == 0
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGTERM)
     # pi-exec keeps the lock's rules (a script's command waits or fails).
-    run = box.background("pi-exec sh -c 'touch ready3; sleep 60'")
-    try:
+    with box.running("pi-exec sh -c 'touch ready3; while [ ! -e go3 ]; do sleep 0.1; done'"):
         assert wait_until(lambda: in_project(box.project, "ready3"), timeout=60)
         busy = box.sh("pi-exec true")
         assert busy.returncode == 5 and "pi-shell" in busy.stderr
@@ -325,16 +297,14 @@ def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
         assert not in_project(box.project, "joined-agent")
         assert not any(name.startswith("join-") for name in os.listdir(
             os.path.join(box.state_dir, "run", box.live_run_name())))
-    finally:
-        os.killpg(run.pid, signal.SIGTERM)
-        run.wait(timeout=60)
 
 
 def test_an_agent_cannot_fake_a_joined_session_to_keep_its_container(box):
     """It can hold the run's join lock and leave a process behind: the
     run still ends (a few seconds later), saying nothing of sessions."""
-    run = box.sh("pi-exec sh -c 'setsid flock -s /dev/pi-agent/join sleep 120 & "
-                 "touch /dev/pi-agent/join-x 2>/dev/null; sleep 1'",
+    run = box.sh("pi-exec sh -c 'setsid flock -s /dev/pi-agent/join sh -c \"touch /tmp/held; "
+                 "exec sleep infinity\" & while [ ! -e /tmp/held ]; do sleep 0.1; done; "
+                 "touch /dev/pi-agent/join-x 2>/dev/null; true'",
                  timeout=60)
     assert run.returncode == 0
     assert "joined" not in run.stderr
@@ -343,9 +313,10 @@ def test_an_agent_cannot_fake_a_joined_session_to_keep_its_container(box):
 
 
 def test_a_joined_session_does_not_keep_the_container_from_being_stopped(box):
-    run = box.background("pi-exec sh -c 'touch ready; sleep 60'")
+    run = box.background("pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done'")
     assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
-    joined = box.background("echo 'touch in-join; sleep 300' | pi-shell")
+    joined = box.background("echo 'touch in-join; while [ ! -e go ]; do sleep 0.1; done' "
+                            "| pi-shell")
     assert wait_until(lambda: in_project(box.project, "in-join"), timeout=60)
     os.kill(box.wrapper_pid(), signal.SIGTERM)
     assert run.wait(timeout=60) == 128 + signal.SIGTERM

@@ -67,8 +67,10 @@ def in_container(box, path):
 
 
 def start_and_wait_for(box, path, script=None):
-    """Start a run in the background that writes `path`, then sleeps."""
-    run = box.background(script or "pi-exec sh -c 'sudo touch %s && sleep 60'" % path)
+    """Start a run in the background that writes `path`, then waits for a
+    go file (that no test makes: the test ends the run as it means to)."""
+    run = box.background(script or "pi-exec sh -c 'sudo touch %s && "
+                         "while [ ! -e go ]; do sleep 0.1; done'" % path)
     assert wait_until(lambda: in_container(box, path), timeout=60), run.stderr
     return run
 
@@ -114,7 +116,8 @@ def test_while_it_runs_the_container_shows_no_value_and_no_argument(box):
     secret = "sk-test-0b7e-never-in-inspect"
     box.extra_env = {"ANTHROPIC_API_KEY": secret, "PI_AGENT_PASS_ENV": "ANTHROPIC_API_KEY"}
     run = start_and_wait_for(box, "/tmp/marker-argument",
-                             "pi-exec sh -c 'touch /tmp/marker-argument; sleep 60'")
+                             "pi-exec sh -c 'touch /tmp/marker-argument; "
+                             "while [ ! -e go ]; do sleep 0.1; done'")
     cid = box.live_run()[0]
     shown = docker("inspect", cid).stdout + docker("ps", "-a", "--no-trunc").stdout
     assert secret not in shown and "marker-argument" not in shown
@@ -224,6 +227,7 @@ def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):
 
 def leave_behind(box, path):
     """A run killed with its saver: its container is left behind."""
+    box.wait_saved()  # (an earlier run's container gone: removed after its lock)
     run = start_and_wait_for(box, path)
     os.kill(box.holder()["saver_pid"], signal.SIGKILL)  # first: it would save if it saw
     os.kill(box.wrapper_pid(), signal.SIGKILL)         # the wrapper go
@@ -385,7 +389,7 @@ def test_two_leftovers_are_recovered_oldest_first_and_nothing_is_lost(faulty):
     for name in ("first", "second"):
         run = start_and_wait_for(box, "/usr/local/" + name, script=(
             "pi-exec sh -c 'echo %s | sudo tee -a /usr/local/order >/dev/null; "
-            "sudo touch /usr/local/%s; sleep 60'" % (name, name)))
+            "sudo touch /usr/local/%s; while [ ! -e go ]; do sleep 0.1; done'" % (name, name)))
         saver = box.holder()["saver_pid"]
         os.kill(box.wrapper_pid(), signal.SIGKILL)
         os.kill(saver, signal.SIGKILL)

@@ -62,11 +62,6 @@ def layers(box, ref):
     return len(box.inspect(ref)["RootFS"]["Layers"])
 
 
-def own_untagged(box):
-    return docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
-                  "label=pi-agent.repo=" + box.repo).stdout.split()
-
-
 def test_flatten_keeps_every_file_and_config_field(rich):
     box = rich
     box.ok("pi-exec sh -c 'echo run1 > /opt/t/run1'")
@@ -84,7 +79,7 @@ def test_flatten_keeps_every_file_and_config_field(rich):
     assert listing(current) == before_files
     kept = result.stderr.split("kept as ")[1].split()[0]
     assert box.inspect(box.repo + ":" + kept)["Config"]["Labels"] == before_config["Labels"]
-    assert own_untagged(box) == []
+    assert box.dangling() == []
     assert box.ok("pi-exec cat /opt/t/run1 /opt/t/run2").stdout == "run1\nrun2\n"
     assert "single layer already" in box.ok("pi-flatten").stderr
 
@@ -153,7 +148,7 @@ def test_flatten_and_prune_free_space_by_the_engines_figures(rich):
     base = box.inspect(box.repo + ":base")["Id"]
     for image in set(old_chain) - {base}:
         assert docker("image", "inspect", image, check=False).returncode != 0
-    assert own_untagged(box) == []
+    assert box.dangling() == []
 
 
 def images_disk_usage():

@@ -2188,6 +2188,8 @@ class ProjectScan:
             pending = names.pop() if chunk else b""
             for raw in names:
                 path = os.fsdecode(raw[2:]) if raw.startswith(b"./") else ""
+                if len(found) + len(self.problems) >= MAX_SCAN_ENTRIES:
+                    break
                 try:
                     if raw:
                         found.append((path, os.lstat(os.path.join(self.target, path))))
@@ -2195,7 +2197,7 @@ class ProjectScan:
                     pass
                 except OSError as err:
                     self.problems.append((path, err.errno))
-            if not chunk or len(found) + len(self.problems) > MAX_SCAN_ENTRIES:
+            if not chunk or len(found) + len(self.problems) >= MAX_SCAN_ENTRIES:
                 break
         if chunk:
             self.truncated = True

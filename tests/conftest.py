@@ -310,20 +310,11 @@ class Sandbox:
             docker("rmi", "-f", *refs, check=False)
 
 
-# The modules whose runs record their changes, as by default: the others'
-# tests set box.extra_env to record them.
-RECORDING_MODULES = ("test_diff", "test_recovery")
-
-
 def make_sandbox(request, install_dir, user_kind, shell):
     user = user_for(user_kind)
     workdir = tempfile.mkdtemp(prefix="pi-agent-test-")
     os.chmod(workdir, 0o755)
     box = Sandbox(user, shell, install_dir, workdir)
-    if request.module.__name__ not in RECORDING_MODULES:
-        # Each changing run's record costs the engine a walk of the whole
-        # image (see record_changes): only where it is what is tested.
-        box.extra_env["PI_AGENT_RECORD_CHANGES"] = "0"
     docker("tag", base_for(user.uid, user.gid, box.home, install_dir), box.repo + ":base")
 
     def finish():

@@ -127,7 +127,8 @@ PY
     took = time.monotonic() - started
     peak = max(peaks.values() or [0]) // 1024
     assert refused.returncode == 3 and "hard links" in refused.stderr, refused.stderr
-    assert peak < 256, "pi-agent peaked at %d MB (%.0f s) before it refused" % (peak, took)
+    # (bounded by what a look keeps, MAX_SCAN_ENTRIES, whatever the names' count)
+    assert peak < 384, "pi-agent peaked at %d MB (%.0f s) before it refused" % (peak, took)
 
 
 def peak_rss_of_pi_agent(stop, peaks):

@@ -59,8 +59,6 @@ Exit codes:
   130  interrupted
 """
 
-import argparse
-import datetime
 import errno
 import fcntl
 import json
@@ -75,6 +73,7 @@ import sys
 import time
 
 __version__ = "0.2.0"
+STARTED = time.monotonic()  # (for trace_step)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -383,8 +382,16 @@ def utc_iso(epoch):
 
 
 def utc_epoch(struct):
-    """calendar.timegm, without importing calendar (and locale) at start-up."""
-    return datetime.datetime(*struct[:6], tzinfo=datetime.timezone.utc).timestamp()
+    """calendar.timegm of (year, month, day, hour, minute, second), without
+    importing calendar or datetime (and what they import) at start-up: the
+    days since 1970 by the proleptic Gregorian calendar's own rule."""
+    year, month, day, hour, minute, second = struct[:6]
+    year -= month <= 2
+    era, offset = divmod(year, 400)
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = offset * 365 + offset // 4 - offset // 100 + day_of_year
+    days = era * 146097 + day_of_era - 719468
+    return days * 86400 + hour * 3600 + minute * 60 + second
 
 
 def local_time(iso):
@@ -1224,6 +1231,18 @@ def trace(argv, started, status):
             handle.write("%.6f %6.3fs pid %d exit %s: %s\n" % (
                 time.time(), time.monotonic() - started, os.getpid(), status,
                 shlex.join(argv)[:200]))
+
+
+def trace_step(name):
+    """PI_AGENT_TRACE=FILE: a line as a run reaches each of its steps, with
+    the time since the process started (what the prompt waits for, that is
+    not a docker command)."""
+    path = os.environ.get("PI_AGENT_TRACE") if _trace_file is None else _trace_file
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("%.6f %6.3fs pid %d step: %s\n" % (
+                time.time(), time.monotonic() - STARTED,
+                os.getpid(), name))
 
 
 class DockerCall:
@@ -7135,6 +7154,7 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     and the save was waited for)."""
     saved_elsewhere = saver.send("%s %d" % (SAID_STATUS, status))
     show_notes(line, end_run(line, plan.run_dir, plan.record, watch))
+    trace_step("ended the run in the project")
     summary = plan.record.get("summary") or {}
     if saved_elsewhere and saver.send("%s %s" % (SAID_ENDED, summary_message(summary))):
         answer = saver.finish(wait=line.config.save_mode == "foreground")
@@ -7177,6 +7197,7 @@ def hand_over(line, lock, state, plan, saver, status, watch):
 def run_lifecycle(args, kind, argv):
     """lifecycle()'s run, with the ctypes import under way beside it."""
     started = time.monotonic()
+    trace_step("started")
     config = Config(agent=args.agent, profile=args.profile)
     try:
         cwd = os.path.realpath(os.getcwd())
@@ -7185,6 +7206,7 @@ def run_lifecycle(args, kind, argv):
     network_typos(os.environ)
     line = require_profile(Line(config))
     place = find_target(cwd, home_dirs(), args.here, guarded_dirs(config))
+    trace_step("found the project")
     if kind in JOINABLE_KINDS and not args.wait and not args.dry_run:
         status = join_run(line, place, kind, args)
         if status is not None:
@@ -7201,6 +7223,7 @@ def run_lifecycle(args, kind, argv):
     # run that waits for the line.
     lock = LineLock(line)
     found, state = lock.acquire(kind, place[0], wait=args.wait)
+    trace_step("locked the line")
     held = []
 
     def hold(target, paths):
@@ -7211,10 +7234,12 @@ def run_lifecycle(args, kind, argv):
 
     try:
         project = Project.inspect(config, cwd, args.here, found=place, hold=hold)
+        trace_step("looked through the project")
         for note in project.notes:
             say(note, "warning")
         plan, watch, stale, verify, built = prepare_run(line, found, state, project, kind,
                                                         argv, args.offline, tty)
+        trace_step("prepared")
     except BaseException:
         lock.release(state)
         raise
@@ -7227,8 +7252,11 @@ def run_lifecycle(args, kind, argv):
     state["holder"].update(phase="running", saver_pid=saver.pid, network=plan.network or "",
                            secrets=passed_secrets(plan.env, config))
     line.write_state(state)
+    trace_step("forked the saver")
     status = run_container(plan, saver)
+    trace_step("the container stopped")
     status = hand_over(line, lock, state, plan, saver, status, watch)
+    trace_step("handed over")
     if built and sys.stderr.isatty():
         say("first use: %.0f s in all; from now on a run starts in about a second"
             % (time.monotonic() - started))
@@ -7253,6 +7281,14 @@ def lifecycle(args, kind, argv):
 # ------------------------------------------------------------------- commands
 #
 # One cmd_NAME per subcommand, after what only it uses.
+
+class Args:
+    """A command's arguments, as its parser (or parse_args' own reading of
+    a lifecycle's wrapper options) gives them."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
 
 def cmd_run(args):
     return lifecycle(args, "run", args.argv)
@@ -8069,7 +8105,7 @@ def cmd_worktree(args):
     if not made:
         make_profile(config, name)
     os.chdir(path)
-    return lifecycle(argparse.Namespace(agent=args.agent, profile=name, wait=args.wait,
+    return lifecycle(Args(agent=args.agent, profile=name, wait=args.wait,
                                         here=False, offline=args.offline, dry_run=False,
                                         argv=args.argv), "run", args.argv)
 
@@ -8333,15 +8369,19 @@ def near_miss(word):
     return close[0] if close else None
 
 
-class Parser(argparse.ArgumentParser):
-    """Usage errors are one line, like every other error, and exit 2."""
-
-    def error(self, message):
-        prefix = "" if self.prog == "pi-agent" else self.prog + ": "
-        raise PiError("%s%s; see %s --help" % (prefix, message, self.prog), EXIT_USAGE)
-
-
 def build_parser():
+    """The parser of every command but the lifecycle's (see parse_args:
+    argparse, and building this, would cost each run more than the rest of
+    its start)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """Usage errors are one line, like every other error, and exit 2."""
+
+        def error(self, message):
+            prefix = "" if self.prog == "pi-agent" else self.prog + ": "
+            raise PiError("%s%s; see %s --help" % (prefix, message, self.prog), EXIT_USAGE)
+
     parser = Parser(
         prog="pi-agent", usage="pi [--agent NAME] [--profile NAME] [--wait] [--here] [--offline] "
         "[--dry-run] "
@@ -8499,7 +8539,7 @@ def parse_args(argv):
             build_parser().parse_args([argv[0], "--help"])
         # Only known flags are left: no parser needed (building one costs
         # more than the rest of a run's start).
-        return argparse.Namespace(
+        return Args(
             command=argv[0], func={"run": cmd_run, "exec": cmd_exec, "shell": cmd_shell}[argv[0]],
             wait="--wait" in wrapper, here="--here" in wrapper, offline="--offline" in wrapper,
             dry_run="--dry-run" in wrapper, agent=agent,

@@ -1221,28 +1221,29 @@ def docker_failure(args, stderr):
 _trace_file = None
 
 
+def trace_line(seconds, text):
+    path = os.environ.get("PI_AGENT_TRACE") if _trace_file is None else _trace_file
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write("%.6f %6.3fs pid %d %s\n" % (time.time(), seconds, os.getpid(),
+                                                          text))
+        except OSError:
+            pass  # (a trace that cannot be written costs the run nothing)
+
+
 def trace(argv, started, status):
     """PI_AGENT_TRACE=FILE: one line per docker command, for finding cost:
     when its result was collected, and how long after it started (a call
     overlapped with others may have ended earlier)."""
-    path = os.environ.get("PI_AGENT_TRACE") if _trace_file is None else _trace_file
-    if path:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write("%.6f %6.3fs pid %d exit %s: %s\n" % (
-                time.time(), time.monotonic() - started, os.getpid(), status,
-                shlex.join(argv)[:200]))
+    trace_line(time.monotonic() - started, "exit %s: %s" % (status, shlex.join(argv)[:200]))
 
 
 def trace_step(name):
     """PI_AGENT_TRACE=FILE: a line as a run reaches each of its steps, with
     the time since the process started (what the prompt waits for, that is
     not a docker command)."""
-    path = os.environ.get("PI_AGENT_TRACE") if _trace_file is None else _trace_file
-    if path:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write("%.6f %6.3fs pid %d step: %s\n" % (
-                time.time(), time.monotonic() - STARTED,
-                os.getpid(), name))
+    trace_line(time.monotonic() - STARTED, "step: " + name)
 
 
 class DockerCall:
@@ -6727,7 +6728,8 @@ def recover_container(line, state, row):
     if snap:
         return ("recovered the interrupted run of %s in %s into current (before it: %s)"
                 % (started, row.get("target"), snap))
-    return "removed %s: the interrupted run of %s changed nothing" % (name, started)
+    return ("removed %s: the interrupted run of %s changed nothing in the environment"
+            % (name, started))
 
 
 def recover_leftovers(line, state, listing=None, only=None, decide=False):
@@ -7257,7 +7259,7 @@ def run_lifecycle(args, kind, argv):
     trace_step("the container stopped")
     status = hand_over(line, lock, state, plan, saver, status, watch)
     trace_step("handed over")
-    if built and sys.stderr.isatty():
+    if built and status == 0 and sys.stderr.isatty():
         say("first use: %.0f s in all; from now on a run starts in about a second"
             % (time.monotonic() - started))
     return status

@@ -6348,26 +6348,45 @@ def engine_free_space():
     return found and found.f_bavail * found.f_frsize
 
 
-def size_call(container):
-    """What the commit of `container` will write, asked (see save_cost)."""
-    return DockerCall(("container", "inspect", "--size", "--format", "{{.SizeRw}}", container))
+def size_call(container, image=None):
+    """What the commit of `container` will write, asked, and with it (one
+    call) `image`'s ID: see sized()."""
+    return DockerCall(("inspect", "--size", "--format", "{{json .}}", container,
+                       *([image] if image else [])))
 
 
-def save_cost(line, sizing):
-    """The bytes the commit will write (`sizing`: the container's inspect
-    --size under way; the engine counts a sparse file whole, as the commit
-    writes its holes), or None when not known. SaveWaits above
-    PI_AGENT_SAVE_LIMIT (default: half the engine's free space), or where
-    less than SAVE_MARGIN would be left free."""
-    result = sizing.finish(check=False)
-    if result.returncode != 0:
+def sized(call):
+    """(the bytes size_call's container would commit: None when not known,
+    -1 when the engine cannot measure them; the ID of its image, None when
+    there is none)."""
+    result = call.finish(check=False)
+    size = image = None
+    for row in result.stdout.splitlines():
+        try:
+            found = json.loads(row)
+        except ValueError:
+            continue
+        if "SizeRw" in found:
+            size = found["SizeRw"] if isinstance(found["SizeRw"], int) else -1
+        elif isinstance(found.get("Id"), str):
+            image = found["Id"]
+    return size, image
+
+
+def save_cost(line, size):
+    """The bytes the commit will write (`size`, from sized(): the engine
+    counts a sparse file whole, as the commit writes its holes), or None
+    when not known. SaveWaits above PI_AGENT_SAVE_LIMIT (default: half the
+    engine's free space), or where less than SAVE_MARGIN would be left
+    free, or when the engine cannot measure it."""
+    if size is None:
         return None  # (the commit says what is wrong)
-    if not result.stdout.strip().isdigit():  # (-1: the engine could not measure it)
+    if size < 0:
         if line.config.raw["PI_AGENT_SAVE_LIMIT"] == "none":
             return None
         raise SaveWaits("the engine cannot say what it would write (a path too deep to "
                         "measure?), and a save of unknown size could fill its disk")
-    size, limit = int(result.stdout.strip()), line.config.save_limit
+    limit = line.config.save_limit
     free = engine_free_space() if size > SAVE_ASK_FREE else None
     if limit is None:
         limit = free // 2 if free is not None else SAVE_FALLBACK_LIMIT
@@ -6555,7 +6574,7 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
 
 
 def save_run(line, state, container, image, meta, snapshot, current_id, tagging=None,
-             sizing=None):
+             size=None):
     """Save a finished run's container: the one save, whoever saves it (the
     saver; the wrapper, when its saver died; recovery, for a container an
     interrupted run left).
@@ -6580,16 +6599,16 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     raised; one for size or disk space waits for the user (SaveWaits).
     """
     what = "%s in %s" % (meta.get("kind") or "run", meta.get("target") or "?")
-    sizing = sizing or size_call(container)
+    if size is None:
+        size = sized(size_call(container))[0]
     if snapshot is None and current_id == image["Id"]:
         snapshot = kept_as(line, image)
         meta["kept"] = "1" if snapshot else ""
         snapshot = snapshot or next_snapshot(state, meta.get("epoch"))
     if snapshot is not None and tagging is None:
         tagging = keep_snapshot(line, state, image["Id"], snapshot)
-    size = None
     try:
-        size = save_cost(line, sizing)
+        save_cost(line, size)
         snap, removal = commit_run(line, state, container, image, meta, snapshot, current_id,
                                    tagging)
     except PiError as err:
@@ -6599,7 +6618,7 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
             line.record_session(dict(meta, container=container), "waiting")
             raise wait_for_decision(line, state, container, what, str(err) if isinstance(
                 err, SaveWaits) else "the engine's disk is full (%s)" % err,
-                getattr(err, "size", size))
+                getattr(err, "size", size if size and size > 0 else None))
         state["failed"] = container
         state["notice"] = ("the save of the %s failed: %s. The container %s keeps its "
                            "changes: fix the engine (disk space?), then the next pi retries "
@@ -7012,7 +7031,7 @@ class Saver:
             self._abort()
             self._answer(up_w, SAID_OK)
             return 0
-        tagging, current_id, sizing = self._tidy()
+        tagging, current_id, size = self._tidy()
         status = next((m.split()[1] for m in messages if m.startswith(SAID_STATUS)), None)
         if status is not None:
             # The container has stopped; the wrapper holds the project until
@@ -7026,7 +7045,7 @@ class Saver:
         line, state, plan = self.line, self.state, self.plan
         try:
             snap, removal = save_run(line, state, plan.container, plan.image, meta,
-                                     plan.snapshot, current_id, tagging, sizing=sizing)
+                                     plan.snapshot, current_id, tagging, size=size)
         except PiError as err:
             self._hear(pipe)  # the wrapper is still ending the run: let it
             if not self._answer(up_w, "%s %d %s" % (SAID_ERROR, err.code, err)):
@@ -7074,20 +7093,18 @@ class Saver:
         ID, and the size of the save, asked (save_cost)."""
         line, plan = self.line, self.plan
         tagging = keep_snapshot(line, self.state, plan.image["Id"], plan.snapshot)
-        sizing = size_call(plan.container)
+        # (current's ID, asked with the size: the engine answers one call
+        # sooner than two)
+        sizing = size_call(plan.container, line.current if self.verify else None)
         removing = DockerCall(("rm", "-f", "-v", *self.stale)) if self.stale else None
-        current_id = plan.image["Id"]
-        if self.verify:
-            found = docker("image", "inspect", "--format", "{{.Id}}", line.current, check=False)
-            if found.returncode == 0:
-                current_id = found.stdout.strip()
-            elif is_absent(found, "image"):
-                current_id = None
+        size, current_id = sized(sizing)
+        if not self.verify or size is None:  # (an engine at fault: the commit says so)
+            current_id = plan.image["Id"]
         if removing:
             for note in teardown(line, self.stale, self.state, removing) or []:
                 line.log(note)
         remove_run_dir(plan.run_dir, script_only=True)
-        return tagging, current_id, sizing
+        return tagging, current_id, size
 
     def _container_exists(self, tagging):
         """Without an exit status the wrapper died; if it died while `docker

@@ -168,25 +168,18 @@ def test_what_a_save_may_cost():
     class Line:
         config = pi_agent.Config({"HOME": "/home/alice"})
 
-    class Sizing:
-        def __init__(self, size):
-            self.size = size
-
-        def finish(self, check=False):
-            return pi_agent.subprocess.CompletedProcess([], 0, "%d\n" % self.size, "")
-
     free, pi_agent.engine_free_space = pi_agent.engine_free_space, lambda: 10 << 30
     try:
-        assert pi_agent.save_cost(Line, Sizing(4 << 30)) == 4 << 30
+        assert pi_agent.save_cost(Line, 4 << 30) == 4 << 30
         for size in (6 << 30, 30 << 30):  # half the free space; the free space less a margin
             try:
-                pi_agent.save_cost(Line, Sizing(size))
+                pi_agent.save_cost(Line, size)
                 raise AssertionError("saved %d" % size)
             except pi_agent.SaveWaits as err:
                 assert "free" in str(err)
         pi_agent.engine_free_space = lambda: None
-        assert pi_agent.save_cost(Line, Sizing(19 << 30)) == 19 << 30
+        assert pi_agent.save_cost(Line, 19 << 30) == 19 << 30
         Line.config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_SAVE_LIMIT": "none"})
-        assert pi_agent.save_cost(Line, Sizing(100 << 30)) == 100 << 30
+        assert pi_agent.save_cost(Line, 100 << 30) == 100 << 30
     finally:
         pi_agent.engine_free_space = free

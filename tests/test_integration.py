@@ -94,7 +94,7 @@ def test_commits_keep_the_image_config_and_bake_in_nothing_of_the_run(box):
         assert secret not in docker("history", "--no-trunc", ref).stdout
 
 
-def test_a_run_after_a_clean_release_makes_seven_docker_calls(box):
+def test_a_run_after_a_clean_release_makes_six_docker_calls(box):
     trace = os.path.join(box.state_dir, "trace")
     box.extra_env = {"PI_AGENT_TRACE": trace}
     for i in range(3):
@@ -107,13 +107,13 @@ def test_a_run_after_a_clean_release_makes_seven_docker_calls(box):
     with open(trace) as handle:
         calls = sorted(" ".join(line.split(": docker ", 1)[1].split()[:2])
                        for line in handle if ": docker " in line)  # (not the steps)
-    # Seven (one asks what the commit will write: see save_cost). The save
-    # starts no container but the run's own: what the run changed is read
-    # from its layer when someone asks (ensure_reports). A run that exits 0
-    # off a terminal is not asked whether it stopped: see run_container.
+    # Six (one asks what the commit will write, and current's ID with it:
+    # see size_call). The save starts no container but the run's own: what
+    # the run changed is read from its layer when someone asks
+    # (ensure_reports). A run that exits 0 off a terminal is not asked
+    # whether it stopped: see run_container.
     assert [call.split(":")[0] for call in calls] == [
-        "commit -m", "container inspect", "image inspect", "image inspect", "rm -f",
-        "run -i", "tag sha256"], calls
+        "commit -m", "image inspect", "inspect --size", "rm -f", "run -i", "tag sha256"], calls
     os.remove(trace)
     first = box.ok("pi-diff").stdout
     assert "/t2" in first or "added" in first, first

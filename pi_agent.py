@@ -2763,16 +2763,12 @@ class IndexEntry:
 
 INDEX_ASSUME_VALID = 0x8000
 INDEX_EXTENDED = 0x4000
-INDEX_INTENT_TO_ADD = 0x2000   # of the extended flags (skip-worktree, 0x4000, is not kept)
+INDEX_INTENT_TO_ADD = 0x2000   # of the extended flags
 INDEX_MODES = frozenset((0o100644, 0o100755, 0o120000, 0o160000))
 # A path git could check out without leaving the work tree or writing into
 # a .git (git's own verify_path insists on as much): this finds any other.
 BAD_INDEX_PATH = re.compile(
     rb"[\x00-\x1f\x7f]|^/|/$|(?:^|/)(?:\.{0,2}|\.git[. ]*|git~1)(?:/|$)", re.I)
-NO_STAT = (0,) * 9
-# Directories without a cached tree past which host git rebuilds the cache
-# (git write-tree) after the agent's index is brought back.
-STALE_TREES = 8
 
 
 def varint(data, pos):
@@ -2785,20 +2781,6 @@ def varint(data, pos):
         value = ((value + 1) << 7) | (byte & 127)
         pos += 1
     return value, pos
-
-
-def entry_bytes(entry, hash_len):
-    """One entry as an index of version 2 or 3 stores it."""
-    path, extended = entry.path, entry.extended
-    flags = entry.flags | (entry.stage << 12) | min(len(path), 0xFFF) | (
-        INDEX_EXTENDED if extended else 0)
-    c_s, c_n, m_s, m_n, dev, ino, uid, gid, size = entry.stat
-    record = struct.pack(">10L%dsH" % hash_len, c_s, c_n, m_s, m_n, dev, ino, entry.mode, uid,
-                         gid, size, entry.oid, flags)
-    if extended:
-        record += struct.pack(">H", extended)
-    length = len(record) + len(path)
-    return record + path + b"\0" * (((length + 8) & ~7) - length)
 
 
 def index_entries(data, hash_len, trusted=False):
@@ -2850,55 +2832,6 @@ def index_entries(data, hash_len, trusted=False):
     return entries
 
 
-def index_extension(data, hash_len, entries, name):
-    """The data of one extension of a (trusted) index, or None."""
-    pos, end = 12 + sum(map(len, entries)), len(data) - hash_len
-    while pos + 8 <= end:
-        size = struct.unpack_from(">L", data, pos + 4)[0]
-        if data[pos:pos + 4] == name:
-            return data[pos + 8:pos + 8 + size]
-        pos += 8 + size
-    return None
-
-
-def parse_cache_tree(data, hash_len):
-    """A TREE extension as nested [name, entry count, tree ID, subtrees];
-    a count of -1 (and no ID) marks a directory whose tree must be made."""
-    pos = 0
-
-    def node():
-        nonlocal pos
-        end = data.index(b"\0", pos)
-        name, pos = data[pos:end], end + 1
-        end = data.index(b"\n", pos)
-        count, subtrees = (int(field) for field in data[pos:end].split(b" "))
-        pos, oid = end + 1, None
-        if count >= 0:
-            oid, pos = data[pos:pos + hash_len], pos + hash_len
-        return [name, count, oid, [node() for _ in range(subtrees)]]
-    return node()
-
-
-def invalidate_tree(root, path):
-    """The directories holding `path` lose their cached trees."""
-    node = root
-    node[1:3] = -1, None
-    for part in path.split(b"/")[:-1]:
-        node = next((child for child in node[3] if child[0] == part), None)
-        if node is None:
-            return
-        node[1:3] = -1, None
-
-
-def cache_tree_bytes(node):
-    head = node[0] + b"\0" + b"%d %d\n" % (node[1], len(node[3])) + (node[2] or b"")
-    return head + b"".join(cache_tree_bytes(child) for child in node[3])
-
-
-def invalid_trees(node):
-    return (node[1] < 0) + sum(invalid_trees(child) for child in node[3])
-
-
 def entry_key(raw, fixed):
     """(path, stage) of an entry's bytes; `fixed` is the size of its head."""
     high = raw[fixed - 2]
@@ -2919,68 +2852,126 @@ def decode_entry(raw, hash_len, trusted=False):
                       flags & INDEX_ASSUME_VALID, extended)
 
 
-def sanitized_index(agent_data, host_data, hash_len, host_mtime=0):
-    """The agent's index made unable to hide a change from host git, and
-    the objects it needs: an entry the host had exactly is kept as it is; one
-    whose content the host had (only the agent's stat data or flags differ)
-    becomes the host's; any other gets no stat data (git compares its
-    content with the file's) and loses assume-unchanged and skip-worktree.
-    No extension is kept: git rebuilds its caches. (None, ...) when nothing
-    staged differs; ValueError for an index that is not to be used."""
-    import hashlib
+def entries_view(data, hash_len, trusted=False):
+    """(bytes, where the entries start, how many) of an index: its own
+    bytes for versions 2 and 3, its entries decoded to version 2's for
+    version 4 (see index_entries)."""
+    if len(data) < 12 + hash_len or data[:4] != b"DIRC":
+        raise ValueError("not an index file")
+    version, count = struct.unpack_from(">LL", data, 4)
+    if version == 4:
+        return b"".join(index_entries(data, hash_len, trusted)), 0, count
+    if version not in (2, 3):
+        raise ValueError("index version %d" % version)
+    return data, 12, count
+
+
+def entry_end(data, pos, fixed):
+    """Where the version 2 or 3 entry at `pos` ends (its path's length from
+    its flags; ValueError past the data)."""
+    if pos + fixed > len(data):
+        raise ValueError("it is truncated")
+    flags = (data[pos + fixed - 2] << 8) | data[pos + fixed - 1]
+    head, size = fixed + (2 if flags & INDEX_EXTENDED else 0), flags & 0xFFF
+    if size == 0xFFF:
+        size = data.find(b"\0", pos + head) - pos - head
+        if size < 0xFFF:
+            raise ValueError("it is truncated")
+    end = pos + ((head + size + 8) & ~7)
+    if end > len(data) or data[pos + head + size] != 0:
+        raise ValueError("it is truncated")
+    return end
+
+
+def first_difference(a, b, i, j):
+    """How many bytes a[i:] and b[j:] have the same from their start:
+    compared in runs that double (so that it costs what is the same), then
+    halved, memcmp all the way."""
+    ma, mb = memoryview(a), memoryview(b)
+    limit, low, size = min(len(a) - i, len(b) - j), 0, 4096
+    while True:
+        high = min(low + size, limit)
+        if ma[i + low:i + high] != mb[j + low:j + high]:
+            break
+        if high == limit:
+            return limit
+        low, size = high, size * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if ma[i + low:i + middle] == mb[j + low:j + middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def extensions(data, hash_len, pos):
+    """ValueError for a required extension (a split or sparse index) of an
+    index whose entries end at `pos` (None: read from a version 4 index,
+    whose extensions index_entries checked)."""
+    while pos is not None and pos + 8 <= len(data) - hash_len:
+        signature = data[pos:pos + 4]
+        if not b"A" <= signature[:1] <= b"Z":
+            raise ValueError("a %s extension" % signature.decode("ascii", "replace"))
+        pos += 8 + struct.unpack_from(">L", data, pos + 4)[0]
+
+
+def index_changes(agent_data, host_data, hash_len):
+    """What the agent's staging area changed, as host git is to apply it
+    (git update-index --index-info): [(path, stage, mode, object ID)], a
+    mode of 0 removing that entry, and the objects the entries need.
+    Entries the agent left as the host had them cost a comparison of bytes,
+    whole runs at once (first_difference); only those that differ are
+    decoded and checked (decode_entry), so the cost follows what changed,
+    not the size of the index (but for a version 4 index, whose paths are
+    read from its start). No flag and no stat data comes back: git compares
+    the content of what changed with the file. An intent-to-add entry does
+    not come back (update-index cannot make one). ValueError for an index
+    that is not to be used."""
+    import bisect
     fixed = 40 + hash_len + 2
-    agent = index_entries(agent_data, hash_len)
-    host = index_entries(host_data, hash_len, trusted=True) if host_data else []
-    merged, needed, changed, j = [], set(), set(), 0
-    # Both are sorted: walk them side by side. An entry equal to the host's
-    # next one is the host's own and costs a comparison; only the others
-    # are decoded, checked and placed.
-    for raw in agent:
-        if j < len(host) and raw == host[j]:
-            merged.append(raw)
-            j += 1
-            continue
-        entry = decode_entry(raw, hash_len)
-        key = (entry.path, entry.stage)
-        if merged and entry_key(merged[-1], fixed) >= key:
-            raise ValueError("its entries are out of order")
-        while j < len(host) and entry_key(host[j], fixed) < key:
-            changed.add(entry_key(host[j], fixed)[0])  # the agent removed it
-            j += 1
-        if j < len(host) and entry_key(host[j], fixed) == key:
-            before, j = host[j], j + 1
-            old = decode_entry(before, hash_len, trusted=True)
-            if (old.mode, old.oid, old.extended & INDEX_INTENT_TO_ADD) == \
-                    (entry.mode, entry.oid, entry.extended & INDEX_INTENT_TO_ADD):
-                merged.append(before)
+    agent, pa, a_count = entries_view(agent_data, hash_len)
+    host, ph, h_count = entries_view(host_data, hash_len, trusted=True) if host_data else (
+        b"", 0, 0)
+    starts = [ph]  # (the host's entries, and where they end)
+    for _ in range(h_count):
+        starts.append(entry_end(host, starts[-1], fixed))
+    changes, needed, last, ia, ih = [], set(), None, 0, 0
+    while ia < a_count or ih < h_count:
+        if ia < a_count and ih < h_count:
+            same = first_difference(agent, host, pa, starts[ih])
+            skip = min(bisect.bisect_right(starts, starts[ih] + same, ih) - 1 - ih, a_count - ia)
+            if skip > 0:
+                pa += starts[ih + skip] - starts[ih]
+                ia, ih = ia + skip, ih + skip
+                last = entry_key(host[starts[ih - 1]:starts[ih]], fixed)
                 continue
-        merged.append(entry_bytes(IndexEntry(entry.path, entry.stage, NO_STAT, entry.mode,
-                                             entry.oid, 0, entry.extended & INDEX_INTENT_TO_ADD),
-                                  hash_len))
-        changed.add(entry.path)
-        if entry.mode != 0o160000:
-            needed.add(entry.oid.hex())
-    changed.update(entry_key(raw, fixed)[0] for raw in host[j:])
-    if merged == host:
-        return None, set(), False
-    # Racy git: an entry stamped in the second the host's index was written
-    # may hide a change made later in that second, which git learns from
-    # the index file's own time; a new index file would hide it for good, so
-    # such entries lose their size, as git's own rewrite does.
-    merged = [raw[:36] + bytes(4) + raw[40:] if int.from_bytes(raw[8:12], "big") >= host_mtime
-              else raw for raw in merged]
-    # The host's own tree cache, less the directories whose entries changed:
-    # without it every later commit would make every tree again.
-    tree = index_extension(host_data, hash_len, host, b"TREE") if host_data else None
-    tree = parse_cache_tree(tree, hash_len) if tree else [b"", -1, None, []]
-    for path in changed:
-        invalidate_tree(tree, path)
-    version = 3 if any(raw[fixed - 2] & 0x40 for raw in merged) else 2
-    tree_data = cache_tree_bytes(tree)
-    body = struct.pack(">4sLL", b"DIRC", version, len(merged)) + b"".join(merged) + \
-        b"TREE" + struct.pack(">L", len(tree_data)) + tree_data
-    digest = hashlib.new("sha1" if hash_len == 20 else "sha256", body).digest()
-    return body + digest, needed, invalid_trees(tree) > STALE_TREES
+        entry = raw = None
+        if ia < a_count:
+            end = entry_end(agent, pa, fixed)
+            raw = agent[pa:end]
+            entry = decode_entry(raw, hash_len)
+            if last is not None and (entry.path, entry.stage) <= last:
+                raise ValueError("its entries are out of order")
+        old = decode_entry(host[starts[ih]:starts[ih + 1]], hash_len, True) if ih < h_count \
+            else None
+        key = old and (old.path, old.stage)
+        if entry is None or (old is not None and key < (entry.path, entry.stage)):
+            changes.append((old.path, old.stage, 0, bytes(hash_len)))  # the agent removed it
+            ih += 1
+            continue
+        if key == (entry.path, entry.stage):
+            ih += 1
+            if (old.mode, old.oid, old.extended & INDEX_INTENT_TO_ADD) != \
+                    (entry.mode, entry.oid, entry.extended & INDEX_INTENT_TO_ADD):
+                key = None
+        if key != (entry.path, entry.stage) and not entry.extended & INDEX_INTENT_TO_ADD:
+            changes.append((entry.path, entry.stage, entry.mode, entry.oid))
+            if entry.mode != 0o160000:
+                needed.add(entry.oid.hex())
+        last, pa, ia = (entry.path, entry.stage), end, ia + 1
+    extensions(agent_data, hash_len, pa if agent is agent_data else None)
+    return changes, needed
 
 
 # --- git's config: what host git reads from the project, and what the gate takes of it
@@ -3557,10 +3548,10 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
 
 
 def apply_index(record, repo, gate_fd, hash_len, wanted):
-    """The agent's staging area, sanitized, as the host's index: only if
-    the host's is as the run found it (else the user's staging wins), and
-    under git's own index.lock. Adds the objects it needs to `wanted`;
-    returns the bytes to write, or None."""
+    """The agent's staging area, as host git is to apply it to the host's
+    index (see index_changes): only if the host's is as the run found it
+    (else the user's staging wins). Adds the objects it needs to `wanted`;
+    returns the `git update-index -z --index-info` input, or None."""
     try:
         info = os.stat("index", dir_fd=gate_fd, follow_symlinks=False)
     except OSError:
@@ -3589,31 +3580,23 @@ def apply_index(record, repo, gate_fd, hash_len, wanted):
             raise ValueError("it is not a file, or it is 64 MB larger than yours")
         if entries[0] > entries[1] + MAX_NEW_INDEX_ENTRIES:
             raise ValueError("it has %d entries more than yours" % (entries[0] - entries[1]))
-        data, needed, stale = sanitized_index(agent_data, host_data, hash_len,
-                                              host_now[1] // 10**9 if host_now else 0)
+        changes, needed = index_changes(agent_data, host_data, hash_len)
     except ValueError as err:
         record["notes"].append("the agent's staging area (index) is not applied: %s" % err)
         return None
     wanted.update(needed)
-    return data and (data, stale)
+    return b"".join(b"%o %s %d\t%s\0" % (mode, oid.hex().encode(), stage, path)
+                    for path, stage, mode, oid in changes) or None
 
 
 def write_host_index(repo, index, record):
-    """Replace the host's index the way git does, through index.lock; then,
-    when its tree cache has gone stale, host git rebuilds it."""
-    data, stale = index
-    path = os.path.join(repo["gitdir"], "index")
-    try:
-        fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        record["notes"].append("%s.lock exists (a git command is running?): the agent's staging "
-                               "area is not applied" % path)
-        return
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(path + ".lock", path)
-    if stale:
-        host_git(repo["gitdir"], "write-tree", check=False)  # not with a merge unresolved
+    """The agent's staging changes into the host's index, by host git
+    (its index.lock, its tree cache, its racy-git rules)."""
+    result = host_git(repo["gitdir"], "update-index", "-z", "--index-info", stdin=index,
+                      check=False)
+    if result.returncode != 0:
+        record["notes"].append("the agent's staging area (index) is not applied: %s" % (
+            result.stderr.decode(errors="replace").strip().splitlines() or ["git failed"])[-1])
 
 
 def state_file_ok(name, text):

@@ -487,6 +487,38 @@ def open_dir(name, dir_fd=None):
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
+def copy_file(source, dest, limit):
+    """A new file `dest` (never through an existing one or a link) with the
+    bytes of the regular file `source` (never through a link; `limit`
+    bytes at most), copied by the kernel where it can (a large git index
+    must not cost a run a copy through this process). False when `source`
+    is not such a file."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or size > limit:
+            return False
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            done = 0
+            while done < size:
+                try:
+                    copied = os.copy_file_range(fd, out, size - done, done, done)
+                except (AttributeError, OSError):  # (not Linux, or not across these)
+                    copied = os.write(out, os.pread(fd, min(size - done, 1 << 20), done))
+                if not copied:
+                    break
+                done += copied
+        finally:
+            os.close(out)
+        return True
+    finally:
+        os.close(fd)
+
+
 def open_beneath(base, *parts):
     """An fd of base/parts..., no component of `parts` a symlink, or None:
     even a repository the host trusts may hold links the agent planted in
@@ -2883,6 +2915,44 @@ def entry_end(data, pos, fixed):
     return end
 
 
+def walk_index(data, hash_len):
+    """(bytes, [where each entry starts, then where the last ends]) of the
+    host's index (empty for none): index_changes' map of it."""
+    if not data:
+        return b"", [0]
+    view, pos, count = entries_view(data, hash_len, trusted=True)
+    fixed, starts = 40 + hash_len + 2, [pos]
+    for _ in range(count):
+        starts.append(entry_end(view, starts[-1], fixed))
+    return view, starts
+
+
+# The hosts' indexes, walked while their runs' agents work (by the wrapper,
+# in a thread: see walk_in_background), so that what a run changed in a
+# large index costs the prompt what changed: {(path, size, mtime, inode):
+# the thread, whose `walked` is walk_index()'s, or None}.
+WALKED_INDEXES = {}
+
+
+def walk_in_background(path, key, hash_len):
+    """Read and walk the host's index `path` while the agent runs, if it is
+    still what `key` (size, mtime, inode) says when read."""
+    import threading
+
+    def walk():
+        try:
+            data = read_regular(path, 1 << 30)
+            info = os.lstat(path)
+            if data is not None and [info.st_size, info.st_mtime_ns, info.st_ino] == key:
+                thread.walked = walk_index(data, hash_len)
+        except (OSError, ValueError):
+            pass
+    thread = threading.Thread(target=walk, daemon=True)
+    thread.walked = None
+    WALKED_INDEXES[(path,) + tuple(key)] = thread
+    thread.start()
+
+
 def first_difference(a, b, i, j):
     """How many bytes a[i:] and b[j:] have the same from their start:
     compared in runs that double (so that it costs what is the same), then
@@ -2916,7 +2986,7 @@ def extensions(data, hash_len, pos):
         pos += 8 + struct.unpack_from(">L", data, pos + 4)[0]
 
 
-def index_changes(agent_data, host_data, hash_len):
+def index_changes(agent_data, host_data, hash_len, walked=None):
     """What the agent's staging area changed, as host git is to apply it
     (git update-index --index-info): [(path, stage, mode, object ID)], a
     mode of 0 removing that entry, and the objects the entries need.
@@ -2926,16 +2996,14 @@ def index_changes(agent_data, host_data, hash_len):
     not the size of the index (but for a version 4 index, whose paths are
     read from its start). No flag and no stat data comes back: git compares
     the content of what changed with the file. An intent-to-add entry does
-    not come back (update-index cannot make one). ValueError for an index
-    that is not to be used."""
+    not come back (update-index cannot make one). `walked`: walk_index()
+    of the host's, if done already. ValueError for an index that is not to
+    be used."""
     import bisect
     fixed = 40 + hash_len + 2
     agent, pa, a_count = entries_view(agent_data, hash_len)
-    host, ph, h_count = entries_view(host_data, hash_len, trusted=True) if host_data else (
-        b"", 0, 0)
-    starts = [ph]  # (the host's entries, and where they end)
-    for _ in range(h_count):
-        starts.append(entry_end(host, starts[-1], fixed))
+    host, starts = walked or walk_index(host_data, hash_len)
+    h_count = len(starts) - 1
     changes, needed, last, ia, ih = [], set(), None, 0, 0
     while ia < a_count or ih < h_count:
         if ia < a_count and ih < h_count:
@@ -3206,9 +3274,7 @@ def seed_index(gate, gitdir, record):
         record["index"] = [info.st_size, info.st_mtime_ns, info.st_ino]
     except OSError:
         record["index"] = None
-    data = read_regular(index, 1 << 30) if record["index"] else None
-    if data is not None:
-        write_file(os.path.join(gate, "index"), data)
+    if record["index"] and copy_file(index, os.path.join(gate, "index"), 1 << 30):
         info = os.lstat(os.path.join(gate, "index"))
         record["gate_index"] = [info.st_size, info.st_mtime_ns]
     copy_tree_files(gitdir, gate, keep=lambda name: name.startswith("sharedindex."))
@@ -3571,16 +3637,22 @@ def apply_index(record, repo, gate_fd, hash_len, wanted):
     # Bounded by the host's: an index of millions of entries that need no
     # object (gitlinks) would cost this process gigabytes, and every later
     # git status its size.
-    host_data = read_regular(host_path, 1 << 30) if host_now else b""
-    agent_data = read_regular("index", len(host_data) + (64 << 20), dir_fd=gate_fd)
-    entries = [struct.unpack_from(">L", data, 8)[0] if len(data or b"") >= 12 else 0
-               for data in (agent_data, host_data)]
+    walking = WALKED_INDEXES.get((host_path,) + tuple(host_now or ()))
+    if walking is not None:
+        walking.join()
+    walked = walking and walking.walked  # (else read and walked now)
+    host_data = b"" if walked or not host_now else read_regular(host_path, 1 << 30)
+    agent_data = read_regular("index", (host_now or [0])[0] + (64 << 20), dir_fd=gate_fd)
+    host_entries = len(walked[1]) - 1 if walked else (
+        struct.unpack_from(">L", host_data, 8)[0] if len(host_data or b"") >= 12 else 0)
     try:
         if agent_data is None:
             raise ValueError("it is not a file, or it is 64 MB larger than yours")
-        if entries[0] > entries[1] + MAX_NEW_INDEX_ENTRIES:
-            raise ValueError("it has %d entries more than yours" % (entries[0] - entries[1]))
-        changes, needed = index_changes(agent_data, host_data, hash_len)
+        more = (struct.unpack_from(">L", agent_data, 8)[0] if len(agent_data) >= 12 else 0) - \
+            host_entries
+        if more > MAX_NEW_INDEX_ENTRIES:
+            raise ValueError("it has %d entries more than yours" % more)
+        changes, needed = index_changes(agent_data, host_data, hash_len, walked)
     except ValueError as err:
         record["notes"].append("the agent's staging area (index) is not applied: %s" % err)
         return None
@@ -7261,6 +7333,10 @@ def run_lifecycle(args, kind, argv):
                            secrets=passed_secrets(plan.env, config))
     line.write_state(state)
     trace_step("forked the saver")
+    repo = plan.record.get("repo")
+    if repo and plan.record.get("index"):  # (in a thread: after the fork)
+        walk_in_background(os.path.join(repo["gitdir"], "index"), plan.record["index"],
+                           32 if plan.record.get("format") == "sha256" else 20)
     status = run_container(plan, saver)
     trace_step("the container stopped")
     status = hand_over(line, lock, state, plan, saver, status, watch)

@@ -7,8 +7,8 @@ change. Every figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
 
-NAMES: source, imports, prompt, five, repo, parallel, log, record, sweep, big, snapshots,
-flatten, disk, soak
+NAMES: source, imports, prompt, five, repo, scale10k, scale100k, scale300k, scale1m (the
+full bench only), parallel, log, record, sweep, big, snapshots, flatten, disk, soak
 (all by default; the soak alone makes 1000 runs, about 15 minutes here).
 """
 
@@ -212,6 +212,44 @@ def bench_repo(line, pairs):
         floor.append(line.floor(commit % (i, "floor", i, i), mount=True))
     row("a run making one commit there, save included (median of %d)" % pairs,
         statistics.median(ours), statistics.median(floor), 1.2)
+
+
+def bench_scale(line, files, pairs):
+    """Issue 29: in a repository of `files` files (250 a directory), a run
+    that changes nothing and one that commits a one-line change, each
+    against the same command in a bare `docker run --rm` with the project
+    (and its .git) mounted: what the git gate and the looks at the project
+    cost grows with what changed, not with the repository."""
+    for i in range(files):
+        directory = os.path.join(line.project, "d%04d" % (i // 250))
+        if i % 250 == 0:
+            os.makedirs(directory)
+        with open(os.path.join(directory, "f%d.txt" % i), "w") as handle:
+            handle.write("%d\n" % i)
+    git = ["git", "-C", line.project, "-c", "user.name=b", "-c", "user.email=b@b"]
+    sh(*git[:3], "init", "-q")
+    sh(*git, "add", "-A")
+    sh(*git, "commit", "-qm", "tree")
+    bare = ["docker", "run", "--rm", "--mount", "type=bind,source=%s,target=%s" % (
+        line.project, line.project), "-w", line.project, "-e", "EMAIL=bare@bench.invalid",
+        "-e", "GIT_AUTHOR_NAME=bare", "-e", "GIT_COMMITTER_NAME=bare", line.repo + ":current",
+        "sh", "-c"]
+    commit = "echo %s >> d0000/f0.txt && git commit -qam %s"
+    line.timed("pi-exec true")
+    for title, ours_command, bare_command, goal in (
+            ("a run that changes nothing", lambda i: "true", lambda i: "true", 1.1),
+            ("a run committing a one-line change", lambda i: commit % (i, "ours%d" % i),
+             lambda i: commit % (i, "bare%d" % i), 1.2)):
+        ours, theirs = [], []
+        for i in range(pairs):
+            line.wait_saved()
+            ours.append(line.timed("pi-exec sh -c %s" % shlex_quote(ours_command(i))))
+            line.wait_saved()
+            start = time.perf_counter()
+            sh(*bare, bare_command(i))
+            theirs.append(time.perf_counter() - start)
+        row("%s, %d-file repository, vs a bare docker run (median of %d)"
+            % (title, files, pairs), statistics.median(ours), statistics.median(theirs), goal)
 
 
 def bench_parallel(line, rounds):
@@ -600,6 +638,10 @@ def main():
         ("prompt", lambda line: bench_prompt(line, 4 if quick else 12)),
         ("five", lambda line: bench_five(line, 2 if quick else 5)),
         ("repo", lambda line: bench_repo(line, 4 if quick else 12)),
+        ("scale10k", lambda line: bench_scale(line, 10000, 4 if quick else 9)),
+        ("scale100k", lambda line: bench_scale(line, 100000, 3 if quick else 7)),
+        ("scale300k", lambda line: bench_scale(line, 300000, 3 if quick else 5)),
+        ("scale1m", lambda line: None if quick else bench_scale(line, 1000000, 3)),
         ("parallel", lambda line: bench_parallel(line, 4 if quick else 10)),
         ("log", lambda line: bench_log(line, 5 if quick else 15)),
         ("record", lambda line: bench_record(line, 3 if quick else 9)),

@@ -2956,19 +2956,20 @@ def walk_in_background(path, key, hash_len):
 def first_difference(a, b, i, j):
     """How many bytes a[i:] and b[j:] have the same from their start:
     compared in runs that double (so that it costs what is the same), then
-    halved, memcmp all the way."""
-    ma, mb = memoryview(a), memoryview(b)
+    halved, memcmp all the way (bytes.startswith: a memoryview's own
+    comparison goes item by item, ten times slower)."""
+    mb = memoryview(b)
     limit, low, size = min(len(a) - i, len(b) - j), 0, 4096
     while True:
         high = min(low + size, limit)
-        if ma[i + low:i + high] != mb[j + low:j + high]:
+        if not a.startswith(mb[j + low:j + high], i + low):
             break
         if high == limit:
             return limit
         low, size = high, size * 2
     while high - low > 1:
         middle = (low + high) // 2
-        if ma[i + low:i + middle] == mb[j + low:j + middle]:
+        if a.startswith(mb[j + low:j + middle], i + low):
             low = middle
         else:
             high = middle

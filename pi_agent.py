@@ -253,8 +253,11 @@ RUN_LABELS = ("repo", "profile", "pid", "host", "target", "started", "kind", "sn
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
 
-# Where the engine mounts its init (--init) binary: a mount point it creates.
-INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init", "/run/podman-init")
+# Where the engine mounts its init (--init) binary, and Podman the files it
+# gives each container (those in /etc of an image that has none, and their
+# directory, end up in the container's own layer): mount points it creates.
+INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init", "/run/podman-init", "/etc/hosts",
+               "/etc/hostname", "/etc/resolv.conf", "/etc/mtab", "/run/.containerenv")
 # A run's environment and command reach the container as a script in a
 # private host directory mounted here, never as `-e` or command arguments,
 # which the engine would keep in the container's config and commit into the
@@ -1497,8 +1500,8 @@ class Engine:
       kind      docker or podman: the command pi-agent drives
       version   the engine's own
       rootless  the engine runs as an ordinary user (rootless Docker or
-                Podman): root inside is that user, or one of its
-                subordinate UIDs, never root on the host
+                Podman): root inside is that user, the other users inside
+                its subordinate UIDs, none of them root on the host
       remap     Docker's userns-remap: root inside is a subordinate UID
       store     overlay2 (Docker's classic graph driver), containerd
                 (Docker's containerd image store), or the driver's name
@@ -1529,9 +1532,13 @@ class Engine:
 
     @property
     def root_is_user(self):
-        """Root inside is the user who runs the engine (rootless Docker):
-        the agent is root there, so that what it writes is the user's."""
-        return self.rootless and self.kind == "docker"
+        """Root inside is the user who runs the engine (rootless Docker and
+        Podman): the agent is root there, so that what it writes is the
+        user's. (Not Podman's --userns=keep-id, which would make the agent
+        the user's UID inside: Podman 4.3 then copies every layer of an
+        image, its IDs shifted, the first time it runs it, and each save
+        makes a new image: 9 s a run here, for a 1.2 GB image.)"""
+        return self.rootless
 
     def agent_uid(self, uid):
         """The UID the agent has inside, for a host user of `uid`."""
@@ -1542,16 +1549,14 @@ class Engine:
         return (0, 0) if self.root_is_user else (uid, gid)
 
     def run_args(self):
-        """What every container started from the line's images gets. Rootless
-        Podman: --userns=keep-id, the host user's UID inside is the user's
-        (else it would be a subordinate UID: the agent could not write the
-        project); no proxy variables copied from podman's own environment
-        into the container's config, which a commit would keep (the run
-        script gives each run its own). userns-remap: --userns=host, as a
-        remapped root could not write the project (root inside is root on
-        the host again: see root_inside)."""
+        """What every container started from the line's images gets. Podman:
+        no proxy variables copied from podman's own environment into the
+        container's config, which a commit would keep (the run script gives
+        each run its own). userns-remap: --userns=host, as a remapped root
+        could not write the project (root inside is root on the host again:
+        see root_inside)."""
         if self.kind == "podman":
-            return (["--userns=keep-id"] if self.rootless else []) + ["--http-proxy=false"]
+            return ["--http-proxy=false"]
         return ["--userns=host"] if self.remap else []
 
     def limit_args(self, options):
@@ -1561,6 +1566,12 @@ class Engine:
             return list(options)
         return [part for option, value in zip(options[::2], options[1::2])
                 if option in self.limits for part in (option, value)]
+
+    @property
+    def empty_commits(self):
+        """A commit adds a layer even when the container changed nothing
+        (Podman; Docker adds none): whether it did is the engine's diff."""
+        return self.kind == "podman"
 
     @property
     def group_signals(self):
@@ -1605,12 +1616,8 @@ class Engine:
         """What root inside (sudo) can do to the host, in a sentence."""
         if self.root_is_user:
             return ("root inside is you on the host (your UID), nothing more: the agent runs as "
-                    "root so that what it writes is yours; what it leaves as one of your "
-                    "subordinate UIDs is given back to you")
-        if self.rootless:
-            return ("the agent is you (--userns=keep-id); root inside (sudo) is one of your "
-                    "subordinate UIDs on the host, which owns nothing of yours: what it leaves "
-                    "in the project is given back to you")
+                    "root so that what it writes is yours; what it leaves as another user "
+                    "inside (one of your subordinate UIDs outside) is given back to you")
         return ("root inside (sudo) is root on the host%s: each run ends with a sweep of the "
                 "project for what it left privileged; a rootless engine makes root inside "
                 "harmless (see docs/security.md)" % (
@@ -6921,8 +6928,12 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     args = commit_args(container, image, labels, message)
     new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
     new = meta["new_image"] = inspect_image(new_id)
+    # Whether the run changed anything but the mount points the engine made
+    # is asked below (of its layer, or the engine's diff) for a new mount
+    # point, and on an engine whose commit always adds a layer.
+    asks = bool(mount) and mount not in known_mounts(image) or line.engine.empty_commits
     removal = None
-    if not (mount and mount not in known_mounts(image)):
+    if not asks:
         # Saved: from here the container is only to be removed (and read
         # by record_changes, where the layer cannot be). Recorded first, so
         # that whoever finds it later (this remover dead) just removes it.
@@ -6940,7 +6951,7 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     # (where image sizes are not the disk's, what the layer holds, as measured before the commit)
     meta.update(image_before=image["Id"], image_after=new["Id"], bytes_added=(
         (new.get("Size") or 0) - before if line.engine.sizes_are_disk else meta.get("written")))
-    if changed and mount and mount not in known_mounts(image):
+    if changed and asks:
         if layer_listable(line, new):
             try:  # (under the lock: the names alone, which are quick)
                 changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount)

@@ -948,8 +948,8 @@ ENGINE_CASES = {
         free_space_dir=None)),
     "podman-4.3-rootless": ("podman", dict(
         version="4.3.1", rootless=True, store="overlay", lists_layers=False,
-        sizes_are_disk=False, run_args=["--userns=keep-id", "--http-proxy=false"],
-        agent_uid=1000, inside=(1000, 1000), limits=[], max_layers=129, group_signals=False)),
+        sizes_are_disk=False, run_args=["--http-proxy=false"], agent_uid=0, inside=(0, 0),
+        limits=[], max_layers=129, group_signals=False, empty_commits=True)),
 }
 
 
@@ -1100,10 +1100,10 @@ def test_a_run_gets_what_its_engine_needs():
         return pi_agent.RunPlan(stub_line(config, facts), "exec", ["true"], image,
                                 pi_agent.Project("/tmp/p"), {}, 1.0, 1, False, "snap-x")
     rootful = plan(ROOTFUL_DOCKER)
-    assert "--memory" in rootful.run_args and "--userns=keep-id" not in rootful.run_args
+    assert "--memory" in rootful.run_args and "--http-proxy=false" not in rootful.run_args
     assert "TINI_KILL_PROCESS_GROUP" in rootful.script(), "the script stays the agent's parent"
     podman = plan(ENGINE_CASES["podman-4.3-rootless"][1] | {"kind": "podman"})
-    assert "--userns=keep-id" in podman.run_args and "--http-proxy=false" in podman.run_args
+    assert "--http-proxy=false" in podman.run_args, "no proxy of podman's own in an image"
     assert "--memory" not in podman.run_args, "an engine that applies no limit gets none"
     assert "TINI_KILL_PROCESS_GROUP" not in podman.script(), \
         "catatonit signals its child alone: the agent is that child"

@@ -253,11 +253,12 @@ RUN_LABELS = ("repo", "profile", "pid", "host", "target", "started", "kind", "sn
 MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
 
-# Where the engine mounts its init (--init) binary, and Podman the files it
-# gives each container (those in /etc of an image that has none, and their
-# directory, end up in the container's own layer): mount points it creates.
-INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init", "/run/podman-init", "/etc/hosts",
-               "/etc/hostname", "/etc/resolv.conf", "/etc/mtab", "/run/.containerenv")
+# Where the engine mounts its init (--init) binary: a mount point it creates.
+INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init", "/run/podman-init")
+# Podman's too: the files it gives each container (those an image lacks end
+# up in the container's own layer, and their directory changed).
+PODMAN_MOUNTS = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/etc/mtab",
+                 "/run/.containerenv")
 # A run's environment and command reach the container as a script in a
 # private host directory mounted here, never as `-e` or command arguments,
 # which the engine would keep in the container's config and commit into the
@@ -1566,6 +1567,11 @@ class Engine:
             return list(options)
         return [part for option, value in zip(options[::2], options[1::2])
                 if option in self.limits for part in (option, value)]
+
+    @property
+    def made_mounts(self):
+        """The mount points the engine makes in every container."""
+        return INIT_MOUNTS + (PODMAN_MOUNTS if self.kind == "podman" else ())
 
     @property
     def empty_commits(self):
@@ -5345,7 +5351,7 @@ def kept_changes(changes, mounts=()):
     the engine made (nor the directories above them), nor a directory
     listed as changed only because something in it changed. (A directory
     added stays: a later run that deletes it deletes what is in it.)"""
-    points = set(mounts) | set(INIT_MOUNTS)
+    points = set(mounts) | set(INIT_MOUNTS)  # (and the engine's own, from the caller)
     above = parents_of(points) | points
     parents = parents_of(path for _kind, path in changes)
     return [(kind, path) for kind, path in changes
@@ -5612,7 +5618,8 @@ def report_changes(line, container, image_after, mount, changes, sizes, books):
     What cannot be made is a report that says why ("failed")."""
     try:
         truncated = len(changes) >= MAX_RECORDED_PATHS
-        changes = kept_changes(changes[:MAX_RECORDED_PATHS], [mount or "", RUN_DIR_INSIDE])
+        changes = kept_changes(changes[:MAX_RECORDED_PATHS], [mount or "", RUN_DIR_INSIDE,
+                                                              *line.engine.made_mounts])
         packages, owners = find_packages(changes, books)
         rows = credit(changes, sizes, packages, owners)
         report = dict(summarize(leaf_rows(rows), packages), container=container,
@@ -6708,12 +6715,12 @@ def join_run(line, found, kind, args):
 
 # --- the save: commit, or put back; whoever saves
 
-def only_mountpoint_changes(changes, mount):
+def only_mountpoint_changes(changes, mount, made=INIT_MOUNTS):
     """A run's changes ([(A|C|D, path)]) hold the mount points the engine
-    created (and their parents' mtimes): that alone is not a change the
-    run made."""
+    created (the project's `mount`, those it `made`: Engine.made_mounts),
+    and their parents' mtimes: that alone is not a change the run made."""
     return all(kind in ("A", "C") and any(is_within(point, path)
-                                          for point in (mount,) + INIT_MOUNTS)
+                                          for point in (mount,) + tuple(made))
                for kind, path in changes)
 
 
@@ -6954,13 +6961,15 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     if changed and asks:
         if layer_listable(line, new):
             try:  # (under the lock: the names alone, which are quick)
-                changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount)
+                changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount,
+                                                      line.engine.made_mounts)
             except PiError as err:  # (in doubt, the layer stays: it costs nothing more)
                 line.log("could not list the layer of %s: %s" % (container, err))
         else:
             meta["diff_output"] = docker("diff", container).stdout
             try:
-                changed = not only_mountpoint_changes(parse_diff(meta["diff_output"]), mount)
+                changed = not only_mountpoint_changes(parse_diff(meta["diff_output"]), mount,
+                                                      line.engine.made_mounts)
             except PiError:
                 pass
     snap = snapshot

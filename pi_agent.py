@@ -1219,8 +1219,8 @@ def reach_socket(endpoint):
 def engine_kind():
     """The engine pi-agent drives, with its own command: PI_AGENT_ENGINE;
     unset, docker where a docker command reaches an engine (its socket
-    answers, or DOCKER_HOST or a context names one elsewhere), else podman
-    where there is one (else docker, whose absence is then said)."""
+    answers, or DOCKER_HOST or a context chose one), else podman where
+    there is one (else docker, whose absence is then said)."""
     global _engine_chosen
     setting = os.environ.get("PI_AGENT_ENGINE", "") if _engine_setting is None else \
         _engine_setting
@@ -1228,11 +1228,12 @@ def engine_kind():
         return setting
     if _engine_chosen is None:
         _engine_chosen = "docker"
-        if command_path("podman"):
+        endpoint, chosen_by = engine_endpoint("docker")
+        if command_path("podman") and chosen_by is None:
             try:
                 if not command_path("docker"):
                     raise OSError
-                reach_socket(engine_endpoint("docker")[0])
+                reach_socket(endpoint)
             except PermissionError:
                 pass  # (an engine that is there: the docker group is what is missing)
             except OSError:
@@ -1427,13 +1428,14 @@ def check_network(config):
     source = config.sources["PI_AGENT_NETWORK"]
     where = "" if source == "environment" else source + ": "
     if is_absent(result, "network") or "not found" in result.stderr:
-        raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; docker network "
-                         "ls lists them (unset it for the engine's default)" % (where, name))
+        raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; %s network "
+                         "ls lists them (unset it for the engine's default)"
+                         % (where, name, engine_kind()))
     if result.returncode != 0:
         raise docker_failure(("network",), result.stderr)
     if result.stdout.strip() == "host":  # `host` by its ID
         raise BadSetting("%sPI_AGENT_NETWORK=%s is the host's own network; use none, or a network "
-                         "made with docker network create" % (where, name))
+                         "made with %s network create" % (where, name, engine_kind()))
 
 
 def inspect(kind, ref):
@@ -1551,13 +1553,13 @@ class Engine:
 
     def run_args(self):
         """What every container started from the line's images gets. Podman:
-        no proxy variables copied from podman's own environment into the
-        container's config, which a commit would keep (the run script gives
-        each run its own). userns-remap: --userns=host, as a remapped root
-        could not write the project (root inside is root on the host again:
-        see root_inside)."""
+        none of the variables it would add to the container's config, which
+        a commit keeps: the proxies of podman's own environment (the run
+        script gives each run its own), container=podman, TERM=xterm.
+        userns-remap: --userns=host, as a remapped root could not write the
+        project (root inside is root on the host again: see root_inside)."""
         if self.kind == "podman":
-            return ["--http-proxy=false"]
+            return ["--http-proxy=false", "--unsetenv", "container", "--unsetenv", "TERM"]
         return ["--userns=host"] if self.remap else []
 
     def limit_args(self, options):
@@ -1740,11 +1742,11 @@ def probe_engine(state_dir, fresh=False):
     facts = kept.get(key) if key and not fresh else None
     if not facts or facts.get("kind") != kind:
         facts = ask_engine(kind)
-        if key and facts.get("version"):
+        # (kept where pi-agent keeps its state already: a dry run writes nothing)
+        if key and facts.get("version") and os.path.isdir(state_dir):
             kept[key] = dict(facts, asked=time.time())
             newest = sorted(kept, key=lambda name: kept[name].get("asked") or 0)[-8:]
             try:
-                os.makedirs(state_dir, mode=0o700, exist_ok=True)
                 replace_file(path, json.dumps({name: kept[name] for name in newest},
                                               sort_keys=True).encode())
             except OSError:

@@ -948,7 +948,8 @@ ENGINE_CASES = {
         free_space_dir=None)),
     "podman-4.3-rootless": ("podman", dict(
         version="4.3.1", rootless=True, store="overlay", lists_layers=False,
-        sizes_are_disk=False, run_args=["--http-proxy=false"], agent_uid=0, inside=(0, 0),
+        sizes_are_disk=False, run_args=["--http-proxy=false", "--unsetenv", "container",
+                                         "--unsetenv", "TERM"], agent_uid=0, inside=(0, 0),
         limits=[], max_layers=129, group_signals=False, empty_commits=True)),
 }
 
@@ -1020,9 +1021,13 @@ def test_the_probe_is_asked_once_per_engine_and_again_when_it_restarts(engine_en
     monkeypatch.setenv("DOCKER_HOST", "unix://%s" % sock)
     state = str(tmp_path / "state")
     assert pi_agent.probe_engine(state).store == "overlay2"
+    assert not os.path.exists(state), "kept only where pi-agent keeps its state already"
+    monkeypatch.setattr(pi_agent, "_probed", {})
+    os.mkdir(state)
+    assert pi_agent.probe_engine(state).store == "overlay2"
     monkeypatch.setattr(pi_agent, "_probed", {})  # (a later process: it reads the state)
     assert pi_agent.probe_engine(state).store == "overlay2"
-    assert engine_env.calls() == ["info --format {{json .}}"], "asked once"
+    assert engine_env.calls() == ["info --format {{json .}}"] * 2, "asked once, once kept"
     os.chmod(os.path.join(state, pi_agent.ENGINES_FILE), 0o600)
     server.close()
     os.remove(sock)
@@ -1030,12 +1035,13 @@ def test_the_probe_is_asked_once_per_engine_and_again_when_it_restarts(engine_en
     engine_env("docker", "docker-26-containerd")
     assert pi_agent.probe_engine(state).store == "containerd"
     assert pi_agent.probe_engine(state, fresh=True).store == "containerd"
-    assert len(engine_env.calls()) == 3
+    assert len(engine_env.calls()) == 4
     server.close()
 
 
 def test_an_answer_that_cannot_be_read_is_not_kept(engine_env, tmp_path):
     engine_env("docker")  # (says nothing)
+    os.mkdir(tmp_path / "state")
     engine = pi_agent.probe_engine(str(tmp_path / "state"))
     assert engine.facts == {"kind": "docker"} and "did not say" in engine.describe()
     assert not os.path.exists(tmp_path / "state" / pi_agent.ENGINES_FILE)
@@ -1047,11 +1053,18 @@ def test_docker_when_it_reaches_an_engine_else_podman(engine_env, monkeypatch, t
     engine_env("docker")
     monkeypatch.setattr(pi_agent, "_engine_chosen", None)
     monkeypatch.setenv("DOCKER_HOST", "unix://%s" % (tmp_path / "nothing.sock"))
+    assert pi_agent.engine_kind() == "docker", "DOCKER_HOST chose docker, reached or not"
+    monkeypatch.delenv("DOCKER_HOST")
+    monkeypatch.setattr(pi_agent, "_engine_chosen", None)
+    real = pi_agent.engine_endpoint
+    monkeypatch.setattr(pi_agent, "engine_endpoint", lambda kind: (  # (as if the default socket)
+        "unix://%s" % (tmp_path / "nothing.sock"), None))
     assert pi_agent.engine_kind() == "podman", "a docker command that reaches no engine"
     server = listening_socket(tmp_path / "nothing.sock")
     monkeypatch.setattr(pi_agent, "_engine_chosen", None)
     assert pi_agent.engine_kind() == "docker"
     server.close()
+    monkeypatch.setattr(pi_agent, "engine_endpoint", real)
     monkeypatch.setattr(pi_agent, "_engine_chosen", None)
     monkeypatch.setenv("DOCKER_HOST", "ssh://me@elsewhere")
     assert pi_agent.engine_kind() == "docker", "an engine elsewhere is docker's to reach"

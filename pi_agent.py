@@ -4807,8 +4807,9 @@ def build_base(line, no_cache=False, first=True):
                 and inspect_image(config.base_image) is None):
             raise EngineError("could not get %s, the image the base is built FROM (%s); set "
                               "PI_AGENT_BASE_IMAGE (in the environment, or in %s) to an image "
-                              "you have (docker images) or can pull"
-                              % (config.base_image, str(err).split(": ", 1)[-1], config.path))
+                              "you have (%s images) or can pull" % (
+                                  config.base_image, str(err).split(": ", 1)[-1], config.path,
+                                  engine_kind()))
         raise
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
 

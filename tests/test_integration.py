@@ -421,7 +421,8 @@ def test_a_base_image_that_cannot_be_had_is_named_with_its_setting(box):
         assert "pi-agent:" in last and "could not get nosuch.invalid/base:1" in last
         assert "set PI_AGENT_BASE_IMAGE (in the environment, or in " in last
     assert piped.stderr.count("pi-agent:") == 2, "what it does, then the one error"
-    assert "step 2/" in on_terminal.stdout.lower(), "the engine's progress is shown on a terminal"
+    assert re.search(r"step \d+/", on_terminal.stdout.lower()), \
+        "the engine's progress is shown on a terminal"
 
 
 def test_status_says_when_the_base_was_built_from_other_settings(box, tmp_path):
@@ -477,7 +478,7 @@ def test_dry_run_prints_docker_commands_and_changes_nothing(box):
     before = tree(box.project)
     out = box.ok("pi-exec --dry-run touch ~/x").stdout
     assert "%s run -i --init" % ENGINE.command in out and "%s commit" % ENGINE.command in out
-    assert "#   sh -c 'exec \"$@\"' pi-exec touch " in out, "the run script, shown"
+    assert re.search("#   (exec )?sh -c 'exec \"\\$@\"' pi-exec touch ", out), "the run script"
     assert "current" not in box.images() and box.containers() == []
     assert tree(box.project) == before, "not even .git/hooks is made"
     assert not os.path.exists(box.state_dir), "no lock, no state, no run script"

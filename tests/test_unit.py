@@ -944,7 +944,7 @@ ENGINE_CASES = {
     "docker-26-containerd": ("docker", dict(
         version="26.1.5+dfsg1", rootless=False, store="containerd", lists_layers=False,
         sizes_are_disk=False, run_args=[], agent_uid=1000, inside=(1000, 1000),
-        limits=["--memory", "--pids-limit", "--cpus"], max_layers=125, group_signals=True,
+        limits=["--memory", "--pids-limit", "--cpus"], max_layers=250, group_signals=True,
         free_space_dir=None)),
     "podman-4.3-rootless": ("podman", dict(
         version="4.3.1", rootless=True, store="overlay", lists_layers=False,

@@ -4768,7 +4768,8 @@ def base_drift(config, base, engine):
     said = {"base_image": "PI_AGENT_BASE_IMAGE is {now}, the base was built FROM {then}",
             "dockerfile": "the Dockerfile ({path}) has changed since the base was built",
             "ca_certs": "PI_AGENT_CA_CERTS names other certificates than the base was built with",
-            "uid": "you are UID {now}, the base was built for UID {then}",
+            "uid": "the agent's UID is {now} here (see pi-status's engine), the base was built "
+                   "for UID {then}",
             "home": "your home is {now}, the base was built for {then}"}
     return [text.format(now=wanted[LABEL + key], then=built[LABEL + key], path=config.dockerfile)
             for key, text in said.items() if built.get(LABEL + key) and wanted[LABEL + key]

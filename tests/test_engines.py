@@ -18,17 +18,18 @@ def test_the_core_loop(any_box):
     box.init_repo()
     branch = box.ok("git symbolic-ref --short HEAD").stdout.strip()
 
-    # A run that changes the project (as the agent, and as root inside) and
-    # the environment.
+    # A run that changes the project (as the agent, as root inside, as
+    # another user inside) and the environment.
     result = box.ok(
         "pi-exec sh -c 'echo made > made.txt && echo hi > ~/x && "
         "sudo touch /usr/local/share/marker && "
         "sudo sh -c \"echo root > root.txt && chmod 4755 root.txt && mkdir -p by-root/deep "
-        "&& touch by-root/deep/f\"'")
-    for name in ("made.txt", "root.txt", "by-root", "by-root/deep/f"):
+        "&& touch by-root/deep/f && mkdir other && touch other/f && chown -R 4242:4242 other\"'")
+    for name in ("made.txt", "root.txt", "by-root", "by-root/deep/f", "other", "other/f"):
         info = os.lstat(os.path.join(box.project, name))
         assert info.st_uid == box.user.uid, "%s is the user's" % name
     assert not os.lstat(os.path.join(box.project, "root.txt")).st_mode & stat.S_ISUID
+    assert "gave other back to you" in result.stderr, "said once it is so"
     for said in result.stderr.splitlines():
         assert "could not give" not in said, said
     snaps = box.snapshots()

@@ -852,7 +852,7 @@ def test_answering_no_changes_nothing_and_is_a_refusal(tmp_path):
     snap = ('{"repo":"pi-agent","tag":"snap-20260101-000000.000","id":"abc","created":"x",'
             '"size":"1 MB"}\n')
     environ = dict(os.environ, PATH=fake_docker(tmp_path, snap), HOME=str(tmp_path),
-                   PI_AGENT_STATE_DIR=str(tmp_path / "state"))
+                   PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker")
     for command in ("reset-all", "clean-orphans"):
         if command == "clean-orphans":
             (tmp_path / "bin" / "docker").write_text((tmp_path / "bin" / "docker").read_text(
@@ -902,6 +902,7 @@ def test_the_trace_setting_works_from_the_config_file(tmp_path):
     trace = tmp_path / "trace"
     environ = dict(os.environ, **write_config(tmp_path, "PI_AGENT_TRACE=%s\n" % trace))
     environ.pop("PI_AGENT_TRACE", None)
+    environ["PI_AGENT_ENGINE"] = "docker"  # (the stub's: not a Podman found on PATH)
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "docker").write_text("#!/bin/sh\nexit 0\n")

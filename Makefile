@@ -6,7 +6,8 @@ PYTHON ?= python3
 # Two workers when pytest-xdist is there: the tests mostly wait on the engine.
 XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2 --dist worksteal")
 
-.PHONY: check test integration lint setup test-image test-agents bench bench-quick clean-test-images
+.PHONY: check test integration lint setup test-image test-agents test-engines bench bench-quick \
+	bench-engines clean-test-images
 
 check:
 	$(PYTHON) -m pytest -q -m "not integration" tests/
@@ -19,6 +20,12 @@ test:
 integration:
 	$(PYTHON) -m pytest -q -m integration tests/
 
+# Root only: the lifecycle's tests on the other engines CI runs (Docker 26
+# with the containerd store, rootless Docker, rootless Podman), each brought
+# up first (tests/engines/); NAMES=podman for one.
+test-engines:
+	sh tests/engines/run $(NAMES)
+
 # Installs Claude Code, Codex, aider and opencode from the network, each in
 # a new image line, and runs its --version through pi (minutes, and network).
 test-agents:
@@ -26,7 +33,7 @@ test-agents:
 
 lint:
 	shellcheck -s bash shell/pi.sh
-	shellcheck -s sh install.sh tests/setup-engine.sh .ci/run
+	shellcheck -s sh install.sh tests/setup-engine.sh .ci/run tests/engines/run tests/engines/up tests/engines/*.sh
 
 # Root only: engine, local base image, zsh/dash/shellcheck, the test user.
 setup:
@@ -43,6 +50,13 @@ bench:
 
 bench-quick:
 	$(PYTHON) tests/bench.py --quick
+
+# Root only: the prompt's row on each engine CI runs, against that engine's
+# own floor (each brought up first; a rootless engine's bench runs as its user).
+bench-engines:
+	for engine in $(or $(NAMES),docker docker26 rootless-docker podman); do \
+		sh tests/engines/up $$engine && \
+		PI_AGENT_TEST_ENGINE=$$engine $(PYTHON) tests/bench.py --only prompt || exit 1; done
 
 # The tests' images: the bases (pi-agent-test/base:*), any a test left, and
 # the untagged ones an earlier Dockerfile's bases became.

@@ -60,8 +60,8 @@ version_in() {
 }
 
 check_docker() {
-  if ! command -v docker >/dev/null 2>&1; then
-    say "note: no docker command yet; install Docker Engine or Docker Desktop before the first pi"
+  if ! command -v docker >/dev/null 2>&1 && ! command -v podman >/dev/null 2>&1; then
+    say "note: no docker (or podman) command yet; install Docker Engine, Docker Desktop or Podman before the first pi"
   fi
 }
 

@@ -97,6 +97,8 @@ SETTINGS = (
      "the image that Dockerfile starts FROM (build arg BASE_IMAGE)"),
     ("PI_AGENT_STATE_DIR", "<${XDG_STATE_HOME:-~/.local/state}/pi-agent>",
      "locks, run state, the save log and each run's script"),
+    ("PI_AGENT_ENGINE", "<docker if a docker command reaches an engine, else podman>",
+     "the container engine, driven with its own command: docker or podman"),
     ("PI_AGENT_AGENT", "pi",
      "the agent: pi, claude, codex, aider or opencode (its command, install command and "
      "API key variables; pi --agent NAME for one run)"),
@@ -252,7 +254,11 @@ MOUNTS_LABEL = LABEL + "mounts"
 MAX_KNOWN_MOUNTS = 200
 
 # Where the engine mounts its init (--init) binary: a mount point it creates.
-INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init")
+INIT_MOUNTS = ("/sbin/docker-init", "/usr/sbin/docker-init", "/run/podman-init")
+# Podman's too: the files it gives each container (those an image lacks end
+# up in the container's own layer, and their directory changed).
+PODMAN_MOUNTS = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/etc/mtab",
+                 "/run/.containerenv")
 # A run's environment and command reach the container as a script in a
 # private host directory mounted here, never as `-e` or command arguments,
 # which the engine would keep in the container's config and commit into the
@@ -275,8 +281,10 @@ JOIN_PREFIX = "join-"
 FALLBACK_CMD = ["sh"]
 # Seconds an agent has to stop after a signal before the save goes ahead.
 STOP_GRACE = 3
-# overlay2 refuses to commit on an image this deep ("max depth exceeded").
+# overlay2 refuses to commit on an image this deep ("max depth exceeded");
+# other stores have limits of their own (Engine.max_layers).
 MAX_LAYERS = 125
+ENGINES = ("docker", "podman")
 
 LIFECYCLE_KINDS = ("run", "exec", "shell")
 
@@ -962,8 +970,8 @@ class Config:
                                           environ)
                 self.sources[name] = "default, as the value is bad"
                 self._preset(None)
-        global _trace_file
-        _trace_file = raw["PI_AGENT_TRACE"]
+        global _trace_file, _engine_setting
+        _trace_file, _engine_setting = raw["PI_AGENT_TRACE"], raw["PI_AGENT_ENGINE"]
 
     def _check(self, raw):
         """Every error here starts with the name of the setting it is about:
@@ -1056,6 +1064,10 @@ class Config:
         self.hardlinks = raw["PI_AGENT_HARDLINKS"]
         if self.hardlinks not in ("copy", "refuse", "allow"):
             raise BadSetting("PI_AGENT_HARDLINKS=%s: use copy, refuse or allow" % self.hardlinks)
+        self.engine = raw["PI_AGENT_ENGINE"]
+        if self.engine not in ("",) + ENGINES:
+            raise BadSetting("PI_AGENT_ENGINE=%s: use docker or podman (or leave it unset: docker "
+                             "if a docker command reaches an engine, else podman)" % self.engine)
 
     def for_profile(self, profile):
         """The same settings, for another profile (a name checked already:
@@ -1094,6 +1106,8 @@ class Config:
 
     @staticmethod
     def _default(name, default, environ):
+        if name == "PI_AGENT_ENGINE":
+            return ""  # (chosen when first needed: engine_kind)
         if name == "PI_AGENT_DOCKERFILE":
             return os.path.join(HERE, "Dockerfile")
         if name == "PI_AGENT_STATE_DIR":
@@ -1159,7 +1173,9 @@ def guarded_dirs(config):
 # ----------------------------------------------------------------- the engine
 #
 # The one docker helper (argument lists, a trace line and an error for every
-# call), and what the engine says of images.
+# call; the command is docker or podman, see engine_kind), the engine probe
+# (Engine: what the engine is, asked once and kept), what the engine says of
+# images, and the attached run.
 
 _client_config = None
 
@@ -1179,9 +1195,28 @@ def docker_client_config():
     return _client_config
 
 
-def docker_endpoint():
-    """Where the docker command looks for the engine, and what chose it
-    (None: the default socket)."""
+# PI_AGENT_ENGINE as the settings have it, once read (the environment's until
+# then); the engine chosen when it is not set, once a process.
+_engine_setting = None
+_engine_chosen = None
+
+
+def command_path(name):
+    """Where `name` is on PATH, as a shell would find it (nothing is run)."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
+def engine_endpoint(kind):
+    """Where the engine's command looks for the engine, and what chose it
+    (None: its default: Docker's socket; Podman itself, which needs no
+    service)."""
+    if kind == "podman":
+        host = os.environ.get("CONTAINER_HOST")
+        return (host, "CONTAINER_HOST") if host else ("podman on this host", None)
     host = os.environ.get("DOCKER_HOST")
     if host:
         return host, "DOCKER_HOST"
@@ -1194,8 +1229,57 @@ def docker_endpoint():
     return "unix:///var/run/docker.sock", None
 
 
+def reach_socket(endpoint):
+    """Connect to a unix:// or tcp:// endpoint, and let go: OSError
+    (PermissionError: not yours to use) when nothing answers there. A Unix
+    socket takes microseconds; ssh:// and contexts are left to the command."""
+    if endpoint.startswith("unix://"):
+        # The C module: the socket module's own import costs every run 2 ms.
+        import _socket
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            probe.connect(endpoint[len("unix://"):])
+        finally:
+            probe.close()
+    elif endpoint.startswith("tcp://"):
+        import socket
+        host, _, port = endpoint[len("tcp://"):].split("/")[0].rpartition(":")
+        if port.isdigit():
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+
+
+def engine_kind():
+    """The engine pi-agent drives, with its own command: PI_AGENT_ENGINE;
+    unset, docker where a docker command reaches an engine (its socket
+    answers, or DOCKER_HOST or a context chose one), else podman where
+    there is one (else docker, whose absence is then said)."""
+    global _engine_chosen
+    setting = os.environ.get("PI_AGENT_ENGINE", "") if _engine_setting is None else \
+        _engine_setting
+    if setting:
+        return setting
+    if _engine_chosen is None:
+        _engine_chosen = "docker"
+        endpoint, chosen_by = engine_endpoint("docker")
+        if command_path("podman") and chosen_by is None:
+            try:
+                if not command_path("docker"):
+                    raise OSError
+                reach_socket(endpoint)
+            except PermissionError:
+                pass  # (an engine that is there: the docker group is what is missing)
+            except OSError:
+                _engine_chosen = "podman"
+    return _engine_chosen
+
+
 def engine_unreachable():
-    endpoint, chosen_by = docker_endpoint()
+    kind = engine_kind()
+    endpoint, chosen_by = engine_endpoint(kind)
+    if kind == "podman":
+        return PiError("cannot reach the Podman service at %s; start it (podman system service, "
+                       "or podman machine start), or unset CONTAINER_HOST to use Podman on this "
+                       "host" % endpoint, EXIT_ENGINE_DOWN)
     if chosen_by is None:
         hint = "start it (sudo systemctl start docker, or open Docker Desktop), then retry"
     elif chosen_by == "docker context use":
@@ -1211,29 +1295,15 @@ def engine_unreachable():
 def socket_denied():
     return PiError("permission denied on the Docker socket (%s); add yourself to the docker "
                    "group (sudo usermod -aG docker $USER) and log in again"
-                   % docker_endpoint()[0], EXIT_ENGINE_DOWN)
+                   % engine_endpoint("docker")[0], EXIT_ENGINE_DOWN)
 
 
 def check_engine():
     """Before a run whose way to `docker run` has not asked the engine
-    anything: an engine that is not there would get docker's own lines
-    first. Its socket is tried directly (a Unix socket in microseconds);
-    ssh:// and contexts are left to docker."""
-    endpoint, _ = docker_endpoint()
+    anything: an engine that is not there would get its command's own
+    lines first. Local Podman is its command: nothing to reach."""
     try:
-        if endpoint.startswith("unix://"):
-            # The C module: the socket module's own import costs every run 2 ms.
-            import _socket
-            probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-            try:
-                probe.connect(endpoint[len("unix://"):])
-            finally:
-                probe.close()
-        elif endpoint.startswith("tcp://"):
-            import socket
-            host, _, port = endpoint[len("tcp://"):].split("/")[0].rpartition(":")
-            if port.isdigit():
-                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        reach_socket(engine_endpoint(engine_kind())[0])
     except PermissionError:
         raise socket_denied()
     except OSError:
@@ -1241,11 +1311,14 @@ def check_engine():
 
 
 def docker_failure(args, stderr):
-    """Turn docker's stderr into the right PiError."""
+    """Turn the engine command's stderr into the right PiError (docker's
+    wording and Podman's)."""
     text = (stderr or "").strip()
     lowered = text.lower()
-    if ("cannot connect to the docker daemon" in lowered or "error during connect" in lowered
-            or "is the docker daemon running" in lowered):
+    if any(words in lowered for words in (
+            "cannot connect to the docker daemon", "error during connect",
+            "is the docker daemon running", "cannot connect to podman",
+            "unable to connect to podman")):
         return engine_unreachable()
     if "permission denied" in lowered and "docker" in lowered and ".sock" in lowered:
         return socket_denied()
@@ -1255,7 +1328,7 @@ def docker_failure(args, stderr):
         if line.lower().startswith(("error", "docker: error")):
             detail = line
             break
-    return EngineError("docker %s failed: %s" % (args[0], detail))
+    return EngineError("%s %s failed: %s" % (engine_kind(), args[0], detail))
 
 
 # PI_AGENT_TRACE as the settings have it, once read (the environment's until then).
@@ -1288,15 +1361,16 @@ def trace_step(name):
 
 
 class DockerCall:
-    """`docker ARGS`, started at once (never through a shell); finish() waits
-    and, with check, raises the PiError that docker's stderr calls for.
-    Starting two calls before finishing either overlaps independent reads.
+    """`docker ARGS` (`podman ARGS`: engine_kind), started at once (never
+    through a shell); finish() waits and, with check, raises the PiError
+    that its stderr calls for. Starting two calls before finishing either
+    overlaps independent reads.
     """
 
     def __init__(self, args, capture=True, env=None, stdin=None, stdout=None, stderr=None,
                  feed=None):
         self.args, self.capture, self.feed = args, capture, feed
-        self.argv = ["docker", *args]
+        self.argv = [engine_kind(), *args]
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
@@ -1306,10 +1380,12 @@ class DockerCall:
                 universal_newlines=True if capture else None,
                 errors="surrogateescape" if capture else None)
         except FileNotFoundError:
-            raise PiError("the docker command is not installed (or not on PATH); install "
-                          "Docker Engine or Docker Desktop first", EXIT_NO_DOCKER)
+            raise PiError("the %s command is not installed (or not on PATH); %s" % (
+                self.argv[0], "install Podman, or set PI_AGENT_ENGINE=docker"
+                if self.argv[0] == "podman" else "install Docker Engine or Docker Desktop (or "
+                "Podman) first"), EXIT_NO_DOCKER)
         except OSError as err:
-            raise EngineError("cannot run docker %s: %s" % (args[0], err.strerror))
+            raise EngineError("cannot run %s %s: %s" % (self.argv[0], args[0], err.strerror))
 
     def finish(self, check=True):
         out, err = self.proc.communicate(self.feed)
@@ -1342,10 +1418,35 @@ def docker(*args, check=True, **options):
     return DockerCall(args, **options).finish(check)
 
 
+# How each engine says that what an inspect asked for is not there.
+ABSENT_WORDS = {"image": ("no such image", "image not known"),
+                "container": ("no such container", "no container with name or id"),
+                "network": ("no such network", "network not found")}
+
+
 def is_absent(result, kind):
     """True when a failed inspect means 'no such object', not an engine fault."""
     text = (result.stderr or "").lower()
-    return result.returncode != 0 and ("no such " + kind) in text
+    return result.returncode != 0 and any(
+        words in text for words in ABSENT_WORDS.get(kind, ("no such " + kind,)))
+
+
+def label_field(key):
+    """A container's label in a `ps --format` template (Podman's .Labels
+    is a map; it has no .Label)."""
+    return ('(index .Labels "%s")' if engine_kind() == "podman" else '(.Label "%s")') % key
+
+
+def image_format():
+    """What `commit` and `build` need to keep an image's message, SHELL and
+    HEALTHCHECK: Podman writes OCI images unless told Docker's format."""
+    return ["--format", "docker"] if engine_kind() == "podman" else []
+
+
+def image_name(ref):
+    """An image's name as pi-agent gives it: Podman names a local image
+    localhost/NAME."""
+    return ref[len("localhost/"):] if ref.startswith("localhost/") else ref
 
 
 def check_network(config):
@@ -1359,13 +1460,14 @@ def check_network(config):
     source = config.sources["PI_AGENT_NETWORK"]
     where = "" if source == "environment" else source + ": "
     if is_absent(result, "network") or "not found" in result.stderr:
-        raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; docker network "
-                         "ls lists them (unset it for the engine's default)" % (where, name))
+        raise BadSetting("%sPI_AGENT_NETWORK=%s: the engine has no such network; %s network "
+                         "ls lists them (unset it for the engine's default)"
+                         % (where, name, engine_kind()))
     if result.returncode != 0:
         raise docker_failure(("network",), result.stderr)
     if result.stdout.strip() == "host":  # `host` by its ID
         raise BadSetting("%sPI_AGENT_NETWORK=%s is the host's own network; use none, or a network "
-                         "made with docker network create" % (where, name))
+                         "made with %s network create" % (where, name, engine_kind()))
 
 
 def inspect(kind, ref):
@@ -1424,18 +1526,269 @@ def docker_config_proxies():
     return found
 
 
-def describe_engine():
-    """The engine's version, and whether root inside is root on the host:
-    under a user namespace (rootless Docker, userns-remap, Podman) it is
-    not, and what root inside leaves in the project is harmless."""
-    info = docker("info", "--format", "{{.ServerVersion}} {{json .SecurityOptions}}").stdout
-    version, _, options = info.strip().partition(" ")
-    if "name=rootless" in options or "name=userns" in options:
-        return ("Docker %s, with user namespaces: root inside is not root on the host"
-                % version)
-    return ("Docker %s, no user namespace: root inside (sudo) is root on the host, so each run "
-            "ends with a sweep of the project for what it left privileged; rootless Docker or "
-            "userns-remap makes that harmless (see docs/security.md)" % version)
+# --- the engine probe
+
+class Engine:
+    """What the engine is, and each choice pi-agent makes by it. Its facts
+    (plain data, from ask_engine; kept by probe_engine):
+
+      kind      docker or podman: the command pi-agent drives
+      version   the engine's own
+      rootless  the engine runs as an ordinary user (rootless Docker or
+                Podman): root inside is that user, the other users inside
+                its subordinate UIDs, none of them root on the host
+      remap     Docker's userns-remap: root inside is a subordinate UID
+      store     overlay2 (Docker's classic graph driver), containerd
+                (Docker's containerd image store), or the driver's name
+                (Podman's overlay, vfs)
+      os        the engine's system, as it names it
+      local     its files are on this host, as the paths it gives (not an
+                engine elsewhere, nor Docker Desktop's or a Podman
+                machine's VM)
+      root_dir  where it keeps them (Docker's root directory, Podman's
+                graph root)
+      limits    the resource options (parse_limits) it applies: a rootless
+                engine on cgroup v1 applies none; None where not known
+      id        the server's ID (Docker's)
+    """
+
+    def __init__(self, facts):
+        self.facts = facts
+        self.kind = facts.get("kind") or "docker"
+        self.rootless, self.remap = bool(facts.get("rootless")), bool(facts.get("remap"))
+        self.store = facts.get("store") or "?"
+        self.local = bool(facts.get("local"))
+        self.limits = facts.get("limits")
+
+    @property
+    def name(self):
+        return "%s %s" % ("Podman" if self.kind == "podman" else "Docker",
+                          self.facts.get("version") or "(version unknown)")
+
+    @property
+    def root_is_user(self):
+        """Root inside is the user who runs the engine (rootless Docker and
+        Podman): the agent is root there, so that what it writes is the
+        user's. (Not Podman's --userns=keep-id, which would make the agent
+        the user's UID inside: Podman 4.3 then copies every layer of an
+        image, its IDs shifted, the first time it runs it, and each save
+        makes a new image: 9 s a run here, for a 1.2 GB image.)"""
+        return self.rootless
+
+    def agent_uid(self, uid):
+        """The UID the agent has inside, for a host user of `uid`."""
+        return 0 if self.root_is_user else uid
+
+    def inside(self, uid, gid):
+        """The host user (`uid`, `gid`) as the engine maps it inside."""
+        return (0, 0) if self.root_is_user else (uid, gid)
+
+    def run_args(self):
+        """What every container started from the line's images gets. Podman:
+        none of the variables it would add to the container's config, which
+        a commit keeps: the proxies of podman's own environment (the run
+        script gives each run its own), container=podman, TERM=xterm.
+        userns-remap: --userns=host, as a remapped root could not write the
+        project (root inside is root on the host again: see root_inside)."""
+        if self.kind == "podman":
+            return ["--http-proxy=false", "--unsetenv", "container", "--unsetenv", "TERM"]
+        return ["--userns=host"] if self.remap else []
+
+    def limit_args(self, options):
+        """The resource options (parse_limits) that this engine applies: it
+        would warn at each run of one it does not, and apply nothing."""
+        if self.limits is None:
+            return list(options)
+        return [part for option, value in zip(options[::2], options[1::2])
+                if option in self.limits for part in (option, value)]
+
+    @property
+    def made_mounts(self):
+        """The mount points the engine makes in every container."""
+        return INIT_MOUNTS + (PODMAN_MOUNTS if self.kind == "podman" else ())
+
+    @property
+    def empty_commits(self):
+        """A commit adds a layer even when the container changed nothing
+        (Podman; Docker adds none): whether it did is the engine's diff."""
+        return self.kind == "podman"
+
+    @property
+    def group_signals(self):
+        """The engine's init passes a signal to the run's whole process
+        group (docker run --init's tini, told by TINI_KILL_PROCESS_GROUP):
+        Podman's catatonit passes it to its child alone."""
+        return self.kind == "docker"
+
+    @property
+    def lists_layers(self):
+        """A run's layer is an overlay2 directory on this host, which a
+        container can mount to list (list_layers): Docker's graph driver,
+        here. Elsewhere what a run changed is the engine's own diff,
+        recorded at the save (record_changes)."""
+        return self.kind == "docker" and self.store == "overlay2" and self.local
+
+    @property
+    def sizes_are_disk(self):
+        """An image's size is what its layers hold on disk, so that one
+        less its parent's is what it adds (ImageTree): Docker's graph
+        drivers. The containerd store gives the compressed content (and
+        keeps it unpacked too), Podman a figure that is not additive."""
+        return self.kind == "docker" and self.store != "containerd"
+
+    @property
+    def free_space_dir(self):
+        """Where the free space that commits use can be asked (statvfs),
+        or None: an engine elsewhere, or the containerd store (containerd
+        keeps the layers, where the engine does not say)."""
+        root = self.facts.get("root_dir")
+        return root if self.local and self.store != "containerd" and \
+            isinstance(root, str) and root.startswith("/") else None
+
+    @property
+    def max_layers(self):
+        """The layers of an image on which the next save fails: overlay2
+        refuses to commit on one of 125 ("max depth exceeded"); measured
+        here, the containerd store on one of 250 (its overlay mount fails),
+        Podman's overlay to start a container on one of 129."""
+        return {"overlay2": MAX_LAYERS, "containerd": 250, "overlay": 129}.get(self.store,
+                                                                              MAX_LAYERS)
+
+    def root_inside(self):
+        """What root inside (sudo) can do to the host, in a sentence."""
+        if self.root_is_user:
+            return ("root inside is you on the host (your UID), nothing more: the agent runs as "
+                    "root so that what it writes is yours; what it leaves as another user "
+                    "inside (one of your subordinate UIDs outside) is given back to you")
+        return ("root inside (sudo) is root on the host%s: each run ends with a sweep of the "
+                "project for what it left privileged; a rootless engine makes root inside "
+                "harmless (see docs/security.md)" % (
+                    " (pi-agent's containers run with --userns=host: a remapped root could not "
+                    "write your project)" if self.remap else ""))
+
+    def describe(self):
+        """pi-status's line for the engine."""
+        if not self.facts.get("version"):
+            return "%s, which did not say what it is" % self.name.split()[0]
+        kind = ("rootless" if self.rootless else "userns-remap" if self.remap else "rootful")
+        where = "" if self.local else ", elsewhere (%s)" % (self.facts.get("os") or "?")
+        text = "%s (%s, image store %s%s): %s" % (self.name, kind, self.store, where,
+                                                   self.root_inside())
+        if self.limits is not None and len(self.limits) < 3:
+            text += "; it applies %s of the resource limits (%s)" % (
+                "none" if not self.limits else "only " + ", ".join(self.limits),
+                "a rootless engine on cgroup v1" if self.rootless else "its cgroups")
+        return text
+
+
+def ask_engine(kind):
+    """The engine's facts (see Engine), from one `docker info` (`podman
+    info`); the engine's own wording is read here alone."""
+    if kind == "podman":
+        try:
+            info = json.loads(docker("info", "--format", "json").stdout)
+            host, store = info.get("host") or {}, info.get("store") or {}
+        except (ValueError, AttributeError):
+            return {"kind": kind}
+        controllers = host.get("cgroupControllers") or []
+        return {"kind": kind, "version": (info.get("version") or {}).get("Version"),
+                "rootless": bool((host.get("security") or {}).get("rootless")),
+                "remap": False, "store": store.get("graphDriverName"),
+                "os": "%s %s" % ((host.get("distribution") or {}).get("distribution", ""),
+                                 (host.get("distribution") or {}).get("version", "")),
+                "local": not host.get("serviceIsRemote") and not os.environ.get("CONTAINER_HOST"),
+                "root_dir": store.get("graphRoot"),
+                "limits": [option for option, controller in (
+                    ("--memory", "memory"), ("--pids-limit", "pids"), ("--cpus", "cpu"))
+                    if controller in controllers]}
+    try:
+        info = json.loads(docker("info", "--format", "{{json .}}").stdout)
+    except ValueError:
+        return {"kind": kind}
+    if not info.get("ServerVersion") and info.get("ServerErrors"):
+        raise docker_failure(("info",), "\n".join(map(str, info["ServerErrors"])))
+    options = " ".join(map(str, info.get("SecurityOptions") or []))
+    status = dict(pair for pair in info.get("DriverStatus") or [] if len(pair) == 2)
+    system = info.get("OperatingSystem") or ""
+    return {"kind": kind, "version": info.get("ServerVersion"), "id": info.get("ID"),
+            "rootless": "name=rootless" in options, "remap": "name=userns" in options,
+            "store": "containerd" if str(status.get("driver-type", "")).startswith(
+                "io.containerd.snapshotter") else info.get("Driver"),
+            "os": system, "root_dir": info.get("DockerRootDir"),
+            "local": engine_endpoint(kind)[0].startswith("unix://")
+            and "Docker Desktop" not in system,
+            "limits": [option for option, key in (("--memory", "MemoryLimit"),
+                                                  ("--pids-limit", "PidsLimit"),
+                                                  ("--cpus", "CpuCfsQuota")) if info.get(key)]}
+
+
+def engine_identity(kind):
+    """What tells the engine from another without asking it: its command,
+    its endpoint, and what changes when it does: a local socket's inode and
+    change time (an engine that restarts makes it anew), local Podman's
+    program and storage configuration; an engine elsewhere, the hour (it is
+    asked again each hour). None: nothing there to know it by."""
+    endpoint = engine_endpoint(kind)[0]
+    if kind == "podman" and not os.environ.get("CONTAINER_HOST"):
+        parts = [kind, str(os.getuid())] + [os.environ.get(name, "") for name in (
+            "CONTAINERS_STORAGE_CONF", "CONTAINERS_CONF", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
+            "HOME")]
+        config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        for path in (command_path("podman"), os.environ.get("CONTAINERS_STORAGE_CONF"),
+                     os.path.join(config, "containers", "storage.conf"),
+                     "/etc/containers/storage.conf"):
+            try:
+                info = os.stat(path) if path else None
+                parts.append("%d:%d" % (info.st_ino, info.st_mtime_ns) if info else "")
+            except OSError:
+                parts.append("-")
+        return "|".join(parts)
+    if endpoint.startswith("unix://"):
+        try:
+            info = os.stat(endpoint[len("unix://"):])
+        except OSError:
+            return None
+        return "%s|%s|%d:%d" % (kind, endpoint, info.st_ino, info.st_ctime_ns)
+    return "%s|%s|%d" % (kind, endpoint, time.time() // 3600)
+
+
+# The engines probed in this process, by identity; STATE/ENGINES_FILE keeps
+# the newest few for later ones.
+_probed = {}
+ENGINES_FILE = "engines.json"
+
+
+def probe_engine(state_dir, fresh=False):
+    """The Engine pi-agent drives: asked once (ask_engine), then kept in
+    STATE/engines.json under its identity (engine_identity), so that a run
+    pays for it only a read of that file; `fresh` (pi-status) asks again."""
+    kind = engine_kind()
+    key = engine_identity(kind)
+    if not fresh and key in _probed:
+        return _probed[key]
+    path = os.path.join(state_dir, ENGINES_FILE)
+    try:
+        kept = json.loads(read_regular(path) or b"{}")
+    except ValueError:
+        kept = {}
+    kept = {name: facts for name, facts in kept.items() if isinstance(facts, dict)} \
+        if isinstance(kept, dict) else {}
+    facts = kept.get(key) if key and not fresh else None
+    if not facts or facts.get("kind") != kind:
+        facts = ask_engine(kind)
+        # (kept where pi-agent keeps its state already: a dry run writes nothing)
+        if key and facts.get("version") and os.path.isdir(state_dir):
+            kept[key] = dict(facts, asked=time.time())
+            newest = sorted(kept, key=lambda name: kept[name].get("asked") or 0)[-8:]
+            try:
+                replace_file(path, json.dumps({name: kept[name] for name in newest},
+                                              sort_keys=True).encode())
+            except OSError:
+                pass  # (then it is asked again next time)
+    engine = Engine(facts)
+    if key:
+        _probed[key] = engine
+    return engine
 
 
 def run_attached(argv, container=None, env=None):
@@ -1563,6 +1916,18 @@ class Line:
         self.agents_path = os.path.join(self.state_dir, key + ".agents.json")
         self.runs_dir = os.path.join(self.state_dir, key + ".runs")
         self.run_dir = os.path.join(self.state_dir, "run")
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The engine (Engine), probed when first needed (probe_engine)."""
+        if self._engine is None:
+            self._engine = probe_engine(self.state_dir)
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine):
+        self._engine = engine
 
     def snap(self, name):
         return "%s:%s%s" % (self.repo, self.tag_prefix, name)
@@ -4087,22 +4452,37 @@ true"""
 
 def give_back(line, root, paths, uid, gid):
     """Give `paths` (relative to root; "" for root itself) back to the user,
-    as root: device nodes removed, owner the user, no setuid/setgid bit.
-    The paths go on standard input, however many. Returns notes."""
+    as root: device nodes removed, owner the user (as the engine maps the
+    user inside: root itself on rootless Docker), no setuid/setgid bit.
+    The paths go on standard input, however many. Each is then looked at
+    on the host: one that is not the user's yet is said so, with the
+    command that fixes it. Returns notes."""
     paths = outermost(paths) if "" not in paths else [""]
     base = inspect_image(line.base)
     if base is None:
         return ["%s is not yours and could not be given back (%s is missing); run: sudo chown "
                 "-R %d:%d %s" % (path or ".", line.base, uid, gid, os.path.join(root, path))
                 for path in paths]
-    docker("run", "--rm", "-i", "--network", "none", "-u", "0", "--cap-drop", "ALL",
-           "--cap-add", "CHOWN", "--cap-add", "FOWNER", "--cap-add", "DAC_OVERRIDE",
-           "--entrypoint", "sh", "-w", "/pi-agent-fix",
+    engine = line.engine
+    docker("run", "--rm", "-i", "--network", "none", "-u", "0", *engine.run_args(),
+           "--cap-drop", "ALL", "--cap-add", "CHOWN", "--cap-add", "FOWNER",
+           "--cap-add", "DAC_OVERRIDE", "--entrypoint", "sh", "-w", "/pi-agent-fix",
            "--mount", mount_spec(root, "/pi-agent-fix"), base["Id"],
-           "-c", 'exec xargs -0 -r sh -c "$1" "$0"', "%d:%d" % (uid, gid), GIVE_BACK_SCRIPT,
-           feed="".join("./%s\0" % path for path in paths))
-    return ["gave %s back to you: it was another user's or privileged" % (path or ".")
-            for path in paths]
+           "-c", 'exec xargs -0 -r sh -c "$1" "$0"', "%d:%d" % engine.inside(uid, gid),
+           GIVE_BACK_SCRIPT, feed="".join("./%s\0" % path for path in paths))
+    notes = []
+    for path in paths:
+        try:
+            owner = os.lstat(os.path.join(root, path)).st_uid
+        except FileNotFoundError:
+            owner = uid  # (a device node, removed)
+        except OSError:
+            owner = None
+        notes.append("gave %s back to you: it was another user's or privileged" % (path or ".")
+                     if owner == uid else "could not give %s back to you (it is UID %s's on "
+                     "the host); run: sudo chown -R %d:%d %s" % (
+                         path or ".", owner, uid, gid, os.path.join(root, path)))
+    return notes
 
 
 def reachable_part(target, path):
@@ -4355,14 +4735,23 @@ def snapshot_name(epoch, last=None):
         ".%03d" % fraction
 
 
+def repository_images(repo):
+    """[{tag, id, created, size}] of the images tagged in `repo`, one row
+    a tag (one `image ls`). Podman lists every name of an image it finds,
+    and names a local repository localhost/REPO: rows are kept by their
+    repository."""
+    rows = json_lines(docker(
+        "image", "ls", repo, "--format",
+        '{"repo":{{json .Repository}},"tag":{{json .Tag}},"id":{{json .ID}},'
+        '"created":{{json .CreatedAt}},"size":{{json .Size}}}').stdout)
+    return [row for row in rows if image_name(str(row.pop("repo", ""))) == repo
+            and row.get("tag") not in (None, "", "<none>")]
+
+
 def list_snapshots(line):
     """[{tag, id, created, size}] of the line's snapshots (tag: the name,
     snap-*), newest first (one docker call)."""
-    rows = json_lines(docker(
-        "image", "ls", line.repo, "--format",
-        '{"tag":{{json .Tag}},"id":{{json .ID}},"created":{{json .CreatedAt}},'
-        '"size":{{json .Size}}}').stdout)
-    snaps = [dict(row, tag=line.snapshot_named(row["tag"])) for row in rows
+    snaps = [dict(row, tag=line.snapshot_named(row["tag"])) for row in repository_images(line.repo)
              if line.snapshot_named(row["tag"])]
     snaps.sort(key=lambda row: row["tag"], reverse=True)
     return snaps
@@ -4402,10 +4791,11 @@ def agent_home(environ=None):
     return home
 
 
-def build_args(environ=None):
-    """The Dockerfile's build args for this host user."""
-    uid, gid = os.getuid(), os.getgid()
-    return {"AGENT_UID": str(uid), "AGENT_GID": str(gid if uid else 0),
+def build_args(engine, environ=None):
+    """The Dockerfile's build args for this host user, as `engine` maps the
+    user inside (on rootless Docker the agent is root: root is the user)."""
+    uid = engine.agent_uid(os.getuid())
+    return {"AGENT_UID": str(uid), "AGENT_GID": str(os.getgid() if uid else 0),
             "AGENT_HOME": agent_home(environ)}
 
 
@@ -4426,15 +4816,16 @@ def base_labels(config, values):
             LABEL + "uid": values["AGENT_UID"], LABEL + "home": values["AGENT_HOME"]}
 
 
-def base_drift(config, base):
+def base_drift(config, base, engine):
     """How the settings now differ from what `base` was built from (a base
     built before pi-agent kept that, or brought by the user, says nothing)."""
     built = image_labels(base)
-    wanted = base_labels(config, build_args())
+    wanted = base_labels(config, build_args(engine))
     said = {"base_image": "PI_AGENT_BASE_IMAGE is {now}, the base was built FROM {then}",
             "dockerfile": "the Dockerfile ({path}) has changed since the base was built",
             "ca_certs": "PI_AGENT_CA_CERTS names other certificates than the base was built with",
-            "uid": "you are UID {now}, the base was built for UID {then}",
+            "uid": "the agent's UID is {now} here (see pi-status's engine), the base was built "
+                   "for UID {then}",
             "home": "your home is {now}, the base was built for {then}"}
     return [text.format(now=wanted[LABEL + key], then=built[LABEL + key], path=config.dockerfile)
             for key, text in said.items() if built.get(LABEL + key) and wanted[LABEL + key]
@@ -4447,9 +4838,10 @@ def build_base(line, no_cache=False, first=True):
     if not os.path.isfile(dockerfile):
         raise NotFound("no Dockerfile at %s; set PI_AGENT_DOCKERFILE to yours, or reinstall "
                        "pi-agent" % dockerfile)
-    values = build_args()
+    values = build_args(line.engine)
     labels = dict(base_labels(config, values), **{LABEL + "repo": line.repo})
-    args = ["build", "-t", line.base, "--build-arg", "BASE_IMAGE=" + config.base_image,
+    args = ["build", *image_format(), "-t", line.base, "--build-arg",
+            "BASE_IMAGE=" + config.base_image,
             "-f", dockerfile] + label_args(labels)
     for name, value in values.items():
         args += ["--build-arg", "%s=%s" % (name, value)]
@@ -4474,22 +4866,27 @@ def build_base(line, no_cache=False, first=True):
                 and inspect_image(config.base_image) is None):
             raise EngineError("could not get %s, the image the base is built FROM (%s); set "
                               "PI_AGENT_BASE_IMAGE (in the environment, or in %s) to an image "
-                              "you have (docker images) or can pull"
-                              % (config.base_image, str(err).split(": ", 1)[-1], config.path))
+                              "you have (%s images) or can pull" % (
+                                  config.base_image, str(err).split(": ", 1)[-1], config.path,
+                                  engine_kind()))
         raise
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
 
 
-def owner_mismatch(image):
-    """A line built for another UID writes files the host user does not own.
-    (Docker Desktop maps ownership itself: nothing to say on macOS.)"""
+def owner_mismatch(image, engine):
+    """A line built for another UID writes files the host user does not own
+    (the agent's UID is the user's, or root where root inside is the user:
+    see Engine.agent_uid). (Docker Desktop maps ownership itself: nothing
+    to say on macOS.)"""
     built_for = image_labels(image).get(LABEL + "uid")
-    if not built_for or os.uname().sysname == "Darwin" or built_for == str(os.getuid()):
+    wanted = engine.agent_uid(os.getuid())
+    if not built_for or os.uname().sysname == "Darwin" or built_for == str(wanted):
         return None
-    return ("warning: %s was built for UID %s but you are UID %d, so files the agent writes "
-            "will not be yours; pi-rebuild-base, then pi-reset-system, fixes that (your "
-            "environment stays as a snapshot)" % (image.get("RepoTags", ["current"])[0],
-                                                 built_for, os.getuid()))
+    return ("warning: %s was built for UID %s but %s, so files the agent writes will not be "
+            "yours; pi-rebuild-base, then pi-reset-system, fixes that (your environment stays "
+            "as a snapshot)" % (image_name((image.get("RepoTags") or ["current"])[0]), built_for,
+                                "you are UID %d" % wanted if wanted else "on %s the agent must "
+                                "be root (root inside is you)" % engine.name))
 
 
 def remember_current(state, image):
@@ -4561,8 +4958,8 @@ def kept_as(line, image):
     """The snapshot that keeps this image already (from its inspect
     record's tags), or None: an image is never kept under two names."""
     prefix = line.repo + ":"
-    names = [line.snapshot_named(tag[len(prefix):]) for tag in (image or {}).get("RepoTags") or []
-             if tag.startswith(prefix)]
+    names = [line.snapshot_named(image_name(tag)[len(prefix):])
+             for tag in (image or {}).get("RepoTags") or [] if image_name(tag).startswith(prefix)]
     names = [name for name in names if name]
     return max(names) if names else None
 
@@ -4626,7 +5023,7 @@ class ImageTree:
                 for image in json.loads(docker("image", "inspect", *missing).stdout):
                     self.info[image["Id"]] = image
                     for tag in image.get("RepoTags") or []:
-                        self.info[tag] = image
+                        self.info[image_name(tag)] = image
             ids = [self.info[ref]["Id"] for ref in frontier if ref in self.info]
             seen.update(ids)
             frontier = [self.info[i].get("Parent") for i in ids if self.info[i].get("Parent")]
@@ -4644,13 +5041,15 @@ class ImageTree:
 
 def repository_tags(line):
     """Every tag of the repository (all profiles'), as REPO:TAG."""
-    return ["%s:%s" % (line.repo, tag) for tag in docker(
-        "image", "ls", line.repo, "--format", "{{.Tag}}").stdout.split() if tag != "<none>"]
+    return ["%s:%s" % (line.repo, row["tag"]) for row in repository_images(line.repo)]
 
 
 def bytes_freed(line, doomed_tags):
     """What removing these snapshots would free: the layers that no other
-    tag of the repository (another profile's included) reaches."""
+    tag of the repository (another profile's included) reaches. None where
+    the engine's image sizes do not say (Engine.sizes_are_disk)."""
+    if not line.engine.sizes_are_disk:
+        return None
     tree, doomed = ImageTree(), {line.snap(tag) for tag in doomed_tags}
     kept = [ref for ref in repository_tags(line) if ref not in doomed]
     return tree.own(tree.reach(doomed) - tree.reach(kept))
@@ -4660,7 +5059,10 @@ def disk_usage(line):
     """The line's disk, by the engine's own image sizes, each layer once:
     {base: what current shares with base, own: current's own layers,
     snapshots: what only its snapshots hold (no other tag reaches it),
-    which pruning them all would free}."""
+    which pruning them all would free}. None where the engine's image
+    sizes do not say (Engine.sizes_are_disk): never a wrong figure."""
+    if not line.engine.sizes_are_disk:
+        return None
     tree, refs = ImageTree(), repository_tags(line)
     snaps = [ref for ref in refs if line.snapshot_named(ref.split(":", 1)[1])]
     mine = snaps + [line.current, line.base]
@@ -4723,7 +5125,7 @@ def commit_args(container, image, labels, message):
     FALLBACK_CMD), its user by the image's, and every run label by its
     image value."""
     config = image.get("Config") or {}
-    args = ["commit", "-m", message]
+    args = ["commit", *image_format(), "-m", message]
     if config.get("Entrypoint"):
         args += ["--change", "ENTRYPOINT " + json.dumps(config["Entrypoint"], ensure_ascii=False)]
     if config.get("Cmd") or not config.get("Entrypoint"):
@@ -4866,10 +5268,12 @@ while [ $# -gt 0 ]; do
 done"""
 
 
-def layer_listable(image):
-    """The engine keeps `image`'s layers as directories LAYER_SCRIPT can read."""
+def layer_listable(line, image):
+    """The engine keeps `image`'s layers as directories LAYER_SCRIPT can
+    read (Engine.lists_layers: probed, never taken from an inspect alone)."""
     driver = (image or {}).get("GraphDriver") or {}
-    return driver.get("Name") == "overlay2" and bool((driver.get("Data") or {}).get("UpperDir"))
+    return line.engine.lists_layers and driver.get("Name") == "overlay2" and \
+        bool((driver.get("Data") or {}).get("UpperDir"))
 
 
 def parse_listing(out):
@@ -5009,7 +5413,7 @@ def kept_changes(changes, mounts=()):
     the engine made (nor the directories above them), nor a directory
     listed as changed only because something in it changed. (A directory
     added stays: a later run that deletes it deletes what is in it.)"""
-    points = set(mounts) | set(INIT_MOUNTS)
+    points = set(mounts) | set(INIT_MOUNTS)  # (and the engine's own, from the caller)
     above = parents_of(points) | points
     parents = parents_of(path for _kind, path in changes)
     return [(kind, path) for kind, path in changes
@@ -5276,7 +5680,8 @@ def report_changes(line, container, image_after, mount, changes, sizes, books):
     What cannot be made is a report that says why ("failed")."""
     try:
         truncated = len(changes) >= MAX_RECORDED_PATHS
-        changes = kept_changes(changes[:MAX_RECORDED_PATHS], [mount or "", RUN_DIR_INSIDE])
+        changes = kept_changes(changes[:MAX_RECORDED_PATHS], [mount or "", RUN_DIR_INSIDE,
+                                                              *line.engine.made_mounts])
         packages, owners = find_packages(changes, books)
         rows = credit(changes, sizes, packages, owners)
         report = dict(summarize(leaf_rows(rows), packages), container=container,
@@ -5299,7 +5704,8 @@ def record_changes(line, container, meta):
     by the saver once the line is free. Elsewhere a run's changes are read
     from its layer when someone asks (ensure_reports)."""
     if not line.config.record_changes or meta.get("image_after") == meta.get("image_before") \
-            or not REPORT_NAME_RE.fullmatch(container) or layer_listable(meta.get("new_image")):
+            or not REPORT_NAME_RE.fullmatch(container) \
+            or layer_listable(line, meta.get("new_image")):
         return
     try:
         changes = parse_diff(meta.pop("diff_output", None) or docker("diff", container).stdout)
@@ -5409,11 +5815,13 @@ def layer_dirs(line):
     of every image of the repository that the engine keeps as overlay2
     directories; a layer stays in the images made on top of it, whichever
     snapshots are pruned, until a flatten or a reset drops them all."""
+    if not line.engine.lists_layers:
+        return {}, {}
     ids = sorted(set(docker("image", "ls", "-q", "--no-trunc", line.repo).stdout.split()))
     by_image, by_layer = {}, {}
     for image in json.loads(docker("image", "inspect", *ids).stdout) if ids else []:
         layers = (image.get("RootFS") or {}).get("Layers") or []
-        if not layer_listable(image):
+        if not layer_listable(line, image):
             continue
         data = image["GraphDriver"]["Data"]
         dirs = [data["UpperDir"]] + [path for path in (data.get("LowerDir") or "").split(":")
@@ -5437,8 +5845,8 @@ def ensure_reports(line, records):
             and isinstance(record.get("layer"), str) and not changed_nothing(record)
             and REPORT_NAME_RE.fullmatch(str(record.get("container")))
             and read_report(line, record["container"]) is None]
-    if not todo or not line.config.record_changes:
-        return
+    if not todo or not line.config.record_changes or not line.engine.lists_layers:
+        return  # (an engine without listable layers recorded each run at its save)
     by_image, by_layer = layer_dirs(line)
     jobs = []
     for record in todo:
@@ -5669,10 +6077,12 @@ def flatten_current(line, state, current, progress=False):
     return kept
 
 
-def flatten_limit(config):
+def flatten_limit(line):
     """The layer count at which a save flattens current."""
-    # "0, never" still keeps commits possible: the engine refuses them at 125.
-    return config.flatten_threshold or MAX_LAYERS - 5
+    # "0, never" still keeps commits possible: the engine refuses them at
+    # its depth (125 on overlay2).
+    limit = line.engine.max_layers - 5
+    return min(line.config.flatten_threshold or limit, limit)
 
 
 def auto_flatten(line, state):
@@ -6066,19 +6476,22 @@ class RunPlan:
     def _run_args(self):
         args = ["run", "-i"] + (["-t"] if self.tty else []) + ["--init", "--name", self.container]
         args += label_args(self.labels)
-        args += CAP_DROP_ARGS
+        args += CAP_DROP_ARGS + self.line.engine.run_args()
         for source, destination, readonly in self.mounts:
             args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
         if self.network:
             args += ["--network", self.network]
-        return args + self.line.config.limits + script_command(self.image, self.run_dir)
+        return args + self.line.engine.limit_args(self.line.config.limits) + script_command(
+            self.image, self.run_dir)
 
     def script(self, redact=False):
         """The run script: the environment, the working directory, the
         command; it waits for sessions that joined the run to leave."""
+        # (it stays the agent's parent only where the engine's init signals
+        # the whole group: elsewhere the agent would not get a signal)
         return session_script(self.container, self.env, self.line.config, self.workdir,
                               agent_command(self.kind, self.argv, self.line.config, self.network),
-                              redact, main=True)
+                              redact, main=self.line.engine.group_signals)
 
     def save_meta(self, exit_status):
         """The save's facts, `meta`, as save_run() takes them (recovery
@@ -6088,6 +6501,8 @@ class RunPlan:
           repo profile pid host target started kind snapshot kept (the run
               labels), exit_status mount epoch command agent  w: here;
               r: commit_run (saved_labels, its message), record_session
+          written  w: save_run (save_cost: what the commit writes, or None);
+              r: commit_run (bytes_added, where image sizes are not the disk's)
           image_before image_after bytes_added layers new_image branched
               diff_output  w: commit_run; r: finish_saved (flatten),
               record_changes, record_session
@@ -6193,7 +6608,8 @@ def make_home_parents(line, plan):
     try:
         # --init as in a run, so that its mount point is made here too.
         docker("run", "--init", "--name", name, "--network", "none", "-u", "0",
-               *CAP_DROP_ARGS, *line.config.limits, *label_args(labels),
+               *CAP_DROP_ARGS, *line.engine.run_args(),
+               *line.engine.limit_args(line.config.limits), *label_args(labels),
                *script_command(image, run_dir))
         labels = saved_labels(line, name, image, {"kind": "prepare", "target": plan.target,
                                                   "exit_status": 0, "mount": plan.mount_point})
@@ -6221,7 +6637,7 @@ def print_plan(line, kind, argv, project, tty, offline):
                  % (line.base, line.config.dockerfile, base_image,
                     "here already" if inspect_image(base_image) else
                     "not here: the build would pull it; PI_AGENT_BASE_IMAGE picks another"))
-        show(shlex.join(["docker", "tag", line.base, line.current]))
+        show(shlex.join([engine_kind(), "tag", line.base, line.current]))
         current = inspect_image(line.base) or {"Id": line.base, "Config": {}}
     now = time.time()
     kept = kept_as(line, current)
@@ -6238,17 +6654,17 @@ def print_plan(line, kind, argv, project, tty, offline):
     if plan.kept:
         show("# current is kept already, as %s: no new snapshot" % plan.snapshot)
     else:
-        show(shlex.join(["docker", "tag", current["Id"], line.snap(plan.snapshot)]))
+        show(shlex.join([engine_kind(), "tag", current["Id"], line.snap(plan.snapshot)]))
     show("# %s, mounted read-only at %s:" % (os.path.join(plan.run_dir, RUN_SCRIPT),
                                              RUN_DIR_INSIDE))
     for text in plan.script(redact=True).splitlines():
         show("#   " + text)
-    show(shlex.join(["docker", *plan.run_args]))
+    show(shlex.join([engine_kind(), *plan.run_args]))
     labels = {key: "..." for key in plan.labels}
-    show(shlex.join(["docker", *commit_args(plan.container, current, labels, "..."),
+    show(shlex.join([engine_kind(), *commit_args(plan.container, current, labels, "..."),
                      line.current]))
     show("# if that added no layer, the run changed nothing: current and the snapshot go back")
-    show(shlex.join(["docker", "rm", "-f", "-v", plan.container]))
+    show(shlex.join([engine_kind(), "rm", "-f", "-v", plan.container]))
     return 0
 
 
@@ -6361,12 +6777,12 @@ def join_run(line, found, kind, args):
 
 # --- the save: commit, or put back; whoever saves
 
-def only_mountpoint_changes(changes, mount):
+def only_mountpoint_changes(changes, mount, made=INIT_MOUNTS):
     """A run's changes ([(A|C|D, path)]) hold the mount points the engine
-    created (and their parents' mtimes): that alone is not a change the
-    run made."""
+    created (the project's `mount`, those it `made`: Engine.made_mounts),
+    and their parents' mtimes: that alone is not a change the run made."""
     return all(kind in ("A", "C") and any(is_within(point, path)
-                                          for point in (mount,) + INIT_MOUNTS)
+                                          for point in (mount,) + tuple(made))
                for kind, path in changes)
 
 
@@ -6391,14 +6807,14 @@ class SaveWaits(Refused):
     the container waits for the user's decision (see wait_for_decision)."""
 
 
-def engine_free_space():
+def engine_free_space(line):
     """Bytes free where a local engine keeps its layers, or None: an engine
-    elsewhere (a context, ssh, tcp, Docker Desktop's VM) is not looked at."""
-    if not docker_endpoint()[0].startswith("unix://"):
-        return None
-    root = docker("info", "--format", "{{.DockerRootDir}}", check=False).stdout.strip()
+    elsewhere (a context, ssh, tcp, Docker Desktop's VM), or one whose
+    layers are not where it says (the containerd store), is not looked at
+    (Engine.free_space_dir)."""
+    root = line.engine.free_space_dir
     try:
-        found = os.statvfs(root) if root.startswith("/") else None
+        found = os.statvfs(root) if root else None
     except OSError:
         return None
     return found and found.f_bavail * found.f_frsize
@@ -6417,10 +6833,16 @@ def sized(call):
     there is none)."""
     result = call.finish(check=False)
     size = image = None
-    for row in result.stdout.splitlines():
+    try:  # (Podman prints the objects as one list, whatever the template)
+        rows = json.loads(result.stdout) if result.stdout.lstrip().startswith("[") else None
+    except ValueError:
+        rows = None
+    for row in rows if isinstance(rows, list) else result.stdout.splitlines():
         try:
-            found = json.loads(row)
+            found = row if isinstance(row, dict) else json.loads(row)
         except ValueError:
+            continue
+        if not isinstance(found, dict):
             continue
         if "SizeRw" in found:
             size = found["SizeRw"] if isinstance(found["SizeRw"], int) else -1
@@ -6443,7 +6865,7 @@ def save_cost(line, size):
         raise SaveWaits("the engine cannot say what it would write (a path too deep to "
                         "measure?), and a save of unknown size could fill its disk")
     limit = line.config.save_limit
-    free = engine_free_space() if size > SAVE_ASK_FREE else None
+    free = engine_free_space(line) if size > SAVE_ASK_FREE else None
     if limit is None:
         limit = free // 2 if free is not None else SAVE_FALLBACK_LIMIT
     if free is not None and size > free - SAVE_MARGIN:
@@ -6479,7 +6901,7 @@ def wait_for_decision(line, state, container, what, why, size):
     files; the next command says so once, and no recovery retries it."""
     docker("stop", "--time", "0", container, check=False)  # (a wrapper that died left it?)
     largest, sizes, info = None, None, inspect("container", container)
-    if layer_listable(info):
+    if layer_listable(line, info):
         try:
             sizes = list_layer(line, info, names_only=True)[1]
         except PiError as err:
@@ -6555,7 +6977,7 @@ def teardown(line, names, state=None, removal=None, check=False, summaries=None)
 
 def flatten_if_due(line, state, layers):
     """After a save that took current to `layers` (see auto_flatten)."""
-    if layers >= flatten_limit(line.config):
+    if layers >= flatten_limit(line):
         if state.get("holder"):
             state["holder"]["phase"] = "flattening"
         line.write_state(state)
@@ -6575,34 +6997,41 @@ def commit_run(line, state, container, image, meta, snapshot, current_id, taggin
     args = commit_args(container, image, labels, message)
     new_id = docker(*args, *([] if branched else [line.current])).stdout.strip()
     new = meta["new_image"] = inspect_image(new_id)
+    # Whether the run changed anything but the mount points the engine made
+    # is asked below (of its layer, or the engine's diff) for a new mount
+    # point, and on an engine whose commit always adds a layer.
+    asks = bool(mount) and mount not in known_mounts(image) or line.engine.empty_commits
     removal = None
-    if not (mount and mount not in known_mounts(image)):
+    if not asks:
         # Saved: from here the container is only to be removed (and read
         # by record_changes, where the layer cannot be). Recorded first, so
         # that whoever finds it later (this remover dead) just removes it.
         state.setdefault("removing", {})[container] = os.getpid()
         line.write_state(state)
-        if layer_listable(new) or not line.config.record_changes:
+        if layer_listable(line, new) or not line.config.record_changes:
             removal = DockerCall(("rm", "-f", "-v", container))
     if tagging is not None and tagging.finish(check=False).returncode != 0:
         keep_snapshot(line, state, image["Id"], snapshot).finish()
     meta["layers"] = image_layers(new)
     changed = image_layers(new) != image_layers(image)
     before = image.get("Size")
-    if before is None:  # (a state file of an earlier version remembers no size)
+    if before is None and line.engine.sizes_are_disk:  # (a state file of an earlier version)
         before = (inspect_image(image["Id"]) or {}).get("Size") or 0
-    meta.update(image_before=image["Id"], image_after=new["Id"],
-                bytes_added=(new.get("Size") or 0) - before)
-    if changed and mount and mount not in known_mounts(image):
-        if layer_listable(new):
+    # (where image sizes are not the disk's, what the layer holds, as measured before the commit)
+    meta.update(image_before=image["Id"], image_after=new["Id"], bytes_added=(
+        (new.get("Size") or 0) - before if line.engine.sizes_are_disk else meta.get("written")))
+    if changed and asks:
+        if layer_listable(line, new):
             try:  # (under the lock: the names alone, which are quick)
-                changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount)
+                changed = not only_mountpoint_changes(list_layer(line, new, True)[0], mount,
+                                                      line.engine.made_mounts)
             except PiError as err:  # (in doubt, the layer stays: it costs nothing more)
                 line.log("could not list the layer of %s: %s" % (container, err))
         else:
             meta["diff_output"] = docker("diff", container).stdout
             try:
-                changed = not only_mountpoint_changes(parse_diff(meta["diff_output"]), mount)
+                changed = not only_mountpoint_changes(parse_diff(meta["diff_output"]), mount,
+                                                      line.engine.made_mounts)
             except PiError:
                 pass
     snap = snapshot
@@ -6664,7 +7093,7 @@ def save_run(line, state, container, image, meta, snapshot, current_id, tagging=
     if snapshot is not None and tagging is None:
         tagging = keep_snapshot(line, state, image["Id"], snapshot)
     try:
-        save_cost(line, size)
+        meta["written"] = save_cost(line, size)
         snap, removal = commit_run(line, state, container, image, meta, snapshot, current_id,
                                    tagging)
     except PiError as err:
@@ -6737,7 +7166,7 @@ def finish_saved(line, state, container, meta, ended, ended_by, removal=None,
 def start_listing_runs(line, sizes=False):
     fields = ["ID", "Names", "State", "CreatedAt", "RunningFor"] + (["Size"] if sizes else [])
     parts = ['"%s":{{json .%s}}' % (field.lower(), field) for field in fields]
-    parts += ['"%s":{{json (.Label "%s%s")}}' % (key, LABEL, key) for key in RUN_LABELS]
+    parts += ['"%s":{{json %s}}' % (key, label_field(LABEL + key)) for key in RUN_LABELS]
     return DockerCall(("ps", "-a", *(["--size"] if sizes else []),
                        "--filter", "label=%srepo=%s" % (LABEL, line.repo),
                        "--format", "{" + ",".join(parts) + "}"))
@@ -6935,7 +7364,7 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
         if recover_leftovers(line, state, listing):
             current = None
     image, built = ensure_current(line, current, made=bool(found.get("made")))
-    for warning in misspelled_settings(os.environ) + [owner_mismatch(image)]:
+    for warning in misspelled_settings(os.environ) + [owner_mismatch(image, line.engine)]:
         if warning:
             say(warning, "warning")
     now = time.time()
@@ -7416,7 +7845,8 @@ def installed_agents(line, image):
     commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
     name = "pi-agent-status-%d" % os.getpid()
     call = DockerCall(("run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh",
-                       *CAP_DROP_ARGS, *line.config.limits, image["Id"], "-c", script, "sh",
+                       *CAP_DROP_ARGS, *line.engine.run_args(),
+                       *line.engine.limit_args(line.config.limits), image["Id"], "-c", script, "sh",
                        *commands), capture=False, stdin=subprocess.DEVNULL,
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     import select
@@ -7451,13 +7881,21 @@ def installed_agents(line, image):
 
 def status_facts(config, line):
     """What pi-status shows, as data (pi-status --json: its shape in docs/commands.md)."""
+    engine = line.engine = probe_engine(config.state_dir, fresh=True)
+    if not config.raw["PI_AGENT_ENGINE"]:
+        config.raw["PI_AGENT_ENGINE"] = engine.kind  # (shown: the one chosen)
     facts = {"version": __version__, "config_file": config.path,
              "config_file_exists": os.path.exists(config.path),
              "settings": {name: {"value": config.raw[name], "source": config.sources[name]}
                           for name, _d, _m in SETTINGS},
              "problems": list(config.problems), "warnings": misspelled_settings(os.environ),
-             "python": sys.executable, "engine": describe_engine(), "profile": line.profile,
-             "images": {}, "drift": [], "disk": None, "agents": None}
+             "python": sys.executable, "engine": engine.describe(),
+             "engine_facts": dict(
+                 {key: engine.facts.get(key) for key in ("kind", "version", "rootless", "remap",
+                                                         "store", "os", "local", "limits")},
+                 root_inside=engine.root_inside(), lists_layers=engine.lists_layers,
+                 sizes_are_disk=engine.sizes_are_disk, max_layers=engine.max_layers),
+             "profile": line.profile, "images": {}, "drift": [], "disk": None, "agents": None}
     found = {}
     for role, ref in (("base", line.base), ("current", line.current)):
         image = found[role] = inspect_image(ref)
@@ -7467,7 +7905,7 @@ def status_facts(config, line):
             "made_by": made_by(image) if role == "current" else None,
             "origin": describe_origin(image) if role == "current" else None}
     if found["base"] is not None:
-        facts["drift"] = base_drift(config, found["base"])
+        facts["drift"] = base_drift(config, found["base"], line.engine)
     snaps = list_snapshots(line)
     facts["snapshots"] = {"count": len(snaps), "newest": snaps[0]["tag"] if snaps else None}
     state = line.read_state()
@@ -7532,6 +7970,10 @@ def print_status(config, line, facts):
               "snapshots hold (pi-prune 0 would free it)" % (
                   human_size(disk["own"]), human_size(disk["base"]),
                   human_size(disk["snapshots"])))
+    elif facts["images"]["current"] is not None:
+        print("disk: not known on this image store (%s: the engine's image sizes are not what "
+              "each layer holds on disk); %s system df shows the engine's own figures"
+              % (facts["engine_facts"]["store"], facts["engine_facts"]["kind"]))
     if not facts["profile_exists"]:
         print("there is no profile %s: pi-branch %s makes it (pi-branch lists those there are)"
               % (facts["profile"], facts["profile"]))
@@ -7749,7 +8191,9 @@ def cmd_prune(args):
     say("%s %s%s, keeping the %d newest%s" % (
         "would remove" if args.dry_run else "removed", plural(len(doomed), "snapshot"),
         (" (" + " ".join(s["tag"] for s in doomed) + ")") if doomed else "", keep,
-        "; that would free about %s" % human_size(freed) if args.dry_run else ""))
+        ("; that would free about %s" % human_size(freed) if freed is not None else
+         "; what that would free is not known on %s's image store" % line.engine.name)
+        if args.dry_run else ""))
     return 0
 
 
@@ -7834,7 +8278,7 @@ def drop_paths(line, state, only, paths):
     name = (waiting or rows)[0]["names"]
     docker("stop", "--time", "0", name, check=False)  # (its agent may be at work still)
     info = inspect("container", name)
-    if not layer_listable(info):
+    if not layer_listable(line, info):
         raise Refused("the layer of %s is out of reach here (the engine's storage is not "
                       "overlay2 on this host), so pi-agent cannot drop paths from it: "
                       "pi-recover %s saves it whole, pi-clean-orphans discards it" % (name, name))

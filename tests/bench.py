@@ -3,7 +3,10 @@ engine. Prints a table: measure, ours, reference, ratio, goal, pass/fail.
 
 The floor is the least any snapshot-and-commit wrapper must do per run:
 `docker tag` + `docker run` + `docker commit` + `docker rm`, same image, same
-change. Every figure is a median over alternating runs.
+change, with the engine's own command (PI_AGENT_TEST_ENGINE picks another
+engine than the host's Docker, see images.py: make bench-engines measures
+the prompt on each; a rootless engine's bench runs as its user). Every
+figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
 
@@ -30,8 +33,13 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import images  # noqa: E402
 
+ENGINE = images.ENGINE
+
 
 def sh(*argv, **kwargs):
+    """`argv`; "docker" as its first word is the engine under test's command."""
+    if argv[0] == "docker":
+        return ENGINE.run(*argv[1:], **kwargs)
     return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, **kwargs)
 
@@ -53,6 +61,7 @@ class Line:
         self.env = {"HOME": self.home, "PATH": os.environ["PATH"], "LANG": "C.UTF-8",
                     "PI_AGENT_IMAGE_REPO": self.repo, "PI_AGENT_STATE_DIR": self.state,
                     "PI_AGENT_PYTHON": python}
+        self.env.update(ENGINE.env)
         if "PI_AGENT_RECORD_CHANGES" in os.environ:  # (to measure a lifecycle without it)
             self.env["PI_AGENT_RECORD_CHANGES"] = os.environ["PI_AGENT_RECORD_CHANGES"]
         self.source = ". %s/shell/pi.sh\n" % ROOT
@@ -128,11 +137,12 @@ class Line:
         self.wait_saved()
         ids = sh("docker", "ps", "-aq", "--filter", "label=pi-agent.repo=" + self.repo).stdout.split()
         if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
-        refs = ["%s:%s" % (self.repo, tag) for tag in
-                sh("docker", "image", "ls", self.repo, "--format", "{{.Tag}}").stdout.split()]
+            ENGINE.run("rm", "-f", *ids, check=False)
+        refs = ["%s:%s" % (self.repo, row.split()[1]) for row in sh(
+            "docker", "image", "ls", self.repo, "--format", "{{.Repository}} {{.Tag}}"
+        ).stdout.splitlines() if row.split()[0].split("localhost/")[-1] == self.repo]
         if refs:
-            subprocess.run(["docker", "rmi", "-f", *refs], capture_output=True)
+            ENGINE.run("rmi", "-f", *refs, check=False)
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -567,7 +577,9 @@ def line_figures(line):
     """(disk the environment holds beyond REPO:base, live size of current,
     bytes only the snapshots hold), all from the engine's image sizes."""
     info = {}
-    tags = sh("docker", "image", "ls", line.repo, "--format", "{{.Tag}}").stdout.split()
+    tags = sh("docker", "image", "ls", line.repo, "--format", "{{.Repository}} {{.Tag}}").stdout
+    tags = [tag for name, tag in (row.split() for row in tags.splitlines())
+            if name.split("localhost/")[-1] == line.repo]
     refs = ["%s:%s" % (line.repo, tag) for tag in tags]
     snaps = [ref for ref in refs if ref.split(":")[1].startswith("snap-")]
     base = reach([line.repo + ":base"], info)
@@ -620,6 +632,14 @@ def bench_soak(line, runs):
 
 
 def main():
+    if ENGINE.owner and os.getuid() == 0:  # (a rootless engine's bench is its user's)
+        import pwd
+        entry = pwd.getpwnam(ENGINE.owner)
+        os.execvp("runuser", ["runuser", "-u", ENGINE.owner, "--", "env", "HOME=" + entry.pw_dir,
+                              "PATH=" + os.environ["PATH"], "PI_AGENT_TEST_ENGINE=" + ENGINE.name,
+                              "PI_AGENT_TEST_SLOT=" + os.environ.get("PI_AGENT_TEST_SLOT", ""),
+                              "/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                              else sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", default="", help="comma-separated names (see above)")
@@ -662,10 +682,11 @@ def main():
                 line.close()
                 os.sync()  # what a section wrote (100,000 files, 1 GB) must not slow the next
                 time.sleep(2)
-    server = sh("docker", "version", "--format", "{{.Server.Version}}").stdout.strip()
-    print("machine: %s, %d cores, Linux %s, Docker %s, Python %s" % (
-        platform.machine(), os.cpu_count(), platform.release(), server,
-        platform.python_version()))
+    server = sh("docker", "version", "--format", "{{.Version}}" if ENGINE.command == "podman"
+                else "{{.Server.Version}}").stdout.strip()
+    print("machine: %s, %d cores, Linux %s, %s %s (%s), Python %s" % (
+        platform.machine(), os.cpu_count(), platform.release(), ENGINE.command.capitalize(),
+        server, ENGINE.name, platform.python_version()))
     header = ("measure", "ours", "reference", "ratio", "goal", "result")
     widths = [max(len(str(r[i])) for r in ROWS + [header]) for i in range(6)]
     for r in [header] + ROWS:

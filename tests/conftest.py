@@ -1,6 +1,8 @@
-"""Fixtures: a real Docker engine, a prebuilt base image, and a sandbox per
-test (its own image line, state dir, home and project) driven through the
-shell functions exactly as a user would, as root and as an ordinary user."""
+"""Fixtures: a real engine (Docker's, or another: PI_AGENT_TEST_ENGINE, see
+images.py), a prebuilt base image, and a sandbox per test (its own image
+line, state dir, home and project) driven through the shell functions
+exactly as a user would, as root and as an ordinary user (on a rootless
+engine, as its user alone)."""
 
 import contextlib
 import json
@@ -24,6 +26,7 @@ import pi_agent  # noqa: E402 (from ROOT)
 
 BASE_IMAGE = images.BASE_IMAGE
 TEST_USER = images.TEST_USER
+ENGINE = images.ENGINE
 STRICT = os.environ.get("PI_AGENT_TEST_STRICT") == "1"
 SHELLS = ("bash", "zsh")
 
@@ -59,8 +62,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def docker(*args, check=True):
-    return subprocess.run(["docker", *args], check=check, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """The engine's command (docker, or podman: see images.Engine)."""
+    return ENGINE.run(*args, check=check)
 
 
 def git(repo, *args, env=None, check=True):
@@ -71,15 +74,17 @@ def git(repo, *args, env=None, check=True):
 
 @pytest.fixture(scope="session")
 def engine():
-    if shutil.which("docker") is None:
-        pytest.skip("no docker command: integration tests need a Docker engine")
-    result = docker("info", "--format", "{{.ServerVersion}}", check=False)
+    if shutil.which(ENGINE.command) is None:
+        pytest.skip("no %s command: integration tests need an engine" % ENGINE.command)
+    result = docker("version", check=False)
     if result.returncode != 0:
-        pytest.skip("Docker engine unreachable: %s" % result.stderr.strip().splitlines()[-1:])
+        pytest.skip("the %s engine is unreachable (%s): %s" % (
+            ENGINE.name, "tests/engines/run brings it up" if ENGINE.name != "docker" else
+            "sudo make setup", result.stderr.strip().splitlines()[-1:]))
     if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
         pytest.skip("no %s image; build it with tests/setup-engine.sh (sudo make setup) "
                     "or set PI_AGENT_TEST_BASE_IMAGE" % BASE_IMAGE)
-    return result.stdout.strip()
+    return ENGINE.name
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +171,7 @@ class Sandbox:
                    os.path.join(self.install_dir, "tests", "fixtures")),
                "PI_AGENT_PYTHON": sys.executable
                if not self.user.via_runuser else "/usr/bin/python3"}
+        env.update(ENGINE.env)
         env.update(self.extra_env)
         env.update(extra)
         return env
@@ -277,8 +283,7 @@ class Sandbox:
 
     def images(self):
         self.wait_saved()
-        out = docker("image", "ls", self.repo, "--format", "{{.Tag}} {{.ID}}").stdout
-        return dict(line.split() for line in out.splitlines())
+        return repository_images(self.repo)
 
     def snapshots(self):
         return sorted(tag for tag in self.images() if tag.startswith("snap-"))
@@ -304,10 +309,19 @@ class Sandbox:
         if ids:
             docker("rm", "-f", "-v", *ids, check=False)
         self.wait_saved()
-        refs = ["%s:%s" % (self.repo, tag) for tag in
-                docker("image", "ls", self.repo, "--format", "{{.Tag}}").stdout.split()]
+        refs = ["%s:%s" % (self.repo, tag) for tag in repository_images(self.repo)]
         if refs:
             docker("rmi", "-f", *refs, check=False)
+
+
+def repository_images(repo):
+    """{tag: image ID} of the images tagged in `repo` (Podman's `image ls
+    REPO` lists their other names too, and names the repository
+    localhost/REPO)."""
+    out = docker("image", "ls", repo, "--format", "{{.Repository}} {{.Tag}} {{.ID}}").stdout
+    rows = [line.split() for line in out.splitlines()]
+    return {tag: image_id for name, tag, image_id in rows
+            if pi_agent.image_name(name) == repo and tag != "<none>"}
 
 
 def make_sandbox(request, install_dir, user_kind, shell):
@@ -331,11 +345,13 @@ def box(request, engine, install_dir):
     return make_sandbox(request, install_dir, "user", "bash")
 
 
-@pytest.fixture(params=[("user", "bash"), ("root", "zsh")], ids=lambda p: "%s-%s" % p)
+@pytest.fixture(params=[("user", "bash"), ("user" if ENGINE.owner else "root", "zsh")],
+                ids=lambda p: "%s-%s" % p)
 def any_box(request, engine, install_dir):
     """A sandbox for each host user kind (root, ordinary) and each shell:
     two, as each pairing of them adds nothing the others do not cover
-    (shell_box runs the shell-specific tests in both)."""
+    (shell_box runs the shell-specific tests in both). A rootless engine is
+    its user's alone: that user in both shells."""
     user_kind, shell = request.param
     return make_sandbox(request, install_dir, user_kind, shell)
 

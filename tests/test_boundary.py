@@ -168,7 +168,7 @@ def test_what_a_save_may_cost():
     class Line:
         config = pi_agent.Config({"HOME": "/home/alice"})
 
-    free, pi_agent.engine_free_space = pi_agent.engine_free_space, lambda: 10 << 30
+    free, pi_agent.engine_free_space = pi_agent.engine_free_space, lambda line: 10 << 30
     try:
         assert pi_agent.save_cost(Line, 4 << 30) == 4 << 30
         for size in (6 << 30, 30 << 30):  # half the free space; the free space less a margin
@@ -177,7 +177,7 @@ def test_what_a_save_may_cost():
                 raise AssertionError("saved %d" % size)
             except pi_agent.SaveWaits as err:
                 assert "free" in str(err)
-        pi_agent.engine_free_space = lambda: None
+        pi_agent.engine_free_space = lambda line: None
         assert pi_agent.save_cost(Line, 19 << 30) == 19 << 30
         Line.config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_SAVE_LIMIT": "none"})
         assert pi_agent.save_cost(Line, 100 << 30) == 100 << 30

@@ -317,12 +317,26 @@ def test_snapshot_names_sort_and_stay_unique_within_a_second():
 
 # --- argument building ------------------------------------------------------
 
+# What ask_engine makes of Debian's Docker 20.10 here (rootful, overlay2).
+ROOTFUL_DOCKER = {"kind": "docker", "version": "20.10.24+dfsg1", "rootless": False, "remap": False,
+                  "store": "overlay2", "os": "Debian GNU/Linux 12 (bookworm)", "local": True,
+                  "root_dir": "/var/lib/docker",
+                  "limits": ["--memory", "--pids-limit", "--cpus"]}
+
+
+def stub_line(config, facts=ROOTFUL_DOCKER):
+    """A line whose engine is `facts` (nothing asks a real engine)."""
+    line = pi_agent.Line(config)
+    line.engine = pi_agent.Engine(facts)
+    return line
+
+
 def make_plan(kind="exec", argv=("make", "test"), image=None, tty=False, environ=None,
               target="/home/alice/a,b", subdir="sub"):
     config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_PASS_ENV": "API_KEY"})
     image = image or {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Entrypoint": None,
                                                      "Env": ["HOME=/home/agent"]}}
-    return pi_agent.RunPlan(pi_agent.Line(config), kind, list(argv), image,
+    return pi_agent.RunPlan(stub_line(config), kind, list(argv), image,
                             pi_agent.Project(target, subdir), environ or {"API_KEY": "k"},
                             1795000000.0, 4242, tty, "snap-x")
 
@@ -415,7 +429,7 @@ def test_near_misses_of_setting_names_are_named():
 def test_an_offline_run_does_not_try_to_install():
     config = pi_agent.Config({"HOME": "/home/alice"})
     image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
-    plan = pi_agent.RunPlan(pi_agent.Line(config), "run", [], image, pi_agent.Project("/tmp/p"),
+    plan = pi_agent.RunPlan(stub_line(config), "run", [], image, pi_agent.Project("/tmp/p"),
                             {}, 1.0, 1, False, "snap-x", offline=True)
     assert "PI_AGENT_INSTALL_CMD\" >&2" not in plan.script() and "offline" in plan.script()
 
@@ -547,7 +561,7 @@ def test_the_agents_keys_go_to_the_agent_and_a_list_you_set_to_every_run():
     for settings, kind, passed in (({}, "run", "k"), ({}, "exec", None), ({}, "shell", None),
                                    ({"PI_AGENT_PASS_ENV": "MINE"}, "exec", "m")):
         config = pi_agent.Config(dict(settings, HOME="/home/alice"))
-        plan = pi_agent.RunPlan(pi_agent.Line(config), kind, ["x"], image,
+        plan = pi_agent.RunPlan(stub_line(config), kind, ["x"], image,
                                 pi_agent.Project("/tmp/p"), environ, 1.0, 1, False, "snap-x")
         values = dict(plan.env)
         assert values.get("ANTHROPIC_API_KEY", values.get("MINE")) == passed, (settings, kind)
@@ -726,7 +740,7 @@ def test_a_flag_beats_every_setting(tmp_path):
     config = pi_agent.Config(environ)
     assert config.network == "bridge"
     image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
-    plan = pi_agent.RunPlan(pi_agent.Line(config), "exec", ["true"], image,
+    plan = pi_agent.RunPlan(stub_line(config), "exec", ["true"], image,
                             pi_agent.Project("/tmp/p"), {}, 1.0, 1, False, "snap-x", offline=True)
     assert plan.run_args[plan.run_args.index("--network") + 1] == "none"
 
@@ -835,9 +849,10 @@ def test_status_with_a_bad_setting_shows_everything_else_and_the_bad_lines(tmp_p
 
 def test_answering_no_changes_nothing_and_is_a_refusal(tmp_path):
     import pty
-    snap = '{"tag":"snap-20260101-000000.000","id":"abc","created":"x","size":"1 MB"}\n'
+    snap = ('{"repo":"pi-agent","tag":"snap-20260101-000000.000","id":"abc","created":"x",'
+            '"size":"1 MB"}\n')
     environ = dict(os.environ, PATH=fake_docker(tmp_path, snap), HOME=str(tmp_path),
-                   PI_AGENT_STATE_DIR=str(tmp_path / "state"))
+                   PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker")
     for command in ("reset-all", "clean-orphans"):
         if command == "clean-orphans":
             (tmp_path / "bin" / "docker").write_text((tmp_path / "bin" / "docker").read_text(
@@ -887,6 +902,7 @@ def test_the_trace_setting_works_from_the_config_file(tmp_path):
     trace = tmp_path / "trace"
     environ = dict(os.environ, **write_config(tmp_path, "PI_AGENT_TRACE=%s\n" % trace))
     environ.pop("PI_AGENT_TRACE", None)
+    environ["PI_AGENT_ENGINE"] = "docker"  # (the stub's: not a Podman found on PATH)
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "docker").write_text("#!/bin/sh\nexit 0\n")
@@ -911,3 +927,204 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path):
         assert proc.returncode == 9 and ("\033[" in output) == coloured, output
     piped = run_tool("status", env=dict(os.environ, PI_AGENT_SNAPSHOT_KEEP="x"))
     assert "\033[" not in piped.stderr
+
+
+# --- the engine: one probe, and what each engine gets ----------------------
+
+ENGINE_FIXTURES = os.path.join(ROOT, "tests", "fixtures", "engines")
+# What `docker info` / `podman info` said on each engine CI runs (verbatim).
+ENGINE_CASES = {
+    "docker-20.10-rootful": ("docker", dict(
+        version="20.10.24+dfsg1", rootless=False, store="overlay2", lists_layers=True,
+        sizes_are_disk=True, run_args=[], agent_uid=1000, inside=(1000, 1000),
+        limits=["--memory", "--pids-limit", "--cpus"], max_layers=125, group_signals=True)),
+    "docker-20.10-rootless": ("docker", dict(
+        version="20.10.24+dfsg1", rootless=True, store="overlay2", lists_layers=True,
+        sizes_are_disk=True, run_args=[], agent_uid=0, inside=(0, 0), limits=[],
+        max_layers=125, group_signals=True)),
+    "docker-26-containerd": ("docker", dict(
+        version="26.1.5+dfsg1", rootless=False, store="containerd", lists_layers=False,
+        sizes_are_disk=False, run_args=[], agent_uid=1000, inside=(1000, 1000),
+        limits=["--memory", "--pids-limit", "--cpus"], max_layers=250, group_signals=True,
+        free_space_dir=None)),
+    "podman-4.3-rootless": ("podman", dict(
+        version="4.3.1", rootless=True, store="overlay", lists_layers=False,
+        sizes_are_disk=False, run_args=["--http-proxy=false", "--unsetenv", "container",
+                                         "--unsetenv", "TERM"], agent_uid=0, inside=(0, 0),
+        limits=[], max_layers=129, group_signals=False, empty_commits=True)),
+}
+
+
+@pytest.fixture
+def engine_env(monkeypatch, tmp_path):
+    """Fake engine commands on PATH (answering `info` with a fixture, and
+    `image ls` with tmp_path/images), each call logged to tmp_path/calls;
+    the engine choice forgotten, and no endpoint set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+
+    def install(kind, fixture=None, images=""):
+        (tmp_path / "images").write_text(images)
+        info = os.path.join(ENGINE_FIXTURES, fixture + ".json") if fixture else "/dev/null"
+        (bin_dir / kind).write_text(
+            '#!/bin/sh\necho "$*" >> "%s/calls"\ncase $1 in\n  info) /bin/cat "%s" ;;\n'
+            '  image) /bin/cat "%s/images" ;;\nesac\n' % (tmp_path, info, tmp_path))
+        (bin_dir / kind).chmod(0o755)
+        return kind
+
+    monkeypatch.setenv("PATH", str(bin_dir))  # (no real engine's command)
+    for name in ("DOCKER_HOST", "DOCKER_CONTEXT", "CONTAINER_HOST", "PI_AGENT_ENGINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    monkeypatch.setattr(pi_agent, "_client_config", None)
+    monkeypatch.setattr(pi_agent, "_engine_setting", "")
+    monkeypatch.setattr(pi_agent, "_engine_chosen", None)
+    monkeypatch.setattr(pi_agent, "_probed", {})
+    install.calls = lambda: (tmp_path / "calls").read_text().splitlines() \
+        if (tmp_path / "calls").exists() else []
+    return install
+
+
+def listening_socket(path):
+    import socket
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    return server
+
+
+@pytest.mark.parametrize("case", sorted(ENGINE_CASES))
+def test_the_probe_reads_what_each_engine_says(engine_env, monkeypatch, tmp_path, case):
+    kind, expected = ENGINE_CASES[case]
+    monkeypatch.setattr(pi_agent, "_engine_setting", engine_env(kind, case))
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    monkeypatch.setattr(os, "getgid", lambda: 1000)
+    engine = pi_agent.probe_engine(str(tmp_path / "state"))
+    assert engine.kind == kind
+    for name, value in expected.items():
+        found = {"version": engine.facts.get("version"), "run_args": engine.run_args(),
+                 "agent_uid": engine.agent_uid(1000), "inside": engine.inside(1000, 1000),
+                 "limits": engine.limits}.get(name, getattr(engine, name, None))
+        assert found == value, name
+    # The resource options it does not apply are left out of a run.
+    assert engine.limit_args(["--memory", "3g", "--pids-limit", "4096"]) == [
+        part for option, value in (("--memory", "3g"), ("--pids-limit", "4096"))
+        if option in expected["limits"] for part in (option, value)]
+    assert engine.describe().startswith(engine.name)
+    assert ("root on the host" in engine.root_inside()) != expected["rootless"]
+
+
+def test_the_probe_is_asked_once_per_engine_and_again_when_it_restarts(engine_env, monkeypatch,
+                                                                        tmp_path):
+    engine_env("docker", "docker-20.10-rootful")
+    sock = tmp_path / "docker.sock"
+    server = listening_socket(sock)
+    monkeypatch.setenv("DOCKER_HOST", "unix://%s" % sock)
+    state = str(tmp_path / "state")
+    assert pi_agent.probe_engine(state).store == "overlay2"
+    assert not os.path.exists(state), "kept only where pi-agent keeps its state already"
+    monkeypatch.setattr(pi_agent, "_probed", {})
+    os.mkdir(state)
+    assert pi_agent.probe_engine(state).store == "overlay2"
+    monkeypatch.setattr(pi_agent, "_probed", {})  # (a later process: it reads the state)
+    assert pi_agent.probe_engine(state).store == "overlay2"
+    assert engine_env.calls() == ["info --format {{json .}}"] * 2, "asked once, once kept"
+    os.chmod(os.path.join(state, pi_agent.ENGINES_FILE), 0o600)
+    server.close()
+    os.remove(sock)
+    server = listening_socket(sock)  # the engine restarted (an upgrade, say): asked again
+    engine_env("docker", "docker-26-containerd")
+    assert pi_agent.probe_engine(state).store == "containerd"
+    assert pi_agent.probe_engine(state, fresh=True).store == "containerd"
+    assert len(engine_env.calls()) == 4
+    server.close()
+
+
+def test_an_answer_that_cannot_be_read_is_not_kept(engine_env, tmp_path):
+    engine_env("docker")  # (says nothing)
+    os.mkdir(tmp_path / "state")
+    engine = pi_agent.probe_engine(str(tmp_path / "state"))
+    assert engine.facts == {"kind": "docker"} and "did not say" in engine.describe()
+    assert not os.path.exists(tmp_path / "state" / pi_agent.ENGINES_FILE)
+
+
+def test_docker_when_it_reaches_an_engine_else_podman(engine_env, monkeypatch, tmp_path):
+    engine_env("podman")
+    assert pi_agent.engine_kind() == "podman", "no docker command"
+    engine_env("docker")
+    monkeypatch.setattr(pi_agent, "_engine_chosen", None)
+    monkeypatch.setenv("DOCKER_HOST", "unix://%s" % (tmp_path / "nothing.sock"))
+    assert pi_agent.engine_kind() == "docker", "DOCKER_HOST chose docker, reached or not"
+    monkeypatch.delenv("DOCKER_HOST")
+    monkeypatch.setattr(pi_agent, "_engine_chosen", None)
+    real = pi_agent.engine_endpoint
+    monkeypatch.setattr(pi_agent, "engine_endpoint", lambda kind: (  # (as if the default socket)
+        "unix://%s" % (tmp_path / "nothing.sock"), None))
+    assert pi_agent.engine_kind() == "podman", "a docker command that reaches no engine"
+    server = listening_socket(tmp_path / "nothing.sock")
+    monkeypatch.setattr(pi_agent, "_engine_chosen", None)
+    assert pi_agent.engine_kind() == "docker"
+    server.close()
+    monkeypatch.setattr(pi_agent, "engine_endpoint", real)
+    monkeypatch.setattr(pi_agent, "_engine_chosen", None)
+    monkeypatch.setenv("DOCKER_HOST", "ssh://me@elsewhere")
+    assert pi_agent.engine_kind() == "docker", "an engine elsewhere is docker's to reach"
+    config = pi_agent.Config({"HOME": "/h", "PI_AGENT_ENGINE": "podman"})
+    assert config.engine == "podman" and pi_agent.engine_kind() == "podman", "the setting wins"
+    with pytest.raises(pi_agent.BadSetting, match="PI_AGENT_ENGINE=nerdctl"):
+        pi_agent.Config({"HOME": "/h", "PI_AGENT_ENGINE": "nerdctl"})
+
+
+def test_each_engine_is_driven_in_its_own_words(engine_env, monkeypatch, tmp_path):
+    monkeypatch.setattr(pi_agent, "_engine_setting", "podman")
+    failed = subprocess.CompletedProcess([], 125, "", "Error: x:y: image not known\n")
+    assert pi_agent.is_absent(failed, "image")
+    failed.stderr = "Error: no container with name or ID \"c\" found: no such container"
+    assert pi_agent.is_absent(failed, "container")
+    assert str(pi_agent.docker_failure(("commit",), "Error: disk full")) == \
+        "podman commit failed: Error: disk full"
+    assert pi_agent.commit_args("c1", {"Config": {}}, {}, "m")[:4] == [
+        "commit", "--format", "docker", "-m"], "a message needs Docker's image format"
+    assert pi_agent.label_field("pi-agent.pid") == '(index .Labels "pi-agent.pid")'
+    # `image ls REPO` lists an image's other names too, as localhost/NAME.
+    engine_env("podman", images="".join(json.dumps(row) + "\n" for row in [
+        {"repo": "localhost/pi-agent", "tag": "current", "id": "a", "created": "", "size": ""},
+        {"repo": "localhost/other", "tag": "snap-20260101-000000.000", "id": "a",
+         "created": "", "size": ""},
+        {"repo": "localhost/pi-agent", "tag": "snap-20260101-000000.001", "id": "b",
+         "created": "", "size": ""}]))
+    line = stub_line(pi_agent.Config({"HOME": "/h", "PI_AGENT_ENGINE": "podman"}),
+                     ENGINE_CASES["podman-4.3-rootless"][1])
+    assert [row["tag"] for row in pi_agent.list_snapshots(line)] == ["snap-20260101-000000.001"]
+    assert pi_agent.kept_as(line, {"RepoTags": ["localhost/pi-agent:snap-20260101-000000.001",
+                                                "localhost/pi-agent:current"]}) == \
+        "snap-20260101-000000.001", "a rollback's snapshot is known under localhost/"
+    monkeypatch.setattr(pi_agent, "_engine_setting", "docker")
+    failed.stderr = "Error: No such image: x"
+    assert pi_agent.is_absent(failed, "image") and not pi_agent.is_absent(failed, "container")
+    assert pi_agent.commit_args("c1", {"Config": {}}, {}, "m")[:2] == ["commit", "-m"]
+    assert pi_agent.label_field("pi-agent.pid") == '(.Label "pi-agent.pid")'
+
+
+def test_a_run_gets_what_its_engine_needs():
+    config = pi_agent.Config({"HOME": "/home/alice"})
+    image = {"Id": "sha256:abc", "Config": {"Cmd": ["bash"], "Env": ["HOME=/home/agent"]}}
+
+    def plan(facts):
+        return pi_agent.RunPlan(stub_line(config, facts), "exec", ["true"], image,
+                                pi_agent.Project("/tmp/p"), {}, 1.0, 1, False, "snap-x")
+    rootful = plan(ROOTFUL_DOCKER)
+    assert "--memory" in rootful.run_args and "--http-proxy=false" not in rootful.run_args
+    assert "TINI_KILL_PROCESS_GROUP" in rootful.script(), "the script stays the agent's parent"
+    podman = plan(ENGINE_CASES["podman-4.3-rootless"][1] | {"kind": "podman"})
+    assert "--http-proxy=false" in podman.run_args, "no proxy of podman's own in an image"
+    assert "--memory" not in podman.run_args, "an engine that applies no limit gets none"
+    assert "TINI_KILL_PROCESS_GROUP" not in podman.script(), \
+        "catatonit signals its child alone: the agent is that child"
+    remapped = plan(dict(ROOTFUL_DOCKER, remap=True))
+    assert "--userns=host" in remapped.run_args
+    assert "root on the host" in pi_agent.Engine(dict(ROOTFUL_DOCKER, remap=True)).root_inside()
+    rootless = pi_agent.Engine(dict(ROOTFUL_DOCKER, rootless=True))
+    assert pi_agent.build_args(rootless, {"HOME": "/home/alice"})["AGENT_UID"] == "0"
+    assert pi_agent.owner_mismatch({"Config": {"Labels": {"pi-agent.uid": str(os.getuid())}}},
+                                   rootless) or os.getuid() == 0

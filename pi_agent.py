@@ -85,8 +85,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Every setting: name, default, meaning. Defaults in <> are computed.
 SETTINGS = (
-    ("PI_AGENT_IMAGE_REPO", "pi-agent",
-     "image repository: REPO:base, REPO:current, REPO:snap-*"),
+    ("PI_AGENT_IMAGE_REPO", "<pi-agent-NAME, NAME your login name>",
+     "image repository: REPO:base, REPO:current, REPO:snap-* (one per user: users of one "
+     "engine never share one)"),
     ("PI_AGENT_PROFILE", "",
      "the environment's profile: an image line of its own, REPO:NAME-current and "
      "REPO:NAME-snap-* (empty: REPO:current; pi-branch makes one; --profile NAME for one "
@@ -243,6 +244,16 @@ SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
 DEFAULT_PROFILE = "default"
 PROFILE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
 LABEL = "pi-agent."
+# Every container and image pi-agent makes carries its user's UID here, and
+# what a command changes or removes (recovery, orphans, prune, reset) is
+# only what carries the user's own: users of one engine never touch each
+# other's (by accident: anyone with the engine can set any label).
+OWNER_LABEL = LABEL + "uid"
+# The repository all users of an engine shared before each had one: a user
+# whose state directory holds its files keeps it (their environments are
+# there), as long as its images are theirs (check_owner).
+SHARED_REPO = "pi-agent"
+MINE = "%s=%d" % (OWNER_LABEL, os.getuid())  # (as --label and --filter label= take it)
 # The labels a run puts on its container. The engine copies container labels
 # into the committed image, so the save overwrites each with its image value;
 # only the wrapper pid, meaningless on an image, becomes empty. An empty pid
@@ -917,6 +928,28 @@ def read_ca_certs(value):
     return text
 
 
+def own_repo():
+    """pi-agent-NAME, NAME the login name (uidUID where that is no repository
+    name): an image repository of the user's own."""
+    try:
+        import pwd
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        name = ""
+    if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", name) or len(name) > 64:
+        name = "uid%d" % os.getuid()
+    return "pi-agent-" + name
+
+
+def default_repo(state_dir):
+    """PI_AGENT_IMAGE_REPO's default: the user's own repository, or the
+    shared one of earlier versions where the user has used it."""
+    if any(os.path.exists(os.path.join(state_dir, SHARED_REPO + suffix))
+           for suffix in (".lock", ".json")):
+        return SHARED_REPO
+    return own_repo()
+
+
 class Config:
     """The effective settings. Precedence: defaults < the config file <
     the environment < command-line flags; `sources` says where each came from."""
@@ -943,6 +976,8 @@ class Config:
                 raw[name], self.sources[name] = self._default(name, default, environ), "default"
         if profile is not None:
             raw["PI_AGENT_PROFILE"], self.sources["PI_AGENT_PROFILE"] = profile, "--profile"
+        if self.sources["PI_AGENT_IMAGE_REPO"] == "default":
+            raw["PI_AGENT_IMAGE_REPO"] = default_repo(raw["PI_AGENT_STATE_DIR"])
         self.raw = raw
         self._preset(agent)
         for _attempt in SETTINGS:
@@ -958,8 +993,9 @@ class Config:
                 if not lenient or name not in raw or self.sources[name] == "default":
                     raise err
                 self.problems.append(str(err))
-                raw[name] = self._default(name, dict((n, d) for n, d, _ in SETTINGS)[name],
-                                          environ)
+                raw[name] = default_repo(raw["PI_AGENT_STATE_DIR"]) \
+                    if name == "PI_AGENT_IMAGE_REPO" else \
+                    self._default(name, dict((n, d) for n, d, _ in SETTINGS)[name], environ)
                 self.sources[name] = "default, as the value is bad"
                 self._preset(None)
         global _trace_file
@@ -1321,9 +1357,10 @@ class DockerCall:
         return result
 
 
-def docker_shown(*args):
+def docker_shown(*args, lines=None):
     """`docker ARGS` with its output (both streams) shown on our stderr as
-    it comes, as progress; its last lines make the error it raises."""
+    it comes, as progress; its last lines make the error it raises. Every
+    line is added to `lines` too, if given."""
     import collections
     call = DockerCall(args, capture=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = collections.deque(maxlen=20)
@@ -1331,6 +1368,8 @@ def docker_shown(*args):
         sys.stderr.buffer.write(raw)
         sys.stderr.flush()
         tail.append(raw.decode("utf-8", "replace"))
+        if lines is not None:
+            lines.append(tail[-1])
     result = call.finish(check=False)
     if result.returncode != 0:
         raise docker_failure(args, "".join(tail))
@@ -1575,7 +1614,8 @@ class Line:
     def owns(self, labels):
         """A container or image of this line's, by its labels."""
         return labels.get(LABEL + "repo") == self.repo and \
-            (labels.get(LABEL + "profile") or "") == self.profile
+            (labels.get(LABEL + "profile") or "") == self.profile and \
+            labels.get(OWNER_LABEL) == str(os.getuid())
 
     def read_state(self):
         try:
@@ -4094,8 +4134,8 @@ def give_back(line, root, paths, uid, gid):
         return ["%s is not yours and could not be given back (%s is missing); run: sudo chown "
                 "-R %d:%d %s" % (path or ".", line.base, uid, gid, os.path.join(root, path))
                 for path in paths]
-    docker("run", "--rm", "-i", "--network", "none", "-u", "0", "--cap-drop", "ALL",
-           "--cap-add", "CHOWN", "--cap-add", "FOWNER", "--cap-add", "DAC_OVERRIDE",
+    docker("run", "--rm", "-i", "--label", MINE, "--network", "none", "-u", "0", "--cap-drop",
+           "ALL", "--cap-add", "CHOWN", "--cap-add", "FOWNER", "--cap-add", "DAC_OVERRIDE",
            "--entrypoint", "sh", "-w", "/pi-agent-fix",
            "--mount", mount_spec(root, "/pi-agent-fix"), base["Id"],
            "-c", 'exec xargs -0 -r sh -c "$1" "$0"', "%d:%d" % (uid, gid), GIVE_BACK_SCRIPT,
@@ -4440,6 +4480,18 @@ def base_drift(config, base):
             and built[LABEL + key] != wanted[LABEL + key]]
 
 
+def remove_failed_build(output):
+    """Remove what a failed build left (docker's classic builder keeps each
+    finished step as an image: the last, untagged, holds them all), as its
+    output names it; returns its size (0: nothing)."""
+    ids = re.findall(r"^ ---> ([0-9a-f]{12,64})\s*$", "".join(output), re.M)
+    left = inspect_image(ids[-1]) if len(ids) > 1 and ids[-1] != ids[0] else None
+    if left is None or left.get("RepoTags") or \
+            docker("rmi", left["Id"], check=False).returncode != 0:
+        return 0
+    return left.get("Size") or 1
+
+
 def build_base(line, no_cache=False, first=True):
     config = line.config
     dockerfile = os.path.abspath(config.dockerfile)
@@ -4448,8 +4500,8 @@ def build_base(line, no_cache=False, first=True):
                        "pi-agent" % dockerfile)
     values = build_args()
     labels = dict(base_labels(config, values), **{LABEL + "repo": line.repo})
-    args = ["build", "-t", line.base, "--build-arg", "BASE_IMAGE=" + config.base_image,
-            "-f", dockerfile] + label_args(labels)
+    args = ["build", "--force-rm", "-t", line.base, "--build-arg",
+            "BASE_IMAGE=" + config.base_image, "-f", dockerfile] + label_args(labels)
     for name, value in values.items():
         args += ["--build-arg", "%s=%s" % (name, value)]
     if config.ca_certs:
@@ -4462,33 +4514,45 @@ def build_base(line, no_cache=False, first=True):
     args.append(os.path.dirname(dockerfile))
     say("%sbuilding %s from %s, FROM %s (this takes a few minutes)"
         % ("first use: " if first else "", line.base, dockerfile, config.base_image))
-    started = time.monotonic()
+    started, output = time.monotonic(), []
     try:
         if sys.stderr.isatty():
-            docker_shown(*args)  # docker's own output is the progress
+            docker_shown(*args, lines=output)  # docker's own output is the progress
         else:
-            docker(*args[:1], "-q", *args[1:])
+            result = docker(*args, check=False)
+            output = [result.stdout]
+            if result.returncode != 0:
+                raise docker_failure(args, result.stderr)
     except EngineError as err:
+        left = remove_failed_build(output)
         if ("BASE_IMAGE" in (read_regular(dockerfile) or b"").decode("utf-8", "replace")
                 and inspect_image(config.base_image) is None):
-            raise EngineError("could not get %s, the image the base is built FROM (%s); set "
+            err = EngineError("could not get %s, the image the base is built FROM (%s); set "
                               "PI_AGENT_BASE_IMAGE (in the environment, or in %s) to an image "
                               "you have (docker images) or can pull"
                               % (config.base_image, str(err).split(": ", 1)[-1], config.path))
-        raise
+        if left:
+            err = EngineError("%s (what the failed build left, %s, is removed)"
+                              % (err, human_size(left)))
+        raise err
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
 
 
-def owner_mismatch(image):
-    """A line built for another UID writes files the host user does not own.
-    (Docker Desktop maps ownership itself: nothing to say on macOS.)"""
-    built_for = image_labels(image).get(LABEL + "uid")
-    if not built_for or os.uname().sysname == "Darwin" or built_for == str(os.getuid()):
-        return None
-    return ("warning: %s was built for UID %s but you are UID %d, so files the agent writes "
-            "will not be yours; pi-rebuild-base, then pi-reset-system, fixes that (your "
-            "environment stays as a snapshot)" % (image.get("RepoTags", ["current"])[0],
-                                                 built_for, os.getuid()))
+def check_owner(line, *images):
+    """Refused for an image made for another UID: another user's line on
+    the engine (or the user's own from before their UID changed), which
+    pi-agent neither uses nor changes. One without the label (a base of
+    the user's, tagged by hand) is theirs."""
+    for image in images:
+        owner = image_labels(image).get(OWNER_LABEL)
+        if owner and owner != str(os.getuid()):
+            mine = own_repo() if own_repo() != line.repo else "%s-%d" % (line.repo, os.getuid())
+            raise Refused("%s was made for UID %s, and you are UID %d: it is another user's "
+                          "environment on this engine (or yours from before your UID changed), "
+                          "which pi-agent neither uses nor changes; set PI_AGENT_IMAGE_REPO=%s "
+                          "(in %s) for one of your own" % (
+                              (image.get("RepoTags") or [line.repo])[0], owner, os.getuid(),
+                              mine, line.config.path))
 
 
 def remember_current(state, image):
@@ -4513,12 +4577,15 @@ def ensure_current(line, current=None, made=True):
     --profile must not start an empty environment."""
     current = current or inspect_image(line.current)
     if current is not None:
+        check_owner(line, current)
         return current, False
     if line.profile and not made:
         raise no_profile(line)  # (deleted since the run's require_profile)
-    built = inspect_image(line.base) is None
+    base = inspect_image(line.base)
+    built = base is None
     if built:
         build_base(line)
+    check_owner(line, base)
     docker("tag", line.base, line.current)
     return inspect_image(line.current), built
 
@@ -4583,7 +4650,7 @@ def replace_current(line, state, old, new_ref):
 def remove_own_dangling(line):
     """Remove untagged images that carry this line's labels: only our own
     (another profile's save may hold one it is about to tag)."""
-    ids = docker("image", "ls", "-q", "--filter", "dangling=true",
+    ids = docker("image", "ls", "-q", "--filter", "dangling=true", "--filter", "label=" + MINE,
                  "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
     if ids:
         images = json.loads(docker("image", "inspect", *ids, check=False).stdout or "[]")
@@ -4750,7 +4817,7 @@ def saved_labels(line, container, image, meta):
         mounts = (mounts + [mount])[-MAX_KNOWN_MOUNTS:]
     labels = {LABEL + key: meta.get(key, "") for key in RUN_LABELS}
     labels.update({LABEL + "pid": "", LABEL + "repo": line.repo, LABEL + "profile": line.profile,
-                   LABEL + "container": container,
+                   OWNER_LABEL: str(os.getuid()), LABEL + "container": container,
                    LABEL + "previous": image["Id"],
                    LABEL + "committed_at": utc_iso(time.time()),
                    LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
@@ -4909,10 +4976,10 @@ def list_layers(line, jobs, names_only=False):
     import select
     dirs = sorted({path for _key, paths in jobs for path in paths})
     inside = {path: "/pi-agent-layers/%03d" % number for number, path in enumerate(dirs)}
-    name = "pi-agent-list-%d-%d" % (os.getpid(), time.monotonic_ns() % 10**6)
+    name = "pi-agent-list-%d-%d-%d" % (os.getuid(), os.getpid(), time.monotonic_ns() % 10**6)
     # (never pulled: a base that is gone means no listing, not a stranger's image)
-    args = ["run", "--rm", "--name", name, "--pull", "never", "--network", "none", "-u", "0",
-            "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH", "--read-only",
+    args = ["run", "--rm", "--name", name, "--label", MINE, "--pull", "never", "--network", "none",
+            "-u", "0", "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH", "--read-only",
             "--tmpfs", "/tmp", "--security-opt", "no-new-privileges", "--log-driver", "none",
             "--entrypoint", "sh"]
     for path in dirs:
@@ -5623,11 +5690,11 @@ def flatten_image(line, image, progress=False):
     # Flattens run under the line's lock, one at a time: any other such
     # container is what an interrupted one left behind.
     flatten_label = "%sflatten=%s" % (LABEL, "profile " + line.profile if line.profile else "1")
-    stale = docker("ps", "-aq", "--filter", "label=" + flatten_label,
+    stale = docker("ps", "-aq", "--filter", "label=" + flatten_label, "--filter", "label=" + MINE,
                    "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
     if stale:
         docker("rm", "-f", *stale, check=False)
-    holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo),
+    holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo), "--label", MINE,
                     "--label", flatten_label, image["Id"], "pi-agent-flatten").stdout.strip()
     try:
         started = time.monotonic()
@@ -6004,7 +6071,7 @@ class RunPlan:
                                                                     time.gmtime(now)), pid)
         self.run_dir = os.path.join(line.run_dir, self.container)
         self.labels = {LABEL + "repo": line.repo, LABEL + "profile": line.profile,
-                       LABEL + "pid": str(pid),
+                       OWNER_LABEL: str(os.getuid()), LABEL + "pid": str(pid),
                        LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
@@ -6180,7 +6247,8 @@ def make_home_parents(line, plan):
     """Create a new mount point and its parents in the agent's home, owned
     by the agent (the engine would make them root's), and commit that into
     current; returns the new current. Once per new directory: the image
-    then knows the mount point."""
+    then knows the mount point. The session log has it (kind "prepare"),
+    so that the way from base to current is all there."""
     image = plan.image
     user = image["Config"]["User"].split(":")[0]
     name = plan.container + "-prepare"
@@ -6201,7 +6269,13 @@ def make_home_parents(line, plan):
     finally:
         remove_run_dir(run_dir)
         docker("rm", "-f", "-v", name, check=False)
-    return inspect_image(line.current)
+    new = inspect_image(line.current)
+    line.record_session({"started": plan.labels[LABEL + "started"], "target": plan.target,
+                         "kind": "prepare", "exit_status": 0, "image_before": image["Id"],
+                         "image_after": new["Id"], "new_image": new, "container": name,
+                         "bytes_added": (new.get("Size") or 0) - (image.get("Size") or 0)},
+                        "run")  # (no mount: the directories it made are what it changed)
+    return new
 
 
 def print_plan(line, kind, argv, project, tty, offline):
@@ -6738,8 +6812,8 @@ def start_listing_runs(line, sizes=False):
     parts = ['"%s":{{json .%s}}' % (field.lower(), field) for field in fields]
     parts += ['"%s":{{json (.Label "%s%s")}}' % (key, LABEL, key) for key in RUN_LABELS]
     return DockerCall(("ps", "-a", *(["--size"] if sizes else []),
-                       "--filter", "label=%srepo=%s" % (LABEL, line.repo),
-                       "--format", "{" + ",".join(parts) + "}"))
+                       "--filter", "label=%srepo=%s" % (LABEL, line.repo), "--filter",
+                       "label=" + MINE, "--format", "{" + ",".join(parts) + "}"))
 
 
 def list_run_containers(line, sizes=False, listing=None):
@@ -6760,14 +6834,17 @@ def being_removed(state, name):
 def leftover_containers(line, sizes=False):
     """Run containers that no live lifecycle owns. The state is read before
     the listing: a save that ends in between removes its container after
-    writing that it does, so it is never taken for a leftover."""
+    writing that it does, so it is never taken for a leftover. One still
+    running is one only if it was started on this machine, by a wrapper
+    that is gone: nothing else running is ever stopped or removed."""
     state = line.read_state()
     holder = (state.get("holder") or {}) if lock_is_held(line) else {}
     host = os.uname().nodename
     return [row for row in list_run_containers(line, sizes)
             if row["names"] != holder.get("container")
             and not being_removed(state, row["names"])
-            and not (row.get("host") == host and pid_alive(row["pid"]))]
+            and not (row.get("host") == host and pid_alive(row["pid"]))
+            and (row.get("state") != "running" or row.get("host") == host)]
 
 
 def recover_container(line, state, row):
@@ -6838,9 +6915,11 @@ def recover_leftovers(line, state, listing=None, only=None, decide=False):
             if not being_removed(state, row["names"]):
                 show_notes(line, teardown(line, [row["names"]], state, check=True))
             continue
-        if row.get("host") and row.get("host") != host:
-            say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
+        if row.get("host") != host:
+            say("skipping %s: it was started on host %s" % (row["names"], row.get("host")))
             continue
+        if row.get("state") == "running" and pid_alive(row["pid"]):
+            continue  # (a live run of another state directory: see leftover_containers)
         if row["names"] in (state.get("waiting") or {}) and not decide:
             show_notes(line, end_unended(line, row["names"]))  # (its wrapper died)
             continue
@@ -6884,12 +6963,15 @@ class exclusive:
     def __enter__(self):
         found, self.state = self.lock.acquire(self.kind, wait=self.wait)
         say_what_was_left(self.line, found, self.state)
-        if self.recover:
-            try:
-                recover_leftovers(self.line, self.state)
-            except BaseException:
-                self.lock.release(self.state)
-                raise
+        try:
+            line = self.line
+            check_owner(line, *json.loads(docker("image", "inspect", line.base, line.current,
+                                                 check=False).stdout or "[]"))
+            if self.recover:
+                recover_leftovers(line, self.state)
+        except BaseException:
+            self.lock.release(self.state)
+            raise
         return self.state
 
     def __exit__(self, *exc):
@@ -6934,9 +7016,8 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
         if recover_leftovers(line, state, listing):
             current = None
     image, built = ensure_current(line, current, made=bool(found.get("made")))
-    for warning in misspelled_settings(os.environ) + [owner_mismatch(image)]:
-        if warning:
-            say(warning, "warning")
+    for warning in misspelled_settings(os.environ):
+        say(warning, "warning")
     now = time.time()
     kept = kept_as(line, image)
     plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
@@ -7032,12 +7113,13 @@ class Saver:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        # A terminal keeps getting our messages; a pipe must not be held open
-        # (`out=$(pi-exec ...)` would wait for the save), so that goes to the log.
-        if not os.isatty(2):
-            log = os.open(self.line.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(log, 2)
-            os.close(log)
+        # Nothing is printed once the prompt is back (what the saver has to
+        # say is left in the state for the next command), and a pipe must
+        # not be held open (`out=$(pi-exec ...)` would wait for the save):
+        # what it and its docker calls write goes to the log.
+        log = os.open(self.line.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log, 2)
+        os.close(log)
         os.close(devnull)
         keep = sorted((keep - {None}) | {0, 1, 2})
         for low, high in zip(keep, keep[1:] + [65536]):
@@ -7413,9 +7495,9 @@ def installed_agents(line, image):
               ' | head -n 1);'
               ' printf "%s\\t%s\\n" "$c" "$v"; done')
     commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
-    name = "pi-agent-status-%d" % os.getpid()
-    call = DockerCall(("run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh",
-                       *CAP_DROP_ARGS, *line.config.limits, image["Id"], "-c", script, "sh",
+    name = "pi-agent-status-%d-%d" % (os.getuid(), os.getpid())
+    call = DockerCall(("run", "--rm", "--name", name, "--label", MINE, "--network", "none",
+                       "--entrypoint", "sh", *CAP_DROP_ARGS, *line.config.limits, image["Id"], "-c", script, "sh",
                        *commands), capture=False, stdin=subprocess.DEVNULL,
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     import select
@@ -7590,6 +7672,15 @@ def snapshot_entry(snap, image, current, next_run):
             "made_by": made_by(image), "next_run": next_run}
 
 
+def print_pruned(line):
+    """What the detached saver's auto-prune removed, not said yet (the next
+    command that takes the lock says it, and forgets it)."""
+    pruned = line.read_state().get("pruned")
+    if pruned:
+        print(pruned_message(pruned, line.config.snapshot_keep).replace(
+            "auto-prune removed", "after the last save, auto-prune removed", 1))
+
+
 def cmd_snapshots(args):
     line = profile_line(args)
     wait_for_save(line)
@@ -7631,10 +7722,7 @@ def cmd_snapshots(args):
                          "exit_status") is None else record["exit_status"], human_size(
                          max(record.get("bytes_added") or 0, 0))) if record else "-"))
     print_table(rows)
-    pruned = line.read_state().get("pruned")
-    if pruned:  # (said, too, by the next command that takes the lock)
-        print(pruned_message(pruned, line.config.snapshot_keep).replace(
-            "auto-prune removed", "after the last save, auto-prune removed", 1))
+    print_pruned(line)
     print("A snapshot is named for when it was kept (the start of the run, or the rollback, "
           "that replaced it); STATE MADE is when that state was made.")
     if any(row[0] for row in rows):
@@ -7837,8 +7925,8 @@ def drop_paths(line, state, only, paths):
         raise Refused("the layer of %s is out of reach here (the engine's storage is not "
                       "overlay2 on this host), so pi-agent cannot drop paths from it: "
                       "pi-recover %s saves it whole, pi-clean-orphans discards it" % (name, name))
-    result = docker("run", "--rm", "-i", "--pull", "never", "--network", "none", "-u", "0",
-                    "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add", "FOWNER",
+    result = docker("run", "--rm", "-i", "--label", MINE, "--pull", "never", "--network", "none",
+                    "-u", "0", "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add", "FOWNER",
                     "--read-only", "--security-opt", "no-new-privileges", "--log-driver",
                     "none", "--entrypoint", "sh", "--mount", mount_spec(
                         info["GraphDriver"]["Data"]["UpperDir"], "/pi-agent-layer"),
@@ -8223,6 +8311,7 @@ def cmd_log(args):
                      printable(str(record.get("ended_by"))),
                      printable(str(record.get("target")))))
     print_table(rows)
+    print_pruned(line)
     return 0
 
 

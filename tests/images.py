@@ -15,6 +15,7 @@ import pi_agent  # noqa: E402 (from ROOT)
 
 BASE_IMAGE = os.environ.get("PI_AGENT_TEST_BASE_IMAGE", "local/debian:bookworm")
 TEST_USER = os.environ.get("PI_AGENT_TEST_USER", "pi-test")
+TEST_USER2 = os.environ.get("PI_AGENT_TEST_USER2", "pi-test2")  # another user, same engine
 # The extra CA certificates every test base trusts (PI_AGENT_CA_CERTS): this
 # machine's (its TLS to the package registries needs them) and the tests'
 # own CA, whose server certificate a test serves inside a container.
@@ -68,11 +69,12 @@ def base_image(uid, gid, home, context=ROOT, worker=None):
 def main():
     users = [(os.getuid(), os.getgid())]
     if os.getuid() == 0:
-        try:
-            entry = pwd.getpwnam(TEST_USER)
-            users.append((entry.pw_uid, entry.pw_gid))
-        except KeyError:
-            pass
+        for name in (TEST_USER, TEST_USER2):
+            try:
+                entry = pwd.getpwnam(name)
+                users.append((entry.pw_uid, entry.pw_gid))
+            except KeyError:
+                pass
     for worker in ("", "gw0", "gw1"):
         for uid, gid in users:
             print(base_image(uid, gid, test_home(uid, worker), worker=worker))

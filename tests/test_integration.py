@@ -7,10 +7,11 @@ import re
 import select
 import shutil
 import signal
+import time
 
 import pytest
 
-from conftest import docker, wait_until
+from conftest import docker, end_session, wait_until
 
 import pi_agent
 
@@ -484,6 +485,51 @@ def test_reset_system_prune_and_reset_all(box):
     assert box.dangling() == []
     box.ok("pi-exec true")
     assert box.images()["current"] == box.images()["base"]
+
+
+def test_nothing_is_printed_over_the_prompt_and_the_next_command_says_it(box):
+    """An interactive bash on a terminal (script's): once the prompt is
+    back, the background saver (and its auto-prune) prints nothing; what it
+    did is said by pi-log and by the next command."""
+    import subprocess
+    box.extra_env = {"PI_AGENT_SNAPSHOT_KEEP": "1"}
+    box.ok("pi-exec touch ~/one")
+    prefix = ["env", "-i"] + ["%s=%s" % item for item in box.env(SHELL="/bin/bash").items()]
+    if box.user.via_runuser:
+        prefix = ["runuser", "-u", box.user.name, "--"] + prefix
+    terminal = subprocess.Popen(prefix + ["script", "-qec", "bash --norc -i", "/dev/null"],
+                                cwd=box.project, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    seen = b""
+
+    def read_until(pattern, timeout=60):
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, seen, re.S) and time.monotonic() < deadline:
+            if select.select([terminal.stdout], [], [], 1)[0]:
+                seen += os.read(terminal.stdout.fileno(), 65536)
+        return re.search(pattern, seen, re.S)
+
+    try:
+        terminal.stdin.write(b"PS1='P> '; . %s/shell/pi.sh\n"
+                             b"pi-exec touch ~/two </dev/null; echo ran-$?\n"
+                             % box.install_dir.encode())
+        terminal.stdin.flush()
+        assert read_until(rb"\nran-0\r?\nP> $"), seen
+        box.wait_saved()
+        box.wait_recorded()
+        after = len(seen)
+        terminal.stdin.write(b"echo done\n")
+        terminal.stdin.flush()
+        assert read_until(rb"\ndone\r?\nP> $"), seen
+        assert seen[after:].startswith(b"echo done"), "printed after the prompt: %r" % (
+            seen[after:],)
+    finally:
+        terminal.stdin.close()
+        end_session(terminal)
+    assert len(box.snapshots()) == 1, "the save did prune"
+    assert "after the last save, auto-prune removed 1 snapshot" in box.ok("pi-log").stdout
+    assert "auto-prune removed 1 snapshot" in box.ok("pi-rollback").stderr
 
 
 def test_rollback_and_its_undo_keep_every_state_under_one_name(box):

@@ -5,7 +5,7 @@ import os
 import re
 import signal
 
-from conftest import docker, wait_until
+from conftest import docker, make_sandbox, wait_until
 
 import pi_agent
 
@@ -46,6 +46,38 @@ def test_two_profiles_run_at_once_and_each_keeps_its_own_changes(box):
     box.ok("pi-rollback --profile a")
     box.ok("pi-exec --profile a test ! -e ~/from-a")
     assert tags(box)["b-current"] == images["b-current"]
+
+
+def test_two_users_of_one_engine_never_touch_each_others_images_or_runs(
+        request, engine, install_dir, box):
+    """Two ordinary users, at once: each on a line of their own (the
+    default: a repository each), and the second even when pointed at the
+    first one's repository: their commands neither use nor change what is
+    the first one's, and never stop its running container."""
+    other = make_sandbox(request, install_dir, "user2", "bash")
+    assert other.user.uid != box.user.uid
+    with box.running("pi-exec sh -c 'touch ~/from-a ready; "
+                     "while [ ! -e go ]; do sleep 0.1; done'") as first:
+        assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+        container = box.live_run_name()
+        other.ok("pi-exec touch ~/from-b")  # on its own line, at the same time
+        assert "removed 2 images" in other.ok("pi-clean-orphans --yes && "
+                                              "pi-reset-all --yes").stderr
+        shared = {"PI_AGENT_IMAGE_REPO": box.repo}
+        refused = other.sh("pi-exec true", env=shared)
+        assert refused.returncode == 3 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "UID %d" % box.user.uid in refused.stderr
+        assert "PI_AGENT_IMAGE_REPO=" in refused.stderr
+        assert other.ok("pi-orphans", env=shared).stdout.startswith("no left-behind")
+        for command in ("pi-clean-orphans --yes", "pi-reset-all --yes", "pi-prune 0", "pi-rollback", "pi-flatten",
+                        "pi-rebuild-base", "pi-recover", "pi-reset-system"):
+            assert other.sh(command, env=shared).returncode == 3, command
+        state = docker("inspect", "--format", "{{.State.Running}}", container).stdout
+        assert state.strip() == "true", "the first user's run goes on"
+        open(os.path.join(box.project, "go"), "w").close()
+        assert first.wait(timeout=60) == 0, first.stderr.read()
+    box.ok("pi-exec sh -c 'test -e ~/from-a && test ! -e ~/from-b'")
+    assert "current" in box.images() and len(box.snapshots()) == 1
 
 
 def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):

@@ -7787,8 +7787,94 @@ def confirm(question, yes):
         raise Refused("nothing removed (answered no)")
 
 
+def settle(line, state):
+    """Until what goes by itself, and would keep an image from going, has
+    gone (a minute at most): the containers the line's savers remove once
+    the lock is free, and the user's short-lived helpers in the repository
+    (a layer's listing, pi-status's look at the agents: no wrapper pid)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        helpers = [row for row in docker(
+            "ps", "--filter", "label=%srepo=%s" % (LABEL, line.repo), "--filter", "label=" + MINE,
+            "--format", '{{.ID}}/{{.Label "%spid"}}' % LABEL).stdout.split() if row.endswith("/")]
+        if not helpers and not any(being_removed(state, name) for name in
+                                   state.get("removing") or {}):
+            return
+        time.sleep(0.1)
+
+
+def purge(line, yes):
+    """pi-reset-all --base: every image of the user's in the repository (every
+    profile's, and base), the containers of its runs, and its files in the
+    state directory (the directory too, when no other repository has files
+    there); never what carries another UID."""
+    config, key, held = line.config, line.key, []
+
+    def files():
+        try:
+            return sorted(name for name in os.listdir(config.state_dir)
+                          if name.startswith((key + ".", key + "@")))
+        except FileNotFoundError:
+            return []
+    profiles = [name[len(key) + 1:-len(".lock")] for name in files()
+                if name.startswith(key + "@") and name.endswith(".lock")]
+    try:
+        for profile in [""] + [name for name in profiles if not profile_problem(name)]:
+            held.append(LineLock(Line(config.for_profile(profile))))
+            held[-1].acquire("reset-all")
+            settle(held[-1].line, held[-1].line.read_state())
+        names = files()
+        rows = [row.split("/") for row in docker(
+            "ps", "-a", "--filter", "label=%srepo=%s" % (LABEL, line.repo), "--filter",
+            "label=" + MINE, "--format", '{{.Names}}/{{.State}}/{{.Label "%spid"}}'
+            % LABEL).stdout.split()]
+        running = [name for name, state, _pid in rows if state == "running"]
+        if running:
+            raise Busy("%s is running (a run of another state directory?); let it end, then "
+                       "pi-reset-all --base again" % running[0])
+        refs = ["%s:%s" % (line.repo, tag) for tag in docker(
+            "image", "ls", line.repo, "--format", "{{.Tag}}").stdout.split() if tag != "<none>"]
+        images = json.loads(docker("image", "inspect", *refs).stdout) if refs else []
+        theirs = {image["Id"] for image in images if image_labels(image).get(OWNER_LABEL)
+                  != str(os.getuid())}
+        mine = {tag for image in images if image["Id"] not in theirs
+                for tag in image.get("RepoTags") or []}
+        refs = [ref for ref in refs if ref in mine]
+        confirm("remove everything of yours in %s: %s (every profile's environment and "
+                "snapshots, and the base: the next pi builds it again, a few minutes), %s, and "
+                "their state in %s? Project files are not touched."
+                % (line.repo, plural(len(refs), "image"), plural(len(rows), "container"),
+                   config.state_dir), yes)
+        if rows:
+            docker("rm", "-f", "-v", *[name for name, _state, _pid in rows])
+        if refs:
+            docker("rmi", *refs)
+        dangling = docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
+                          "label=" + MINE, "--filter", "label=%srepo=%s" % (LABEL, line.repo)
+                          ).stdout.split()
+        if dangling:
+            docker("rmi", *dangling, check=False)
+        import shutil
+        for name in names + [os.path.join("run", row[0]) for row in rows]:
+            path = os.path.join(config.state_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if not set(os.listdir(config.state_dir)) - {"run", "projects"}:
+            shutil.rmtree(config.state_dir)
+        say("removed %s and %s of %s, and their state; %s" % (
+            plural(len(refs), "image"), plural(len(rows), "container"), line.repo,
+            "images of other users stay (%s)" % plural(len(theirs), "image") if theirs else
+            "the next pi builds the base again"))
+    finally:
+        for lock in held:
+            if lock.fd is not None:
+                os.close(lock.fd)
+    return 0
+
+
 def cmd_reset_all(args):
     line = profile_line(args)
+    if args.base:
+        return purge(line, args.yes)
     with exclusive(line, "reset-all") as state:
         refs = [line.snap(s["tag"]) for s in list_snapshots(line)]
         if inspect_image(line.current) is not None:
@@ -7798,6 +7884,7 @@ def cmd_reset_all(args):
             return 0
         confirm("remove %s and its %s? The environment is lost; the base image stays."
                 % (line.current, plural(len(refs) - 1, "snapshot")), args.yes)
+        settle(line, state)
         docker("rmi", *refs)
         remove_own_dangling(line)
         state["snapshots"] = []
@@ -8611,8 +8698,10 @@ def build_parser():
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "
            "replaced current is kept as a snapshot").add_argument("snapshot", nargs="?")
     simple("reset-system", cmd_reset_system, "make the base image current (undoable)")
-    simple("reset-all", cmd_reset_all, "remove current and every snapshot").add_argument(
-        "--yes", "-y", action="store_true", help="do not ask")
+    reset_all = simple("reset-all", cmd_reset_all, "remove current and every snapshot")
+    reset_all.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    reset_all.add_argument("--base", action="store_true", help="everything of yours: every "
+                           "profile, the base, left-behind containers, the state (asks)")
     simple("rebuild-base", cmd_rebuild_base, "build the base image again").add_argument(
         "--no-cache", action="store_true", help="rebuild every step")
     prune = simple("prune", cmd_prune, "keep only the N newest snapshots")

@@ -88,7 +88,8 @@ function _pi_agent_candidates {
       printf '%s\n' --from --delete --yes --profile --help ;;
     pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --profile --help -- ;;
     pi-prune) printf '%s\n' --dry-run --profile --help ;;
-    pi-reset-all|pi-clean-orphans) printf '%s\n' --yes --profile --help ;;
+    pi-reset-all) printf '%s\n' --yes --base --profile --help ;;
+    pi-clean-orphans) printf '%s\n' --yes --profile --help ;;
     pi-rebuild-base) printf '%s\n' --no-cache --profile --help ;;
     pi-log) printf '%s\n' -n --json --profile --help ;;
     pi-diff) _pi_agent complete snapshots 2>/dev/null

@@ -408,6 +408,27 @@ def test_a_base_image_that_cannot_be_had_is_named_with_its_setting(box):
     assert "Step 2/" in on_terminal.stdout, "docker's progress is shown on a terminal"
 
 
+def test_a_failed_first_build_leaves_nothing_behind_and_says_so(box):
+    import uuid
+    mark = uuid.uuid4().hex
+    context = box.mkdir(os.path.join(os.path.dirname(box.project), "context"))
+    with open(os.path.join(context, "Dockerfile"), "w") as handle:
+        handle.write("ARG BASE_IMAGE\nFROM $BASE_IMAGE\nRUN echo %s > /mark\n"
+                     "RUN test %s = fails\n" % (mark, mark))
+    box.extra_env = {"PI_AGENT_IMAGE_REPO": box.repo + "-new",
+                     "PI_AGENT_DOCKERFILE": os.path.join(context, "Dockerfile")}
+    result = box.sh("pi-exec true")
+    assert result.returncode == 8, result.stderr
+    assert "docker build failed" in result.stderr and "what the failed build left, " \
+        in result.stderr and "is removed" in result.stderr
+    containers = docker("ps", "-a", "--no-trunc", "--format", "{{.Command}}").stdout
+    assert mark not in containers, "no stopped container of the failed step"
+    ids = docker("image", "ls", "-a", "-q").stdout.split()
+    steps = docker("image", "inspect", "--format", "{{json .ContainerConfig.Cmd}}",
+                   *ids, check=False).stdout  # (others' images may go meanwhile)
+    assert mark not in steps, "no image of its finished steps"
+
+
 def test_status_says_when_the_base_was_built_from_other_settings(box, tmp_path):
     rebuilt = box.ok("pi-rebuild-base")
     assert "building %s:base" % box.repo in rebuilt.stderr and "first use" not in rebuilt.stderr

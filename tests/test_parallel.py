@@ -80,6 +80,27 @@ def test_two_users_of_one_engine_never_touch_each_others_images_or_runs(
     assert "current" in box.images() and len(box.snapshots()) == 1
 
 
+def test_reset_all_base_removes_all_that_is_yours_and_nothing_else(
+        request, engine, install_dir, box):
+    other = make_sandbox(request, install_dir, "user2", "bash")
+    box.ok("pi-exec touch ~/one && pi-branch side && pi-exec --profile side touch ~/two")
+    theirs = docker("image", "inspect", "--format", "{{.Id}}", other.repo + ":base").stdout
+    docker("tag", other.repo + ":base", box.repo + ":theirs")  # another UID's, in the repository
+    with other.running("pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done'"):
+        assert wait_until(lambda: in_project(other.project, "ready"), timeout=60)
+        asked = box.sh("pi-reset-all --base </dev/null")
+        assert asked.returncode == 3 and "everything of yours in %s" % box.repo in asked.stderr
+        assert "base" in box.images()
+        done = box.ok("pi-reset-all --base --yes")
+        assert "images of other users stay (1 image)" in done.stderr, done.stderr
+        assert [row.split()[0] for row in docker(
+            "image", "ls", box.repo, "--format", "{{.Tag}} {{.ID}}").stdout.splitlines()] == \
+            ["theirs"] and theirs.strip()
+        assert not os.path.exists(box.state_dir), "its state too"
+        assert other.live_run()[0], "the other user's run goes on"
+        open(os.path.join(other.project, "go"), "w").close()
+
+
 def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):
     other = box.mkdir(os.path.join(os.path.dirname(box.project), "other"))
     with box.running("pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done'"):

@@ -508,9 +508,11 @@ def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
     result = install(home, "--uninstall")
     assert result.returncode == 0, result.stderr
     lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines()]
-    clean = lines[lines.index("your environments are kept; to remove them too:") + 1]
-    assert clean == ("  docker images 'myrepo' --format '{{.Repository}}:{{.Tag}}' "
-                     "| xargs -r docker rmi; rm -r '%s'" % state)
+    clean = lines[lines.index("your environments are kept (--uninstall --purge removes them); "
+                              "to remove them by hand (yours only):") + 1]
+    assert clean == ("  docker images 'myrepo' --filter label=pi-agent.uid=%d --format "
+                     "'{{.Repository}}:{{.Tag}}' | xargs -r docker rmi; rm -r '%s'"
+                     % (os.getuid(), state))
     assert lines[-1].endswith("rm -r '%s'" % config.parent)
     subprocess.run(["sh", "-c", clean], check=True,
                    env={"PATH": "%s:%s" % (fake, os.environ["PATH"])})
@@ -519,6 +521,35 @@ def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
     assert install(home, "-y").returncode == 0
     from_env = install(home, "--uninstall", env={"PI_AGENT_IMAGE_REPO": "envrepo"})
     assert "docker images 'envrepo' " in from_env.stdout, "the environment beats the file"
+
+
+def test_uninstall_purge_removes_images_state_and_settings_or_nothing(tmp_path):
+    """--purge removes the user's images and state (pi-reset-all --base) and
+    settings too; an engine that cannot do it stops it all, nothing removed."""
+    home = tmp_path / "home"
+    config = home / ".config/pi-agent/config"
+    config.parent.mkdir(parents=True)
+    config.write_text("PI_AGENT_SNAPSHOT_KEEP=3\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text('#!/bin/sh\necho "$@" >>"%s/docker.log"\n'
+                                 '[ -e "%s/down" ] || exit 0\n'
+                                 'echo "Cannot connect to the Docker daemon" >&2; exit 1\n'
+                                 % (tmp_path, tmp_path))
+    (fake / "docker").chmod(0o755)
+    env = {"PATH": "%s:%s" % (fake, os.environ["PATH"])}
+    assert install(home, "-y").returncode == 0
+    (tmp_path / "down").write_text("")
+    stopped = install(home, "--uninstall", "--purge", env=env)
+    assert stopped.returncode == 1 and "nothing uninstalled" in stopped.stderr
+    assert (home / ".local/share/pi-agent/pi_agent.py").exists() and config.exists()
+    (tmp_path / "down").unlink()
+    done = install(home, "--uninstall", "--purge", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "rm -f -v" not in (tmp_path / "docker.log").read_text(), "no container to remove"
+    assert not (home / ".local/share/pi-agent").exists() and not config.parent.exists()
+    assert not (home / ".local/state/pi-agent").exists()
+    assert install(home, "--purge").returncode == 1, "--purge goes with --uninstall"
 
 
 def test_pi_agent_py_reads_top_to_bottom_and_its_map_is_true():

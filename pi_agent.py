@@ -188,6 +188,12 @@ AGENTS = {
                   "OPENROUTER_API_KEY")),
 }
 
+# Each agent's own files in its home: its login, settings and sessions,
+# which pi-reset-system carries over to the new current (unless told not to).
+AGENT_CONFIG = {"pi": (".pi",), "claude": (".claude", ".claude.json"), "codex": (".codex",),
+                "aider": (".aider", ".aider.conf.yml"),
+                "opencode": (".config/opencode", ".local/share/opencode")}
+
 # Set empty inside, and refused in PI_AGENT_PASS_ENV: they open doors
 # outside the container (accounts, agents, the Docker engine).
 CREDENTIAL_ENV = (
@@ -4427,6 +4433,8 @@ def describe_origin(image):
     target = labels.get(LABEL + "target") or "?"
     if kind == "prepare":
         return "the agent's directories above %s" % target
+    if kind == "reset":
+        return "the base image, and the agents' own files of before"
     status = labels.get(LABEL + "exit_status") or "?"
     return "%s in %s (exit %s)" % (kind, target, status)
 
@@ -7497,8 +7505,8 @@ def installed_agents(line, image):
     commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
     name = "pi-agent-status-%d-%d" % (os.getuid(), os.getpid())
     call = DockerCall(("run", "--rm", "--name", name, "--label", MINE, "--network", "none",
-                       "--entrypoint", "sh", *CAP_DROP_ARGS, *line.config.limits, image["Id"], "-c", script, "sh",
-                       *commands), capture=False, stdin=subprocess.DEVNULL,
+                       "--entrypoint", "sh", *CAP_DROP_ARGS, *line.config.limits, image["Id"],
+                       "-c", script, "sh", *commands), capture=False, stdin=subprocess.DEVNULL,
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     import select
     output, deadline = b"", time.monotonic() + 60
@@ -7759,12 +7767,82 @@ def cmd_rollback(args):
         return switch_current(line, state, line.snap(snap["tag"]), snap["tag"])
 
 
+def carry_config(line, old, base):
+    """A copy of `base` with the agents' own files (AGENT_CONFIG) of image
+    `old` in it, committed; returns its ID and what it carried ("~/.pi",
+    ...; none: the ID is base's). Taken out of and put into containers
+    that are created, never started (docker cp): nothing of `old` runs,
+    and only those paths are written. The session log has the commit."""
+    import tarfile
+    home, carried, into, tar = image_home(old), [], None, None
+    source = docker("create", "--label", MINE, old["Id"]).stdout.strip()
+    made = docker("create", "--label", MINE, base["Id"]).stdout.strip()
+    try:
+        for name in [name for names in AGENT_CONFIG.values() for name in names]:
+            path = os.path.join(home, name)
+            out = DockerCall(("cp", "%s:%s" % (source, path), "-"), capture=False,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                members = tarfile.open(fileobj=out.proc.stdout, mode="r|")
+            except tarfile.ReadError:
+                members = None
+            if members is None:
+                result = out.finish(check=False)
+                if result.returncode == 0 or b"could not find" not in result.stderr.lower():
+                    raise docker_failure(("cp",), result.stderr.decode(errors="replace"))
+                continue
+            if into is None:
+                into = DockerCall(("cp", "-", made + ":/"), capture=False,
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                tar = tarfile.open(fileobj=into.proc.stdin, mode="w|")
+            prefix = os.path.dirname(path).lstrip("/")
+            for member in members:
+                if not carried or carried[-1] != "~/" + name:
+                    carried.append("~/" + name)
+                    # (its parents in the home, the agent's, as base may not have them)
+                    for depth in range(home.count("/"), prefix.count("/") + 1):
+                        parent = tarfile.TarInfo("/".join(prefix.split("/")[:depth + 1]))
+                        parent.type, parent.mode = tarfile.DIRTYPE, 0o755
+                        parent.mtime, parent.uid, parent.gid = time.time(), member.uid, member.gid
+                        tar.addfile(parent)
+                member.name = prefix + "/" + member.name
+                if member.islnk():
+                    member.linkname = prefix + "/" + member.linkname
+                tar.addfile(member, members.extractfile(member) if member.isfile() else None)
+            out.finish()
+        if into is None:
+            return base["Id"], []
+        tar.close()
+        into.proc.stdin.close()
+        into.finish()
+        labels = saved_labels(line, made, base, {"kind": "reset", "exit_status": 0})
+        new = inspect_image(docker(*commit_args(made, base, labels, "pi-agent: the base, and %s "
+                                                "of before" % ", ".join(carried))).stdout.strip())
+    finally:
+        docker("rm", "-f", "-v", source, made, check=False)
+    line.record_session({"started": utc_iso(time.time()), "kind": "reset", "exit_status": 0,
+                         "image_before": base["Id"], "image_after": new["Id"], "new_image": new,
+                         "container": made,
+                         "bytes_added": (new.get("Size") or 0) - (base.get("Size") or 0)}, "run")
+    return new["Id"], carried
+
+
 def cmd_reset_system(args):
     line = profile_line(args)
     with exclusive(line, "reset-system") as state:
-        if inspect_image(line.base) is None:
+        base = inspect_image(line.base)
+        if base is None:
             raise NotFound("%s does not exist; pi-rebuild-base builds it" % line.base)
-        return switch_current(line, state, line.base, "the base image (%s)" % line.base)
+        current = inspect_image(line.current)
+        if current is None or current["Id"] == base["Id"]:
+            return switch_current(line, state, line.base, "the base image (%s)" % line.base)
+        say("current becomes the base image: what runs installed and changed goes, and with it "
+            "the agents' logins, settings and sessions%s; the environment you have now stays "
+            "a snapshot" % (" too" if args.drop_config else ", but for their own files "
+                            "(~/.pi, ~/.claude, ...: carried over; --drop-config leaves them)"))
+        new, carried = (base["Id"], []) if args.drop_config else carry_config(line, current, base)
+        return switch_current(line, state, new, "the base image (%s)%s" % (
+            line.base, ", with %s of before" % ", ".join(carried) if carried else ""))
 
 
 def ask(question):
@@ -8013,8 +8091,8 @@ def drop_paths(line, state, only, paths):
                       "overlay2 on this host), so pi-agent cannot drop paths from it: "
                       "pi-recover %s saves it whole, pi-clean-orphans discards it" % (name, name))
     result = docker("run", "--rm", "-i", "--label", MINE, "--pull", "never", "--network", "none",
-                    "-u", "0", "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add", "FOWNER",
-                    "--read-only", "--security-opt", "no-new-privileges", "--log-driver",
+                    "-u", "0", "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add",
+                    "FOWNER", "--read-only", "--security-opt", "no-new-privileges", "--log-driver",
                     "none", "--entrypoint", "sh", "--mount", mount_spec(
                         info["GraphDriver"]["Data"]["UpperDir"], "/pi-agent-layer"),
                     line.base, "-c", DROP_SCRIPT, feed="\0".join(paths), check=False)
@@ -8697,7 +8775,9 @@ def build_parser():
         "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "
            "replaced current is kept as a snapshot").add_argument("snapshot", nargs="?")
-    simple("reset-system", cmd_reset_system, "make the base image current (undoable)")
+    simple("reset-system", cmd_reset_system, "make the base image current (undoable), the "
+           "agents' own files (~/.pi, ...) carried over").add_argument(
+        "--drop-config", action="store_true", help="leave the agents' own files behind too")
     reset_all = simple("reset-all", cmd_reset_all, "remove current and every snapshot")
     reset_all.add_argument("--yes", "-y", action="store_true", help="do not ask")
     reset_all.add_argument("--base", action="store_true", help="everything of yours: every "

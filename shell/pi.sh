@@ -89,6 +89,7 @@ function _pi_agent_candidates {
     pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --profile --help -- ;;
     pi-prune) printf '%s\n' --dry-run --profile --help ;;
     pi-reset-all) printf '%s\n' --yes --base --profile --help ;;
+    pi-reset-system) printf '%s\n' --drop-config --profile --help ;;
     pi-clean-orphans) printf '%s\n' --yes --profile --help ;;
     pi-rebuild-base) printf '%s\n' --no-cache --profile --help ;;
     pi-log) printf '%s\n' -n --json --profile --help ;;

@@ -508,6 +508,27 @@ def test_reset_system_prune_and_reset_all(box):
     assert box.images()["current"] == box.images()["base"]
 
 
+def test_reset_system_says_what_goes_and_keeps_the_agents_own_files(box):
+    box.ok("pi-exec sh -c 'mkdir -p ~/.pi/agent ~/.local/share/opencode && echo tok-1 > "
+           "~/.pi/agent/auth.json && echo o > ~/.local/share/opencode/auth.json && "
+           "sudo touch /usr/local/installed'")
+    box.wait_saved()
+    said = box.ok("pi-reset-system").stderr.splitlines()
+    assert "the agents' logins, settings and sessions, but for their own files" in said[0]
+    assert said[-1].startswith("pi-agent: current is now the base image (%s:base), with "
+                               "~/.pi, ~/.local/share/opencode of before" % box.repo), said
+    assert box.ok("pi-exec sh -c 'cat ~/.pi/agent/auth.json; test ! -e /usr/local/installed; "
+                  "stat -c %U ~/.local/share ~/.local/share/opencode/auth.json'").stdout == \
+        "tok-1\nagent\nagent\n"
+    facts = json.loads(box.ok("pi-diff --json --all base current").stdout)
+    assert {change["path"] for change in facts["changes"]} >= {
+        os.path.join(box.home, ".pi/agent/auth.json")}
+    box.ok("pi-rollback")  # undone: the environment as it was
+    box.ok("pi-exec test -e /usr/local/installed")
+    assert "their own files" not in box.ok("pi-reset-system --drop-config").stderr
+    assert box.images()["current"] == box.images()["base"]
+
+
 def test_nothing_is_printed_over_the_prompt_and_the_next_command_says_it(box):
     """An interactive bash on a terminal (script's): once the prompt is
     back, the background saver (and its auto-prune) prints nothing; what it

@@ -69,8 +69,9 @@ def test_two_users_of_one_engine_never_touch_each_others_images_or_runs(
         assert "UID %d" % box.user.uid in refused.stderr
         assert "PI_AGENT_IMAGE_REPO=" in refused.stderr
         assert other.ok("pi-orphans", env=shared).stdout.startswith("no left-behind")
-        for command in ("pi-clean-orphans --yes", "pi-reset-all --yes", "pi-prune 0", "pi-rollback", "pi-flatten",
-                        "pi-rebuild-base", "pi-recover", "pi-reset-system"):
+        for command in ("pi-clean-orphans --yes", "pi-reset-all --yes", "pi-prune 0",
+                        "pi-rollback", "pi-flatten", "pi-rebuild-base", "pi-recover",
+                        "pi-reset-system"):
             assert other.sh(command, env=shared).returncode == 3, command
         state = docker("inspect", "--format", "{{.State.Running}}", container).stdout
         assert state.strip() == "true", "the first user's run goes on"

@@ -199,11 +199,11 @@ add_to_rc() {
   fi
 }
 
-# Only the exact line this install added: a user's own lines that mention
-# pi-agent, and another install's line, stay.
+# Only the exact line ($2, default rc_line) this install added: a user's own
+# lines that mention pi-agent, and another install's line, stay.
 remove_from_rc() {
   rc=$1
-  line=$(rc_line)
+  line=${2:-$(rc_line)}
   [ -f "$rc" ] && grep -qxF "$line" "$rc" || return 0
   grep -vxF "$line" "$rc" >"$work/rc" || :
   if [ -s "$work/rc" ] && [ "$(cat "$work/rc")" != "$(compinit_line)" ]; then
@@ -243,8 +243,39 @@ install_bin() {
   case ":$PATH:" in
     *":$bin_dir:"*) runner=pi-agent ;;
     *) runner=$bin
-       say "$bin_dir is not on your PATH; to type pi-agent alone, add export PATH=\"$bin_dir:\$PATH\" to your shell's startup file" ;;
+       add_path ;;
   esac
+}
+
+# The line that puts the bin dir on PATH, for bash, zsh and what they start.
+path_line() {
+  # shellcheck disable=SC2016  # $PATH is for the startup file to expand
+  printf 'case ":$PATH:" in *":%s:"*) ;; *) PATH="%s:$PATH"; export PATH ;; esac  # PATH for pi-agent\n' \
+    "$bin_dir" "$bin_dir"
+}
+
+# Where the PATH line goes, as rustup puts its own: ~/.profile (login
+# shells, and so the scripts they start), ~/.bash_profile where there is
+# one (bash reads it instead), ~/.bashrc and ~/.zshenv (every zsh, scripts
+# too) for the shells you have.
+path_files() {
+  printf '%s\n' "$HOME/.profile"
+  [ -f "$HOME/.bash_profile" ] && printf '%s\n' "$HOME/.bash_profile"
+  { command -v bash >/dev/null 2>&1 || [ -f "$HOME/.bashrc" ]; } && printf '%s\n' "$HOME/.bashrc"
+  { command -v zsh >/dev/null 2>&1 || [ -f "$HOME/.zshenv" ]; } && printf '%s\n' "$HOME/.zshenv"
+  return 0
+}
+
+add_path() {
+  files=$(path_files | while IFS= read -r rc; do printf ' ~/%s' "${rc#"$HOME"/}"; done)
+  if [ "$modify_rc" = 0 ] || ! ask "$bin_dir is not on your PATH: add it (in$files), so that scripts and new shells find pi-agent?"; then
+    say "$bin_dir is not on your PATH; to type pi-agent alone, add to your shell's startup file: $(path_line)"
+    return
+  fi
+  path_files | while IFS= read -r rc; do
+    grep -qxF "$(path_line)" "$rc" 2>/dev/null || path_line >>"$rc" || err "cannot write $rc"
+  done
+  say "added $bin_dir to PATH in$files (new shells)"
 }
 
 remove_bin() {
@@ -253,6 +284,9 @@ remove_bin() {
   rm -f "$bin" || err "cannot remove $bin"
   remove_empty_dirs "$bin_dir"
   say "removed $bin"
+  for rc in "$HOME/.profile" "$HOME/.bash_profile" "$HOME/.bashrc" "$HOME/.zshenv"; do
+    remove_from_rc "$rc" "$(path_line)"
+  done
 }
 
 uninstall() {

@@ -31,6 +31,11 @@ unset _PI_AGENT_SOURCE
 # imports; pi_agent.py needs only the standard library. It is imported, not
 # run as a script, so its compiled form is cached beside it.
 function _pi_agent {
+  if [ ! -f "$_PI_AGENT_DIR/pi_agent.py" ]; then  # (a shell left open after an uninstall)
+    printf 'pi-agent: pi-agent was uninstalled (%s is gone); open a new shell, or install it again\n' \
+      "$_PI_AGENT_DIR/pi_agent.py" >&2
+    return 127
+  fi
   if [ "${_PI_AGENT_PYTHON_FOR-}" != "${PI_AGENT_PYTHON:-python3}" ] ||
      [ ! -x "${_PI_AGENT_PYTHON_BIN:-}" ]; then
     _PI_AGENT_PYTHON_BIN=$(\command "${PI_AGENT_PYTHON:-python3}" -I -S -c \

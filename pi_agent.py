@@ -1914,7 +1914,8 @@ def cover_project(fd, line, target, kind, paths):
     covers overlap it: each run writes before it looks, so of two that
     start at once, one sees the other. Busy names it."""
     holder = {"pid": os.getpid(), "kind": kind, "repo": line.name, "target": target,
-              "paths": sorted(set(paths)), "started": utc_iso(time.time())}
+              "paths": sorted(set(paths)), "started": utc_iso(time.time()),
+              "image_repo": line.repo, "profile": line.profile}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     other, other_path = overlapping_run(line.state_dir, holder)
@@ -1959,9 +1960,15 @@ def lock_project(line, target, kind, wait, paths=()):
         holder = project_holder(fd)
         if not wait and pid_alive(holder.get("pid")):
             os.close(fd)
-            raise Busy("%s is in use by %s; add --wait to wait for it%s" % (
-                target, describe_project_holder(holder), ", or join it: pi-shell"
-                if holder.get("repo") == line.name and kind in LIFECYCLE_KINDS else ""))
+            profile = holder.get("profile") if holder.get("image_repo") == line.repo else None
+            raise Busy("%s is in use by %s; %s" % (
+                target, describe_project_holder(holder), "add --wait to wait for it, or join "
+                "it: pi-shell" if holder.get("repo") == line.name and kind in LIFECYCLE_KINDS
+                else "%s --profile %s joins it (add --wait to wait for it instead)" % (
+                    "pi" if kind == holder.get("kind") == "run" else "pi-shell",
+                    profile or DEFAULT_PROFILE)
+                if isinstance(profile, str) and kind in JOINABLE_KINDS else
+                "add --wait to wait for it"))
         # (a holder that is gone left the end of its run to its saver)
         say("waiting for %s ..." % describe_project_holder(holder))
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -4432,7 +4439,7 @@ def describe_origin(image):
     kind = labels.get(LABEL + "kind") or "run"
     target = labels.get(LABEL + "target") or "?"
     if kind == "prepare":
-        return "the agent's directories above %s" % target
+        return "pi-agent, making the directories above %s the agent's" % target
     if kind == "reset":
         return "the base image, and the agents' own files of before"
     status = labels.get(LABEL + "exit_status") or "?"
@@ -7569,6 +7576,10 @@ def status_facts(config, line):
                                 ("pid", "kind", "phase", "target", "started", "saver_pid")}
     facts["lock_holder"] = holder is not None and describe_holder(holder) or None
     facts["notice"] = state.get("notice")
+    free = engine_free_space() if config.save_limit is None else None
+    facts["save_limit"] = None if config.save_limit is not None else \
+        "%s, half the engine's free space" % human_size(free // 2) if free is not None else \
+        "%s (the engine's free space is not known here)" % human_size(SAVE_FALLBACK_LIMIT)
     left = [row["names"] for row in leftover_containers(line)]
     facts["waiting"] = {name: entry for name, entry in (state.get("waiting") or {}).items()
                         if name in left}
@@ -7591,6 +7602,9 @@ def print_status(config, line, facts):
     rows = [(name, config.raw[name] if len(config.raw[name]) <= 60 else
              config.raw[name][:57] + "...", "(%s)" % config.sources[name])
             for name, _d, _m in SETTINGS]
+    if facts["save_limit"]:  # (empty: the engine's free space says)
+        rows[[row[0] for row in rows].index("PI_AGENT_SAVE_LIMIT")] = (
+            "PI_AGENT_SAVE_LIMIT", facts["save_limit"], "(default)")
     print_table(rows)
     sys.stdout.flush()
     for problem in facts["problems"]:
@@ -7636,13 +7650,14 @@ def print_status(config, line, facts):
               "pi-reset-system starts current afresh from it; your environment stays a snapshot)"
               % "; ".join(facts["drift"]))
     print("\nlock: %s" % printable(facts["lock_holder"] or "free"))
-    if facts["notice"]:
+    waiting = [waiting_message(name, entry) for name, entry in facts["waiting"].items()]
+    if facts["notice"] and facts["notice"] not in waiting:
         print("notice: %s" % printable(facts["notice"]))
     if facts["left_behind"]:
         print("left-behind containers: %d (see pi-orphans; the next pi recovers them)"
               % facts["left_behind"])
-    for name, entry in facts["waiting"].items():
-        print("waiting: %s" % printable(waiting_message(name, entry)))
+    for message in waiting:
+        print("waiting: %s" % printable(message))
     target = facts["target"]
     if target["path"] is None:
         print("target: none here: %s" % printable(target["why_not"]))
@@ -7718,7 +7733,7 @@ def cmd_snapshots(args):
                                          next_run.get(snap["tag"])) for snap in snaps],
                          indent=1, sort_keys=True))
         return 0
-    rows = [("", "NAME (KEPT AT, UTC)", "STATE MADE", "SIZE", "MADE BY", "THE RUN FROM IT")]
+    rows = [("", "NAME (KEPT AT, UTC)", "CREATED", "SIZE", "MADE BY", "REPLACED BY (THE RUN)")]
     for snap in snaps:
         image = by_id.get(snap["id"]) or {}
         record = next_run.get(snap["tag"])
@@ -7731,8 +7746,9 @@ def cmd_snapshots(args):
                          max(record.get("bytes_added") or 0, 0))) if record else "-"))
     print_table(rows)
     print_pruned(line)
-    print("A snapshot is named for when it was kept (the start of the run, or the rollback, "
-          "that replaced it); STATE MADE is when that state was made.")
+    print("A snapshot keeps the environment as it was before a change: it is named for when "
+          "that change (a run, a rollback) began; CREATED is when the state itself was made, by "
+          "what MADE BY says; REPLACED BY is the run that started from it.")
     if any(row[0] for row in rows):
         print("* is current's image: pi-rollback to it changes nothing.")
     return 0
@@ -8001,7 +8017,11 @@ def cmd_prune(args):
     say("%s %s%s, keeping the %d newest%s" % (
         "would remove" if args.dry_run else "removed", plural(len(doomed), "snapshot"),
         (" (" + " ".join(s["tag"] for s in doomed) + ")") if doomed else "", keep,
-        "; that would free about %s" % human_size(freed) if args.dry_run else ""))
+        "; that would free about %s%s" % (human_size(freed), " (what they hold is in what "
+                                          "stays too: current, base or other snapshots)"
+                                          if doomed and not freed else " (layers shared with "
+                                          "what stays are not counted)" if doomed else "")
+        if args.dry_run else ""))
     return 0
 
 
@@ -8015,7 +8035,11 @@ def cmd_flatten(args):
         if layers <= 1:
             say("%s has a single layer already" % line.current)
             return 0
-        started = time.monotonic()
+        started, base = time.monotonic(), inspect_image(line.base)
+        below = ((base or {}).get("RootFS") or {}).get("Layers") or []
+        if below and current["RootFS"]["Layers"][:len(below)] == below:
+            say("the flattened current shares no layer with the base, as the layered one does: "
+                "it takes about %s more disk" % human_size(base.get("Size") or 0))
         kept = flatten_current(line, state, current, progress=sys.stderr.isatty())
         say("flattened %s: %d layers into 1 in %.0f s; the layered image is kept as %s "
             "(undo: pi-rollback %s; pi-prune frees its space)"
@@ -8026,11 +8050,19 @@ def cmd_flatten(args):
 def cmd_orphans(args):
     line = profile_line(args)
     rows = leftover_containers(line, sizes=True)
+    waiting = line.read_state().get("waiting") or {}
+    if args.json:
+        print(json.dumps([{"container": row["names"], "id": row.get("id"),
+                           "created": row.get("createdat"), "started": row.get("started") or None,
+                           "target": row.get("target") or None, "kind": row.get("kind") or None,
+                           "state": row.get("state"), "size": row.get("size"),
+                           "waiting": waiting.get(row["names"])} for row in rows],
+                         indent=1, sort_keys=True))
+        return 0
     if not rows:
         print("no left-behind containers of %s" % line.name)
         return 0
     table = [("CONTAINER", "AGE", "TARGET", "STATE", "CHANGES")]
-    waiting = line.read_state().get("waiting") or {}
     for row in rows:
         table.append((row["names"], row.get("runningfor", ""), row.get("target", ""),
                       "waiting" if row["names"] in waiting else row.get("state", ""),
@@ -8268,6 +8300,8 @@ def delete_profile(config, name, yes):
 
 def cmd_branch(args):
     config = Config(profile=args.profile)
+    if args.json and (args.delete is not None or args.name):
+        raise PiError("pi-branch: --json is for the list (pi-branch --json)", EXIT_USAGE)
     if args.delete is not None:
         if args.name or args.source:
             raise PiError("pi-branch: --delete NAME takes nothing else", EXIT_USAGE)
@@ -8277,7 +8311,18 @@ def cmd_branch(args):
         if args.source:
             raise PiError("pi-branch: --from needs the NAME of the profile to make", EXIT_USAGE)
         rows = [("", "PROFILE", "CURRENT", "SIZE", "SNAPSHOTS", "LAST USED")]
-        for name, entry in sorted(list_profiles(config).items()):
+        found = sorted(list_profiles(config).items())
+        if args.json:
+            print(json.dumps([{
+                "profile": name or DEFAULT_PROFILE, "in_use": name == config.profile,
+                "current": entry["current"] and Line(config.for_profile(name)).current,
+                "id": entry["current"] and entry["current"]["Id"],
+                "size": entry["current"] and entry["current"]["Size"],
+                "snapshots": entry["snapshots"],
+                "used": utc_iso(entry["used"]) if entry["used"] else None}
+                for name, entry in found], indent=1, sort_keys=True))
+            return 0
+        for name, entry in found:
             line = Line(config.for_profile(name))
             rows.append(("*" if name == config.profile else "", name or DEFAULT_PROFILE,
                          line.current if entry["current"] else "(none yet)",
@@ -8447,6 +8492,11 @@ def cmd_worktree(args):
                                         argv=args.argv), "run", args.argv)
 
 
+# pi-log's words for a record's ended_by.
+SAVED_WORDS = {"run": "as it ended", "interrupted": "interrupted", "recovered": "recovered later",
+               "failed commit": "no: failed", "waiting": "no: too big"}
+
+
 def cmd_log(args):
     line = profile_line(args)
     wait_for_save(line)
@@ -8462,7 +8512,7 @@ def cmd_log(args):
         print("no runs of %s saved yet" % line.name)
         return 0
     rows = [("STARTED", "KIND", "EXIT", "ADDED", "PATHS +/~/-", "COMMITS", "SNAPSHOT",
-             "ENDED BY", "TARGET")]
+             "SAVED", "TARGET")]
     for record in records:
         added, paths = record.get("bytes_added"), record["paths"]
         rows.append((local_time(record.get("started")), printable(str(record.get("kind"))),
@@ -8473,7 +8523,8 @@ def cmd_log(args):
                      str(record["commits_total"]) if isinstance(record.get("commits_total"), int)
                      else "-",
                      printable(str(record.get("snapshot") or "-")),
-                     printable(str(record.get("ended_by"))),
+                     SAVED_WORDS.get(record.get("ended_by")) or printable(str(record.get(
+                         "ended_by"))),
                      printable(str(record.get("target")))))
     print_table(rows)
     print_pruned(line)
@@ -8790,7 +8841,9 @@ def build_parser():
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
     simple("flatten", cmd_flatten, "rewrite current as a single layer (same files, same "
            "config); the layered image is kept as a snapshot")
-    simple("orphans", cmd_orphans, "list containers that interrupted runs left behind")
+    simple("orphans", cmd_orphans, "list containers that interrupted runs left behind"
+           ).add_argument("--json", action="store_true",
+                          help="as JSON (docs/commands.md gives its shape)")
     recover = simple("recover", cmd_recover, "save left-behind containers into current now")
     recover.usage = "pi-recover [--profile NAME] [--drop PATH ...] [CONTAINER]"
     recover.add_argument("container", nargs="?")
@@ -8822,6 +8875,8 @@ def build_parser():
                         "(default: the selected profile's current)")
     branch.add_argument("--delete", metavar="NAME", help="delete this profile (asks first)")
     branch.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    branch.add_argument("--json", action="store_true",
+                        help="the list as JSON (docs/commands.md gives its shape)")
     worktree = simple("worktree", cmd_worktree, "run pi in a worktree of its own, ../REPO-NAME "
                       "on branch agent/NAME, with profile NAME (made from the selected one)")
     worktree.usage = "pi-worktree [OPTIONS] NAME [BASE] [-- AGENT ARGS]\n" \

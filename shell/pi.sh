@@ -90,7 +90,7 @@ function _pi_agent_candidates {
     pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --profile --help ;;
     pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --drop --profile --help ;;
     pi-branch) _pi_agent complete profiles 2>/dev/null
-      printf '%s\n' --from --delete --yes --profile --help ;;
+      printf '%s\n' --from --delete --yes --json --profile --help ;;
     pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --profile --help -- ;;
     pi-prune) printf '%s\n' --dry-run --profile --help ;;
     pi-reset-all) printf '%s\n' --yes --base --profile --help ;;
@@ -100,7 +100,7 @@ function _pi_agent_candidates {
     pi-log) printf '%s\n' -n --json --profile --help ;;
     pi-diff) _pi_agent complete snapshots 2>/dev/null
       printf '%s\n' current base --all --json --profile --help ;;
-    pi-status|pi-snapshots) printf '%s\n' --json --profile --help ;;
+    pi-status|pi-snapshots|pi-orphans) printf '%s\n' --json --profile --help ;;
     *) printf '%s\n' --profile --help ;;
   esac
 }

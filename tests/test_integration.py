@@ -237,7 +237,8 @@ def test_a_first_run_below_home_that_changes_nothing_leaves_no_snapshot(box):
     box.ok("pi-exec true", cwd=project)  # from base again: ~/src again, still no snapshot
     box.ok("pi-rollback")  # so this undoes the reset
     box.ok("pi-exec test -e ~/kept")
-    assert "the agent's directories above %s" % project in box.ok("pi-snapshots").stdout
+    assert "pi-agent, making the directories above %s the agent's" % project in \
+        box.ok("pi-snapshots").stdout
 
 
 def test_new_directories_above_a_project_in_home_belong_to_the_agent(box):

@@ -1,6 +1,7 @@
 """Agents side by side, against the real engine: profiles (image lines of
 their own), pi-branch, pi-worktree, and sessions that join a running run."""
 
+import json
 import os
 import re
 import signal
@@ -110,6 +111,13 @@ def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):
         assert busy.returncode == 5
         assert "pi-branch" in busy.stderr and "pi-worktree" in busy.stderr
         assert busy.stderr.count("\n") == 1
+    box.ok("pi-branch b")
+    with box.running("pi-exec --profile b sh -c 'touch ready2; "
+                     "while [ ! -e go2 ]; do sleep 0.1; done'"):
+        assert wait_until(lambda: in_project(box.project, "ready2"), timeout=60)
+        busy = box.sh("pi-shell </dev/null")  # where a run of another profile is
+        assert busy.returncode == 5 and busy.stderr.count("\n") == 1
+        assert "pi-shell --profile b joins it" in busy.stderr, busy.stderr
 
 
 def test_a_profile_must_be_made_first_and_names_are_checked(box):
@@ -139,6 +147,11 @@ def test_pi_branch_copies_a_snapshot_as_a_tag_and_lists_and_deletes(box):
     listing = box.ok("pi-branch").stdout
     for name in ("default", "old", "fresh", "copy"):
         assert re.search(r"^\*?\s+%s\s+%s:" % (name, box.repo), listing, re.M), listing
+    listed = {entry["profile"]: entry for entry in json.loads(box.ok("pi-branch --json").stdout)}
+    assert sorted(listed) == ["copy", "default", "fresh", "old"] and listed["default"]["in_use"]
+    assert listed["old"]["current"] == box.repo + ":old-current"
+    assert listed["old"]["id"].startswith("sha256:" + images["old-current"])
+    assert listed["default"]["snapshots"] == 2 and listed["old"]["snapshots"] == 0
     images = tags(box)
     assert images["fresh-current"] == images["base"]
     assert images["copy-current"] == images["old-current"]

@@ -15,8 +15,9 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-diff [SNAPSHOT | A B]         diff          what runs changed: packages, paths
  Undo:
   pi-rollback [SNAPSHOT]           rollback      current := a snapshot (undoable)
-  pi-reset-system                  reset-system  current := base (undoable)
-  pi-reset-all [--yes]             reset-all     remove current and all snapshots
+  pi-reset-system                  reset-system  current := base (undoable), agents' files kept
+  pi-reset-all [--yes] [--base]    reset-all     remove current and all snapshots
+                                                 (--base: all of yours, base too)
  Side by side:
   pi-branch [NAME [--from X]]      branch        list profiles; make one (a copy)
   pi-branch --delete NAME          branch        delete a profile

@@ -7905,10 +7905,11 @@ def purge(line, yes):
     there); never what carries another UID."""
     config, key, held = line.config, line.key, []
 
-    def files():
+    def files():  # (the line's, Line's names, of every profile: not another repository's)
+        mine = re.compile(re.escape(key) + r"(?:@[a-z0-9][a-z0-9_.-]*)?\.(?:lock|json|log|log\.1|"
+                          r"sessions\.jsonl|agents\.json|runs)")
         try:
-            return sorted(name for name in os.listdir(config.state_dir)
-                          if name.startswith((key + ".", key + "@")))
+            return sorted(name for name in os.listdir(config.state_dir) if mine.fullmatch(name))
         except FileNotFoundError:
             return []
     profiles = [name[len(key) + 1:-len(".lock")] for name in files()

@@ -6865,8 +6865,12 @@ def leftover_containers(line, sizes=False):
 
 def recover_container(line, state, row):
     """Save one left-behind container (see save_run). Returns a line for
-    the user."""
+    the user. One still running (its wrapper gone: leftover_containers) is
+    stopped first, as `docker stop` does it: no running container is
+    removed."""
     name = row["names"]
+    if row.get("state") == "running":
+        docker("stop", "--time", str(STOP_GRACE), name, check=False)
     current = inspect_image(line.current)
     if image_labels(current).get(LABEL + "container") == name:
         show_notes(line, teardown(line, [name], state, check=True))
@@ -8167,6 +8171,9 @@ def cmd_clean_orphans(args):
         confirm("discard %d left-behind containers (%s)? What their runs changed in the "
                 "environment is lost; project files are not touched."
                 % (len(names), ", ".join(names)), args.yes)
+        running = [row["names"] for row in rows if row.get("state") == "running"]
+        if running:  # (its wrapper gone: see leftover_containers)
+            docker("stop", "--time", str(STOP_GRACE), *running, check=False)
         show_notes(line, teardown(line, names, state, check=True))
         state.pop("failed", None)
         state.pop("notice", None)

@@ -2,13 +2,15 @@
 # pi-agent installer. POSIX sh; safe under `curl -fsSL URL | sh`: nothing
 # runs until the last line, so a cut-off download does nothing.
 #
-#   ./install.sh [-y] [--no-modify-rc] [--no-bin] [--from DIR|TARBALL] [--uninstall]
+#   ./install.sh [-y] [--no-modify-rc] [--no-bin] [--from DIR|TARBALL] [--uninstall [--purge]]
 #
 #   -y               no questions (add the source line to every shell's rc)
 #   --no-modify-rc   leave ~/.bashrc and ~/.zshrc alone
 #   --no-bin         no pi-agent command (for scripts and CI) in the bin dir
 #   --from SRC       install from a checkout or a release tarball (offline)
 #   --uninstall      remove the installed files, the command, the source lines
+#   --purge          with --uninstall: your images (base too), containers, state
+#                    and settings as well (only yours: pi-reset-all --base)
 #
 # Settings: PI_AGENT_VERSION (the release to download, default the one this
 # installer was made with; main for the newest, unreleased code),
@@ -197,11 +199,11 @@ add_to_rc() {
   fi
 }
 
-# Only the exact line this install added: a user's own lines that mention
-# pi-agent, and another install's line, stay.
+# Only the exact line ($2, default rc_line) this install added: a user's own
+# lines that mention pi-agent, and another install's line, stay.
 remove_from_rc() {
   rc=$1
-  line=$(rc_line)
+  line=${2:-$(rc_line)}
   [ -f "$rc" ] && grep -qxF "$line" "$rc" || return 0
   grep -vxF "$line" "$rc" >"$work/rc" || :
   if [ -s "$work/rc" ] && [ "$(cat "$work/rc")" != "$(compinit_line)" ]; then
@@ -241,8 +243,39 @@ install_bin() {
   case ":$PATH:" in
     *":$bin_dir:"*) runner=pi-agent ;;
     *) runner=$bin
-       say "$bin_dir is not on your PATH; to type pi-agent alone, add export PATH=\"$bin_dir:\$PATH\" to your shell's startup file" ;;
+       add_path ;;
   esac
+}
+
+# The line that puts the bin dir on PATH, for bash, zsh and what they start.
+path_line() {
+  # shellcheck disable=SC2016  # $PATH is for the startup file to expand
+  printf 'case ":$PATH:" in *":%s:"*) ;; *) PATH="%s:$PATH"; export PATH ;; esac  # PATH for pi-agent\n' \
+    "$bin_dir" "$bin_dir"
+}
+
+# Where the PATH line goes, as rustup puts its own: ~/.profile (login
+# shells, and so the scripts they start), ~/.bash_profile where there is
+# one (bash reads it instead), ~/.bashrc and ~/.zshenv (every zsh, scripts
+# too) for the shells you have.
+path_files() {
+  printf '%s\n' "$HOME/.profile"
+  [ -f "$HOME/.bash_profile" ] && printf '%s\n' "$HOME/.bash_profile"
+  { command -v bash >/dev/null 2>&1 || [ -f "$HOME/.bashrc" ]; } && printf '%s\n' "$HOME/.bashrc"
+  { command -v zsh >/dev/null 2>&1 || [ -f "$HOME/.zshenv" ]; } && printf '%s\n' "$HOME/.zshenv"
+  return 0
+}
+
+add_path() {
+  files=$(path_files | while IFS= read -r rc; do printf ' ~/%s' "${rc#"$HOME"/}"; done)
+  if [ "$modify_rc" = 0 ] || ! ask "$bin_dir is not on your PATH: add it (in$files), so that scripts and new shells find pi-agent?"; then
+    say "$bin_dir is not on your PATH; to type pi-agent alone, add to your shell's startup file: $(path_line)"
+    return
+  fi
+  path_files | while IFS= read -r rc; do
+    grep -qxF "$(path_line)" "$rc" 2>/dev/null || path_line >>"$rc" || err "cannot write $rc"
+  done
+  say "added $bin_dir to PATH in$files (new shells)"
 }
 
 remove_bin() {
@@ -251,9 +284,20 @@ remove_bin() {
   rm -f "$bin" || err "cannot remove $bin"
   remove_empty_dirs "$bin_dir"
   say "removed $bin"
+  for rc in "$HOME/.profile" "$HOME/.bash_profile" "$HOME/.bashrc" "$HOME/.zshenv"; do
+    remove_from_rc "$rc" "$(path_line)"
+  done
 }
 
 uninstall() {
+  # First, while pi_agent.py is there: what stops it (a run under way, the
+  # engine down) stops the uninstall, with nothing removed.
+  if [ "$purge" = 1 ]; then
+    [ -f "$dest/pi_agent.py" ] ||
+      err "--purge: nothing installed at $dest to purge with (PI_AGENT_HOME says which install)"
+    "$python" -I -S -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); import pi_agent; sys.exit(pi_agent.main())' \
+      "$dest" reset-all --base --yes || err "nothing uninstalled: your images could not be removed (see above)"
+  fi
   for rc in "$HOME/.bashrc" "$HOME/.zshrc"; do
     remove_from_rc "$rc"
   done
@@ -273,12 +317,16 @@ c = pi_agent.Config(lenient=True); print(c.image_repo); print(c.state_dir)' "$de
     say "nothing installed at $dest"
   fi
   config=${PI_AGENT_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/pi-agent/config}
-  repo=${repo:-${PI_AGENT_IMAGE_REPO:-pi-agent}}
-  state=${state:-${PI_AGENT_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/pi-agent}}
-  say "your environments are kept; to remove them too:"
-  say "  docker images $(quote "$repo") --format '{{.Repository}}:{{.Tag}}' | xargs -r docker rmi; rm -r $(quote "$state")"
   # A PI_AGENT_CONFIG file may sit in a directory that holds other things.
   [ -n "${PI_AGENT_CONFIG:-}" ] || config=$(dirname "$config")
+  if [ "$purge" = 1 ]; then
+    [ -e "$config" ] && rm -r "$config" && say "removed your settings, $config"
+    return
+  fi
+  repo=${repo:-${PI_AGENT_IMAGE_REPO:-pi-agent-$(id -un)}}
+  state=${state:-${PI_AGENT_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/pi-agent}}
+  say "your environments are kept (--uninstall --purge removes them); to remove them by hand (yours only):"
+  say "  docker images $(quote "$repo") --filter label=pi-agent.uid=$(id -u) --format '{{.Repository}}:{{.Tag}}' | xargs -r docker rmi; rm -r $(quote "$state")"
   if [ -e "$config" ]; then
     say "and your settings, which are yours to keep or remove: rm -r $(quote "$config")"
   fi
@@ -289,6 +337,7 @@ main() {
   modify_rc=1
   with_bin=1
   uninstall=0
+  purge=0
   from=""
   while [ $# -gt 0 ]; do
     case $1 in
@@ -296,14 +345,16 @@ main() {
       --no-modify-rc) modify_rc=0 ;;
       --no-bin) with_bin=0 ;;
       --uninstall) uninstall=1 ;;
+      --purge) purge=1 ;;
       --from) [ $# -ge 2 ] || err "--from needs a directory or tarball"; from=$2; shift ;;
       --from=*) from=${1#--from=} ;;
-      -h|--help) sed -n '2,18s/^# \{0,1\}//p' "$0" 2>/dev/null || say "see README.md"; return 0 ;;
+      -h|--help) sed -n '2,20s/^# \{0,1\}//p' "$0" 2>/dev/null || say "see README.md"; return 0 ;;
       *) err "unknown option $1 (see --help)" ;;
     esac
     shift
   done
   [ -n "${HOME:-}" ] || err "HOME is not set"
+  [ "$purge" = 0 ] || [ "$uninstall" = 1 ] || err "--purge goes with --uninstall"
   python=${PI_AGENT_PYTHON:-python3}
   dest=${PI_AGENT_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/pi-agent}
   bin_dir=${PI_AGENT_BIN_DIR:-$HOME/.local/bin}

@@ -15,8 +15,9 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-diff [SNAPSHOT | A B]         diff          what runs changed: packages, paths
  Undo:
   pi-rollback [SNAPSHOT]           rollback      current := a snapshot (undoable)
-  pi-reset-system                  reset-system  current := base (undoable)
-  pi-reset-all [--yes]             reset-all     remove current and all snapshots
+  pi-reset-system                  reset-system  current := base (undoable), agents' files kept
+  pi-reset-all [--yes] [--base]    reset-all     remove current and all snapshots
+                                                 (--base: all of yours, base too)
  Side by side:
   pi-branch [NAME [--from X]]      branch        list profiles; make one (a copy)
   pi-branch --delete NAME          branch        delete a profile
@@ -85,8 +86,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Every setting: name, default, meaning. Defaults in <> are computed.
 SETTINGS = (
-    ("PI_AGENT_IMAGE_REPO", "pi-agent",
-     "image repository: REPO:base, REPO:current, REPO:snap-*"),
+    ("PI_AGENT_IMAGE_REPO", "<pi-agent-NAME, NAME your login name>",
+     "image repository: REPO:base, REPO:current, REPO:snap-* (one per user: users of one "
+     "engine never share one)"),
     ("PI_AGENT_PROFILE", "",
      "the environment's profile: an image line of its own, REPO:NAME-current and "
      "REPO:NAME-snap-* (empty: REPO:current; pi-branch makes one; --profile NAME for one "
@@ -189,6 +191,12 @@ AGENTS = {
                   "OPENROUTER_API_KEY")),
 }
 
+# Each agent's own files in its home: its login, settings and sessions,
+# which pi-reset-system carries over to the new current (unless told not to).
+AGENT_CONFIG = {"pi": (".pi",), "claude": (".claude", ".claude.json"), "codex": (".codex",),
+                "aider": (".aider", ".aider.conf.yml"),
+                "opencode": (".config/opencode", ".local/share/opencode")}
+
 # Set empty inside, and refused in PI_AGENT_PASS_ENV: they open doors
 # outside the container (accounts, agents, the Docker engine).
 CREDENTIAL_ENV = (
@@ -245,6 +253,16 @@ SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
 DEFAULT_PROFILE = "default"
 PROFILE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
 LABEL = "pi-agent."
+# Every container and image pi-agent makes carries its user's UID here, and
+# what a command changes or removes (recovery, orphans, prune, reset) is
+# only what carries the user's own: users of one engine never touch each
+# other's (by accident: anyone with the engine can set any label).
+OWNER_LABEL = LABEL + "uid"
+# The repository all users of an engine shared before each had one: a user
+# whose state directory holds its files keeps it (their environments are
+# there), as long as its images are theirs (check_owner).
+SHARED_REPO = "pi-agent"
+MINE = "%s=%d" % (OWNER_LABEL, os.getuid())  # (as --label and --filter label= take it)
 # The labels a run puts on its container. The engine copies container labels
 # into the committed image, so the save overwrites each with its image value;
 # only the wrapper pid, meaningless on an image, becomes empty. An empty pid
@@ -925,6 +943,28 @@ def read_ca_certs(value):
     return text
 
 
+def own_repo():
+    """pi-agent-NAME, NAME the login name (uidUID where that is no repository
+    name): an image repository of the user's own."""
+    try:
+        import pwd
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        name = ""
+    if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", name) or len(name) > 64:
+        name = "uid%d" % os.getuid()
+    return "pi-agent-" + name
+
+
+def default_repo(state_dir):
+    """PI_AGENT_IMAGE_REPO's default: the user's own repository, or the
+    shared one of earlier versions where the user has used it."""
+    if any(os.path.exists(os.path.join(state_dir, SHARED_REPO + suffix))
+           for suffix in (".lock", ".json")):
+        return SHARED_REPO
+    return own_repo()
+
+
 class Config:
     """The effective settings. Precedence: defaults < the config file <
     the environment < command-line flags; `sources` says where each came from."""
@@ -951,6 +991,8 @@ class Config:
                 raw[name], self.sources[name] = self._default(name, default, environ), "default"
         if profile is not None:
             raw["PI_AGENT_PROFILE"], self.sources["PI_AGENT_PROFILE"] = profile, "--profile"
+        if self.sources["PI_AGENT_IMAGE_REPO"] == "default":
+            raw["PI_AGENT_IMAGE_REPO"] = default_repo(raw["PI_AGENT_STATE_DIR"])
         self.raw = raw
         self._preset(agent)
         for _attempt in SETTINGS:
@@ -966,8 +1008,9 @@ class Config:
                 if not lenient or name not in raw or self.sources[name] == "default":
                     raise err
                 self.problems.append(str(err))
-                raw[name] = self._default(name, dict((n, d) for n, d, _ in SETTINGS)[name],
-                                          environ)
+                raw[name] = default_repo(raw["PI_AGENT_STATE_DIR"]) \
+                    if name == "PI_AGENT_IMAGE_REPO" else \
+                    self._default(name, dict((n, d) for n, d, _ in SETTINGS)[name], environ)
                 self.sources[name] = "default, as the value is bad"
                 self._preset(None)
         global _trace_file, _engine_setting
@@ -1397,9 +1440,10 @@ class DockerCall:
         return result
 
 
-def docker_shown(*args):
+def docker_shown(*args, lines=None):
     """`docker ARGS` with its output (both streams) shown on our stderr as
-    it comes, as progress; its last lines make the error it raises."""
+    it comes, as progress; its last lines make the error it raises. Every
+    line is added to `lines` too, if given."""
     import collections
     call = DockerCall(args, capture=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = collections.deque(maxlen=20)
@@ -1407,6 +1451,8 @@ def docker_shown(*args):
         sys.stderr.buffer.write(raw)
         sys.stderr.flush()
         tail.append(raw.decode("utf-8", "replace"))
+        if lines is not None:
+            lines.append(tail[-1])
     result = call.finish(check=False)
     if result.returncode != 0:
         raise docker_failure(args, "".join(tail))
@@ -1940,7 +1986,8 @@ class Line:
     def owns(self, labels):
         """A container or image of this line's, by its labels."""
         return labels.get(LABEL + "repo") == self.repo and \
-            (labels.get(LABEL + "profile") or "") == self.profile
+            (labels.get(LABEL + "profile") or "") == self.profile and \
+            labels.get(OWNER_LABEL) == str(os.getuid())
 
     def read_state(self):
         try:
@@ -2233,7 +2280,8 @@ def cover_project(fd, line, target, kind, paths):
     covers overlap it: each run writes before it looks, so of two that
     start at once, one sees the other. Busy names it."""
     holder = {"pid": os.getpid(), "kind": kind, "repo": line.name, "target": target,
-              "paths": sorted(set(paths)), "started": utc_iso(time.time())}
+              "paths": sorted(set(paths)), "started": utc_iso(time.time()),
+              "image_repo": line.repo, "profile": line.profile}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     other, other_path = overlapping_run(line.state_dir, holder)
@@ -2278,9 +2326,15 @@ def lock_project(line, target, kind, wait, paths=()):
         holder = project_holder(fd)
         if not wait and pid_alive(holder.get("pid")):
             os.close(fd)
-            raise Busy("%s is in use by %s; add --wait to wait for it%s" % (
-                target, describe_project_holder(holder), ", or join it: pi-shell"
-                if holder.get("repo") == line.name and kind in LIFECYCLE_KINDS else ""))
+            profile = holder.get("profile") if holder.get("image_repo") == line.repo else None
+            raise Busy("%s is in use by %s; %s" % (
+                target, describe_project_holder(holder), "add --wait to wait for it, or join "
+                "it: pi-shell" if holder.get("repo") == line.name and kind in LIFECYCLE_KINDS
+                else "%s --profile %s joins it (add --wait to wait for it instead)" % (
+                    "pi" if kind == holder.get("kind") == "run" else "pi-shell",
+                    profile or DEFAULT_PROFILE)
+                if isinstance(profile, str) and kind in JOINABLE_KINDS else
+                "add --wait to wait for it"))
         # (a holder that is gone left the end of its run to its saver)
         say("waiting for %s ..." % describe_project_holder(holder))
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -4464,8 +4518,8 @@ def give_back(line, root, paths, uid, gid):
                 "-R %d:%d %s" % (path or ".", line.base, uid, gid, os.path.join(root, path))
                 for path in paths]
     engine = line.engine
-    docker("run", "--rm", "-i", "--network", "none", "-u", "0", *engine.run_args(),
-           "--cap-drop", "ALL", "--cap-add", "CHOWN", "--cap-add", "FOWNER",
+    docker("run", "--rm", "-i", "--label", MINE, "--network", "none", "-u", "0",
+           *engine.run_args(), "--cap-drop", "ALL", "--cap-add", "CHOWN", "--cap-add", "FOWNER",
            "--cap-add", "DAC_OVERRIDE", "--entrypoint", "sh", "-w", "/pi-agent-fix",
            "--mount", mount_spec(root, "/pi-agent-fix"), base["Id"],
            "-c", 'exec xargs -0 -r sh -c "$1" "$0"', "%d:%d" % engine.inside(uid, gid),
@@ -4776,7 +4830,9 @@ def describe_origin(image):
     kind = labels.get(LABEL + "kind") or "run"
     target = labels.get(LABEL + "target") or "?"
     if kind == "prepare":
-        return "the agent's directories above %s" % target
+        return "pi-agent, making the directories above %s the agent's" % target
+    if kind == "reset":
+        return "the base image, and the agents' own files of before"
     status = labels.get(LABEL + "exit_status") or "?"
     return "%s in %s (exit %s)" % (kind, target, status)
 
@@ -4813,7 +4869,8 @@ def base_labels(config, values):
     return {LABEL + "base_image": config.base_image,
             LABEL + "dockerfile": dockerfile_digest(config.dockerfile) or "",
             LABEL + "ca_certs": text_digest(config.ca_certs)[:16] if config.ca_certs else "none",
-            LABEL + "uid": values["AGENT_UID"], LABEL + "home": values["AGENT_HOME"]}
+            OWNER_LABEL: str(os.getuid()), LABEL + "agent_uid": values["AGENT_UID"],
+            LABEL + "home": values["AGENT_HOME"]}
 
 
 def base_drift(config, base, engine):
@@ -4824,12 +4881,24 @@ def base_drift(config, base, engine):
     said = {"base_image": "PI_AGENT_BASE_IMAGE is {now}, the base was built FROM {then}",
             "dockerfile": "the Dockerfile ({path}) has changed since the base was built",
             "ca_certs": "PI_AGENT_CA_CERTS names other certificates than the base was built with",
-            "uid": "the agent's UID is {now} here (see pi-status's engine), the base was built "
+            "agent_uid": "the agent's UID is {now} here (see pi-status's engine), the base was built "
                    "for UID {then}",
             "home": "your home is {now}, the base was built for {then}"}
     return [text.format(now=wanted[LABEL + key], then=built[LABEL + key], path=config.dockerfile)
             for key, text in said.items() if built.get(LABEL + key) and wanted[LABEL + key]
             and built[LABEL + key] != wanted[LABEL + key]]
+
+
+def remove_failed_build(output):
+    """Remove what a failed build left (docker's classic builder keeps each
+    finished step as an image: the last, untagged, holds them all), as its
+    output names it; returns its size (0: nothing)."""
+    ids = re.findall(r"^ ---> ([0-9a-f]{12,64})\s*$", "".join(output), re.M)
+    left = inspect_image(ids[-1]) if len(ids) > 1 and ids[-1] != ids[0] else None
+    if left is None or left.get("RepoTags") or \
+            docker("rmi", left["Id"], check=False).returncode != 0:
+        return 0
+    return left.get("Size") or 1
 
 
 def build_base(line, no_cache=False, first=True):
@@ -4840,9 +4909,8 @@ def build_base(line, no_cache=False, first=True):
                        "pi-agent" % dockerfile)
     values = build_args(line.engine)
     labels = dict(base_labels(config, values), **{LABEL + "repo": line.repo})
-    args = ["build", *image_format(), "-t", line.base, "--build-arg",
-            "BASE_IMAGE=" + config.base_image,
-            "-f", dockerfile] + label_args(labels)
+    args = ["build", "--force-rm", *image_format(), "-t", line.base, "--build-arg",
+            "BASE_IMAGE=" + config.base_image, "-f", dockerfile] + label_args(labels)
     for name, value in values.items():
         args += ["--build-arg", "%s=%s" % (name, value)]
     if config.ca_certs:
@@ -4855,22 +4923,46 @@ def build_base(line, no_cache=False, first=True):
     args.append(os.path.dirname(dockerfile))
     say("%sbuilding %s from %s, FROM %s (this takes a few minutes)"
         % ("first use: " if first else "", line.base, dockerfile, config.base_image))
-    started = time.monotonic()
+    started, output = time.monotonic(), []
     try:
         if sys.stderr.isatty():
-            docker_shown(*args)  # docker's own output is the progress
+            docker_shown(*args, lines=output)  # docker's own output is the progress
         else:
-            docker(*args[:1], "-q", *args[1:])
+            result = docker(*args, check=False)
+            output = [result.stdout]
+            if result.returncode != 0:
+                raise docker_failure(args, result.stderr)
     except EngineError as err:
+        left = remove_failed_build(output)
         if ("BASE_IMAGE" in (read_regular(dockerfile) or b"").decode("utf-8", "replace")
                 and inspect_image(config.base_image) is None):
-            raise EngineError("could not get %s, the image the base is built FROM (%s); set "
+            err = EngineError("could not get %s, the image the base is built FROM (%s); set "
                               "PI_AGENT_BASE_IMAGE (in the environment, or in %s) to an image "
                               "you have (%s images) or can pull" % (
                                   config.base_image, str(err).split(": ", 1)[-1], config.path,
                                   engine_kind()))
-        raise
+        if left:
+            err = EngineError("%s (what the failed build left, %s, is removed)"
+                              % (err, human_size(left)))
+        raise err
     say("built %s in %.0f s" % (line.base, time.monotonic() - started))
+
+
+def check_owner(line, *images):
+    """Refused for an image made for another UID: another user's line on
+    the engine (or the user's own from before their UID changed), which
+    pi-agent neither uses nor changes. One without the label (a base of
+    the user's, tagged by hand) is theirs."""
+    for image in images:
+        owner = image_labels(image).get(OWNER_LABEL)
+        if owner and owner != str(os.getuid()):
+            mine = own_repo() if own_repo() != line.repo else "%s-%d" % (line.repo, os.getuid())
+            raise Refused("%s was made for UID %s, and you are UID %d: it is another user's "
+                          "environment on this engine (or yours from before your UID changed), "
+                          "which pi-agent neither uses nor changes; set PI_AGENT_IMAGE_REPO=%s "
+                          "(in %s) for one of your own" % (
+                              (image.get("RepoTags") or [line.repo])[0], owner, os.getuid(),
+                              mine, line.config.path))
 
 
 def owner_mismatch(image, engine):
@@ -4878,7 +4970,8 @@ def owner_mismatch(image, engine):
     (the agent's UID is the user's, or root where root inside is the user:
     see Engine.agent_uid). (Docker Desktop maps ownership itself: nothing
     to say on macOS.)"""
-    built_for = image_labels(image).get(LABEL + "uid")
+    labels = image_labels(image)
+    built_for = labels.get(LABEL + "agent_uid", labels.get(OWNER_LABEL))
     wanted = engine.agent_uid(os.getuid())
     if not built_for or os.uname().sysname == "Darwin" or built_for == str(wanted):
         return None
@@ -4911,12 +5004,15 @@ def ensure_current(line, current=None, made=True):
     --profile must not start an empty environment."""
     current = current or inspect_image(line.current)
     if current is not None:
+        check_owner(line, current)
         return current, False
     if line.profile and not made:
         raise no_profile(line)  # (deleted since the run's require_profile)
-    built = inspect_image(line.base) is None
+    base = inspect_image(line.base)
+    built = base is None
     if built:
         build_base(line)
+    check_owner(line, base)
     docker("tag", line.base, line.current)
     return inspect_image(line.current), built
 
@@ -4981,7 +5077,7 @@ def replace_current(line, state, old, new_ref):
 def remove_own_dangling(line):
     """Remove untagged images that carry this line's labels: only our own
     (another profile's save may hold one it is about to tag)."""
-    ids = docker("image", "ls", "-q", "--filter", "dangling=true",
+    ids = docker("image", "ls", "-q", "--filter", "dangling=true", "--filter", "label=" + MINE,
                  "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
     if ids:
         images = json.loads(docker("image", "inspect", *ids, check=False).stdout or "[]")
@@ -5153,7 +5249,7 @@ def saved_labels(line, container, image, meta):
         mounts = (mounts + [mount])[-MAX_KNOWN_MOUNTS:]
     labels = {LABEL + key: meta.get(key, "") for key in RUN_LABELS}
     labels.update({LABEL + "pid": "", LABEL + "repo": line.repo, LABEL + "profile": line.profile,
-                   LABEL + "container": container,
+                   OWNER_LABEL: str(os.getuid()), LABEL + "container": container,
                    LABEL + "previous": image["Id"],
                    LABEL + "committed_at": utc_iso(time.time()),
                    LABEL + "exit_status": str(meta.get("exit_status", "unknown")),
@@ -5314,10 +5410,10 @@ def list_layers(line, jobs, names_only=False):
     import select
     dirs = sorted({path for _key, paths in jobs for path in paths})
     inside = {path: "/pi-agent-layers/%03d" % number for number, path in enumerate(dirs)}
-    name = "pi-agent-list-%d-%d" % (os.getpid(), time.monotonic_ns() % 10**6)
+    name = "pi-agent-list-%d-%d-%d" % (os.getuid(), os.getpid(), time.monotonic_ns() % 10**6)
     # (never pulled: a base that is gone means no listing, not a stranger's image)
-    args = ["run", "--rm", "--name", name, "--pull", "never", "--network", "none", "-u", "0",
-            "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH", "--read-only",
+    args = ["run", "--rm", "--name", name, "--label", MINE, "--pull", "never", "--network", "none",
+            "-u", "0", "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH", "--read-only",
             "--tmpfs", "/tmp", "--security-opt", "no-new-privileges", "--log-driver", "none",
             "--entrypoint", "sh"]
     for path in dirs:
@@ -6032,11 +6128,11 @@ def flatten_image(line, image, progress=False):
     # Flattens run under the line's lock, one at a time: any other such
     # container is what an interrupted one left behind.
     flatten_label = "%sflatten=%s" % (LABEL, "profile " + line.profile if line.profile else "1")
-    stale = docker("ps", "-aq", "--filter", "label=" + flatten_label,
+    stale = docker("ps", "-aq", "--filter", "label=" + flatten_label, "--filter", "label=" + MINE,
                    "--filter", "label=%srepo=%s" % (LABEL, line.repo)).stdout.split()
     if stale:
         docker("rm", "-f", *stale, check=False)
-    holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo),
+    holder = docker("create", "--label", "%srepo=%s" % (LABEL, line.repo), "--label", MINE,
                     "--label", flatten_label, image["Id"], "pi-agent-flatten").stdout.strip()
     try:
         started = time.monotonic()
@@ -6415,7 +6511,7 @@ class RunPlan:
                                                                     time.gmtime(now)), pid)
         self.run_dir = os.path.join(line.run_dir, self.container)
         self.labels = {LABEL + "repo": line.repo, LABEL + "profile": line.profile,
-                       LABEL + "pid": str(pid),
+                       OWNER_LABEL: str(os.getuid()), LABEL + "pid": str(pid),
                        LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
@@ -6596,7 +6692,8 @@ def make_home_parents(line, plan):
     """Create a new mount point and its parents in the agent's home, owned
     by the agent (the engine would make them root's), and commit that into
     current; returns the new current. Once per new directory: the image
-    then knows the mount point."""
+    then knows the mount point. The session log has it (kind "prepare"),
+    so that the way from base to current is all there."""
     image = plan.image
     user = image["Config"]["User"].split(":")[0]
     name = plan.container + "-prepare"
@@ -6618,7 +6715,13 @@ def make_home_parents(line, plan):
     finally:
         remove_run_dir(run_dir)
         docker("rm", "-f", "-v", name, check=False)
-    return inspect_image(line.current)
+    new = inspect_image(line.current)
+    line.record_session({"started": plan.labels[LABEL + "started"], "target": plan.target,
+                         "kind": "prepare", "exit_status": 0, "image_before": image["Id"],
+                         "image_after": new["Id"], "new_image": new, "container": name,
+                         "bytes_added": (new.get("Size") or 0) - (image.get("Size") or 0)},
+                        "run")  # (no mount: the directories it made are what it changed)
+    return new
 
 
 def print_plan(line, kind, argv, project, tty, offline):
@@ -7168,8 +7271,8 @@ def start_listing_runs(line, sizes=False):
     parts = ['"%s":{{json .%s}}' % (field.lower(), field) for field in fields]
     parts += ['"%s":{{json %s}}' % (key, label_field(LABEL + key)) for key in RUN_LABELS]
     return DockerCall(("ps", "-a", *(["--size"] if sizes else []),
-                       "--filter", "label=%srepo=%s" % (LABEL, line.repo),
-                       "--format", "{" + ",".join(parts) + "}"))
+                       "--filter", "label=%srepo=%s" % (LABEL, line.repo), "--filter",
+                       "label=" + MINE, "--format", "{" + ",".join(parts) + "}"))
 
 
 def list_run_containers(line, sizes=False, listing=None):
@@ -7190,20 +7293,27 @@ def being_removed(state, name):
 def leftover_containers(line, sizes=False):
     """Run containers that no live lifecycle owns. The state is read before
     the listing: a save that ends in between removes its container after
-    writing that it does, so it is never taken for a leftover."""
+    writing that it does, so it is never taken for a leftover. One still
+    running is one only if it was started on this machine, by a wrapper
+    that is gone: nothing else running is ever stopped or removed."""
     state = line.read_state()
     holder = (state.get("holder") or {}) if lock_is_held(line) else {}
     host = os.uname().nodename
     return [row for row in list_run_containers(line, sizes)
             if row["names"] != holder.get("container")
             and not being_removed(state, row["names"])
-            and not (row.get("host") == host and pid_alive(row["pid"]))]
+            and not (row.get("host") == host and pid_alive(row["pid"]))
+            and (row.get("state") != "running" or row.get("host") == host)]
 
 
 def recover_container(line, state, row):
     """Save one left-behind container (see save_run). Returns a line for
-    the user."""
+    the user. One still running (its wrapper gone: leftover_containers) is
+    stopped first, as `docker stop` does it: no running container is
+    removed."""
     name = row["names"]
+    if row.get("state") == "running":
+        docker("stop", "--time", str(STOP_GRACE), name, check=False)
     current = inspect_image(line.current)
     if image_labels(current).get(LABEL + "container") == name:
         show_notes(line, teardown(line, [name], state, check=True))
@@ -7268,9 +7378,11 @@ def recover_leftovers(line, state, listing=None, only=None, decide=False):
             if not being_removed(state, row["names"]):
                 show_notes(line, teardown(line, [row["names"]], state, check=True))
             continue
-        if row.get("host") and row.get("host") != host:
-            say("skipping %s: it was started on host %s" % (row["names"], row["host"]))
+        if row.get("host") != host:
+            say("skipping %s: it was started on host %s" % (row["names"], row.get("host")))
             continue
+        if row.get("state") == "running" and pid_alive(row["pid"]):
+            continue  # (a live run of another state directory: see leftover_containers)
         if row["names"] in (state.get("waiting") or {}) and not decide:
             show_notes(line, end_unended(line, row["names"]))  # (its wrapper died)
             continue
@@ -7314,12 +7426,15 @@ class exclusive:
     def __enter__(self):
         found, self.state = self.lock.acquire(self.kind, wait=self.wait)
         say_what_was_left(self.line, found, self.state)
-        if self.recover:
-            try:
-                recover_leftovers(self.line, self.state)
-            except BaseException:
-                self.lock.release(self.state)
-                raise
+        try:
+            line = self.line
+            check_owner(line, *json.loads(docker("image", "inspect", line.base, line.current,
+                                                 check=False).stdout or "[]"))
+            if self.recover:
+                recover_leftovers(line, self.state)
+        except BaseException:
+            self.lock.release(self.state)
+            raise
         return self.state
 
     def __exit__(self, *exc):
@@ -7462,12 +7577,13 @@ class Saver:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        # A terminal keeps getting our messages; a pipe must not be held open
-        # (`out=$(pi-exec ...)` would wait for the save), so that goes to the log.
-        if not os.isatty(2):
-            log = os.open(self.line.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(log, 2)
-            os.close(log)
+        # Nothing is printed once the prompt is back (what the saver has to
+        # say is left in the state for the next command), and a pipe must
+        # not be held open (`out=$(pi-exec ...)` would wait for the save):
+        # what it and its docker calls write goes to the log.
+        log = os.open(self.line.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log, 2)
+        os.close(log)
         os.close(devnull)
         keep = sorted((keep - {None}) | {0, 1, 2})
         for low, high in zip(keep, keep[1:] + [65536]):
@@ -7843,11 +7959,11 @@ def installed_agents(line, image):
               ' | head -n 1);'
               ' printf "%s\\t%s\\n" "$c" "$v"; done')
     commands = {command: name for name, (command, _i, _k) in AGENTS.items()}
-    name = "pi-agent-status-%d" % os.getpid()
-    call = DockerCall(("run", "--rm", "--name", name, "--network", "none", "--entrypoint", "sh",
-                       *CAP_DROP_ARGS, *line.engine.run_args(),
-                       *line.engine.limit_args(line.config.limits), image["Id"], "-c", script, "sh",
-                       *commands), capture=False, stdin=subprocess.DEVNULL,
+    name = "pi-agent-status-%d-%d" % (os.getuid(), os.getpid())
+    call = DockerCall(("run", "--rm", "--name", name, "--label", MINE, "--network", "none",
+                       "--entrypoint", "sh", *CAP_DROP_ARGS, *line.engine.run_args(),
+                       *line.engine.limit_args(line.config.limits), image["Id"], "-c", script,
+                       "sh", *commands), capture=False, stdin=subprocess.DEVNULL,
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     import select
     output, deadline = b"", time.monotonic() + 60
@@ -7918,6 +8034,10 @@ def status_facts(config, line):
                                 ("pid", "kind", "phase", "target", "started", "saver_pid")}
     facts["lock_holder"] = holder is not None and describe_holder(holder) or None
     facts["notice"] = state.get("notice")
+    free = engine_free_space(line) if config.save_limit is None else None
+    facts["save_limit"] = None if config.save_limit is not None else \
+        "%s, half the engine's free space" % human_size(free // 2) if free is not None else \
+        "%s (the engine's free space is not known here)" % human_size(SAVE_FALLBACK_LIMIT)
     left = [row["names"] for row in leftover_containers(line)]
     facts["waiting"] = {name: entry for name, entry in (state.get("waiting") or {}).items()
                         if name in left}
@@ -7940,6 +8060,9 @@ def print_status(config, line, facts):
     rows = [(name, config.raw[name] if len(config.raw[name]) <= 60 else
              config.raw[name][:57] + "...", "(%s)" % config.sources[name])
             for name, _d, _m in SETTINGS]
+    if facts["save_limit"]:  # (empty: the engine's free space says)
+        rows[[row[0] for row in rows].index("PI_AGENT_SAVE_LIMIT")] = (
+            "PI_AGENT_SAVE_LIMIT", facts["save_limit"], "(default)")
     print_table(rows)
     sys.stdout.flush()
     for problem in facts["problems"]:
@@ -7989,13 +8112,14 @@ def print_status(config, line, facts):
               "pi-reset-system starts current afresh from it; your environment stays a snapshot)"
               % "; ".join(facts["drift"]))
     print("\nlock: %s" % printable(facts["lock_holder"] or "free"))
-    if facts["notice"]:
+    waiting = [waiting_message(name, entry) for name, entry in facts["waiting"].items()]
+    if facts["notice"] and facts["notice"] not in waiting:
         print("notice: %s" % printable(facts["notice"]))
     if facts["left_behind"]:
         print("left-behind containers: %d (see pi-orphans; the next pi recovers them)"
               % facts["left_behind"])
-    for name, entry in facts["waiting"].items():
-        print("waiting: %s" % printable(waiting_message(name, entry)))
+    for message in waiting:
+        print("waiting: %s" % printable(message))
     target = facts["target"]
     if target["path"] is None:
         print("target: none here: %s" % printable(target["why_not"]))
@@ -8033,6 +8157,15 @@ def snapshot_entry(snap, image, current, next_run):
             "made_by": made_by(image), "next_run": next_run}
 
 
+def print_pruned(line):
+    """What the detached saver's auto-prune removed, not said yet (the next
+    command that takes the lock says it, and forgets it)."""
+    pruned = line.read_state().get("pruned")
+    if pruned:
+        print(pruned_message(pruned, line.config.snapshot_keep).replace(
+            "auto-prune removed", "after the last save, auto-prune removed", 1))
+
+
 def cmd_snapshots(args):
     line = profile_line(args)
     wait_for_save(line)
@@ -8062,7 +8195,7 @@ def cmd_snapshots(args):
                                          next_run.get(snap["tag"])) for snap in snaps],
                          indent=1, sort_keys=True))
         return 0
-    rows = [("", "NAME (KEPT AT, UTC)", "STATE MADE", "SIZE", "MADE BY", "THE RUN FROM IT")]
+    rows = [("", "NAME (KEPT AT, UTC)", "CREATED", "SIZE", "MADE BY", "REPLACED BY (THE RUN)")]
     for snap in snaps:
         image = by_id.get(snap["id"]) or {}
         record = next_run.get(snap["tag"])
@@ -8074,12 +8207,10 @@ def cmd_snapshots(args):
                          "exit_status") is None else record["exit_status"], human_size(
                          max(record.get("bytes_added") or 0, 0))) if record else "-"))
     print_table(rows)
-    pruned = line.read_state().get("pruned")
-    if pruned:  # (said, too, by the next command that takes the lock)
-        print(pruned_message(pruned, line.config.snapshot_keep).replace(
-            "auto-prune removed", "after the last save, auto-prune removed", 1))
-    print("A snapshot is named for when it was kept (the start of the run, or the rollback, "
-          "that replaced it); STATE MADE is when that state was made.")
+    print_pruned(line)
+    print("A snapshot keeps the environment as it was before a change: it is named for when "
+          "that change (a run, a rollback) began; CREATED is when the state itself was made, by "
+          "what MADE BY says; REPLACED BY is the run that started from it.")
     if any(row[0] for row in rows):
         print("* is current's image: pi-rollback to it changes nothing.")
     return 0
@@ -8114,12 +8245,82 @@ def cmd_rollback(args):
         return switch_current(line, state, line.snap(snap["tag"]), snap["tag"])
 
 
+def carry_config(line, old, base):
+    """A copy of `base` with the agents' own files (AGENT_CONFIG) of image
+    `old` in it, committed; returns its ID and what it carried ("~/.pi",
+    ...; none: the ID is base's). Taken out of and put into containers
+    that are created, never started (docker cp): nothing of `old` runs,
+    and only those paths are written. The session log has the commit."""
+    import tarfile
+    home, carried, into, tar = image_home(old), [], None, None
+    source = docker("create", "--label", MINE, old["Id"]).stdout.strip()
+    made = docker("create", "--label", MINE, base["Id"]).stdout.strip()
+    try:
+        for name in [name for names in AGENT_CONFIG.values() for name in names]:
+            path = os.path.join(home, name)
+            out = DockerCall(("cp", "%s:%s" % (source, path), "-"), capture=False,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                members = tarfile.open(fileobj=out.proc.stdout, mode="r|")
+            except tarfile.ReadError:
+                members = None
+            if members is None:
+                result = out.finish(check=False)
+                if result.returncode == 0 or b"could not find" not in result.stderr.lower():
+                    raise docker_failure(("cp",), result.stderr.decode(errors="replace"))
+                continue
+            if into is None:
+                into = DockerCall(("cp", "-", made + ":/"), capture=False,
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                tar = tarfile.open(fileobj=into.proc.stdin, mode="w|")
+            prefix = os.path.dirname(path).lstrip("/")
+            for member in members:
+                if not carried or carried[-1] != "~/" + name:
+                    carried.append("~/" + name)
+                    # (its parents in the home, the agent's, as base may not have them)
+                    for depth in range(home.count("/"), prefix.count("/") + 1):
+                        parent = tarfile.TarInfo("/".join(prefix.split("/")[:depth + 1]))
+                        parent.type, parent.mode = tarfile.DIRTYPE, 0o755
+                        parent.mtime, parent.uid, parent.gid = time.time(), member.uid, member.gid
+                        tar.addfile(parent)
+                member.name = prefix + "/" + member.name
+                if member.islnk():
+                    member.linkname = prefix + "/" + member.linkname
+                tar.addfile(member, members.extractfile(member) if member.isfile() else None)
+            out.finish()
+        if into is None:
+            return base["Id"], []
+        tar.close()
+        into.proc.stdin.close()
+        into.finish()
+        labels = saved_labels(line, made, base, {"kind": "reset", "exit_status": 0})
+        new = inspect_image(docker(*commit_args(made, base, labels, "pi-agent: the base, and %s "
+                                                "of before" % ", ".join(carried))).stdout.strip())
+    finally:
+        docker("rm", "-f", "-v", source, made, check=False)
+    line.record_session({"started": utc_iso(time.time()), "kind": "reset", "exit_status": 0,
+                         "image_before": base["Id"], "image_after": new["Id"], "new_image": new,
+                         "container": made,
+                         "bytes_added": (new.get("Size") or 0) - (base.get("Size") or 0)}, "run")
+    return new["Id"], carried
+
+
 def cmd_reset_system(args):
     line = profile_line(args)
     with exclusive(line, "reset-system") as state:
-        if inspect_image(line.base) is None:
+        base = inspect_image(line.base)
+        if base is None:
             raise NotFound("%s does not exist; pi-rebuild-base builds it" % line.base)
-        return switch_current(line, state, line.base, "the base image (%s)" % line.base)
+        current = inspect_image(line.current)
+        if current is None or current["Id"] == base["Id"]:
+            return switch_current(line, state, line.base, "the base image (%s)" % line.base)
+        say("current becomes the base image: what runs installed and changed goes, and with it "
+            "the agents' logins, settings and sessions%s; the environment you have now stays "
+            "a snapshot" % (" too" if args.drop_config else ", but for their own files "
+                            "(~/.pi, ~/.claude, ...: carried over; --drop-config leaves them)"))
+        new, carried = (base["Id"], []) if args.drop_config else carry_config(line, current, base)
+        return switch_current(line, state, new, "the base image (%s)%s" % (
+            line.base, ", with %s of before" % ", ".join(carried) if carried else ""))
 
 
 def ask(question):
@@ -8142,8 +8343,95 @@ def confirm(question, yes):
         raise Refused("nothing removed (answered no)")
 
 
+def settle(line, state):
+    """Until what goes by itself, and would keep an image from going, has
+    gone (a minute at most): the containers the line's savers remove once
+    the lock is free, and the user's short-lived helpers in the repository
+    (a layer's listing, pi-status's look at the agents: no wrapper pid)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        helpers = [row for row in docker(
+            "ps", "--filter", "label=%srepo=%s" % (LABEL, line.repo), "--filter", "label=" + MINE,
+            "--format", '{{.ID}}/{{.Label "%spid"}}' % LABEL).stdout.split() if row.endswith("/")]
+        if not helpers and not any(being_removed(state, name) for name in
+                                   state.get("removing") or {}):
+            return
+        time.sleep(0.1)
+
+
+def purge(line, yes):
+    """pi-reset-all --base: every image of the user's in the repository (every
+    profile's, and base), the containers of its runs, and its files in the
+    state directory (the directory too, when no other repository has files
+    there); never what carries another UID."""
+    config, key, held = line.config, line.key, []
+
+    def files():  # (the line's, Line's names, of every profile: not another repository's)
+        mine = re.compile(re.escape(key) + r"(?:@[a-z0-9][a-z0-9_.-]*)?\.(?:lock|json|log|log\.1|"
+                          r"sessions\.jsonl|agents\.json|runs)")
+        try:
+            return sorted(name for name in os.listdir(config.state_dir) if mine.fullmatch(name))
+        except FileNotFoundError:
+            return []
+    profiles = [name[len(key) + 1:-len(".lock")] for name in files()
+                if name.startswith(key + "@") and name.endswith(".lock")]
+    try:
+        for profile in [""] + [name for name in profiles if not profile_problem(name)]:
+            held.append(LineLock(Line(config.for_profile(profile))))
+            held[-1].acquire("reset-all")
+            settle(held[-1].line, held[-1].line.read_state())
+        names = files()
+        rows = [row.split("/") for row in docker(
+            "ps", "-a", "--filter", "label=%srepo=%s" % (LABEL, line.repo), "--filter",
+            "label=" + MINE, "--format", '{{.Names}}/{{.State}}/{{.Label "%spid"}}'
+            % LABEL).stdout.split()]
+        running = [name for name, state, _pid in rows if state == "running"]
+        if running:
+            raise Busy("%s is running (a run of another state directory?); let it end, then "
+                       "pi-reset-all --base again" % running[0])
+        refs = ["%s:%s" % (line.repo, tag) for tag in docker(
+            "image", "ls", line.repo, "--format", "{{.Tag}}").stdout.split() if tag != "<none>"]
+        images = json.loads(docker("image", "inspect", *refs).stdout) if refs else []
+        theirs = {image["Id"] for image in images if image_labels(image).get(OWNER_LABEL)
+                  != str(os.getuid())}
+        mine = {tag for image in images if image["Id"] not in theirs
+                for tag in image.get("RepoTags") or []}
+        refs = [ref for ref in refs if ref in mine]
+        confirm("remove everything of yours in %s: %s (every profile's environment and "
+                "snapshots, and the base: the next pi builds it again, a few minutes), %s, and "
+                "their state in %s? Project files are not touched."
+                % (line.repo, plural(len(refs), "image"), plural(len(rows), "container"),
+                   config.state_dir), yes)
+        if rows:
+            docker("rm", "-f", "-v", *[name for name, _state, _pid in rows])
+        if refs:
+            docker("rmi", *refs)
+        dangling = docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
+                          "label=" + MINE, "--filter", "label=%srepo=%s" % (LABEL, line.repo)
+                          ).stdout.split()
+        if dangling:
+            docker("rmi", *dangling, check=False)
+        import shutil
+        for name in names + [os.path.join("run", row[0]) for row in rows]:
+            path = os.path.join(config.state_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if not set(os.listdir(config.state_dir)) - {"run", "projects"}:
+            shutil.rmtree(config.state_dir)
+        say("removed %s and %s of %s, and their state; %s" % (
+            plural(len(refs), "image"), plural(len(rows), "container"), line.repo,
+            "images of other users stay (%s)" % plural(len(theirs), "image") if theirs else
+            "the next pi builds the base again"))
+    finally:
+        for lock in held:
+            if lock.fd is not None:
+                os.close(lock.fd)
+    return 0
+
+
 def cmd_reset_all(args):
     line = profile_line(args)
+    if args.base:
+        return purge(line, args.yes)
     with exclusive(line, "reset-all") as state:
         refs = [line.snap(s["tag"]) for s in list_snapshots(line)]
         if inspect_image(line.current) is not None:
@@ -8153,6 +8441,7 @@ def cmd_reset_all(args):
             return 0
         confirm("remove %s and its %s? The environment is lost; the base image stays."
                 % (line.current, plural(len(refs) - 1, "snapshot")), args.yes)
+        settle(line, state)
         docker("rmi", *refs)
         remove_own_dangling(line)
         state["snapshots"] = []
@@ -8191,8 +8480,11 @@ def cmd_prune(args):
     say("%s %s%s, keeping the %d newest%s" % (
         "would remove" if args.dry_run else "removed", plural(len(doomed), "snapshot"),
         (" (" + " ".join(s["tag"] for s in doomed) + ")") if doomed else "", keep,
-        ("; that would free about %s" % human_size(freed) if freed is not None else
-         "; what that would free is not known on %s's image store" % line.engine.name)
+        ("; what that would free is not known on %s's image store" % line.engine.name
+         if freed is None else "; that would free about %s%s" % (
+             human_size(freed), " (what they hold is in what stays too: current, base or "
+             "other snapshots)" if doomed and not freed else " (layers shared with what stays "
+             "are not counted)" if doomed else ""))
         if args.dry_run else ""))
     return 0
 
@@ -8207,7 +8499,11 @@ def cmd_flatten(args):
         if layers <= 1:
             say("%s has a single layer already" % line.current)
             return 0
-        started = time.monotonic()
+        started, base = time.monotonic(), inspect_image(line.base)
+        below = ((base or {}).get("RootFS") or {}).get("Layers") or []
+        if below and current["RootFS"]["Layers"][:len(below)] == below:
+            say("the flattened current shares no layer with the base, as the layered one does: "
+                "it takes about %s more disk" % human_size(base.get("Size") or 0))
         kept = flatten_current(line, state, current, progress=sys.stderr.isatty())
         say("flattened %s: %d layers into 1 in %.0f s; the layered image is kept as %s "
             "(undo: pi-rollback %s; pi-prune frees its space)"
@@ -8218,11 +8514,19 @@ def cmd_flatten(args):
 def cmd_orphans(args):
     line = profile_line(args)
     rows = leftover_containers(line, sizes=True)
+    waiting = line.read_state().get("waiting") or {}
+    if args.json:
+        print(json.dumps([{"container": row["names"], "id": row.get("id"),
+                           "created": row.get("createdat"), "started": row.get("started") or None,
+                           "target": row.get("target") or None, "kind": row.get("kind") or None,
+                           "state": row.get("state"), "size": row.get("size"),
+                           "waiting": waiting.get(row["names"])} for row in rows],
+                         indent=1, sort_keys=True))
+        return 0
     if not rows:
         print("no left-behind containers of %s" % line.name)
         return 0
     table = [("CONTAINER", "AGE", "TARGET", "STATE", "CHANGES")]
-    waiting = line.read_state().get("waiting") or {}
     for row in rows:
         table.append((row["names"], row.get("runningfor", ""), row.get("target", ""),
                       "waiting" if row["names"] in waiting else row.get("state", ""),
@@ -8282,9 +8586,9 @@ def drop_paths(line, state, only, paths):
         raise Refused("the layer of %s is out of reach here (the engine's storage is not "
                       "overlay2 on this host), so pi-agent cannot drop paths from it: "
                       "pi-recover %s saves it whole, pi-clean-orphans discards it" % (name, name))
-    result = docker("run", "--rm", "-i", "--pull", "never", "--network", "none", "-u", "0",
-                    "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add", "FOWNER",
-                    "--read-only", "--security-opt", "no-new-privileges", "--log-driver",
+    result = docker("run", "--rm", "-i", "--label", MINE, "--pull", "never", "--network", "none",
+                    "-u", "0", "--cap-drop", "ALL", "--cap-add", "DAC_OVERRIDE", "--cap-add",
+                    "FOWNER", "--read-only", "--security-opt", "no-new-privileges", "--log-driver",
                     "none", "--entrypoint", "sh", "--mount", mount_spec(
                         info["GraphDriver"]["Data"]["UpperDir"], "/pi-agent-layer"),
                     line.base, "-c", DROP_SCRIPT, feed="\0".join(paths), check=False)
@@ -8325,6 +8629,9 @@ def cmd_clean_orphans(args):
         confirm("discard %d left-behind containers (%s)? What their runs changed in the "
                 "environment is lost; project files are not touched."
                 % (len(names), ", ".join(names)), args.yes)
+        running = [row["names"] for row in rows if row.get("state") == "running"]
+        if running:  # (its wrapper gone: see leftover_containers)
+            docker("stop", "--time", str(STOP_GRACE), *running, check=False)
         show_notes(line, teardown(line, names, state, check=True))
         state.pop("failed", None)
         state.pop("notice", None)
@@ -8460,6 +8767,8 @@ def delete_profile(config, name, yes):
 
 def cmd_branch(args):
     config = Config(profile=args.profile)
+    if args.json and (args.delete is not None or args.name):
+        raise PiError("pi-branch: --json is for the list (pi-branch --json)", EXIT_USAGE)
     if args.delete is not None:
         if args.name or args.source:
             raise PiError("pi-branch: --delete NAME takes nothing else", EXIT_USAGE)
@@ -8469,7 +8778,18 @@ def cmd_branch(args):
         if args.source:
             raise PiError("pi-branch: --from needs the NAME of the profile to make", EXIT_USAGE)
         rows = [("", "PROFILE", "CURRENT", "SIZE", "SNAPSHOTS", "LAST USED")]
-        for name, entry in sorted(list_profiles(config).items()):
+        found = sorted(list_profiles(config).items())
+        if args.json:
+            print(json.dumps([{
+                "profile": name or DEFAULT_PROFILE, "in_use": name == config.profile,
+                "current": entry["current"] and Line(config.for_profile(name)).current,
+                "id": entry["current"] and entry["current"]["Id"],
+                "size": entry["current"] and entry["current"]["Size"],
+                "snapshots": entry["snapshots"],
+                "used": utc_iso(entry["used"]) if entry["used"] else None}
+                for name, entry in found], indent=1, sort_keys=True))
+            return 0
+        for name, entry in found:
             line = Line(config.for_profile(name))
             rows.append(("*" if name == config.profile else "", name or DEFAULT_PROFILE,
                          line.current if entry["current"] else "(none yet)",
@@ -8639,6 +8959,11 @@ def cmd_worktree(args):
                                         argv=args.argv), "run", args.argv)
 
 
+# pi-log's words for a record's ended_by.
+SAVED_WORDS = {"run": "as it ended", "interrupted": "interrupted", "recovered": "recovered later",
+               "failed commit": "no: failed", "waiting": "no: too big"}
+
+
 def cmd_log(args):
     line = profile_line(args)
     wait_for_save(line)
@@ -8654,7 +8979,7 @@ def cmd_log(args):
         print("no runs of %s saved yet" % line.name)
         return 0
     rows = [("STARTED", "KIND", "EXIT", "ADDED", "PATHS +/~/-", "COMMITS", "SNAPSHOT",
-             "ENDED BY", "TARGET")]
+             "SAVED", "TARGET")]
     for record in records:
         added, paths = record.get("bytes_added"), record["paths"]
         rows.append((local_time(record.get("started")), printable(str(record.get("kind"))),
@@ -8665,9 +8990,11 @@ def cmd_log(args):
                      str(record["commits_total"]) if isinstance(record.get("commits_total"), int)
                      else "-",
                      printable(str(record.get("snapshot") or "-")),
-                     printable(str(record.get("ended_by"))),
+                     SAVED_WORDS.get(record.get("ended_by")) or printable(str(record.get(
+                         "ended_by"))),
                      printable(str(record.get("target")))))
     print_table(rows)
+    print_pruned(line)
     return 0
 
 
@@ -8966,9 +9293,13 @@ def build_parser():
         "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "
            "replaced current is kept as a snapshot").add_argument("snapshot", nargs="?")
-    simple("reset-system", cmd_reset_system, "make the base image current (undoable)")
-    simple("reset-all", cmd_reset_all, "remove current and every snapshot").add_argument(
-        "--yes", "-y", action="store_true", help="do not ask")
+    simple("reset-system", cmd_reset_system, "make the base image current (undoable), the "
+           "agents' own files (~/.pi, ...) carried over").add_argument(
+        "--drop-config", action="store_true", help="leave the agents' own files behind too")
+    reset_all = simple("reset-all", cmd_reset_all, "remove current and every snapshot")
+    reset_all.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    reset_all.add_argument("--base", action="store_true", help="everything of yours: every "
+                           "profile, the base, left-behind containers, the state (asks)")
     simple("rebuild-base", cmd_rebuild_base, "build the base image again").add_argument(
         "--no-cache", action="store_true", help="rebuild every step")
     prune = simple("prune", cmd_prune, "keep only the N newest snapshots")
@@ -8977,7 +9308,9 @@ def build_parser():
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
     simple("flatten", cmd_flatten, "rewrite current as a single layer (same files, same "
            "config); the layered image is kept as a snapshot")
-    simple("orphans", cmd_orphans, "list containers that interrupted runs left behind")
+    simple("orphans", cmd_orphans, "list containers that interrupted runs left behind"
+           ).add_argument("--json", action="store_true",
+                          help="as JSON (docs/commands.md gives its shape)")
     recover = simple("recover", cmd_recover, "save left-behind containers into current now")
     recover.usage = "pi-recover [--profile NAME] [--drop PATH ...] [CONTAINER]"
     recover.add_argument("container", nargs="?")
@@ -9009,6 +9342,8 @@ def build_parser():
                         "(default: the selected profile's current)")
     branch.add_argument("--delete", metavar="NAME", help="delete this profile (asks first)")
     branch.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    branch.add_argument("--json", action="store_true",
+                        help="the list as JSON (docs/commands.md gives its shape)")
     worktree = simple("worktree", cmd_worktree, "run pi in a worktree of its own, ../REPO-NAME "
                       "on branch agent/NAME, with profile NAME (made from the selected one)")
     worktree.usage = "pi-worktree [OPTIONS] NAME [BASE] [-- AGENT ARGS]\n" \

@@ -31,6 +31,11 @@ unset _PI_AGENT_SOURCE
 # imports; pi_agent.py needs only the standard library. It is imported, not
 # run as a script, so its compiled form is cached beside it.
 function _pi_agent {
+  if [ ! -f "$_PI_AGENT_DIR/pi_agent.py" ]; then  # (a shell left open after an uninstall)
+    printf 'pi-agent: pi-agent was uninstalled (%s is gone); open a new shell, or install it again\n' \
+      "$_PI_AGENT_DIR/pi_agent.py" >&2
+    return 127
+  fi
   if [ "${_PI_AGENT_PYTHON_FOR-}" != "${PI_AGENT_PYTHON:-python3}" ] ||
      [ ! -x "${_PI_AGENT_PYTHON_BIN:-}" ]; then
     _PI_AGENT_PYTHON_BIN=$(\command "${PI_AGENT_PYTHON:-python3}" -I -S -c \
@@ -85,15 +90,17 @@ function _pi_agent_candidates {
     pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --profile --help ;;
     pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --drop --profile --help ;;
     pi-branch) _pi_agent complete profiles 2>/dev/null
-      printf '%s\n' --from --delete --yes --profile --help ;;
+      printf '%s\n' --from --delete --yes --json --profile --help ;;
     pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --profile --help -- ;;
     pi-prune) printf '%s\n' --dry-run --profile --help ;;
-    pi-reset-all|pi-clean-orphans) printf '%s\n' --yes --profile --help ;;
+    pi-reset-all) printf '%s\n' --yes --base --profile --help ;;
+    pi-reset-system) printf '%s\n' --drop-config --profile --help ;;
+    pi-clean-orphans) printf '%s\n' --yes --profile --help ;;
     pi-rebuild-base) printf '%s\n' --no-cache --profile --help ;;
     pi-log) printf '%s\n' -n --json --profile --help ;;
     pi-diff) _pi_agent complete snapshots 2>/dev/null
       printf '%s\n' current base --all --json --profile --help ;;
-    pi-status|pi-snapshots) printf '%s\n' --json --profile --help ;;
+    pi-status|pi-snapshots|pi-orphans) printf '%s\n' --json --profile --help ;;
     *) printf '%s\n' --profile --help ;;
   esac
 }

@@ -27,6 +27,7 @@ import pi_agent  # noqa: E402 (from ROOT)
 BASE_IMAGE = images.BASE_IMAGE
 TEST_USER = images.TEST_USER
 ENGINE = images.ENGINE
+TEST_USER2 = images.TEST_USER2
 STRICT = os.environ.get("PI_AGENT_TEST_STRICT") == "1"
 SHELLS = ("bash", "zsh")
 
@@ -116,13 +117,16 @@ def user_for(kind):
         if os.getuid() != 0:
             pytest.skip("the root host user variant needs the tests to run as root")
         return User("root", 0, 0, False)
-    if os.getuid() != 0:
+    if os.getuid() != 0 and kind == "user":
         return User(me.pw_name, me.pw_uid, me.pw_gid, False)
+    if os.getuid() != 0:
+        pytest.skip("a second ordinary user needs the tests to run as root")
+    name, uid = (TEST_USER, 1234) if kind == "user" else (TEST_USER2, 1235)
     try:
-        entry = pwd.getpwnam(TEST_USER)
+        entry = pwd.getpwnam(name)
     except KeyError:
-        pytest.skip("no user %s to run as (CI creates it: useradd -m -u 1234 -G docker %s)"
-                    % (TEST_USER, TEST_USER))
+        pytest.skip("no user %s to run as (CI creates it: useradd -m -u %d -G docker %s)"
+                    % (name, uid, name))
     return User(entry.pw_name, entry.pw_uid, entry.pw_gid, True)
 
 

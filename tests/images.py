@@ -21,6 +21,7 @@ import pi_agent  # noqa: E402 (from ROOT)
 
 BASE_IMAGE = os.environ.get("PI_AGENT_TEST_BASE_IMAGE", "local/debian:bookworm")
 TEST_USER = os.environ.get("PI_AGENT_TEST_USER", "pi-test")
+TEST_USER2 = os.environ.get("PI_AGENT_TEST_USER2", "pi-test2")  # another user, same engine
 # The extra CA certificates every test base trusts (PI_AGENT_CA_CERTS): this
 # machine's (its TLS to the package registries needs them) and the tests'
 # own CA, whose server certificate a test serves inside a container.
@@ -104,7 +105,8 @@ def base_image(uid, gid, home, context=ROOT, worker=None):
     import hashlib
     tag = "pi-agent-test/base:uid%d%s" % (uid, worker_suffix(worker))
     agent_uid = 0 if ENGINE.root_is_user else uid
-    args = ["--label", "pi-agent.repo=test", "--label", "pi-agent.uid=%d" % agent_uid,
+    args = ["--label", "pi-agent.repo=test", "--label", "pi-agent.uid=%d" % uid,
+            "--label", "pi-agent.agent_uid=%d" % agent_uid,
             "--build-arg", "BASE_IMAGE=" + BASE_IMAGE,
             "--build-arg", "AGENT_UID=%d" % agent_uid,
             "--build-arg", "AGENT_GID=%d" % (gid if agent_uid else 0),
@@ -136,11 +138,12 @@ def base_image(uid, gid, home, context=ROOT, worker=None):
 def main():
     users = [(os.getuid(), os.getgid())] if not ENGINE.owner else []
     if os.getuid() == 0:
-        try:
-            entry = pwd.getpwnam(TEST_USER)
-            users.append((entry.pw_uid, entry.pw_gid))
-        except KeyError:
-            pass
+        for name in (TEST_USER, TEST_USER2):
+            try:
+                entry = pwd.getpwnam(name)
+                users.append((entry.pw_uid, entry.pw_gid))
+            except KeyError:
+                pass
     for worker in ("", "gw0", "gw1"):
         for uid, gid in users:
             print(base_image(uid, gid, test_home(uid, worker), worker=worker))

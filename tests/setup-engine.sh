@@ -4,12 +4,14 @@
 # the shells and tools the tests use, and an ordinary user in the docker group.
 #   tests/setup-engine.sh            engine, local/debian:bookworm, test user
 # Settings: PI_AGENT_TEST_BASE_IMAGE (default local/debian:bookworm),
-# PI_AGENT_TEST_USER (default pi-test, UID 1234).
+# PI_AGENT_TEST_USER (default pi-test, UID 1234), PI_AGENT_TEST_USER2 (a
+# second user on the same engine, default pi-test2, UID 1235).
 set -eu
 
 log=${TMPDIR:-/tmp}/pi-agent-setup-engine.log
 base=${PI_AGENT_TEST_BASE_IMAGE:-local/debian:bookworm}
 user=${PI_AGENT_TEST_USER:-pi-test}
+user2=${PI_AGENT_TEST_USER2:-pi-test2}
 
 say() { printf 'setup-engine: %s\n' "$1"; }
 
@@ -50,8 +52,11 @@ if ! docker image inspect "$base" >/dev/null 2>&1; then
   rm -rf "$root"
 fi
 
-if ! id "$user" >/dev/null 2>&1; then
-  useradd -m -u 1234 -G docker -s /bin/bash "$user"
-  say "created user $user (UID 1234, group docker)"
-fi
+for entry in "$user:1234" "$user2:1235"; do
+  name=${entry%:*} uid=${entry#*:}
+  if ! id "$name" >/dev/null 2>&1; then
+    useradd -m -u "$uid" -G docker -s /bin/bash "$name"
+    say "created user $name (UID $uid, group docker)"
+  fi
+done
 say "engine ready: $(docker version --format '{{.Server.Version}}'), base $base"

@@ -163,6 +163,22 @@ def test_a_run_that_changes_nothing_has_nothing_to_show(box):
 
 # --- unit: the record and its composition ------------------------------------
 
+def test_diff_from_base_on_a_fresh_install_shows_the_agents_directories(box):
+    """A first run in a project under the home makes the directories above
+    it the agent's (a commit of pi-agent's own): the session log has it, so
+    base leads to current."""
+    project = box.mkdir(os.path.join(box.home, "src", "app"))
+    box.ok("pi-exec true", cwd=project)
+    log = json.loads(box.ok("pi-log --json").stdout)
+    assert [record["kind"] for record in log] == ["exec", "prepare"]
+    facts = diff_json(box, "--all base current")  # (--all: the test's home is in /tmp)
+    assert [(change["change"], change["path"]) for change in facts["changes"]] == [
+        ("added", project)], facts
+    assert len(facts["runs"]) == 1 and facts["from"]["name"] == "base"
+    box.ok("pi-exec touch ~/later", cwd=project)
+    assert len(diff_json(box, "base")["runs"]) == 2
+
+
 def test_the_diff_keeps_what_a_person_made():
     import pi_agent
     output = "C /home\nC /home/u\nA /home/u/project\nC /usr\nA /usr/local/x\nA /usr/local/x/f\n" \

@@ -7,10 +7,11 @@ import re
 import select
 import shutil
 import signal
+import time
 
 import pytest
 
-from conftest import ENGINE, docker, wait_until
+from conftest import ENGINE, docker, end_session, wait_until
 
 import pi_agent
 
@@ -248,7 +249,8 @@ def test_a_first_run_below_home_that_changes_nothing_leaves_no_snapshot(box):
     box.ok("pi-exec true", cwd=project)  # from base again: ~/src again, still no snapshot
     box.ok("pi-rollback")  # so this undoes the reset
     box.ok("pi-exec test -e ~/kept")
-    assert "the agent's directories above %s" % project in box.ok("pi-snapshots").stdout
+    assert "pi-agent, making the directories above %s the agent's" % project in \
+        box.ok("pi-snapshots").stdout
 
 
 def test_new_directories_above_a_project_in_home_belong_to_the_agent(box):
@@ -425,6 +427,27 @@ def test_a_base_image_that_cannot_be_had_is_named_with_its_setting(box):
         "the engine's progress is shown on a terminal"
 
 
+def test_a_failed_first_build_leaves_nothing_behind_and_says_so(box):
+    import uuid
+    mark = uuid.uuid4().hex
+    context = box.mkdir(os.path.join(os.path.dirname(box.project), "context"))
+    with open(os.path.join(context, "Dockerfile"), "w") as handle:
+        handle.write("ARG BASE_IMAGE\nFROM $BASE_IMAGE\nRUN echo %s > /mark\n"
+                     "RUN test %s = fails\n" % (mark, mark))
+    box.extra_env = {"PI_AGENT_IMAGE_REPO": box.repo + "-new",
+                     "PI_AGENT_DOCKERFILE": os.path.join(context, "Dockerfile")}
+    result = box.sh("pi-exec true")
+    assert result.returncode == 8, result.stderr
+    assert "docker build failed" in result.stderr and "what the failed build left, " \
+        in result.stderr and "is removed" in result.stderr
+    containers = docker("ps", "-a", "--no-trunc", "--format", "{{.Command}}").stdout
+    assert mark not in containers, "no stopped container of the failed step"
+    ids = docker("image", "ls", "-a", "-q").stdout.split()
+    steps = docker("image", "inspect", "--format", "{{json .ContainerConfig.Cmd}}",
+                   *ids, check=False).stdout  # (others' images may go meanwhile)
+    assert mark not in steps, "no image of its finished steps"
+
+
 def test_status_says_when_the_base_was_built_from_other_settings(box, tmp_path):
     rebuilt = box.ok("pi-rebuild-base")
     assert "building %s:base" % box.repo in rebuilt.stderr and "first use" not in rebuilt.stderr
@@ -502,6 +525,72 @@ def test_reset_system_prune_and_reset_all(box):
     assert box.dangling() == []
     box.ok("pi-exec true")
     assert box.images()["current"] == box.images()["base"]
+
+
+def test_reset_system_says_what_goes_and_keeps_the_agents_own_files(box):
+    box.ok("pi-exec sh -c 'mkdir -p ~/.pi/agent ~/.local/share/opencode && echo tok-1 > "
+           "~/.pi/agent/auth.json && echo o > ~/.local/share/opencode/auth.json && "
+           "sudo touch /usr/local/installed'")
+    box.wait_saved()
+    said = box.ok("pi-reset-system").stderr.splitlines()
+    assert "the agents' logins, settings and sessions, but for their own files" in said[0]
+    assert said[-1].startswith("pi-agent: current is now the base image (%s:base), with "
+                               "~/.pi, ~/.local/share/opencode of before" % box.repo), said
+    assert box.ok("pi-exec sh -c 'cat ~/.pi/agent/auth.json; test ! -e /usr/local/installed; "
+                  "stat -c %U ~/.local/share ~/.local/share/opencode/auth.json'").stdout == \
+        "tok-1\nagent\nagent\n"
+    facts = json.loads(box.ok("pi-diff --json --all base current").stdout)
+    assert {change["path"] for change in facts["changes"]} >= {
+        os.path.join(box.home, ".pi/agent/auth.json")}
+    box.ok("pi-rollback")  # undone: the environment as it was
+    box.ok("pi-exec test -e /usr/local/installed")
+    assert "their own files" not in box.ok("pi-reset-system --drop-config").stderr
+    assert box.images()["current"] == box.images()["base"]
+
+
+def test_nothing_is_printed_over_the_prompt_and_the_next_command_says_it(box):
+    """An interactive bash on a terminal (script's): once the prompt is
+    back, the background saver (and its auto-prune) prints nothing; what it
+    did is said by pi-log and by the next command."""
+    import subprocess
+    box.extra_env = {"PI_AGENT_SNAPSHOT_KEEP": "1"}
+    box.ok("pi-exec touch ~/one")
+    prefix = ["env", "-i"] + ["%s=%s" % item for item in box.env(SHELL="/bin/bash").items()]
+    if box.user.via_runuser:
+        prefix = ["runuser", "-u", box.user.name, "--"] + prefix
+    terminal = subprocess.Popen(prefix + ["script", "-qec", "bash --norc -i", "/dev/null"],
+                                cwd=box.project, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    seen = b""
+
+    def read_until(pattern, timeout=60):
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, seen, re.S) and time.monotonic() < deadline:
+            if select.select([terminal.stdout], [], [], 1)[0]:
+                seen += os.read(terminal.stdout.fileno(), 65536)
+        return re.search(pattern, seen, re.S)
+
+    try:
+        terminal.stdin.write(b"PS1='P> '; . %s/shell/pi.sh\n"
+                             b"pi-exec touch ~/two </dev/null; echo ran-$?\n"
+                             % box.install_dir.encode())
+        terminal.stdin.flush()
+        assert read_until(rb"\nran-0\r?\nP> $"), seen
+        box.wait_saved()
+        box.wait_recorded()
+        after = len(seen)
+        terminal.stdin.write(b"echo done\n")
+        terminal.stdin.flush()
+        assert read_until(rb"\ndone\r?\nP> $"), seen
+        assert seen[after:].startswith(b"echo done"), "printed after the prompt: %r" % (
+            seen[after:],)
+    finally:
+        terminal.stdin.close()
+        end_session(terminal)
+    assert len(box.snapshots()) == 1, "the save did prune"
+    assert "after the last save, auto-prune removed 1 snapshot" in box.ok("pi-log").stdout
+    assert "auto-prune removed 1 snapshot" in box.ok("pi-rollback").stderr
 
 
 def test_rollback_and_its_undo_keep_every_state_under_one_name(box):

@@ -1,11 +1,12 @@
 """Agents side by side, against the real engine: profiles (image lines of
 their own), pi-branch, pi-worktree, and sessions that join a running run."""
 
+import json
 import os
 import re
 import signal
 
-from conftest import docker, wait_until
+from conftest import docker, make_sandbox, wait_until
 
 import pi_agent
 
@@ -48,6 +49,60 @@ def test_two_profiles_run_at_once_and_each_keeps_its_own_changes(box):
     assert tags(box)["b-current"] == images["b-current"]
 
 
+def test_two_users_of_one_engine_never_touch_each_others_images_or_runs(
+        request, engine, install_dir, box):
+    """Two ordinary users, at once: each on a line of their own (the
+    default: a repository each), and the second even when pointed at the
+    first one's repository: their commands neither use nor change what is
+    the first one's, and never stop its running container."""
+    other = make_sandbox(request, install_dir, "user2", "bash")
+    assert other.user.uid != box.user.uid
+    with box.running("pi-exec sh -c 'touch ~/from-a ready; "
+                     "while [ ! -e go ]; do sleep 0.1; done'") as first:
+        assert wait_until(lambda: in_project(box.project, "ready"), timeout=60)
+        container = box.live_run_name()
+        other.ok("pi-exec touch ~/from-b")  # on its own line, at the same time
+        assert "removed 2 images" in other.ok("pi-clean-orphans --yes && "
+                                              "pi-reset-all --yes").stderr
+        shared = {"PI_AGENT_IMAGE_REPO": box.repo}
+        refused = other.sh("pi-exec true", env=shared)
+        assert refused.returncode == 3 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "UID %d" % box.user.uid in refused.stderr
+        assert "PI_AGENT_IMAGE_REPO=" in refused.stderr
+        assert other.ok("pi-orphans", env=shared).stdout.startswith("no left-behind")
+        for command in ("pi-clean-orphans --yes", "pi-reset-all --yes", "pi-prune 0",
+                        "pi-rollback", "pi-flatten", "pi-rebuild-base", "pi-recover",
+                        "pi-reset-system"):
+            assert other.sh(command, env=shared).returncode == 3, command
+        state = docker("inspect", "--format", "{{.State.Running}}", container).stdout
+        assert state.strip() == "true", "the first user's run goes on"
+        open(os.path.join(box.project, "go"), "w").close()
+        assert first.wait(timeout=60) == 0, first.stderr.read()
+    box.ok("pi-exec sh -c 'test -e ~/from-a && test ! -e ~/from-b'")
+    assert "current" in box.images() and len(box.snapshots()) == 1
+
+
+def test_reset_all_base_removes_all_that_is_yours_and_nothing_else(
+        request, engine, install_dir, box):
+    other = make_sandbox(request, install_dir, "user2", "bash")
+    box.ok("pi-exec touch ~/one && pi-branch side && pi-exec --profile side touch ~/two")
+    theirs = docker("image", "inspect", "--format", "{{.Id}}", other.repo + ":base").stdout
+    docker("tag", other.repo + ":base", box.repo + ":theirs")  # another UID's, in the repository
+    with other.running("pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done'"):
+        assert wait_until(lambda: in_project(other.project, "ready"), timeout=60)
+        asked = box.sh("pi-reset-all --base </dev/null")
+        assert asked.returncode == 3 and "everything of yours in %s" % box.repo in asked.stderr
+        assert "base" in box.images()
+        done = box.ok("pi-reset-all --base --yes")
+        assert "images of other users stay (1 image)" in done.stderr, done.stderr
+        assert [row.split()[0] for row in docker(
+            "image", "ls", box.repo, "--format", "{{.Tag}} {{.ID}}").stdout.splitlines()] == \
+            ["theirs"] and theirs.strip()
+        assert not os.path.exists(box.state_dir), "its state too"
+        assert other.live_run()[0], "the other user's run goes on"
+        open(os.path.join(other.project, "go"), "w").close()
+
+
 def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):
     other = box.mkdir(os.path.join(os.path.dirname(box.project), "other"))
     with box.running("pi-exec sh -c 'touch ready; while [ ! -e go ]; do sleep 0.1; done'"):
@@ -56,6 +111,13 @@ def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):
         assert busy.returncode == 5
         assert "pi-branch" in busy.stderr and "pi-worktree" in busy.stderr
         assert busy.stderr.count("\n") == 1
+    box.ok("pi-branch b")
+    with box.running("pi-exec --profile b sh -c 'touch ready2; "
+                     "while [ ! -e go2 ]; do sleep 0.1; done'"):
+        assert wait_until(lambda: in_project(box.project, "ready2"), timeout=60)
+        busy = box.sh("pi-shell </dev/null")  # where a run of another profile is
+        assert busy.returncode == 5 and busy.stderr.count("\n") == 1
+        assert "pi-shell --profile b joins it" in busy.stderr, busy.stderr
 
 
 def test_a_profile_must_be_made_first_and_names_are_checked(box):
@@ -85,6 +147,11 @@ def test_pi_branch_copies_a_snapshot_as_a_tag_and_lists_and_deletes(box):
     listing = box.ok("pi-branch").stdout
     for name in ("default", "old", "fresh", "copy"):
         assert re.search(r"^\*?\s+%s\s+%s:" % (name, box.repo), listing, re.M), listing
+    listed = {entry["profile"]: entry for entry in json.loads(box.ok("pi-branch --json").stdout)}
+    assert sorted(listed) == ["copy", "default", "fresh", "old"] and listed["default"]["in_use"]
+    assert listed["old"]["current"] == box.repo + ":old-current"
+    assert listed["old"]["id"].startswith("sha256:" + images["old-current"])
+    assert listed["default"]["snapshots"] == 2 and listed["old"]["snapshots"] == 0
     images = tags(box)
     assert images["fresh-current"] == images["base"]
     assert images["copy-current"] == images["old-current"]

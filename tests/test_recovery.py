@@ -154,6 +154,9 @@ def test_kill_9_of_wrapper_and_saver_is_recovered_by_the_next_run(box):
     assert "left-behind containers: 1" in box.ok("pi-status").stdout
     orphans = box.ok("pi-orphans").stdout
     assert "pi-agent-" in orphans and box.project in orphans
+    [orphan] = json.loads(box.ok("pi-orphans --json").stdout)
+    assert orphan["container"] in orphans and orphan["target"] == box.project
+    assert orphan["state"] == "running" and orphan["waiting"] is None
     result = box.ok("pi-exec test -e /usr/local/both-killed")
     assert "recovered the interrupted run" in result.stderr
     assert result.stderr.count("\n") == 1, "one line"
@@ -373,7 +376,8 @@ def test_a_save_that_fails_for_disk_space_waits_for_your_decision(faulty):
     failed = box.sh("pi-exec touch ~/bg", env={"PI_AGENT_SAVE": "foreground"})
     assert failed.returncode == 3 and "pi-recover --drop PATH" in failed.stderr
     clear(box, "commit-fails")
-    assert "waiting: " in box.ok("pi-status").stdout
+    status = box.ok("pi-status").stdout
+    assert "waiting: " in status and status.count("no space left") == 1, "said once"
     assert "no space left" in box.ok("pi-exec true").stderr, "said by the next command"
     assert "no space left" not in box.ok("pi-exec true").stderr, "once, and not retried"
     box.wait_saved()

@@ -119,6 +119,18 @@ def test_every_command_of_the_parser_has_its_function_and_completes_every_option
         assert name + " " in pi_agent.__doc__ and "`%s" % name in reference, name
 
 
+@pytest.mark.parametrize("shell", sorted(SHELLS))
+def test_a_shell_left_open_after_an_uninstall_says_so_in_one_line(shell, tmp_path):
+    need(shell)
+    shutil.copytree(os.path.join(ROOT, "shell"), tmp_path / "shell")
+    script = ". %s/shell/pi.sh\npi-status; echo status=$?\n" % tmp_path
+    result = subprocess.run(SHELLS[shell][:-2] + ["-c", script], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert result.stdout == "status=127\n"
+    assert result.stderr == "pi-agent: pi-agent was uninstalled (%s/shell/../pi_agent.py is " \
+        "gone); open a new shell, or install it again\n" % tmp_path
+
+
 def install(home, *args, shell="dash", env=None, script=None):
     need(shell)
     full_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
@@ -181,7 +193,8 @@ def test_uninstall_removes_only_its_own_line(tmp_path):
     assert install(home, "--uninstall").returncode == 0
     lines = (home / ".bashrc").read_text().splitlines(keepends=True)
     assert lines[0] == mine, "the user's own line stays"
-    assert len(lines) == 2 and str(other) in lines[1], "and so does the other install's"
+    assert len(lines) == 3 and str(other) in lines[2], "and so does the other install's"
+    assert "# PATH for pi-agent" in lines[1], "with the PATH of its pi-agent command"
 
 
 @pytest.mark.parametrize("source", ["missing-dir", "not-a-tarball"])
@@ -255,7 +268,9 @@ def test_install_without_a_terminal_leaves_rc_files_and_says_what_to_add(tmp_pat
                             env={"PATH": os.environ["PATH"], "HOME": str(home)})
     assert result.returncode == 0, result.stderr
     assert "left %s/.bashrc alone" % home in result.stdout and "shell/pi.sh" in result.stdout
-    assert not (home / ".bashrc").exists()
+    assert "%s/.local/bin is not on your PATH; to type pi-agent alone, add to your shell's " \
+        "startup file: case " % home in result.stdout
+    assert not (home / ".bashrc").exists() and not (home / ".profile").exists()
 
 
 def test_install_refuses_an_old_python(tmp_path):
@@ -353,8 +368,13 @@ def test_pi_agent_command_for_scripts_from_an_awkward_install_path(tmp_path):
     bin_dir = home / ".local/bin"
     first = install(home, "-y", env={"PI_AGENT_HOME": str(dest)})
     assert first.returncode == 0, first.stderr
-    assert "%s is not on your PATH" % bin_dir in first.stdout
-    assert 'export PATH="%s:$PATH"' % bin_dir in first.stdout
+    assert "added %s to PATH in ~/.profile ~/.bashrc ~/.zshenv" % bin_dir in first.stdout
+    for script, shell in (("pi-agent --version", ["sh", "-l", "-c"]),
+                          ("pi-agent --version", ["zsh", "-c"])):  # (zsh reads ~/.zshenv)
+        need(shell[0])
+        found = subprocess.run(shell + [script], capture_output=True, text=True, cwd="/",
+                               env={"PATH": "/usr/bin:/bin", "HOME": str(home)})
+        assert found.stdout == "pi-agent %s\n" % get_version(), (shell, found.stderr)
     command = bin_dir / "pi-agent"
     text = command.read_text()
     second = install(home, "-y", env={"PI_AGENT_HOME": str(dest),
@@ -508,9 +528,11 @@ def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
     result = install(home, "--uninstall")
     assert result.returncode == 0, result.stderr
     lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines()]
-    clean = lines[lines.index("your environments are kept; to remove them too:") + 1]
-    assert clean == ("  docker images 'myrepo' --format '{{.Repository}}:{{.Tag}}' "
-                     "| xargs -r docker rmi; rm -r '%s'" % state)
+    clean = lines[lines.index("your environments are kept (--uninstall --purge removes them); "
+                              "to remove them by hand (yours only):") + 1]
+    assert clean == ("  docker images 'myrepo' --filter label=pi-agent.uid=%d --format "
+                     "'{{.Repository}}:{{.Tag}}' | xargs -r docker rmi; rm -r '%s'"
+                     % (os.getuid(), state))
     assert lines[-1].endswith("rm -r '%s'" % config.parent)
     subprocess.run(["sh", "-c", clean], check=True,
                    env={"PATH": "%s:%s" % (fake, os.environ["PATH"])})
@@ -519,6 +541,35 @@ def test_uninstall_hint_reads_the_config_file_and_pastes_as_printed(tmp_path):
     assert install(home, "-y").returncode == 0
     from_env = install(home, "--uninstall", env={"PI_AGENT_IMAGE_REPO": "envrepo"})
     assert "docker images 'envrepo' " in from_env.stdout, "the environment beats the file"
+
+
+def test_uninstall_purge_removes_images_state_and_settings_or_nothing(tmp_path):
+    """--purge removes the user's images and state (pi-reset-all --base) and
+    settings too; an engine that cannot do it stops it all, nothing removed."""
+    home = tmp_path / "home"
+    config = home / ".config/pi-agent/config"
+    config.parent.mkdir(parents=True)
+    config.write_text("PI_AGENT_SNAPSHOT_KEEP=3\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text('#!/bin/sh\necho "$@" >>"%s/docker.log"\n'
+                                 '[ -e "%s/down" ] || exit 0\n'
+                                 'echo "Cannot connect to the Docker daemon" >&2; exit 1\n'
+                                 % (tmp_path, tmp_path))
+    (fake / "docker").chmod(0o755)
+    env = {"PATH": "%s:%s" % (fake, os.environ["PATH"])}
+    assert install(home, "-y").returncode == 0
+    (tmp_path / "down").write_text("")
+    stopped = install(home, "--uninstall", "--purge", env=env)
+    assert stopped.returncode == 1 and "nothing uninstalled" in stopped.stderr
+    assert (home / ".local/share/pi-agent/pi_agent.py").exists() and config.exists()
+    (tmp_path / "down").unlink()
+    done = install(home, "--uninstall", "--purge", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "rm -f -v" not in (tmp_path / "docker.log").read_text(), "no container to remove"
+    assert not (home / ".local/share/pi-agent").exists() and not config.parent.exists()
+    assert not (home / ".local/state/pi-agent").exists()
+    assert install(home, "--purge").returncode == 1, "--purge goes with --uninstall"
 
 
 def test_pi_agent_py_reads_top_to_bottom_and_its_map_is_true():

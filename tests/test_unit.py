@@ -286,13 +286,34 @@ def test_bad_settings_are_reported_with_their_name(name, value):
 
 
 def test_defaults_and_sources():
+    import pwd
     config = pi_agent.Config({"HOME": "/home/alice", "PI_AGENT_SNAPSHOT_KEEP": "3"})
-    assert config.image_repo == "pi-agent"
+    assert config.image_repo == "pi-agent-" + pwd.getpwuid(os.getuid()).pw_name
     assert config.state_dir == "/home/alice/.local/state/pi-agent"
     assert config.snapshot_keep == 3 and config.sources["PI_AGENT_SNAPSHOT_KEEP"] == "environment"
     assert config.sources["PI_AGENT_IMAGE_REPO"] == "default"
     assert config.dockerfile == os.path.join(ROOT, "Dockerfile")
 
+
+
+def test_each_user_has_a_repository_of_their_own_and_keeps_the_shared_one_they_used(
+        tmp_path, monkeypatch):
+    """Users of one engine never share a repository by default; one whose
+    state directory shows that they used the shared `pi-agent` of earlier
+    versions keeps it; PI_AGENT_IMAGE_REPO still says which."""
+    import pwd
+    environ = {"HOME": str(tmp_path), "PI_AGENT_STATE_DIR": str(tmp_path / "state")}
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: pwd.struct_passwd(
+        ("alice.b", "x", uid, 0, "", "/home/alice", "/bin/sh")))
+    assert pi_agent.Config(environ).image_repo == "pi-agent-alice.b"
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: pwd.struct_passwd(
+        ("Bob@CORP", "x", uid, 0, "", "/home/bob", "/bin/sh")))
+    assert pi_agent.Config(environ).image_repo == "pi-agent-uid%d" % os.getuid()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "pi-agent.lock").write_text("")
+    config = pi_agent.Config(environ)
+    assert config.image_repo == "pi-agent" and config.sources["PI_AGENT_IMAGE_REPO"] == "default"
+    assert pi_agent.Config(dict(environ, PI_AGENT_IMAGE_REPO="team/x")).image_repo == "team/x"
 
 
 def test_processes_and_memory_are_limited_by_default_and_none_lifts_a_limit():
@@ -502,9 +523,9 @@ def test_profile_names_are_what_a_tag_a_directory_and_a_branch_allow(name, ok):
 
 
 def test_a_profile_has_its_own_tags_files_and_labels():
-    default = pi_agent.Line(pi_agent.Config({"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p"}))
-    line = pi_agent.Line(pi_agent.Config({"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p"},
-                                         profile="snap"))
+    environ = {"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p", "PI_AGENT_IMAGE_REPO": "pi-agent"}
+    default = pi_agent.Line(pi_agent.Config(environ))
+    line = pi_agent.Line(pi_agent.Config(environ, profile="snap"))
     assert (default.current, line.current) == ("pi-agent:current", "pi-agent:snap-current")
     assert line.snap("snap-20261130-010203.004") == "pi-agent:snap-snap-20261130-010203.004"
     assert line.base == default.base == "pi-agent:base"
@@ -514,12 +535,14 @@ def test_a_profile_has_its_own_tags_files_and_labels():
     assert line.snapshot_named("snap-" + stamp) == stamp
     assert default.snapshot_named("snap-" + stamp) is None
     assert default.snapshot_named("x-" + stamp) is None
-    assert line.owns({"pi-agent.repo": "pi-agent", "pi-agent.profile": "snap"})
-    assert default.owns({"pi-agent.repo": "pi-agent"}) and not line.owns({"pi-agent.repo":
-                                                                          "pi-agent"})
-    assert pi_agent.Line(pi_agent.Config({"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p",
-                                          "PI_AGENT_PROFILE": "default"})).current == \
-        default.current
+    mine = {"pi-agent.uid": str(os.getuid())}
+    assert line.owns(dict(mine, **{"pi-agent.repo": "pi-agent", "pi-agent.profile": "snap"}))
+    assert default.owns(dict(mine, **{"pi-agent.repo": "pi-agent"}))
+    assert not line.owns(dict(mine, **{"pi-agent.repo": "pi-agent"}))
+    assert not default.owns({"pi-agent.repo": "pi-agent", "pi-agent.uid": "99999"}), \
+        "another user's"
+    assert pi_agent.Line(pi_agent.Config(dict(environ, PI_AGENT_PROFILE="default"))).current \
+        == default.current
 
 
 @pytest.mark.parametrize("environ,flag,command,install,keys,agent", [
@@ -765,7 +788,7 @@ def test_config_file_lines_mean_what_a_shell_assigns(tmp_path, line):
     config = pi_agent.Config(environ)
     assert config.raw[name] == shell.stdout or (not shell.stdout and config.sources[name]
                                                 == "default")
-    assert config.image_repo == "pi-agent"
+    assert config.image_repo == pi_agent.own_repo(), "the commented line is not read"
 
 
 @pytest.mark.parametrize("line,needle", [
@@ -852,7 +875,8 @@ def test_answering_no_changes_nothing_and_is_a_refusal(tmp_path):
     snap = ('{"repo":"pi-agent","tag":"snap-20260101-000000.000","id":"abc","created":"x",'
             '"size":"1 MB"}\n')
     environ = dict(os.environ, PATH=fake_docker(tmp_path, snap), HOME=str(tmp_path),
-                   PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker")
+                   PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker",
+                   PI_AGENT_IMAGE_REPO="pi-agent")
     for command in ("reset-all", "clean-orphans"):
         if command == "clean-orphans":
             (tmp_path / "bin" / "docker").write_text((tmp_path / "bin" / "docker").read_text(
@@ -1093,7 +1117,8 @@ def test_each_engine_is_driven_in_its_own_words(engine_env, monkeypatch, tmp_pat
          "created": "", "size": ""},
         {"repo": "localhost/pi-agent", "tag": "snap-20260101-000000.001", "id": "b",
          "created": "", "size": ""}]))
-    line = stub_line(pi_agent.Config({"HOME": "/h", "PI_AGENT_ENGINE": "podman"}),
+    line = stub_line(pi_agent.Config({"HOME": "/h", "PI_AGENT_ENGINE": "podman",
+                                      "PI_AGENT_IMAGE_REPO": "pi-agent"}),
                      ENGINE_CASES["podman-4.3-rootless"][1])
     assert [row["tag"] for row in pi_agent.list_snapshots(line)] == ["snap-20260101-000000.001"]
     assert pi_agent.kept_as(line, {"RepoTags": ["localhost/pi-agent:snap-20260101-000000.001",

@@ -5955,6 +5955,14 @@ class EgressProxy:
         except Exception as err:  # (whatever a client sends: its connection ends, never the proxy)
             self.answer(conn, 502, "%s" % (err,)[:200])
         finally:
+            try:  # (what the client still sends is read first: a close would reset the answer)
+                conn.shutdown(1)
+                conn.settimeout(1)
+                for _ in range(16):
+                    if not conn.recv(1 << 16):
+                        break
+            except OSError:
+                pass
             conn.close()
             self.done(client)
 
@@ -5984,7 +5992,7 @@ class EgressProxy:
             if client in (self.gateway, "127.0.0.1"):  # the host asks (Egress.ask)
                 return self.answer(conn, 200, "", json.dumps(
                     {"name": self.spec["name"],
-                     "refused": self.refused.get(target[1:])}).encode())
+                     "refused": self.refused.get(target[1:])}))
             return self.answer(conn, 400, "this is pi-agent's egress proxy; it takes "
                                "CONNECT host:port and http:// URLs")
         url = re.fullmatch(r"http://([^/?#]+)(.*)", target) if method != "CONNECT" else None
@@ -6044,7 +6052,7 @@ class EgressProxy:
         except (socket.gaierror, UnicodeError):
             found = []
         if not found:
-            if named and upstream:  # (yours: your proxy resolves it)
+            if upstream and (named or spec["mode"] == "public"):  # (for your proxy to resolve)
                 return upstream, []
             raise PermissionError("%s does not resolve" % host)
         import ipaddress
@@ -6398,14 +6406,19 @@ class Egress:
         """In the saver while its run lasts: the proxy asked every
         EGRESS_KEEP seconds (so it does not end while a run waits for its
         user), and your host's ports forwarded, to the bridge's containers
-        only. Returns the event that stops it."""
+        only. Returns what stops it (and closes the ports at once)."""
         import ipaddress
         import select
         import socket
         import threading
         stop = threading.Event()
+
+        def end():
+            stop.set()
+            for listener in listeners:
+                listener.close()
         if not (self.proxy or listeners):
-            return stop
+            return end
         subnet = ipaddress.ip_network(self.bridge[1]) if listeners else None
 
         def forward(conn, port):
@@ -6425,17 +6438,18 @@ class Egress:
                 if not listeners:
                     stop.wait(1.0)
                     continue
-                for listener in select.select(listeners, [], [], 1.0)[0]:
-                    conn, peer = listener.accept()
-                    if ipaddress.ip_address(peer[0]) in subnet:
-                        threading.Thread(target=forward, args=(conn, listener.getsockname()[1]),
-                                         daemon=True).start()
-                    else:
-                        conn.close()
-            for listener in listeners:
-                listener.close()
+                try:
+                    for listener in select.select(listeners, [], [], 1.0)[0]:
+                        conn, peer = listener.accept()
+                        if ipaddress.ip_address(peer[0]) in subnet:
+                            threading.Thread(target=forward, args=(
+                                conn, listener.getsockname()[1]), daemon=True).start()
+                        else:
+                            conn.close()
+                except (OSError, ValueError):
+                    return  # (closed: the run has ended)
         threading.Thread(target=serve, daemon=True).start()
-        return stop
+        return end
 
 
 # -------------------------------------------------------------------- the run
@@ -7842,7 +7856,7 @@ class Saver:
     def _main(self, pipe, up_w):
         egress = self.plan.egress.keep(self.plan.egress.listeners)  # (while the run lasts)
         messages = self._hear(pipe, until=(SAID_STATUS, SAID_ABORT))
-        egress.set()
+        egress()
         if SAID_ABORT in messages:
             self._abort()
             self._answer(up_w, SAID_OK)

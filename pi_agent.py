@@ -5888,7 +5888,9 @@ class EgressProxy:
     def __init__(self, spec):
         import threading
         self.spec, self.lock = spec, threading.Lock()
-        self.busy, self.refused, self.last = {}, {}, time.monotonic()
+        self.busy, self.refused, self.names, self.last = {}, {}, {}, time.monotonic()
+        with open("/proc/net/if_inet6", encoding="ascii") as handle:  # (IPv6 beyond the link?)
+            self.v6 = any(row.split()[3] == "00" for row in handle)
         with open("/proc/net/route", encoding="ascii") as handle:
             hops = [row.split() for row in handle.read().splitlines()[1:]]
         self.gateway = next(socket_ntoa(int(row[2], 16)) for row in hops if row[1] == "00000000")
@@ -6011,7 +6013,7 @@ class EgressProxy:
         try:
             upstream, addresses = self.decide(host, port, method == "CONNECT")
         except PermissionError as refusal:
-            self.note(client, dest)
+            self.note(client, dest, str(refusal))
             return self.answer(conn, 403, str(refusal))
         if url:  # forwarded as it came, but for what only the proxy is owed
             kept = [row for row in lines[1:] if not re.match(
@@ -6047,17 +6049,14 @@ class EgressProxy:
         bypass = spec["upstream"]["no_proxy"]
         upstream = None if "*" in bypass or egress_name(host, bypass) else \
             spec["upstream"].get("https" if tunnel else "http")
-        try:
-            found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            found = []
+        found = self.resolve(host, port)
         if not found:
             if upstream and (named or spec["mode"] == "public"):  # (for your proxy to resolve)
                 return upstream, []
             raise PermissionError("%s does not resolve" % host)
         import ipaddress
         reasons, fit = [], []
-        for family, _type, _proto, _name, sockaddr in found:
+        for family, sockaddr in found:
             address = sockaddr[0]
             kind = address_class(address, self.never)
             listed = named or any(
@@ -6075,6 +6074,30 @@ class EgressProxy:
         if fit:
             return upstream, fit
         raise PermissionError(reasons[0])
+
+    def resolve(self, host, port):
+        """[(family, sockaddr)] of `host`, looked up once for all the
+        connections that ask for it within a minute (npm opens dozens at
+        once: as many lookups at once fail), IPv6 only where there is a
+        route for it."""
+        import socket
+        import threading
+        with self.lock:
+            now, entry = time.monotonic(), self.names.get(host)
+            mine = entry is None or entry[0] < now - 60
+            if mine:
+                if len(self.names) > 4096:
+                    self.names.clear()
+                entry = self.names[host] = [now, threading.Event(), []]
+        if mine:
+            try:
+                entry[2] = socket.getaddrinfo(host, None, socket.AF_UNSPEC if self.v6 or ":" in
+                                              host else socket.AF_INET, socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                entry[0] = 0  # (a failure is asked again)
+            entry[1].set()
+        entry[1].wait(3 * EGRESS_WAIT)
+        return [(info[0], (info[4][0], port) + info[4][2:]) for info in entry[2]]
 
     def connect(self, upstream, addresses, dest, tunnel):
         """A socket to `dest`: directly to the first address that answers,
@@ -6111,7 +6134,7 @@ class EgressProxy:
                                                         status[:100] or "nothing"))
         return sock
 
-    def note(self, client, dest):
+    def note(self, client, dest, why):
         """A refusal, kept for the run it came from (the engine's DNS names
         it: CONTAINER.NETWORK), a few hundred runs and 20 places each."""
         import socket
@@ -6126,7 +6149,8 @@ class EgressProxy:
             self.refused[name] = record  # (newest last: the oldest go first)
             record["count"] += 1
             if dest in record["places"] or len(record["places"]) < 20:
-                record["places"][dest] = record["places"].get(dest, 0) + 1
+                place = record["places"].setdefault(dest, {"count": 0, "why": why})
+                place["count"] += 1
             while len(self.refused) > 500:
                 del self.refused[next(iter(self.refused))]
 
@@ -9006,7 +9030,7 @@ def cmd_log(args):
         print("no runs of %s saved yet" % line.name)
         return 0
     rows = [("STARTED", "KIND", "EXIT", "ADDED", "PATHS +/~/-", "COMMITS", "SNAPSHOT",
-             "ENDED BY", "TARGET")]
+             "ENDED BY", "REFUSED", "TARGET")]
     for record in records:
         added, paths = record.get("bytes_added"), record["paths"]
         rows.append((local_time(record.get("started")), printable(str(record.get("kind"))),
@@ -9018,6 +9042,7 @@ def cmd_log(args):
                      else "-",
                      printable(str(record.get("snapshot") or "-")),
                      printable(str(record.get("ended_by"))),
+                     str((record.get("refused") or {}).get("count", "-")),
                      printable(str(record.get("target")))))
     print_table(rows)
     return 0

@@ -29,6 +29,7 @@ def proxy(monkeypatch, answers=None, **values):
     was given instead of connecting."""
     made = pi_agent.EgressProxy.__new__(pi_agent.EgressProxy)
     made.spec, made.lock, made.busy, made.refused = spec(**values), threading.Lock(), {}, {}
+    made.names, made.v6 = {}, True
     made.gateway, made.never = "172.30.0.1", set(values.get("never", [])) | {"172.30.0.1"}
     made.asked, made.connected = [], []
     real = socket.getaddrinfo
@@ -37,7 +38,7 @@ def proxy(monkeypatch, answers=None, **values):
         made.asked.append(host)
         if answers is not None and host in answers:
             return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                     (a, port)) for a in answers[host]]
+                     (a, 0)) for a in answers[host]]
         if answers is not None and not any(c.isdigit() for c in host.split(".")[-1]) \
                 and ":" not in host:
             raise socket.gaierror("no such name")
@@ -172,7 +173,9 @@ def test_what_the_proxy_refused_is_the_hosts_to_ask_not_a_runs(monkeypatch):
         theirs.close()
         said = json.loads(b"".join(iter(lambda: mine.recv(65536), b"")).partition(
             b"\r\n\r\n")[2])
-    assert said == {"name": "p", "refused": {"count": 1, "places": {"127.0.0.1:22": 1}}}
+    assert said == {"name": "p", "refused": {"count": 1, "places": {"127.0.0.1:22": {
+        "count": 1, "why": "127.0.0.1 is never reachable from a run (loopback, link-local, the "
+        "host)"}}}}
 
 
 @pytest.mark.parametrize("value,needle", [

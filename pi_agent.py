@@ -6115,7 +6115,8 @@ class EgressProxy:
                     failure = err
                     sock.close()
             raise failure
-        sock = socket.create_connection((upstream[0], upstream[1]), timeout=EGRESS_WAIT)
+        sock = socket.create_connection((self.gateway if upstream[0] == "host.docker.internal"
+                                         else upstream[0], upstream[1]), timeout=EGRESS_WAIT)
         if not tunnel:
             return sock
         sock.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
@@ -6182,7 +6183,8 @@ def local_addresses():
 
 def upstream_proxy(name, url):
     """[host, port, Proxy-Authorization or None] of your proxy `url`, which
-    the egress proxy goes on through."""
+    the egress proxy goes on through. One on your host's loopback (cntlm,
+    px) is the host's, host.docker.internal to the proxy (see keep)."""
     import base64
     from urllib.parse import unquote
     found = re.fullmatch(r"(?:http://)?(?:([^@/]*)@)?(\[[0-9A-Fa-f:.]+\]|[^][:/@]+):(\d{1,5})/?",
@@ -6193,7 +6195,9 @@ def upstream_proxy(name, url):
                          "PI_AGENT_EGRESS=open" % name)
     auth = found.group(1) and "Basic " + base64.b64encode(unquote(found.group(1)).encode()
                                                           ).decode()
-    return [found.group(2).strip("[]"), int(found.group(3)), auth]
+    host = found.group(2).strip("[]").lower()
+    return ["host.docker.internal" if host in ("localhost", "::1") or host.startswith("127.")
+            else host, int(found.group(3)), auth]
 
 
 # What the proxy says to the host where the host has no route to it
@@ -6219,6 +6223,7 @@ class Egress:
         self.ports = config.host_ports if self.mode != "none" else []
         self.proxy = self.address = self.bridge = None
         self.routed, self.local, self.listeners = False, None, []
+        self.forward = list(self.ports)  # (and your proxy's port, if it is on your loopback)
         self.network = {"none": "none", "open": config.network}.get(self.mode, self.inside)
         if self.network != self.inside:
             return
@@ -6234,10 +6239,12 @@ class Egress:
             ([word.lstrip("*."), "*." + word.lstrip("*.")] for word in bypass), [])}
         for kind, names in (("http", ("HTTP_PROXY", "http_proxy")),
                             ("https", ("HTTPS_PROXY", "https_proxy"))):
-            name = next((name for name in names + ("ALL_PROXY", "all_proxy")
-                         if proxies.get(name)), None)
-            if name:
+            name = next((name for name in names + ("ALL_PROXY", "all_proxy") if proxies.get(
+                name) and (name in names or proxies[name].startswith("http://"))), None)
+            if name:  # (an ALL_PROXY of another kind, socks, is not the egress proxy's)
                 upstream[kind] = upstream_proxy(name, proxies[name])
+                if upstream[kind][0] == "host.docker.internal":
+                    self.forward.append(upstream[kind][1])
         import ipaddress
         nets = [ipaddress.ip_network(entry["net"]) for entry in allow if "net" in entry]
         never = sorted(address for address in self.local if address_class(address) == "public"
@@ -6408,7 +6415,7 @@ class Egress:
         (a port that cannot be stops it) for the saver to serve (keep)."""
         import socket
         sockets = []
-        for port in self.ports:
+        for port in sorted(set(self.forward)):
             sock = socket.socket()
             sockets.append(sock)
             try:
@@ -6419,11 +6426,12 @@ class Egress:
             except (OSError, TypeError) as err:
                 for each in sockets:
                     each.close()
-                raise BadSetting("PI_AGENT_HOST_PORTS: port %d cannot be forwarded from the "
-                                 "engine's bridge (%s: %s): it needs an engine whose bridges "
-                                 "are on this host (not rootless Docker, Podman or Docker "
-                                 "Desktop, yet)" % (port, self.bridge and self.bridge[0],
-                                                    getattr(err, "strerror", err)))
+                raise BadSetting("PI_AGENT_HOST_PORTS (or a proxy of yours on your loopback): "
+                                 "port %d cannot be forwarded from the engine's bridge (%s: "
+                                 "%s): it needs an engine whose bridges are on this host (not "
+                                 "rootless Docker, Podman or Docker Desktop, yet)" % (
+                                     port, self.bridge and self.bridge[0],
+                                     getattr(err, "strerror", err)))
         return sockets
 
     def keep(self, listeners):

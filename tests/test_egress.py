@@ -582,3 +582,13 @@ def test_your_proxy_is_the_egress_proxys_way_on(box, internet):
         docker("rm", "-f", name, check=False)
     assert got == {"http://inet/": ("000", "200"), "https://%s:80/" % internet["inet"]: (
         "200", "000"), "http://%s/" % internet["lan"]: ("000", "403")}, got
+
+
+def test_your_proxy_on_your_loopback_is_forwarded_to_the_proxy_not_the_agent(tmp_path):
+    environ = {"HOME": str(tmp_path), "PI_AGENT_CONFIG": str(tmp_path / "none"),
+               "HTTP_PROXY": "http://127.0.0.1:3129", "ALL_PROXY": "socks5://127.0.0.1:1080"}
+    egress = pi_agent.Egress(pi_agent.Config(environ), environ)
+    assert egress.spec["upstream"]["http"] == ["host.docker.internal", 3129, None]
+    assert "https" not in egress.spec["upstream"], "a socks ALL_PROXY is not chained"
+    assert egress.forward == [3129] and egress.spec["host_ports"] == [], \
+        "forwarded for the proxy; host.docker.internal:3129 stays refused to the agent"

@@ -119,6 +119,16 @@ SETTINGS = (
      "separated (a TLS-inspecting proxy's, say)"),
     ("PI_AGENT_NETWORK", "",
      "the container's network: empty for the engine's default, none for offline"),
+    ("PI_AGENT_EGRESS", "public",
+     "what a run reaches: public (the internet, not your host, LAN or cloud metadata), allow "
+     "(only PI_AGENT_EGRESS_ALLOW and the agent's own hosts), open (the engine's network), none "
+     "(nothing); pi --egress POLICY for one run"),
+    ("PI_AGENT_EGRESS_ALLOW", "",
+     "exceptions: names, *.suffixes, host:port, addresses or CIDRs a run may reach, private "
+     "ones too (comma separated)"),
+    ("PI_AGENT_HOST_PORTS", "",
+     "ports of services on your host's loopback (a model server: 11434) that a run reaches as "
+     "host.docker.internal:PORT, forwarded while it runs (comma separated)"),
     ("PI_AGENT_CPUS", "", "CPU limit, e.g. 2 or 1.5 (docker run --cpus)"),
     ("PI_AGENT_MEMORY", "<3/4 of this machine's memory>",
      "memory limit, e.g. 4g (docker run --memory; none: no limit)"),
@@ -197,6 +207,23 @@ AGENT_CONFIG = {"pi": (".pi",), "claude": (".claude", ".claude.json"), "codex": 
                 "aider": (".aider", ".aider.conf.yml"),
                 "opencode": (".config/opencode", ".local/share/opencode")}
 
+# What each agent reaches under PI_AGENT_EGRESS=allow besides the list:
+# its model APIs and the registry its install command uses.
+AGENT_HOSTS = {
+    "pi": ("registry.npmjs.org", "api.anthropic.com", "api.openai.com", "*.openai.azure.com",
+           "api.deepseek.com", "generativelanguage.googleapis.com", "api.mistral.ai",
+           "api.groq.com", "api.cerebras.ai", "api.x.ai", "openrouter.ai",
+           "ai-gateway.vercel.sh", "api.z.ai", "opencode.ai", "api.fireworks.ai",
+           "api.moonshot.ai", "api.minimax.io"),
+    "claude": ("registry.npmjs.org", "api.anthropic.com", "statsig.anthropic.com",
+               "console.anthropic.com", "claude.ai"),
+    "codex": ("registry.npmjs.org", "api.openai.com", "auth.openai.com", "chatgpt.com"),
+    "aider": ("pypi.org", "files.pythonhosted.org", "api.openai.com", "api.anthropic.com",
+              "generativelanguage.googleapis.com", "api.deepseek.com", "openrouter.ai"),
+    "opencode": ("registry.npmjs.org", "opencode.ai", "models.dev", "api.anthropic.com",
+                 "api.openai.com", "generativelanguage.googleapis.com", "openrouter.ai"),
+}
+
 # Set empty inside, and refused in PI_AGENT_PASS_ENV: they open doors
 # outside the container (accounts, agents, the Docker engine).
 CREDENTIAL_ENV = (
@@ -244,6 +271,19 @@ HOST_TREES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/var/lock", "/boot",
 # packets on the network, chroot escapes.
 CAP_DROP = ("MKNOD", "SETFCAP", "NET_RAW", "SYS_CHROOT", "SETPCAP")
 CAP_DROP_ARGS = [arg for cap in CAP_DROP for arg in ("--cap-drop", cap)]
+
+# PI_AGENT_EGRESS. Through the egress proxy no run reaches these, whatever
+# the exceptions say: "this network", loopback, link-local (the cloud
+# metadata service, 169.254.169.254, is there), multicast and reserved ...
+NEVER_NETS = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3", "fe80::/10",
+              "ff00::/8")
+# ... and these only as exceptions (PI_AGENT_EGRESS_ALLOW): RFC 1918, CGNAT,
+# benchmarking, IETF protocol assignments, IPv6 ULA and site-local, local
+# NAT64, Teredo. (IPv6 forms that carry an IPv4 address are judged by it.)
+PRIVATE_NETS = ("10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.0.0.0/24",
+                "192.168.0.0/16", "198.18.0.0/15", "fc00::/7", "fec0::/10", "64:ff9b:1::/48",
+                "2001::/32")
+EGRESS_POLICIES = ("public", "allow", "open", "none")
 
 SNAPSHOT_PREFIX = "snap-"
 SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
@@ -885,6 +925,71 @@ def parse_pass_env(value):
     return names
 
 
+def address_class(text, never=()):
+    """never, private or public (see NEVER_NETS): what the egress proxy
+    makes of an address. `never`: more addresses no run reaches (the
+    host's own)."""
+    import ipaddress
+    ip = ipaddress.ip_address(text)
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and (int(ip) >> 32 == 0 or ip in ipaddress.ip_network("64:ff9b::/96")):
+            inner = ipaddress.IPv4Address(int(ip) & 0xffffffff)  # (compatible, NAT64)
+        if inner is not None:
+            return address_class(str(inner), never)
+    if str(ip) in never:
+        return "never"
+    for kind, nets in (("never", NEVER_NETS), ("private", PRIVATE_NETS)):
+        if any(ip in ipaddress.ip_network(net) for net in nets):
+            return kind
+    return "public"
+
+
+def parse_allow(value):
+    """PI_AGENT_EGRESS_ALLOW: [{"name": NAME or *.SUFFIX, or "net": CIDR;
+    "port": N or None}]. The host's own ports are PI_AGENT_HOST_PORTS'."""
+    import ipaddress
+    entries = []
+    for word in value.replace(",", " ").split():
+        found = re.fullmatch(r"\[([^]]+)\](?::(\d+))?|([^][:]+)(?::(\d+))?|([0-9A-Fa-f:./]+)", word)
+        where = found and (found.group(1) or found.group(3) or found.group(5)).lower()
+        port = found and (found.group(2) or found.group(4))
+        entry = {"port": int(port) if port else None}
+        try:
+            entry["net"] = ipaddress.ip_network(where or "-", strict=False)
+        except ValueError:
+            entry["name"] = (where or "").rstrip(".")
+            if not re.fullmatch(r"(\*\.)?[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+                                r"(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*", entry["name"]):
+                raise BadSetting("PI_AGENT_EGRESS_ALLOW: %s is not a name, *.suffix, host:port, "
+                                 "address or CIDR" % word)
+        if entry.get("name") == "host.docker.internal":
+            raise BadSetting("PI_AGENT_EGRESS_ALLOW: %s: your host's ports are "
+                             "PI_AGENT_HOST_PORTS' (e.g. PI_AGENT_HOST_PORTS=%s)"
+                             % (word, port or 11434))
+        if port is not None and not 0 < int(port) < 65536:
+            raise BadSetting("PI_AGENT_EGRESS_ALLOW: %s: the port is not 1 to 65535" % word)
+        net = entry.get("net")
+        if net and any(net.overlaps(ipaddress.ip_network(never)) for never in NEVER_NETS
+                       if ipaddress.ip_network(never).version == net.version):
+            raise BadSetting("PI_AGENT_EGRESS_ALLOW: %s takes in loopback, link-local (the cloud "
+                             "metadata service) or multicast addresses, which no run reaches; "
+                             "name what you need (PI_AGENT_EGRESS=open is the engine's own "
+                             "network)" % word)
+        if net:
+            entry["net"] = str(net)
+        entries.append(entry)
+    return entries
+
+
+def parse_ports(value):
+    ports = value.replace(",", " ").split()
+    if not all(port.isdigit() and 0 < int(port) < 65536 for port in ports):
+        raise BadSetting("PI_AGENT_HOST_PORTS=%s: use port numbers, comma separated (e.g. 11434)"
+                         % value)
+    return sorted(set(int(port) for port in ports))
+
+
 def ca_cert_files(value):
     """The files PI_AGENT_CA_CERTS names (absolute paths: files, or
     directories of *.crt and *.pem), in a stable order."""
@@ -969,10 +1074,11 @@ class Config:
     """The effective settings. Precedence: defaults < the config file <
     the environment < command-line flags; `sources` says where each came from."""
 
-    def __init__(self, environ=None, lenient=False, agent=None, profile=None):
+    def __init__(self, environ=None, lenient=False, agent=None, profile=None, egress=None):
         """`lenient` (for pi-status): a bad line or value is kept in
         `problems` and its setting left at the default, instead of raised.
-        `agent`: pi --agent NAME, for one run; `profile`: --profile NAME."""
+        `agent`: pi --agent NAME, for one run; `profile`: --profile NAME;
+        `egress`: --egress POLICY."""
         environ = os.environ if environ is None else environ
         self.environ = environ
         self.path = config_path(environ)
@@ -993,6 +1099,8 @@ class Config:
             raw["PI_AGENT_PROFILE"], self.sources["PI_AGENT_PROFILE"] = profile, "--profile"
         if self.sources["PI_AGENT_IMAGE_REPO"] == "default":
             raw["PI_AGENT_IMAGE_REPO"] = default_repo(raw["PI_AGENT_STATE_DIR"])
+        if egress is not None:
+            raw["PI_AGENT_EGRESS"], self.sources["PI_AGENT_EGRESS"] = egress, "--egress"
         self.raw = raw
         self._preset(agent)
         for _attempt in SETTINGS:
@@ -1081,6 +1189,20 @@ class Config:
         if self.network and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.network):
             raise BadSetting("PI_AGENT_NETWORK=%s is not a network name; use none, or a name "
                              "from docker network ls" % self.network)
+        self.egress = raw["PI_AGENT_EGRESS"]
+        if self.egress not in EGRESS_POLICIES:
+            raise BadSetting("PI_AGENT_EGRESS=%s: use public, allow, open or none" % self.egress)
+        # A network of your own is yours to rule (open); none is none.
+        if self.network == "none":
+            self.egress = "none"
+        elif self.network and self.sources["PI_AGENT_EGRESS"] == "default":
+            self.egress = "open"
+        elif self.network and self.egress != "open":
+            raise BadSetting("PI_AGENT_EGRESS=%s cannot hold a run on PI_AGENT_NETWORK=%s, a "
+                             "network of yours: use PI_AGENT_EGRESS=open with it, or unset "
+                             "PI_AGENT_NETWORK" % (self.egress, self.network))
+        self.egress_allow = parse_allow(raw["PI_AGENT_EGRESS_ALLOW"])
+        self.host_ports = parse_ports(raw["PI_AGENT_HOST_PORTS"])
         self.limits = parse_limits(raw)
         keep = raw["PI_AGENT_SNAPSHOT_KEEP"]
         if not keep.isdigit():
@@ -1188,18 +1310,19 @@ def misspelled_settings(environ):
 
 def network_typos(environ):
     """A PI_AGENT_* name that is not a setting but looks meant to choose the
-    network (PI_AGENT_NETWROK, PI_AGENT_OFFLINE): BadSetting, because the
-    run it would have cut off would go online."""
+    network (PI_AGENT_NETWROK, PI_AGENT_OFFLINE, PI_AGENT_EGRES): BadSetting,
+    because the run it would have held would reach more."""
     known = [name for name, _d, _m in SETTINGS] + list(OTHER_VARIABLES)
     for name in sorted(environ):
         if not name.startswith("PI_AGENT_") or name in known:
             continue
         import difflib  # (only here: its import costs every run 8 ms)
-        if difflib.get_close_matches(name, ["PI_AGENT_NETWORK"], 1, 0.85) or \
-                any(word in name for word in ("NETW", "OFFLINE", "ONLINE")):
-            raise BadSetting("%s is not a setting; a run it was meant to keep offline would "
-                             "go online, so none starts: use PI_AGENT_NETWORK=none (or pi "
-                             "--offline), and unset %s" % (name, name))
+        if difflib.get_close_matches(name, ["PI_AGENT_NETWORK", "PI_AGENT_EGRESS",
+                                            "PI_AGENT_EGRESS_ALLOW"], 1, 0.85) or \
+                any(word in name for word in ("NETW", "OFFLINE", "ONLINE", "EGRES")):
+            raise BadSetting("%s is not a setting; a run it was meant to hold would reach "
+                             "more, so none starts: use PI_AGENT_EGRESS (public, allow, open, "
+                             "none; pi --offline is none), and unset %s" % (name, name))
 
 
 def guarded_dirs(config):
@@ -2034,8 +2157,9 @@ class Line:
             if meta.get("image_after") != meta.get("image_before") else None,
             "mount": meta.get("mount") or None}
         ended = meta.get("ended")  # what end_run brought back and swept
-        for key in ("commits", "commits_total", "refs", "swept"):
+        for key in ("commits", "commits_total", "refs", "swept", "refused"):
             record[key] = ended.get(key) if isinstance(ended, dict) else None
+        record["egress"] = meta.get("egress")
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
             fd = os.open(self.sessions_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -6200,6 +6324,673 @@ def auto_flatten(line, state):
     line.log("flattened %s; the layered image is kept as %s" % (line.current, kept))
 
 
+# ---------------------------------------------------------------- the network
+#
+# PI_AGENT_EGRESS. Under public and allow a run is on an engine network
+# that is internal (no route out) and whose bridge has no address on the
+# host (com.docker.network.bridge.inhibit_ipv4: a container on an internal
+# bridge still reaches every host service on 0.0.0.0 through the bridge's
+# own address, measured on Docker 20.10). Its one way out is the egress
+# proxy: pi-agent's own code (serve_egress, below, this very file mounted
+# read-only) in a container of REPO:base (never current, which the agent
+# makes), on that network and on one of its own with a route out. It
+# tunnels (CONNECT, no interception) and forwards plain HTTP, deciding on
+# the address it connects to, after resolving. One proxy serves every run
+# of a user with the same policy (its name is the policy's digest); it ends
+# when no run has kept it for EGRESS_IDLE seconds.
+
+EGRESS_PORT = 3128
+EGRESS_IDLE = 600
+EGRESS_KEEP = 60        # a run's saver looks at its proxy this often (it keeps it up)
+EGRESS_CLIENT_MAX = 64  # connections at once from one run; more are refused, 503
+EGRESS_MAX = 512        # ... from every run
+EGRESS_HEAD = 16384     # the most a request's head may be
+EGRESS_WAIT = 10        # seconds a request's head may take; then a tunnel's idle limit
+EGRESS_TUNNEL_IDLE = 900
+
+
+def egress_name(host, names):
+    """True when `host` is one of `names` (exact, or *.suffix: below it)."""
+    return any(host == name or name.startswith("*.") and host.endswith(name[1:])
+               for name in names)
+
+
+def splice(one, other, idle=EGRESS_TUNNEL_IDLE):
+    """Bytes both ways until both ends have closed (each close passed on)
+    or nothing moved for `idle` seconds."""
+    import select
+    peer = {one: other, other: one}
+    open_ = [one, other]
+    try:
+        for sock in open_:
+            sock.settimeout(idle)
+        while open_:
+            ready = select.select(open_, [], [], idle)[0]
+            if not ready:
+                return
+            for sock in ready:
+                data = sock.recv(1 << 16)
+                if data:
+                    peer[sock].sendall(data)
+                else:
+                    open_.remove(sock)
+                    peer[sock].shutdown(1)  # (SHUT_WR: the close passed on)
+    except OSError:
+        return
+
+
+def socket_ntoa(number):
+    """The dotted address of /proc/net/route's hex (little-endian) field."""
+    return ".".join(str(number >> shift & 255) for shift in (0, 8, 16, 24))
+
+
+class EgressProxy:
+    """The proxy, in its container. `spec`: mode, allow (parse_allow's),
+    host_ports, never (the host's own addresses), upstream ({"http",
+    "https": [host, port, authorization or None], "no_proxy"}), network
+    (the internal one), name. What it refused is kept per run (by the
+    name the engine's DNS gives the client's address) for the host to ask,
+    from the one address no run has: the host's, its gateway."""
+
+    def __init__(self, spec):
+        import threading
+        self.spec, self.lock = spec, threading.Lock()
+        self.busy, self.refused, self.names, self.last = {}, {}, {}, time.monotonic()
+        with open("/proc/net/if_inet6", encoding="ascii") as handle:  # (IPv6 beyond the link?)
+            self.v6 = any(row.split()[3] == "00" for row in handle)
+        with open("/proc/net/route", encoding="ascii") as handle:
+            hops = [row.split() for row in handle.read().splitlines()[1:]]
+        self.gateway = next(socket_ntoa(int(row[2], 16)) for row in hops if row[1] == "00000000")
+        self.never = set(spec["never"]) | {self.gateway}
+
+    def serve(self):
+        import socket
+        import threading
+        threading.stack_size(1 << 19)
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("0.0.0.0", EGRESS_PORT))
+        server.listen(256)
+        server.settimeout(30)
+        while True:
+            try:
+                conn, peer = server.accept()
+            except socket.timeout:
+                if not self.busy and time.monotonic() - self.last > EGRESS_IDLE:
+                    return 0
+                continue
+            self.last = time.monotonic()
+            with self.lock:
+                mine = self.busy.get(peer[0], 0)
+                full = mine >= EGRESS_CLIENT_MAX or sum(self.busy.values()) >= EGRESS_MAX
+                if not full:
+                    self.busy[peer[0]] = mine + 1
+            try:
+                if full:
+                    raise RuntimeError
+                threading.Thread(target=self.handle, args=(conn, peer[0]), daemon=True).start()
+            except RuntimeError:  # (full, or no thread to be had: refused, never let through)
+                if not full:
+                    self.done(peer[0])
+                self.answer(conn, 503, "too many connections at once")
+                conn.close()
+
+    def done(self, client):
+        with self.lock:
+            self.busy[client] -= 1
+            if not self.busy[client]:
+                del self.busy[client]
+
+    def answer(self, conn, code, reason, body=None):
+        """An answer, and for a refusal the reason, one line, in the status
+        line (what tools print of a refused CONNECT) and in the body."""
+        words = {200: "OK", 400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
+                 431: "Request Header Fields Too Large", 502: "Bad Gateway",
+                 503: "Service Unavailable"}
+        line = re.sub(r"[\x00-\x1f]", " ", "pi-agent egress %s: %s" % (self.spec["mode"], reason))
+        body = (body or line + "\n").encode("utf-8", "replace")
+        try:
+            conn.sendall(("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                          "Connection: close\r\n\r\n" % (
+                              code, words[code] if code == 200 else line[:200], "text/plain"
+                              if code != 200 else "application/json", len(body))
+                          ).encode("latin-1", "replace") + body)
+        except OSError:
+            pass
+
+    def handle(self, conn, client):
+        try:
+            self.request(conn, client)
+        except Exception as err:  # (whatever a client sends: its connection ends, never the proxy)
+            self.answer(conn, 502, "%s" % (err,)[:200])
+        finally:
+            try:  # (what the client still sends is read first: a close would reset the answer)
+                conn.shutdown(1)
+                conn.settimeout(1)
+                for _ in range(16):
+                    if not conn.recv(1 << 16):
+                        break
+            except OSError:
+                pass
+            conn.close()
+            self.done(client)
+
+    def request(self, conn, client):
+        import socket
+        conn.settimeout(EGRESS_WAIT)
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+                if len(head) > EGRESS_HEAD and b"\r\n\r\n" not in head[:EGRESS_HEAD + 4]:
+                    return self.answer(conn, 431, "the request's head is over %d bytes"
+                                       % EGRESS_HEAD)
+        except socket.timeout:
+            return self.answer(conn, 408, "no request within %d s" % EGRESS_WAIT)
+        head, _, rest = head.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        words = lines[0].split(" ")
+        if len(words) != 3 or not re.fullmatch(r"[A-Z]{1,20}", words[0]) or \
+                not re.fullmatch(r"HTTP/1\.[01]", words[2]):
+            return self.answer(conn, 400, "not an HTTP/1 request")
+        method, target, version = words
+        if target.startswith("/"):
+            if client in (self.gateway, "127.0.0.1"):  # the host asks (Egress.ask)
+                return self.answer(conn, 200, "", json.dumps(
+                    {"name": self.spec["name"],
+                     "refused": self.refused.get(target[1:])}))
+            return self.answer(conn, 400, "this is pi-agent's egress proxy; it takes "
+                               "CONNECT host:port and http:// URLs")
+        url = re.fullmatch(r"http://([^/?#]+)(.*)", target) if method != "CONNECT" else None
+        authority = url.group(1) if url else target
+        where = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([A-Za-z0-9_.-]{1,253})"
+                             r"(?::(\d{1,5}))?", authority)
+        if not where or (method == "CONNECT") == bool(url) or \
+                (method == "CONNECT" and not (where.group(2) or where.group(4))):
+            return self.answer(conn, 400, "%s %s: use CONNECT host:port, or an http:// URL"
+                               % (method, target[:100]))
+        host = (where.group(1) or where.group(3)).lower().rstrip(".")
+        port = int(where.group(2) or where.group(4) or 80)
+        if not 0 < port < 65536:
+            return self.answer(conn, 400, "port %d" % port)
+        dest = "%s:%d" % (host, port)
+        try:
+            upstream, addresses = self.decide(host, port, method == "CONNECT")
+        except PermissionError as refusal:
+            self.note(client, dest, str(refusal))
+            return self.answer(conn, 403, str(refusal))
+        if url:  # forwarded as it came, but for what only the proxy is owed
+            kept = [row for row in lines[1:] if not re.match(
+                r"(?i)(proxy-|connection:|keep-alive:|host:)", row)]
+            first = "%s %s %s" % (method, target if upstream else url.group(2) or "/", version)
+            head = "\r\n".join([first, "Host: " + authority] + kept + [
+                "Connection: close"] + (["Proxy-Authorization: " + upstream[2]]
+                                        if upstream and upstream[2] else []))
+            rest = head.encode("latin-1") + b"\r\n\r\n" + rest
+        try:
+            sock = self.connect(upstream, addresses, dest, method == "CONNECT")
+        except OSError as err:
+            return self.answer(conn, 502, "cannot reach %s: %s" % (dest, err.strerror or err))
+        with sock:
+            if method == "CONNECT":
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if rest:
+                sock.sendall(rest)
+            splice(conn, sock)
+
+    def decide(self, host, port, tunnel):
+        """(upstream or None, [sockaddr] to connect to), or PermissionError
+        with the reason: after resolving, on the addresses connected to."""
+        import socket
+        spec = self.spec
+        if host == "host.docker.internal":
+            if port not in spec["host_ports"]:
+                raise PermissionError("%s:%d is not in PI_AGENT_HOST_PORTS" % (host, port))
+            return None, [(socket.AF_INET, (self.gateway, port))]
+        allow = spec["allow"]
+        named = egress_name(host, [entry["name"] for entry in allow if "name" in entry and
+                                   entry["port"] in (None, port)])
+        bypass = spec["upstream"]["no_proxy"]
+        upstream = None if "*" in bypass or egress_name(host, bypass) else \
+            spec["upstream"].get("https" if tunnel else "http")
+        found = self.resolve(host, port)
+        if not found:
+            if upstream and (named or spec["mode"] == "public"):  # (for your proxy to resolve)
+                return upstream, []
+            raise PermissionError("%s does not resolve" % host)
+        import ipaddress
+        reasons, fit = [], []
+        for family, sockaddr in found:
+            address = sockaddr[0]
+            kind = address_class(address, self.never)
+            listed = named or any(
+                "net" in entry and entry["port"] in (None, port) and
+                ipaddress.ip_address(address) in ipaddress.ip_network(entry["net"])
+                for entry in allow)
+            if kind == "public" and (listed or spec["mode"] == "public") or \
+                    kind == "private" and listed:
+                fit.append((family, sockaddr))
+                continue
+            reasons.append("%s%s is %s" % (address, "" if address == host else " (%s)" % host, {
+                "never": "never reachable from a run (loopback, link-local, the host)",
+                "private": "a private address; PI_AGENT_EGRESS_ALLOW can let it through",
+                "public": "not in PI_AGENT_EGRESS_ALLOW"}[kind]))
+        if fit:
+            return upstream, fit
+        raise PermissionError(reasons[0])
+
+    def resolve(self, host, port):
+        """[(family, sockaddr)] of `host`, looked up once for all the
+        connections that ask for it within a minute (npm opens dozens at
+        once: as many lookups at once fail), IPv6 only where there is a
+        route for it."""
+        import socket
+        import threading
+        with self.lock:
+            now, entry = time.monotonic(), self.names.get(host)
+            mine = entry is None or entry[0] < now - 60
+            if mine:
+                if len(self.names) > 4096:
+                    self.names.clear()
+                entry = self.names[host] = [now, threading.Event(), []]
+        if mine:
+            try:
+                entry[2] = socket.getaddrinfo(host, None, socket.AF_UNSPEC if self.v6 or ":" in
+                                              host else socket.AF_INET, socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                entry[0] = 0  # (a failure is asked again)
+            entry[1].set()
+        entry[1].wait(3 * EGRESS_WAIT)
+        return [(info[0], (info[4][0], port) + info[4][2:]) for info in entry[2]]
+
+    def connect(self, upstream, addresses, dest, tunnel):
+        """A socket to `dest`: directly to the first address that answers,
+        or through the upstream proxy (a tunnel: asked for one first)."""
+        import socket
+        if not upstream:
+            failure = OSError("no address")
+            for family, sockaddr in addresses:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.settimeout(EGRESS_WAIT)
+                try:
+                    sock.connect(sockaddr)
+                    return sock
+                except OSError as err:
+                    failure = err
+                    sock.close()
+            raise failure
+        sock = socket.create_connection((self.gateway if upstream[0] == "host.docker.internal"
+                                         else upstream[0], upstream[1]), timeout=EGRESS_WAIT)
+        if not tunnel:
+            return sock
+        sock.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
+            dest, dest, "Proxy-Authorization: %s\r\n" % upstream[2] if upstream[2] else "")
+                      ).encode("latin-1"))
+        answer = b""
+        while b"\r\n\r\n" not in answer and len(answer) < EGRESS_HEAD:
+            data = sock.recv(1)  # (not a byte past its head: that is the tunnel's)
+            if not data:
+                break
+            answer += data
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1")
+        if not re.match(r"HTTP/1\.[01] 200", status):
+            sock.close()
+            raise OSError("your proxy %s:%d said %s" % (upstream[0], upstream[1],
+                                                        status[:100] or "nothing"))
+        return sock
+
+    def note(self, client, dest, why):
+        """A refusal, kept for the run it came from (the engine's DNS names
+        it: CONTAINER.NETWORK), a few hundred runs and 20 places each."""
+        import socket
+        try:
+            name = socket.gethostbyaddr(client)[0]
+        except OSError:
+            name = client
+        name = name[:-len(self.spec["network"]) - 1] if name.endswith(
+            "." + self.spec["network"]) else name
+        with self.lock:
+            record = self.refused.pop(name, None) or {"count": 0, "places": {}}
+            self.refused[name] = record  # (newest last: the oldest go first)
+            record["count"] += 1
+            if dest in record["places"] or len(record["places"]) < 20:
+                place = record["places"].setdefault(dest, {"count": 0, "why": why})
+                place["count"] += 1
+            while len(self.refused) > 500:
+                del self.refused[next(iter(self.refused))]
+
+
+def serve_egress():
+    """The egress proxy's main, in its container (see Egress.start)."""
+    return EgressProxy(json.loads(os.environ["PI_AGENT_EGRESS_SPEC"])).serve()
+
+
+def local_addresses():
+    """This host's own addresses (Linux's /proc; none elsewhere)."""
+    found, last = set(), None
+    try:
+        with open("/proc/net/fib_trie", encoding="ascii") as handle:
+            for row in handle:
+                words = row.split()
+                if words[:1] == ["|--"]:
+                    last = words[1]
+                elif "host LOCAL" in row and last:
+                    found.add(last)
+        with open("/proc/net/if_inet6", encoding="ascii") as handle:
+            for row in handle:
+                text = row.split()[0]
+                found.add(":".join(text[i:i + 4] for i in range(0, 32, 4)))
+    except OSError:
+        pass
+    return found
+
+
+def upstream_proxy(name, url):
+    """[host, port, Proxy-Authorization or None] of your proxy `url`, which
+    the egress proxy goes on through. One on your host's loopback (cntlm,
+    px) is the host's, host.docker.internal to the proxy (see keep)."""
+    import base64
+    from urllib.parse import unquote
+    found = re.fullmatch(r"(?:http://)?(?:([^@/]*)@)?(\[[0-9A-Fa-f:.]+\]|[^][:/@]+):(\d{1,5})/?",
+                         url.strip())
+    if not found:
+        raise BadSetting("%s: the egress proxy goes on through a proxy of yours given as "
+                         "http://HOST:PORT (user:password@ too); write it so, or use "
+                         "PI_AGENT_EGRESS=open" % name)
+    auth = found.group(1) and "Basic " + base64.b64encode(unquote(found.group(1)).encode()
+                                                          ).decode()
+    host = found.group(2).strip("[]").lower()
+    return ["host.docker.internal" if host in ("localhost", "::1") or host.startswith("127.")
+            else host, int(found.group(3)), auth]
+
+
+# What the proxy says to the host where the host has no route to it
+# (rootless engines, Podman, an engine elsewhere): asked inside its
+# container, from its loopback, through the engine.
+ASK_INSIDE = ("import socket, sys; s = socket.create_connection(('127.0.0.1', %d), 5); "
+              "s.sendall(sys.argv[1].encode()); sys.stdout.buffer.write(b''.join(iter("
+              "lambda: s.recv(65536), b'')))" % EGRESS_PORT)
+
+
+class Egress:
+    """A run's network as PI_AGENT_EGRESS (or --offline) has it: its docker
+    run arguments and proxy variables, the proxy brought up (ensure),
+    kept up and asked what it refused (ask), and your host's ports
+    forwarded (listen, keep)."""
+
+    def __init__(self, config, environ, offline=False):
+        self.mode = "none" if offline else config.egress
+        self.base = config.image_repo + ":base"  # (the proxy's image: never current)
+        self.inside = "pi-agent-egress-%d" % os.getuid()
+        self.outside = self.inside + "-out"
+        self.state = os.path.join(config.state_dir, "egress.json")
+        self.ports = config.host_ports if self.mode != "none" else []
+        self.proxy = self.address = self.bridge = None
+        self.routed, self.local, self.listeners = False, None, []
+        self.forward = list(self.ports)  # (and your proxy's port, if it is on your loopback)
+        self.network = {"none": "none", "open": config.network}.get(self.mode, self.inside)
+        if self.network != self.inside:
+            return
+        self.local = local_addresses()
+        allow = list(config.egress_allow) + [
+            {"name": name, "port": None} for name in AGENT_HOSTS.get(config.agent, ())
+            if self.mode == "allow"]
+        proxies = {name: environ[name] for name in PROXY_ENV if environ.get(name)} or \
+            docker_config_proxies()
+        bypass = [word.strip().lower() for word in (proxies.get("NO_PROXY") or proxies.get(
+            "no_proxy") or "").split(",") if word.strip()]
+        upstream = {"no_proxy": ["*"] if "*" in bypass else sum(
+            ([word.lstrip("*."), "*." + word.lstrip("*.")] for word in bypass), [])}
+        for kind, names in (("http", ("HTTP_PROXY", "http_proxy")),
+                            ("https", ("HTTPS_PROXY", "https_proxy"))):
+            name = next((name for name in names + ("ALL_PROXY", "all_proxy") if proxies.get(
+                name) and (name in names or proxies[name].startswith("http://"))), None)
+            if name:  # (an ALL_PROXY of another kind, socks, is not the egress proxy's)
+                upstream[kind] = upstream_proxy(name, proxies[name])
+                if upstream[kind][0] == "host.docker.internal":
+                    self.forward.append(upstream[kind][1])
+        import ipaddress
+        nets = [ipaddress.ip_network(entry["net"]) for entry in allow if "net" in entry]
+        never = sorted(address for address in self.local if address_class(address) == "public"
+                       or any(ipaddress.ip_address(address) in net for net in nets))
+        self.spec = {"mode": self.mode, "allow": allow, "host_ports": self.ports,
+                     "never": never, "upstream": upstream, "network": self.inside}
+        module = os.stat(__file__)
+        self.proxy = "%s-%s" % (self.inside, text_digest(json.dumps(
+            [self.spec, os.path.abspath(__file__), module.st_mtime_ns, module.st_size],
+            sort_keys=True))[:12])
+        self.spec["name"] = self.proxy
+
+    def run_args(self):
+        if self.proxy:
+            # The engine's DNS answers the engine's names only there: an
+            # outside name fails in a second, not twenty. No IPv6 at all.
+            return ["--network", self.network, "--dns-opt", "timeout:1", "--dns-opt",
+                    "attempts:1", "--sysctl", "net.ipv6.conf.all.disable_ipv6=1"]
+        return (["--network", self.network] if self.network else []) + (
+            ["--add-host", "host.docker.internal:host-gateway"] if self.mode == "open" else [])
+
+    def environ(self, environ):
+        """`environ` as a run takes its proxy variables from: the egress
+        proxy's (yours are the proxy's own way on, never the agent's)."""
+        if not self.proxy:
+            return environ
+        url, local = "http://%s:%d" % (self.proxy, EGRESS_PORT), "localhost,127.0.0.1,::1"
+        return dict(environ, HTTP_PROXY=url, HTTPS_PROXY=url, http_proxy=url, https_proxy=url,
+                    NO_PROXY=local, no_proxy=local, ALL_PROXY="", all_proxy="")
+
+    def describe(self):
+        return {"public": "the internet, not your host, LAN or cloud metadata",
+                "allow": "only PI_AGENT_EGRESS_ALLOW and the agent's own hosts",
+                "open": "the engine's network %s, your host and LAN too" % (
+                    self.network or "(its default bridge)"),
+                "none": "no network"}[self.mode] + (
+            "; through the egress proxy %s" % self.proxy if self.proxy else "") + (
+            "; your host's ports %s as host.docker.internal" % ",".join(map(str, self.ports))
+            if self.ports else "")
+
+    def ensure(self):
+        """The run's proxy up (asked where the last run found it: no engine
+        call), else started, with its networks; your host's ports' bridge."""
+        if self.mode == "open" and self.ports:
+            names = ["bridge"] + [self.network] * (self.network not in ("", "bridge"))
+            rows = docker("network", "inspect", "--format", "{{range .IPAM.Config}}"
+                          "{{.Gateway}} {{.Subnet}} {{end}}", *names).stdout.split()
+            self.bridge = (rows[0], rows[-1])  # (host-gateway's address; the run's subnet)
+        if not self.proxy:
+            return
+        try:
+            known = json.loads(read_regular(self.state) or b"{}")
+        except (OSError, ValueError):
+            known = {}
+        self.address = known.get(self.proxy)
+        self.bridge = known.get("outside")
+        self.routed = bool(self.bridge) and self.bridge[0] in self.local
+        if self.routed and self.address and self.ask("") is not None:
+            return
+        info = inspect("container", self.proxy) or {}
+        running = info.get("State", {}).get("Running")
+        if not running:
+            self.start(known)
+        elif not self.bridge:
+            self.networks(known)
+        deadline = time.monotonic() + EGRESS_WAIT
+        while True:
+            if not running:
+                info = inspect("container", self.proxy) or {}
+            self.address = ((info.get("NetworkSettings") or {}).get("Networks") or {}).get(
+                self.outside, {}).get("IPAddress")
+            if not info.get("State", {}).get("Running"):
+                raise EngineError("the egress proxy %s stopped as it started (it runs %s's "
+                                  "python3, which must be 3.9 or newer); PI_AGENT_EGRESS=open "
+                                  "runs without it" % (self.proxy, self.base))
+            if running and not self.routed or self.ask("") is not None:
+                break  # (up already: an engine the host has no route to is not asked)
+            running = False
+            if time.monotonic() > deadline:
+                raise EngineError("the egress proxy %s does not answer; docker logs %s says "
+                                  "why; PI_AGENT_EGRESS=open runs without it"
+                                  % (self.proxy, self.proxy))
+            time.sleep(0.05)
+        known[self.proxy] = self.address
+        replace_file(self.state, json.dumps(known).encode())
+
+    def networks(self, known):
+        """The internal network (made with no address on the host, and
+        checked to be so) and the proxy's way out, made if missing."""
+        def look():
+            out = docker("network", "inspect", "--format", '{{.Name}} {{.Internal}} {{index '
+                         '.Options "com.docker.network.bridge.inhibit_ipv4"}} {{range '
+                         '.IPAM.Config}}{{.Gateway}} {{.Subnet}} {{end}}', self.inside,
+                         self.outside, check=False).stdout
+            return {row.split()[0]: row.split()[1:] for row in out.splitlines() if row.strip()}
+        found = look()
+        for name, args in ((self.inside, ["--internal", "-o",
+                                          "com.docker.network.bridge.inhibit_ipv4=true"]),
+                           (self.outside, [])):
+            if name not in found:
+                made = docker("network", "create", "--label", LABEL + "egress=%d" % os.getuid(),
+                              *args, name, check=False)
+                if made.returncode and "already exists" not in made.stderr:
+                    raise docker_failure(("network",), made.stderr)
+        found = look()
+        inside = found.get(self.inside, [])
+        if inside[:2] != ["true", "true"] or len(inside) < 3 or inside[2] in self.local:
+            raise Refused("the engine's network %s is not internal with no address on your "
+                          "host (Docker's com.docker.network.bridge.inhibit_ipv4), so a run on "
+                          "it could reach your host: docker network rm %s lets pi-agent make "
+                          "it again; where the engine cannot (Podman), PI_AGENT_EGRESS=open "
+                          "or none" % (self.inside, self.inside))
+        self.bridge = known["outside"] = found.get(self.outside, [])[-2:]
+        self.routed = bool(self.bridge) and self.bridge[0] in self.local
+
+    def start(self, known):
+        self.networks(known)
+        module = os.path.abspath(__file__)
+        started = docker(
+            "run", "-d", "--rm", "--name", self.proxy, "--network", self.outside,
+            "--label", LABEL + "egress=%d" % os.getuid(), "--user", "%d:%d" % (
+                os.getuid(), os.getgid()), "--cap-drop", "ALL", "--security-opt",
+            "no-new-privileges", "--read-only", "--memory", "256m", "--pids-limit",
+            str(EGRESS_MAX + 64), "--sysctl", "net.ipv4.ip_forward=0",
+            "--env", "PI_AGENT_EGRESS_SPEC", "--mount",
+            mount_spec(module, "/pi-agent/pi_agent.py") + ",readonly", "--entrypoint", "python3",
+            self.base, "-I", "-B", "-c", "import sys; sys.path.insert(0, '/pi-agent'); "
+            "import pi_agent; sys.exit(pi_agent.serve_egress())", check=False,
+            env=dict(os.environ, PI_AGENT_EGRESS_SPEC=json.dumps(self.spec)))
+        if started.returncode and "Conflict" not in started.stderr:  # (another run's, then)
+            raise EngineError("the egress proxy did not start: %s; PI_AGENT_EGRESS=open runs "
+                              "without it" % str(docker_failure(("run",), started.stderr))[
+                                  len("docker run failed: "):])
+        joined = docker("network", "connect", self.inside, self.proxy, check=False)
+        if joined.returncode and "already exists" not in joined.stderr:
+            raise docker_failure(("network",), joined.stderr)
+
+    def ask(self, path):
+        """What the proxy says (`path`: a run's container, for what it
+        refused), asked as the host; None if it does not answer, or is
+        another proxy."""
+        request = "GET /%s HTTP/1.0\r\n\r\n" % path
+        if self.routed:
+            import _socket
+            sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            sock.settimeout(2)
+            try:
+                sock.connect((self.address, EGRESS_PORT))
+                sock.sendall(request.encode())
+                data = b"".join(iter(lambda: sock.recv(65536), b""))
+            except OSError:
+                return None
+            finally:
+                sock.close()
+        else:
+            data = docker("exec", self.proxy, "python3", "-I", "-c", ASK_INSIDE, request,
+                          check=False, capture=False, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL).stdout or b""
+        try:
+            said = json.loads(data.partition(b"\r\n\r\n")[2])
+        except ValueError:
+            return None
+        return said if isinstance(said, dict) and said.get("name") == self.proxy else None
+
+    def listen(self):
+        """Your host's ports, each a socket on the bridge's address on the
+        host (the proxy's way out; an open run's own), made before the run
+        (a port that cannot be stops it) for the saver to serve (keep)."""
+        import socket
+        sockets = []
+        for port in sorted(set(self.forward)):
+            sock = socket.socket()
+            sockets.append(sock)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # (runs side by side)
+                sock.bind((self.bridge[0], port))
+                sock.listen(16)
+            except (OSError, TypeError) as err:
+                for each in sockets:
+                    each.close()
+                raise BadSetting("PI_AGENT_HOST_PORTS (or a proxy of yours on your loopback): "
+                                 "port %d cannot be forwarded from the engine's bridge (%s: "
+                                 "%s): it needs an engine whose bridges are on this host (not "
+                                 "rootless Docker, Podman or Docker Desktop, yet)" % (
+                                     port, self.bridge and self.bridge[0],
+                                     getattr(err, "strerror", err)))
+        return sockets
+
+    def keep(self, listeners):
+        """In the saver while its run lasts: the proxy asked every
+        EGRESS_KEEP seconds (so it does not end while a run waits for its
+        user), and your host's ports forwarded, to the bridge's containers
+        only. Returns what stops it (and closes the ports at once)."""
+        import ipaddress
+        import select
+        import socket
+        import threading
+        stop = threading.Event()
+
+        def end():
+            stop.set()
+            for listener in listeners:
+                listener.close()
+        if not (self.proxy or listeners):
+            return end
+        subnet = ipaddress.ip_network(self.bridge[1]) if listeners else None
+
+        def forward(conn, port):
+            with conn:
+                try:
+                    with socket.create_connection(("localhost", port), EGRESS_WAIT) as there:
+                        splice(conn, there)
+                except OSError:
+                    pass
+
+        def serve():
+            asked = 0.0
+            while not stop.is_set():
+                if self.proxy and time.monotonic() - asked > EGRESS_KEEP:
+                    asked = time.monotonic()
+                    self.ask("")
+                if not listeners:
+                    stop.wait(1.0)
+                    continue
+                try:
+                    for listener in select.select(listeners, [], [], 1.0)[0]:
+                        conn, peer = listener.accept()
+                        if ipaddress.ip_address(peer[0]) in subnet:
+                            threading.Thread(target=forward, args=(
+                                conn, listener.getsockname()[1]), daemon=True).start()
+                        else:
+                            conn.close()
+                except (OSError, ValueError):
+                    return  # (closed: the run has ended)
+        threading.Thread(target=serve, daemon=True).start()
+        return end
+
+
 # -------------------------------------------------------------------- the run
 #
 # One run, start to end: the map below, then its steps, each before the step
@@ -6389,11 +7180,15 @@ def container_env(environ, pass_env):
     return [(name, environ[name]) for name in names] + [(name, "") for name in CREDENTIAL_ENV]
 
 
-def session_env(config, kind, environ):
+def session_env(config, kind, environ, egress=None):
     """[(name, value)] a session of `kind` gets: the agent's keys reach the
-    agent only, unless PI_AGENT_PASS_ENV names them (see Config)."""
-    env = container_env(environ, config.pass_env if kind == "run" or
-                        not config.keys_for_agent_only else [])
+    agent only, unless PI_AGENT_PASS_ENV names them (see Config); the
+    proxy variables are the egress proxy's, if it has one."""
+    env = container_env(egress.environ(environ) if egress else environ,
+                        config.pass_env if kind == "run" or not config.keys_for_agent_only
+                        else [])
+    if egress and egress.proxy:
+        env.append(("NODE_USE_ENV_PROXY", "1"))  # (Node's fetch: 22.21 and newer)
     if not any(name == "EMAIL" for name, _value in env):
         env.append(("EMAIL", config.git_identity[1]))  # (see session_script())
     if kind == "run":
@@ -6486,7 +7281,8 @@ class RunPlan:
         config = line.config
         self.line, self.kind, self.argv, self.image = line, kind, list(argv), image
         self.environ, self.tty, self.offline, self.project = environ, tty, offline, project
-        self.network = "none" if offline else config.network
+        self.egress = Egress(config, environ, offline)
+        self.network = self.egress.network
         self.target, self.subdir = project.target, project.subdir
         self.started, self.snapshot, self.kept = now, snapshot, kept
         home = image_home(image)
@@ -6515,7 +7311,7 @@ class RunPlan:
                        LABEL + "host": os.uname().nodename, LABEL + "target": self.target,
                        LABEL + "started": utc_iso(now), LABEL + "kind": kind,
                        LABEL + "snapshot": snapshot, LABEL + "kept": "1" if kept else ""}
-        self.env = session_env(config, kind, environ)
+        self.env = session_env(config, kind, environ, self.egress)
         self.record = self._record()
         self.mounts = ([(self.target, self.mount_point, False)]
                        + gate_mounts(self.record, self.run_dir)
@@ -6524,9 +7320,11 @@ class RunPlan:
 
     def on(self, image, snapshot):
         """The same run, started from another image, kept by a new snapshot."""
-        return RunPlan(self.line, self.kind, self.argv, image, self.project, self.environ,
+        plan = RunPlan(self.line, self.kind, self.argv, image, self.project, self.environ,
                        self.started, int(self.labels[LABEL + "pid"]), self.tty, snapshot,
                        self.offline)
+        plan.egress = self.egress  # (brought up already: see prepare_run)
+        return plan
 
     def _record(self):
         """The run record: what whoever ends the run (end_run) needs, kept
@@ -6575,8 +7373,7 @@ class RunPlan:
         args += CAP_DROP_ARGS + self.line.engine.run_args()
         for source, destination, readonly in self.mounts:
             args += ["--mount", mount_spec(source, destination) + (",readonly" if readonly else "")]
-        if self.network:
-            args += ["--network", self.network]
+        args += self.egress.run_args()
         return args + self.line.engine.limit_args(self.line.config.limits) + script_command(
             self.image, self.run_dir)
 
@@ -6595,7 +7392,7 @@ class RunPlan:
         it. Its keys, who writes them (w) and who reads them (r):
 
           repo profile pid host target started kind snapshot kept (the run
-              labels), exit_status mount epoch command agent  w: here;
+              labels), exit_status mount epoch command agent egress  w: here;
               r: commit_run (saved_labels, its message), record_session
           written  w: save_run (save_cost: what the commit writes, or None);
               r: commit_run (bytes_added, where image sizes are not the disk's)
@@ -6608,7 +7405,8 @@ class RunPlan:
         meta = {key[len(LABEL):]: value for key, value in self.labels.items()}
         meta.update(exit_status="unknown" if exit_status is None else str(exit_status),
                     mount=self.mount_point, epoch=self.started, command=self.argv,
-                    agent=self.line.config.agent if self.kind == "run" else None)
+                    agent=self.line.config.agent if self.kind == "run" else None,
+                    egress=self.egress.mode)
         return meta
 
 
@@ -6748,6 +7546,10 @@ def print_plan(line, kind, argv, project, tty, offline):
                    kept or snapshot_name(now), offline=offline, kept=bool(kept))
     show("# target %s mounted at %s, working directory %s" % (project.target, plan.mount_point,
                                                               plan.workdir))
+    show("# network: PI_AGENT_EGRESS=%s, %s%s" % (plan.egress.mode, plan.egress.describe(), (
+        " (%s running pi-agent's serve_egress, started if it is not running, on the internal "
+        "network %s and %s)" % (plan.egress.base, plan.egress.inside, plan.egress.outside))
+        if plan.egress.proxy else ""))
     if project.repo:
         show("# its git directory stays outside: the agent gets a private one at %s (see the "
              "docs/security.md: git through a gate)" % os.path.join(plan.run_dir, GATE_DIR))
@@ -6804,13 +7606,14 @@ def join_run(line, found, kind, args):
         return None
     holder, run_dir = running
     config = line.config
-    network = "none" if args.offline else config.network
-    env = session_env(config, kind, os.environ)
-    if holder.get("network", "") != network:
+    egress = Egress(config, os.environ, args.offline)
+    network = egress.network
+    env = session_env(config, kind, os.environ, egress)
+    if (holder.get("network", ""), holder.get("proxy")) != (network, egress.proxy):
         raise Busy("%s is in use by %s; a session that joined it would be on its network (%s), "
                    "not on yours (%s): add --wait to wait for it" % (
-                       line.name, describe_holder(holder), holder.get("network") or "default",
-                       network or "default"))
+                       line.name, describe_holder(holder), holder.get("proxy") or
+                       holder.get("network") or "default", egress.proxy or network or "default"))
     theirs, mine = holder.get("secrets") or {}, passed_secrets(env, config)
     brought = sorted(name for name in mine if theirs.get(name) != mine[name])
     if brought:
@@ -7486,6 +8289,8 @@ def prepare_run(line, found, state, project, kind, argv, offline, tty):
     kept = kept_as(line, image)
     plan = RunPlan(line, kind, argv, image, project, os.environ, now, os.getpid(), tty,
                    snapshot=kept or next_snapshot(state, now), offline=offline, kept=bool(kept))
+    plan.egress.ensure()
+    plan.egress.listeners = plan.egress.listen()
     try:
         if plan.home_parents:
             plan = plan.on(make_home_parents(line, plan),
@@ -7627,7 +8432,9 @@ class Saver:
     # --- the saver's side
 
     def _main(self, pipe, up_w):
+        egress = self.plan.egress.keep(self.plan.egress.listeners)  # (while the run lasts)
         messages = self._hear(pipe, until=(SAID_STATUS, SAID_ABORT))
+        egress()
         if SAID_ABORT in messages:
             self._abort()
             self._answer(up_w, SAID_OK)
@@ -7782,6 +8589,13 @@ def hand_over(line, lock, state, plan, saver, status, watch):
     show_notes(line, end_run(line, plan.run_dir, plan.record, watch))
     trace_step("ended the run in the project")
     summary = plan.record.get("summary") or {}
+    # (asked of a proxy the host has a route to: an engine call would cost the prompt)
+    refused = plan.egress.routed and (plan.egress.ask(plan.container) or {}).get("refused")
+    if refused:
+        summary["refused"] = refused
+        say("the egress proxy refused %s: %s (pi-log --json keeps them; PI_AGENT_EGRESS_ALLOW "
+            "lets one through)" % (plural(refused["count"], "connection"), ", ".join(
+                printable(place) for place in sorted(refused["places"])[:5])), "warning")
     if saved_elsewhere and saver.send("%s %s" % (SAID_ENDED, summary_message(summary))):
         answer = saver.finish(wait=line.config.save_mode == "foreground")
         if answer and answer.startswith(SAID_ERROR):
@@ -7824,7 +8638,7 @@ def run_lifecycle(args, kind, argv):
     """lifecycle()'s run, with the ctypes import under way beside it."""
     started = time.monotonic()
     trace_step("started")
-    config = Config(agent=args.agent, profile=args.profile)
+    config = Config(agent=args.agent, profile=args.profile, egress=args.egress)
     try:
         cwd = os.path.realpath(os.getcwd())
     except FileNotFoundError:
@@ -7874,9 +8688,13 @@ def run_lifecycle(args, kind, argv):
     # while, better spent after the prompt is back.
     state["holder"]["container"] = plan.container
     saver = Saver(line, lock, state, plan, stale, verify,
-                  keep=[watch.fd] if watch.fd is not None else [], project_fd=held[0]).start()
+                  keep=([watch.fd] if watch.fd is not None else []) + [
+                      sock.fileno() for sock in plan.egress.listeners],
+                  project_fd=held[0]).start()
+    for sock in plan.egress.listeners:  # (the saver's to serve)
+        sock.close()
     state["holder"].update(phase="running", saver_pid=saver.pid, network=plan.network or "",
-                           secrets=passed_secrets(plan.env, config))
+                           proxy=plan.egress.proxy, secrets=passed_secrets(plan.env, config))
     line.write_state(state)
     trace_step("forked the saver")
     repo = plan.record.get("repo")
@@ -8033,6 +8851,13 @@ def status_facts(config, line):
     facts["lock"] = holder and {key: holder.get(key) for key in
                                 ("pid", "kind", "phase", "target", "started", "saver_pid")}
     facts["lock_holder"] = holder is not None and describe_holder(holder) or None
+    try:
+        egress = Egress(config, os.environ)
+        facts["egress"] = {"policy": egress.mode, "reaches": egress.describe(),
+                           "proxy": egress.proxy, "running": bool(egress.proxy and (inspect(
+                               "container", egress.proxy) or {}).get("State", {}).get("Running"))}
+    except PiError as err:
+        facts["egress"] = {"policy": config.egress, "problem": str(err)}
     facts["notice"] = state.get("notice")
     free = engine_free_space(line) if config.save_limit is None else None
     facts["save_limit"] = None if config.save_limit is not None else \
@@ -8072,6 +8897,10 @@ def print_status(config, line, facts):
     print("python: %s (PI_AGENT_PYTHON=%s)" % (facts["python"],
                                               os.environ.get("PI_AGENT_PYTHON", "python3")))
     print("engine: %s" % facts["engine"])
+    egress = facts["egress"]
+    print("network: %s: %s" % (egress["policy"], egress.get("problem") or egress["reaches"] + (
+        " (%s)" % ("running" if egress["running"] else "the next run starts it")
+        if egress["proxy"] else "")))
     print("\nimages:")
     rows = []
     for role in ("base", "current"):
@@ -8956,7 +9785,7 @@ def cmd_worktree(args):
     os.chdir(path)
     return lifecycle(Args(agent=args.agent, profile=name, wait=args.wait,
                                         here=False, offline=args.offline, dry_run=False,
-                                        argv=args.argv), "run", args.argv)
+                                        egress=args.egress, argv=args.argv), "run", args.argv)
 
 
 # pi-log's words for a record's ended_by.
@@ -8979,7 +9808,7 @@ def cmd_log(args):
         print("no runs of %s saved yet" % line.name)
         return 0
     rows = [("STARTED", "KIND", "EXIT", "ADDED", "PATHS +/~/-", "COMMITS", "SNAPSHOT",
-             "SAVED", "TARGET")]
+             "SAVED", "REFUSED", "TARGET")]
     for record in records:
         added, paths = record.get("bytes_added"), record["paths"]
         rows.append((local_time(record.get("started")), printable(str(record.get("kind"))),
@@ -8992,6 +9821,7 @@ def cmd_log(args):
                      printable(str(record.get("snapshot") or "-")),
                      SAVED_WORDS.get(record.get("ended_by")) or printable(str(record.get(
                          "ended_by"))),
+                     str((record.get("refused") or {}).get("count", "-")),
                      printable(str(record.get("target")))))
     print_table(rows)
     print_pruned(line)
@@ -9165,7 +9995,7 @@ def cmd_unlock(args):
 
 LIFECYCLE_FLAGS = {"--wait", "--here", "--dry-run", "--offline", "-h", "--help", "--version"}
 # ... and those that take a value (--agent: pi only).
-VALUE_FLAGS = ("--agent", "--profile")
+VALUE_FLAGS = ("--agent", "--profile", "--egress")
 
 EXAMPLES = """examples:
   pi                              run the agent in this project
@@ -9194,9 +10024,9 @@ def split_wrapper_args(argv):
                 values[flag], index = word.split("=", 1)[1], index + 1
                 continue
             if index + 1 == len(argv):
-                raise PiError("%s needs a value: %s" % (flag, ", ".join(AGENTS) if flag ==
-                                                        "--agent" else "a profile name"),
-                              EXIT_USAGE)
+                raise PiError("%s needs a value: %s" % (flag, {
+                    "--agent": ", ".join(AGENTS), "--egress": ", ".join(EGRESS_POLICIES)}.get(
+                        flag, "a profile name")), EXIT_USAGE)
             values[flag], index = argv[index + 1], index + 2
             continue
         if word not in LIFECYCLE_FLAGS:
@@ -9240,7 +10070,7 @@ def build_parser():
 
     parser = Parser(
         prog="pi-agent", usage="pi [--agent NAME] [--profile NAME] [--wait] [--here] [--offline] "
-        "[--dry-run] "
+        "[--egress POLICY] [--dry-run] "
         "[--] [AGENT ARGS]\n"
         "       pi-COMMAND [OPTIONS] [ARGS]   (pi_agent.py COMMAND ...)",
         description=__doc__.split("\nEvery run:")[0].split("\n\n", 1)[1],
@@ -9255,7 +10085,7 @@ def build_parser():
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  prog="pi" if name == "run" else "pi-" + name,
                                  usage="%%(prog)s [--profile NAME] [--wait] [--here] [--offline] "
-                                 "[--dry-run] %s"
+                                 "[--egress POLICY] [--dry-run] %s"
                                  % usage_tail)
         command.add_argument("--wait", action="store_true",
                              help="wait for a running agent on this image line instead of failing")
@@ -9263,6 +10093,7 @@ def build_parser():
                              help="mount the current directory, not the repository root")
         command.add_argument("--offline", action="store_true",
                              help="no network for this run (like PI_AGENT_NETWORK=none)")
+        egress_option(command)
         command.add_argument("--dry-run", action="store_true",
                              help="print the docker commands a run would use; change nothing")
         if name == "run":
@@ -9270,6 +10101,11 @@ def build_parser():
                                  help="this agent for this run: %s" % ", ".join(AGENTS))
         profile_option(command)
         command.set_defaults(func=func)
+
+    def egress_option(command):
+        command.add_argument("--egress", metavar="POLICY", choices=EGRESS_POLICIES,
+                             help="what this run reaches, instead of PI_AGENT_EGRESS's: %s"
+                             % ", ".join(EGRESS_POLICIES))
 
     def profile_option(command):
         command.add_argument("--profile", metavar="NAME",
@@ -9361,6 +10197,7 @@ def build_parser():
     worktree.add_argument("--wait", action="store_true",
                           help="wait for a running agent instead of failing")
     worktree.add_argument("--offline", action="store_true", help="no network for this run")
+    egress_option(worktree)
     complete = sub.add_parser("complete", prog="pi-agent complete")
     complete.add_argument("what", choices=("snapshots", "orphans", "profiles"))
     profile_option(complete)
@@ -9378,6 +10215,12 @@ def parse_args(argv):
         if agent is not None and agent not in AGENTS:
             raise PiError("pi: --agent %s: use one of %s" % (agent, ", ".join(AGENTS)),
                           EXIT_USAGE)
+        egress = values.get("--egress")
+        if egress is not None and egress not in EGRESS_POLICIES:
+            raise PiError("--egress %s: use one of %s" % (egress, ", ".join(EGRESS_POLICIES)),
+                          EXIT_USAGE)
+        if egress not in (None, "none") and "--offline" in wrapper:
+            raise PiError("--offline is --egress none: give one of them", EXIT_USAGE)
         if "--version" in wrapper:
             print("pi-agent " + __version__)
             raise SystemExit(0)
@@ -9406,7 +10249,7 @@ def parse_args(argv):
         return Args(
             command=argv[0], func={"run": cmd_run, "exec": cmd_exec, "shell": cmd_shell}[argv[0]],
             wait="--wait" in wrapper, here="--here" in wrapper, offline="--offline" in wrapper,
-            dry_run="--dry-run" in wrapper, agent=agent,
+            dry_run="--dry-run" in wrapper, agent=agent, egress=egress,
             profile=checked_profile(prog, values.get("--profile")), argv=rest)
     tail = []
     if argv and argv[0] == "worktree" and "--" in argv:

@@ -74,6 +74,7 @@ function pi-diff { _pi_agent diff "$@"; }
 function _pi_agent_candidates {
   case ${2-} in
     --profile) _pi_agent complete profiles 2>/dev/null; return 0 ;;
+    --egress) printf '%s\n' public allow open none; return 0 ;;
     --from)
       _pi_agent complete profiles 2>/dev/null
       _pi_agent complete snapshots 2>/dev/null
@@ -84,14 +85,17 @@ function _pi_agent_candidates {
       return 0 ;;
   esac
   case $1 in
-    pi) printf '%s\n' --agent --profile --wait --here --offline --dry-run --help --version -- ;;
-    pi-shell) printf '%s\n' --profile --wait --here --offline --dry-run --help --version -- ;;
-    pi-exec) printf '%s\n' --profile --wait --here --offline --dry-run --help -- ;;
+    pi) printf '%s\n' --agent --profile --wait --here --offline --egress --dry-run --help \
+      --version -- ;;
+    pi-shell) printf '%s\n' --profile --wait --here --offline --egress --dry-run --help \
+      --version -- ;;
+    pi-exec) printf '%s\n' --profile --wait --here --offline --egress --dry-run --help -- ;;
     pi-rollback) _pi_agent complete snapshots 2>/dev/null; printf '%s\n' --profile --help ;;
     pi-recover) _pi_agent complete orphans 2>/dev/null; printf '%s\n' --drop --profile --help ;;
     pi-branch) _pi_agent complete profiles 2>/dev/null
       printf '%s\n' --from --delete --yes --json --profile --help ;;
-    pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --profile --help -- ;;
+    pi-worktree) printf '%s\n' --remove --yes --agent --wait --offline --egress --profile \
+      --help -- ;;
     pi-prune) printf '%s\n' --dry-run --profile --help ;;
     pi-reset-all) printf '%s\n' --yes --base --profile --help ;;
     pi-reset-system) printf '%s\n' --drop-config --profile --help ;;
@@ -108,7 +112,8 @@ function _pi_agent_candidates {
 function _pi_agent_complete_bash {
   local word=${COMP_WORDS[COMP_CWORD]} IFS=$'\n'
   if [ "${COMP_WORDS[0]}" = pi-exec ] && [ "${word#-}" = "$word" ] &&
-     [ "${COMP_WORDS[COMP_CWORD-1]}" != --profile ]; then
+     [ "${COMP_WORDS[COMP_CWORD-1]}" != --profile ] &&
+     [ "${COMP_WORDS[COMP_CWORD-1]}" != --egress ]; then
     # shellcheck disable=SC2207
     COMPREPLY=($(compgen -c -- "$word"))
   else
@@ -125,7 +130,7 @@ if [ -n "${ZSH_VERSION:-}" ]; then
   # goes either way. The filter keeps a second source from adding it twice.
   eval '
     function _pi_agent_complete_zsh {
-      if [[ $service == pi-exec && $PREFIX != -* && $words[CURRENT-1] != --profile ]]; then
+      if [[ $service == pi-exec && $PREFIX != -* && $words[CURRENT-1] != --(profile|egress) ]]; then
         _command_names
       else
         compadd -- ${(f)"$(_pi_agent_candidates $service $words[CURRENT-1])"}

@@ -10,7 +10,7 @@ figure is a median over alternating runs.
 
     python3 tests/bench.py [--quick] [--only NAME[,NAME]]
 
-NAMES: source, imports, prompt, five, repo, scale10k, scale100k, scale300k, scale1m (the
+NAMES: source, imports, prompt, five, egress, repo, scale10k, scale100k, scale300k, scale1m (the
 full bench only), parallel, log, record, sweep, big, snapshots, flatten, disk, soak
 (all by default; the soak alone makes 1000 runs, about 15 minutes here).
 """
@@ -188,6 +188,53 @@ def bench_five(line, rounds):
         floor.append(line.floor("touch ~/ffive", count=5))
     row("5 back-to-back runs, saves included (median of %d)" % rounds,
         statistics.median(ours), statistics.median(floor), 1.15)
+
+
+def bench_egress(line, rounds):
+    """Issue 27: the default policy (its proxy up, as after any first run)
+    against open on the prompt; and a 10 MB download through the egress
+    proxy against the same download from a container on the server's own
+    network (curl's own time, medians)."""
+    line.timed("pi-exec true")  # (the proxy, started)
+    ours, opened = [], []
+    for i in range(rounds * 3):
+        line.wait_saved()
+        ours.append(line.timed("pi-exec touch ~/public%d" % i))
+        line.wait_saved()
+        opened.append(line.timed("pi-exec --egress open touch ~/open%d" % i))
+    row("prompt back, small change, public vs open (median of %d)" % len(ours),
+        statistics.median(ours), statistics.median(opened), 1.05)
+    net, server = "pi-agent-bench-net-" + line.repo[-8:], "pi-agent-bench-web-" + line.repo[-8:]
+    sh("docker", "network", "create", "--subnet", "198.51.100.64/26", net)
+    try:
+        sh("docker", "run", "-d", "--rm", "--name", server, "--network", net, "-u", "0",
+           "--entrypoint", "sh", line.repo + ":base", "-c", "head -c 10000000 /dev/urandom > "
+           "/tmp/10m && cd /tmp && exec python3 -m http.server 80")
+        up = "import socket; socket.create_connection(('127.0.0.1', 80))"
+        address = sh("docker", "inspect", "--format", "{{range .NetworkSettings.Networks}}"
+                     "{{.IPAddress}}{{end}}", server).stdout.strip()
+        env = dict(os.environ, **line.env)
+
+        def inside(command):
+            return subprocess.run(["bash", "--norc", "-c", line.source + "pi-exec sh -c \"%s\""
+                                   % command], cwd=line.project, env=env, check=True,
+                                  capture_output=True, text=True).stdout
+        # (the proxy of this policy now: the network gave the host an address)
+        proxy = inside("echo \\$HTTP_PROXY").strip()[len("http://"):].split(":")[0]
+        sh("docker", "network", "connect", net, proxy)
+        loop = ("for i in $(seq %d); do curl -fsS -o /dev/null -w '%%{time_total} ' "
+                "http://%s/10m; done" % (rounds * 5, address))
+        sh("docker", "exec", server, "sh", "-c", "until python3 -c \"%s\" 2>/dev/null; do "
+           "sleep 0.1; done" % up)
+        through = inside(loop).split()
+        direct = sh("docker", "run", "--rm", "--network", net, "--entrypoint", "sh",
+                    line.repo + ":base", "-c", loop).stdout.split()
+        row("a 10 MB download through the egress proxy vs direct (median of %d)" % len(direct),
+            statistics.median(map(float, through)), statistics.median(map(float, direct)), 1.1)
+        sh("docker", "network", "disconnect", net, proxy)
+    finally:
+        subprocess.run(["docker", "rm", "-f", server], capture_output=True)
+        subprocess.run(["docker", "network", "rm", net], capture_output=True)
 
 
 def make_tree(path, files):
@@ -657,6 +704,7 @@ def main():
         ("imports", lambda line: bench_imports()),
         ("prompt", lambda line: bench_prompt(line, 4 if quick else 12)),
         ("five", lambda line: bench_five(line, 2 if quick else 5)),
+        ("egress", lambda line: bench_egress(line, 2 if quick else 4)),
         ("repo", lambda line: bench_repo(line, 4 if quick else 12)),
         ("scale10k", lambda line: bench_scale(line, 10000, 4 if quick else 9)),
         ("scale100k", lambda line: bench_scale(line, 100000, 3 if quick else 7)),

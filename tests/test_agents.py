@@ -35,7 +35,7 @@ def test_the_real_pi_installs_once_and_works_a_session_offline(box):
     assert version(first.stdout + first.stderr) is not None, first.stderr
     assert "installing" not in first.stderr
 
-    # A real session, offline (so Pi must be installed already): a scripted
+    # A real session, under the default egress policy: a scripted
     # OpenAI-compatible model, inside, answers with a call of Pi's write
     # tool; the file lands in the host project.
     fixture(box, "fake_llm.py")
@@ -50,7 +50,7 @@ def test_the_real_pi_installs_once_and_works_a_session_offline(box):
                      'python3 fake_llm.py 8765 /tmp/ready hello.txt \\"hi from pi\\" & '
                      'for i in $(seq 50); do [ -e /tmp/ready ] && break; sleep 0.1; done; '
                      'exec pi \\"\\$@\\"" pi')
-    session = box.ok("pi --offline -p 'write hello.txt' --provider fake --model m1",
+    session = box.ok("pi -p 'write hello.txt' --provider fake --model m1",
                      env={"PI_AGENT_COMMAND": serve_then_pi})
     assert "done: wrote hello.txt" in session.stdout
     with open(os.path.join(box.project, "hello.txt")) as handle:
@@ -117,16 +117,22 @@ def test_commits_inside_work_in_an_image_with_no_git_identity(box):
 
 
 def test_proxy_variables_reach_the_run_and_never_an_image(box):
-    proxies = {"HTTPS_PROXY": "http://proxy.invalid:3128", "no_proxy": "localhost,.corp"}
+    """Under the default policy the run gets the egress proxy (yours are
+    its way on, not the agent's to read); under open, yours, as they are."""
+    proxies = {"HTTPS_PROXY": "http://me:secret@proxy.invalid:3128", "no_proxy": "localhost,.corp"}
+    out = box.ok("pi-exec sh -c 'env; touch ~/p'", env=proxies).stdout
+    assert "HTTPS_PROXY=http://pi-agent-egress-%d-" % box.user.uid in out
+    assert "no_proxy=localhost,127.0.0.1,::1\n" in out and "secret" not in out
+    proxies["PI_AGENT_EGRESS"] = "open"
     out = box.ok("pi-exec sh -c 'echo $HTTPS_PROXY $no_proxy; touch ~/p'", env=proxies).stdout
-    assert out.split() == ["http://proxy.invalid:3128", "localhost,.corp"]
+    assert out.split() == ["http://me:secret@proxy.invalid:3128", "localhost,.corp"]
     # The docker client's own proxies (which it would give every container,
     # and a commit would keep): in the run, not in the image either.
     client = box.mkdir(os.path.join(box.home, "docker-client"))
     with open(os.path.join(client, "config.json"), "w") as handle:
         json.dump({"proxies": {"default": {"httpProxy": "http://client-proxy.invalid:8080",
                                            "noProxy": "client.corp"}}}, handle)
-    out = box.ok("pi-exec sh -c 'echo $HTTP_PROXY $no_proxy; touch ~/q'",
+    out = box.ok("pi-exec --egress open sh -c 'echo $HTTP_PROXY $no_proxy; touch ~/q'",
                  env={"DOCKER_CONFIG": client}).stdout
     assert out.split() == ["http://client-proxy.invalid:8080", "client.corp"]
     config = json.dumps(box.inspect(box.repo + ":current")["Config"])

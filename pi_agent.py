@@ -1780,8 +1780,12 @@ class LineLock:
         self.line.write_state(state)
         return found, state
 
-    def release(self, state):
-        state["holder"] = None
+    def release(self, state, clean=True):
+        """Free the lock. Not `clean`: this holder failed before it dealt
+        with what an unclean end left it, so its record stays in the state
+        and the next holder looks again (see released_cleanly)."""
+        if clean:
+            state["holder"] = None
         self.line.write_state(state)
         os.close(self.fd)
         self.fd = None
@@ -6888,7 +6892,7 @@ class exclusive:
             try:
                 recover_leftovers(self.line, self.state)
             except BaseException:
-                self.lock.release(self.state)
+                self.lock.release(self.state, clean=released_cleanly(found))
                 raise
         return self.state
 
@@ -7321,7 +7325,8 @@ def run_lifecycle(args, kind, argv):
                                                         argv, args.offline, tty)
         trace_step("prepared")
     except BaseException:
-        lock.release(state)
+        # (failed before its recovery, the engine down say: the next one recovers)
+        lock.release(state, clean=released_cleanly(found))
         raise
     # The saver's copy of the state names the container too. It keeps the
     # watch open: closing the last reference to it takes the kernel a

@@ -321,6 +321,19 @@ def test_a_recovery_that_fails_before_its_save_is_tried_again(faulty):
     assert "recovered the interrupted run" in result.stderr
 
 
+def test_a_run_that_cannot_reach_the_engine_leaves_the_recovery_to_the_next(box):
+    """A lifecycle that fails before its recovery (the engine down, as
+    while it restarts) must not release the lock as clean: the next run
+    still looks for what the interrupted one left (chaos, issue 28)."""
+    leave_behind(box, "/usr/local/left")
+    down = box.sh("pi-exec true", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert down.returncode == 7, down.stderr
+    result = box.ok("pi-exec test -e /usr/local/left")
+    assert "recovered the interrupted run" in result.stderr
+    box.wait_saved()
+    assert box.containers() == []
+
+
 # --- failed saves -----------------------------------------------------------
 
 @pytest.mark.parametrize("error,code", [

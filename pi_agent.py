@@ -2316,8 +2316,12 @@ class LineLock:
         self.line.write_state(state)
         return found, state
 
-    def release(self, state):
-        state["holder"] = None
+    def release(self, state, clean=True):
+        """Free the lock. Not `clean`: this holder failed before it dealt
+        with what an unclean end left it, so its record stays in the state
+        and the next holder looks again (see released_cleanly)."""
+        if clean:
+            state["holder"] = None
         self.line.write_state(state)
         os.close(self.fd)
         self.fd = None
@@ -8236,7 +8240,7 @@ class exclusive:
             if self.recover:
                 recover_leftovers(line, self.state)
         except BaseException:
-            self.lock.release(self.state)
+            self.lock.release(self.state, clean=released_cleanly(found))
             raise
         return self.state
 
@@ -8449,6 +8453,9 @@ class Saver:
         self.line.write_state(self.state)
         if status is None and not self._container_exists(tagging):
             return 0
+        if status is not None and size is None and not self._container_exists(tagging, pipe):
+            self._answer(up_w, SAID_OK)
+            return 0
         meta = self.plan.save_meta(status)
         line, state, plan = self.line, self.state, self.plan
         try:
@@ -8514,16 +8521,24 @@ class Saver:
         remove_run_dir(plan.run_dir, script_only=True)
         return tagging, current_id, size
 
-    def _container_exists(self, tagging):
+    def _container_exists(self, tagging, pipe=None):
         """Without an exit status the wrapper died; if it died while `docker
         run` was still creating the container (which then fails, its run
         script gone), the state stays dirty so that the next lifecycle looks
-        for it, and its recovery tags the snapshot again."""
+        for it, and its recovery tags the snapshot again. With the wrapper's
+        `pipe` (it has a status, but the container could not be measured): a
+        signal stopped `docker run` before it made the container, and the
+        run is taken back the same way once the wrapper has ended it in the
+        project (any other error is the save's to say)."""
         line, state, plan = self.line, self.state, self.plan
-        line.log("the wrapper of %s ended without an exit status; saving it anyway"
-                 % plan.container)
-        if inspect("container", plan.container) is not None:
+        if pipe is None:
+            line.log("the wrapper of %s ended without an exit status; saving it anyway"
+                     % plan.container)
+        if not is_absent(docker("container", "inspect", "--format", "{{.Id}}", plan.container,
+                                check=False), "container"):
             return True
+        if pipe is not None:
+            self._hear(pipe)  # (the wrapper ends the run in the project first)
         abandon_run_dir(plan.run_dir, plan.record)
         tagging.finish(check=False)  # (before its tag is taken back)
         if not plan.kept:
@@ -8681,7 +8696,8 @@ def run_lifecycle(args, kind, argv):
                                                         argv, args.offline, tty)
         trace_step("prepared")
     except BaseException:
-        lock.release(state)
+        # (failed before its recovery, the engine down say: the next one recovers)
+        lock.release(state, clean=released_cleanly(found))
         raise
     # The saver's copy of the state names the container too. It keeps the
     # watch open: closing the last reference to it takes the kernel a

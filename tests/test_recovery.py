@@ -213,6 +213,34 @@ def test_kill_9_while_the_container_starts_runs_nothing_and_leaves_nothing(fault
     assert wait_until(lambda: os.listdir(run_dir) == [], timeout=10), "no run script is left"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_container_is_made_takes_the_run_back(faulty, signum):
+    """Ctrl-C (or SIGTERM) as the run begins: docker run stops before it
+    made the container. Nothing ran, so nothing is to save: no failed save
+    of a container that never was, no snapshot, no run directory left
+    (chaos, issue 28)."""
+    box = faulty
+    box.ok("pi-exec touch ~/before")
+    box.wait_recorded()
+    fault(box, "run-slow", "5")  # (the signal lands in this sleep; the client goes after 3 s)
+    runs = len(started(box, "run"))
+    run = box.background("pi-exec touch ~/never-ran")
+    assert wait_until(lambda: len(started(box, "run")) > runs, timeout=30)  # in `docker run`
+    os.kill(box.holder()["pid"], signum)
+    assert run.wait(timeout=60) == 128 + signum
+    stderr = run.stderr.read()
+    assert "failed" not in stderr and "Traceback" not in stderr, stderr
+    clear(box, "run-slow")
+    box.wait_saved()
+    run_dir = os.path.join(box.state_dir, "run")
+    assert wait_until(lambda: os.listdir(run_dir) == [], timeout=30), os.listdir(run_dir)
+    result = box.ok("pi-exec test ! -e ~/never-ran")
+    assert "failed" not in result.stderr, result.stderr
+    box.wait_saved()
+    assert box.containers() == [] and len(box.snapshots()) == 1, "only the first run's"
+    assert [r["ended_by"] for r in json.loads(box.ok("pi-log --json").stdout)] == ["run"] * 2
+
+
 def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):
     box = faulty
     fault(box, "rm-slow", "3")
@@ -322,6 +350,19 @@ def test_a_recovery_that_fails_before_its_save_is_tried_again(faulty):
     clear(box, "container-fails")
     result = box.ok("pi-exec test -e /usr/local/left")
     assert "recovered the interrupted run" in result.stderr
+
+
+def test_a_run_that_cannot_reach_the_engine_leaves_the_recovery_to_the_next(box):
+    """A lifecycle that fails before its recovery (the engine down, as
+    while it restarts) must not release the lock as clean: the next run
+    still looks for what the interrupted one left (chaos, issue 28)."""
+    leave_behind(box, "/usr/local/left")
+    down = box.sh("pi-exec true", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert down.returncode == 7, down.stderr
+    result = box.ok("pi-exec test -e /usr/local/left")
+    assert "recovered the interrupted run" in result.stderr
+    box.wait_saved()
+    assert box.containers() == []
 
 
 # --- failed saves -----------------------------------------------------------

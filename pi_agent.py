@@ -6764,7 +6764,8 @@ class Egress:
                      "never": never, "upstream": upstream, "network": self.inside}
         module = os.stat(__file__)
         self.proxy = "%s-%s" % (self.inside, text_digest(json.dumps(
-            [self.spec, os.path.abspath(__file__), module.st_mtime_ns, module.st_size],
+            [self.spec, self.base, os.path.abspath(__file__), module.st_mtime_ns,
+             module.st_size],
             sort_keys=True))[:12])
         self.spec["name"] = self.proxy
 
@@ -6886,9 +6887,11 @@ class Egress:
             "import pi_agent; sys.exit(pi_agent.serve_egress())", check=False,
             env=dict(os.environ, PI_AGENT_EGRESS_SPEC=json.dumps(self.spec)))
         if started.returncode and "Conflict" not in started.stderr:  # (another run's, then)
+            why = "%s has no python3, which it runs (a base of your own?)" % self.base \
+                if '"python3": executable file not found' in started.stderr else \
+                str(docker_failure(("run",), started.stderr))[len("docker run failed: "):]
             raise EngineError("the egress proxy did not start: %s; PI_AGENT_EGRESS=open runs "
-                              "without it" % str(docker_failure(("run",), started.stderr))[
-                                  len("docker run failed: "):])
+                              "without it" % why)
         joined = docker("network", "connect", self.inside, self.proxy, check=False)
         if joined.returncode and "already exists" not in joined.stderr:
             raise docker_failure(("network",), joined.stderr)
@@ -9249,6 +9252,10 @@ def purge(line, yes):
                    config.state_dir), yes)
         if rows:
             docker("rm", "-f", "-v", *[name for name, _state, _pid in rows])
+        proxies = docker("ps", "-q", "--filter", "label=%segress=%d" % (LABEL, os.getuid()),
+                         "--filter", "ancestor=" + line.base).stdout.split()
+        if proxies:  # (the egress proxies running from the base: see Egress.start)
+            docker("rm", "-f", *proxies)
         if refs:
             docker("rmi", *refs)
         dangling = docker("image", "ls", "-q", "--filter", "dangling=true", "--filter",
@@ -9260,7 +9267,8 @@ def purge(line, yes):
         for name in names + [os.path.join("run", row[0]) for row in rows]:
             path = os.path.join(config.state_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if not set(os.listdir(config.state_dir)) - {"run", "projects"}:
+        if not set(os.listdir(config.state_dir)) - {"run", "projects", "engines.json",
+                                                     "egress.json"}:
             shutil.rmtree(config.state_dir)
         say("removed %s and %s of %s, and their state; %s" % (
             plural(len(refs), "image"), plural(len(rows), "container"), line.repo,

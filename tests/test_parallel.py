@@ -111,6 +111,7 @@ def test_one_profile_keeps_its_lock_and_says_how_to_run_beside_it(box):
         assert busy.returncode == 5
         assert "pi-branch" in busy.stderr and "pi-worktree" in busy.stderr
         assert busy.stderr.count("\n") == 1
+    box.wait_saved()  # (else the next command says first that it waits for this save)
     box.ok("pi-branch b")
     with box.running("pi-exec --profile b sh -c 'touch ready2; "
                      "while [ ! -e go2 ]; do sleep 0.1; done'"):

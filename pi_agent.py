@@ -1476,10 +1476,15 @@ def check_engine():
         raise engine_unreachable()
 
 
+# A terminal's escape sequences (a build's colours): taken out of what the
+# engine says before it is read, not shown escaped.
+ESCAPES = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
 def docker_failure(args, stderr):
     """Turn the engine command's stderr into the right PiError (docker's
     wording and Podman's)."""
-    text = (stderr or "").strip()
+    text = ESCAPES.sub("", stderr or "").strip()
     lowered = text.lower()
     if any(words in lowered for words in (
             "cannot connect to the docker daemon", "error during connect",
@@ -1553,8 +1558,14 @@ class DockerCall:
         except OSError as err:
             raise EngineError("cannot run %s %s: %s" % (self.argv[0], args[0], err.strerror))
 
-    def finish(self, check=True):
-        out, err = self.proc.communicate(self.feed)
+    def finish(self, check=True, timeout=None):
+        try:
+            out, err = self.proc.communicate(self.feed, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise EngineError("%s %s did not answer in %d s" % (self.argv[0], self.args[0],
+                                                                timeout))
         trace(self.argv, self.started, self.proc.returncode)
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
         if check and result.returncode != 0:
@@ -1582,9 +1593,9 @@ def docker_shown(*args, lines=None):
     return result
 
 
-def docker(*args, check=True, **options):
+def docker(*args, check=True, timeout=None, **options):
     """Run `docker ARGS` and return the CompletedProcess (see DockerCall)."""
-    return DockerCall(args, **options).finish(check)
+    return DockerCall(args, **options).finish(check, timeout)
 
 
 # How each engine says that what an inspect asked for is not there.
@@ -5029,6 +5040,39 @@ def remove_failed_build(output):
     return left.get("Size") or 1
 
 
+# How the tools a build runs say that a server's certificate is trusted by
+# nothing they know: npm (Node's codes), curl and OpenSSL, pip (Python's
+# ssl), apt, wget and git (GnuTLS).
+UNTRUSTED = re.compile(
+    r"SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_GET_ISSUER_CERT_LOCALLY|DEPTH_ZERO_SELF_SIGNED_CERT|"
+    r"UNABLE_TO_VERIFY_LEAF_SIGNATURE|CERT_UNTRUSTED|CERTIFICATE_VERIFY_FAILED|"
+    r"self[- ]signed certificate|unable to get local issuer certificate|"
+    r"certificate verif(?:y|ication) failed|certificate is NOT trusted|"
+    r"certificate issuer is unknown|SSL certificate problem|cannot verify \S+ certificate", re.I)
+
+
+def untrusted_advice(config):
+    """What to do about a certificate nothing here trusts: a TLS-inspecting
+    proxy's, most likely, whose CA PI_AGENT_CA_CERTS builds in."""
+    return ("%s (docs/settings.md#corporate-networks)" % (
+        "PI_AGENT_CA_CERTS=%s does not hold the CA that signed it: add your proxy's CA "
+        "certificate to it" % config.raw["PI_AGENT_CA_CERTS"] if config.ca_certs else
+        "a TLS-inspecting proxy's, most likely: set PI_AGENT_CA_CERTS to its CA certificate "
+        "(a PEM file)"))
+
+
+def build_failure(config, err, output):
+    """The line a failed build ends with: a certificate nothing trusted is
+    named with the setting that fixes it; else the engine's words, with the
+    RUN step's script (docker gives all of it) cut short."""
+    found = UNTRUSTED.search(ESCAPES.sub("", "".join(output)))
+    if found:
+        return EngineError("%s build failed: a server's certificate was not trusted (%s): %s, "
+                           "then retry" % (engine_kind(), found.group(), untrusted_advice(config)))
+    return EngineError(re.sub(r"(/bin/sh -c .{40}).+?(' returned a|\" did not complete)",
+                              r"\1...\2", str(err)))
+
+
 def build_base(line, no_cache=False, first=True):
     config = line.config
     dockerfile = os.path.abspath(config.dockerfile)
@@ -5057,7 +5101,7 @@ def build_base(line, no_cache=False, first=True):
             docker_shown(*args, lines=output)  # docker's own output is the progress
         else:
             result = docker(*args, check=False)
-            output = [result.stdout]
+            output = [result.stdout, result.stderr]
             if result.returncode != 0:
                 raise docker_failure(args, result.stderr)
     except EngineError as err:
@@ -5069,6 +5113,8 @@ def build_base(line, no_cache=False, first=True):
                               "you have (%s images) or can pull" % (
                                   config.base_image, str(err).split(": ", 1)[-1], config.path,
                                   engine_kind()))
+        else:
+            err = build_failure(config, err, output)
         if left:
             err = EngineError("%s (what the failed build left, %s, is removed)"
                               % (err, human_size(left)))

@@ -448,6 +448,31 @@ def test_a_failed_first_build_leaves_nothing_behind_and_says_so(box):
     assert mark not in steps, "no image of its finished steps"
 
 
+def test_a_build_behind_a_proxy_whose_ca_is_missing_ends_naming_the_setting(box):
+    """This machine reaches npm's registry through a TLS-inspecting proxy:
+    npm without the proxy's CA (Node's own roots alone) fails as a base
+    build behind one does, piped and on a terminal."""
+    context = box.mkdir(os.path.join(os.path.dirname(box.project), "context"))
+    with open(os.path.join(context, "Dockerfile"), "w") as handle:
+        handle.write("ARG BASE_IMAGE\nFROM $BASE_IMAGE\n"
+                     "RUN env -u NODE_EXTRA_CA_CERTS npm view --fetch-retries=0 node version\n")
+    box.extra_env = {"PI_AGENT_IMAGE_REPO": box.repo + "-new", "PI_AGENT_CA_CERTS": "",
+                     "PI_AGENT_BASE_IMAGE": box.repo + ":base",
+                     "PI_AGENT_DOCKERFILE": os.path.join(context, "Dockerfile")}
+    piped = box.sh("pi-exec true")
+    on_terminal = box.sh("script -qec \". %s/shell/pi.sh; pi-exec true\" /dev/null"
+                         % box.install_dir, env={"SHELL": "/bin/bash"})
+    for result, output in ((piped, piped.stderr), (on_terminal, on_terminal.stdout)):
+        assert result.returncode == 8, output
+        last = output.strip().splitlines()[-1]
+        assert re.match(r"pi-agent: docker build failed: a server's certificate was not trusted "
+                        r"\((SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_GET_ISSUER_CERT_LOCALLY)\): a "
+                        r"TLS-inspecting proxy's, most likely: set PI_AGENT_CA_CERTS to its CA "
+                        r"certificate", pi_agent.ESCAPES.sub("", last)), output
+        assert "\\x1b" not in last and "The command" not in last
+    assert piped.stderr.count("pi-agent:") == 2, "what it does, then the one error"
+
+
 def test_status_says_when_the_base_was_built_from_other_settings(box, tmp_path):
     rebuilt = box.ok("pi-rebuild-base")
     assert "building %s:base" % box.repo in rebuilt.stderr and "first use" not in rebuilt.stderr

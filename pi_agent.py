@@ -56,6 +56,7 @@ Exit codes:
   7    the Docker engine is unreachable
   8    the Docker engine failed (build, commit, tag, ...)
   9    bad setting (a PI_AGENT_* variable or a line of the config file)
+  10   pi-status --check: a check failed
   127  run, exec: the command is not there inside
   130  interrupted
 """
@@ -358,6 +359,7 @@ EXIT_NO_DOCKER = 6
 EXIT_ENGINE_DOWN = 7
 EXIT_ENGINE_ERROR = 8
 EXIT_BAD_SETTING = 9
+EXIT_CHECK_FAILED = 10
 EXIT_INTERRUPTED = 130
 
 
@@ -9020,12 +9022,113 @@ def print_status(config, line, facts):
         print("  " + printable(note))
 
 
+# pi-status --check: what a first run needs, asked in seconds. TLS is tried
+# from this host, through the proxies of its environment (which the build
+# is given), trusting what the base will: the public roots (as Debian's
+# ca-certificates ships them, which Node's own match; without it here, this
+# host's store, which may trust a proxy already) and PI_AGENT_CA_CERTS.
+NPM_REGISTRY = "https://registry.npmjs.org/"
+PUBLIC_ROOTS = "/usr/share/ca-certificates/mozilla"
+BUILD_SPACE = 3 << 30  # the base (1.3 GB) and its build's steps, with room
+
+
+def reach(url, config):
+    """None when the server at `url` answers, else why not (and what to do)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    roots = [os.path.join(PUBLIC_ROOTS, name) for name in sorted(os.listdir(PUBLIC_ROOTS))
+             ] if os.path.isdir(PUBLIC_ROOTS) else []
+    context = ssl.create_default_context(cadata="".join(
+        (read_regular(path) or b"").decode("ascii", "replace") for path in roots) or None)
+    if config.ca_certs:
+        context.load_verify_locations(cadata=config.ca_certs)
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5,
+                               context=context).close()
+    except urllib.error.HTTPError as err:  # (the server answered: reached)
+        return None if err.code < 500 and err.code != 407 else "%s: HTTP %d" % (url, err.code)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return "%s: %s: %s" % (url, reason.verify_message, untrusted_advice(config))
+        return "%s: %s; behind a proxy, set HTTPS_PROXY and HTTP_PROXY" % (url, reason)
+    return None
+
+
+def apt_mirrors(image):
+    """The http(s) URIs of `image`'s apt sources, read in a throwaway
+    container with no network."""
+    found = docker("run", "--rm", "--network", "none", "--label", MINE, "--entrypoint", "sh",
+                   image, "-c", "cat /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null",
+                   check=False, timeout=30).stdout
+    return list(dict.fromkeys(re.findall(
+        r"^\s*(?:deb\s+(?:\[[^]]*\]\s+)?|URIs:\s*)(https?://\S+)", found, re.M)))
+
+
+def run_checks(config, line):
+    """pi-status --check: a line for each check (ok, or FAILED and what to
+    do), reading only; returns how many failed."""
+    failed = []
+
+    def said(name, problem, fine):
+        failed.extend([name] if problem else [])
+        print(printable("%-8s %s" % (name + ":", "FAILED: " + problem if problem else fine)),
+              flush=True)
+
+    for problem in config.problems:
+        said("setting", problem, "")
+    engine = build = from_here = None
+    try:
+        engine = line.engine = probe_engine(config.state_dir, fresh=True)
+        said("engine", None, "ok: " + engine.name)
+    except PiError as err:
+        said("engine", str(err), "")
+    if engine:
+        here = next((ref for ref in (line.current, line.base) if inspect_image(ref)), None)
+        build, from_here = here is None, here is None and inspect_image(config.base_image)
+        if here or from_here:
+            said("image", None, "ok: %s is here" % (here or config.base_image) + (
+                "" if here else " (PI_AGENT_BASE_IMAGE): the first pi builds the base FROM it, "
+                "in a few minutes"))
+        else:
+            try:
+                pulled = docker("manifest", "inspect", config.base_image, check=False, timeout=15)
+                why = pulled.returncode and str(docker_failure(("manifest",), pulled.stderr))
+            except EngineError as err:
+                why = str(err)
+            said("image", why and "%s (PI_AGENT_BASE_IMAGE) is not here and cannot be pulled "
+                 "(%s); set PI_AGENT_BASE_IMAGE to an image you have (%s images) or can pull"
+                 % (config.base_image, why.split(": ", 1)[-1], engine_kind()),
+                 "ok: %s (PI_AGENT_BASE_IMAGE) can be pulled: the first pi pulls it and builds "
+                 "the base FROM it, in a few minutes" % config.base_image)
+    if from_here:
+        for uri in apt_mirrors(config.base_image):
+            said("apt", reach(uri, config), "ok: %s answers" % uri)
+    said("npm", reach(NPM_REGISTRY, config), "ok: %s answers, its certificate trusted (the "
+         "build and agents' installs use it)" % NPM_REGISTRY)
+    free = engine_free_space(line) if engine else None
+    if free is not None:
+        need = BUILD_SPACE if build else 1 << 30
+        said("disk", free < need and "%s free where the engine keeps its images (%s), under the "
+             "%s %s needs; free some (%s system df says what holds it)" % (
+                 human_size(free), engine.free_space_dir, human_size(need),
+                 "a first build" if build else "a run's save", engine_kind()),
+             "ok: %s free where the engine keeps its images" % human_size(free))
+    return len(failed)
+
+
 def cmd_status(args):
     """Everything, even with a bad setting: the diagnostic command must not
     go blind when it is needed most. A bad setting is shown (its default
     used meanwhile) and is the exit status."""
     config = Config(lenient=True, profile=args.profile)
     line = Line(config)
+    if args.check:
+        failed = run_checks(config, line)
+        if failed:
+            raise PiError("%s failed: see above" % plural(failed, "check"), EXIT_CHECK_FAILED)
+        return 0
     facts = status_facts(config, line)
     if args.json:
         print(json.dumps(facts, indent=1, sort_keys=True))
@@ -10185,8 +10288,13 @@ def build_parser():
         command.set_defaults(func=func)
         return command
 
-    simple("status", cmd_status, "settings, images, lock holder, mount target").add_argument(
-        "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
+    status = simple("status", cmd_status, "settings, images, lock holder, mount target"
+                    ).add_mutually_exclusive_group()
+    status.add_argument("--json", action="store_true",
+                        help="as JSON (docs/commands.md gives its shape)")
+    status.add_argument("--check", action="store_true", help="check in seconds what the first "
+                        "run needs: engine, image, apt and npm with your CA certificates, disk "
+                        "(exit 10 if something fails)")
     simple("snapshots", cmd_snapshots, "list snapshots, newest first").add_argument(
         "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "

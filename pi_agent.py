@@ -8769,6 +8769,11 @@ def run_lifecycle(args, kind, argv):
     trace_step("the container stopped")
     status = hand_over(line, lock, state, plan, saver, status, watch)
     trace_step("handed over")
+    if status not in (0, 127, 130) and plan.network == "none":
+        # (apt-get, npm or pip offline say only that a name did not resolve)
+        say("exit %d; this run had no network (%s): what failed may have needed it" % (
+            status, "--offline" if args.offline else "--egress none" if args.egress == "none"
+            else "PI_AGENT_NETWORK=none" if config.network == "none" else "PI_AGENT_EGRESS=none"))
     if built and status == 0 and sys.stderr.isatty():
         say("first use: %.0f s in all; from now on a run starts in about a second"
             % (time.monotonic() - started))
@@ -9047,7 +9052,7 @@ def reach(url, config):
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5,
                                context=context).close()
     except urllib.error.HTTPError as err:  # (the server answered: reached)
-        return None if err.code < 500 and err.code != 407 else "%s: HTTP %d" % (url, err.code)
+        return None if err.code in (404, 405) else "%s: HTTP %d" % (url, err.code)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         if isinstance(reason, ssl.SSLCertVerificationError):

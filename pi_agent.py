@@ -5059,8 +5059,8 @@ def untrusted_advice(config):
     return ("%s (docs/settings.md#corporate-networks)" % (
         "PI_AGENT_CA_CERTS=%s does not hold the CA that signed it: add your proxy's CA "
         "certificate to it" % config.raw["PI_AGENT_CA_CERTS"] if config.ca_certs else
-        "a TLS-inspecting proxy's, most likely: set PI_AGENT_CA_CERTS to its CA certificate "
-        "(a PEM file)"))
+        "a TLS-inspecting proxy's, most likely: set PI_AGENT_CA_CERTS to its CA certificate, "
+        "a PEM file"))
 
 
 def build_failure(config, err, output):

@@ -9053,7 +9053,7 @@ def reach(url, config):
                                context=context).close()
     except urllib.error.HTTPError as err:  # (the server answered: reached)
         return None if err.code in (404, 405) else "%s: HTTP %d" % (url, err.code)
-    except (urllib.error.URLError, OSError) as err:
+    except OSError as err:  # (URLError, a timeout)
         reason = getattr(err, "reason", err)
         if isinstance(reason, ssl.SSLCertVerificationError):
             return "%s: %s: %s" % (url, reason.verify_message, untrusted_advice(config))
@@ -9077,7 +9077,8 @@ def run_checks(config, line):
     failed = []
 
     def said(name, problem, fine):
-        failed.extend([name] if problem else [])
+        if problem:
+            failed.append(name)
         print(printable("%-8s %s" % (name + ":", "FAILED: " + problem if problem else fine)),
               flush=True)
 

@@ -928,6 +928,24 @@ def test_a_failed_build_step_is_said_without_escapes_or_its_whole_script(tmp_pat
                     "\"$NODE_FROM\" = npm ]; then...' returned a non-zero code: 1")
 
 
+def test_status_check_goes_on_past_an_engine_that_is_down_and_says_each_failure(tmp_path):
+    environ = dict(os.environ, PATH=fake_docker(tmp_path), HOME=str(tmp_path),
+                   PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker",
+                   HTTPS_PROXY="http://127.0.0.1:9", NO_PROXY="", PI_AGENT_CPUS="lots")
+    docker = tmp_path / "bin" / "docker"
+    docker.write_text(docker.read_text().replace('case "$1 $2" in', 'case "$1 $2" in\n  info*) '
+                                                 'echo "Cannot connect to the Docker daemon at '
+                                                 'unix:///x.sock" >&2; exit 1 ;;'))
+    result = run_tool("status", "--check", env=environ)
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["setting:", "FAILED:"], ["engine:", "FAILED:"],
+                                                    ["npm:", "FAILED:"]], result.stdout
+    assert "PI_AGENT_CPUS=lots" in lines[0] and "cannot reach the Docker engine" in lines[1]
+    assert lines[2].startswith("npm:     FAILED: https://registry.npmjs.org/: ") and \
+        lines[2].endswith("behind a proxy, set HTTPS_PROXY and HTTP_PROXY")
+    assert result.returncode == 10 and result.stderr == "pi-agent: 3 checks failed: see above\n"
+
+
 def test_answering_no_changes_nothing_and_is_a_refusal(tmp_path):
     import pty
     snap = ('{"repo":"pi-agent","tag":"snap-20260101-000000.000","id":"abc","created":"x",'

@@ -870,18 +870,21 @@ def test_status_with_a_bad_setting_shows_everything_else_and_the_bad_lines(tmp_p
     assert "images:" in result.stdout and "target:" in result.stdout
 
 
-def failing_build(tmp_path, output, ca_certs=""):
+CLASSIC_ERROR = ("\x1b[0mThe command '/bin/sh -c set -eu; if [ \"$NODE_FROM\" = npm ]; then npm "
+                 "install --global node; fi' returned a non-zero code: 1\n")
+
+
+def failing_build(tmp_path, output, ca_certs="", error=CLASSIC_ERROR):
     """pi-rebuild-base with a docker whose build prints `output` (as the
-    classic builder does, on a terminal's colours) and fails: its stderr."""
+    classic builder does, on a terminal's colours) and fails with `error`:
+    the last line of its stderr."""
     environ = dict(os.environ, PATH=fake_docker(tmp_path), HOME=str(tmp_path),
                    PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker",
                    PI_AGENT_CA_CERTS=ca_certs, PI_AGENT_DOCKERFILE=str(tmp_path / "Dockerfile"))
     (tmp_path / "Dockerfile").write_text("FROM debian\nRUN npm install -g node\n")
     (tmp_path / "out").write_text("Step 2/2 : RUN set -eu; npm install\n ---> Running in 0123"
                                   "456789ab\n\x1b[31mnpm\x1b[39m ERR! %s\n" % output)
-    (tmp_path / "err").write_text("\x1b[0mThe command '/bin/sh -c set -eu; if [ \"$NODE_FROM\" "
-                                  "= npm ]; then npm install --global node; fi' returned a "
-                                  "non-zero code: 1\n")
+    (tmp_path / "err").write_text(error)
     docker = tmp_path / "bin" / "docker"
     docker.write_text(docker.read_text().replace('case "$1 $2" in', 'case "$1 $2" in\n  build*) '
                                                  'cat %s/out; cat %s/err >&2; exit 1 ;;'
@@ -926,6 +929,13 @@ def test_a_failed_build_step_is_said_without_escapes_or_its_whole_script(tmp_pat
     last = failing_build(tmp_path, "code E404 node@99 is not in this registry")
     assert last == ("pi-agent: docker build failed: The command '/bin/sh -c set -eu; if [ "
                     "\"$NODE_FROM\" = npm ]; then...' returned a non-zero code: 1")
+    buildkit = failing_build(tmp_path, "code E404", error="ERROR: failed to solve: process "
+                             "\"/bin/sh -c set -eu; if [ \\\"$NODE_FROM\\\" = npm ]; then npm "
+                             "install --global node; fi\" did not complete successfully: exit "
+                             "code: 1\n")
+    assert buildkit == ("pi-agent: docker build failed: ERROR: failed to solve: process \"/bin/sh "
+                        "-c set -eu; if [ \\\"$NODE_FROM\\\" = npm ]; th...\" did not complete "
+                        "successfully: exit code: 1")
 
 
 def test_status_check_goes_on_past_an_engine_that_is_down_and_says_each_failure(tmp_path):

@@ -9028,8 +9028,8 @@ def print_status(config, line, facts):
 
 
 # pi-status --check: what a first run needs, asked in seconds. TLS is tried
-# from this host, through the proxies of its environment (which the build
-# is given), trusting what the base will: the public roots (as Debian's
+# from this host, through the proxies the build is given, trusting what the
+# base will: the public roots (as Debian's
 # ca-certificates ships them, which Node's own match; without it here, this
 # host's store, which may trust a proxy already) and PI_AGENT_CA_CERTS.
 NPM_REGISTRY = "https://registry.npmjs.org/"
@@ -9048,9 +9048,15 @@ def reach(url, config):
         (read_regular(path) or b"").decode("ascii", "replace") for path in roots) or None)
     if config.ca_certs:
         context.load_verify_locations(cadata=config.ca_certs)
+    # The environment's proxies, else the docker client's (as the build's).
+    given = {} if any(os.environ.get(name) for name in PROXY_ENV) else docker_config_proxies()
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                         urllib.request.ProxyHandler({
+                                             scheme: given[scheme.upper() + "_PROXY"]
+                                             for scheme in ("http", "https")
+                                             if given.get(scheme.upper() + "_PROXY")} or None))
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5,
-                               context=context).close()
+        opener.open(urllib.request.Request(url, method="HEAD"), timeout=5).close()
     except urllib.error.HTTPError as err:  # (the server answered: reached)
         return None if err.code in (404, 405) else "%s: HTTP %d" % (url, err.code)
     except OSError as err:  # (URLError, a timeout)

@@ -954,6 +954,13 @@ def test_status_check_goes_on_past_an_engine_that_is_down_and_says_each_failure(
     assert lines[2].startswith("npm:     FAILED: https://registry.npmjs.org/: ") and \
         lines[2].endswith("behind a proxy, set HTTPS_PROXY and HTTP_PROXY")
     assert result.returncode == 10 and result.stderr == "pi-agent: 3 checks failed: see above\n"
+    (tmp_path / "config.json").write_text('{"proxies": {"default": {"httpsProxy": '
+                                          '"http://127.0.0.1:9"}}}')
+    for name in pi_agent.PROXY_ENV:
+        environ.pop(name, None)
+    environ.update(DOCKER_CONFIG=str(tmp_path), PI_AGENT_CPUS="2")
+    assert "npm:     FAILED: https://registry.npmjs.org/: [Errno 111] Connection refused" in \
+        run_tool("status", "--check", env=environ).stdout, "the docker client's proxy, as a build's"
 
 
 def test_answering_no_changes_nothing_and_is_a_refusal(tmp_path):

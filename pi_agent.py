@@ -56,6 +56,7 @@ Exit codes:
   7    the Docker engine is unreachable
   8    the Docker engine failed (build, commit, tag, ...)
   9    bad setting (a PI_AGENT_* variable or a line of the config file)
+  10   pi-status --check: a check failed
   127  run, exec: the command is not there inside
   130  interrupted
 """
@@ -358,6 +359,7 @@ EXIT_NO_DOCKER = 6
 EXIT_ENGINE_DOWN = 7
 EXIT_ENGINE_ERROR = 8
 EXIT_BAD_SETTING = 9
+EXIT_CHECK_FAILED = 10
 EXIT_INTERRUPTED = 130
 
 
@@ -1476,10 +1478,15 @@ def check_engine():
         raise engine_unreachable()
 
 
+# A terminal's escape sequences (a build's colours): taken out of what the
+# engine says before it is read, not shown escaped.
+ESCAPES = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
 def docker_failure(args, stderr):
     """Turn the engine command's stderr into the right PiError (docker's
     wording and Podman's)."""
-    text = (stderr or "").strip()
+    text = ESCAPES.sub("", stderr or "").strip()
     lowered = text.lower()
     if any(words in lowered for words in (
             "cannot connect to the docker daemon", "error during connect",
@@ -1553,8 +1560,14 @@ class DockerCall:
         except OSError as err:
             raise EngineError("cannot run %s %s: %s" % (self.argv[0], args[0], err.strerror))
 
-    def finish(self, check=True):
-        out, err = self.proc.communicate(self.feed)
+    def finish(self, check=True, timeout=None):
+        try:
+            out, err = self.proc.communicate(self.feed, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise EngineError("%s %s did not answer in %d s" % (self.argv[0], self.args[0],
+                                                                timeout))
         trace(self.argv, self.started, self.proc.returncode)
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
         if check and result.returncode != 0:
@@ -1582,9 +1595,9 @@ def docker_shown(*args, lines=None):
     return result
 
 
-def docker(*args, check=True, **options):
+def docker(*args, check=True, timeout=None, **options):
     """Run `docker ARGS` and return the CompletedProcess (see DockerCall)."""
-    return DockerCall(args, **options).finish(check)
+    return DockerCall(args, **options).finish(check, timeout)
 
 
 # How each engine says that what an inspect asked for is not there.
@@ -5029,6 +5042,39 @@ def remove_failed_build(output):
     return left.get("Size") or 1
 
 
+# How the tools a build runs say that a server's certificate is trusted by
+# nothing they know: npm (Node's codes), curl and OpenSSL, pip (Python's
+# ssl), apt, wget and git (GnuTLS).
+UNTRUSTED = re.compile(
+    r"SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_GET_ISSUER_CERT_LOCALLY|DEPTH_ZERO_SELF_SIGNED_CERT|"
+    r"UNABLE_TO_VERIFY_LEAF_SIGNATURE|CERT_UNTRUSTED|CERTIFICATE_VERIFY_FAILED|"
+    r"self[- ]signed certificate|unable to get local issuer certificate|"
+    r"certificate verif(?:y|ication) failed|certificate is NOT trusted|"
+    r"certificate issuer is unknown|SSL certificate problem|cannot verify \S+ certificate", re.I)
+
+
+def untrusted_advice(config):
+    """What to do about a certificate nothing here trusts: a TLS-inspecting
+    proxy's, most likely, whose CA PI_AGENT_CA_CERTS builds in."""
+    return ("%s (docs/settings.md#corporate-networks)" % (
+        "PI_AGENT_CA_CERTS=%s does not hold the CA that signed it: add your proxy's CA "
+        "certificate to it" % config.raw["PI_AGENT_CA_CERTS"] if config.ca_certs else
+        "a TLS-inspecting proxy's, most likely: set PI_AGENT_CA_CERTS to its CA certificate, "
+        "a PEM file"))
+
+
+def build_failure(config, err, output):
+    """The line a failed build ends with: a certificate nothing trusted is
+    named with the setting that fixes it; else the engine's words, with the
+    RUN step's script (docker gives all of it) cut short."""
+    found = UNTRUSTED.search(ESCAPES.sub("", "".join(output)))
+    if found:
+        return EngineError("%s build failed: a server's certificate was not trusted (%s): %s, "
+                           "then retry" % (engine_kind(), found.group(), untrusted_advice(config)))
+    return EngineError(re.sub(r"(/bin/sh -c .{40}).+?(' returned a|\" did not complete)",
+                              r"\1...\2", str(err)))
+
+
 def build_base(line, no_cache=False, first=True):
     config = line.config
     dockerfile = os.path.abspath(config.dockerfile)
@@ -5057,7 +5103,7 @@ def build_base(line, no_cache=False, first=True):
             docker_shown(*args, lines=output)  # docker's own output is the progress
         else:
             result = docker(*args, check=False)
-            output = [result.stdout]
+            output = [result.stdout, result.stderr]
             if result.returncode != 0:
                 raise docker_failure(args, result.stderr)
     except EngineError as err:
@@ -5069,6 +5115,8 @@ def build_base(line, no_cache=False, first=True):
                               "you have (%s images) or can pull" % (
                                   config.base_image, str(err).split(": ", 1)[-1], config.path,
                                   engine_kind()))
+        else:
+            err = build_failure(config, err, output)
         if left:
             err = EngineError("%s (what the failed build left, %s, is removed)"
                               % (err, human_size(left)))
@@ -8724,6 +8772,11 @@ def run_lifecycle(args, kind, argv):
     trace_step("the container stopped")
     status = hand_over(line, lock, state, plan, saver, status, watch)
     trace_step("handed over")
+    if status not in (0, 127, 130) and plan.network == "none":
+        # (apt-get, npm or pip offline say only that a name did not resolve)
+        say("exit %d; this run had no network (%s): what failed may have needed it" % (
+            status, "--offline" if args.offline else "--egress none" if args.egress == "none"
+            else "PI_AGENT_NETWORK=none" if config.network == "none" else "PI_AGENT_EGRESS=none"))
     if built and status == 0 and sys.stderr.isatty():
         say("first use: %.0f s in all; from now on a run starts in about a second"
             % (time.monotonic() - started))
@@ -8977,12 +9030,120 @@ def print_status(config, line, facts):
         print("  " + printable(note))
 
 
+# pi-status --check: what a first run needs, asked in seconds. TLS is tried
+# from this host, through the proxies the build is given, trusting what the
+# base will: the public roots (as Debian's
+# ca-certificates ships them, which Node's own match; without it here, this
+# host's store, which may trust a proxy already) and PI_AGENT_CA_CERTS.
+NPM_REGISTRY = "https://registry.npmjs.org/"
+PUBLIC_ROOTS = "/usr/share/ca-certificates/mozilla"
+BUILD_SPACE = 3 << 30  # the base (1.3 GB) and its build's steps, with room
+
+
+def reach(url, config):
+    """None when the server at `url` answers, else why not (and what to do)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    roots = [os.path.join(PUBLIC_ROOTS, name) for name in sorted(os.listdir(PUBLIC_ROOTS))
+             ] if os.path.isdir(PUBLIC_ROOTS) else []
+    context = ssl.create_default_context(cadata="".join(
+        (read_regular(path) or b"").decode("ascii", "replace") for path in roots) or None)
+    if config.ca_certs:
+        context.load_verify_locations(cadata=config.ca_certs)
+    # The environment's proxies, else the docker client's (as the build's).
+    given = {} if any(os.environ.get(name) for name in PROXY_ENV) else docker_config_proxies()
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                         urllib.request.ProxyHandler({
+                                             scheme: given[scheme.upper() + "_PROXY"]
+                                             for scheme in ("http", "https")
+                                             if given.get(scheme.upper() + "_PROXY")} or None))
+    try:
+        opener.open(urllib.request.Request(url, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError as err:  # (the server answered: reached)
+        return None if err.code in (404, 405) else "%s: HTTP %d" % (url, err.code)
+    except OSError as err:  # (URLError, a timeout)
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return "%s: %s: %s" % (url, reason.verify_message, untrusted_advice(config))
+        return "%s: %s; behind a proxy, set HTTPS_PROXY and HTTP_PROXY" % (url, reason)
+    return None
+
+
+def apt_mirrors(image):
+    """The http(s) URIs of `image`'s apt sources, read in a throwaway
+    container with no network."""
+    found = docker("run", "--rm", "--network", "none", "--label", MINE, "--entrypoint", "sh",
+                   image, "-c", "cat /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null",
+                   check=False, timeout=30).stdout
+    return list(dict.fromkeys(re.findall(
+        r"^\s*(?:deb\s+(?:\[[^]]*\]\s+)?|URIs:\s*)(https?://\S+)", found, re.M)))
+
+
+def run_checks(config, line):
+    """pi-status --check: a line for each check (ok, or FAILED and what to
+    do), reading only; returns how many failed."""
+    failed = []
+
+    def said(name, problem, fine):
+        if problem:
+            failed.append(name)
+        print(printable("%-8s %s" % (name + ":", "FAILED: " + problem if problem else fine)),
+              flush=True)
+
+    for problem in config.problems:
+        said("setting", problem, "")
+    engine = build = from_here = None
+    try:
+        engine = line.engine = probe_engine(config.state_dir, fresh=True)
+        said("engine", None, "ok: " + engine.name)
+    except PiError as err:
+        said("engine", str(err), "")
+    if engine:
+        here = next((ref for ref in (line.current, line.base) if inspect_image(ref)), None)
+        build, from_here = here is None, here is None and inspect_image(config.base_image)
+        if here or from_here:
+            said("image", None, "ok: %s is here" % (here or config.base_image) + (
+                "" if here else " (PI_AGENT_BASE_IMAGE): the first pi builds the base FROM it, "
+                "in a few minutes"))
+        else:
+            try:
+                pulled = docker("manifest", "inspect", config.base_image, check=False, timeout=15)
+                why = pulled.returncode and str(docker_failure(("manifest",), pulled.stderr))
+            except EngineError as err:
+                why = str(err)
+            said("image", why and "%s (PI_AGENT_BASE_IMAGE) is not here and cannot be pulled "
+                 "(%s); set PI_AGENT_BASE_IMAGE to an image you have (%s images) or can pull"
+                 % (config.base_image, why.split(": ", 1)[-1], engine_kind()),
+                 "ok: %s (PI_AGENT_BASE_IMAGE) can be pulled: the first pi pulls it and builds "
+                 "the base FROM it, in a few minutes" % config.base_image)
+    if from_here:
+        for uri in apt_mirrors(config.base_image):
+            said("apt", reach(uri, config), "ok: %s answers" % uri)
+    said("npm", reach(NPM_REGISTRY, config), "ok: %s answers, its certificate trusted (the "
+         "build and agents' installs use it)" % NPM_REGISTRY)
+    free = engine_free_space(line) if engine else None
+    if free is not None:
+        need = BUILD_SPACE if build else 1 << 30
+        said("disk", free < need and "%s free where the engine keeps its images (%s), under the "
+             "%s %s needs; free some (%s system df says what holds it)" % (
+                 human_size(free), engine.free_space_dir, human_size(need),
+                 "a first build" if build else "a run's save", engine_kind()),
+             "ok: %s free where the engine keeps its images" % human_size(free))
+    return len(failed)
+
+
 def cmd_status(args):
     """Everything, even with a bad setting: the diagnostic command must not
     go blind when it is needed most. A bad setting is shown (its default
     used meanwhile) and is the exit status."""
     config = Config(lenient=True, profile=args.profile)
     line = Line(config)
+    if args.check:
+        failed = run_checks(config, line)
+        if failed:
+            raise PiError("%s failed: see above" % plural(failed, "check"), EXIT_CHECK_FAILED)
+        return 0
     facts = status_facts(config, line)
     if args.json:
         print(json.dumps(facts, indent=1, sort_keys=True))
@@ -10147,8 +10308,13 @@ def build_parser():
         command.set_defaults(func=func)
         return command
 
-    simple("status", cmd_status, "settings, images, lock holder, mount target").add_argument(
-        "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
+    status = simple("status", cmd_status, "settings, images, lock holder, mount target"
+                    ).add_mutually_exclusive_group()
+    status.add_argument("--json", action="store_true",
+                        help="as JSON (docs/commands.md gives its shape)")
+    status.add_argument("--check", action="store_true", help="check in seconds what the first "
+                        "run needs: engine, image, apt and npm with your CA certificates, disk "
+                        "(exit 10 if something fails)")
     simple("snapshots", cmd_snapshots, "list snapshots, newest first").add_argument(
         "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "

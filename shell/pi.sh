@@ -104,7 +104,8 @@ function _pi_agent_candidates {
     pi-log) printf '%s\n' -n --json --profile --help ;;
     pi-diff) _pi_agent complete snapshots 2>/dev/null
       printf '%s\n' current base --all --json --profile --help ;;
-    pi-status|pi-snapshots|pi-orphans) printf '%s\n' --json --profile --help ;;
+    pi-status) printf '%s\n' --json --check --profile --help ;;
+    pi-snapshots|pi-orphans) printf '%s\n' --json --profile --help ;;
     *) printf '%s\n' --profile --help ;;
   esac
 }

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import ENGINE, docker, end_session, wait_until
+import images
+from conftest import ENGINE, docker, end_session, repository_images, wait_until
 
 import pi_agent
 
@@ -446,6 +447,62 @@ def test_a_failed_first_build_leaves_nothing_behind_and_says_so(box):
     steps = docker("image", "inspect", "--format", "{{json .ContainerConfig.Cmd}}",
                    *ids, check=False).stdout  # (others' images may go meanwhile)
     assert mark not in steps, "no image of its finished steps"
+
+
+def test_a_build_behind_a_proxy_whose_ca_is_missing_ends_naming_the_setting(box):
+    """This machine reaches npm's registry through a TLS-inspecting proxy:
+    npm without the proxy's CA (Node's own roots alone) fails as a base
+    build behind one does, piped and on a terminal."""
+    context = box.mkdir(os.path.join(os.path.dirname(box.project), "context"))
+    with open(os.path.join(context, "Dockerfile"), "w") as handle:
+        handle.write("ARG BASE_IMAGE\nFROM $BASE_IMAGE\n"
+                     "RUN env -u NODE_EXTRA_CA_CERTS npm view --fetch-retries=0 node version\n")
+    box.extra_env = {"PI_AGENT_IMAGE_REPO": box.repo + "-new", "PI_AGENT_CA_CERTS": "",
+                     "PI_AGENT_BASE_IMAGE": box.repo + ":base",
+                     "PI_AGENT_DOCKERFILE": os.path.join(context, "Dockerfile")}
+    piped = box.sh("pi-exec true")
+    on_terminal = box.sh("script -qec \". %s/shell/pi.sh; pi-exec true\" /dev/null"
+                         % box.install_dir, env={"SHELL": "/bin/bash"})
+    for result, output in ((piped, piped.stderr), (on_terminal, on_terminal.stdout)):
+        assert result.returncode == 8, output
+        last = output.strip().splitlines()[-1]
+        assert re.match(r"pi-agent: docker build failed: a server's certificate was not trusted "
+                        r"\((SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_GET_ISSUER_CERT_LOCALLY)\): a "
+                        r"TLS-inspecting proxy's, most likely: set PI_AGENT_CA_CERTS to its CA "
+                        r"certificate", pi_agent.ESCAPES.sub("", last)), output
+        assert "\\x1b" not in last and "The command" not in last
+    assert piped.stderr.count("pi-agent:") == 2, "what it does, then the one error"
+
+
+def test_status_check_says_in_seconds_what_a_first_run_lacks(box):
+    """pi-status --check, before a first build: the FROM image here, its apt
+    mirror reached; npm's registry not trusted without this machine's CA
+    (its TLS-inspecting proxy's), trusted with it; nothing made."""
+    repo = box.repo + "-new"
+    box.extra_env = {"PI_AGENT_IMAGE_REPO": repo, "PI_AGENT_CA_CERTS": ""}
+    started = time.monotonic()
+    result = box.sh("pi-status --check")
+    assert time.monotonic() - started < 20
+    assert result.returncode == 10, result.stdout + result.stderr
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert set(lines) == {"engine:", "image:", "apt:", "npm:", "disk:"}, result.stdout
+    assert lines["image:"].startswith("ok: %s is here (PI_AGENT_BASE_IMAGE): the first pi builds"
+                                      % box.env()["PI_AGENT_BASE_IMAGE"])
+    assert lines["apt:"].startswith("ok: http") and lines["engine:"].startswith("ok: ")
+    assert lines["npm:"].startswith("FAILED: https://registry.npmjs.org/: ") and \
+        "set PI_AGENT_CA_CERTS to its CA certificate" in lines["npm:"]
+    assert result.stderr == "pi-agent: 1 check failed: see above\n"
+    trusted = box.sh("pi-status --check", env={"PI_AGENT_CA_CERTS": images.test_ca_certs(
+        os.path.join(box.install_dir, "tests", "fixtures"))})
+    assert trusted.returncode == 0 and "FAILED" not in trusted.stdout, trusted.stdout
+    assert "npm:     ok: https://registry.npmjs.org/ answers" in trusted.stdout
+    unknown = box.sh("pi-status --check", env={"PI_AGENT_BASE_IMAGE": "nosuch.invalid/base:1"})
+    assert unknown.returncode == 10 and "image:   FAILED: nosuch.invalid/base:1 " \
+        "(PI_AGENT_BASE_IMAGE) is not here and cannot be pulled (" in unknown.stdout
+    assert "apt:" not in unknown.stdout, "its mirrors are in the image"
+    assert box.sh("pi-status --check --json").returncode == 2
+    assert repository_images(repo) == {} and "/etc/apt/sources.list" not in docker(
+        "ps", "-a", "--no-trunc", "--format", "{{.Command}}").stdout, "nothing made, nothing left"
 
 
 def test_status_says_when_the_base_was_built_from_other_settings(box, tmp_path):

@@ -38,6 +38,12 @@ def test_offline_has_no_network(box):
     assert box.ok("pi-exec ls /sys/class/net", env={"PI_AGENT_NETWORK": "none"}).stdout.split() \
         == ["lo"]
     assert "eth0" in box.ok("pi-exec ls /sys/class/net").stdout.split()
+    for option, env, how in (("--offline", {}, "--offline"),
+                             ("", {"PI_AGENT_EGRESS": "none"}, "PI_AGENT_EGRESS=none")):
+        failed = box.sh("pi-exec %s sh -c 'exit 3'" % option, env=env)
+        assert failed.returncode == 3 and failed.stderr.splitlines()[-1] == "pi-agent: exit " \
+            "3; this run had no network (%s): what failed may have needed it" % how, failed.stderr
+    assert "network" not in box.sh("pi-exec sh -c 'exit 3'").stderr, "online: nothing to say"
 
 
 def cgroup_value(box, v1, v2, env):

@@ -870,6 +870,99 @@ def test_status_with_a_bad_setting_shows_everything_else_and_the_bad_lines(tmp_p
     assert "images:" in result.stdout and "target:" in result.stdout
 
 
+CLASSIC_ERROR = ("\x1b[0mThe command '/bin/sh -c set -eu; if [ \"$NODE_FROM\" = npm ]; then npm "
+                 "install --global node; fi' returned a non-zero code: 1\n")
+
+
+def failing_build(tmp_path, output, ca_certs="", error=CLASSIC_ERROR):
+    """pi-rebuild-base with a docker whose build prints `output` (as the
+    classic builder does, on a terminal's colours) and fails with `error`:
+    the last line of its stderr."""
+    environ = dict(os.environ, PATH=fake_docker(tmp_path), HOME=str(tmp_path),
+                   PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker",
+                   PI_AGENT_CA_CERTS=ca_certs, PI_AGENT_DOCKERFILE=str(tmp_path / "Dockerfile"))
+    (tmp_path / "Dockerfile").write_text("FROM debian\nRUN npm install -g node\n")
+    (tmp_path / "out").write_text("Step 2/2 : RUN set -eu; npm install\n ---> Running in 0123"
+                                  "456789ab\n\x1b[31mnpm\x1b[39m ERR! %s\n" % output)
+    (tmp_path / "err").write_text(error)
+    docker = tmp_path / "bin" / "docker"
+    docker.write_text(docker.read_text().replace('case "$1 $2" in', 'case "$1 $2" in\n  build*) '
+                                                 'cat %s/out; cat %s/err >&2; exit 1 ;;'
+                                                 % (tmp_path, tmp_path)))
+    result = run_tool("rebuild-base", env=environ)
+    assert result.returncode == 8 and "\x1b" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("pi-agent: building ") and len(lines) == 2, result.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("said", [
+    "code SELF_SIGNED_CERT_IN_CHAIN",
+    "code UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+    "request to https://registry.npmjs.org/node failed, reason: self-signed certificate in "
+    "certificate chain",
+    "Err:1 https://mirror.example/debian bookworm InRelease\n  Certificate verification failed: "
+    "The certificate is NOT trusted. The certificate issuer is unknown.  Could not handshake",
+    "curl: (60) SSL certificate problem: unable to get local issuer certificate",
+    "fatal: unable to access 'https://git.example/x.git/': server certificate verification "
+    "failed. CAfile: none CRLfile: none",
+    "ERROR: cannot verify deb.example's certificate, issued by 'CN=Corp Proxy CA'",
+    "Could not fetch URL https://pypi.org/simple/x/: SSLError(SSLCertVerificationError(1, "
+    "'[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed'))",
+])
+def test_a_build_that_no_certificate_trust_lets_through_names_the_setting(tmp_path, said):
+    last = failing_build(tmp_path, said)
+    assert last.startswith("pi-agent: docker build failed: a server's certificate was not "
+                           "trusted (") and "set PI_AGENT_CA_CERTS to its CA certificate" in last
+    assert "The command" not in last
+
+
+def test_a_build_with_ca_certs_that_miss_the_proxy_says_to_add_it(tmp_path):
+    (tmp_path / "corp.crt").write_text(
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    last = failing_build(tmp_path, "code SELF_SIGNED_CERT_IN_CHAIN", str(tmp_path / "corp.crt"))
+    assert "PI_AGENT_CA_CERTS=%s does not hold the CA that signed it" % (tmp_path / "corp.crt") \
+        in last
+
+
+def test_a_failed_build_step_is_said_without_escapes_or_its_whole_script(tmp_path):
+    last = failing_build(tmp_path, "code E404 node@99 is not in this registry")
+    assert last == ("pi-agent: docker build failed: The command '/bin/sh -c set -eu; if [ "
+                    "\"$NODE_FROM\" = npm ]; then...' returned a non-zero code: 1")
+    buildkit = failing_build(tmp_path, "code E404", error="ERROR: failed to solve: process "
+                             "\"/bin/sh -c set -eu; if [ \\\"$NODE_FROM\\\" = npm ]; then npm "
+                             "install --global node; fi\" did not complete successfully: exit "
+                             "code: 1\n")
+    assert buildkit == ("pi-agent: docker build failed: ERROR: failed to solve: process \"/bin/sh "
+                        "-c set -eu; if [ \\\"$NODE_FROM\\\" = npm ]; th...\" did not complete "
+                        "successfully: exit code: 1")
+
+
+def test_status_check_goes_on_past_an_engine_that_is_down_and_says_each_failure(tmp_path):
+    environ = dict(os.environ, PATH=fake_docker(tmp_path), HOME=str(tmp_path),
+                   PI_AGENT_STATE_DIR=str(tmp_path / "state"), PI_AGENT_ENGINE="docker",
+                   HTTPS_PROXY="http://127.0.0.1:9", NO_PROXY="", PI_AGENT_CPUS="lots")
+    docker = tmp_path / "bin" / "docker"
+    docker.write_text(docker.read_text().replace('case "$1 $2" in', 'case "$1 $2" in\n  info*) '
+                                                 'echo "Cannot connect to the Docker daemon at '
+                                                 'unix:///x.sock" >&2; exit 1 ;;'))
+    result = run_tool("status", "--check", env=environ)
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["setting:", "FAILED:"], ["engine:", "FAILED:"],
+                                                    ["npm:", "FAILED:"]], result.stdout
+    assert "PI_AGENT_CPUS=lots" in lines[0] and "cannot reach the Docker engine" in lines[1]
+    assert lines[2].startswith("npm:     FAILED: https://registry.npmjs.org/: ") and \
+        lines[2].endswith("behind a proxy, set HTTPS_PROXY and HTTP_PROXY")
+    assert result.returncode == 10 and result.stderr == "pi-agent: 3 checks failed: see above\n"
+    (tmp_path / "config.json").write_text('{"proxies": {"default": {"httpsProxy": '
+                                          '"http://127.0.0.1:9"}}}')
+    for name in pi_agent.PROXY_ENV:
+        environ.pop(name, None)
+    environ.update(DOCKER_CONFIG=str(tmp_path), PI_AGENT_CPUS="2")
+    assert "npm:     FAILED: https://registry.npmjs.org/: [Errno 111] Connection refused" in \
+        run_tool("status", "--check", env=environ).stdout, "the docker client's proxy, as a build's"
+
+
 def test_answering_no_changes_nothing_and_is_a_refusal(tmp_path):
     import pty
     snap = ('{"repo":"pi-agent","tag":"snap-20260101-000000.000","id":"abc","created":"x",'

@@ -1695,6 +1695,24 @@ def docker_config_proxies():
     return found
 
 
+# What the docker client adds to every container it runs from the proxies of
+# its config file, password and all, unless the run sets them itself.
+DOCKER_CLIENT_PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "FTP_PROXY", "ALL_PROXY")
+
+
+def docker_config_blanks():
+    """-e NAME= for each variable the docker client would add from its
+    config file's proxies (none if it has none): a container's own
+    environment (PID 1's, in /proc) never holds your proxy or its password
+    (the run script gives each run its own: the egress proxy's)."""
+    proxies = docker_client_config().get("proxies")
+    if not (isinstance(proxies, dict) and isinstance(proxies.get("default"), dict)
+            and any(proxies["default"].values())):
+        return []
+    return [arg for name in DOCKER_CLIENT_PROXY_ENV for each in (name, name.lower())
+            for arg in ("-e", each + "=")]
+
+
 # --- the engine probe
 
 class Engine:
@@ -1761,7 +1779,7 @@ class Engine:
         project (root inside is root on the host again: see root_inside)."""
         if self.kind == "podman":
             return ["--http-proxy=false", "--unsetenv", "container", "--unsetenv", "TERM"]
-        return ["--userns=host"] if self.remap else []
+        return (["--userns=host"] if self.remap else []) + docker_config_blanks()
 
     def limit_args(self, options):
         """The resource options (parse_limits) that this engine applies: it
@@ -6400,6 +6418,7 @@ class EgressProxy:
         import threading
         self.spec, self.lock = spec, threading.Lock()
         self.busy, self.refused, self.names, self.last = {}, {}, {}, time.monotonic()
+        self.members = {}  # (a run's address: until when it is known to be one: see member)
         with open("/proc/net/if_inet6", encoding="ascii") as handle:  # (IPv6 beyond the link?)
             self.v6 = any(row.split()[3] == "00" for row in handle)
         with open("/proc/net/route", encoding="ascii") as handle:
@@ -6462,8 +6481,33 @@ class EgressProxy:
         except OSError:
             pass
 
+    def member(self, client):
+        """True for the host and for this proxy's own runs: those the
+        engine's DNS gives for NAME-runs, an alias only pi-agent sets (at
+        `docker run`). Every policy's proxy is on the one internal network:
+        a run of another policy (or another PI_AGENT_EGRESS_ALLOW, or
+        PI_AGENT_HOST_PORTS) is refused, never served by a looser proxy."""
+        import socket
+        if not self.spec.get("runs") or client in (self.gateway, "127.0.0.1"):
+            return True
+        now = time.monotonic()
+        with self.lock:
+            if self.members.get(client, 0) > now:
+                return True
+        try:
+            found = socket.getaddrinfo(self.spec["name"] + "-runs", None, socket.AF_INET,
+                                       socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            found = []
+        with self.lock:
+            self.members = {info[4][0]: now + 2 for info in found}
+            return client in self.members
+
     def handle(self, conn, client):
         try:
+            if not self.member(client):
+                return self.answer(conn, 403, "%s is not a run of this proxy's policy (%s): "
+                                   "each policy has its own" % (client, self.spec["name"]))
             self.request(conn, client)
         except Exception as err:  # (whatever a client sends: its connection ends, never the proxy)
             self.answer(conn, 502, "%s" % (err,)[:200])
@@ -6761,7 +6805,8 @@ class Egress:
         never = sorted(address for address in self.local if address_class(address) == "public"
                        or any(ipaddress.ip_address(address) in net for net in nets))
         self.spec = {"mode": self.mode, "allow": allow, "host_ports": self.ports,
-                     "never": never, "upstream": upstream, "network": self.inside}
+                     "never": never, "upstream": upstream, "network": self.inside,
+                     "runs": True}
         module = os.stat(__file__)
         self.proxy = "%s-%s" % (self.inside, text_digest(json.dumps(
             [self.spec, os.path.abspath(__file__), module.st_mtime_ns, module.st_size],
@@ -6772,8 +6817,11 @@ class Egress:
         if self.proxy:
             # The engine's DNS answers the engine's names only there: an
             # outside name fails in a second, not twenty. No IPv6 at all.
-            return ["--network", self.network, "--dns-opt", "timeout:1", "--dns-opt",
-                    "attempts:1", "--sysctl", "net.ipv6.conf.all.disable_ipv6=1"]
+            # Its alias is what its proxy serves (EgressProxy.member): every
+            # policy's proxy is on this network, and serves its own runs only.
+            return ["--network", self.network, "--network-alias", self.proxy + "-runs",
+                    "--dns-opt", "timeout:1", "--dns-opt", "attempts:1",
+                    "--sysctl", "net.ipv6.conf.all.disable_ipv6=1"]
         return (["--network", self.network] if self.network else []) + (
             ["--add-host", "host.docker.internal:host-gateway"] if self.mode == "open" else [])
 

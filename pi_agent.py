@@ -6525,10 +6525,13 @@ class EgressProxy:
 
     def request(self, conn, client):
         import socket
-        conn.settimeout(EGRESS_WAIT)
-        head = b""
+        head, deadline = b"", time.monotonic() + EGRESS_WAIT
         try:
             while b"\r\n\r\n" not in head:
+                left = deadline - time.monotonic()  # (the whole head, not each read)
+                if left <= 0:
+                    raise socket.timeout
+                conn.settimeout(left)
                 data = conn.recv(4096)
                 if not data:
                     return
@@ -6601,6 +6604,9 @@ class EgressProxy:
         allow = spec["allow"]
         named = egress_name(host, [entry["name"] for entry in allow if "name" in entry and
                                    entry["port"] in (None, port)])
+        if spec["mode"] == "allow" and not named and not any("net" in entry for entry in allow):
+            # (no lookup: the name is the agent's, and your DNS would carry it out)
+            raise PermissionError("%s is not in PI_AGENT_EGRESS_ALLOW" % host)
         bypass = spec["upstream"]["no_proxy"]
         upstream = None if "*" in bypass or egress_name(host, bypass) else \
             spec["upstream"].get("https" if tunnel else "http")

@@ -250,3 +250,32 @@ def test_through_your_proxy_the_name_checked_is_the_address_reached(box):
         for net in made["nets"]:
             docker("network", "rm", net, check=False)
     assert "lan twin" not in got, "the agent reached your LAN through your proxy: %r" % got
+
+
+SLOW_HEAD = r"""
+import json, os, socket, time
+proxy = os.environ["HTTP_PROXY"][len("http://"):].split(":")[0]
+s = socket.create_connection((proxy, 3128), 5)
+s.sendall(b"GET http://inet/ HTTP/1.1\r\nX: ")
+started, answer = time.monotonic(), b""
+s.settimeout(3)
+while time.monotonic() - started < 16:
+    try:
+        s.sendall(b"a")       # a byte every 3 s: each read of the proxy's gets one
+        answer = s.recv(4096)
+        break                 # (answered, or closed)
+    except socket.timeout:
+        continue
+    except OSError as err:
+        answer = str(err).encode()
+        break
+print(json.dumps([round(time.monotonic() - started), answer.decode("latin-1")[:100]]))
+"""
+
+
+def test_a_slow_head_is_cut_off_at_ten_seconds(box):
+    """Each read of a request's head waited 10 s, but the head as a whole
+    had no limit: a byte every few seconds held a connection (up to 16 kB:
+    days), where the proxy promises a head within 10 s."""
+    took, answer = run_python(box, SLOW_HEAD, {})
+    assert answer.startswith("HTTP/1.1 408 ") and took <= 12, (took, answer)

@@ -6550,9 +6550,12 @@ class EgressProxy:
         method, target, version = words
         if target.startswith("/"):
             if client in (self.gateway, "127.0.0.1"):  # the host asks (Egress.ask)
+                if target.startswith("/never/"):  # (its addresses now: Egress.hosts)
+                    self.learn(target[len("/never/"):])
+                    return self.answer(conn, 200, "", json.dumps(
+                        {"name": self.spec["name"], "never": sorted(self.never)}))
                 return self.answer(conn, 200, "", json.dumps(
-                    {"name": self.spec["name"],
-                     "refused": self.refused.get(target[1:])}))
+                    {"name": self.spec["name"], "refused": self.refused.get(target[1:])}))
             return self.answer(conn, 400, "this is pi-agent's egress proxy; it takes "
                                "CONNECT host:port and http:// URLs")
         url = re.fullmatch(r"http://([^/?#]+)(.*)", target) if method != "CONNECT" else None
@@ -6591,6 +6594,19 @@ class EgressProxy:
             if rest:
                 sock.sendall(rest)
             splice(conn, sock)
+
+    def learn(self, text):
+        """The host's own addresses, as it tells them (Egress.hosts): those
+        it has now, a network made since the proxy started included."""
+        import ipaddress
+        for word in text.split(",")[:1024]:
+            try:
+                address = str(ipaddress.ip_address(word))
+            except ValueError:
+                continue
+            with self.lock:
+                if len(self.never) < 65536:
+                    self.never.add(address)
 
     def decide(self, host, port, tunnel):
         """(upstream or None, [sockaddr] to connect to), or PermissionError
@@ -6724,6 +6740,7 @@ def serve_egress():
 
 def local_addresses():
     """This host's own addresses (Linux's /proc; none elsewhere)."""
+    import socket
     found, last = set(), None
     try:
         with open("/proc/net/fib_trie", encoding="ascii") as handle:
@@ -6735,9 +6752,9 @@ def local_addresses():
                     found.add(last)
         with open("/proc/net/if_inet6", encoding="ascii") as handle:
             for row in handle:
-                text = row.split()[0]
-                found.add(":".join(text[i:i + 4] for i in range(0, 32, 4)))
-    except OSError:
+                # (as the proxy spells them: fd00::2, never fd00:0000:...:0002)
+                found.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row.split()[0])))
+    except (OSError, ValueError):
         pass
     return found
 
@@ -6867,7 +6884,7 @@ class Egress:
         self.address = known.get(self.proxy)
         self.bridge = known.get("outside")
         self.routed = bool(self.bridge) and self.bridge[0] in self.local
-        if self.routed and self.address and self.ask("") is not None:
+        if self.routed and self.address and self.ask(self.hosts()) is not None:
             return
         info = inspect("container", self.proxy) or {}
         running = info.get("State", {}).get("Running")
@@ -6885,7 +6902,7 @@ class Egress:
                 raise EngineError("the egress proxy %s stopped as it started (it runs %s's "
                                   "python3, which must be 3.9 or newer); PI_AGENT_EGRESS=open "
                                   "runs without it" % (self.proxy, self.base))
-            if running and not self.routed or self.ask("") is not None:
+            if running and not self.routed or self.ask(self.hosts()) is not None:
                 break  # (up already: an engine the host has no route to is not asked)
             running = False
             if time.monotonic() > deadline:
@@ -6946,6 +6963,18 @@ class Egress:
         joined = docker("network", "connect", self.inside, self.proxy, check=False)
         if joined.returncode and "already exists" not in joined.stderr:
             raise docker_failure(("network",), joined.stderr)
+
+    def hosts(self, addresses=None):
+        """The path that tells the proxy this host's own addresses (never
+        reachable from a run, whatever the exceptions say), `addresses`
+        or all it has now: a network made after the proxy started gives
+        the host a new one (and a name an exception lets through may
+        resolve to one of its private ones)."""
+        import ipaddress
+        found = sorted(address for address in (self.local if addresses is None
+                                                else addresses)
+                       if address_class(address) != "never")
+        return "never/" + ",".join(found[:400])
 
     def ask(self, path):
         """What the proxy says (`path`: a run's container, for what it
@@ -7027,16 +7056,26 @@ class Egress:
                     pass
 
         def serve():
-            asked = 0.0
+            asked, known, trie = 0.0, set(self.local or ()), None
             while not stop.is_set():
+                try:  # (a network made meanwhile gives the host an address: told at once)
+                    with open("/proc/net/fib_trie", "rb") as handle:
+                        now = handle.read()
+                except OSError:
+                    now = None
+                if self.proxy and now != trie:
+                    trie, found = now, local_addresses()
+                    if found - known:
+                        self.ask(self.hosts(found - known))
+                    known |= found
                 if self.proxy and time.monotonic() - asked > EGRESS_KEEP:
                     asked = time.monotonic()
-                    self.ask("")
+                    self.ask(self.hosts())
                 if not listeners:
-                    stop.wait(1.0)
+                    stop.wait(0.5)
                     continue
                 try:
-                    for listener in select.select(listeners, [], [], 1.0)[0]:
+                    for listener in select.select(listeners, [], [], 0.5)[0]:
                         conn, peer = listener.accept()
                         if ipaddress.ip_address(peer[0]) in subnet:
                             threading.Thread(target=forward, args=(

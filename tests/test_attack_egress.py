@@ -10,7 +10,7 @@ internet's stand-in on 198.51.100.0/26, `lan` on 10.213.0.0/24, `meta` at
 import json
 import os
 
-from conftest import docker
+from conftest import docker, wait_until
 from test_egress import internet, proxy_of  # noqa: F401 (a fixture)
 
 
@@ -279,3 +279,94 @@ def test_a_slow_head_is_cut_off_at_ten_seconds(box):
     days), where the proxy promises a head within 10 s."""
     took, answer = run_python(box, SLOW_HEAD, {})
     assert answer.startswith("HTTP/1.1 408 ") and took <= 12, (took, answer)
+
+
+def ask_proxy(box):
+    """What the box's proxy tells the host (its one proxy: egress.json)."""
+    import socket
+    known = json.load(open(os.path.join(box.state_dir, "egress.json")))
+    address = [value for key, value in known.items() if key != "outside"][0]
+    try:
+        with socket.create_connection((address, 3128), 2) as sock:
+            sock.sendall(b"GET /never/ HTTP/1.0\r\n\r\n")
+            data = b"".join(iter(lambda: sock.recv(65536), b""))
+        return json.loads(data.partition(b"\r\n\r\n")[2])
+    except (OSError, ValueError):
+        return {}
+
+
+NEW_BRIDGE = r"""
+import json, os, socket, sys, time
+proxy = os.environ["HTTP_PROXY"][len("http://"):].split(":")[0]
+open("ready", "w").close()
+while not os.path.exists("go"):
+    time.sleep(0.1)
+target = open("go").read().strip()
+s = socket.create_connection((proxy, 3128), 10)
+s.sendall(b"CONNECT %s HTTP/1.1\r\n\r\n" % target.encode())
+data = b"".join(iter(lambda: s.recv(65536), b""))
+with open("result", "w") as out:
+    out.write(data.decode("latin-1"))
+"""
+
+
+def test_a_bridge_made_during_a_run_is_still_the_host(box):
+    """The host's own addresses are never reachable, whatever the
+    exceptions say: pi-agent lists them when the proxy starts. A network
+    made while a run lasts (docker compose up in another terminal; here a
+    docker network create) gives the host a new address, in a private
+    range your exception lets through (10.231.0.0/16, your LAN say): the
+    agent reaches every service of your host on 0.0.0.0 through it."""
+    from test_egress import Listener
+    env = {"PI_AGENT_EGRESS": "allow", "PI_AGENT_EGRESS_ALLOW": "10.231.0.0/16"}
+    with open(os.path.join(box.project, "attack.py"), "w") as handle:
+        handle.write(NEW_BRIDGE)
+    box.chown(box.project)
+    listener = Listener()
+    net = "pi-agent-test-newbridge-" + box.repo.rsplit("/", 1)[1]
+    try:
+        box.extra_env.update(env)  # (what box.running's session takes)
+        with box.running("pi-exec python3 attack.py") as run:
+            assert wait_until(lambda: os.path.exists(os.path.join(box.project, "ready")),
+                              timeout=60)
+            docker("network", "create", "--subnet", "10.231.77.0/24", net)
+            # (the proxy is told within half a second: that window stays open)
+            wait_until(lambda: "10.231.77.1" in ask_proxy(box).get("never", ()), timeout=10)
+            with open(os.path.join(box.project, "go"), "w") as handle:
+                handle.write("10.231.77.1:%d" % listener.port)
+            assert wait_until(lambda: os.path.exists(os.path.join(box.project, "result")),
+                              timeout=60), run.stderr
+    finally:
+        listener.close()
+        docker("network", "rm", net, check=False)
+    result = open(os.path.join(box.project, "result")).read()
+    assert listener.peers == [], "the agent reached the host at 10.231.77.1: %r" % result
+    assert " 403 " in result.split("\r\n")[0], result
+
+
+def test_the_hosts_own_ipv6_address_is_the_host_however_it_is_spelled(box):
+    """pi-agent listed the host's IPv6 addresses as /proc spells them
+    (fd27:000a:0000:0000:0000:0000:0000:0001) and the proxy compared them
+    with its own spelling (fd27:a::1): never the same, so none of them was
+    the host to it. With an exception for the network's range (a ULA of
+    your LAN), the agent reached your host's services on [::] at its own
+    address there."""
+    from test_egress import Listener
+    net = "pi-agent-test-v6-" + box.repo.rsplit("/", 1)[1]
+    docker("network", "create", "--ipv6", "--subnet", "fd27:a::/64", net)
+    listener = Listener()
+    proxy = None
+    try:
+        env = {"PI_AGENT_EGRESS": "allow", "PI_AGENT_EGRESS_ALLOW": "fd27:a::/64"}
+        proxy = proxy_of(box, env)
+        docker("network", "connect", net, proxy)
+        out = run_python(box, ASK, {"lines": ["CONNECT [fd27:a::1]:%d HTTP/1.1"
+                                              % listener.port]}, env)
+    finally:
+        listener.close()
+        if proxy:
+            docker("network", "disconnect", "-f", net, proxy, check=False)
+        docker("network", "rm", net, check=False)
+    assert listener.peers == [], "the agent reached the host at fd27:a::1: %s" % out
+    status = list(out.values())[0][0]
+    assert status.startswith("HTTP/1.1 403 ") and "never reachable" in status, status

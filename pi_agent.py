@@ -277,6 +277,11 @@ CAP_DROP_ARGS = [arg for cap in CAP_DROP for arg in ("--cap-drop", cap)]
 # metadata service, 169.254.169.254, is there), multicast and reserved ...
 NEVER_NETS = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3", "fe80::/10",
               "ff00::/8")
+# ... nor clouds' metadata services outside link-local (Alibaba's, in CGNAT,
+# which an exception for Tailscale's addresses takes in; Oracle Cloud
+# Classic's; AWS's over IPv6, a ULA), though an exception may take in their
+# range ...
+METADATA_ADDRESSES = ("100.100.100.200", "192.0.0.192", "fd00:ec2::254")
 # ... and these only as exceptions (PI_AGENT_EGRESS_ALLOW): RFC 1918, CGNAT,
 # benchmarking, IETF protocol assignments, IPv6 ULA and site-local, local
 # NAT64, Teredo. (IPv6 forms that carry an IPv4 address are judged by it.)
@@ -937,7 +942,7 @@ def address_class(text, never=()):
             inner = ipaddress.IPv4Address(int(ip) & 0xffffffff)  # (compatible, NAT64)
         if inner is not None:
             return address_class(str(inner), never)
-    if str(ip) in never:
+    if str(ip) in never or str(ip) in METADATA_ADDRESSES:
         return "never"
     for kind, nets in (("never", NEVER_NETS), ("private", PRIVATE_NETS)):
         if any(ip in ipaddress.ip_network(net) for net in nets):

@@ -370,3 +370,32 @@ def test_the_hosts_own_ipv6_address_is_the_host_however_it_is_spelled(box):
     assert listener.peers == [], "the agent reached the host at fd27:a::1: %s" % out
     status = list(out.values())[0][0]
     assert status.startswith("HTTP/1.1 403 ") and "never reachable" in status, status
+
+
+def test_other_clouds_metadata_services_are_never_reachable_either(box):
+    """Alibaba Cloud's metadata service is 100.100.100.200: in CGNAT,
+    which an exception takes in (100.64.0.0/10: Tailscale's addresses, a
+    usual one). The metadata service is never reachable whatever the
+    exceptions say; here it was, with the VM's credentials behind it."""
+    net = "pi-agent-test-alimeta-" + box.repo.rsplit("/", 1)[1]
+    container = net
+    proxy = None
+    docker("network", "create", "--subnet", "100.100.100.0/24", net)
+    try:
+        docker("run", "-d", "--rm", "--name", container, "--network", net, "--ip",
+               "100.100.100.200", "-u", "0", "--entrypoint", "python3", box.repo + ":base",
+               "-c", WEB, "metadata")
+        env = {"PI_AGENT_EGRESS_ALLOW": "100.64.0.0/10"}
+        proxy = proxy_of(box, env)
+        docker("network", "connect", net, proxy)
+        out = run_python(box, ASK, {"lines": [
+            "GET http://100.100.100.200/latest/meta-data/ HTTP/1.1\r\nHost: 100.100.100.200"]},
+            env)
+    finally:
+        if proxy:
+            docker("network", "disconnect", "-f", net, proxy, check=False)
+        docker("rm", "-f", container, check=False)
+        docker("network", "rm", net, check=False)
+    status, body = list(out.values())[0]
+    assert body != "metadata", "the agent reached 100.100.100.200: %s" % out
+    assert status.startswith("HTTP/1.1 403 ") and "never reachable" in status, status

@@ -6406,6 +6406,17 @@ def splice(one, other, idle=EGRESS_TUNNEL_IDLE):
         return
 
 
+def numeric(host):
+    """True when `host` is an address in any spelling the resolver reads
+    as one (2130706433, 0x7f.1, 0177.0.0.1, ::1), no lookup."""
+    import socket
+    try:
+        socket.getaddrinfo(host, None, 0, 0, 0, socket.AI_NUMERICHOST)
+        return True
+    except (OSError, UnicodeError, ValueError):
+        return False
+
+
 def socket_ntoa(number):
     """The dotted address of /proc/net/route's hex (little-endian) field."""
     return ".".join(str(number >> shift & 255) for shift in (0, 8, 16, 24))
@@ -6499,11 +6510,14 @@ class EgressProxy:
         with self.lock:
             if self.members.get(client, 0) > now:
                 return True
-        try:
-            found = socket.getaddrinfo(self.spec["name"] + "-runs", None, socket.AF_INET,
-                                       socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            found = []
+        found = []
+        for _ in range(2):  # (once more if the engine's DNS failed: a busy engine)
+            try:  # (the trailing dot: no search domain of yours is tried, nor told)
+                found = socket.getaddrinfo(self.spec["name"] + "-runs.", None, socket.AF_INET,
+                                           socket.SOCK_STREAM)
+                break
+            except (OSError, UnicodeError):
+                continue
         with self.lock:
             self.members = {info[4][0]: now + 2 for info in found}
             return client in self.members
@@ -6581,6 +6595,14 @@ class EgressProxy:
         except PermissionError as refusal:
             self.note(client, dest, str(refusal))
             return self.answer(conn, 403, str(refusal))
+        if upstream and addresses and numeric(host):
+            # Your proxy is handed the address checked, never the agent's
+            # spelling of it (0127.0.0.1 is 87.0.0.1 here, 127.0.0.1 to a
+            # parser that reads leading zeros as decimal).
+            checked = addresses[0][1][0]
+            checked = "[%s]" % checked if ":" in checked else checked
+            dest = "%s:%d" % (checked, port)
+            target = url and "http://%s%s" % (dest, url.group(2) or "/")
         if url:  # forwarded as it came, but for what only the proxy is owed
             kept = [row for row in lines[1:] if not re.match(
                 r"(?i)(proxy-|connection:|keep-alive:|host:)", row)]

@@ -399,3 +399,53 @@ def test_other_clouds_metadata_services_are_never_reachable_either(box):
     status, body = list(out.values())[0]
     assert body != "metadata", "the agent reached 100.100.100.200: %s" % out
     assert status.startswith("HTTP/1.1 403 ") and "never reachable" in status, status
+
+
+# A proxy of yours that only says what it was asked (and connects nowhere).
+TELLING_PROXY = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 3128))
+s.listen(64)
+while True:
+    c = s.accept()[0]
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = c.recv(4096)
+        if not data:
+            break
+        head += data
+    print("asked", head.split(b"\r\n")[0].decode("latin-1"), flush=True)
+    c.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+    c.close()
+"""
+
+
+def test_your_proxy_is_handed_the_address_checked_not_the_agents_spelling(box):
+    """The egress proxy reads `0127.0.0.1` as the C library does (octal:
+    87.0.0.1, the internet) and `010.0.0.5` as 8.0.0.5; then it handed your
+    proxy the agent's spelling, which a proxy that reads leading zeros as
+    decimal (Go before 1.17, CVE-2021-29923; many URL parsers) takes for
+    its own loopback, or your LAN. An address is handed on as the address
+    that was checked. (Your proxy here only says what it was asked.)"""
+    suffix = box.repo.rsplit("/", 1)[1]
+    proxy_of(box)  # (the networks, made)
+    yours = "pi-agent-test-telling-" + suffix
+    out = "pi-agent-egress-%d-out" % box.user.uid
+    docker("run", "-d", "--rm", "--name", yours, "--network", out, "--entrypoint", "python3",
+           box.repo + ":base", "-c", TELLING_PROXY)
+    try:
+        address = docker("inspect", "--format", '{{(index .NetworkSettings.Networks "%s")'
+                         '.IPAddress}}' % out, yours).stdout.strip()
+        env = {"HTTPS_PROXY": "http://%s:3128" % address,
+               "HTTP_PROXY": "http://%s:3128" % address}
+        run_python(box, ASK, {"lines": ["CONNECT 0127.0.0.1:80 HTTP/1.1",
+                                        "GET http://010.0.0.5/ HTTP/1.1\r\nHost: 010.0.0.5"]},
+                   env)
+        asked = [row for row in docker("logs", yours).stdout.splitlines()
+                 if row.startswith("asked ")]
+    finally:
+        docker("rm", "-f", yours, check=False)
+    assert asked == ["asked CONNECT 87.0.0.1:80 HTTP/1.1",
+                     "asked GET http://8.0.0.5:80/ HTTP/1.1"], asked

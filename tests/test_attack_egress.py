@@ -449,3 +449,27 @@ def test_your_proxy_is_handed_the_address_checked_not_the_agents_spelling(box):
         docker("rm", "-f", yours, check=False)
     assert asked == ["asked CONNECT 87.0.0.1:80 HTTP/1.1",
                      "asked GET http://8.0.0.5:80/ HTTP/1.1"], asked
+
+
+def test_a_name_your_exception_lists_that_is_your_host_is_refused(box):
+    """A named exception reaches what the name resolves to, private ranges
+    included: a name that resolves to one of your host's own private
+    addresses (its LAN address, a bridge's) reached every service of the
+    host on 0.0.0.0, where the host's addresses are never reachable. The
+    name here is 182936321 (what the resolver reads as 10.231.99.1, the
+    host's side of a network the test makes): as your LAN's DNS would
+    answer for a name of yours that is this machine."""
+    from test_egress import Listener
+    net = "pi-agent-test-hostname-" + box.repo.rsplit("/", 1)[1]
+    docker("network", "create", "--subnet", "10.231.99.0/24", net)
+    listener = Listener()
+    try:
+        env = {"PI_AGENT_EGRESS_ALLOW": "182936321"}
+        out = run_python(box, ASK, {"lines": ["CONNECT 182936321:%d HTTP/1.1"
+                                              % listener.port]}, env)
+    finally:
+        listener.close()
+        docker("network", "rm", net, check=False)
+    assert listener.peers == [], "the agent reached the host at 10.231.99.1: %s" % out
+    status = list(out.values())[0][0]
+    assert status.startswith("HTTP/1.1 403 ") and "never reachable" in status, status

@@ -1689,7 +1689,9 @@ def docker_config_proxies():
     """The proxies of the docker client's config file (its "default"), as
     variables: the client would give them to every container."""
     proxies = docker_client_config().get("proxies")
-    proxies = proxies.get("default") if isinstance(proxies, dict) else None
+    if isinstance(proxies, dict):  # (the engine's own entry, as the client takes it, else default)
+        found = proxies.get(engine_endpoint("docker")[0])
+        proxies = found if isinstance(found, dict) else proxies.get("default")
     keys = {"httpProxy": "HTTP_PROXY", "httpsProxy": "HTTPS_PROXY", "noProxy": "NO_PROXY",
             "allProxy": "ALL_PROXY"}
     found = {}
@@ -1710,9 +1712,9 @@ def docker_config_blanks():
     config file's proxies (none if it has none): a container's own
     environment (PID 1's, in /proc) never holds your proxy or its password
     (the run script gives each run its own: the egress proxy's)."""
-    proxies = docker_client_config().get("proxies")
-    if not (isinstance(proxies, dict) and isinstance(proxies.get("default"), dict)
-            and any(proxies["default"].values())):
+    proxies = docker_client_config().get("proxies")  # ("default", or the engine's address)
+    if not (isinstance(proxies, dict) and any(isinstance(each, dict) and any(each.values())
+                                              for each in proxies.values())):
         return []
     return [arg for name in DOCKER_CLIENT_PROXY_ENV for each in (name, name.lower())
             for arg in ("-e", each + "=")]

@@ -10,6 +10,8 @@ internet's stand-in on 198.51.100.0/26, `lan` on 10.213.0.0/24, `meta` at
 import json
 import os
 
+import pytest
+
 from conftest import docker, wait_until
 from test_egress import internet, proxy_of  # noqa: F401 (a fixture)
 
@@ -94,7 +96,8 @@ def test_a_run_cannot_use_the_proxy_of_another_policy(box, internet):  # noqa: F
                for proxy in known), json.dumps(out, indent=1)
 
 
-def test_your_docker_config_proxy_password_does_not_reach_the_agent(box):
+@pytest.mark.parametrize("key", ["default", "unix:///var/run/docker.sock"])
+def test_your_docker_config_proxy_password_does_not_reach_the_agent(box, key):
     """The docker client gives every container it runs the proxies of its
     config file (~/.docker/config.json), password and all, unless the run
     sets those variables itself. Under `public` pi-agent promises that your
@@ -105,8 +108,8 @@ def test_your_docker_config_proxy_password_does_not_reach_the_agent(box):
     config = os.path.join(box.home, ".docker")
     os.makedirs(config, exist_ok=True)
     with open(os.path.join(config, "config.json"), "w") as handle:
-        json.dump({"proxies": {"default": {"httpProxy": secret, "httpsProxy": secret,
-                                           "ftpProxy": secret, "noProxy": "corp.example"}}},
+        json.dump({"proxies": {key: {"httpProxy": secret, "httpsProxy": secret,
+                                     "ftpProxy": secret, "noProxy": "corp.example"}}},
                   handle)
     box.chown(config)
     out = box.ok("pi-exec sh -c 'env; for p in /proc/[0-9]*/environ; do "

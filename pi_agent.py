@@ -1686,8 +1686,9 @@ def known_mounts(image):
 
 
 def docker_config_proxies():
-    """The proxies of the docker client's config file (its "default"), as
-    variables: the client would give them to every container."""
+    """The proxies of the docker client's config file (the entry for the
+    engine's address, else "default"), as variables: the client would give
+    them to every container."""
     proxies = docker_client_config().get("proxies")
     if isinstance(proxies, dict):  # (the engine's own entry, as the client takes it, else default)
         found = proxies.get(engine_endpoint("docker")[0])
@@ -6571,7 +6572,7 @@ class EgressProxy:
         method, target, version = words
         if target.startswith("/"):
             if client in (self.gateway, "127.0.0.1"):  # the host asks (Egress.ask)
-                if target.startswith("/never/"):  # (its addresses now: Egress.hosts)
+                if target.startswith("/never/"):  # (its addresses now: Egress.tell)
                     self.learn(target[len("/never/"):])
                     return self.answer(conn, 200, "", json.dumps(
                         {"name": self.spec["name"], "never": sorted(self.never)}))
@@ -6625,7 +6626,7 @@ class EgressProxy:
             splice(conn, sock)
 
     def learn(self, text):
-        """The host's own addresses, as it tells them (Egress.hosts): those
+        """The host's own addresses, as it tells them (Egress.tell): those
         it has now, a network made since the proxy started included."""
         import ipaddress
         for word in text.split(",")[:1024]:
@@ -6913,7 +6914,7 @@ class Egress:
         self.address = known.get(self.proxy)
         self.bridge = known.get("outside")
         self.routed = bool(self.bridge) and self.bridge[0] in self.local
-        if self.routed and self.address and self.ask(self.hosts()) is not None:
+        if self.routed and self.address and self.tell() is not None:
             return
         info = inspect("container", self.proxy) or {}
         running = info.get("State", {}).get("Running")
@@ -6931,7 +6932,7 @@ class Egress:
                 raise EngineError("the egress proxy %s stopped as it started (it runs %s's "
                                   "python3, which must be 3.9 or newer); PI_AGENT_EGRESS=open "
                                   "runs without it" % (self.proxy, self.base))
-            if running and not self.routed or self.ask(self.hosts()) is not None:
+            if running and not self.routed or self.tell() is not None:
                 break  # (up already: an engine the host has no route to is not asked)
             running = False
             if time.monotonic() > deadline:
@@ -6993,17 +6994,19 @@ class Egress:
         if joined.returncode and "already exists" not in joined.stderr:
             raise docker_failure(("network",), joined.stderr)
 
-    def hosts(self, addresses=None):
-        """The path that tells the proxy this host's own addresses (never
-        reachable from a run, whatever the exceptions say), `addresses`
-        or all it has now: a network made after the proxy started gives
-        the host a new one (and a name an exception lets through may
-        resolve to one of its private ones)."""
-        import ipaddress
+    def tell(self, addresses=None):
+        """The proxy told this host's own addresses (never reachable from a
+        run, whatever the exceptions say), `addresses` or all it has: a
+        network made after the proxy started gives the host a new one (and
+        a name an exception lets through may resolve to one of its private
+        ones). What the proxy says (ask), None if it does not answer."""
         found = sorted(address for address in (self.local if addresses is None
                                                 else addresses)
                        if address_class(address) != "never")
-        return "never/" + ",".join(found[:400])
+        said = None
+        for start in range(0, max(len(found), 1), 300):  # (a request's head: 16 kB at most)
+            said = self.ask("never/" + ",".join(found[start:start + 300]))
+        return said
 
     def ask(self, path):
         """What the proxy says (`path`: a run's container, for what it
@@ -7095,11 +7098,11 @@ class Egress:
                 if self.proxy and now != trie:
                     trie, found = now, local_addresses()
                     if found - known:
-                        self.ask(self.hosts(found - known))
+                        self.tell(found - known)
                     known |= found
                 if self.proxy and time.monotonic() - asked > EGRESS_KEEP:
                     asked = time.monotonic()
-                    self.ask(self.hosts())
+                    self.tell()
                 if not listeners:
                     stop.wait(0.5)
                     continue

@@ -278,6 +278,11 @@ CAP_DROP_ARGS = [arg for cap in CAP_DROP for arg in ("--cap-drop", cap)]
 # metadata service, 169.254.169.254, is there), multicast and reserved ...
 NEVER_NETS = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3", "fe80::/10",
               "ff00::/8")
+# ... nor clouds' metadata services outside link-local (Alibaba's, in CGNAT,
+# which an exception for Tailscale's addresses takes in; Oracle Cloud
+# Classic's; AWS's over IPv6, a ULA), though an exception may take in their
+# range ...
+METADATA_ADDRESSES = ("100.100.100.200", "192.0.0.192", "fd00:ec2::254")
 # ... and these only as exceptions (PI_AGENT_EGRESS_ALLOW): RFC 1918, CGNAT,
 # benchmarking, IETF protocol assignments, IPv6 ULA and site-local, local
 # NAT64, Teredo. (IPv6 forms that carry an IPv4 address are judged by it.)
@@ -939,7 +944,7 @@ def address_class(text, never=()):
             inner = ipaddress.IPv4Address(int(ip) & 0xffffffff)  # (compatible, NAT64)
         if inner is not None:
             return address_class(str(inner), never)
-    if str(ip) in never:
+    if str(ip) in never or str(ip) in METADATA_ADDRESSES:
         return "never"
     for kind, nets in (("never", NEVER_NETS), ("private", PRIVATE_NETS)):
         if any(ip in ipaddress.ip_network(net) for net in nets):
@@ -1694,10 +1699,13 @@ def known_mounts(image):
 
 
 def docker_config_proxies():
-    """The proxies of the docker client's config file (its "default"), as
-    variables: the client would give them to every container."""
+    """The proxies of the docker client's config file (the entry for the
+    engine's address, else "default"), as variables: the client would give
+    them to every container."""
     proxies = docker_client_config().get("proxies")
-    proxies = proxies.get("default") if isinstance(proxies, dict) else None
+    if isinstance(proxies, dict):  # (the engine's own entry, as the client takes it, else default)
+        found = proxies.get(engine_endpoint("docker")[0])
+        proxies = found if isinstance(found, dict) else proxies.get("default")
     keys = {"httpProxy": "HTTP_PROXY", "httpsProxy": "HTTPS_PROXY", "noProxy": "NO_PROXY",
             "allProxy": "ALL_PROXY"}
     found = {}
@@ -1706,6 +1714,24 @@ def docker_config_proxies():
         if isinstance(value, str) and value:
             found[name] = found[name.lower()] = value
     return found
+
+
+# What the docker client adds to every container it runs from the proxies of
+# its config file, password and all, unless the run sets them itself.
+DOCKER_CLIENT_PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "FTP_PROXY", "ALL_PROXY")
+
+
+def docker_config_blanks():
+    """-e NAME= for each variable the docker client would add from its
+    config file's proxies (none if it has none): a container's own
+    environment (PID 1's, in /proc) never holds your proxy or its password
+    (the run script gives each run its own: the egress proxy's)."""
+    proxies = docker_client_config().get("proxies")  # ("default", or the engine's address)
+    if not (isinstance(proxies, dict) and any(isinstance(each, dict) and any(each.values())
+                                              for each in proxies.values())):
+        return []
+    return [arg for name in DOCKER_CLIENT_PROXY_ENV for each in (name, name.lower())
+            for arg in ("-e", each + "=")]
 
 
 # --- the engine probe
@@ -1774,7 +1800,7 @@ class Engine:
         project (root inside is root on the host again: see root_inside)."""
         if self.kind == "podman":
             return ["--http-proxy=false", "--unsetenv", "container", "--unsetenv", "TERM"]
-        return ["--userns=host"] if self.remap else []
+        return (["--userns=host"] if self.remap else []) + docker_config_blanks()
 
     def limit_args(self, options):
         """The resource options (parse_limits) that this engine applies: it
@@ -6431,6 +6457,17 @@ def splice(one, other, idle=EGRESS_TUNNEL_IDLE):
         return
 
 
+def numeric(host):
+    """True when `host` is an address in any spelling the resolver reads
+    as one (2130706433, 0x7f.1, 0177.0.0.1, ::1), no lookup."""
+    import socket
+    try:
+        socket.getaddrinfo(host, None, 0, 0, 0, socket.AI_NUMERICHOST)
+        return True
+    except (OSError, UnicodeError, ValueError):
+        return False
+
+
 def socket_ntoa(number):
     """The dotted address of /proc/net/route's hex (little-endian) field."""
     return ".".join(str(number >> shift & 255) for shift in (0, 8, 16, 24))
@@ -6448,6 +6485,7 @@ class EgressProxy:
         import threading
         self.spec, self.lock = spec, threading.Lock()
         self.busy, self.refused, self.names, self.last = {}, {}, {}, time.monotonic()
+        self.members = {}  # (a run's address: until when it is known to be one: see member)
         with open("/proc/net/if_inet6", encoding="ascii") as handle:  # (IPv6 beyond the link?)
             self.v6 = any(row.split()[3] == "00" for row in handle)
         with open("/proc/net/route", encoding="ascii") as handle:
@@ -6510,8 +6548,36 @@ class EgressProxy:
         except OSError:
             pass
 
+    def member(self, client):
+        """True for the host and for this proxy's own runs: those the
+        engine's DNS gives for NAME-runs, an alias only pi-agent sets (at
+        `docker run`). Every policy's proxy is on the one internal network:
+        a run of another policy (or another PI_AGENT_EGRESS_ALLOW, or
+        PI_AGENT_HOST_PORTS) is refused, never served by a looser proxy."""
+        import socket
+        if not self.spec.get("runs") or client in (self.gateway, "127.0.0.1"):
+            return True
+        now = time.monotonic()
+        with self.lock:
+            if self.members.get(client, 0) > now:
+                return True
+        found = []
+        for _ in range(2):  # (once more if the engine's DNS failed: a busy engine)
+            try:  # (the trailing dot: no search domain of yours is tried, nor told)
+                found = socket.getaddrinfo(self.spec["name"] + "-runs.", None, socket.AF_INET,
+                                           socket.SOCK_STREAM)
+                break
+            except (OSError, UnicodeError):
+                continue
+        with self.lock:
+            self.members = {info[4][0]: now + 2 for info in found}
+            return client in self.members
+
     def handle(self, conn, client):
         try:
+            if not self.member(client):
+                return self.answer(conn, 403, "%s is not a run of this proxy's policy (%s): "
+                                   "each policy has its own" % (client, self.spec["name"]))
             self.request(conn, client)
         except Exception as err:  # (whatever a client sends: its connection ends, never the proxy)
             self.answer(conn, 502, "%s" % (err,)[:200])
@@ -6529,10 +6595,13 @@ class EgressProxy:
 
     def request(self, conn, client):
         import socket
-        conn.settimeout(EGRESS_WAIT)
-        head = b""
+        head, deadline = b"", time.monotonic() + EGRESS_WAIT
         try:
             while b"\r\n\r\n" not in head:
+                left = deadline - time.monotonic()  # (the whole head, not each read)
+                if left <= 0:
+                    raise socket.timeout
+                conn.settimeout(left)
                 data = conn.recv(4096)
                 if not data:
                     return
@@ -6551,9 +6620,12 @@ class EgressProxy:
         method, target, version = words
         if target.startswith("/"):
             if client in (self.gateway, "127.0.0.1"):  # the host asks (Egress.ask)
+                if target.startswith("/never/"):  # (its addresses now: Egress.tell)
+                    self.learn(target[len("/never/"):])
+                    return self.answer(conn, 200, "", json.dumps(
+                        {"name": self.spec["name"], "never": sorted(self.never)}))
                 return self.answer(conn, 200, "", json.dumps(
-                    {"name": self.spec["name"],
-                     "refused": self.refused.get(target[1:])}))
+                    {"name": self.spec["name"], "refused": self.refused.get(target[1:])}))
             return self.answer(conn, 400, "this is pi-agent's egress proxy; it takes "
                                "CONNECT host:port and http:// URLs")
         url = re.fullmatch(r"http://([^/?#]+)(.*)", target) if method != "CONNECT" else None
@@ -6574,6 +6646,14 @@ class EgressProxy:
         except PermissionError as refusal:
             self.note(client, dest, str(refusal))
             return self.answer(conn, 403, str(refusal))
+        if upstream and addresses and numeric(host):
+            # Your proxy is handed the address checked, never the agent's
+            # spelling of it (0127.0.0.1 is 87.0.0.1 here, 127.0.0.1 to a
+            # parser that reads leading zeros as decimal).
+            checked = addresses[0][1][0]
+            checked = "[%s]" % checked if ":" in checked else checked
+            dest = "%s:%d" % (checked, port)
+            target = url and "http://%s%s" % (dest, url.group(2) or "/")
         if url:  # forwarded as it came, but for what only the proxy is owed
             kept = [row for row in lines[1:] if not re.match(
                 r"(?i)(proxy-|connection:|keep-alive:|host:)", row)]
@@ -6593,6 +6673,19 @@ class EgressProxy:
                 sock.sendall(rest)
             splice(conn, sock)
 
+    def learn(self, text):
+        """The host's own addresses, as it tells them (Egress.tell): those
+        it has now, a network made since the proxy started included."""
+        import ipaddress
+        for word in text.split(",")[:1024]:
+            try:
+                address = str(ipaddress.ip_address(word))
+            except ValueError:
+                continue
+            with self.lock:
+                if len(self.never) < 65536:
+                    self.never.add(address)
+
     def decide(self, host, port, tunnel):
         """(upstream or None, [sockaddr] to connect to), or PermissionError
         with the reason: after resolving, on the addresses connected to."""
@@ -6605,6 +6698,9 @@ class EgressProxy:
         allow = spec["allow"]
         named = egress_name(host, [entry["name"] for entry in allow if "name" in entry and
                                    entry["port"] in (None, port)])
+        if spec["mode"] == "allow" and not named and not any("net" in entry for entry in allow):
+            # (no lookup: the name is the agent's, and your DNS would carry it out)
+            raise PermissionError("%s is not in PI_AGENT_EGRESS_ALLOW" % host)
         bypass = spec["upstream"]["no_proxy"]
         upstream = None if "*" in bypass or egress_name(host, bypass) else \
             spec["upstream"].get("https" if tunnel else "http")
@@ -6722,6 +6818,7 @@ def serve_egress():
 
 def local_addresses():
     """This host's own addresses (Linux's /proc; none elsewhere)."""
+    import socket
     found, last = set(), None
     try:
         with open("/proc/net/fib_trie", encoding="ascii") as handle:
@@ -6733,9 +6830,9 @@ def local_addresses():
                     found.add(last)
         with open("/proc/net/if_inet6", encoding="ascii") as handle:
             for row in handle:
-                text = row.split()[0]
-                found.add(":".join(text[i:i + 4] for i in range(0, 32, 4)))
-    except OSError:
+                # (as the proxy spells them: fd00::2, never fd00:0000:...:0002)
+                found.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row.split()[0])))
+    except (OSError, ValueError):
         pass
     return found
 
@@ -6809,7 +6906,8 @@ class Egress:
         never = sorted(address for address in self.local if address_class(address) == "public"
                        or any(ipaddress.ip_address(address) in net for net in nets))
         self.spec = {"mode": self.mode, "allow": allow, "host_ports": self.ports,
-                     "never": never, "upstream": upstream, "network": self.inside}
+                     "never": never, "upstream": upstream, "network": self.inside,
+                     "runs": True}
         module = os.stat(__file__)
         self.proxy = "%s-%s" % (self.inside, text_digest(json.dumps(
             [self.spec, self.base, os.path.abspath(__file__), module.st_mtime_ns,
@@ -6821,8 +6919,11 @@ class Egress:
         if self.proxy:
             # The engine's DNS answers the engine's names only there: an
             # outside name fails in a second, not twenty. No IPv6 at all.
-            return ["--network", self.network, "--dns-opt", "timeout:1", "--dns-opt",
-                    "attempts:1", "--sysctl", "net.ipv6.conf.all.disable_ipv6=1"]
+            # Its alias is what its proxy serves (EgressProxy.member): every
+            # policy's proxy is on this network, and serves its own runs only.
+            return ["--network", self.network, "--network-alias", self.proxy + "-runs",
+                    "--dns-opt", "timeout:1", "--dns-opt", "attempts:1",
+                    "--sysctl", "net.ipv6.conf.all.disable_ipv6=1"]
         return (["--network", self.network] if self.network else []) + (
             ["--add-host", "host.docker.internal:host-gateway"] if self.mode == "open" else [])
 
@@ -6862,7 +6963,7 @@ class Egress:
         self.address = known.get(self.proxy)
         self.bridge = known.get("outside")
         self.routed = bool(self.bridge) and self.bridge[0] in self.local
-        if self.routed and self.address and self.ask("") is not None:
+        if self.routed and self.address and self.tell() is not None:
             return
         info = inspect("container", self.proxy) or {}
         running = info.get("State", {}).get("Running")
@@ -6880,7 +6981,7 @@ class Egress:
                 raise EngineError("the egress proxy %s stopped as it started (it runs %s's "
                                   "python3, which must be 3.9 or newer); PI_AGENT_EGRESS=open "
                                   "runs without it" % (self.proxy, self.base))
-            if running and not self.routed or self.ask("") is not None:
+            if running and not self.routed or self.tell() is not None:
                 break  # (up already: an engine the host has no route to is not asked)
             running = False
             if time.monotonic() > deadline:
@@ -6943,6 +7044,20 @@ class Egress:
         joined = docker("network", "connect", self.inside, self.proxy, check=False)
         if joined.returncode and "already exists" not in joined.stderr:
             raise docker_failure(("network",), joined.stderr)
+
+    def tell(self, addresses=None):
+        """The proxy told this host's own addresses (never reachable from a
+        run, whatever the exceptions say), `addresses` or all it has: a
+        network made after the proxy started gives the host a new one (and
+        a name an exception lets through may resolve to one of its private
+        ones). What the proxy says (ask), None if it does not answer."""
+        found = sorted(address for address in (self.local if addresses is None
+                                                else addresses)
+                       if address_class(address) != "never")
+        said = None
+        for start in range(0, max(len(found), 1), 300):  # (a request's head: 16 kB at most)
+            said = self.ask("never/" + ",".join(found[start:start + 300]))
+        return said
 
     def ask(self, path):
         """What the proxy says (`path`: a run's container, for what it
@@ -7024,16 +7139,26 @@ class Egress:
                     pass
 
         def serve():
-            asked = 0.0
+            asked, known, trie = 0.0, set(self.local or ()), None
             while not stop.is_set():
+                try:  # (a network made meanwhile gives the host an address: told at once)
+                    with open("/proc/net/fib_trie", "rb") as handle:
+                        now = handle.read()
+                except OSError:
+                    now = None
+                if self.proxy and now != trie:
+                    trie, found = now, local_addresses()
+                    if found - known:
+                        self.tell(found - known)
+                    known |= found
                 if self.proxy and time.monotonic() - asked > EGRESS_KEEP:
                     asked = time.monotonic()
-                    self.ask("")
+                    self.tell()
                 if not listeners:
-                    stop.wait(1.0)
+                    stop.wait(0.5)
                     continue
                 try:
-                    for listener in select.select(listeners, [], [], 1.0)[0]:
+                    for listener in select.select(listeners, [], [], 0.5)[0]:
                         conn, peer = listener.accept()
                         if ipaddress.ip_address(peer[0]) in subnet:
                             threading.Thread(target=forward, args=(

@@ -6457,17 +6457,6 @@ def splice(one, other, idle=EGRESS_TUNNEL_IDLE):
         return
 
 
-def numeric(host):
-    """True when `host` is an address in any spelling the resolver reads
-    as one (2130706433, 0x7f.1, 0177.0.0.1, ::1), no lookup."""
-    import socket
-    try:
-        socket.getaddrinfo(host, None, 0, 0, 0, socket.AI_NUMERICHOST)
-        return True
-    except (OSError, UnicodeError, ValueError):
-        return False
-
-
 def socket_ntoa(number):
     """The dotted address of /proc/net/route's hex (little-endian) field."""
     return ".".join(str(number >> shift & 255) for shift in (0, 8, 16, 24))
@@ -6646,10 +6635,13 @@ class EgressProxy:
         except PermissionError as refusal:
             self.note(client, dest, str(refusal))
             return self.answer(conn, 403, str(refusal))
-        if upstream and addresses and numeric(host):
-            # Your proxy is handed the address checked, never the agent's
-            # spelling of it (0127.0.0.1 is 87.0.0.1 here, 127.0.0.1 to a
-            # parser that reads leading zeros as decimal).
+        if upstream and addresses:
+            # Your proxy is handed the address checked, never a name it
+            # would resolve again (a rebinding name, or one your LAN's DNS
+            # answers otherwise: public here, your LAN there) nor the
+            # agent's spelling of an address (0127.0.0.1 is 87.0.0.1 here,
+            # 127.0.0.1 to a parser that reads leading zeros as decimal).
+            # The name stays in Host (and in TLS's SNI).
             checked = addresses[0][1][0]
             checked = "[%s]" % checked if ":" in checked else checked
             dest = "%s:%d" % (checked, port)

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from conftest import docker, wait_until
-from test_egress import internet, proxy_of  # noqa: F401 (a fixture)
+from test_egress import internet, networks_held, proxy_of  # noqa: F401 (a fixture)
 
 
 def run_python(box, script, args, env=None):
@@ -68,6 +68,12 @@ for proxy in sorted(found - {mine}):
         out[proxy] = "failed: %s" % err
 print(json.dumps(out))
 """
+
+
+@pytest.fixture(autouse=True)
+def one_at_a_time():
+    with networks_held():
+        yield
 
 
 def test_a_run_cannot_use_the_proxy_of_another_policy(box, internet):  # noqa: F811

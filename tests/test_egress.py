@@ -6,9 +6,12 @@ metadata address, IPv6, UDP and DNS, the proxy itself. Traffic goes only
 to this machine: its loopback, the engine's bridges, containers the tests
 make (the internet's stand-in: a documentation range, 198.51.100.0/26)."""
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
+import tempfile
 import threading
 
 import pytest
@@ -289,6 +292,28 @@ def proxy_of(box, env=None):
     return out[len("http://"):].split(":")[0]
 
 
+_NETWORKS = {"depth": 0, "file": None}
+
+
+@contextlib.contextmanager
+def networks_held():
+    """One test at a time, across test workers, makes networks or runs
+    beside them: their subnets are fixed (the engine refuses a second
+    network on one), and a bridge made during a run is the host's to every
+    proxy (see test_attack_egress). Held again in one process, it nests."""
+    if not _NETWORKS["depth"]:
+        _NETWORKS["file"] = open(os.path.join(tempfile.gettempdir(),
+                                              "pi-agent-test-networks.lock"), "w")
+        fcntl.flock(_NETWORKS["file"], fcntl.LOCK_EX)
+    _NETWORKS["depth"] += 1
+    try:
+        yield
+    finally:
+        _NETWORKS["depth"] -= 1
+        if not _NETWORKS["depth"]:
+            _NETWORKS["file"].close()
+
+
 @pytest.fixture
 def internet(box):
     """The internet's stand-in: a network in a documentation range the
@@ -298,6 +323,8 @@ def internet(box):
     puts the proxy on their networks, as a router would."""
     suffix = box.repo.rsplit("/", 1)[1]
     made = {"nets": [], "boxes": []}
+    held = networks_held()
+    held.__enter__()
     server = ("import http.server, socket, sys, threading\n"
               "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('0.0.0.0', 53))\n"
               "threading.Thread(target=lambda: [print('udp', u.recvfrom(512)[1][0], flush=True)"
@@ -333,6 +360,7 @@ def internet(box):
     docker("rm", "-f", *made["boxes"], check=False)
     for net in made["nets"]:
         docker("network", "rm", net, check=False)
+    held.__exit__(None, None, None)
 
 
 ATTACK = r"""

@@ -656,7 +656,7 @@ def test_thirty_noisy_runs_later_the_pinned_and_the_daily_states_are_still_there
     assert len(snaps) == 4 + 1 + 3, "and today's real state; of the noise, the newest 3: %s" % (
         snaps,)
     listing = box.ok("pi-snapshots").stdout
-    assert re.search(r"^%s\s+pristine\s" % aged[pristine], listing, re.M), listing
+    assert re.search(r"^\s*%s\s+pristine\s" % aged[pristine], listing, re.M), listing
     assert json.loads(box.ok("pi-snapshots --json").stdout)[-1]["pins"] == ["pristine"]
     for name, state in (("pristine", ""), (aged[day3], "day3"), (aged[day2], "day2"),
                         (aged[day1], "day1"), (snaps[4], "today")):

@@ -9126,9 +9126,7 @@ def pin_snapshot(line, pin, snapshot):
                 raise NotFound("%s does not exist yet; nothing to pin" % line.current)
             name = kept_as(line, current)
             if name is None:
-                name = add_snapshot(line, state, current["Id"])
-                if (remembered_current(state) or {}).get("Id") == current["Id"]:
-                    state["current"]["RepoTags"] = current["RepoTags"] + [line.snap(name)]
+                name = add_snapshot(line, state, current["Id"])  # (the lock forgot current)
                 line.write_state(state)
         docker("tag", line.snap(name), line.pin(pin))
     say("pinned %s as %s: no prune removes it (pi-rollback %s; pi-snapshots --unpin %s)"

@@ -670,6 +670,19 @@ def test_thirty_noisy_runs_later_the_pinned_and_the_daily_states_are_still_there
     assert box.snapshots() == []
 
 
+def test_a_pin_of_the_state_you_have_is_the_snapshot_the_next_run_keeps(box):
+    box.ok("pi-exec touch ~/a")
+    said = box.ok("pi-snapshots --pin mine").stderr
+    kept = box.snapshots()
+    assert len(kept) == 2 and "pi-agent: pinned %s as mine" % kept[-1] in said, said
+    box.ok("pi-exec touch ~/b")
+    assert box.snapshots() == kept, "the run keeps its start by the pinned snapshot: no other"
+    assert "added" in box.ok("pi-diff mine").stdout
+    box.ok("pi-rollback mine")
+    box.ok("pi-exec sh -c 'test -e ~/a && test ! -e ~/b'")
+    assert box.ok("_pi_agent complete pins").stdout == "mine\n"
+
+
 def test_status_and_snapshots_show_the_line(box):
     box.ok("pi-exec touch ~/s")
     box.wait_saved()

@@ -24,7 +24,7 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-worktree NAME [BASE]          worktree      pi in ../REPO-NAME, profile NAME
   pi-worktree --remove NAME        worktree      remove that worktree
  Keep it tidy:
-  pi-prune [N] [--dry-run]         prune         keep the N newest snapshots
+  pi-prune [N] [--dry-run]         prune         drop what retention lets go (N: all but N)
   pi-flatten                       flatten       rewrite current as one layer
   pi-rebuild-base [--no-cache]     rebuild-base  build the base image again
   pi-recover [CONTAINER]           recover       save a left-behind container now
@@ -4923,7 +4923,7 @@ def end_run(line, run_dir, record, watch=None):
 
 # ------------------------------------------------------- images and snapshots
 #
-# The base, current, snapshots and their names, prune, disk.
+# The base, current, snapshots and their names, pins, retention, disk.
 
 def snapshot_epoch(name):
     match = SNAPSHOT_RE.match(name)
@@ -5403,7 +5403,8 @@ def saved_labels(line, container, image, meta):
 # ------------------------------------------------- the change record and diff
 #
 # What each run changed in the environment, listed from its layer, and runs
-# put together for pi-diff and pi-log.
+# put together for pi-diff and pi-log; pruning, which asks which runs only
+# made noise.
 
 # What a person does not mean by "what did the run change": caches, logs,
 # temporary files, shell histories, and the package managers' own books

@@ -135,7 +135,8 @@ SETTINGS = (
     ("PI_AGENT_PIDS", "<4096, or half your own process limit if lower>",
      "process limit, e.g. 512 (docker run --pids-limit; none: no limit)"),
     ("PI_AGENT_SNAPSHOT_KEEP", "10",
-     "snapshots kept by auto-prune and pi-prune"),
+     "the newest snapshots auto-prune and pi-prune keep, noise apart (and one a day for a "
+     "week, one a week for a month, the pinned)"),
     ("PI_AGENT_AUTO_PRUNE", "1",
      "prune snapshots after each saved run (1/0)"),
     ("PI_AGENT_NOISE", "~/.bash_history ~/.zsh_history ~/.python_history ~/.lesshst ~/.viminfo "
@@ -9127,7 +9128,9 @@ def pin_snapshot(line, pin, snapshot):
                 raise NotFound("%s does not exist yet; nothing to pin" % line.current)
             name = kept_as(line, current)
             if name is None:
-                name = add_snapshot(line, state, current["Id"])  # (the lock forgot current)
+                # (the lock dropped the state's record of current: the next
+                # run inspects it, sees this tag and keeps no second one)
+                name = add_snapshot(line, state, current["Id"])
                 line.write_state(state)
         docker("tag", line.snap(name), line.pin(pin))
     say("pinned %s as %s: no prune removes it (pi-rollback %s; pi-snapshots --unpin %s)"

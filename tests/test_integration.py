@@ -655,6 +655,8 @@ def test_thirty_noisy_runs_later_the_pinned_and_the_daily_states_are_still_there
     assert set(aged.values()) <= set(snaps), "the pinned state and each day's stay"
     assert len(snaps) == 4 + 1 + 3, "and today's real state; of the noise, the newest 3: %s" % (
         snaps,)
+    assert "would remove 0 snapshots" in box.ok("pi-prune --dry-run").stderr, \
+        "pi-prune keeps by the same rule"
     listing = box.ok("pi-snapshots").stdout
     assert re.search(r"^\s*%s\s+pristine\s" % aged[pristine], listing, re.M), listing
     assert json.loads(box.ok("pi-snapshots --json").stdout)[-1]["pins"] == ["pristine"]

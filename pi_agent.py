@@ -9,7 +9,7 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-shell [OPTIONS]               shell         an interactive shell, same lifecycle
  Look:
   pi-status                        status        settings, images, lock, target
-  pi-snapshots                     snapshots     snapshots, newest first
+  pi-snapshots [--pin NAME]        snapshots     snapshots, newest first; pin one
   pi-orphans                       orphans       containers left by interrupted runs
   pi-log [-n N] [--json]           log           the saved runs, newest first
   pi-diff [SNAPSHOT | A B]         diff          what runs changed: packages, paths
@@ -24,7 +24,7 @@ Commands (shell function in shell/pi.sh, then pi_agent.py's subcommand):
   pi-worktree NAME [BASE]          worktree      pi in ../REPO-NAME, profile NAME
   pi-worktree --remove NAME        worktree      remove that worktree
  Keep it tidy:
-  pi-prune [N] [--dry-run]         prune         keep the N newest snapshots
+  pi-prune [N] [--dry-run]         prune         drop what retention lets go (N: all but N)
   pi-flatten                       flatten       rewrite current as one layer
   pi-rebuild-base [--no-cache]     rebuild-base  build the base image again
   pi-recover [CONTAINER]           recover       save a left-behind container now
@@ -136,9 +136,17 @@ SETTINGS = (
     ("PI_AGENT_PIDS", "<4096, or half your own process limit if lower>",
      "process limit, e.g. 512 (docker run --pids-limit; none: no limit)"),
     ("PI_AGENT_SNAPSHOT_KEEP", "10",
-     "snapshots kept by auto-prune and pi-prune"),
+     "the newest snapshots auto-prune and pi-prune keep, noise apart (and one a day for a "
+     "week, one a week for a month, the pinned)"),
     ("PI_AGENT_AUTO_PRUNE", "1",
      "prune snapshots after each saved run (1/0)"),
+    ("PI_AGENT_NOISE", "~/.bash_history ~/.zsh_history ~/.python_history ~/.lesshst ~/.viminfo "
+     "~/.pi/agent/sessions/ ~/.claude/projects/ ~/.claude/todos/ ~/.claude/shell-snapshots/ "
+     "~/.claude/statsig/ ~/.claude.json* ~/.codex/sessions/ ~/.codex/log/ "
+     "~/.codex/history.jsonl ~/.aider/caches/ ~/.local/share/opencode/storage/ "
+     "~/.local/share/opencode/log/",
+     "paths whose changes alone do not make a run's state worth keeping (histories, sessions): "
+     "shell patterns, ~/ the agent's home, DIR/ all below it (none: nothing)"),
     ("PI_AGENT_FLATTEN_LAYER_THRESHOLD", "100",
      "flatten current when a save leaves it with this many layers (0: never; "
      "the engine refuses commits at 125)"),
@@ -293,6 +301,13 @@ EGRESS_POLICIES = ("public", "allow", "open", "none")
 
 SNAPSHOT_PREFIX = "snap-"
 SNAPSHOT_RE = re.compile(r"^snap-(\d{8})-(\d{6})\.(\d{3})$")
+# Retention: besides the newest PI_AGENT_SNAPSHOT_KEEP, the newest of each
+# of the last days and weeks (UTC, Monday to Sunday), as backups keep them.
+KEEP_DAYS, KEEP_WEEKS = 7, 5
+# A pin is a second tag of a snapshot's image, [PROFILE-]pin-NAME, which no
+# prune removes. A NAME that could read as another profile's tag is refused.
+PIN_PREFIX = "pin-"
+PIN_CLASH_RE = re.compile(r"(^|-)(current$|snap-|pin-)|^base$")
 # A profile is an image line of its own in the same repository (base is
 # shared): tags NAME-current and NAME-snap-*, its own lock and state. The
 # default profile has the plain names, current and snap-*.
@@ -1221,6 +1236,11 @@ class Config:
                              "layers from 2 to %d" % (threshold, MAX_LAYERS - 10))
         self.flatten_threshold = int(threshold)
         self.auto_prune = parse_bool("PI_AGENT_AUTO_PRUNE", raw["PI_AGENT_AUTO_PRUNE"])
+        self.noise = [] if raw["PI_AGENT_NOISE"].strip() == "none" else [
+            pattern for pattern in re.split(r"[\s,]+", raw["PI_AGENT_NOISE"]) if pattern]
+        if any(not pattern.startswith(("/", "~/")) for pattern in self.noise):
+            raise BadSetting("PI_AGENT_NOISE=%s: each pattern is a path inside, starting with / "
+                             "or ~/" % raw["PI_AGENT_NOISE"])
         self.record_changes = parse_bool("PI_AGENT_RECORD_CHANGES",
                                          raw["PI_AGENT_RECORD_CHANGES"])
         self.save_mode = raw["PI_AGENT_SAVE"]
@@ -2145,6 +2165,15 @@ class Line:
         name = tag[len(self.tag_prefix):] if tag.startswith(self.tag_prefix) else ""
         return name if SNAPSHOT_RE.match(name) else None
 
+    def pin(self, name):
+        return self.snap(PIN_PREFIX + name)
+
+    def pin_named(self, tag):
+        """The pin's name of one of this line's tags, else None."""
+        prefix = self.tag_prefix + PIN_PREFIX
+        name = tag[len(prefix):] if tag.startswith(prefix) else ""
+        return name if PROFILE_RE.fullmatch(name) and not PIN_CLASH_RE.search(name) else None
+
     def owns(self, labels):
         """A container or image of this line's, by its labels."""
         return labels.get(LABEL + "repo") == self.repo and \
@@ -2209,6 +2238,7 @@ class Line:
         except OSError as err:
             self.log("could not write the session log %s: %s" % (self.sessions_path,
                                                                  err.strerror))
+        return record
 
     def log(self, message):
         try:
@@ -2531,7 +2561,8 @@ def released_cleanly(found):
 
 
 def pruned_message(names, keep):
-    return ("auto-prune removed %s (%s): PI_AGENT_SNAPSHOT_KEEP=%d keeps the newest"
+    return ("auto-prune removed %s (%s), keeping the newest %d, one a day for a week, one a "
+            "week for a month and the pinned (pi-prune --help)"
             % (plural(len(names), "snapshot"), ", ".join(names), keep))
 
 
@@ -4932,7 +4963,7 @@ def end_run(line, run_dir, record, watch=None):
 
 # ------------------------------------------------------- images and snapshots
 #
-# The base, current, snapshots and their names, prune, disk.
+# The base, current, snapshots and their names, pins, retention, disk.
 
 def snapshot_epoch(name):
     match = SNAPSHOT_RE.match(name)
@@ -4970,12 +5001,42 @@ def repository_images(repo):
 
 
 def list_snapshots(line):
-    """[{tag, id, created, size}] of the line's snapshots (tag: the name,
-    snap-*), newest first (one docker call)."""
-    snaps = [dict(row, tag=line.snapshot_named(row["tag"])) for row in repository_images(line.repo)
-             if line.snapshot_named(row["tag"])]
+    """[{tag, id, created, size, pins}] of the line's snapshots (tag: the
+    name, snap-*; pins: the names pinned to its image), newest first (one
+    docker call)."""
+    rows = repository_images(line.repo)
+    pins = [(row["id"], line.pin_named(row["tag"])) for row in rows if line.pin_named(row["tag"])]
+    snaps = [dict(row, tag=line.snapshot_named(row["tag"]),
+                  pins=sorted(name for image, name in pins if image == row["id"]))
+             for row in rows if line.snapshot_named(row["tag"])]
     snaps.sort(key=lambda row: row["tag"], reverse=True)
     return snaps
+
+
+def snapshot_refs(line, snaps):
+    """Every tag of these snapshots (rows of list_snapshots): pins too."""
+    return [line.snap(snap["tag"]) for snap in snaps] + [
+        line.pin(name) for snap in snaps for name in snap["pins"]]
+
+
+def retained(snaps, keep, now):
+    """The names retention keeps of `snaps`, [(name, noise)] newest first:
+    the newest `keep` that are not noise (a noise one only among the newest
+    `keep` of all), and the newest not noise of each of the last KEEP_DAYS
+    days and KEEP_WEEKS weeks (UTC, by the name's time; a week starts on
+    Monday: day 0, 1970-01-01, was a Thursday)."""
+    real = [name for name, noise in snaps if not noise]
+    kept = set(real[:keep]) | {name for name, noise in snaps[:keep]}
+    today, seen = int(now // 86400), set()
+    for name in real:
+        day = int(snapshot_epoch(name) // 86400)
+        for period, recent in ((("day", day), today - day < KEEP_DAYS),
+                               (("week", (day + 3) // 7), (today + 3) // 7 - (day + 3) // 7
+                                < KEEP_WEEKS)):
+            if recent and period not in seen:
+                seen.add(period)
+                kept.add(name)
+    return kept
 
 
 def made_by(image):
@@ -5289,21 +5350,6 @@ def remove_own_dangling(line):
     return ids
 
 
-def prune_snapshots(line, state, keep):
-    """Keep the `keep` newest snapshots (from a fresh listing); returns
-    those it removed."""
-    snaps = list_snapshots(line)
-    doomed = snaps[keep:]
-    if doomed:
-        result = docker("rmi", *[line.snap(snap["tag"]) for snap in doomed], check=False)
-        if result.returncode != 0:
-            raise docker_failure(("rmi",), result.stderr)
-    state["snapshots"] = sorted(snap["tag"] for snap in snaps[:keep])
-    line.write_state(state)
-    remove_own_dangling(line)
-    return doomed
-
-
 class ImageTree:
     """Images and the images below them, as the engine has them, loaded as
     needed: each image's own bytes are its size less its parent's, so that
@@ -5371,36 +5417,6 @@ def disk_usage(line):
             "snapshots": tree.own(tree.reach(snaps) - current - base - others)}
 
 
-def prune_if_due(line, state, protect=()):
-    """Auto-prune after a save: the oldest snapshots beyond the setting go,
-    never one in `protect` (the run's own, which may be an old name that
-    keeps current's image again). The state keeps the names, so a run
-    prunes without listing them. What went is said: at once on a terminal,
-    else by the next command (state["pruned"]); always in the log."""
-    config = line.config
-    if not config.auto_prune:
-        return
-    snaps = state.get("snapshots")
-    listed = snaps is None
-    if listed:
-        snaps = sorted(snap["tag"] for snap in list_snapshots(line))
-    excess = len(snaps) - config.snapshot_keep
-    doomed = [name for name in snaps if name not in protect][:max(excess, 0)]
-    if not doomed and not listed:
-        return
-    state["snapshots"] = [name for name in snaps if name not in doomed]
-    if doomed:
-        # A tag someone removed by hand is simply gone already.
-        docker("rmi", *[line.snap(name) for name in doomed], check=False)
-        message = pruned_message(doomed, config.snapshot_keep)
-        line.log(message)
-        if sys.stderr.isatty():
-            say(message)
-        else:
-            state["pruned"] = (state.get("pruned") or []) + doomed
-    line.write_state(state)
-
-
 def resolve_snapshot(line, name):
     snaps = list_snapshots(line)
     if not snaps:
@@ -5411,7 +5427,7 @@ def resolve_snapshot(line, name):
     tag = (line.snapshot_named(name.split(":", 1)[1]) if name.startswith(line.repo + ":")
            else name)
     for snap in snaps:
-        if snap["tag"] == tag:
+        if tag in [snap["tag"]] + snap["pins"]:
             return snap
     raise NotFound("no snapshot %r of %s; pi-snapshots lists them%s" % (
         name, line.name, " (pi-reset-system makes base current)" if name == "base" else ""))
@@ -5462,7 +5478,8 @@ def saved_labels(line, container, image, meta):
 # ------------------------------------------------- the change record and diff
 #
 # What each run changed in the environment, listed from its layer, and runs
-# put together for pi-diff and pi-log.
+# put together for pi-diff and pi-log; pruning, which asks which runs only
+# made noise.
 
 # What a person does not mean by "what did the run change": caches, logs,
 # temporary files, shell histories, and the package managers' own books
@@ -5694,6 +5711,18 @@ def is_noise(path):
     parts = path.split("/")
     return parts[-1] in NOISE_NAMES or \
         any(part in NOISE_DIRS for part in parts[:-1])
+
+
+def all_noise(line, paths):
+    """Whether these paths (a run's changes) are all noise the user named
+    (PI_AGENT_NOISE): a state they alone made is not worth keeping apart."""
+    import fnmatch
+    home = agent_home(line.config.environ)
+    patterns = [home + pattern[1:] if pattern.startswith("~/") else pattern
+                for pattern in line.config.noise]
+    return bool(paths) and all(any(
+        path.startswith(pattern) or path == pattern[:-1] if pattern.endswith("/")
+        else fnmatch.fnmatchcase(path, pattern) for pattern in patterns) for path in paths)
 
 
 def parents_of(paths):
@@ -5984,7 +6013,7 @@ def report_changes(line, container, image_after, mount, changes, sizes, books):
         rows = credit(changes, sizes, packages, owners)
         report = dict(summarize(leaf_rows(rows), packages), container=container,
                       image_after=image_after, recorded=utc_iso(time.time()),
-                      truncated=truncated)
+                      truncated=truncated, noise=all_noise(line, [row[1] for row in changes]))
         os.makedirs(line.runs_dir, mode=0o700, exist_ok=True)
         replace_file(os.path.join(line.runs_dir, container + ".changes.gz"), gzip_json(rows))
     except Exception as err:  # (what the run made is read: a surprise must cost only this)
@@ -6169,6 +6198,75 @@ def ensure_reports(line, records):
                 "image_after": jobs[done][0].get("image_after"), "failed": str(err)})
         say("what %s changed could not be listed: %s" % (
             plural(len(jobs) - done, "run"), err), "warning")
+
+
+def noise_snapshots(line, snaps):
+    """The snapshots (rows of list_snapshots) whose state was made by a run
+    that changed only noise (its report says so: all_noise), found through
+    the session log. A run not recorded (yet) is not noise."""
+    made = {}
+    for record in newest_sessions(line.sessions_path, max(200, 5 * len(snaps))):
+        if not changed_nothing(record):
+            made.setdefault(str(record.get("image_after")).split(":")[-1][:12],
+                            record.get("container"))
+    return {snap["tag"] for snap in snaps
+            if (read_report(line, made.get(snap["id"])) or {}).get("noise")}
+
+
+def doomed_snapshots(line, snaps, keep=None, protect=()):
+    """What pruning removes of `snaps` (rows of list_snapshots): with `keep`
+    None, what retention (retained) lets go, else all but the `keep`
+    newest; never a pinned one, nor one in `protect`."""
+    free = [snap for snap in snaps if not snap["pins"]]
+    if keep is None:
+        noise = noise_snapshots(line, free)
+        kept = retained([(snap["tag"], snap["tag"] in noise) for snap in free],
+                        line.config.snapshot_keep, time.time())
+    else:
+        kept = {snap["tag"] for snap in free[:keep]}
+    return [snap for snap in free if snap["tag"] not in kept and snap["tag"] not in protect]
+
+
+def prune_snapshots(line, state, keep=None):
+    """Prune (doomed_snapshots) from a fresh listing; returns what went."""
+    snaps = list_snapshots(line)
+    doomed = doomed_snapshots(line, snaps, keep)
+    if doomed:
+        result = docker("rmi", *[line.snap(snap["tag"]) for snap in doomed], check=False)
+        if result.returncode != 0:
+            raise docker_failure(("rmi",), result.stderr)
+    state["snapshots"] = sorted(snap["tag"] for snap in snaps if snap not in doomed)
+    line.write_state(state)
+    remove_own_dangling(line)
+    return doomed
+
+
+def prune_if_due(line, state, protect=()):
+    """Auto-prune after a save: what retention lets go, never one in
+    `protect` (the run's own, which may be an old name that keeps current's
+    image again). The state keeps the names: when retention by the names
+    alone keeps them all, a run prunes without listing them. What went is
+    said: at once on a terminal, else by the next command
+    (state["pruned"]); always in the log."""
+    config = line.config
+    names = state.get("snapshots")
+    if not config.auto_prune or names is not None and not set(names) - set(protect) - retained(
+            [(name, False) for name in sorted(names, reverse=True)], config.snapshot_keep,
+            time.time()):
+        return
+    snaps = list_snapshots(line)
+    doomed = [snap["tag"] for snap in doomed_snapshots(line, snaps, protect=protect)]
+    state["snapshots"] = sorted(snap["tag"] for snap in snaps if snap["tag"] not in doomed)
+    if doomed:
+        # A tag someone removed by hand is simply gone already.
+        docker("rmi", *[line.snap(name) for name in doomed], check=False)
+        message = pruned_message(doomed, config.snapshot_keep)
+        line.log(message)
+        if sys.stderr.isatty():
+            say(message)
+        else:
+            state["pruned"] = (state.get("pruned") or []) + doomed
+    line.write_state(state)
 
 
 def trace_runs(line, records, from_id, to_id):
@@ -8225,7 +8323,7 @@ def finish_saved(line, state, container, meta, ended, ended_by, removal=None,
             state["notice"] = "after the %s in %s: %s" % (
                 meta.get("kind") or "run", meta.get("target") or "?", "; ".join(notes))
             line.write_state(state)
-    line.record_session(dict(meta, container=container, ended=ended), ended_by)
+    record = line.record_session(dict(meta, container=container, ended=ended), ended_by)
     prune_if_due(line, state, protect=(meta.get("snapshot"),))
     if free_project:
         free_project()
@@ -8235,6 +8333,11 @@ def finish_saved(line, state, container, meta, ended, ended_by, removal=None,
         free_line()
     if removal is not False:
         record_changes(line, container, meta)
+        if line.config.auto_prune and len(state.get("snapshots") or []) >= \
+                line.config.snapshot_keep:
+            # The next prune weighs this run's state: whether it was noise
+            # is read now, off the lock (noise_snapshots).
+            ensure_reports(line, [record])
         teardown(line, [container], None if free_line else state, removal)
     return notes
 
@@ -9278,7 +9381,7 @@ def snapshot_entry(snap, image, current, next_run):
     return {"name": snap["tag"], "id": image.get("Id"),
             "kept_at": "%s-%s-%sT%s:%s:%s.%sZ" % (day[:4], day[4:6], day[6:], clock[:2],
                                                   clock[2:4], clock[4:], millis),
-            "made": image.get("Created"), "size": image.get("Size"),
+            "made": image.get("Created"), "size": image.get("Size"), "pins": snap["pins"],
             "current": bool(image.get("Id")) and image.get("Id") == current.get("Id"),
             "made_by": made_by(image), "next_run": next_run}
 
@@ -9292,8 +9395,44 @@ def print_pruned(line):
             "auto-prune removed", "after the last save, auto-prune removed", 1))
 
 
+def pin_snapshot(line, pin, snapshot):
+    """pi-snapshots --pin: a second tag, pin-NAME, on SNAPSHOT's image, or on
+    current's (kept as a snapshot now, if none keeps it already)."""
+    with exclusive(line, "pin") as state:
+        if inspect_image(line.pin(pin)) is not None:
+            raise Refused("pin %s exists already; pi-snapshots --unpin %s first" % (pin, pin))
+        if snapshot is not None:
+            name = resolve_snapshot(line, snapshot)["tag"]
+        else:
+            current = inspect_image(line.current)
+            if current is None:
+                raise NotFound("%s does not exist yet; nothing to pin" % line.current)
+            name = kept_as(line, current)
+            if name is None:
+                # (the lock dropped the state's record of current: the next
+                # run inspects it, sees this tag and keeps no second one)
+                name = add_snapshot(line, state, current["Id"])
+                line.write_state(state)
+        docker("tag", line.snap(name), line.pin(pin))
+    say("pinned %s as %s: no prune removes it (pi-rollback %s; pi-snapshots --unpin %s)"
+        % (name, pin, pin, pin))
+    return 0
+
+
+def unpin_snapshot(line, pin):
+    with exclusive(line, "pin"):
+        if inspect_image(line.pin(pin)) is None:
+            raise NotFound("no pin %s of %s; pi-snapshots lists them" % (pin, line.name))
+        docker("rmi", line.pin(pin))
+    say("unpinned %s: its snapshot is pruned as the others are" % pin)
+    return 0
+
+
 def cmd_snapshots(args):
     line = profile_line(args)
+    if args.pin or args.unpin:
+        return (pin_snapshot(line, args.pin, args.snapshot) if args.pin
+                else unpin_snapshot(line, args.unpin))
     wait_for_save(line)
     snaps = list_snapshots(line)
     if not snaps:
@@ -9321,12 +9460,13 @@ def cmd_snapshots(args):
                                          next_run.get(snap["tag"])) for snap in snaps],
                          indent=1, sort_keys=True))
         return 0
-    rows = [("", "NAME (KEPT AT, UTC)", "CREATED", "SIZE", "MADE BY", "REPLACED BY (THE RUN)")]
+    rows = [("", "NAME (KEPT AT, UTC)", "PINNED AS", "CREATED", "SIZE", "MADE BY",
+             "REPLACED BY (THE RUN)")]
     for snap in snaps:
         image = by_id.get(snap["id"]) or {}
         record = next_run.get(snap["tag"])
         rows.append(("*" if image.get("Id") and image["Id"] == current.get("Id") else "",
-                     snap["tag"],
+                     snap["tag"], ", ".join(snap["pins"]),
                      local_time((image.get("Created") or "")[:19] + "Z"),
                      human_size(image.get("Size", 0)), describe_origin(image),
                      "%s, exit %s, +%s" % (record.get("kind"), "?" if record.get(
@@ -9564,14 +9704,15 @@ def cmd_reset_all(args):
     if args.base:
         return purge(line, args.yes)
     with exclusive(line, "reset-all") as state:
-        refs = [line.snap(s["tag"]) for s in list_snapshots(line)]
+        snaps = list_snapshots(line)
+        refs = snapshot_refs(line, snaps)
         if inspect_image(line.current) is not None:
             refs.insert(0, line.current)
         if not refs:
             say("%s has no current image and no snapshots; nothing to remove" % line.name)
             return 0
-        confirm("remove %s and its %s? The environment is lost; the base image stays."
-                % (line.current, plural(len(refs) - 1, "snapshot")), args.yes)
+        confirm("remove %s and its %s (pinned or not)? The environment is lost; the base image "
+                "stays." % (line.current, plural(len(snaps), "snapshot")), args.yes)
         settle(line, state)
         docker("rmi", *refs)
         remove_own_dangling(line)
@@ -9599,18 +9740,20 @@ def cmd_rebuild_base(args):
 def cmd_prune(args):
     config = Config(profile=args.profile)
     line = require_profile(Line(config))
-    keep = config.snapshot_keep if args.keep is None else args.keep
     if args.dry_run:
         # A plain read: no lock taken, nothing recovered, nothing written.
         wait_for_save(line)
-        doomed = list_snapshots(line)[keep:]
+        doomed = doomed_snapshots(line, list_snapshots(line), args.keep)
         freed = bytes_freed(line, [snap["tag"] for snap in doomed])
     else:
         with exclusive(line, "prune") as state:
-            doomed = prune_snapshots(line, state, keep)
-    say("%s %s%s, keeping the %d newest%s" % (
+            doomed = prune_snapshots(line, state, args.keep)
+    say("%s %s%s, keeping %s and the pinned%s" % (
         "would remove" if args.dry_run else "removed", plural(len(doomed), "snapshot"),
-        (" (" + " ".join(s["tag"] for s in doomed) + ")") if doomed else "", keep,
+        (" (" + " ".join(s["tag"] for s in doomed) + ")") if doomed else "",
+        "the %d newest" % args.keep if args.keep is not None else
+        "the newest %d (noise apart), one a day for a week, one a week for a month"
+        % config.snapshot_keep,
         ("; what that would free is not known on %s's image store" % line.engine.name
          if freed is None else "; that would free about %s%s" % (
              human_size(freed), " (what they hold is in what stays too: current, base or "
@@ -9879,16 +10022,16 @@ def delete_profile(config, name, yes):
         raise NotFound("there is no profile %s; pi-branch lists them" % name)
     with exclusive(line, "branch", recover=False) as state:
         current = inspect_image(line.current)
-        refs = ([line.current] if current else []) + [line.snap(snap["tag"])
-                                                       for snap in list_snapshots(line)]
+        snaps = list_snapshots(line)
+        refs = ([line.current] if current else []) + snapshot_refs(line, snaps)
         leftovers = [row["names"] for row in leftover_containers(line)]
         if leftovers:
             raise Refused("profile %s has left-behind containers (%s): pi-recover --profile %s "
                           "saves them, pi-clean-orphans --profile %s discards them"
                           % (name, ", ".join(leftovers), name, name))
         confirm("delete profile %s (%s and %s)? Its environment is lost; project files and "
-                "the base image stay." % (name, line.current, plural(len(refs) - bool(current),
-                                                                     "snapshot")), yes)
+                "the base image stay." % (name, line.current, plural(len(snaps), "snapshot")),
+                yes)
         if refs:
             docker("rmi", *refs)
         remove_own_dangling(line)
@@ -10269,7 +10412,10 @@ def cmd_complete(args):
     line = Line(Config(profile=args.profile))
     try:
         if args.what == "snapshots":
-            names = [snap["tag"] for snap in list_snapshots(line)]
+            names = [name for snap in list_snapshots(line)
+                     for name in [snap["tag"]] + snap["pins"]]
+        elif args.what == "pins":
+            names = [name for snap in list_snapshots(line) for name in snap["pins"]]
         elif args.what == "profiles":
             names = [name or DEFAULT_PROFILE for name in sorted(list_profiles(line.config))]
         else:
@@ -10432,8 +10578,16 @@ def build_parser():
     status.add_argument("--check", action="store_true", help="check in seconds what the first "
                         "run needs: engine, image, apt and npm with your CA certificates, disk "
                         "(exit 10 if something fails)")
-    simple("snapshots", cmd_snapshots, "list snapshots, newest first").add_argument(
-        "--json", action="store_true", help="as JSON (docs/commands.md gives its shape)")
+    snapshots = simple("snapshots", cmd_snapshots, "list snapshots, newest first; pin one")
+    snapshots.usage = "pi-snapshots [--json] [--profile NAME]\n" \
+        "       pi-snapshots --pin NAME [SNAPSHOT]\n       pi-snapshots --unpin NAME"
+    snapshots.add_argument("--json", action="store_true",
+                           help="as JSON (docs/commands.md gives its shape)")
+    snapshots.add_argument("--pin", metavar="NAME", help="keep SNAPSHOT (default: current's "
+                           "state, kept as a snapshot now) under NAME: never pruned; "
+                           "pi-rollback NAME")
+    snapshots.add_argument("--unpin", metavar="NAME", help="take the pin NAME away")
+    snapshots.add_argument("snapshot", nargs="?", metavar="SNAPSHOT", help="with --pin")
     simple("rollback", cmd_rollback, "make a snapshot current (default: the newest); the "
            "replaced current is kept as a snapshot").add_argument("snapshot", nargs="?")
     simple("reset-system", cmd_reset_system, "make the base image current (undoable), the "
@@ -10445,9 +10599,12 @@ def build_parser():
                            "profile, the base, left-behind containers, the state (asks)")
     simple("rebuild-base", cmd_rebuild_base, "build the base image again").add_argument(
         "--no-cache", action="store_true", help="rebuild every step")
-    prune = simple("prune", cmd_prune, "keep only the N newest snapshots")
+    prune = simple("prune", cmd_prune, "remove what retention lets go (the newest "
+                   "PI_AGENT_SNAPSHOT_KEEP, noise apart, one a day for a week and one a week "
+                   "for a month stay; docs/commands.md); with N, all but the N newest; never "
+                   "a pinned one")
     prune.add_argument("keep", nargs="?", type=int, metavar="N",
-                       help="default: PI_AGENT_SNAPSHOT_KEEP")
+                       help="keep only the N newest (and the pinned)")
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
     simple("flatten", cmd_flatten, "rewrite current as a single layer (same files, same "
            "config); the layered image is kept as a snapshot")
@@ -10506,7 +10663,7 @@ def build_parser():
     worktree.add_argument("--offline", action="store_true", help="no network for this run")
     egress_option(worktree)
     complete = sub.add_parser("complete", prog="pi-agent complete")
-    complete.add_argument("what", choices=("snapshots", "orphans", "profiles"))
+    complete.add_argument("what", choices=("snapshots", "pins", "orphans", "profiles"))
     profile_option(complete)
     complete.set_defaults(func=cmd_complete)
     return parser
@@ -10572,6 +10729,17 @@ def parse_args(argv):
         raise PiError("%s: -n N must be 1 or more" % prog, EXIT_USAGE)
     if getattr(args, "keep", None) is not None and args.keep < 0:
         raise PiError("%s: N must be 0 or more" % prog, EXIT_USAGE)
+    if args.command == "snapshots" and (args.pin and args.unpin or args.json and (
+            args.pin or args.unpin) or args.snapshot and not args.pin):
+        raise PiError("pi-snapshots: --pin NAME [SNAPSHOT], --unpin NAME or [--json]; see "
+                      "pi-snapshots --help", EXIT_USAGE)
+    for option in ("pin", "unpin"):
+        name = getattr(args, option, None)
+        if name is not None and (not PROFILE_RE.fullmatch(name) or PIN_CLASH_RE.search(name)):
+            raise PiError("%s: --%s %s: a pin's name is 1 to 40 of a-z, 0-9, '.', '_' and '-', "
+                          "starting with a letter or digit; not base or current, and with no "
+                          "snap-, pin- or -current that would read as another profile's image"
+                          % (prog, option, shlex.quote(name)), EXIT_USAGE)
     return args
 
 

@@ -67,7 +67,8 @@ function pi-worktree { _pi_agent worktree "$@"; }
 function pi-log { _pi_agent log "$@"; }
 function pi-diff { _pi_agent diff "$@"; }
 
-# Completion: wrapper options, snapshot names for pi-rollback and pi-diff,
+# Completion: wrapper options, snapshot names (and pins) for pi-rollback,
+# pi-diff and pi-snapshots (pins after --unpin),
 # left-behind containers for pi-recover, profiles for pi-branch (and after
 # --profile, --delete, --remove; and snapshots and base after --from),
 # commands after pi-exec's options.
@@ -80,6 +81,8 @@ function _pi_agent_candidates {
       _pi_agent complete snapshots 2>/dev/null
       printf '%s\n' base
       return 0 ;;
+    --pin) return 0 ;;
+    --unpin) _pi_agent complete pins 2>/dev/null; return 0 ;;
     --delete|--remove)
       _pi_agent complete profiles 2>/dev/null | \command grep -vx default
       return 0 ;;
@@ -105,7 +108,9 @@ function _pi_agent_candidates {
     pi-diff) _pi_agent complete snapshots 2>/dev/null
       printf '%s\n' current base --all --json --profile --help ;;
     pi-status) printf '%s\n' --json --check --profile --help ;;
-    pi-snapshots|pi-orphans) printf '%s\n' --json --profile --help ;;
+    pi-snapshots) _pi_agent complete snapshots 2>/dev/null
+      printf '%s\n' --json --pin --unpin --profile --help ;;
+    pi-orphans) printf '%s\n' --json --profile --help ;;
     *) printf '%s\n' --profile --help ;;
   esac
 }

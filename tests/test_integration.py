@@ -682,6 +682,66 @@ def test_rollback_and_its_undo_keep_every_state_under_one_name(box):
     box.ok("pi-exec sh -c 'test -e ~/r0 && test ! -e ~/r1'")
 
 
+def test_thirty_noisy_runs_later_the_pinned_and_the_daily_states_are_still_there(box):
+    """Retention as a user meets it: days of work, a state pinned, then an
+    hour of sessions that change only shell history (noise): a rollback
+    still reaches the pinned state, each day's and today's real one."""
+    box.extra_env = {"PI_AGENT_SNAPSHOT_KEEP": "3", "PI_AGENT_AUTO_PRUNE": "0"}
+    for word in ("day3", "day2", "day1", "today"):
+        box.ok("pi-exec sh -c 'echo %s > ~/state'" % word)
+    box.extra_env["PI_AGENT_AUTO_PRUNE"] = "1"
+    # What those runs kept, moved to the days they stand for (the clock
+    # cannot be wound back): the base state 40 days ago, then a day each.
+    pristine, day3, day2, day1 = box.snapshots()
+    now = time.time()
+    aged = {}
+    for name, days in ((pristine, 40), (day3, 3), (day2, 2), (day1, 1)):
+        aged[name] = pi_agent.snapshot_name(now - days * 86400)
+        docker("tag", "%s:%s" % (box.repo, name), "%s:%s" % (box.repo, aged[name]))
+        docker("rmi", "%s:%s" % (box.repo, name))
+    said = box.ok("pi-snapshots --pin pristine %s" % aged[pristine]).stderr
+    assert "pinned %s as pristine" % aged[pristine] in said
+    again = box.sh("pi-snapshots --pin pristine")
+    assert again.returncode == 3 and again.stderr == (
+        "pi-agent: pin pristine exists already; pi-snapshots --unpin pristine first\n")
+    assert box.sh("pi-snapshots --unpin nosuch").returncode == 4
+
+    for i in range(30):
+        box.ok("pi-exec sh -c 'echo ls%d >> ~/.bash_history'" % i)
+    snaps = box.snapshots()
+    assert set(aged.values()) <= set(snaps), "the pinned state and each day's stay"
+    assert len(snaps) == 4 + 1 + 3, "and today's real state; of the noise, the newest 3: %s" % (
+        snaps,)
+    assert "would remove 0 snapshots" in box.ok("pi-prune --dry-run").stderr, \
+        "pi-prune keeps by the same rule"
+    listing = box.ok("pi-snapshots").stdout
+    assert re.search(r"^\s*%s\s+pristine\s" % aged[pristine], listing, re.M), listing
+    assert json.loads(box.ok("pi-snapshots --json").stdout)[-1]["pins"] == ["pristine"]
+    for name, state in (("pristine", ""), (aged[day3], "day3"), (aged[day2], "day2"),
+                        (aged[day1], "day1"), (snaps[4], "today")):
+        box.ok("pi-rollback %s" % name)
+        assert box.ok("pi-exec sh -c 'cat ~/state 2>/dev/null; true'").stdout == \
+            state + "\n" * bool(state), name
+    box.ok("pi-prune 0")
+    assert box.snapshots() == [aged[pristine]], "pi-prune N never removes a pinned one"
+    box.ok("pi-snapshots --unpin pristine")
+    box.ok("pi-prune 0")
+    assert box.snapshots() == []
+
+
+def test_a_pin_of_the_state_you_have_is_the_snapshot_the_next_run_keeps(box):
+    box.ok("pi-exec touch ~/a")
+    said = box.ok("pi-snapshots --pin mine").stderr
+    kept = box.snapshots()
+    assert len(kept) == 2 and "pi-agent: pinned %s as mine" % kept[-1] in said, said
+    box.ok("pi-exec touch ~/b")
+    assert box.snapshots() == kept, "the run keeps its start by the pinned snapshot: no other"
+    assert "added" in box.ok("pi-diff mine").stdout
+    box.ok("pi-rollback mine")
+    box.ok("pi-exec sh -c 'test -e ~/a && test ! -e ~/b'")
+    assert box.ok("_pi_agent complete pins").stdout == "mine\n"
+
+
 def test_status_and_snapshots_show_the_line(box):
     box.ok("pi-exec touch ~/s")
     box.wait_saved()

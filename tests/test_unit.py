@@ -336,6 +336,67 @@ def test_snapshot_names_sort_and_stay_unique_within_a_second():
     assert abs(pi_agent.snapshot_epoch(first) - epoch) < 0.001
 
 
+def test_retention_keeps_the_newest_one_a_day_for_a_week_and_one_a_week_for_a_month():
+    now = pi_agent.utc_epoch([2026, 12, 6, 12, 0, 0])  # a Sunday, noon UTC
+
+    def name(days_ago, hour):
+        return pi_agent.snapshot_name(now - days_ago * 86400 - hour * 3600)
+    snaps = [(name(day, hour), False) for day in range(60) for hour in (1, 2)]
+    kept = pi_agent.retained(snaps, 3, now)
+    assert kept == {name(0, 1), name(0, 2), name(1, 1)} | {
+        name(day, 1) for day in range(7)} | {name(day, 1) for day in (7, 14, 21, 28)}, \
+        "the 3 newest, today and the 6 days before, this week and the 4 before (to Sunday)"
+    assert pi_agent.retained(snaps, 0, now) == kept - {name(0, 2)}
+    assert pi_agent.retained([], 3, now) == set()
+
+
+def test_noise_snapshots_do_not_crowd_out_real_states():
+    now = pi_agent.utc_epoch([2026, 12, 6, 12, 0, 0])
+    real_today, real_before = pi_agent.snapshot_name(now - 7200), pi_agent.snapshot_name(
+        now - 3 * 86400)
+    noisy = [pi_agent.snapshot_name(now - 60 * minute) for minute in range(1, 31)]
+    snaps = [(name, True) for name in noisy] + [(real_today, False), (real_before, False)]
+    kept = pi_agent.retained(snaps, 3, now)
+    assert kept == set(noisy[:3]) | {real_today, real_before}, \
+        "30 noisy runs later both real states stay; of the noise, the newest 3"
+    assert pi_agent.retained([(name, False) for name, _ in snaps], 3, now) == set(
+        noisy[:3]) | {real_before}, "(counted as real, the noise would push today's state out)"
+
+
+def test_pins_are_tags_no_profile_can_read_as_its_own(tmp_path):
+    environ = {"HOME": "/h", "PI_AGENT_STATE_DIR": "/s/p", "PI_AGENT_IMAGE_REPO": "r"}
+    default = pi_agent.Line(pi_agent.Config(environ))
+    pin = pi_agent.Line(pi_agent.Config(environ, profile="pin"))
+    assert default.pin("before-upgrade") == "r:pin-before-upgrade"
+    assert default.pin_named("pin-before-upgrade") == "before-upgrade"
+    assert pin.pin_named("pin-pin-x") == "x" and default.pin_named("pin-pin-x") is None
+    assert default.pin_named("pin-current") is None, "profile pin's current"
+    assert default.pin_named("pin-snap-20261130-010203.004") is None, "profile pin's snapshot"
+    assert default.pin_named("pin-a-current") is None and default.pin_named("pin-base") is None
+    for bad in ("snap-1", "a-pin-b", "x-current", "Upper", "_x", "a" * 41, "a/b"):
+        result = run_tool("snapshots", "--pin", bad, env=dict(os.environ, HOME=str(tmp_path)))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (bad, result.stderr)
+        assert result.stderr.startswith("pi-agent: pi-snapshots: --pin ")
+    result = run_tool("snapshots", "--unpin", "a", "--pin", "b")
+    assert result.returncode == 2 and "pi-snapshots --help" in result.stderr
+
+
+def test_a_run_that_changed_only_the_noise_named_is_noise():
+    line = pi_agent.Line(pi_agent.Config({"HOME": "/home/u", "PI_AGENT_STATE_DIR": "/s/p"}))
+    assert pi_agent.all_noise(line, ["/home/u/.bash_history",
+                                     "/home/u/.pi/agent/sessions/--p--/1.jsonl",
+                                     "/home/u/.pi/agent/sessions"])
+    assert not pi_agent.all_noise(line, ["/home/u/.bash_history", "/home/u/.pi/agent/auth.json"])
+    assert not pi_agent.all_noise(line, ["/tmp/x"]), "only what the setting names"
+    assert not pi_agent.all_noise(line, []), "a run that changed nothing is not noise"
+    mine = pi_agent.Line(pi_agent.Config({"HOME": "/home/u", "PI_AGENT_STATE_DIR": "/s/p",
+                                          "PI_AGENT_NOISE": "~/notes/*.md, /srv/"}))
+    assert pi_agent.all_noise(mine, ["/home/u/notes/a/b.md", "/srv/x"])
+    assert not pi_agent.all_noise(mine, ["/home/u/.bash_history"]), "the setting replaces"
+    with pytest.raises(pi_agent.BadSetting, match="PI_AGENT_NOISE"):
+        pi_agent.Config({"HOME": "/h", "PI_AGENT_NOISE": "relative/path"})
+
+
 # --- argument building ------------------------------------------------------
 
 # What ask_engine makes of Debian's Docker 20.10 here (rootful, overlay2).

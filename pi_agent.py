@@ -7055,32 +7055,41 @@ class Egress:
         self.routed = bool(self.bridge) and self.bridge[0] in self.local
         if self.routed and self.address and self.tell() is not None:
             return
-        info = inspect("container", self.proxy) or {}
-        running = info.get("State", {}).get("Running")
-        if not running:
-            self.start(known)
-        elif not self.bridge:
-            self.networks(known)
-        deadline = time.monotonic() + EGRESS_WAIT
-        while True:
+        # One at a time: runs of two profiles (one base, one proxy) would
+        # both start it, and the engine names a container before it has it.
+        with open(os.path.join(os.path.dirname(self.state), "egress.lock"), "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            try:
+                known = json.loads(read_regular(self.state) or b"{}")
+            except (OSError, ValueError):
+                known = {}
+            info = inspect("container", self.proxy) or {}
+            running = info.get("State", {}).get("Running")
             if not running:
-                info = inspect("container", self.proxy) or {}
-            self.address = ((info.get("NetworkSettings") or {}).get("Networks") or {}).get(
-                self.outside, {}).get("IPAddress")
-            if not info.get("State", {}).get("Running"):
-                raise EngineError("the egress proxy %s stopped as it started (it runs %s's "
-                                  "python3, which must be 3.9 or newer); PI_AGENT_EGRESS=open "
-                                  "runs without it" % (self.proxy, self.base))
-            if running and not self.routed or self.tell() is not None:
-                break  # (up already: an engine the host has no route to is not asked)
-            running = False
-            if time.monotonic() > deadline:
-                raise EngineError("the egress proxy %s does not answer; docker logs %s says "
-                                  "why; PI_AGENT_EGRESS=open runs without it"
-                                  % (self.proxy, self.proxy))
-            time.sleep(0.05)
-        known[self.proxy] = self.address
-        replace_file(self.state, json.dumps(known).encode())
+                self.start(known)
+            elif not self.bridge:
+                self.networks(known)
+            deadline = time.monotonic() + EGRESS_WAIT
+            while True:
+                if not running:
+                    info = inspect("container", self.proxy) or {}
+                self.address = ((info.get("NetworkSettings") or {}).get("Networks")
+                                or {}).get(self.outside, {}).get("IPAddress")
+                if not info.get("State", {}).get("Running"):
+                    raise EngineError("the egress proxy %s stopped as it started (it runs "
+                                      "%s's python3, which must be 3.9 or newer); "
+                                      "PI_AGENT_EGRESS=open runs without it"
+                                      % (self.proxy, self.base))
+                if running and not self.routed or self.tell() is not None:
+                    break  # (up already: an engine the host has no route to is not asked)
+                running = False
+                if time.monotonic() > deadline:
+                    raise EngineError("the egress proxy %s does not answer; docker logs %s "
+                                      "says why; PI_AGENT_EGRESS=open runs without it"
+                                      % (self.proxy, self.proxy))
+                time.sleep(0.05)
+            known[self.proxy] = self.address
+            replace_file(self.state, json.dumps(known).encode())
 
     def networks(self, known):
         """The internal network (made with no address on the host, and
@@ -9686,7 +9695,7 @@ def purge(line, yes):
             path = os.path.join(config.state_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if not set(os.listdir(config.state_dir)) - {"run", "projects", "engines.json",
-                                                     "egress.json"}:
+                                                     "egress.json", "egress.lock"}:
             shutil.rmtree(config.state_dir)
         say("removed %s and %s of %s, and their state; %s" % (
             plural(len(refs), "image"), plural(len(rows), "container"), line.repo,

@@ -469,7 +469,7 @@ def test_twelve_concurrent_runs_all_land(box):
 
 def test_status_shows_a_save_and_readers_wait_for_it(faulty):
     box = faulty
-    fault(box, "commit-slow", "3")
+    fault(box, "commit-slow", "10")  # (long enough for pi-status first, on a loaded machine)
     box.ok("pi-exec touch ~/slow")
     assert wait_until(lambda: box.holder().get("phase") == "saving", timeout=30)
     assert "saving the run in " + box.project in box.ok("pi-status").stdout

@@ -7014,8 +7014,10 @@ class Egress:
             return ["--network", self.network, "--network-alias", self.proxy + "-runs",
                     "--dns-opt", "timeout:1", "--dns-opt", "attempts:1",
                     "--sysctl", "net.ipv6.conf.all.disable_ipv6=1"]
+        # (Podman names the host itself: host.containers.internal)
         return (["--network", self.network] if self.network else []) + (
-            ["--add-host", "host.docker.internal:host-gateway"] if self.mode == "open" else [])
+            ["--add-host", "host.docker.internal:host-gateway"]
+            if self.mode == "open" and engine_kind() != "podman" else [])
 
     def environ(self, environ):
         """`environ` as a run takes its proxy variables from: the egress
@@ -7094,6 +7096,11 @@ class Egress:
     def networks(self, known):
         """The internal network (made with no address on the host, and
         checked to be so) and the proxy's way out, made if missing."""
+        if engine_kind() == "podman":  # (its networks take none of Docker's options)
+            raise Refused("PI_AGENT_EGRESS=%s needs a network with no address on your host, "
+                          "which pi-agent makes on Docker only, not yet on Podman; set "
+                          "PI_AGENT_EGRESS=open (the engine's own network, which reaches your "
+                          "host and LAN) or none (no network)" % self.mode)
         def look():
             out = docker("network", "inspect", "--format", '{{.Name}} {{.Internal}} {{index '
                          '.Options "com.docker.network.bridge.inhibit_ipv4"}} {{range '

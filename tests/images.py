@@ -78,6 +78,7 @@ ENGINES = {
         owner=TEST_USER, root_is_user=True),
     "podman": Engine("podman", "podman", env={
         "PI_AGENT_ENGINE": "podman", "XDG_RUNTIME_DIR": "/run/user/%d" % test_user_uid(),
+        "PI_AGENT_EGRESS": "open",  # (public and allow are Docker's only: test_engines)
         "CONTAINERS_STORAGE_CONF": "/etc/pi-agent-engines/podman-%s.conf" % TEST_USER},
         owner=TEST_USER, root_is_user=True, store="overlay"),
 }

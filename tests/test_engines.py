@@ -16,6 +16,10 @@ from conftest import ENGINE
 def test_the_core_loop(any_box):
     box = any_box
     box.init_repo()
+    if ENGINE.command == "podman":  # the network policy: Docker's only, said so on Podman
+        refused = box.sh("pi-exec true", env={"PI_AGENT_EGRESS": "public"})
+        assert refused.returncode == 3 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "not yet on Podman; set PI_AGENT_EGRESS=open" in refused.stderr
     branch = box.ok("git symbolic-ref --short HEAD").stdout.strip()
 
     # A run that changes the project (as the agent, as root inside, as

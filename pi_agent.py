@@ -7054,7 +7054,8 @@ class Egress:
             known = {}
         self.address = known.get(self.proxy)
         self.bridge = known.get("outside")
-        self.routed = bool(self.bridge) and self.bridge[0] in self.local
+        self.routed = bool(self.bridge) and self.bridge[0] in self.local and \
+            known.get("routed", False)
         if self.routed and self.address and self.tell() is not None:
             return
         # One at a time: runs of two profiles (one base, one proxy) would
@@ -7117,15 +7118,25 @@ class Egress:
                 if made.returncode and "already exists" not in made.stderr:
                     raise docker_failure(("network",), made.stderr)
         found = look()
+        # A bridge is this host's own interface where Docker made it here
+        # (br-ID): an engine in another network namespace (rootless, in a
+        # container, elsewhere) may well use the same addresses as the host.
+        ids = dict(row.split() for row in docker(
+            "network", "inspect", "--format", "{{.Name}} {{.Id}}", self.inside, self.outside,
+            check=False).stdout.splitlines() if len(row.split()) == 2)
+        here = {name: os.path.exists("/sys/class/net/br-" + ids.get(name, "?")[:12])
+                for name in (self.inside, self.outside)}
         inside = found.get(self.inside, [])
-        if inside[:2] != ["true", "true"] or len(inside) < 3 or inside[2] in self.local:
+        if inside[:2] != ["true", "true"] or len(inside) < 3 or \
+                here[self.inside] and inside[2] in self.local:
             raise Refused("the engine's network %s is not internal with no address on your "
                           "host (Docker's com.docker.network.bridge.inhibit_ipv4), so a run on "
                           "it could reach your host: docker network rm %s lets pi-agent make "
                           "it again; where the engine cannot (Podman), PI_AGENT_EGRESS=open "
                           "or none" % (self.inside, self.inside))
         self.bridge = known["outside"] = found.get(self.outside, [])[-2:]
-        self.routed = bool(self.bridge) and self.bridge[0] in self.local
+        self.routed = known["routed"] = bool(self.bridge) and self.bridge[0] in self.local \
+            and here[self.outside]
 
     def start(self, known):
         self.networks(known)

@@ -294,7 +294,7 @@ def ask_proxy(box):
     """What the box's proxy tells the host (its one proxy: egress.json)."""
     import socket
     known = json.load(open(os.path.join(box.state_dir, "egress.json")))
-    address = [value for key, value in known.items() if key != "outside"][0]
+    address = [value for key, value in known.items() if key not in ("outside", "routed")][0]
     try:
         with socket.create_connection((address, 3128), 2) as sock:
             sock.sendall(b"GET /never/ HTTP/1.0\r\n\r\n")

@@ -8,10 +8,11 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 
 import pytest
 
-from conftest import docker, pi_agent, wait_until
+from conftest import ROOT, docker, pi_agent, wait_until
 
 FAKE_DOCKER = """#!/bin/sh
 # Fault injection in front of the real docker: a file FAULTS/<command>-fails
@@ -110,6 +111,19 @@ def test_the_agent_hears_a_signal_and_stops_in_its_own_time(box, signum):
         os.kill(box.wrapper_pid(), signum)
     assert run.wait(timeout=60) == 128 + signum
     assert box.ok("pi-exec cat ~/stopped").stdout == "stopped\n", "its trap ran, and was saved"
+
+
+def test_ctrl_c_while_python_loads_pi_agent_is_said_not_a_traceback(tmp_path):
+    """Ctrl-C as a command starts, before main hears it (chaos, issue 28: a
+    SIGINT 0.1 s into pi-exec printed Python's traceback): here it lands as
+    the shell functions' Python loads pi_agent.py."""
+    os.mkdir(tmp_path / "shell")
+    shutil.copy(os.path.join(ROOT, "shell", "pi.sh"), tmp_path / "shell")
+    (tmp_path / "pi_agent.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nimport json\n")
+    result = subprocess.run(["bash", "--norc", "-c", ". %s/shell/pi.sh; pi-exec true" % tmp_path],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "pi-agent: interrupted\n"), result.stderr
 
 
 def test_while_it_runs_the_container_shows_no_value_and_no_argument(box):

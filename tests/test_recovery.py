@@ -255,6 +255,32 @@ def test_a_signal_while_the_container_is_made_takes_the_run_back(faulty, signum)
     assert [r["ended_by"] for r in json.loads(box.ok("pi-log --json").stdout)] == ["run"] * 2
 
 
+def test_a_run_killed_before_its_container_was_made_leaves_no_run_directory(faulty):
+    """The wrapper and its saver killed before `docker run` made the
+    container, as between writing the run directory and forking the saver
+    (chaos, issue 28): the next run's recovery removes the directory, and
+    the value passed to the agent in its script with it."""
+    box = faulty
+    box.extra_env.update(API_TOKEN="tok-5a0c", PI_AGENT_PASS_ENV="API_TOKEN")
+    box.ok("pi-exec touch ~/before")
+    box.wait_recorded()
+    fault(box, "run-slow", "30")  # (the client is killed in it: it never reaches the engine)
+    runs = len(started(box, "run"))
+    run = box.background("pi-exec touch ~/never-ran")
+    assert wait_until(lambda: len(started(box, "run")) > runs, timeout=30)  # in `docker run`
+    os.kill(box.holder()["saver_pid"], signal.SIGKILL)
+    os.killpg(run.pid, signal.SIGKILL)  # the wrapper, the docker client, its sleep
+    run.wait(timeout=30)
+    run_dir = os.path.join(box.state_dir, "run")
+    [left] = os.listdir(run_dir)
+    assert "tok-5a0c" in open(os.path.join(run_dir, left, "run")).read()
+    clear(box, "run-slow")
+    box.ok("pi-exec test ! -e ~/never-ran")
+    box.wait_saved()
+    assert wait_until(lambda: os.listdir(run_dir) == [], timeout=30), os.listdir(run_dir)
+    assert box.containers() == [] and len(box.snapshots()) == 1, "only the first run's"
+
+
 def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):
     box = faulty
     fault(box, "rm-slow", "3")

@@ -527,7 +527,12 @@ class Poller(threading.Thread):
                 self.down += 1
                 continue
             self.samples += 1
-            gone = wanted - set(result.stdout.split())
+            # (a listing can miss a tag that a commit moves meanwhile: Docker
+            # takes its images, then asks each one's tags; asked by name, a
+            # tag is there or not)
+            gone = [tag for tag in wanted - set(result.stdout.split()) if "No such image" in
+                    docker("image", "inspect", "--format", "{{.Id}}", "%s:%s" % (
+                        self.world.image_repo, tag)).stderr]
             if gone:
                 self.missing.append((time.strftime("%H:%M:%S"), sorted(gone)))
 

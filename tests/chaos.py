@@ -24,7 +24,8 @@ the wrapper; SIGKILL to the saver; SIGKILL to a docker client of the run
 started on a pty, whose master is closed); or the engine restarted
 (stopped, its containers stopped with it, and started: --engine-restart
 CMD, or by default the local dockerd found, as systemd or its command
-line started it). Meanwhile a poller asks every quarter second for both
+line started it). A run that finds the engine down (exit 7) is one; its
+lane takes the next once the engine answers. Meanwhile a poller asks every quarter second for both
 profiles' current.
 
 Definitions:
@@ -786,6 +787,8 @@ def soak(args):
                     " (missed)" if each.fault else "",
                     " marker" if each.signal_file(world, "marker") else "",
                     each.seconds, each.wrapper.pid if each.wrapper else "-"))
+                if each.status == 7:  # (the engine is down: as a user would, the lane
+                    wait_until(engine_up, ENGINE_TIMEOUT, 0.2)  # goes on once it answers)
 
         lanes = [threading.Thread(target=lane) for _ in range(2)]
         for thread in lanes:

@@ -25,8 +25,8 @@ started on a pty, whose master is closed); or the engine restarted
 (stopped, its containers stopped with it, and started: --engine-restart
 CMD, or by default the local dockerd found, as systemd or its command
 line started it). A run that finds the engine down (exit 7) is one; its
-lane takes the next once the engine answers. Meanwhile a poller asks every quarter second for both
-profiles' current.
+lane takes the next once the engine answers. Meanwhile a poller asks
+every quarter second for both profiles' current.
 
 Definitions:
 - a run *reached its agent* when its agent wrote its marker: the agent

@@ -683,7 +683,7 @@ def check_all(world, runs, poller, checks):
         if oid in aside:
             kept += 1
             continue
-        missing_commits.append(r.id)
+        missing_commits.append("%s (%s)" % (r.id, (oid or "?")[:12]))
     results["commits"] = (len(owed_commits), len(owed_commits) - len(missing_commits), kept)
     checks.check("every commit owed is on its branch or under refs/pi-agent/",
                  not missing_commits, "%d expected, %d found (%d under refs/pi-agent/); "
@@ -817,6 +817,9 @@ def soak(args):
             for name in os.listdir(world.state) if os.path.isdir(world.state) else ():
                 if name.endswith((".log", ".log.1", ".jsonl")):
                     shutil.copy(os.path.join(world.state, name), args.out)
+            kept = os.path.join(world.state, "kept")  # (git data a run could not bring back)
+            if os.path.isdir(kept):
+                shutil.copytree(kept, os.path.join(args.out, "kept"), dirs_exist_ok=True)
         if not args.keep:
             clean(world)
     say("%d passed, %d failed" % (len(checks.passed), len(checks.failed)))

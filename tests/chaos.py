@@ -577,9 +577,12 @@ def all_containers():
 
 def containers(world):
     """Containers of this soak's image line, and any other of the tool's
-    (pi-agent-list-*, ...) that was not there before it."""
+    (pi-agent-list-*, ...) that was not there before it, but the egress
+    proxy: the tool keeps it for the next run until it has been idle for
+    EGRESS_IDLE (10 minutes), by design."""
     return [name for cid, (name, repo) in all_containers().items()
             if repo == world.image_repo or (name.startswith("pi-agent-")
+                                            and not name.startswith("pi-agent-egress-")
                                             and cid not in world.before)]
 
 

@@ -7,7 +7,7 @@ PYTHON ?= python3
 XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2 --dist worksteal")
 
 .PHONY: check test integration lint setup test-image test-agents test-engines bench bench-quick \
-	bench-engines clean-test-images
+	bench-engines clean-test-images chaos chaos-nested
 
 check:
 	$(PYTHON) -m pytest -q -m "not integration" tests/
@@ -38,6 +38,21 @@ lint:
 # Root only: engine, local base image, zsh/dash/shellcheck, the test user.
 setup:
 	sh tests/setup-engine.sh
+
+# Root only: the soak of issue 28 (tests/chaos.py): N changing runs (300
+# unless N=...) killed at random moments, the saver and docker clients
+# killed, terminals closed, the engine restarted; then recovery and the
+# checks (nothing lost, nothing left). make chaos restarts this machine's
+# engine (it refuses while other containers run on it); make chaos-nested
+# runs the soak in a container with an engine of its own. SEED=... repeats
+# a soak's plan.
+CHAOS_ARGS = $(if $(N),-n $(N)) $(if $(SEED),--seed $(SEED))
+
+chaos:
+	$(PYTHON) tests/chaos.py $(CHAOS_ARGS)
+
+chaos-nested:
+	$(PYTHON) tests/chaos.py --nested $(CHAOS_ARGS)
 
 # Build the tests' base images ahead of time (the tests build them if absent).
 test-image:

@@ -2144,6 +2144,9 @@ class Line:
         self.agents_path = os.path.join(self.state_dir, key + ".agents.json")
         self.runs_dir = os.path.join(self.state_dir, key + ".runs")
         self.run_dir = os.path.join(self.state_dir, "run")
+        # (in its runs' container names: pi-agent-SLUG-TIME-PID)
+        self.slug = re.sub(r"[^a-zA-Z0-9_.-]", "-",
+                           self.repo + "-" * bool(self.profile) + self.profile)
         self._engine = None
 
     @property
@@ -7599,9 +7602,8 @@ class RunPlan:
                 if not any(is_within(seen, parent) for seen in known):
                     self.home_parents.insert(0, parent)
                 parent = os.path.dirname(parent)
-        slug = re.sub(r"[^a-zA-Z0-9_.-]", "-", line.repo + "-" * bool(line.profile) + line.profile)
-        self.container = "pi-agent-%s-%s-%d" % (slug, time.strftime("%Y%m%d-%H%M%S",
-                                                                    time.gmtime(now)), pid)
+        self.container = "pi-agent-%s-%s-%d" % (line.slug, time.strftime(
+            "%Y%m%d-%H%M%S", time.gmtime(now)), pid)
         self.run_dir = os.path.join(line.run_dir, self.container)
         self.labels = {LABEL + "repo": line.repo, LABEL + "profile": line.profile,
                        OWNER_LABEL: str(os.getuid()), LABEL + "pid": str(pid),
@@ -8457,6 +8459,27 @@ def recover_container(line, state, row):
             % (name, started))
 
 
+def forget_unmade(line, state, present):
+    """The run directories of this line whose container was never made: a
+    lifecycle killed between writing one (its script holds the values
+    passed to the agent) and `docker run` making the container, its saver
+    not forked yet or killed too. Each goes as a finished run's does (ended
+    first: nothing its git directory holds is thrown away) once the engine
+    says the container is not there (a listing can miss one); a saved one's
+    remover at work is left to finish."""
+    pattern = re.compile(r"pi-agent-%s-\d{8}-\d{6}-\d+(-prepare)?\Z" % re.escape(line.slug))
+    try:
+        names = sorted(os.listdir(line.run_dir))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if pattern.match(name) and name not in present and not being_removed(state, name) \
+                and is_absent(docker("container", "inspect", "--format", "{{.Id}}", name,
+                                     check=False), "container"):
+            show_notes(line, end_unended(line, name))
+            remove_run_dir(os.path.join(line.run_dir, name), line=line)
+
+
 def recover_leftovers(line, state, listing=None, only=None, decide=False):
     """Save what interrupted runs left behind, oldest first, before anything
     else changes the line; returns how many it saved. One `docker ps` when
@@ -8512,6 +8535,8 @@ def recover_leftovers(line, state, listing=None, only=None, decide=False):
                               % (row["names"], err, row["names"]), err.code)
             raise
         recovered += 1
+    if not only:
+        forget_unmade(line, state, present)
     if recovered or state.get("failed") or state.get("notice"):
         state.pop("failed", None)
         state.pop("notice", None)

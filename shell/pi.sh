@@ -42,9 +42,15 @@ function _pi_agent {
       'import sys; print(sys.executable)') || return
     _PI_AGENT_PYTHON_FOR=${PI_AGENT_PYTHON:-python3}
   fi
-  \command "$_PI_AGENT_PYTHON_BIN" -I -S -c \
-    'import sys; sys.path.insert(0, sys.argv.pop(1)); import pi_agent; sys.exit(pi_agent.main())' \
-    "$_PI_AGENT_DIR" "$@"
+  # Ctrl-C while Python loads pi_agent.py (before main hears it) is said as
+  # main says it, not as a traceback.
+  \command "$_PI_AGENT_PYTHON_BIN" -I -S -c 'import sys; sys.path.insert(0, sys.argv.pop(1))
+try:
+    import pi_agent
+except KeyboardInterrupt:
+    sys.stderr.write("pi-agent: interrupted\n")
+    sys.exit(130)
+sys.exit(pi_agent.main())' "$_PI_AGENT_DIR" "$@"
 }
 
 function pi { _pi_agent run "$@"; }

@@ -24,8 +24,9 @@ the wrapper; SIGKILL to the saver; SIGKILL to a docker client of the run
 started on a pty, whose master is closed); or the engine restarted
 (stopped, its containers stopped with it, and started: --engine-restart
 CMD, or by default the local dockerd found, as systemd or its command
-line started it). Meanwhile a poller asks every quarter second for both
-profiles' current.
+line started it). A run that finds the engine down (exit 7) is one; its
+lane takes the next once the engine answers. Meanwhile a poller asks
+every quarter second for both profiles' current.
 
 Definitions:
 - a run *reached its agent* when its agent wrote its marker: the agent
@@ -527,7 +528,12 @@ class Poller(threading.Thread):
                 self.down += 1
                 continue
             self.samples += 1
-            gone = wanted - set(result.stdout.split())
+            # (a listing can miss a tag that a commit moves meanwhile: Docker
+            # takes its images, then asks each one's tags; asked by name, a
+            # tag is there or not)
+            gone = [tag for tag in wanted - set(result.stdout.split()) if "No such image" in
+                    docker("image", "inspect", "--format", "{{.Id}}", "%s:%s" % (
+                        self.world.image_repo, tag)).stderr]
             if gone:
                 self.missing.append((time.strftime("%H:%M:%S"), sorted(gone)))
 
@@ -571,9 +577,12 @@ def all_containers():
 
 def containers(world):
     """Containers of this soak's image line, and any other of the tool's
-    (pi-agent-list-*, ...) that was not there before it."""
+    (pi-agent-list-*, ...) that was not there before it, but the egress
+    proxy: the tool keeps it for the next run until it has been idle for
+    EGRESS_IDLE (10 minutes), by design."""
     return [name for cid, (name, repo) in all_containers().items()
             if repo == world.image_repo or (name.startswith("pi-agent-")
+                                            and not name.startswith("pi-agent-egress-")
                                             and cid not in world.before)]
 
 
@@ -677,7 +686,7 @@ def check_all(world, runs, poller, checks):
         if oid in aside:
             kept += 1
             continue
-        missing_commits.append(r.id)
+        missing_commits.append("%s (%s)" % (r.id, (oid or "?")[:12]))
     results["commits"] = (len(owed_commits), len(owed_commits) - len(missing_commits), kept)
     checks.check("every commit owed is on its branch or under refs/pi-agent/",
                  not missing_commits, "%d expected, %d found (%d under refs/pi-agent/); "
@@ -781,6 +790,8 @@ def soak(args):
                     " (missed)" if each.fault else "",
                     " marker" if each.signal_file(world, "marker") else "",
                     each.seconds, each.wrapper.pid if each.wrapper else "-"))
+                if each.status == 7:  # (the engine is down: as a user would, the lane
+                    wait_until(engine_up, ENGINE_TIMEOUT, 0.2)  # goes on once it answers)
 
         lanes = [threading.Thread(target=lane) for _ in range(2)]
         for thread in lanes:
@@ -809,6 +820,9 @@ def soak(args):
             for name in os.listdir(world.state) if os.path.isdir(world.state) else ():
                 if name.endswith((".log", ".log.1", ".jsonl")):
                     shutil.copy(os.path.join(world.state, name), args.out)
+            kept = os.path.join(world.state, "kept")  # (git data a run could not bring back)
+            if os.path.isdir(kept):
+                shutil.copytree(kept, os.path.join(args.out, "kept"), dirs_exist_ok=True)
         if not args.keep:
             clean(world)
     say("%d passed, %d failed" % (len(checks.passed), len(checks.failed)))

@@ -8,10 +8,11 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 
 import pytest
 
-from conftest import docker, pi_agent, wait_until
+from conftest import ROOT, docker, pi_agent, wait_until
 
 FAKE_DOCKER = """#!/bin/sh
 # Fault injection in front of the real docker: a file FAULTS/<command>-fails
@@ -110,6 +111,19 @@ def test_the_agent_hears_a_signal_and_stops_in_its_own_time(box, signum):
         os.kill(box.wrapper_pid(), signum)
     assert run.wait(timeout=60) == 128 + signum
     assert box.ok("pi-exec cat ~/stopped").stdout == "stopped\n", "its trap ran, and was saved"
+
+
+def test_ctrl_c_while_python_loads_pi_agent_is_said_not_a_traceback(tmp_path):
+    """Ctrl-C as a command starts, before main hears it (chaos, issue 28: a
+    SIGINT 0.1 s into pi-exec printed Python's traceback): here it lands as
+    the shell functions' Python loads pi_agent.py."""
+    os.mkdir(tmp_path / "shell")
+    shutil.copy(os.path.join(ROOT, "shell", "pi.sh"), tmp_path / "shell")
+    (tmp_path / "pi_agent.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nimport json\n")
+    result = subprocess.run(["bash", "--norc", "-c", ". %s/shell/pi.sh; pi-exec true" % tmp_path],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "pi-agent: interrupted\n"), result.stderr
 
 
 def test_while_it_runs_the_container_shows_no_value_and_no_argument(box):
@@ -239,6 +253,32 @@ def test_a_signal_while_the_container_is_made_takes_the_run_back(faulty, signum)
     box.wait_saved()
     assert box.containers() == [] and len(box.snapshots()) == 1, "only the first run's"
     assert [r["ended_by"] for r in json.loads(box.ok("pi-log --json").stdout)] == ["run"] * 2
+
+
+def test_a_run_killed_before_its_container_was_made_leaves_no_run_directory(faulty):
+    """The wrapper and its saver killed before `docker run` made the
+    container, as between writing the run directory and forking the saver
+    (chaos, issue 28): the next run's recovery removes the directory, and
+    the value passed to the agent in its script with it."""
+    box = faulty
+    box.extra_env.update(API_TOKEN="tok-5a0c", PI_AGENT_PASS_ENV="API_TOKEN")
+    box.ok("pi-exec touch ~/before")
+    box.wait_recorded()
+    fault(box, "run-slow", "30")  # (the client is killed in it: it never reaches the engine)
+    runs = len(started(box, "run"))
+    run = box.background("pi-exec touch ~/never-ran")
+    assert wait_until(lambda: len(started(box, "run")) > runs, timeout=30)  # in `docker run`
+    os.kill(box.holder()["saver_pid"], signal.SIGKILL)
+    os.killpg(run.pid, signal.SIGKILL)  # the wrapper, the docker client, its sleep
+    run.wait(timeout=30)
+    run_dir = os.path.join(box.state_dir, "run")
+    [left] = os.listdir(run_dir)
+    assert "tok-5a0c" in open(os.path.join(run_dir, left, "run")).read()
+    clear(box, "run-slow")
+    box.ok("pi-exec test ! -e ~/never-ran")
+    box.wait_saved()
+    assert wait_until(lambda: os.listdir(run_dir) == [], timeout=30), os.listdir(run_dir)
+    assert box.containers() == [] and len(box.snapshots()) == 1, "only the first run's"
 
 
 def test_kill_9_of_the_saver_while_it_removes_the_container(faulty):

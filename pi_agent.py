@@ -7062,8 +7062,15 @@ class Egress:
         if self.routed and self.address and self.tell() is not None:
             return
         # One at a time: runs of two profiles (one base, one proxy) would
-        # both start it, and the engine names a container before it has it.
-        with open(os.path.join(os.path.dirname(self.state), "egress.lock"), "a") as held:
+        # both start it, and the engine names a container before it has it;
+        # runs of two state directories, both make the networks (per user:
+        # the runtime directory, yours alone, where there is one).
+        try:
+            held = open(os.path.join(os.environ["XDG_RUNTIME_DIR"], "pi-agent-egress.lock"),
+                        "a")
+        except (KeyError, OSError):  # (none, or not yours: after su)
+            held = open(os.path.join(os.path.dirname(self.state), "egress.lock"), "a")
+        with held:
             fcntl.flock(held, fcntl.LOCK_EX)
             try:
                 known = json.loads(read_regular(self.state) or b"{}")
@@ -7120,6 +7127,13 @@ class Egress:
                               *args, name, check=False)
                 if made.returncode and "already exists" not in made.stderr:
                     raise docker_failure(("network",), made.stderr)
+                # Two made at once (runs of two state directories) are two
+                # networks of one name to Docker 20.10: all keep the first.
+                same = sorted(row.split()[0] for row in docker(
+                    "network", "ls", "--no-trunc", "--filter", "name=" + name, "--format",
+                    "{{.ID}} {{.Name}}").stdout.splitlines() if row.split()[1:] == [name])
+                if len(same) > 1:
+                    docker("network", "rm", *same[1:], check=False)
         found = look()
         # A bridge is this host's own interface where Docker made it here
         # (br-ID): an engine in another network namespace (rootless, in a

@@ -7065,12 +7065,14 @@ class Egress:
         # both start it, and the engine names a container before it has it;
         # runs of two state directories, both make the networks (per user:
         # the runtime directory, yours alone, where there is one).
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
         try:
-            held = open(os.path.join(os.environ["XDG_RUNTIME_DIR"], "pi-agent-egress.lock"),
-                        "a")
+            held = os.open(os.path.join(os.environ["XDG_RUNTIME_DIR"], "pi-agent-egress.lock"),
+                           flags, 0o600)
         except (KeyError, OSError):  # (none, or not yours: after su)
-            held = open(os.path.join(os.path.dirname(self.state), "egress.lock"), "a")
-        with held:
+            held = os.open(os.path.join(os.path.dirname(self.state), "egress.lock"), flags,
+                           0o600)
+        with os.fdopen(held):
             fcntl.flock(held, fcntl.LOCK_EX)
             try:
                 known = json.loads(read_regular(self.state) or b"{}")

@@ -313,6 +313,14 @@ class Sandbox:
         if ids:
             docker("rm", "-f", "-v", *ids, check=False)
         self.wait_saved()
+        try:  # its egress proxies (named in its state), which would idle on for minutes
+            with open(os.path.join(self.state_dir, "egress.json")) as handle:
+                proxies = [name for name in json.load(handle) if name not in (
+                    "outside", "routed")]
+        except (OSError, ValueError):
+            proxies = []
+        if proxies:
+            docker("rm", "-f", *proxies, check=False)
         refs = ["%s:%s" % (self.repo, tag) for tag in repository_images(self.repo)]
         if refs:
             docker("rmi", "-f", *refs, check=False)

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from conftest import docker, wait_until
-from test_egress import internet, networks_held, proxy_of  # noqa: F401 (a fixture)
+from test_egress import WEB, internet, networks_held, proxy_of  # noqa: F401 (a fixture)
 
 
 def run_python(box, script, args, env=None):
@@ -162,14 +162,6 @@ def test_allow_does_not_look_up_names_it_does_not_list(box, internet):  # noqa: 
         assert status.startswith("HTTP/1.1 403 "), out
         assert internet["lan"] not in status, "the proxy looked %s up: %s" % ("lan", status)
 
-
-WEB = ("import http.server, sys\n"
-       "class H(http.server.BaseHTTPRequestHandler):\n"
-       "    def do_GET(self):\n"
-       "        body = (sys.argv[1] + '\\n').encode()\n"
-       "        self.send_response(200); self.send_header('Content-Length', len(body))\n"
-       "        self.end_headers(); self.wfile.write(body)\n"
-       "http.server.ThreadingHTTPServer(('0.0.0.0', 80), H).serve_forever()\n")
 
 # A proxy of yours (a corporate one): it takes you anywhere it can reach,
 # your LAN included, resolving names itself.

@@ -292,6 +292,16 @@ def proxy_of(box, env=None):
     return out[len("http://"):].split(":")[0]
 
 
+# A web server in a test container: it answers every GET with its argument.
+WEB = ("import http.server, sys\n"
+       "class H(http.server.BaseHTTPRequestHandler):\n"
+       "    def do_GET(self):\n"
+       "        body = (sys.argv[1] + '\\n').encode()\n"
+       "        self.send_response(200); self.send_header('Content-Length', len(body))\n"
+       "        self.end_headers(); self.wfile.write(body)\n"
+       "http.server.ThreadingHTTPServer(('0.0.0.0', 80), H).serve_forever()\n")
+
+
 _NETWORKS = {"depth": 0, "file": None}
 
 
@@ -325,16 +335,10 @@ def internet(box):
     made = {"nets": [], "boxes": []}
     held = networks_held()
     held.__enter__()
-    server = ("import http.server, socket, sys, threading\n"
+    server = ("import socket, threading\n"
               "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('0.0.0.0', 53))\n"
               "threading.Thread(target=lambda: [print('udp', u.recvfrom(512)[1][0], flush=True)"
-              " for _ in iter(int, 1)], daemon=True).start()\n"
-              "class H(http.server.BaseHTTPRequestHandler):\n"
-              "    def do_GET(self):\n"
-              "        body = (sys.argv[1] + '\\n').encode()\n"
-              "        self.send_response(200); self.send_header('Content-Length', len(body))\n"
-              "        self.end_headers(); self.wfile.write(body)\n"
-              "http.server.ThreadingHTTPServer(('0.0.0.0', 80), H).serve_forever()\n")
+              " for _ in iter(int, 1)], daemon=True).start()\n") + WEB
     for name, subnet, ip in (("inet", "198.51.100.0/26", []), ("lan", "10.213.0.0/24", []),
                              ("meta", "169.254.169.0/24", ["--ip", "169.254.169.254"])):
         net = "pi-agent-test-%s-%s" % (name, suffix)

@@ -52,13 +52,24 @@ if ! inner version >/dev/null 2>&1; then
     "{\"features\": {\"containerd-snapshotter\": true}}" > /etc/docker/daemon.json'
   # The docker group's GID: the host's test user reaches the socket.
   group=$(getent group docker | cut -d: -f3)
-  docker exec -d -e DOCKER_ALLOW_IPV6_ON_IPV4_INTERFACE=1 "$name" sh -c "rm -f $run/docker.pid; \
+  # A dockerd that does not answer is restarted from nothing: the container
+  # restarted (its processes gone, as after the host's engine restarts), and
+  # the pid files it left in $run removed, since they outlive the container
+  # and a new process holding the same pid makes dockerd wait on a containerd
+  # that is not there ("timeout waiting for containerd to start").
+  docker restart -t 5 "$name" >/dev/null
+  docker exec -d -e DOCKER_ALLOW_IPV6_ON_IPV4_INTERFACE=1 "$name" sh -c "\
+    rm -f $run/docker.pid $run/exec/containerd/containerd.pid; \
     exec dockerd --data-root $data/docker --exec-root $run/exec -H $sock \
     --group ${group:-0} --pidfile $run/docker.pid >>$data/dockerd.log 2>&1"
   i=0
   until inner version >/dev/null 2>&1; do
     i=$((i + 1))
-    [ "$i" -le 60 ] || { say "its dockerd did not start; see $data/dockerd.log" >&2; exit 1; }
+    if [ "$i" -gt 90 ]; then
+      say "its dockerd did not start; the end of $data/dockerd.log:" >&2
+      tail -n 20 "$data/dockerd.log" >&2
+      exit 1
+    fi
     sleep 1
   done
 fi

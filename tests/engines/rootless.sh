@@ -84,7 +84,11 @@ else
     i=0
     until engine version >/dev/null 2>&1; do
       i=$((i + 1))
-      [ "$i" -le 60 ] || { say "it did not start; see $log" >&2; exit 1; }
+      if [ "$i" -gt 90 ]; then
+        say "it did not start; the end of $log:" >&2
+        tail -n 20 "$log" >&2
+        exit 1
+      fi
       sleep 1
     done
   fi

@@ -6,7 +6,7 @@ PYTHON ?= python3
 # Two workers when pytest-xdist is there: the tests mostly wait on the engine.
 XDIST := $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && echo "-n 2 --dist worksteal")
 
-.PHONY: check test integration lint setup test-image test-agents test-engines bench bench-quick \
+.PHONY: check test test-all integration lint setup test-image test-agents test-engines bench bench-quick \
 	bench-engines clean-test-images chaos chaos-nested
 
 check:
@@ -15,6 +15,11 @@ check:
 	else echo "shellcheck is not installed: lint skipped"; fi
 
 test:
+	$(PYTHON) -m pytest -q $(XDIST) -m "not hostile and not long" tests/
+
+# make test, and the attacks' reproductions and the long tests (faults,
+# soaks, the real Pi's install): what CI runs.
+test-all:
 	$(PYTHON) -m pytest -q $(XDIST) tests/
 
 integration:

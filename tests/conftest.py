@@ -32,18 +32,33 @@ STRICT = os.environ.get("PI_AGENT_TEST_STRICT") == "1"
 SHELLS = ("bash", "zsh")
 
 
+# The tiers beyond make test's (make test-all runs every tier): engine tests
+# in these files are marked with their tier; single tests are marked long.
+TIERS = {"test_attack.py": "hostile", "test_attack2.py": "hostile",
+         "test_attack_egress.py": "hostile", "test_containment.py": "hostile",
+         "test_recovery.py": "long"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: needs a real Docker engine")
+    config.addinivalue_line("markers", "hostile: an attack's reproduction against the "
+                            "engine (make test-all)")
+    config.addinivalue_line("markers", "long: faults, soaks and installs, each tens of "
+                            "seconds (make test-all)")
     config.addinivalue_line("markers", "agents: installs an agent from the network "
                             "(make test-agents)")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Engine tests are marked; agent installs run only under make
-    test-agents (left out, not skipped: CI counts a skip as a failure)."""
+    """Engine tests are marked, with their tier; agent installs run only
+    under make test-agents (left out, not skipped: CI counts a skip as a
+    failure)."""
     for item in items:
         if "engine" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+            tier = TIERS.get(os.path.basename(str(item.fspath)))
+            if tier:
+                item.add_marker(tier)
     if os.environ.get("PI_AGENT_TEST_AGENTS") != "1":
         left_out = [item for item in items if item.get_closest_marker("agents")]
         if left_out:

@@ -27,6 +27,7 @@ def version(text):
     return tuple(int(part) for part in found.groups()) if found else None
 
 
+@pytest.mark.long
 def test_the_real_pi_installs_once_and_works_a_session_offline(box):
     box.init_repo()
     # First run, in a pipe: Pi is installed by the preset's install command,

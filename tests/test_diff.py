@@ -25,6 +25,7 @@ def diff_json(box, args=""):
     return json.loads(box.ok("pi-diff --json %s" % args).stdout)
 
 
+@pytest.mark.long
 def test_a_run_that_installs_a_package_shows_as_that_package(box):
     with open(os.path.join(box.project, "install.sh"), "w") as script:
         script.write(BUILD_AND_INSTALL)
@@ -358,6 +359,7 @@ def test_the_books_cannot_hide_where_code_runs_nor_inflate_a_size():
         assert status["f"] == ("1", None), forged
 
 
+@pytest.mark.long
 def test_a_run_is_read_from_its_layer_when_asked_after_prunes_and_a_flatten(box):
     """Nothing is listed at the save: pi-diff reads a run's layer when asked,
     from any image that still holds it. Three runs back, after two prunes,

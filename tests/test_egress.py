@@ -445,6 +445,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.long
 def test_public_is_the_internet_and_nothing_of_the_host_lan_or_metadata(box, internet):
     """The default, attacked from inside a run: the host's services on
     every address it has (its bridges, its own public address), its

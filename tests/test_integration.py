@@ -682,6 +682,7 @@ def test_rollback_and_its_undo_keep_every_state_under_one_name(box):
     box.ok("pi-exec sh -c 'test -e ~/r0 && test ! -e ~/r1'")
 
 
+@pytest.mark.long
 def test_thirty_noisy_runs_later_the_pinned_and_the_daily_states_are_still_there(box):
     """Retention as a user meets it: days of work, a state pinned, then an
     hour of sessions that change only shell history (noise): a rollback

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 
+import pytest
 from conftest import docker, make_sandbox, wait_until
 
 import pi_agent
@@ -135,6 +136,7 @@ def test_a_profile_must_be_made_first_and_names_are_checked(box):
     assert box.sh("pi-branch --delete default --yes").returncode == 3
 
 
+@pytest.mark.long
 def test_pi_branch_copies_a_snapshot_as_a_tag_and_lists_and_deletes(box):
     box.ok("pi-exec touch ~/one")
     box.ok("pi-exec touch ~/two")
@@ -315,6 +317,7 @@ def test_pi_worktree_does_not_check_out_a_branch_an_agent_made(box):
 
 # --- joining a running session --------------------------------------------------
 
+@pytest.mark.long
 def test_pi_shell_joins_a_running_run_and_the_container_is_saved_once(box):
     box.ok("pi-exec true")
     before = box.snapshots()

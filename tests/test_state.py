@@ -130,6 +130,7 @@ def test_at_the_threshold_the_background_save_flattens_current(rich):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.long
 def test_flatten_and_prune_free_space_by_the_engines_figures(rich):
     box = rich
     for i in range(3):  # three versions of one 20 MB file: two of them dead weight
@@ -185,6 +186,7 @@ def engine_unique(image_id):
                          if image["ID"].split(":")[-1].startswith(image_id.split(":")[-1][:12])))
 
 
+@pytest.mark.long
 def test_pi_status_counts_the_disk_as_the_engine_does(rich):
     box = rich
     box.ok("pi-exec true")

@@ -2998,10 +2998,11 @@ GIT_DIR_PARTS = ("HEAD", "objects", "refs", "commondir")
 
 def scan_after(uid):
     """Post-run: what could make a git directory, .git files, what is
-    privileged or another user's, sockets, directories the user cannot
+    privileged or another user's, sockets, FIFOs, directories the user cannot
     look into (what they hide must be looked at too)."""
     names = sum((["-name", name, "-o"] for name in GIT_DIR_PARTS + (".git",)), [])
-    return names + ["-type", "b", "-o", "-type", "c", "-o", "-type", "s", "-o", "-perm", "-4000",
+    return names + ["-type", "b", "-o", "-type", "c", "-o", "-type", "s", "-o", "-type", "p",
+                    "-o", "-perm", "-4000",
                     "-o", "-perm", "-2000", "-o", "!", "-user", str(uid), "-o", "-type", "d",
                     "!", "-perm", "-500"]
 
@@ -3193,15 +3194,31 @@ HOST_RUN_PATHS = (
     "lefthook.yaml", ".lefthook.yml", "lefthook-local.yml", ".husky", ".yarnrc.yml", ".npmrc",
     "rust-toolchain", "rust-toolchain.toml", ".tool-versions", "mise.toml", ".mise.toml",
     ".cargo/config", ".cargo/config.toml", ".gitmodules", ".mailmap", ".claude", ".mcp.json",
-    ".cursor", ".aider.conf.yml")
+    ".cursor", ".aider.conf.yml", ".env", "compose.override.yaml", "compose.override.yml",
+    "docker-compose.override.yml", "docker-compose.override.yaml", "node_modules/.bin",
+    ".venv/bin", ".venv/pyvenv.cfg", "venv/bin", "venv/pyvenv.cfg")
+# What Python runs at every start of a virtual environment's interpreter
+# (which git hooks and editors start): VENV/lib/*/site-packages/NAME.
+SITE_STARTUP = (".pth", "sitecustomize.py", "usercustomize.py")
 
 
 def host_run_files(target, extra=()):
     """{relative path: [size, ctime]} of the files the host runs by itself
     (never following a link: the agent may have made one; ctime, which no
     one can set back)."""
-    found = {}
-    for name in HOST_RUN_PATHS + tuple(extra):
+    found, startup = {}, []
+    for lib in (".venv/lib", "venv/lib"):
+        try:
+            versions = os.listdir(os.path.join(target, lib))
+        except OSError:
+            continue
+        for site in (os.path.join(lib, version, "site-packages") for version in versions[:8]):
+            try:
+                startup += [os.path.join(site, name) for name in os.listdir(
+                    os.path.join(target, site)) if name.endswith(SITE_STARTUP)]
+            except OSError:
+                continue
+    for name in HOST_RUN_PATHS + tuple(extra) + tuple(startup):
         top = os.path.join(target, name)
         try:
             info = os.lstat(top)
@@ -3268,6 +3285,10 @@ PACKED_REFS_LIMIT = 1 << 30
 # The commits of a run that are read (for the session log and the note on
 # authors) at most.
 MAX_COMMITS_READ = 10000
+# What the hand-back copies at most of the agent's objects that cannot be
+# hard-linked (root's, inside: protected_hardlinks); a sparse one never is
+# (its holes would be written out, filling the disk for nothing).
+MAX_OBJECT_COPY = 1 << 30
 
 
 def valid_refname(name):
@@ -3369,8 +3390,12 @@ def host_git_process(repo_dir, *args, env=None, stdin=None):
     # what pi-agent reads (the commits it lists): never honoured here.
     clean.update(env or {}, GIT_TERMINAL_PROMPT="0", GIT_NO_REPLACE_OBJECTS="1")
     try:
+        # (ref locks: a run of another work tree may be ending at the same
+        # moment; git's own waits, 0.1 s and 1 s, are too short for that)
         return subprocess.Popen(["git", "-c", "core.hooksPath=/dev/null", "-c",
-                                 "core.fsmonitor=false",
+                                 "core.fsmonitor=false", "-c", "log.showSignature=false",
+                                 "-c", "core.filesRefLockTimeout=5000",
+                                 "-c", "core.packedRefsTimeout=5000",
                                  *(["--git-dir", repo_dir] if repo_dir else []), *args],
                                 env=clean, stdin=stdin, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
@@ -3720,6 +3745,19 @@ def gate_entries(local, target, hooks, also=()):
     return kept, left_out
 
 
+def link_on_the_way(target, path):
+    """The first part of `path` (relative to target) that is a symbolic
+    link, looked at a component at a time; None if there is none."""
+    parts = path.split("/")
+    for end in range(1, len(parts) + 1):
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.join(target, *parts[:end])).st_mode):
+                return "/".join(parts[:end])
+        except OSError:
+            return None
+    return None
+
+
 def config_facts(listing, target, repo=None):
     """From that listing: the object format, and the paths host git reads
     as configuration or runs as hooks that lie in the project (outside its
@@ -3753,22 +3791,28 @@ def config_facts(listing, target, repo=None):
                                                     os.path.expanduser(value))))
         elif key == "core.hookspath" and source:
             hooks = os.path.normpath(os.path.join(target, os.path.expanduser(value)))
+    runs = {hooks} if hooks else set()
+    if repo and not hooks:  # git's own hooks directory, or hooks in it, linked into the project
+        default = os.path.join(repo.common, "hooks")
+        names = [""] if os.path.islink(default) else \
+            [entry.name for entry in os.scandir(default) if entry.is_symlink()] \
+            if os.path.isdir(default) else []
+        runs.update(os.path.realpath(os.path.join(default, name)) for name in names)
     git_dir = os.path.join(target, ".git")
-    facts["read"] = [path for path in sorted(files) + ([hooks] if hooks else [])
-                     if not is_within(path, git_dir)]
+    facts["read"] = [path for path in sorted(files | runs) if not is_within(path, git_dir)]
     for path in facts["read"]:
         if not is_within(path, target):
             continue
+        what = "runs hooks from" if path in runs else "includes"
         try:
             info = os.lstat(path)
         except OSError:
             raise Refused("your git config %s %s, which does not exist in the project: the agent "
-                          "could create it; create it, or change the setting"
-                          % ("runs hooks from" if path == hooks else "includes", path))
-        if stat.S_ISLNK(info.st_mode):
-            raise Refused("your git config %s %s, a symbolic link in the project; make it a "
-                          "file, or change the setting"
-                          % ("runs hooks from" if path == hooks else "includes", path))
+                          "could create it; create it, or change the setting" % (what, path))
+        if link_on_the_way(target, os.path.relpath(path, target)):
+            raise Refused("your git config %s %s, reached through a symbolic link in the "
+                          "project (%s); make it a real path, or change the setting" % (
+                              what, path, link_on_the_way(target, os.path.relpath(path, target))))
         facts["protected"].append((path, info.st_dev, info.st_ino))
     facts["local"], facts["left_out"] = gate_entries(local, target, hooks)
     return facts
@@ -3990,11 +4034,13 @@ def gate_mounts(record, run_dir):
 
 def link_objects(gate_fd, dest):
     """Hard links in `dest` to the agent's loose objects and packs (a copy
-    where a link is not allowed): only plain files, reached through
-    directories that are not links. The container has stopped, so none of
-    them can change any more. Returns how many there are."""
+    where a link is not allowed, MAX_OBJECT_COPY at most and never of a
+    sparse file: one left out makes the import fail, and the work is kept):
+    only plain files, reached through directories that are not links. The
+    container has stopped, so none of them can change any more. Returns how
+    many there are."""
     import shutil
-    count = 0
+    count, copied = 0, 0
     try:
         objects = open_dir("objects", gate_fd)
     except OSError:
@@ -4022,8 +4068,13 @@ def link_objects(gate_fd, dest):
                         os.link(item.name, target, src_dir_fd=fd, follow_symlinks=False)
                     except OSError:  # not ours to link (protected_hardlinks)
                         source = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
-                        with os.fdopen(source, "rb") as reading, open(target, "xb") as writing:
-                            shutil.copyfileobj(reading, writing)
+                        with os.fdopen(source, "rb") as reading:
+                            info = os.fstat(reading.fileno())
+                            copied += info.st_size
+                            if info.st_blocks * 512 < info.st_size or copied > MAX_OBJECT_COPY:
+                                continue
+                            with open(target, "xb") as writing:
+                                shutil.copyfileobj(reading, writing)
                     count += 1
             finally:
                 os.close(fd)
@@ -4049,8 +4100,14 @@ def note_commits(record, repo, tips, have):
                        stdin=("".join(oid + "\n" for oid in commits) +
                               "".join("^%s\n" % oid for oid in sorted(have))).encode(),
                        check=False)
-    reached = [entry.split("\x1f") for entry in
-               listing.stdout.decode("utf-8", "replace").split("\0") if entry.count("\x1f") == 3]
+    reached = []
+    for entry in listing.stdout.decode("utf-8", "replace").split("\0"):
+        fields = entry.split("\x1f")
+        if len(fields) > 4 and OID_RE.fullmatch(fields[0]):  # (a separator in a name or subject)
+            odd = "a name holding control characters"
+            fields = [fields[0], odd, odd, "\x1f".join(fields[3:])]
+        if len(fields) == 4:
+            reached.append(fields)
     record["commits"] = [{"id": oid, "subject": clip(subject)}
                          for oid, _author, _committer, subject in reached]
     foreign = [(oid, who) for oid, author, committer, _subject in reached
@@ -4071,10 +4128,14 @@ def import_objects(gitdir, incoming, wanted, have):
     --strict), the one piping into the other."""
     revs = "".join(oid + "\n" for oid in sorted(wanted)) + "--not\n" + \
         "".join(oid + "\n" for oid in sorted(have))
-    packing = host_git_process(gitdir, "pack-objects", "--revs", "--stdout", "-q",
+    # (no delta search, and large blobs streamed, not held: what the agent
+    # wrote costs the host its size, not minutes and gigabytes of memory)
+    packing = host_git_process(gitdir, "-c", "core.bigFileThreshold=16m", "pack-objects",
+                               "--revs", "--stdout", "-q", "--window=0",
                                env={"GIT_ALTERNATE_OBJECT_DIRECTORIES": incoming},
                                stdin=subprocess.PIPE)
-    indexing = host_git_process(gitdir, "index-pack", "--stdin", "--strict",
+    indexing = host_git_process(gitdir, "-c", "core.bigFileThreshold=16m", "index-pack",
+                                "--stdin", "--strict",
                                 stdin=packing.stdout)
     packing.stdout.close()  # index-pack alone reads it now
     packing.stdin.write(revs.encode())
@@ -4145,14 +4206,20 @@ def ambiguous_ref(name, known):
     """A new branch or tag `name` is not to be taken as it is: host git
     would take it for another ref of `known`, or another for it (the
     names it tries for a short name), or for a commit (a short name of
-    hex digits), or it is not plain ASCII (a name that looks like another
+    hex digits, or git describe's NAME-N-gHEX), or it is not plain ASCII (a name that looks like another
     one, or that a prompt would print as something else)."""
     short = name.split("/", 2)[2]
     return bool(re.fullmatch(r"[A-Z_]*HEAD", short)) or not PLAIN_REF_NAME.fullmatch(short) or \
-        bool(re.fullmatch(r"[0-9a-f]{4,64}", short, re.I)) or any(
+        bool(re.fullmatch(r"[0-9a-f]{4,64}", short, re.I)) or \
+        bool(re.search(r"-g[0-9a-f]{4,64}$", short, re.I)) or any(
             other != name and other in known for other in (
                 "refs/" + short, "refs/tags/" + short, "refs/heads/" + short,
                 "refs/remotes/" + short, "refs/remotes/%s/HEAD" % short))
+
+
+def run_stamp(record):
+    """The run's name under refs/pi-agent/ (refs/pi-agent/STAMP/heads/...)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(record["started"]))
 
 
 def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
@@ -4171,7 +4238,7 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
     (`elsewhere`, or `current_branch`: this one's), are not applied. At most
     MAX_NEW_REFS refs are made; the others are left out."""
     seeded, lines, notes, aside, kept_deleted, left_out = record["refs"], [], [], [], [], []
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(record["started"]))
+    stamp = run_stamp(record)
     known, made = set(host_refs), 0
     for name in sorted(set(seeded) | set(agent_refs)):
         old, new = seeded.get(name), agent_refs.get(name)
@@ -4392,8 +4459,10 @@ def ref_move(line):
 def apply_ref_lines(repo, lines, message, record):
     """update-ref --stdin, all at once; if that fails (a name clash with a
     ref the user made meanwhile, say), one by one, so one failure costs
-    one ref, which is named with its object ID. The refs moved go into
-    record["moved"] (for the session log)."""
+    one ref: a branch or tag that cannot be moved is kept under
+    refs/pi-agent/<run>/ instead (its commits must stay reachable), else it
+    is named with its object ID. The refs moved go into record["moved"]
+    (for the session log)."""
     moved = record.setdefault("moved", [])
     try:
         host_git(repo["gitdir"], "update-ref", "--stdin", "-m", message,
@@ -4409,6 +4478,16 @@ def apply_ref_lines(repo, lines, message, record):
             moved.append(ref_move(line))
         except PiError as err:
             verb, name, *ids = line.split(" ")
+            if verb != "delete" and not name.startswith("refs/pi-agent/"):
+                kept = "refs/pi-agent/%s/%s" % (run_stamp(record), name[len("refs/"):])
+                try:
+                    host_git(repo["gitdir"], "update-ref", "-m", message, kept, ids[0], "")
+                    moved.append({"ref": kept, "old": None, "new": ids[0]})
+                    record["notes"].append("could not move %s (%s), so the agent's is kept as %s:"
+                                           " git log or git merge it" % (name, err, kept))
+                    continue
+                except PiError:
+                    pass
             record["notes"].append("could not %s %s%s: %s" % (
                 verb, name, " to " + ids[0] if verb != "delete" else "", err))
 
@@ -4485,11 +4564,12 @@ def keep_agent_config(record, repo, gate_fd):
                            "unchanged, and its version is in %s" % path)
 
 
-def hand_back_git(run_dir, record):
+def hand_back_git(run_dir, record, keep=None):
     """What the agent did to git, brought back as data (see above); notes
     for the user go to record["notes"]. Done once: the private directory is
     then marked done, and whoever ends the run again (the saver, recovery)
-    finds nothing more to bring back."""
+    finds nothing more to bring back. With `keep` (why), it is all kept
+    aside (keep_gate) and host git is not run on the repository."""
     gate = os.path.join(run_dir, GATE_DIR)
     try:
         gate_fd = open_dir(gate)
@@ -4500,6 +4580,14 @@ def hand_back_git(run_dir, record):
                                "directory cannot be read (%s)" % err.strerror)
         return
     try:
+        if keep:
+            try:
+                refs = read_ref_store(gate_fd, MAX_AGENT_REFS)
+            except ValueError:
+                refs = None
+            keep_gate(run_dir, gate_fd, record, keep, refs)
+            os.rename(gate, gate + ".done")
+            return
         if record["repo"] is None:
             if read_head(gate_fd) is None:
                 return  # the agent made no repository
@@ -4602,12 +4690,36 @@ def stale_socket(path):
         probe.close()
 
 
+def protected_swaps(record):
+    """[(path, what)]: what to disarm so that host git reads the user's own
+    config and hooks again. What it reads in the project is read-only
+    inside, yet a directory above can be renamed away and the path made
+    anew, or made to lead elsewhere by a link (the seed refused any link
+    on the way: one there now was made during the run)."""
+    target, swaps = record["target"], []
+    for path, dev, ino in record.get("protected", ()):
+        relative = os.path.relpath(path, target)
+        link = link_on_the_way(target, relative)
+        if link:
+            swaps.append((link, "a symbolic link made during the run in the way of %s, which "
+                          "your git config reads" % relative))
+            continue
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) != (dev, ino):
+            swaps.append((relative, "which your git config reads, made anew during the run "
+                          "(yours was moved away)"))
+    return swaps
+
+
 def sweep_project(record, found):
     """What a run left in the project that the host must not trust: git
     directories and .git files that appeared (disarmed), and, newer than
     the run, what is privileged (setuid/setgid bits cleared, device nodes
-    removed), sockets nothing listens on (removed: one would refuse the next
-    run), what another user owns. Returns (notes, paths only root can fix,
+    removed), FIFOs (removed), sockets nothing listens on (removed: one
+    would refuse the next run), what another user owns. Returns (notes, paths only root can fix,
     directories to look into again once fixed)."""
     target, uid = record["target"], record["uid"]
     since = int((record["started"] - 1) * 1e9)
@@ -4667,6 +4779,10 @@ def sweep_project(record, found):
                 for_root.append(path)
                 if stat.S_ISDIR(mode):
                     reopen.append(path)
+            elif stat.S_ISFIFO(mode):  # (host git, reading one as .gitignore, waits for ever)
+                os.unlink(full)
+                swept(path, "removed FIFO")
+                notes.append("removed %s, a FIFO made during the run" % path)
             elif stat.S_ISSOCK(mode):
                 if stale_socket(full):
                     os.unlink(full)
@@ -4683,16 +4799,8 @@ def sweep_project(record, found):
             continue
         except OSError:
             for_root.append(path)
-    for path, dev, ino in record.get("protected", ()):
-        # Read-only inside, yet a directory above it can be renamed away
-        # and the path made anew: then what is there is the agent's.
-        try:
-            info = os.lstat(path)
-        except OSError:
-            continue
-        if (info.st_dev, info.st_ino) != (dev, ino):
-            disarm(os.path.relpath(path, target), "which your git config reads, made anew "
-                   "during the run (yours was moved away)")
+    for path, what in protected_swaps(record):
+        disarm(path, what)
     return notes, sorted(set(for_root)), sorted(set(reopen))
 
 
@@ -4920,8 +5028,13 @@ def end_run(line, run_dir, record, watch=None):
                 record.setdefault("disarmed", {})[""] = "unswept"
                 record.setdefault("notes", []).append(str(err))
     record["notes"] = record.get("notes") or []
+    # Host git reads the repository's config, which may include a file in
+    # the project: not while the agent has swapped one (the sweep below
+    # disarms it).
+    swaps = [path for path, _what in protected_swaps(record)]
     try:
-        hand_back_git(run_dir, record)
+        hand_back_git(run_dir, record, swaps and "%s, which your git config reads, was swapped "
+                      "during the run" % ", ".join(swaps[:3]))
     except Exception as err:  # whatever went wrong, the sweep below must happen
         record["notes"].append("the agent's git work could not be brought back: %s" % err)
     notes = record["notes"]

@@ -35,7 +35,8 @@ SHELLS = ("bash", "zsh")
 # The tiers beyond make test's (make test-all runs every tier): engine tests
 # in these files are marked with their tier; single tests are marked long.
 TIERS = {"test_attack.py": "hostile", "test_attack2.py": "hostile",
-         "test_attack_egress.py": "hostile", "test_containment.py": "hostile",
+         "test_attack_egress.py": "hostile", "test_attack3.py": "hostile",
+         "test_containment.py": "hostile",
          "test_recovery.py": "long"}
 
 

@@ -236,6 +236,27 @@ def test_ref_updates_never_overwrite_what_the_user_moved():
     assert any("checked out in /src/wt" in note for note in notes)
 
 
+def test_a_branch_that_cannot_be_moved_keeps_its_commit_reachable(repo):
+    # The host holds refs/heads/topic/x, so the agent's refs/heads/topic
+    # cannot be made (as when another work tree's run holds the ref's lock
+    # past git's wait): the commit goes under refs/pi-agent/, never dangling.
+    head = git(repo, "rev-parse", "HEAD").stdout.strip()
+    git(repo, "branch", "topic/x")
+    git(repo, "-c", "user.name=A", "-c", "user.email=a@x", "commit", "-q", "--allow-empty",
+        "-m", "the agent's")
+    theirs = git(repo, "rev-parse", "HEAD").stdout.strip()
+    git(repo, "reset", "-q", "--hard", head)
+    record = {"started": 0, "notes": []}
+    branch = git(repo, "symbolic-ref", "HEAD").stdout.strip()
+    lines = ["create refs/heads/topic %s" % theirs, "update %s %s %s" % (branch, theirs, head)]
+    pi_agent.apply_ref_lines({"gitdir": os.path.join(repo, ".git")}, lines, "test", record)
+    kept = "refs/pi-agent/19700101-000000/heads/topic"
+    assert git(repo, "rev-parse", kept).stdout.strip() == theirs
+    assert any("kept as %s" % kept in note for note in record["notes"]), record["notes"]
+    assert git(repo, "rev-parse", "refs/heads/topic/x").stdout.strip() == head
+    assert git(repo, "rev-parse", branch).stdout.strip() == theirs, "the other line applies"
+
+
 def test_only_branches_and_new_tags_come_back():
     """Replace refs would make host git show one object for another; a
     moved remote-tracking ref would hide what is not pushed; refs/main

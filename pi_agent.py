@@ -4732,10 +4732,9 @@ def sweep_project(record, found):
     def disarm(path, what):
         full = os.path.join(target, path)
         if not physical(target, os.path.dirname(path)):
-            # A directory above it made a link out of the project: what is
-            # there now is the host's own, never the agent's. Not touched.
-            notes.append("%s now leads out of the project (a directory on its way is a "
-                         "symbolic link), %s: left alone" % (path, what))
+            # Never renamed through a link (that would move a file outside
+            # the project): it stays armed, which stops the next run.
+            record.setdefault("disarmed", {})[path] = "unswept"
             return
         # (checked once the sweep is over: one that failed stops the next run)
         if os.path.basename(path) == "HEAD":

@@ -6,6 +6,7 @@ it. A marker file outside the project must not appear; a canary the host
 user alone can read must not be readable inside."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -171,17 +172,18 @@ def test_config_files_git_reads_from_the_project_are_read_only(box):
     assert "disabled conf/git.cfg" in swap.stderr
     host_git(box, "status")
     assert not os.path.exists(marker(box))
-    # The directory above it made a link to the host's own files: nothing
-    # there is the agent's, and the sweep must not act on it.
+    # The directory above it made a link to a host file the agent chose:
+    # the link is disabled, and the host's file stays where it is.
     box.ok("rm -r conf && mv conf2 conf")
     mine = box.mkdir(os.path.join(box.home, ".config", "git"))
     with open(os.path.join(mine, "git.cfg"), "w") as handle:
         handle.write("[alias]\n\tmine = status\n")
     box.chown(mine)
     out = agent(box, "mv conf conf2 && ln -s %s conf" % mine)
-    assert "leads out of the project" in out.stderr and "disabled" not in out.stderr
+    assert "disabled conf, a symbolic link made during the run" in out.stderr, out.stderr
     assert os.listdir(mine) == ["git.cfg"], "the host's file stays where it is"
-    box.ok("rm conf && mv conf2 conf")
+    assert not os.path.lexists(os.path.join(box.project, "conf"))
+    box.ok("rm conf.pi-agent-untrusted-* && mv conf2 conf")
     box.ok("git config include.path ../conf/missing.cfg")
     missing = box.sh("pi-exec true")
     assert missing.returncode == 3 and "could create it" in missing.stderr
@@ -448,7 +450,10 @@ def test_a_ref_that_clashes_costs_that_ref_only(box):
     box.ok("git branch feature/x && touch go")
     _out, err = run.communicate(timeout=60)
     assert "keep" in host_git(box, "branch --format='%(refname:short)'").stdout.split()
-    assert "could not create refs/heads/feature" in err
+    kept = re.search(r"could not move refs/heads/feature \(.*\), so the agent's is kept as "
+                     r"(refs/pi-agent/\S+/heads/feature):", err)
+    assert kept, err
+    assert host_git(box, "rev-parse --verify -q %s" % kept.group(1)).returncode == 0
 
 
 # --- 4. nothing from the agent's world steers the terminal --------------------

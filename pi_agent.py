@@ -3791,28 +3791,32 @@ def config_facts(listing, target, repo=None):
                                                     os.path.expanduser(value))))
         elif key == "core.hookspath" and source:
             hooks = os.path.normpath(os.path.join(target, os.path.expanduser(value)))
-    runs = {hooks} if hooks else set()
-    if repo and not hooks:  # git's own hooks directory, or hooks in it, linked into the project
+    what = dict.fromkeys(files, "your git config includes")
+    if hooks:
+        what[hooks] = "your git config runs hooks from"
+    elif repo:  # git's own hooks directory, or hooks in it, linked into the project
         default = os.path.join(repo.common, "hooks")
-        names = [""] if os.path.islink(default) else \
-            [entry.name for entry in os.scandir(default) if entry.is_symlink()] \
-            if os.path.isdir(default) else []
-        runs.update(os.path.realpath(os.path.join(default, name)) for name in names)
+        try:
+            names = [""] if os.path.islink(default) else [
+                entry.name for entry in os.scandir(default) if entry.is_symlink()]
+        except OSError:
+            names = []
+        what.update((os.path.realpath(os.path.join(default, name)),
+                     "your repository's hooks lead to") for name in names)
     git_dir = os.path.join(target, ".git")
-    facts["read"] = [path for path in sorted(files | runs) if not is_within(path, git_dir)]
+    facts["read"] = [path for path in sorted(what) if not is_within(path, git_dir)]
     for path in facts["read"]:
         if not is_within(path, target):
             continue
-        what = "runs hooks from" if path in runs else "includes"
         try:
             info = os.lstat(path)
         except OSError:
-            raise Refused("your git config %s %s, which does not exist in the project: the agent "
-                          "could create it; create it, or change the setting" % (what, path))
-        if link_on_the_way(target, os.path.relpath(path, target)):
-            raise Refused("your git config %s %s, reached through a symbolic link in the "
-                          "project (%s); make it a real path, or change the setting" % (
-                              what, path, link_on_the_way(target, os.path.relpath(path, target))))
+            raise Refused("%s %s, which does not exist in the project: the agent could create "
+                          "it; create it, or change the setting" % (what[path], path))
+        link = link_on_the_way(target, os.path.relpath(path, target))
+        if link:
+            raise Refused("%s %s, reached through a symbolic link in the project (%s); make "
+                          "it a real path, or change the setting" % (what[path], path, link))
         facts["protected"].append((path, info.st_dev, info.st_ino))
     facts["local"], facts["left_out"] = gate_entries(local, target, hooks)
     return facts

@@ -7278,7 +7278,10 @@ class Egress:
         module = os.path.abspath(__file__)
         started = docker(
             "run", "-d", "--rm", "--name", self.proxy, "--network", self.outside,
-            "--label", LABEL + "egress=%d" % os.getuid(), "--user", "%d:%d" % (
+            # (none of the line's: not the repository's label, which the base
+            # would give it, so no listing of the line's containers waits for it)
+            "--label", LABEL + "egress=%d" % os.getuid(), "--label", LABEL + "repo=",
+            "--user", "%d:%d" % (
                 os.getuid(), os.getgid()), "--cap-drop", "ALL", "--security-opt",
             "no-new-privileges", "--read-only", "--memory", "256m", "--pids-limit",
             str(EGRESS_MAX + 64), "--sysctl", "net.ipv4.ip_forward=0",

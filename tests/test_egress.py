@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import docker, pi_agent
+from conftest import ENGINE, docker, pi_agent
 
 
 def spec(**values):
@@ -560,6 +560,27 @@ def test_your_hosts_loopback_ports_are_forwarded_those_only_while_the_run_lasts(
     assert got == {"http://host.docker.internal:%d/api/tags" % model.port: ("000", "200"),
                    "http://host.docker.internal:%d/" % other.port: ("000", "403")}, got
     assert len(model.peers) == 1 and other.peers == []
+
+
+def test_the_proxy_keeps_no_reset_waiting_and_goes_with_the_base(box):
+    """The egress proxy runs from the line's base but is none of its runs:
+    pi-reset-all does not wait a minute for it to end, and pi-reset-all
+    --base (the uninstaller's --purge) is not refused for it, and removes it."""
+    env = {"PI_AGENT_EGRESS": "public"}
+    # A base of the line's own, with its label, as pi builds one (the tests'
+    # is shared by their lines).
+    ENGINE.run("build", "-q", "--label", "pi-agent.repo=" + box.repo, "-t", box.repo + ":base",
+               "-", input="FROM %s:base\n" % box.repo)
+
+    def proxies():
+        return docker("ps", "-q", "--filter", "label=pi-agent.egress=%d" % box.user.uid,
+                      "--filter", "ancestor=%s:base" % box.repo).stdout.split()
+    box.ok("pi-exec true", env=env)
+    assert proxies()
+    box.ok("pi-reset-all --yes", env=env)
+    done = box.sh("pi-reset-all --base --yes", env=env)
+    assert done.returncode == 0, done.stderr
+    assert proxies() == []
 
 
 def test_open_is_the_engines_network_none_is_nothing_and_both_are_shown(box):

@@ -3758,53 +3758,130 @@ def link_on_the_way(target, path):
     return None
 
 
-def config_facts(listing, target, repo=None):
-    """From that listing: the object format, and the paths host git reads
-    as configuration or runs as hooks that lie in the project (outside its
-    .git): files it included, a core.hooksPath there. The agent must not
-    write those: they are mounted read-only, and must exist (else the
-    agent could create them). And what the run's private git directory
-    takes of `repo`'s own config (gate_entries)."""
-    facts = {"format": "sha1", "protected": [], "read": [], "local": [], "left_out": []}
-    if listing is None:
-        return facts
-    out = listing.communicate()[0].decode("utf-8", "surrogateescape")
-    files, hooks, local = set(), None, []
-    own = {os.path.join(repo.common, "config"), os.path.join(repo.gitdir, "config.worktree")} \
-        if repo else set()
+def read_reaches(path, target, fixed):
+    """Where host git reading `path` (absolute) ends up, every symbolic link
+    followed a component at a time as the kernel does (`..` after a link
+    included), and the first part of the way that the agent could make
+    lead elsewhere, else None: a link, or a directory left by `..` (which
+    it could replace with a link), in `target` and not in one of the `fixed`
+    directories (git directories, which a run cannot write)."""
+    done, pending, movable, hops = "/", path.split("/"), None, 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if movable is None and is_within(done, target) and done != target and \
+                    not any(is_within(done, directory) for directory in fixed):
+                movable = done
+            done = os.path.dirname(done)
+            continue
+        here = os.path.join(done, part)
+        try:
+            link = os.readlink(here)
+        except OSError:  # (not a link, or not there)
+            done = here
+            continue
+        hops += 1
+        if hops > 40:
+            raise Refused("your git config reads %s, through more than 40 symbolic links" % path)
+        if movable is None and is_within(here, target) and \
+                not any(is_within(here, directory) for directory in fixed):
+            movable = here
+        done = "/" if link.startswith("/") else done
+        pending = link.split("/") + pending
+    return done, movable
+
+
+def config_reads(out, top, what):
+    """From a `git config --list --show-origin -z` listing (`out`), into
+    `what` ({path as git names it: why git reads it}): the files read, the
+    files they include, the hooks directory in effect (a relative one is
+    the work tree's, `top`'s). Returns [(key, value, the file it is in)],
+    the hooks directory set, and that setting as written."""
+    entries, hooks, written = [], None, None
     fields = out.split("\0")
     for origin, pair in zip(fields[0::2], fields[1::2]):
         key, newline, value = pair.partition("\n")
         key = key.lower()
-        source = origin[len("file:"):] if origin.startswith("file:") else None
+        source = os.path.join(top, origin[len("file:"):]) if origin.startswith("file:") else None
+        entries.append((key, value if newline else None, source))
         if source:
-            files.add(os.path.normpath(os.path.join(target, source)))
-            if os.path.normpath(os.path.join(target, source)) in own:
-                local.append((key, value if newline else None))
-        if key == "extensions.objectformat":
-            facts["format"] = value.strip().lower()
-        elif key == "extensions.refstorage" and value.strip().lower() != "files":
-            raise Refused("the repository in %s keeps its refs in %s, which pi-agent cannot "
-                          "read yet" % (target, value.strip()))
-        elif re.fullmatch(r"include(?:if\..*)?\.path", key) and source:
-            files.add(os.path.normpath(os.path.join(os.path.dirname(source),
-                                                    os.path.expanduser(value))))
-        elif key == "core.hookspath" and source:
-            hooks = os.path.normpath(os.path.join(target, os.path.expanduser(value)))
-    what = dict.fromkeys(files, "your git config includes")
+            what.setdefault(source, "your git config includes")
+        if re.fullmatch(r"include(?:if\..*)?\.path", key) and source and newline:
+            what[os.path.join(os.path.dirname(source), os.path.expanduser(value))] = \
+                "your git config includes"
+        elif key == "core.hookspath" and source and newline:
+            written = os.path.expanduser(value)
+            hooks = os.path.join(top, written)
     if hooks:
         what[hooks] = "your git config runs hooks from"
-    elif repo:  # git's own hooks directory, or hooks in it, linked into the project
-        default = os.path.join(repo.common, "hooks")
+    return entries, hooks, written
+
+
+def config_facts(listing, target, repo=None, nested=()):
+    """From that listing: the object format, and the paths host git reads
+    as configuration or runs as hooks that lie in the project (outside its
+    .git), for the repository and each one inside (`nested`, their git
+    directories): config files (through links too), files they include, a
+    core.hooksPath there (a worktree's too), the hooks in effect that are
+    links. The agent must not write those: they are mounted read-only, must
+    exist (else the agent could create them), and be reached through no
+    link the agent could point elsewhere. And what the run's private git
+    directory takes of `repo`'s own config (gate_entries)."""
+    facts = {"format": "sha1", "protected": [], "read": [], "local": [], "left_out": []}
+    what, hooks_dirs, local, hooks = {}, [], [], None
+    fixed = [os.path.join(target, ".git")] + list(nested)
+    if listing is not None:
+        own = {os.path.join(repo.common, "config"), os.path.join(repo.gitdir, "config.worktree")}
+        entries, hooks, written = config_reads(listing.communicate()[0].decode(
+            "utf-8", "surrogateescape"), target, what)
+        for key, value, source in entries:
+            if source and os.path.normpath(source) in own:
+                local.append((key, value))
+            if key == "extensions.objectformat":
+                facts["format"] = (value or "").strip().lower()
+            elif key == "extensions.refstorage" and (value or "").strip().lower() != "files":
+                raise Refused("the repository in %s keeps its refs in %s, which pi-agent cannot "
+                              "read yet" % (target, (value or "").strip()))
+        hooks_dirs.append(hooks or os.path.join(repo.common, "hooks"))
+        if hooks and not os.path.isabs(written):
+            try:  # (a relative one is each work tree's: those in the project too)
+                names = os.listdir(os.path.join(repo.common, "worktrees"))
+            except OSError:
+                names = []
+            for name in names:
+                dot = (read_regular(os.path.join(repo.common, "worktrees", name, "gitdir"),
+                                    4096) or b"").decode("utf-8", "replace").strip()
+                if dot and is_within(dot, target):
+                    what[os.path.join(os.path.dirname(dot), written)] = \
+                        "your git config runs hooks from"
+    for gitdir in nested:
+        listed = host_git(gitdir, "config", "--list", "--show-origin", "-z", check=False)
+        top = os.path.dirname(gitdir) if os.path.basename(gitdir) == ".git" else gitdir
+        hooks_dirs.append(config_reads(listed.stdout.decode("utf-8", "surrogateescape"), top,
+                                       what)[1] or os.path.join(gitdir, "hooks"))
+    unwritable = list(fixed)  # (and a hooks directory in the project: read-only inside)
+    for directory in hooks_dirs:  # (the hooks in effect that are links, too)
+        what.setdefault(directory, "your git config runs hooks from")
+        real, movable = read_reaches(directory, target, fixed)
+        if not movable:
+            unwritable.append(real)
         try:
-            names = [""] if os.path.islink(default) else [
-                entry.name for entry in os.scandir(default) if entry.is_symlink()]
+            what.update((os.path.join(directory, entry.name), "your repository's hooks lead "
+                         "to") for entry in os.scandir(real) if entry.is_symlink())
         except OSError:
-            names = []
-        what.update((os.path.realpath(os.path.join(default, name)),
-                     "your repository's hooks lead to") for name in names)
-    git_dir = os.path.join(target, ".git")
-    facts["read"] = [path for path in sorted(what) if not is_within(path, git_dir)]
+            pass
+    reached = {}
+    for path, why in what.items():
+        real, movable = read_reaches(path, target, unwritable)
+        if movable:
+            raise Refused("%s %s, reached through %s in the project, which the agent could "
+                          "make lead elsewhere (a symbolic link, or a directory before ..); "
+                          "make it a plain path, or change the setting" % (why, path, movable))
+        if not any(is_within(real, directory) for directory in fixed):
+            reached[real] = why
+    facts["read"] = sorted(reached)
     for path in facts["read"]:
         if not is_within(path, target):
             continue
@@ -3812,13 +3889,10 @@ def config_facts(listing, target, repo=None):
             info = os.lstat(path)
         except OSError:
             raise Refused("%s %s, which does not exist in the project: the agent could create "
-                          "it; create it, or change the setting" % (what[path], path))
-        link = link_on_the_way(target, os.path.relpath(path, target))
-        if link:
-            raise Refused("%s %s, reached through a symbolic link in the project (%s); make "
-                          "it a real path, or change the setting" % (what[path], path, link))
+                          "it; create it, or change the setting" % (reached[path], path))
         facts["protected"].append((path, info.st_dev, info.st_ino))
-    facts["local"], facts["left_out"] = gate_entries(local, target, hooks)
+    facts["local"], facts["left_out"] = gate_entries(local, target, hooks and os.path.normpath(
+        hooks))
     return facts
 
 
@@ -7527,7 +7601,8 @@ class Project:
                           "them, or cd into a part without one and use --here" % (
                               target, ", ".join(mounts[:3] + ["..."] * (len(mounts) > 3))))
         git_dirs, git_files = git_entries(target, found)
-        facts = config_facts(listing, target, repo)
+        facts = config_facts(listing, target, repo, [os.path.join(target, path)
+                                                     for path in git_dirs if path != ".git"])
         if hold and repo:
             hold(target, [repo.common, repo.gitdir] + facts["read"])
         if repo and os.path.exists(os.path.join(repo.common, "objects", "info", "alternates")):

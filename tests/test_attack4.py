@@ -1,0 +1,203 @@
+"""The fourth review of issue 22 (attacks on the third's fixes): paths
+host git reads in the project that the "protected" set did not cover: a
+config file linked into it (dotfiles), nested repositories' and
+worktrees' hooks, chains of links, `..` after a directory of the project,
+a FIFO in place of a config file. (Not covered, and said so in
+docs/security.md: commands in your config that name project files, and
+includes behind a condition false at the start.) Each test plants its
+attack from inside a run, as the agent would, then takes the user's
+ordinary next step, and asserts the SAFE outcome: it fails while the attack
+works."""
+
+import os
+import stat
+
+from test_containment import agent, host_git, marker
+
+FSMONITOR = "printf '[core]\\n\\tfsmonitor = \"touch %s; false\"\\n' >> %s"
+HOOK = "printf '#!/bin/sh\\ntouch %s\\n' > %s && chmod +x %s"
+
+
+def test_a_global_config_linked_into_the_project_is_protected(box):
+    # dotfiles kept with stow: ~/.gitconfig -> ~/dotfiles/gitconfig, and
+    # the user runs pi in the dotfiles repository. Host git reads the file
+    # as ~/.gitconfig (show-origin names the link), so config_facts finds
+    # it outside the project: neither read-only nor checked after the run.
+    box.init_repo()
+    with open(os.path.join(box.project, "gitconfig"), "w") as handle:
+        handle.write("[alias]\n\tst = status\n")
+    box.chown(box.project)
+    os.symlink(os.path.join(box.project, "gitconfig"), os.path.join(box.home, ".gitconfig"))
+    pwned = marker(box)
+    result = agent(box, FSMONITOR % (pwned, "gitconfig"))
+    assert not os.path.exists(pwned), result.stderr
+    host_git(box, "status")
+    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+
+
+def test_a_hooks_path_linked_into_the_project_is_protected(box):
+    # core.hooksPath = ~/.githooks, a link to ~/dotfiles/githooks (stow).
+    box.init_repo()
+    box.mkdir(os.path.join(box.project, "githooks"))
+    os.symlink(os.path.join(box.project, "githooks"), os.path.join(box.home, ".githooks"))
+    box.ok("git config --global core.hooksPath ~/.githooks")
+    pwned = marker(box)
+    path = "githooks/pre-commit"
+    result = agent(box, HOOK % (pwned, path, path))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
+    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+
+
+def test_a_nested_repositorys_hooks_path_is_protected(box):
+    # A nested repository (mounted read-only, trusted after the run) whose
+    # config sets core.hooksPath to a directory of its work tree (husky's
+    # .husky/_, or .githooks): that directory is the agent's to write.
+    box.init_repo()
+    sub = box.mkdir(os.path.join(box.project, "sub"))
+    box.init_repo(sub)
+    box.mkdir(os.path.join(sub, ".githooks"))
+    box.ok("git config core.hooksPath .githooks", cwd=sub)
+    pwned = marker(box)
+    path = "sub/.githooks/pre-commit"
+    result = agent(box, HOOK % (pwned, path, path))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine", cwd=sub)
+    assert not os.path.exists(pwned), "the user's git commit in sub ran the agent's hook"
+
+
+def test_a_nested_repositorys_include_is_protected(box):
+    # git config include.path ../.gitconfig in a nested repository: the
+    # usual way to share a tracked config.
+    box.init_repo()
+    sub = box.mkdir(os.path.join(box.project, "sub"))
+    box.init_repo(sub)
+    with open(os.path.join(sub, ".gitconfig"), "w") as handle:
+        handle.write("[alias]\n\tst = status\n")
+    box.chown(sub)
+    box.ok("git config include.path ../.gitconfig", cwd=sub)
+    pwned = marker(box)
+    result = agent(box, FSMONITOR % (pwned, "sub/.gitconfig"))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    host_git(box, "status", cwd=sub)
+    assert not os.path.exists(pwned), "the user's git status in sub ran the agent's fsmonitor"
+
+
+def test_a_link_on_the_way_to_a_linked_hook_is_protected(box):
+    # .git/hooks/pre-commit -> ../../hooks/pre-commit, itself a link in the
+    # project to hooks/lint.sh. config_facts protects realpath (lint.sh)
+    # only; the link in between is the agent's to replace.
+    box.init_repo()
+    hooks = box.mkdir(os.path.join(box.project, "hooks"))
+    with open(os.path.join(hooks, "lint.sh"), "w") as handle:
+        handle.write("#!/bin/sh\nexit 0\n")
+    os.chmod(os.path.join(hooks, "lint.sh"), 0o755)
+    os.symlink("lint.sh", os.path.join(hooks, "pre-commit"))
+    box.chown(box.project)
+    box.ok("ln -s ../../hooks/pre-commit .git/hooks/pre-commit")
+    pwned = marker(box)
+    path = "hooks/pre-commit"
+    result = agent(box, "rm %s && " % path + HOOK % (pwned, path, path))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
+    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+
+
+def test_a_hook_in_the_hooks_path_linked_elsewhere_is_protected(box):
+    # core.hooksPath = .githooks (read-only inside), whose pre-commit is a
+    # link to scripts/pre-commit.sh: git runs the link's target, which is
+    # not protected (the .git/hooks case realpaths each link; this one not).
+    box.init_repo()
+    box.mkdir(os.path.join(box.project, ".githooks"))
+    scripts = box.mkdir(os.path.join(box.project, "scripts"))
+    with open(os.path.join(scripts, "pre-commit.sh"), "w") as handle:
+        handle.write("#!/bin/sh\nexit 0\n")
+    os.chmod(os.path.join(scripts, "pre-commit.sh"), 0o755)
+    os.symlink("../scripts/pre-commit.sh", os.path.join(box.project, ".githooks", "pre-commit"))
+    box.chown(box.project)
+    box.ok("git config core.hooksPath .githooks")
+    pwned = marker(box)
+    path = "scripts/pre-commit.sh"
+    result = agent(box, HOOK % (pwned, path, path))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
+    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+
+
+def test_a_hook_linked_into_the_project_is_protected_with_hooks_path_set_to_git_hooks(box):
+    # core.hooksPath = .git/hooks (what undoing husky often leaves): the
+    # same directory as git's default, yet config_facts looks for links in
+    # it only when core.hooksPath is unset.
+    box.init_repo()
+    scripts = box.mkdir(os.path.join(box.project, "scripts"))
+    with open(os.path.join(scripts, "pre-commit"), "w") as handle:
+        handle.write("#!/bin/sh\nexit 0\n")
+    os.chmod(os.path.join(scripts, "pre-commit"), 0o755)
+    box.chown(box.project)
+    box.ok("ln -s ../../scripts/pre-commit .git/hooks/pre-commit && "
+           "git config core.hooksPath .git/hooks")
+    pwned = marker(box)
+    path = "scripts/pre-commit"
+    result = agent(box, HOOK % (pwned, path, path))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
+    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+
+
+def test_an_include_with_dot_dot_through_a_directory_made_a_link_is_protected(box):
+    # include.path = ../sub/../conf.cfg: git resolves sub/.. physically,
+    # config_facts lexically (normpath: conf.cfg). The agent makes sub a
+    # link into a/b, so git reads a/conf.cfg.
+    box.init_repo()
+    box.mkdir(os.path.join(box.project, "sub"))
+    with open(os.path.join(box.project, "conf.cfg"), "w") as handle:
+        handle.write("[alias]\n\tst = status\n")
+    box.chown(box.project)
+    box.ok("git config include.path ../sub/../conf.cfg")
+    pwned = marker(box)
+    result = agent(box, "mkdir -p a/b && rmdir sub && ln -s a/b sub && " + FSMONITOR % (
+        pwned, "a/conf.cfg"))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    host_git(box, "status")
+    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+
+
+
+
+def test_a_relative_hooks_path_in_a_worktree_inside_the_project_is_protected(box):
+    # core.hooksPath = .githooks (relative: to each work tree's top), and a
+    # linked worktree of the repository inside the project (.worktrees/feat,
+    # as agents' tools make them): config_facts protects .githooks of the
+    # main work tree only; in feat, git runs .worktrees/feat/.githooks.
+    box.init_repo()
+    hooks = box.mkdir(os.path.join(box.project, ".githooks"))
+    with open(os.path.join(hooks, "pre-commit"), "w") as handle:
+        handle.write("#!/bin/sh\nexit 0\n")
+    os.chmod(os.path.join(hooks, "pre-commit"), 0o755)
+    box.chown(box.project)
+    box.ok("git add .githooks && git -c user.name=H -c user.email=h@x commit -qm hooks && "
+           "git config core.hooksPath .githooks && git worktree add -q .worktrees/feat")
+    pwned = marker(box)
+    path = ".worktrees/feat/.githooks/pre-commit"
+    result = agent(box, HOOK % (pwned, path, path))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine",
+           cwd=os.path.join(box.project, ".worktrees", "feat"))
+    assert not os.path.exists(pwned), "the user's git commit in the worktree ran the agent's hook"
+
+
+def test_a_fifo_in_place_of_a_linked_global_config_does_not_stop_the_sweep(box):
+    # ~/.gitconfig -> PROJECT/gitconfig (stow): the agent makes it a FIFO,
+    # which pi-agent's own git, bringing the agent's commits back, would
+    # open and wait on for ever (the sweep after it never running). The file
+    # is read-only inside, a mount the agent cannot remove.
+    box.init_repo()
+    config = os.path.join(box.project, "gitconfig")
+    with open(config, "w") as handle:
+        handle.write("[alias]\n\tst = status\n")
+    box.chown(box.project)
+    os.symlink(config, os.path.join(box.home, ".gitconfig"))
+    result = agent(box, "rm gitconfig && mkfifo gitconfig && git commit -q --allow-empty -m x",
+                   timeout=120)
+    assert result.returncode != 0, result.stderr
+    assert stat.S_ISREG(os.lstat(config).st_mode)

@@ -3819,7 +3819,7 @@ def config_reads(out, top, what):
     return entries, hooks, written
 
 
-def config_facts(listing, target, repo=None, nested=()):
+def config_facts(listing, target, repo, nested=()):
     """From that listing: the object format, and the paths host git reads
     as configuration or runs as hooks that lie in the project (outside its
     .git), for the repository and each one inside (`nested`, their git
@@ -9625,6 +9625,7 @@ def cmd_status(args):
         failed = run_checks(config, line)
         if failed:
             raise PiError("%s failed: see above" % plural(failed, "check"), EXIT_CHECK_FAILED)
+        say("every check passed")
         return 0
     facts = status_facts(config, line)
     if args.json:
@@ -10480,7 +10481,7 @@ def cmd_worktree(args):
                           % path, EXIT_USAGE)
     else:
         # (what git reads for it must be out of any live run's reach)
-        facts = config_facts(start_config_listing(repo), main)
+        facts = config_facts(start_config_listing(repo), main, repo)
         fd = lock_project(line, path, "worktree", args.wait,
                           [repo.common, repo.gitdir] + facts["read"])
         try:

@@ -495,6 +495,7 @@ def test_status_check_says_in_seconds_what_a_first_run_lacks(box):
     trusted = box.sh("pi-status --check", env={"PI_AGENT_CA_CERTS": images.test_ca_certs(
         os.path.join(box.install_dir, "tests", "fixtures"))})
     assert trusted.returncode == 0 and "FAILED" not in trusted.stdout, trusted.stdout
+    assert trusted.stderr == "pi-agent: every check passed\n"
     assert "npm:     ok: https://registry.npmjs.org/ answers" in trusted.stdout
     unknown = box.sh("pi-status --check", env={"PI_AGENT_BASE_IMAGE": "nosuch.invalid/base:1"})
     assert unknown.returncode == 10 and "image:   FAILED: nosuch.invalid/base:1 " \

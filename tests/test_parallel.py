@@ -229,7 +229,8 @@ def test_a_worktree_whose_repository_is_in_another_runs_reach_waits_its_turn(box
 def test_hooks_an_agent_swaps_in_below_the_project_never_run_on_the_host(box):
     """core.hooksPath in a subdirectory: its parent can be renamed during a
     run, and the agent makes hooks of its own there. pi-agent's host git
-    (the commits coming back, pi-worktree) runs none of them."""
+    (pi-worktree) runs none of them, and, while they are swapped, does not
+    touch the repository: the agent's commit is kept aside, as data."""
     box.init_repo()
     box.ok("mkdir -p tools/githooks && git config core.hooksPath tools/githooks")
     marker = os.path.join(os.path.dirname(box.project), "hook-ran-on-the-host")
@@ -246,7 +247,8 @@ def test_hooks_an_agent_swaps_in_below_the_project_never_run_on_the_host(box):
         assert not os.path.exists(box.project + "-w1")
         open(os.path.join(box.project, "go"), "w").close()
         assert run.wait(timeout=60) == 0
-    assert "agent" in box.ok("git log --format=%s -1").stdout, "the commit came back"
+    assert "agent" not in box.ok("git log --format=%s -1").stdout, "kept aside, not applied"
+    assert os.listdir(os.path.join(box.state_dir, "kept")), "the agent's git work is kept"
     assert not os.path.exists(marker), "no hook of the agent's ran on the host"
 
 

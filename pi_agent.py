@@ -3856,6 +3856,20 @@ def config_facts(listing, target, repo, nested=()):
                 if dot and is_within(dot, target):
                     what[os.path.join(os.path.dirname(dot), written)] = \
                         "your git config runs hooks from"
+    # An included file git did not read (behind a condition false now) is
+    # read here, with what it includes in turn: the agent could make the
+    # condition true (a branch checked out) and the files it names.
+    seen = {os.path.realpath(source) for _key, _value, source in entries if source} \
+        if listing is not None else set()
+    for _ in range(MAX_NESTED_GIT):
+        unread = [path for path, why in what.items() if why == "your git config includes"
+                  and os.path.realpath(path) not in seen and os.path.isfile(path)]
+        if not unread:
+            break
+        seen.add(os.path.realpath(unread[0]))
+        config_reads(host_git(None, "config", "--file", unread[0], "--no-includes", "--list",
+                              "--show-origin", "-z", check=False).stdout.decode(
+                                  "utf-8", "surrogateescape"), target, what)
     for gitdir in nested:
         listed = host_git(gitdir, "config", "--list", "--show-origin", "-z", check=False)
         top = os.path.dirname(gitdir) if os.path.basename(gitdir) == ".git" else gitdir

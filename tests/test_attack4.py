@@ -2,12 +2,11 @@
 host git reads in the project that the "protected" set did not cover: a
 config file linked into it (dotfiles), nested repositories' and
 worktrees' hooks, chains of links, `..` after a directory of the project,
-a FIFO in place of a config file. (Not covered, and said so in
-docs/security.md: commands in your config that name project files, and
-includes behind a condition false at the start.) Each test plants its
-attack from inside a run, as the agent would, then takes the user's
-ordinary next step, and asserts the SAFE outcome: it fails while the attack
-works."""
+an include behind a condition false at the start, a FIFO in place of a
+config file. (Not covered, and said so in docs/security.md: commands in
+your config that name project files.) Each test plants its attack from
+inside a run, as the agent would, then takes the user's ordinary next
+step, and asserts the SAFE outcome: it fails while the attack works."""
 
 import os
 import stat
@@ -162,6 +161,24 @@ def test_an_include_with_dot_dot_through_a_directory_made_a_link_is_protected(bo
     assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
 
 
+
+
+def test_an_include_nested_in_a_condition_the_agent_makes_true_is_protected(box):
+    # [includeIf "onbranch:release"] path = ../conf/release.cfg (protected:
+    # its key is listed), which includes local.cfg. At the seed the branch
+    # is main, so git never read release.cfg and its include is not in the
+    # listing: conf/local.cfg is the agent's to make. HEAD comes back.
+    box.init_repo()
+    conf = box.mkdir(os.path.join(box.project, "conf"))
+    with open(os.path.join(conf, "release.cfg"), "w") as handle:
+        handle.write("[include]\n\tpath = local.cfg\n")
+    box.chown(box.project)
+    box.ok("git config includeIf.onbranch:release.path ../conf/release.cfg")
+    pwned = marker(box)
+    result = agent(box, FSMONITOR % (pwned, "conf/local.cfg") + " && git checkout -q -b release")
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    host_git(box, "status")
+    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
 
 
 def test_a_relative_hooks_path_in_a_worktree_inside_the_project_is_protected(box):

@@ -3793,11 +3793,20 @@ def read_reaches(path, target, fixed):
     return done, movable
 
 
+# Config keys whose value is a command host git runs by itself or as you
+# review (git status, git diff, git commit): a file of the project that one
+# names is read-only in a run, as an include is.
+COMMAND_KEYS = re.compile(r"filter\..+\.(?:clean|smudge|process)|diff\..+\.(?:textconv|command)|"
+                          r"merge\..+\.driver|core\.(?:fsmonitor|pager|editor|sshcommand)|"
+                          r"sequence\.editor|gpg\.(?:.+\.)?program|credential\.(?:.+\.)?helper|"
+                          r"alias\..+")
+
+
 def config_reads(out, top, what):
     """From a `git config --list --show-origin -z` listing (`out`), into
     `what` ({path as git names it: why git reads it}): the files read, the
     files they include, the hooks directory in effect (a relative one is
-    the work tree's, `top`'s). Returns [(key, value, the file it is in)],
+    the work tree's, `top`'s), the files of `top` that commands name. Returns [(key, value, the file it is in)],
     the hooks directory set, and that setting as written."""
     entries, hooks, written = [], None, None
     fields = out.split("\0")
@@ -3814,6 +3823,12 @@ def config_reads(out, top, what):
         elif key == "core.hookspath" and source and newline:
             written = os.path.expanduser(value)
             hooks = os.path.join(top, written)
+        elif COMMAND_KEYS.fullmatch(key) and newline:
+            for word in re.split(r"[\s'\"();|&<>=]+", value):
+                path = os.path.join(top, os.path.expanduser(word))
+                if "/" in word and is_within(os.path.normpath(path), top) and \
+                        os.path.lexists(path):
+                    what.setdefault(path, "your git config runs")
     if hooks:
         what[hooks] = "your git config runs hooks from"
     return entries, hooks, written

@@ -2,11 +2,11 @@
 host git reads in the project that the "protected" set did not cover: a
 config file linked into it (dotfiles), nested repositories' and
 worktrees' hooks, chains of links, `..` after a directory of the project,
-an include behind a condition false at the start, a FIFO in place of a
-config file. (Not covered, and said so in docs/security.md: commands in
-your config that name project files.) Each test plants its attack from
-inside a run, as the agent would, then takes the user's ordinary next
-step, and asserts the SAFE outcome: it fails while the attack works."""
+an include behind a condition false at the start, a command of your
+config naming a script of the project, a FIFO in place of a config file.
+Each test plants its attack from inside a run, as the agent would, then
+takes the user's ordinary next step, and asserts the SAFE outcome: it
+fails while the attack works."""
 
 import os
 import stat
@@ -179,6 +179,27 @@ def test_an_include_nested_in_a_condition_the_agent_makes_true_is_protected(box)
     assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
     host_git(box, "status")
     assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+
+
+def test_a_filter_command_in_the_project_does_not_run_on_review(box):
+    # The user's config names a script of the project as a clean filter
+    # (git config filter.strip.clean 'sh tools/strip.sh', nbstripout-like);
+    # the agent rewrites the script and gives a file the filter in
+    # .gitattributes. The user's review, git diff, runs it.
+    box.init_repo()
+    tools = box.mkdir(os.path.join(box.project, "tools"))
+    with open(os.path.join(tools, "strip.sh"), "w") as handle:
+        handle.write("#!/bin/sh\ncat\n")
+    box.chown(box.project)
+    box.ok("git config filter.strip.clean 'sh tools/strip.sh' && git add tools && "
+           "git -c user.name=H -c user.email=h@x commit -qm tools")
+    pwned = marker(box)
+    result = agent(box, "printf 'touch %s\\ncat\\n' > tools/strip.sh && "
+               "echo '*.txt filter=strip' > .gitattributes && echo hi > a.txt && "
+               "git add a.txt .gitattributes 2>/dev/null; echo more >> a.txt" % pwned)
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    host_git(box, "diff")
+    assert not os.path.exists(pwned), "the user's git diff ran the agent's filter script"
 
 
 def test_a_relative_hooks_path_in_a_worktree_inside_the_project_is_protected(box):

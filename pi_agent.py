@@ -3796,10 +3796,17 @@ def read_reaches(path, target, fixed):
 # Config keys whose value is a command host git runs by itself or as you
 # review (git status, git diff, git commit): a file of the project that one
 # names is read-only in a run, as an include is.
-COMMAND_KEYS = re.compile(r"filter\..+\.(?:clean|smudge|process)|diff\..+\.(?:textconv|command)|"
-                          r"merge\..+\.driver|core\.(?:fsmonitor|pager|editor|sshcommand)|"
-                          r"sequence\.editor|gpg\.(?:.+\.)?program|credential\.(?:.+\.)?helper|"
-                          r"alias\..+")
+COMMAND_KEYS = re.compile(
+    r"filter\..+\.(?:clean|smudge|process)|diff\.(?:.+\.)?(?:textconv|command|external)|"
+    r"merge\..+\.driver|core\.(?:fsmonitor|pager|editor|sshcommand|askpass|gitproxy|"
+    r"alternaterefscommand)|pager\..+|interactive\.difffilter|sequence\.editor|"
+    r"gpg\.(?:.+\.)?program|gpg\.ssh\.defaultkeycommand|credential\.(?:.+\.)?helper|alias\..+|"
+    r"remote\..+\.(?:uploadpack|receivepack)|submodule\..+\.update|trailer\..+\.(?:command|cmd)|"
+    r"(?:merge|diff)tool\..+\.cmd|sendemail\.(?:sendmailcmd|smtpserver)|hook\..+\.command|"
+    r"uploadpack\.packobjectshook")
+
+
+COMMAND_WORD = "your git config runs"
 
 
 def config_reads(out, top, what):
@@ -3824,11 +3831,12 @@ def config_reads(out, top, what):
             written = os.path.expanduser(value)
             hooks = os.path.join(top, written)
         elif COMMAND_KEYS.fullmatch(key) and newline:
-            for word in re.split(r"[\s'\"();|&<>=]+", value):
+            for word in re.split(r"[\s'\"();|&<>=!`]+", value):
                 path = os.path.join(top, os.path.expanduser(word))
-                if "/" in word and is_within(os.path.normpath(path), top) and \
-                        os.path.lexists(path):
-                    what.setdefault(path, "your git config runs")
+                if "/" in word and not is_within(os.path.normpath(path), top):
+                    path = os.path.join(top, word.lstrip("/"))  # ($(git rev-parse ...)/x)
+                if "/" in word and is_within(os.path.normpath(path), top):
+                    what.setdefault(path, COMMAND_WORD)
     if hooks:
         what[hooks] = "your git config runs hooks from"
     return entries, hooks, written
@@ -3847,10 +3855,19 @@ def config_facts(listing, target, repo, nested=()):
     facts = {"format": "sha1", "protected": [], "read": [], "local": [], "left_out": []}
     what, hooks_dirs, local, hooks = {}, [], [], None
     fixed = [os.path.join(target, ".git")] + list(nested)
+    home = os.path.expanduser("~")
+    for path in [os.environ.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig"] + (
+            [os.environ["GIT_CONFIG_GLOBAL"]] if os.environ.get("GIT_CONFIG_GLOBAL") else
+            [os.path.join(home, ".gitconfig"), os.path.join(os.environ.get(
+                "XDG_CONFIG_HOME") or os.path.join(home, ".config"), "git", "config")]):
+        what[path] = "git reads"  # (if it is there: a link into the project makes it the agent's)
     if listing is not None:
         own = {os.path.join(repo.common, "config"), os.path.join(repo.gitdir, "config.worktree")}
-        entries, hooks, written = config_reads(listing.communicate()[0].decode(
-            "utf-8", "surrogateescape"), target, what)
+        out, err = listing.communicate()
+        if listing.returncode:
+            raise git_failure(("config",), err)
+        entries, hooks, written = config_reads(out.decode("utf-8", "surrogateescape"), target,
+                                               what)
         for key, value, source in entries:
             if source and os.path.normpath(source) in own:
                 local.append((key, value))
@@ -3883,10 +3900,13 @@ def config_facts(listing, target, repo, nested=()):
             break
         seen.add(os.path.realpath(unread[0]))
         config_reads(host_git(None, "config", "--file", unread[0], "--no-includes", "--list",
-                              "--show-origin", "-z", check=False).stdout.decode(
-                                  "utf-8", "surrogateescape"), target, what)
+                              "--show-origin", "-z").stdout.decode("utf-8", "surrogateescape"),
+                     target, what)
+    else:
+        raise Refused("your git config includes more than %d files: pi-agent cannot look "
+                      "through them all" % MAX_NESTED_GIT)
     for gitdir in nested:
-        listed = host_git(gitdir, "config", "--list", "--show-origin", "-z", check=False)
+        listed = host_git(gitdir, "config", "--list", "--show-origin", "-z")
         top = os.path.dirname(gitdir) if os.path.basename(gitdir) == ".git" else gitdir
         hooks_dirs.append(config_reads(listed.stdout.decode("utf-8", "surrogateescape"), top,
                                        what)[1] or os.path.join(gitdir, "hooks"))
@@ -3904,6 +3924,11 @@ def config_facts(listing, target, repo, nested=()):
     reached = {}
     for path, why in what.items():
         real, movable = read_reaches(path, target, unwritable)
+        if why == COMMAND_WORD and (movable or not os.path.isfile(real)):
+            continue  # (a word that may not be a path at all: only a file is protected)
+        if why == "git reads" and not os.path.lexists(real) and not movable and \
+                not is_within(os.path.dirname(real), target):
+            continue  # (not there, and none could make it but you)
         if movable:
             raise Refused("%s %s, reached through %s in the project, which the agent could "
                           "make lead elsewhere (a symbolic link, or a directory before ..); "

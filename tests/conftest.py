@@ -36,7 +36,7 @@ SHELLS = ("bash", "zsh")
 # in these files are marked with their tier; single tests are marked long.
 TIERS = {"test_attack.py": "hostile", "test_attack2.py": "hostile",
          "test_attack_egress.py": "hostile", "test_attack3.py": "hostile",
-         "test_attack4.py": "hostile",
+         "test_attack4.py": "hostile", "test_attack5.py": "hostile",
          "test_containment.py": "hostile",
          "test_recovery.py": "long"}
 

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from test_containment import agent, host_git, marker, warnings
+from test_containment import agent, host_git, included_config, marker, warnings
 
 # A commit with a signature header (index-pack --strict takes it): git log
 # verifies it when log.showSignature is set, running gpg.program.
@@ -23,17 +23,6 @@ tree=$(git rev-parse HEAD^{tree}); parent=$(git rev-parse HEAD)
 c=$(printf 'tree %s\nparent %s\nauthor A <a@b> 1700000000 +0000\ncommitter A <a@b> 1700000000 +0000\ngpgsig -----BEGIN PGP SIGNATURE-----\n \n AAAA\n -----END PGP SIGNATURE-----\n\nsigned\n' $tree $parent | git hash-object -t commit -w --stdin)
 git update-ref HEAD $c
 """
-
-
-def included_config(box):
-    """The user's repository config includes ../conf/git.cfg, in the
-    project (so mounted read-only inside)."""
-    box.init_repo()
-    box.mkdir(os.path.join(box.project, "conf"))
-    with open(os.path.join(box.project, "conf", "git.cfg"), "w") as handle:
-        handle.write("[alias]\n\tst = status\n")
-    box.chown(box.project)
-    box.ok("git config include.path ../conf/git.cfg")
 
 
 def test_an_included_config_swapped_behind_a_link_is_disabled(box):

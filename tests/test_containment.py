@@ -158,13 +158,19 @@ def test_submodules_work_inside_read_only_and_their_git_dirs_stay_the_hosts(box)
     assert not os.path.exists(marker(box))
 
 
-def test_config_files_git_reads_from_the_project_are_read_only(box):
+def included_config(box):
+    """The user's repository config includes ../conf/git.cfg, in the
+    project (so mounted read-only inside)."""
     box.init_repo()
     box.mkdir(os.path.join(box.project, "conf"))
     with open(os.path.join(box.project, "conf", "git.cfg"), "w") as handle:
         handle.write("[alias]\n\tst = status\n")
     box.chown(box.project)
     box.ok("git config include.path ../conf/git.cfg")
+
+
+def test_config_files_git_reads_from_the_project_are_read_only(box):
+    included_config(box)
     evil = "printf '[core]\\n\\tfsmonitor = touch %s\\n'" % marker(box)
     write = agent(box, evil + " >> conf/git.cfg")
     assert write.returncode != 0 and "Read-only" in write.stderr

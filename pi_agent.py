@@ -2653,8 +2653,9 @@ def refusal(path, homes, guarded=()):
             return ("it is %s, which would hand the agent ~/.ssh and every credential"
                     % ("your home directory" if path == home else "a directory above your home"),
                     None)
-        for secret in CREDENTIAL_DIRS:
-            if is_within(path, os.path.join(home, secret)):
+        for secret in CREDENTIAL_DIRS:  # (in one, or holding one: ~/.config holds ~/.config/gh)
+            if is_within(path, os.path.join(home, secret)) or \
+                    is_within(os.path.join(home, secret), path):
                 return "it holds credentials (~/%s)" % secret, "cd into a project directory"
     if path in SHARED_DIRS:
         return ("it is a directory many programs share, their sockets and files among them",

@@ -79,6 +79,12 @@ def test_credential_directories_are_refused(secret):
         pi_agent.find_target(HOME + "/" + secret + "/sub", [HOME])
 
 
+def test_a_directory_holding_credentials_is_refused():
+    # ~/.config holds ~/.config/gh's and ~/.config/gcloud's tokens.
+    with pytest.raises(pi_agent.Refused, match=r"credentials \(~/\.config/gcloud\)"):
+        pi_agent.find_target(HOME + "/.config", [HOME])
+
+
 def test_sibling_of_home_with_common_prefix_is_fine():
     assert pi_agent.find_target("/home/alice2/p", [HOME])[0] == "/home/alice2/p"
 

@@ -7410,6 +7410,7 @@ class Egress:
             # (none of the line's: not the repository's label, which the base
             # would give it, so no listing of the line's containers waits for it)
             "--label", LABEL + "egress=%d" % os.getuid(), "--label", LABEL + "repo=",
+            "--label", LABEL + "egress-base=" + self.base,
             "--user", "%d:%d" % (
                 os.getuid(), os.getgid()), "--cap-drop", "ALL", "--security-opt",
             "no-new-privileges", "--read-only", "--memory", "256m", "--pids-limit",
@@ -9989,8 +9990,9 @@ def purge(line, yes):
         if rows:
             docker("rm", "-f", "-v", *[name for name, _state, _pid in rows])
         proxies = docker("ps", "-q", "--filter", "label=%segress=%d" % (LABEL, os.getuid()),
-                         "--filter", "ancestor=" + line.base).stdout.split()
-        if proxies:  # (the egress proxies running from the base: see Egress.start)
+                         "--filter", "label=%segress-base=%s" % (LABEL, line.base)
+                         ).stdout.split()
+        if proxies:  # (the egress proxies of the line's base, by name: see Egress.start)
             docker("rm", "-f", *proxies)
         if refs:
             docker("rmi", *refs)

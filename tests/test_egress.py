@@ -574,7 +574,7 @@ def test_the_proxy_keeps_no_reset_waiting_and_goes_with_the_base(box):
 
     def proxies():
         return docker("ps", "-q", "--filter", "label=pi-agent.egress=%d" % box.user.uid,
-                      "--filter", "ancestor=%s:base" % box.repo).stdout.split()
+                      "--filter", "label=pi-agent.egress-base=%s:base" % box.repo).stdout.split()
     box.ok("pi-exec true", env=env)
     assert proxies()
     box.ok("pi-reset-all --yes", env=env)

@@ -17,6 +17,35 @@ FSMONITOR = "printf '[core]\\n\\tfsmonitor = \"touch %s; false\"\\n' >> %s"
 HOOK = "printf '#!/bin/sh\\ntouch %s\\n' > %s && chmod +x %s"
 
 
+def agent_arms_config(box, path, first="", then="", cwd=None):
+    """The agent adds an fsmonitor to the config file at `path` (between
+    `first` and `then`): neither pi-agent's own git nor the user's next git
+    status (in `cwd`) runs it."""
+    pwned = marker(box)
+    result = agent(box, first + FSMONITOR % (pwned, path) + then)
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    host_git(box, "status", cwd=cwd)
+    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+
+
+def passing_hook(directory, name):
+    """An executable hook script of the user's, DIRECTORY/NAME, that passes."""
+    path = os.path.join(directory, name)
+    with open(path, "w") as handle:
+        handle.write("#!/bin/sh\nexit 0\n")
+    os.chmod(path, 0o755)
+
+
+def agent_rewrites_hook(box, path, cwd=None, first=""):
+    """The agent rewrites the hook at `path` (after `first`): neither
+    pi-agent's own git nor the user's next git commit (in `cwd`) runs it."""
+    pwned = marker(box)
+    result = agent(box, first + HOOK % (pwned, path, path))
+    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
+    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine", cwd=cwd)
+    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+
+
 def test_a_global_config_linked_into_the_project_is_protected(box):
     # dotfiles kept with stow: ~/.gitconfig -> ~/dotfiles/gitconfig, and
     # the user runs pi in the dotfiles repository. Host git reads the file
@@ -27,11 +56,7 @@ def test_a_global_config_linked_into_the_project_is_protected(box):
         handle.write("[alias]\n\tst = status\n")
     box.chown(box.project)
     os.symlink(os.path.join(box.project, "gitconfig"), os.path.join(box.home, ".gitconfig"))
-    pwned = marker(box)
-    result = agent(box, FSMONITOR % (pwned, "gitconfig"))
-    assert not os.path.exists(pwned), result.stderr
-    host_git(box, "status")
-    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+    agent_arms_config(box, "gitconfig")
 
 
 def test_a_hooks_path_linked_into_the_project_is_protected(box):
@@ -40,12 +65,7 @@ def test_a_hooks_path_linked_into_the_project_is_protected(box):
     box.mkdir(os.path.join(box.project, "githooks"))
     os.symlink(os.path.join(box.project, "githooks"), os.path.join(box.home, ".githooks"))
     box.ok("git config --global core.hooksPath ~/.githooks")
-    pwned = marker(box)
-    path = "githooks/pre-commit"
-    result = agent(box, HOOK % (pwned, path, path))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
-    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+    agent_rewrites_hook(box, "githooks/pre-commit")
 
 
 def test_a_nested_repositorys_hooks_path_is_protected(box):
@@ -57,12 +77,7 @@ def test_a_nested_repositorys_hooks_path_is_protected(box):
     box.init_repo(sub)
     box.mkdir(os.path.join(sub, ".githooks"))
     box.ok("git config core.hooksPath .githooks", cwd=sub)
-    pwned = marker(box)
-    path = "sub/.githooks/pre-commit"
-    result = agent(box, HOOK % (pwned, path, path))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine", cwd=sub)
-    assert not os.path.exists(pwned), "the user's git commit in sub ran the agent's hook"
+    agent_rewrites_hook(box, "sub/.githooks/pre-commit", cwd=sub)
 
 
 def test_a_nested_repositorys_include_is_protected(box):
@@ -75,11 +90,7 @@ def test_a_nested_repositorys_include_is_protected(box):
         handle.write("[alias]\n\tst = status\n")
     box.chown(sub)
     box.ok("git config include.path ../.gitconfig", cwd=sub)
-    pwned = marker(box)
-    result = agent(box, FSMONITOR % (pwned, "sub/.gitconfig"))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    host_git(box, "status", cwd=sub)
-    assert not os.path.exists(pwned), "the user's git status in sub ran the agent's fsmonitor"
+    agent_arms_config(box, "sub/.gitconfig", cwd=sub)
 
 
 def test_a_link_on_the_way_to_a_linked_hook_is_protected(box):
@@ -88,18 +99,11 @@ def test_a_link_on_the_way_to_a_linked_hook_is_protected(box):
     # only; the link in between is the agent's to replace.
     box.init_repo()
     hooks = box.mkdir(os.path.join(box.project, "hooks"))
-    with open(os.path.join(hooks, "lint.sh"), "w") as handle:
-        handle.write("#!/bin/sh\nexit 0\n")
-    os.chmod(os.path.join(hooks, "lint.sh"), 0o755)
+    passing_hook(hooks, "lint.sh")
     os.symlink("lint.sh", os.path.join(hooks, "pre-commit"))
     box.chown(box.project)
     box.ok("ln -s ../../hooks/pre-commit .git/hooks/pre-commit")
-    pwned = marker(box)
-    path = "hooks/pre-commit"
-    result = agent(box, "rm %s && " % path + HOOK % (pwned, path, path))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
-    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+    agent_rewrites_hook(box, "hooks/pre-commit", first="rm hooks/pre-commit && ")
 
 
 def test_a_hook_in_the_hooks_path_linked_elsewhere_is_protected(box):
@@ -109,18 +113,11 @@ def test_a_hook_in_the_hooks_path_linked_elsewhere_is_protected(box):
     box.init_repo()
     box.mkdir(os.path.join(box.project, ".githooks"))
     scripts = box.mkdir(os.path.join(box.project, "scripts"))
-    with open(os.path.join(scripts, "pre-commit.sh"), "w") as handle:
-        handle.write("#!/bin/sh\nexit 0\n")
-    os.chmod(os.path.join(scripts, "pre-commit.sh"), 0o755)
+    passing_hook(scripts, "pre-commit.sh")
     os.symlink("../scripts/pre-commit.sh", os.path.join(box.project, ".githooks", "pre-commit"))
     box.chown(box.project)
     box.ok("git config core.hooksPath .githooks")
-    pwned = marker(box)
-    path = "scripts/pre-commit.sh"
-    result = agent(box, HOOK % (pwned, path, path))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
-    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+    agent_rewrites_hook(box, "scripts/pre-commit.sh")
 
 
 def test_a_hook_linked_into_the_project_is_protected_with_hooks_path_set_to_git_hooks(box):
@@ -129,18 +126,11 @@ def test_a_hook_linked_into_the_project_is_protected_with_hooks_path_set_to_git_
     # it only when core.hooksPath is unset.
     box.init_repo()
     scripts = box.mkdir(os.path.join(box.project, "scripts"))
-    with open(os.path.join(scripts, "pre-commit"), "w") as handle:
-        handle.write("#!/bin/sh\nexit 0\n")
-    os.chmod(os.path.join(scripts, "pre-commit"), 0o755)
+    passing_hook(scripts, "pre-commit")
     box.chown(box.project)
     box.ok("ln -s ../../scripts/pre-commit .git/hooks/pre-commit && "
            "git config core.hooksPath .git/hooks")
-    pwned = marker(box)
-    path = "scripts/pre-commit"
-    result = agent(box, HOOK % (pwned, path, path))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine")
-    assert not os.path.exists(pwned), "the user's git commit ran the agent's hook"
+    agent_rewrites_hook(box, "scripts/pre-commit")
 
 
 def test_an_include_with_dot_dot_through_a_directory_made_a_link_is_protected(box):
@@ -153,12 +143,7 @@ def test_an_include_with_dot_dot_through_a_directory_made_a_link_is_protected(bo
         handle.write("[alias]\n\tst = status\n")
     box.chown(box.project)
     box.ok("git config include.path ../sub/../conf.cfg")
-    pwned = marker(box)
-    result = agent(box, "mkdir -p a/b && rmdir sub && ln -s a/b sub && " + FSMONITOR % (
-        pwned, "a/conf.cfg"))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    host_git(box, "status")
-    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+    agent_arms_config(box, "a/conf.cfg", first="mkdir -p a/b && rmdir sub && ln -s a/b sub && ")
 
 
 
@@ -174,11 +159,7 @@ def test_an_include_nested_in_a_condition_the_agent_makes_true_is_protected(box)
         handle.write("[include]\n\tpath = local.cfg\n")
     box.chown(box.project)
     box.ok("git config includeIf.onbranch:release.path ../conf/release.cfg")
-    pwned = marker(box)
-    result = agent(box, FSMONITOR % (pwned, "conf/local.cfg") + " && git checkout -q -b release")
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    host_git(box, "status")
-    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+    agent_arms_config(box, "conf/local.cfg", then=" && git checkout -q -b release")
 
 
 def test_a_filter_command_in_the_project_does_not_run_on_review(box):
@@ -209,19 +190,12 @@ def test_a_relative_hooks_path_in_a_worktree_inside_the_project_is_protected(box
     # main work tree only; in feat, git runs .worktrees/feat/.githooks.
     box.init_repo()
     hooks = box.mkdir(os.path.join(box.project, ".githooks"))
-    with open(os.path.join(hooks, "pre-commit"), "w") as handle:
-        handle.write("#!/bin/sh\nexit 0\n")
-    os.chmod(os.path.join(hooks, "pre-commit"), 0o755)
+    passing_hook(hooks, "pre-commit")
     box.chown(box.project)
     box.ok("git add .githooks && git -c user.name=H -c user.email=h@x commit -qm hooks && "
            "git config core.hooksPath .githooks && git worktree add -q .worktrees/feat")
-    pwned = marker(box)
-    path = ".worktrees/feat/.githooks/pre-commit"
-    result = agent(box, HOOK % (pwned, path, path))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    box.sh("git -c user.name=H -c user.email=h@x commit -q --allow-empty -m mine",
-           cwd=os.path.join(box.project, ".worktrees", "feat"))
-    assert not os.path.exists(pwned), "the user's git commit in the worktree ran the agent's hook"
+    agent_rewrites_hook(box, ".worktrees/feat/.githooks/pre-commit",
+                        cwd=os.path.join(box.project, ".worktrees", "feat"))
 
 
 def test_a_fifo_in_place_of_a_linked_global_config_does_not_stop_the_sweep(box):

@@ -8,7 +8,7 @@ asserts the SAFE outcome: it fails while the attack works."""
 
 import os
 
-from test_attack4 import FSMONITOR
+from test_attack4 import agent_arms_config
 from test_containment import agent, host_git, marker
 
 
@@ -57,8 +57,4 @@ def test_a_missing_xdg_global_config_linked_into_the_project_is_protected(box):
     if not os.path.isdir(config_dir):
         box.mkdir(config_dir)
     os.symlink(git, os.path.join(config_dir, "git"))
-    pwned = marker(box)
-    result = agent(box, FSMONITOR % (pwned, "git/config"))
-    assert not os.path.exists(pwned), "pi-agent's own git ran it: " + result.stderr
-    host_git(box, "status")
-    assert not os.path.exists(pwned), "the user's git status ran the agent's fsmonitor"
+    agent_arms_config(box, "git/config")

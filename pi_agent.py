@@ -3807,15 +3807,17 @@ COMMAND_KEYS = re.compile(
     r"uploadpack\.packobjectshook")
 
 
-COMMAND_WORD = "your git config runs"
+# (why host git reads a path: config_reads writes it, config_facts reads it)
+INCLUDED, COMMAND_WORD = "your git config includes", "your git config runs"
 
 
 def config_reads(out, top, what):
     """From a `git config --list --show-origin -z` listing (`out`), into
     `what` ({path as git names it: why git reads it}): the files read, the
     files they include, the hooks directory in effect (a relative one is
-    the work tree's, `top`'s), the files of `top` that commands name. Returns [(key, value, the file it is in)],
-    the hooks directory set, and that setting as written."""
+    the work tree's, `top`'s), the files of `top` that commands name.
+    Returns [(key, value, the file it is in)], the hooks directory set,
+    and that setting as written."""
     entries, hooks, written = [], None, None
     fields = out.split("\0")
     for origin, pair in zip(fields[0::2], fields[1::2]):
@@ -3824,10 +3826,9 @@ def config_reads(out, top, what):
         source = os.path.join(top, origin[len("file:"):]) if origin.startswith("file:") else None
         entries.append((key, value if newline else None, source))
         if source:
-            what.setdefault(source, "your git config includes")
+            what.setdefault(source, INCLUDED)
         if re.fullmatch(r"include(?:if\..*)?\.path", key) and source and newline:
-            what[os.path.join(os.path.dirname(source), os.path.expanduser(value))] = \
-                "your git config includes"
+            what[os.path.join(os.path.dirname(source), os.path.expanduser(value))] = INCLUDED
         elif key == "core.hookspath" and source and newline:
             written = os.path.expanduser(value)
             hooks = os.path.join(top, written)
@@ -3895,7 +3896,7 @@ def config_facts(listing, target, repo, nested=()):
     seen = {os.path.realpath(source) for _key, _value, source in entries if source} \
         if listing is not None else set()
     for _ in range(MAX_NESTED_GIT):
-        unread = [path for path, why in what.items() if why == "your git config includes"
+        unread = [path for path, why in what.items() if why == INCLUDED
                   and os.path.realpath(path) not in seen and os.path.isfile(path)]
         if not unread:
             break

@@ -4171,9 +4171,12 @@ def link_objects(gate_fd, dest):
     where a link is not allowed, MAX_OBJECT_COPY at most and never of a
     sparse file: one left out makes the import fail, and the work is kept):
     only plain files, reached through directories that are not links. The
-    container has stopped, so none of them can change any more. Returns how
-    many there are."""
+    container has stopped, so none of them can change any more. Made in
+    `dest`.part, then renamed: a `dest` is whole. Returns how many there are."""
     import shutil
+    part = dest + ".part"
+    for leftover in (dest, part):  # (of a hand-back cut short: made again, whole)
+        shutil.rmtree(leftover, ignore_errors=True)
     count, copied = 0, 0
     try:
         objects = open_dir("objects", gate_fd)
@@ -4196,8 +4199,8 @@ def link_objects(gate_fd, dest):
                     if not (re.fullmatch(pattern, item.name) and
                             item.is_file(follow_symlinks=False)):
                         continue
-                    os.makedirs(os.path.join(dest, entry.name), exist_ok=True)
-                    target = os.path.join(dest, entry.name, item.name)
+                    os.makedirs(os.path.join(part, entry.name), exist_ok=True)
+                    target = os.path.join(part, entry.name, item.name)
                     try:
                         os.link(item.name, target, src_dir_fd=fd, follow_symlinks=False)
                     except OSError:  # not ours to link (protected_hardlinks)
@@ -4214,6 +4217,8 @@ def link_objects(gate_fd, dest):
                 os.close(fd)
     finally:
         os.close(objects)
+    if os.path.isdir(part):
+        os.rename(part, dest)
     return count
 
 
@@ -4517,12 +4522,17 @@ def apply_state_files(record, repo, agent_state):
             replace_file(path, after.encode(), 0o644)
 
 
-def keep_gate(run_dir, gate_fd, record, why, refs=None):
+def keep_gate(run_dir, gate_fd, record, why):
     """Git data that could not come back is kept, not lost, and cannot run:
     STATE/kept/CONTAINER holds the agent's objects (plain files with an
     object's name, as linked for the import) and its refs (a packed-refs
-    written here from what was read), nothing else. No HEAD, config or
-    hooks: no git takes it, or anything in it, for a repository."""
+    written here from what was read, unless there are too many to read),
+    nothing else. No HEAD, config or hooks: no git takes it, or anything in
+    it, for a repository."""
+    try:
+        refs = read_ref_store(gate_fd, len(record.get("refs") or ()) + MAX_AGENT_REFS)
+    except (ValueError, OSError):
+        refs = None
     kept = os.path.join(os.path.dirname(os.path.dirname(run_dir)), KEPT_DIR,
                         os.path.basename(run_dir))
     incoming = os.path.join(run_dir, "incoming")
@@ -4715,11 +4725,7 @@ def hand_back_git(run_dir, record, keep=None):
         return
     try:
         if keep:
-            try:
-                refs = read_ref_store(gate_fd, MAX_AGENT_REFS)
-            except ValueError:
-                refs = None
-            keep_gate(run_dir, gate_fd, record, keep, refs)
+            keep_gate(run_dir, gate_fd, record, keep)
             os.rename(gate, gate + ".done")
             return
         if record["repo"] is None:
@@ -4757,7 +4763,7 @@ def hand_back_git(run_dir, record, keep=None):
             try:
                 import_objects(repo["gitdir"], incoming, wanted, have)
             except PiError as err:
-                keep_gate(run_dir, gate_fd, record, err, refs)
+                keep_gate(run_dir, gate_fd, record, err)
                 os.rename(gate, gate + ".done")
                 return
             note_commits(record, repo, tips, have)
@@ -4772,6 +4778,9 @@ def hand_back_git(run_dir, record, keep=None):
             write_host_index(repo, index, record)
         apply_state_files(record, repo, state)
         keep_agent_config(record, repo, gate_fd)
+        os.rename(gate, gate + ".done")
+    except Exception as err:  # (a fault of ours: the work is kept, not lost with the run directory)
+        keep_gate(run_dir, gate_fd, record, "an unexpected error: %s" % err)
         os.rename(gate, gate + ".done")
     finally:
         os.close(gate_fd)

@@ -176,6 +176,36 @@ def test_kill_9_of_wrapper_and_saver_is_recovered_by_the_next_run(box):
     assert result.stderr.count("\n") == 1, "one line"
 
 
+def test_a_hand_back_cut_short_is_done_again_and_the_commit_lands(box):
+    """A saver killed inside the hand-back leaves the agent's objects it had
+    linked, some of them, a copy cut short: the next hand-back makes them
+    again (it once stopped at the first, and the commit was lost)."""
+    box.init_repo()
+    run = start_and_wait_for(box, "/tmp/committed", script=(
+        "pi-exec sh -c 'echo a > f && git add f && git -c user.name=A -c user.email=a@x "
+        "commit -qm by-the-agent && touch /tmp/committed && "
+        "while [ ! -e go ]; do sleep 0.1; done'"))
+    name = box.live_run_name()
+    saver = box.holder()["saver_pid"]
+    os.kill(box.wrapper_pid(), signal.SIGKILL)
+    os.kill(saver, signal.SIGKILL)
+    run.wait(timeout=60)
+    run_dir = os.path.join(box.state_dir, "run", name)
+    loose = [(prefix, entry) for prefix in os.listdir(os.path.join(run_dir, "git", "objects"))
+             if len(prefix) == 2
+             for entry in os.listdir(os.path.join(run_dir, "git", "objects", prefix))]
+    assert loose, "the agent's commit is in its git directory"
+    for prefix, entry in loose:
+        os.makedirs(os.path.join(run_dir, "incoming", prefix), exist_ok=True)
+        open(os.path.join(run_dir, "incoming", prefix, entry), "wb").close()
+    box.chown(os.path.join(run_dir, "incoming"))
+    result = box.ok("pi-exec true")
+    assert "recovered the interrupted run" in result.stderr, result.stderr
+    assert box.ok("git log -1 --format=%s HEAD").stdout.strip() == "by-the-agent", \
+        result.stderr
+    box.ok("git fsck --strict")
+
+
 def test_kill_9_during_the_commit_loses_nothing(faulty):
     box = faulty
     fault(box, "commit-slow", "3")

@@ -4673,10 +4673,13 @@ def move_refs(record, repo, lines, head, elsewhere):
 
 def carry_stash(record, repo, entries):
     """Stash entries the agent made become the host's (git stash list), in
-    its order; one of the user's it dropped stays."""
+    its order; one of the user's it dropped stays. An entry the host has
+    already (brought back by a hand-back cut short) is not made twice."""
     known, new = set(record.get("stash") or ()), []
+    here = {oid for oid, _message in stash_entries(read_beneath(repo["common"], "logs", "refs",
+                                                                "stash"))}
     for oid, message in entries:
-        if oid not in known:
+        if oid not in known and oid not in here:
             known.add(oid)
             new.append((oid, message))
     if len(new) > MAX_NEW_STASH:

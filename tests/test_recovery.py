@@ -176,24 +176,35 @@ def test_kill_9_of_wrapper_and_saver_is_recovered_by_the_next_run(box):
     assert result.stderr.count("\n") == 1, "one line"
 
 
-def test_a_hand_back_cut_short_is_done_again_and_the_commit_lands(box):
-    """A saver killed inside the hand-back leaves the agent's objects it had
-    linked, some of them, a copy cut short: the next hand-back makes them
-    again (it once stopped at the first, and the commit was lost)."""
+def killed_before_the_hand_back(box, script):
+    """The run directory of a run whose wrapper and saver were killed after
+    the agent ran `script` (its git work not brought back yet)."""
     box.init_repo()
-    run = start_and_wait_for(box, "/tmp/committed", script=(
-        "pi-exec sh -c 'echo a > f && git add f && git -c user.name=A -c user.email=a@x "
-        "commit -qm by-the-agent && touch /tmp/committed && "
-        "while [ ! -e go ]; do sleep 0.1; done'"))
+    run = start_and_wait_for(box, "/tmp/done", script=(
+        "pi-exec sh -c '%s && touch /tmp/done && while [ ! -e go ]; do sleep 0.1; done'"
+        % script))
     name = box.live_run_name()
     saver = box.holder()["saver_pid"]
     os.kill(box.wrapper_pid(), signal.SIGKILL)
     os.kill(saver, signal.SIGKILL)
     run.wait(timeout=60)
-    run_dir = os.path.join(box.state_dir, "run", name)
-    loose = [(prefix, entry) for prefix in os.listdir(os.path.join(run_dir, "git", "objects"))
-             if len(prefix) == 2
-             for entry in os.listdir(os.path.join(run_dir, "git", "objects", prefix))]
+    return os.path.join(box.state_dir, "run", name)
+
+
+def agents_loose_objects(run_dir):
+    objects = os.path.join(run_dir, "git", "objects")
+    return [(prefix, entry) for prefix in os.listdir(objects) if len(prefix) == 2
+            for entry in os.listdir(os.path.join(objects, prefix))]
+
+
+def test_a_hand_back_cut_short_is_done_again_and_the_commit_lands(box):
+    """A saver killed inside the hand-back leaves the agent's objects it had
+    linked, some of them, a copy cut short: the next hand-back makes them
+    again (it once stopped at the first, and the commit was lost)."""
+    run_dir = killed_before_the_hand_back(
+        box, "echo a > f && git add f && git -c user.name=A -c user.email=a@x "
+        "commit -qm by-the-agent")
+    loose = agents_loose_objects(run_dir)
     assert loose, "the agent's commit is in its git directory"
     for prefix, entry in loose:
         os.makedirs(os.path.join(run_dir, "incoming", prefix), exist_ok=True)
@@ -204,6 +215,23 @@ def test_a_hand_back_cut_short_is_done_again_and_the_commit_lands(box):
     assert box.ok("git log -1 --format=%s HEAD").stdout.strip() == "by-the-agent", \
         result.stderr
     box.ok("git fsck --strict")
+
+
+def test_a_stash_entry_brought_back_before_the_cut_is_not_made_twice(box):
+    run_dir = killed_before_the_hand_back(
+        box, "for a in a b; do echo $a > f && git add f && "
+        "git -c user.name=A -c user.email=a@x stash -q; done")
+    for prefix, entry in agents_loose_objects(run_dir):  # (as the cut-short hand-back did)
+        target = os.path.join(box.project, ".git", "objects", prefix)
+        os.makedirs(target, exist_ok=True)
+        shutil.copy(os.path.join(run_dir, "git", "objects", prefix, entry), target)
+    box.chown(os.path.join(box.project, ".git", "objects"))
+    with open(os.path.join(run_dir, "git", "logs", "refs", "stash")) as handle:
+        for line in handle:
+            box.ok("git update-ref --create-reflog -m agent refs/stash " + line.split()[1])
+    result = box.ok("pi-exec true")
+    assert "recovered the interrupted run" in result.stderr, result.stderr
+    assert len(box.ok("git stash list").stdout.splitlines()) == 2, result.stderr
 
 
 def test_kill_9_during_the_commit_loses_nothing(faulty):

@@ -4417,6 +4417,8 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
             outside = True
         else:
             kept_deleted.append(name)
+        if line and line.startswith("create ") and host_refs.get(line.split(" ")[1]) == new:
+            line = None  # (made by a hand-back cut short)
         if line and line.startswith("create "):
             made += 1
             if made > MAX_NEW_REFS:

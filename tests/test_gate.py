@@ -234,6 +234,11 @@ def test_ref_updates_never_overwrite_what_the_user_moved():
                                                    {"refs/heads/main": "/src/wt"})
     assert "update refs/heads/main" not in " ".join(lines), "checked out elsewhere: kept aside"
     assert any("checked out in /src/wt" in note for note in notes)
+    after = dict(host, **{"refs/heads/main": "4" * 40, "refs/heads/new": "5" * 40,
+                          "refs/pi-agent/19700101-000000/heads/moved": "6" * 40})
+    del after["refs/heads/old"]
+    assert pi_agent.ref_updates(record, agent, after, {})[0] == [], \
+        "a hand-back cut short after its refs moved makes none again"
 
 
 def test_a_branch_that_cannot_be_moved_keeps_its_commit_reachable(repo):

@@ -4043,7 +4043,7 @@ def stash_entries(log):
         head, _, message = line.partition("\t")
         fields = head.split(" ")
         if len(fields) > 1 and OID_RE.fullmatch(fields[1]):
-            entries.append((fields[1], message))
+            entries.append((fields[1], message.replace("\0", " ")))  # (git's -m takes no NUL)
     return entries
 
 
@@ -4166,10 +4166,18 @@ def gate_mounts(record, run_dir):
 
 # --- the hand-back: what the agent did to git, brought back as data
 
+def host_lacks(gitdir, oids):
+    """Whether the host repository misses any of the objects `oids`."""
+    listing = host_git(gitdir, "cat-file", "--batch-check",
+                       stdin="".join(oid + "\n" for oid in sorted(oids)).encode(), check=False)
+    return listing.returncode != 0 or b" missing\n" in listing.stdout
+
+
 def link_objects(gate_fd, dest):
     """Hard links in `dest` to the agent's loose objects and packs (a copy
-    where a link is not allowed, MAX_OBJECT_COPY at most and never of a
-    sparse file: one left out makes the import fail, and the work is kept):
+    where a link is not allowed, MAX_OBJECT_COPY at most, never of a sparse
+    file nor of one it cannot read: one left out makes the import fail, and
+    the work is kept):
     only plain files, reached through directories that are not links. The
     container has stopped, so none of them can change any more. Made in
     `dest`.part, then renamed: a `dest` is whole. Returns how many there are."""
@@ -4204,7 +4212,10 @@ def link_objects(gate_fd, dest):
                     try:
                         os.link(item.name, target, src_dir_fd=fd, follow_symlinks=False)
                     except OSError:  # not ours to link (protected_hardlinks)
-                        source = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+                        try:
+                            source = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+                        except OSError:  # (nor to read: left out)
+                            continue
                         with os.fdopen(source, "rb") as reading:
                             info = os.fstat(reading.fileno())
                             copied += info.st_size
@@ -4530,35 +4541,41 @@ def keep_gate(run_dir, gate_fd, record, why):
     object's name, as linked for the import) and its refs (a packed-refs
     written here from what was read, unless there are too many to read),
     nothing else. No HEAD, config or hooks: no git takes it, or anything in
-    it, for a repository."""
+    it, for a repository. Made in CONTAINER.part, then renamed: a keep cut
+    short is made again, one done is not."""
+    import shutil
     try:
         refs = read_ref_store(gate_fd, len(record.get("refs") or ()) + MAX_AGENT_REFS)
     except (ValueError, OSError):
         refs = None
     kept = os.path.join(os.path.dirname(os.path.dirname(run_dir)), KEPT_DIR,
                         os.path.basename(run_dir))
-    incoming = os.path.join(run_dir, "incoming")
+    part, incoming = kept + ".part", os.path.join(run_dir, "incoming")
     try:
         os.makedirs(os.path.dirname(kept), mode=0o700, exist_ok=True)
-        os.mkdir(kept, 0o700)
-        if not os.path.isdir(incoming):
-            link_objects(gate_fd, incoming)
-        if os.path.isdir(incoming):
-            os.rename(incoming, os.path.join(kept, "objects"))
-        if refs:
-            write_file(os.path.join(kept, "packed-refs"), "".join(
-                "%s %s\n" % (oid, name) for name, oid in sorted(refs.items())
-                if OID_RE.fullmatch(oid)).encode())
-        if not set(os.listdir(kept)) <= {"objects", "packed-refs"} or \
-                looks_like_git_dir(kept) or looks_like_git_dir(os.path.join(kept, "objects")):
-            raise OSError("what was kept is not data alone")
+        if not (os.path.isdir(kept) and os.listdir(kept)):  # (an empty one is renamed over)
+            shutil.rmtree(part, ignore_errors=True)
+            os.mkdir(part, 0o700)
+            if not os.path.isdir(incoming):
+                link_objects(gate_fd, incoming)
+            if os.path.isdir(incoming):
+                os.rename(incoming, os.path.join(part, "objects"))
+            if refs:
+                write_file(os.path.join(part, "packed-refs"), "".join(
+                    "%s %s\n" % (oid, name) for name, oid in sorted(refs.items())
+                    if OID_RE.fullmatch(oid)).encode())
+            if not set(os.listdir(part)) <= {"objects", "packed-refs"} or \
+                    looks_like_git_dir(part) or looks_like_git_dir(os.path.join(part, "objects")):
+                raise OSError("what was kept is not data alone")
+            os.rename(part, kept)
         where = ("its objects and refs are kept in %s, as data (no HEAD, config or hooks); to "
                  "look: git init -q --bare %s.look && cp -r %s/. %s.look && git --git-dir "
                  "%s.look log --all" % ((kept,) * 5))
     except OSError as err:
         where = "it could not be kept (%s)" % err
-    record["notes"].append("the agent's git work could not be brought back (%s); %s"
-                           % (why, where))
+    record["notes"].append("the agent's git work %s (%s); %s" % (
+        "came back only in part (the refs pi-log lists moved)" if record.get("moved")
+        else "could not be brought back", why, where))
 
 
 def agent_stash(gate):
@@ -4764,7 +4781,10 @@ def hand_back_git(run_dir, record, keep=None):
         have = {oid for oid in record["refs"].values() if OID_RE.fullmatch(oid)}
         have.update(record.get("stash", ()))
         incoming = os.path.join(run_dir, "incoming")
-        if wanted - have and link_objects(gate_fd, incoming):
+        # (nothing linked is nothing new only if the host has what the refs
+        # name: the agent can make its objects unreadable)
+        if wanted - have and (link_objects(gate_fd, incoming) or
+                               host_lacks(repo["gitdir"], wanted - have)):
             try:
                 import_objects(repo["gitdir"], incoming, wanted, have)
             except PiError as err:

@@ -39,11 +39,10 @@ def kept_objects(box, name):
 def test_a_keep_cut_short_is_done_again_and_the_work_is_kept(box):
     # The import fails (a branch names an object the agent never wrote:
     # any verification failure does), so the hand-back keeps the agent's
-    # work; a saver killed inside keep_gate, after its os.mkdir(kept) and
-    # before the objects were renamed into it, leaves STATE/kept/NAME,
-    # empty. The next hand-back (recovery) keeps again: os.mkdir raises
-    # EEXIST, "it could not be kept", the gate is marked done, and the run
-    # directory with the agent's only copy of its commit is removed.
+    # work; a saver killed inside keep_gate leaves STATE/kept/NAME.part
+    # (once an empty NAME: the next keep stopped at EEXIST, "it could not be
+    # kept", and the run directory with the agent's only copy of its commit
+    # was removed). The next hand-back (recovery) keeps it again, whole.
     box.init_repo()
     run = start_and_wait_for(box, "/tmp/committed", script=(
         "pi-exec sh -c '%s && echo %s > .git/refs/heads/broken && touch /tmp/committed && "
@@ -55,8 +54,11 @@ def test_a_keep_cut_short_is_done_again_and_the_work_is_kept(box):
     run.wait(timeout=60)
     run_dir = os.path.join(box.state_dir, "run", name)
     tip = agent_tip(run_dir)
-    box.mkdir(os.path.join(box.state_dir, "kept", name))  # (keep_gate's mkdir, then the kill)
-    os.chmod(os.path.join(box.state_dir, "kept", name), 0o700)
+    cut = os.path.join(box.state_dir, "kept", name + ".part", "objects", tip[:2])
+    box.mkdir(cut)  # (a copy cut short)
+    open(os.path.join(cut, tip[2:]), "wb").close()
+    box.mkdir(os.path.join(box.state_dir, "kept", name))  # (as an older keep_gate left it)
+    box.chown(os.path.join(box.state_dir, "kept"))
     result = box.ok("pi-exec true")
     assert "recovered the interrupted run" in result.stderr, result.stderr
     landed = box.sh("git cat-file -e %s^{commit}" % tip).returncode == 0
@@ -89,6 +91,10 @@ def test_an_unreadable_object_file_does_not_lose_the_agents_commit(box, plant):
     kept_dir = os.path.join(box.state_dir, "kept")
     kept = any(tip in kept_objects(box, name) for name in
                (os.listdir(kept_dir) if os.path.isdir(kept_dir) else ()))
+    if plant == "objects dir":  # (the agent's own objects, unreadable to you: its refs are kept)
+        kept = any(tip in open(os.path.join(kept_dir, name, "packed-refs")).read()
+                   for name in os.listdir(kept_dir))
+        assert any("could not be brought back" in line for line in warnings(result))
     assert landed or kept, "the agent's commit is lost: %s" % warnings(result)
 
 

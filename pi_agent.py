@@ -3290,6 +3290,10 @@ MAX_COMMITS_READ = 10000
 # hard-linked (root's, inside: protected_hardlinks); a sparse one never is
 # (its holes would be written out, filling the disk for nothing).
 MAX_OBJECT_COPY = 1 << 30
+# How long one host git command may take (not the import, bounded by size):
+# one that hangs (a FIFO where it reads) is stopped, loudly, not waited for
+# with the project's lock held.
+HOST_GIT_TIMEOUT = 600
 
 
 def valid_refname(name):
@@ -3412,7 +3416,16 @@ def git_failure(args, stderr):
 def host_git(repo_dir, *args, stdin=None, check=True):
     """Run host git (see host_git_process) to the end."""
     proc = host_git_process(repo_dir, *args, stdin=subprocess.PIPE if stdin else None)
-    out, err = proc.communicate(stdin)
+    try:
+        out, err = proc.communicate(stdin, timeout=HOST_GIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()  # (not its pipes: a child of git's may hold them)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+        raise PiError("git %s took more than %d s and was stopped" % (args[0],
+                                                                   HOST_GIT_TIMEOUT))
     if check and proc.returncode != 0:
         raise git_failure(args, err)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -336,6 +336,17 @@ def test_the_agents_ref_store_is_read_without_following_links(tmp_path):
         os.close(fd)
 
 
+def test_a_host_git_that_hangs_is_stopped_loudly(tmp_path, monkeypatch):
+    # (as on a FIFO where git reads; the child keeps git's pipes open)
+    stub = tmp_path / "git"
+    stub.write_text("#!/bin/sh\nsleep 60 &\nexec sleep 60\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (tmp_path, os.environ["PATH"]))
+    monkeypatch.setattr(pi_agent, "HOST_GIT_TIMEOUT", 1)
+    with pytest.raises(pi_agent.PiError, match="git log took more than 1 s and was stopped"):
+        pi_agent.host_git(str(tmp_path), "log")
+
+
 def test_objects_are_taken_only_as_plain_files(tmp_path):
     gate = tmp_path / "gate"
     (gate / "objects" / "ab").mkdir(parents=True)

@@ -3290,6 +3290,11 @@ MAX_COMMITS_READ = 10000
 # hard-linked (root's, inside: protected_hardlinks); a sparse one never is
 # (its holes would be written out, filling the disk for nothing).
 MAX_OBJECT_COPY = 1 << 30
+# What the agent's objects may hold unpacked, all told, and past 64 MB
+# for each byte they take: 1 MB of zeros, compressed, is 1 GB to unpack (in
+# the import, and in your checkout).
+MAX_IMPORT_SIZE = 4 << 30
+MAX_IMPORT_RATIO = 100
 # How long one host git command may take (not the import, bounded by size):
 # one that hangs (a FIFO where it reads) is stopped, loudly, not waited for
 # with the project's lock held.
@@ -3413,9 +3418,9 @@ def git_failure(args, stderr):
     return PiError("git %s failed: %s" % (args[0], lines[-1] if lines else "no message"))
 
 
-def host_git(repo_dir, *args, stdin=None, check=True):
+def host_git(repo_dir, *args, stdin=None, check=True, env=None):
     """Run host git (see host_git_process) to the end."""
-    proc = host_git_process(repo_dir, *args, stdin=subprocess.PIPE if stdin else None)
+    proc = host_git_process(repo_dir, *args, env=env, stdin=subprocess.PIPE if stdin else None)
     try:
         out, err = proc.communicate(stdin, timeout=HOST_GIT_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -4179,11 +4184,13 @@ def gate_mounts(record, run_dir):
 
 # --- the hand-back: what the agent did to git, brought back as data
 
-def host_lacks(gitdir, oids):
-    """Whether the host repository misses any of the objects `oids`."""
-    listing = host_git(gitdir, "cat-file", "--batch-check",
+def object_types(gitdir, oids):
+    """{oid: its type} of the objects of `oids` the host repository has."""
+    listing = host_git(gitdir, "cat-file", "--batch-check=%(objectname) %(objecttype)",
                        stdin="".join(oid + "\n" for oid in sorted(oids)).encode(), check=False)
-    return listing.returncode != 0 or b" missing\n" in listing.stdout
+    rows = (row.split(" ") for row in listing.stdout.decode("utf-8", "replace").splitlines())
+    return {row[0]: row[1] for row in rows
+            if len(row) == 2 and OID_RE.fullmatch(row[0]) and row[1] != "missing"}
 
 
 def link_objects(gate_fd, dest):
@@ -4252,10 +4259,8 @@ def note_commits(record, repo, tips, have):
     (loose or packed), for the session log; and a note for those naming
     someone else as author or committer: a rebase keeps authors, and a
     hostile agent can write any name."""
-    types = host_git(repo["gitdir"], "cat-file", "--batch-check=%(objectname) %(objecttype)",
-                     stdin="".join(oid + "\n" for oid in sorted(tips)).encode(), check=False)
-    commits = [row.split()[0] for row in types.stdout.decode().splitlines()
-               if row.endswith((" commit", " tag"))]
+    commits = sorted(oid for oid, kind in object_types(repo["gitdir"], tips).items()
+                     if kind in ("commit", "tag"))
     if not commits:
         return
     listing = host_git(repo["gitdir"], "log", "--stdin", "-z", "--max-count=%d" % MAX_COMMITS_READ,
@@ -4288,7 +4293,18 @@ def import_objects(gitdir, incoming, wanted, have):
     """Into the host repository: the objects reachable from `wanted` and
     not from `have`, packed by host git from the linked ones, and checked
     on the way in, object by object and for completeness (index-pack
-    --strict), the one piping into the other."""
+    --strict), the one piping into the other; PiError for objects that
+    would cost too much unpacked (MAX_IMPORT_SIZE, MAX_IMPORT_RATIO)."""
+    rows = host_git(gitdir, "cat-file", "--batch-all-objects",
+                    "--batch-check=%(objectsize) %(objectsize:disk)",
+                    env={"GIT_OBJECT_DIRECTORY": incoming}, check=False).stdout.splitlines()
+    sizes = [row.split(b" ") for row in rows if re.fullmatch(rb"[0-9]+ [0-9]+", row)]
+    size, taken = sum(int(row[0]) for row in sizes), sum(int(row[1]) for row in sizes)
+    if size > MAX_IMPORT_SIZE or size > 64 << 20 and size > MAX_IMPORT_RATIO * taken:
+        raise PiError("its objects take %s and hold %s unpacked, more than a run brings back "
+                      "(%s, or %d times what they take)" % (human_size(taken), human_size(size),
+                                                           human_size(MAX_IMPORT_SIZE),
+                                                           MAX_IMPORT_RATIO))
     revs = "".join(oid + "\n" for oid in sorted(wanted)) + "--not\n" + \
         "".join(oid + "\n" for oid in sorted(have))
     # (no delta search, and large blobs streamed, not held: what the agent
@@ -4365,14 +4381,17 @@ def branches_checked_out_elsewhere(repo):
 PLAIN_REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@+,-]*")
 
 
-def ambiguous_ref(name, known):
+def ambiguous_ref(name, known, remotes=()):
     """A new branch or tag `name` is not to be taken as it is: host git
     would take it for another ref of `known`, or another for it (the
-    names it tries for a short name), or for a commit (a short name of
-    hex digits, or git describe's NAME-N-gHEX), or it is not plain ASCII (a name that looks like another
-    one, or that a prompt would print as something else)."""
+    names it tries for a short name), or for a remote's branch once
+    fetched (REMOTE/..., a remote of `remotes`), or for a commit (a short
+    name of hex digits, or git describe's NAME-N-gHEX), or it is not plain
+    ASCII (a name that looks like another one, or that a prompt would print
+    as something else)."""
     short = name.split("/", 2)[2]
     return bool(re.fullmatch(r"[A-Z_]*HEAD", short)) or not PLAIN_REF_NAME.fullmatch(short) or \
+        any(short == remote or short.startswith(remote + "/") for remote in remotes) or \
         bool(re.fullmatch(r"[0-9a-f]{4,64}", short, re.I)) or \
         bool(re.search(r"-g[0-9a-f]{4,64}$", short, re.I)) or any(
             other != name and other in known for other in (
@@ -4401,8 +4420,11 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
     (`elsewhere`, or `current_branch`: this one's), are not applied. At most
     MAX_NEW_REFS refs are made; the others are left out."""
     seeded, lines, notes, aside, kept_deleted, left_out = record["refs"], [], [], [], [], []
+    tags = []
     stamp = run_stamp(record)
     known, made = set(host_refs), 0
+    remotes = {key[len("remote."):-len(".url")] for key, _value in record.get("git_config", ())
+               if key.startswith("remote.") and key.endswith(".url")}
     for name in sorted(set(seeded) | set(agent_refs)):
         old, new = seeded.get(name), agent_refs.get(name)
         if old == new or name.startswith("refs/pi-agent/") or name == "refs/stash":
@@ -4428,10 +4450,15 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
             else:
                 notes.append("the agent deleted %s, which moved on the host meanwhile: kept" % name)
         elif (branch or name.startswith("refs/tags/") and old is None and current is None) \
-                and not (old is None and ambiguous_ref(name, known)):
-            if new is None:
+                and not (old is None and ambiguous_ref(name, known, remotes)):
+            if new is None:  # (its reflog goes with it: the tip is kept, where no ref
+                # of the agent's can be set aside: those are refs/pi-agent/STAMP/...)
                 line = "delete %s %s" % (name, old)
-                notes.append("the agent deleted %s (it was %s)" % (name, old[:12]))
+                lines.append("create refs/pi-agent/deleted/%s/%s %s"
+                             % (stamp, name[len("refs/"):], old))
+                notes.append("the agent deleted %s (it was %s, now refs/pi-agent/deleted/%s/%s: "
+                             "git update-ref -d it when you are sure)"
+                             % (name, old[:12], stamp, name[len("refs/"):]))
             elif old is None:
                 line = "create %s %s" % (name, new)
             else:
@@ -4451,8 +4478,13 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
             known.add(line.split(" ")[1])
         if line:
             lines.append(line)
+            if line.startswith("create refs/tags/"):
+                tags.append(name[len("refs/tags/"):])
         if outside:
             aside.append(name)
+    if tags:  # (a name upstream has and you have not fetched is the agent's from now on)
+        notes.append("the agent made %s: %s" % (plural(len(tags), "tag"), ", ".join(
+            tags[:3] + ["..."] * (len(tags) > 3))))
     if aside or kept_deleted:
         names = aside + kept_deleted
         notes.append("%s of the agent's %s not applied, as a run brings back only branches "
@@ -4703,6 +4735,18 @@ def move_refs(record, repo, lines, head, elsewhere):
         record["notes"].append("the agent's branches could not all be moved: %s" % err)
 
 
+def stash_commits(gitdir, oids):
+    """Those of `oids` that can be stash entries: commits with two or three
+    parents."""
+    commits = [oid for oid, kind in object_types(gitdir, oids).items() if kind == "commit"]
+    if not commits:
+        return set()
+    listing = host_git(gitdir, "log", "--no-walk=unsorted", "--stdin", "--format=%H %P",
+                       stdin="".join(oid + "\n" for oid in commits).encode(), check=False)
+    return {row.split(" ")[0] for row in listing.stdout.decode().splitlines()
+            if len(row.split(" ")) in (3, 4)}
+
+
 def carry_stash(record, repo, entries):
     """Stash entries the agent made become the host's (git stash list), in
     its order; one of the user's it dropped stays. An entry the host has
@@ -4717,9 +4761,19 @@ def carry_stash(record, repo, entries):
     if len(new) > MAX_NEW_STASH:
         record["notes"].append("the agent made %d stash entries; the newest %d come back" % (
             len(new), MAX_NEW_STASH))
-    for oid, message in new[-MAX_NEW_STASH:]:
-        host_git(repo["gitdir"], "update-ref", "--create-reflog", "-m", clip(message or "stash"),
-                 "refs/stash", oid)
+    new = new[-MAX_NEW_STASH:]
+    # (another object would hide all of git stash list, yours too)
+    shaped = stash_commits(repo["gitdir"], [oid for oid, _message in new])
+    odd = [oid for oid, _message in new if oid not in shaped]
+    if odd:
+        record["notes"].append("the agent's stash names %s that %s not a stash entry (a commit "
+                               "with two or three parents): not brought back (%s)" % (
+                                   plural(len(odd), "object"), "is" if len(odd) == 1 else "are",
+                                   ", ".join(odd[:3])))
+    for oid, message in new:
+        if oid in shaped:
+            host_git(repo["gitdir"], "update-ref", "--create-reflog", "-m",
+                     clip(message or "stash"), "refs/stash", oid)
     if known - {oid for oid, _message in entries}:
         record["notes"].append("the agent dropped stash entries of yours; they are kept "
                                "(git stash list)")
@@ -4797,7 +4851,7 @@ def hand_back_git(run_dir, record, keep=None):
         # (nothing linked is nothing new only if the host has what the refs
         # name: the agent can make its objects unreadable)
         if wanted - have and (link_objects(gate_fd, incoming) or
-                               host_lacks(repo["gitdir"], wanted - have)):
+                               wanted - have - set(object_types(repo["gitdir"], wanted - have))):
             try:
                 import_objects(repo["gitdir"], incoming, wanted, have)
             except PiError as err:

@@ -228,6 +228,7 @@ def test_ref_updates_never_overwrite_what_the_user_moved():
     assert lines == ["update refs/heads/main %s %s" % ("4" * 40, "1" * 40),
                      "create refs/pi-agent/19700101-000000/heads/moved %s" % ("6" * 40),
                      "create refs/heads/new %s" % ("5" * 40),
+                     "create refs/pi-agent/deleted/19700101-000000/heads/old %s" % ("2" * 40),
                      "delete refs/heads/old %s" % ("2" * 40)]
     assert any("moved on the host" in note for note in notes)
     lines, notes, _left_out = pi_agent.ref_updates(record, agent, host,
@@ -286,7 +287,8 @@ def test_only_branches_and_new_tags_come_back():
                     "tags/main", "heads/origin/main", "heads/origin", "bisect/bad"}
     assert not any(line.startswith("delete refs/tags/") for line in lines)
     assert left_out == []
-    assert len(notes) == 1 and "10 ref changes" in notes[0] and "refs/pi-agent/" in notes[0]
+    assert notes[0] == "the agent made 1 tag: v2"
+    assert len(notes) == 2 and "10 ref changes" in notes[1] and "refs/pi-agent/" in notes[1]
 
 
 def test_a_flood_of_refs_is_bounded():

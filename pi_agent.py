@@ -3191,9 +3191,11 @@ def unshare_links(config, project):
 # scope: files the user runs knowingly (Makefiles, package scripts).
 HOST_RUN_PATHS = (
     ".envrc", ".vscode", ".devcontainer", ".idea", ".zed", ".helix", ".nvim.lua", ".nvimrc",
-    ".exrc", ".vimrc", ".dir-locals.el", ".pre-commit-config.yaml", "lefthook.yml",
-    "lefthook.yaml", ".lefthook.yml", "lefthook-local.yml", ".husky", ".yarnrc.yml", ".npmrc",
-    "rust-toolchain", "rust-toolchain.toml", ".tool-versions", "mise.toml", ".mise.toml",
+    ".exrc", ".vimrc", ".dir-locals.el", ".dir-locals-2.el", ".pre-commit-config.yaml",
+    "lefthook.yml", "lefthook.yaml", ".lefthook.yml", "lefthook-local.yml", ".husky",
+    ".yarnrc.yml", ".yarnrc", ".npmrc", "rust-toolchain", "rust-toolchain.toml",
+    ".tool-versions", "mise.toml", ".mise.toml", "mise.local.toml", ".mise.local.toml",
+    ".config/mise", ".config/mise.toml", ".mise", ".pdbrc", ".irbrc", ".pryrc", ".hg/hgrc",
     ".cargo/config", ".cargo/config.toml", ".gitmodules", ".mailmap", ".claude", ".mcp.json",
     ".cursor", ".aider.conf.yml", ".env", "compose.override.yaml", "compose.override.yml",
     "docker-compose.override.yml", "docker-compose.override.yaml", "node_modules/.bin",
@@ -3295,6 +3297,9 @@ MAX_OBJECT_COPY = 1 << 30
 # the import, and in your checkout).
 MAX_IMPORT_SIZE = 4 << 30
 MAX_IMPORT_RATIO = 100
+# What host git may hold in memory reading the agent's objects: a 66-byte
+# pack whose two deltas name each other makes it grow for ever.
+AGENT_OBJECTS_MEMORY = 1 << 30
 # How long one host git command may take (not the import, bounded by size):
 # one that hangs (a FIFO where it reads) is stopped, loudly, not waited for
 # with the project's lock held.
@@ -3387,12 +3392,13 @@ def read_head(dir_fd):
     return ref_value(read_regular("HEAD", 4096, dir_fd=dir_fd))
 
 
-def host_git_process(repo_dir, *args, env=None, stdin=None):
+def host_git_process(repo_dir, *args, env=None, stdin=None, memory=None):
     """Host git on a repository pi-agent trusts, named explicitly (never
     discovered; None for git init), with none of the caller's GIT_*
     redirections, and running no hook and no fsmonitor whatever the config
     says (a file it includes may be in a project, where an agent at work
-    can swap it); started, with its output piped."""
+    can swap it); started, with its output piped. With `memory` (bytes),
+    held to that much data (a limit that cannot be set: git does not run)."""
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
                                                         "GIT_CONFIG_NOSYSTEM", "GIT_EXEC_PATH")}
@@ -3402,7 +3408,8 @@ def host_git_process(repo_dir, *args, env=None, stdin=None):
     try:
         # (ref locks: a run of another work tree may be ending at the same
         # moment; git's own waits, 0.1 s and 1 s, are too short for that)
-        return subprocess.Popen(["git", "-c", "core.hooksPath=/dev/null", "-c",
+        held = ["sh", "-c", 'ulimit -d %d && exec "$@"' % (memory >> 10), "sh"] if memory else []
+        return subprocess.Popen([*held, "git", "-c", "core.hooksPath=/dev/null", "-c",
                                  "core.fsmonitor=false", "-c", "log.showSignature=false",
                                  "-c", "core.filesRefLockTimeout=5000",
                                  "-c", "core.packedRefsTimeout=5000",
@@ -3418,9 +3425,10 @@ def git_failure(args, stderr):
     return PiError("git %s failed: %s" % (args[0], lines[-1] if lines else "no message"))
 
 
-def host_git(repo_dir, *args, stdin=None, check=True, env=None):
+def host_git(repo_dir, *args, stdin=None, check=True, env=None, memory=None):
     """Run host git (see host_git_process) to the end."""
-    proc = host_git_process(repo_dir, *args, env=env, stdin=subprocess.PIPE if stdin else None)
+    proc = host_git_process(repo_dir, *args, env=env, stdin=subprocess.PIPE if stdin else None,
+                            memory=memory)
     try:
         out, err = proc.communicate(stdin, timeout=HOST_GIT_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -4295,11 +4303,14 @@ def import_objects(gitdir, incoming, wanted, have):
     on the way in, object by object and for completeness (index-pack
     --strict), the one piping into the other; PiError for objects that
     would cost too much unpacked (MAX_IMPORT_SIZE, MAX_IMPORT_RATIO)."""
-    rows = host_git(gitdir, "cat-file", "--batch-all-objects",
-                    "--batch-check=%(objectsize) %(objectsize:disk)",
-                    env={"GIT_OBJECT_DIRECTORY": incoming}, check=False).stdout.splitlines()
-    sizes = [row.split(b" ") for row in rows if re.fullmatch(rb"[0-9]+ [0-9]+", row)]
-    size, taken = sum(int(row[0]) for row in sizes), sum(int(row[1]) for row in sizes)
+    sizes = host_git(gitdir, "cat-file", "--batch-all-objects", "--batch-check=%(objectsize)",
+                     env={"GIT_OBJECT_DIRECTORY": incoming}, memory=AGENT_OBJECTS_MEMORY,
+                     check=False).stdout.split()
+    size = sum(int(item) for item in sizes if item.isdigit())
+    # (the disk the files take, not the sizes a pack or its index claims: a
+    # pack can be a hole)
+    taken = sum(os.lstat(os.path.join(folder, name)).st_blocks * 512
+                for folder, _folders, names in os.walk(incoming) for name in names)
     if size > MAX_IMPORT_SIZE or size > 64 << 20 and size > MAX_IMPORT_RATIO * taken:
         raise PiError("its objects take %s and hold %s unpacked, more than a run brings back "
                       "(%s, or %d times what they take)" % (human_size(taken), human_size(size),
@@ -4312,14 +4323,21 @@ def import_objects(gitdir, incoming, wanted, have):
     packing = host_git_process(gitdir, "-c", "core.bigFileThreshold=16m", "pack-objects",
                                "--revs", "--stdout", "-q", "--window=0",
                                env={"GIT_ALTERNATE_OBJECT_DIRECTORIES": incoming},
-                               stdin=subprocess.PIPE)
+                               stdin=subprocess.PIPE, memory=AGENT_OBJECTS_MEMORY)
     indexing = host_git_process(gitdir, "-c", "core.bigFileThreshold=16m", "index-pack",
                                 "--stdin", "--strict",
-                                stdin=packing.stdout)
+                                stdin=packing.stdout, memory=AGENT_OBJECTS_MEMORY)
     packing.stdout.close()  # index-pack alone reads it now
     packing.stdin.write(revs.encode())
     packing.stdin.close()
-    index_err = indexing.communicate()[1]
+    try:
+        index_err = indexing.communicate(timeout=HOST_GIT_TIMEOUT)[1]
+    except subprocess.TimeoutExpired:
+        for proc in (packing, indexing):
+            proc.kill()
+            proc.wait()
+        raise PiError("git took more than %d s to take the agent's objects, and was stopped"
+                      % HOST_GIT_TIMEOUT)
     pack_err = packing.stderr.read()
     if packing.wait() != 0:
         raise git_failure(("pack-objects",), pack_err)

@@ -4632,8 +4632,9 @@ def keep_gate(run_dir, gate_fd, record, why):
                 raise OSError("what was kept is not data alone")
             os.rename(part, kept)
         where = ("its objects and refs are kept in %s, as data (no HEAD, config or hooks); to "
-                 "look: git init -q --bare %s.look && cp -r %s/. %s.look && git --git-dir "
-                 "%s.look log --all" % ((kept,) * 5))
+                 "look (the agent's data: git held to 1 GB): git init -q --bare %s.look && "
+                 "cp -r %s/. %s.look && (ulimit -d 1048576 && git --git-dir %s.look log --all)"
+                 % ((kept,) * 5))
     except OSError as err:
         where = "it could not be kept (%s)" % err
     record["notes"].append("the agent's git work %s (%s); %s" % (

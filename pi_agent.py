@@ -3392,12 +3392,13 @@ def read_head(dir_fd):
     return ref_value(read_regular("HEAD", 4096, dir_fd=dir_fd))
 
 
-def host_git_process(repo_dir, *args, env=None, stdin=None, memory=None):
+def host_git_process(repo_dir, *args, env=None, stdin=subprocess.DEVNULL, memory=None):
     """Host git on a repository pi-agent trusts, named explicitly (never
     discovered; None for git init), with none of the caller's GIT_*
     redirections, and running no hook and no fsmonitor whatever the config
     says (a file it includes may be in a project, where an agent at work
-    can swap it); started, with its output piped. With `memory` (bytes),
+    can swap it), never reading the terminal; started, with its output
+    piped. With `memory` (bytes),
     held to that much data (a limit that cannot be set: git does not run)."""
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
@@ -3427,8 +3428,8 @@ def git_failure(args, stderr):
 
 def host_git(repo_dir, *args, stdin=None, check=True, env=None, memory=None):
     """Run host git (see host_git_process) to the end."""
-    proc = host_git_process(repo_dir, *args, env=env, stdin=subprocess.PIPE if stdin else None,
-                            memory=memory)
+    proc = host_git_process(repo_dir, *args, env=env, memory=memory,
+                            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE)
     try:
         out, err = proc.communicate(stdin, timeout=HOST_GIT_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -4194,6 +4195,8 @@ def gate_mounts(record, run_dir):
 
 def object_types(gitdir, oids):
     """{oid: its type} of the objects of `oids` the host repository has."""
+    if not oids:
+        return {}
     listing = host_git(gitdir, "cat-file", "--batch-check=%(objectname) %(objecttype)",
                        stdin="".join(oid + "\n" for oid in sorted(oids)).encode(), check=False)
     rows = (row.split(" ") for row in listing.stdout.decode("utf-8", "replace").splitlines())

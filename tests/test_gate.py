@@ -6,6 +6,7 @@ tests are in test_sweep.py.)"""
 import os
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -336,6 +337,22 @@ def test_the_agents_ref_store_is_read_without_following_links(tmp_path):
                                                "refs/tags/v1": "2" * 40}
     finally:
         os.close(fd)
+
+
+def test_host_git_never_reads_the_terminal(repo):
+    # (a pty that stays open: an empty input once left git reading it, and
+    # a run with no stash entries to bring back hung in CI's chaos soak)
+    code = ("import sys; sys.path.insert(0, %r); import pi_agent; "
+            "pi_agent.host_git(%r, 'cat-file', '--batch-check', stdin=b''); "
+            "pi_agent.host_git(%r, 'cat-file', '--batch-check')"
+            % (os.path.dirname(pi_agent.__file__), os.path.join(repo, ".git"),
+               os.path.join(repo, ".git")))
+    reader, writer = os.pipe()
+    try:
+        subprocess.run([sys.executable, "-c", code], stdin=reader, check=True, timeout=30)
+    finally:
+        os.close(reader)
+        os.close(writer)
 
 
 def test_a_host_git_that_hangs_is_stopped_loudly(tmp_path, monkeypatch):

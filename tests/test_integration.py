@@ -44,6 +44,17 @@ def test_environment_persists_and_rollback_is_undoable(any_box):
     assert box.dangling() == [], "replaced images do not pile up untagged"
 
 
+def test_a_run_in_a_repository_ends_while_its_terminal_stays_open(box):
+    # (an input that never ends, as a terminal's: pi-agent's own host git
+    # once read it, and the run's end waited for ever)
+    box.init_repo()
+    box.ok("pi-exec --wait true < <(exec sleep 600 2>/dev/null)", timeout=120)
+    box.ok("pi-exec --wait sh -c 'echo a > f && git add f && git -c user.name=A "
+           "-c user.email=a@x commit -qm by-the-agent' < <(exec sleep 600 2>/dev/null)",
+           timeout=120)
+    assert box.ok("git log -1 --format=%s").stdout.strip() == "by-the-agent"
+
+
 def test_agent_writes_into_the_project_as_the_host_user(any_box):
     box = any_box
     sub = box.mkdir(os.path.join(box.project, "deep", "er"))

@@ -3409,6 +3409,10 @@ def host_git_process(repo_dir, *args, env=None, stdin=subprocess.DEVNULL, memory
     try:
         # (ref locks: a run of another work tree may be ending at the same
         # moment; git's own waits, 0.1 s and 1 s, are too short for that)
+        if memory:  # (never above the hard limit this process has: that cannot be set)
+            import resource
+            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+            memory = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
         held = ["sh", "-c", 'ulimit -d %d && exec "$@"' % (memory >> 10), "sh"] if memory else []
         return subprocess.Popen([*held, "git", "-c", "core.hooksPath=/dev/null", "-c",
                                  "core.fsmonitor=false", "-c", "log.showSignature=false",

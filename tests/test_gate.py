@@ -355,6 +355,18 @@ def test_host_git_never_reads_the_terminal(repo):
         os.close(writer)
 
 
+def test_host_git_held_in_memory_runs_under_a_lower_limit_of_yours():
+    # (ulimit -d above the hard limit fails: git would never run, and every
+    # run's git work would be kept instead of brought back)
+    code = ("import sys; sys.path.insert(0, %r); import pi_agent; "
+            "print(pi_agent.host_git(None, 'version', memory=4 << 30).stdout.decode())"
+            % os.path.dirname(pi_agent.__file__))
+    result = subprocess.run(["sh", "-c", 'ulimit -d 900000 && exec "$@"', "sh", sys.executable,
+                             "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, timeout=30)
+    assert result.stdout.startswith("git version"), result.stderr
+
+
 def test_a_host_git_that_hangs_is_stopped_loudly(tmp_path, monkeypatch):
     # (as on a FIFO where git reads; the child keeps git's pipes open)
     stub = tmp_path / "git"

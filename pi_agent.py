@@ -3398,8 +3398,8 @@ def host_git_process(repo_dir, *args, env=None, stdin=subprocess.DEVNULL, memory
     redirections, and running no hook and no fsmonitor whatever the config
     says (a file it includes may be in a project, where an agent at work
     can swap it), never reading the terminal; started, with its output
-    piped. With `memory` (bytes),
-    held to that much data (a limit that cannot be set: git does not run)."""
+    piped. With `memory` (bytes), held to that much data (a limit that
+    cannot be set: git does not run)."""
     clean = {name: value for name, value in os.environ.items()
              if not name.startswith("GIT_") or name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
                                                         "GIT_CONFIG_NOSYSTEM", "GIT_EXEC_PATH")}
@@ -4434,7 +4434,8 @@ def ref_updates(record, agent_refs, host_refs, elsewhere, current_branch=None):
     by allow-list; notes for the user; and the refs left out ("OID NAME").
     Applied: branches moved, made or deleted compare-and-swap against what
     the run started from (one the user moved meanwhile, or that another
-    work tree has checked out, is kept aside), and new tags. Kept aside,
+    work tree has checked out, is kept aside; a deleted one's tip is kept
+    under refs/pi-agent/deleted/<run>/), and new tags (named in a note). Kept aside,
     under refs/pi-agent/<run>/, with one counted line: a new branch or tag
     whose short name another ref answers to (git would take one for the
     other: a tag main beside the branch main, a branch origin/main beside

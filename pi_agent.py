@@ -4310,14 +4310,20 @@ def import_objects(gitdir, incoming, wanted, have):
     on the way in, object by object and for completeness (index-pack
     --strict), the one piping into the other; PiError for objects that
     would cost too much unpacked (MAX_IMPORT_SIZE, MAX_IMPORT_RATIO)."""
+    # (every object, or none: one git cannot read would leave the others
+    # uncounted, and it need not be one the import reads)
     sizes = host_git(gitdir, "cat-file", "--batch-all-objects", "--batch-check=%(objectsize)",
-                     env={"GIT_OBJECT_DIRECTORY": incoming}, memory=AGENT_OBJECTS_MEMORY,
-                     check=False).stdout.split()
-    size = sum(int(item) for item in sizes if item.isdigit())
-    # (the disk the files take, not the sizes a pack or its index claims: a
-    # pack can be a hole)
-    taken = sum(os.lstat(os.path.join(folder, name)).st_blocks * 512
-                for folder, _folders, names in os.walk(incoming) for name in names)
+                     env={"GIT_OBJECT_DIRECTORY": incoming},
+                     memory=AGENT_OBJECTS_MEMORY).stdout.split()
+    if not all(item.isdigit() for item in sizes):
+        raise PiError("the sizes of its objects cannot be read")
+    size = sum(int(item) for item in sizes)
+    # (the disk the files take, each once, not the sizes a pack or its index
+    # claims: a pack can be a hole, or one file under forty names)
+    files = {(info.st_dev, info.st_ino): info.st_blocks * 512 for info in (
+        os.lstat(os.path.join(folder, name))
+        for folder, _folders, names in os.walk(incoming) for name in names)}
+    taken = sum(files.values())
     if size > MAX_IMPORT_SIZE or size > 64 << 20 and size > MAX_IMPORT_RATIO * taken:
         raise PiError("its objects take %s and hold %s unpacked, more than a run brings back "
                       "(%s, or %d times what they take)" % (human_size(taken), human_size(size),

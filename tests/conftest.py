@@ -38,7 +38,7 @@ TIERS = {"test_attack.py": "hostile", "test_attack2.py": "hostile",
          "test_attack_egress.py": "hostile", "test_attack3.py": "hostile",
          "test_attack4.py": "hostile", "test_attack5.py": "hostile",
          "test_attack6.py": "hostile", "test_attack7.py": "hostile",
-         "test_attack8.py": "hostile",
+         "test_attack8.py": "hostile", "test_attack9.py": "hostile",
          "test_containment.py": "hostile",
          "test_recovery.py": "long"}
 

@@ -12,10 +12,11 @@ import pytest
 from conftest import pi_agent
 from test_containment import agent, host_git, warnings
 
-# Writes a pack and its .idx, as git would lay them out (the .idx names the
-# pack's trailing checksum, which is all git compares when it opens one):
-# make(DIR, [(oid bytes, raw entry bytes)]) -> pack name.
-PACK_PY = r'''
+# The agent's shell writes /tmp/pack.py: make(DIR, [(oid bytes, raw entry
+# bytes)]) writes a pack and its .idx as git would lay them out (the .idx
+# names the pack's trailing checksum, which is all git compares when it
+# opens one) and returns the pack's name; header() and varint() make entries.
+WRITES_PACKS = "cat > /tmp/pack.py <<'PY'\n%s\nPY\n" % r'''
 import hashlib, os, struct, sys, zlib
 
 def varint(n):
@@ -56,6 +57,20 @@ def make(where, entries):
     return name
 '''
 
+# 128 MiB of zeros, one loose object of 128 KiB (the seventh review's bomb,
+# which the cap refuses on its own), committed on the agent's branch.
+BOMB = """
+        oid=$(head -c 134217728 /dev/zero | git -c core.loosecompression=9 hash-object -w --stdin)
+        git update-index --add --cacheinfo 100644,$oid,big
+        git -c user.name=A -c user.email=a@x commit -qm 'add a fixture'
+"""
+
+
+def landed_size(box):
+    """The size of the agent's blob `big` as it came back (0: it did not)."""
+    landed = host_git(box, "cat-file -s HEAD:big")
+    return int(landed.stdout) if landed.returncode == 0 else 0
+
 
 def test_a_delta_cycle_makes_host_git_take_all_the_memory_it_can(box):
     # Two REF_DELTA entries of one pack, each the other's base: 66 bytes.
@@ -71,7 +86,7 @@ def test_a_delta_cycle_makes_host_git_take_all_the_memory_it_can(box):
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert before < 800 << 10, "a child of the test used %d kB already" % before
     x, y = "c" * 40, "d" * 40
-    script = "cat > /tmp/pack.py <<'PY'\n%s\nPY\n" % PACK_PY + """
+    script = WRITES_PACKS + """
         python3 - <<'PY'
 import sys
 sys.path.insert(0, "/tmp")
@@ -87,22 +102,22 @@ PY
     result = box.sh("ulimit -v 3000000; pi-exec sh -s", input=script, timeout=600)
     assert result.returncode == 0, result.stderr
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert peak < (pi_agent.AGENT_OBJECTS_MEMORY >> 10) + (256 << 10), ("66 bytes of pack the agent wrote made host git hold %d MB (the "
-                            "limit of this test's shell; a host has no such limit): %s"
-                            % (peak >> 10, warnings(result)))
+    assert peak < (pi_agent.AGENT_OBJECTS_MEMORY >> 10) + (256 << 10), (
+        "66 bytes of pack the agent wrote made host git hold %d MB (the limit of this test's "
+        "shell; a host has no such limit): %s" % (peak >> 10, warnings(result)))
 
 
 def test_a_sparse_pack_makes_a_compressed_bomb_look_like_what_it_takes(box):
-    # The ratio cap compares the objects' unpacked size with %(objectsize:
-    # disk): for the last object of a pack, the bytes from it to the pack's
-    # end. A pack the agent pads with a hole (seek 10 GB, write the
-    # trailer) takes 4 kB of disk and "takes" 10 GB; link_objects hard
-    # links it (the sparse check is only on a copy). Beside it, the 128 MiB
+    # The ratio cap once compared the objects' unpacked size with
+    # %(objectsize:disk): for the last object of a pack, the bytes from it
+    # to the pack's end. A pack the agent pads with a hole (seek 10 GB,
+    # write the trailer) takes 4 kB of disk and "takes" 10 GB; link_objects
+    # hard links it (the sparse check is only on a copy). Beside it, the 128 MiB
     # blob of zeros the seventh review's cap refuses (128 KiB loose) comes
     # back: the user's git checkout writes a thousand times what the agent
     # wrote, as before the cap; up to 4 GB a run.
     box.init_repo()
-    script = "cat > /tmp/pack.py <<'PY'\n%s\nPY\n" % PACK_PY + """
+    script = WRITES_PACKS + """
         set -e
         python3 - <<'PY'
 import hashlib, sys, zlib
@@ -118,19 +133,14 @@ with open(name + ".pack", "r+b") as f:
     f.seek(10 << 30)
     f.write(raw[-20:])
 PY
-        oid=$(head -c 134217728 /dev/zero | git -c core.loosecompression=9 hash-object -w --stdin)
-        du -k .git/objects/${oid%${oid#??}}/${oid#??} | cut -f1 > written
-        du -sk .git/objects/pack | cut -f1 >> written
-        git update-index --add --cacheinfo 100644,$oid,big
-        git -c user.name=A -c user.email=a@x commit -qm 'add a fixture'
-        """
+        du -sk .git/objects | cut -f1 > written
+""" + BOMB
     result = agent(box, script, timeout=600)
     assert result.returncode == 0, result.stderr
     with open(os.path.join(box.project, "written")) as handle:
-        written = sum(int(line) for line in handle) * 1024
+        written = int(handle.read()) * 1024 + (128 << 10)
     assert written < 4 << 20, written
-    landed = host_git(box, "cat-file -s HEAD:big")
-    size = int(landed.stdout) if landed.returncode == 0 else 0
+    size = landed_size(box)
     assert size < 100 * written, ("the agent wrote %d bytes of objects (a 10 GB pack that is a "
                                   "hole); a %d-byte blob came back, for git checkout to write: "
                                   "%s" % (written, size, warnings(result)))

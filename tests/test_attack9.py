@@ -6,32 +6,19 @@ attack works."""
 
 import os
 
-from test_attack8 import PACK_PY
-from test_containment import agent, host_git, warnings
-
-# 128 MiB of zeros, one loose object of 128 KiB (the seventh review's bomb,
-# which the cap refuses on its own), committed on the agent's branch.
-BOMB = """
-        oid=$(head -c 134217728 /dev/zero | git -c core.loosecompression=9 hash-object -w --stdin)
-        git update-index --add --cacheinfo 100644,$oid,big
-        git -c user.name=A -c user.email=a@x commit -qm 'add a fixture'
-"""
-
-
-def landed_size(box):
-    landed = host_git(box, "cat-file -s HEAD:big")
-    return int(landed.stdout) if landed.returncode == 0 else 0
-
+from test_attack8 import BOMB, WRITES_PACKS, landed_size
+from test_containment import agent, warnings
 
 def test_an_object_cat_file_dies_on_makes_the_objects_hold_nothing(box):
-    # The cap sums cat-file --batch-all-objects' sizes, run with check=False:
-    # what it printed before it failed is taken as all there is. cat-file
+    # The cap summed cat-file --batch-all-objects' sizes, run with
+    # check=False: what it printed before it failed was taken as all there
+    # is. cat-file
     # lists the objects sorted; one named 000...01 whose .idx offset lies
     # past its pack's end makes it die ("offset beyond end of packfile")
     # before it prints one size. Size 0: no cap. pack-objects --revs never
     # reads that object (nothing reaches it), and the bomb comes back.
     box.init_repo()
-    script = "cat > /tmp/pack.py <<'PY'\n%s\nPY\n" % PACK_PY + """
+    script = WRITES_PACKS + """
         set -e
         python3 - <<'PY'
 import hashlib, struct, sys, zlib
@@ -59,7 +46,7 @@ PY
 
 
 def test_hard_links_of_one_pack_make_a_compressed_bomb_look_like_what_it_takes(box):
-    # "taken" sums st_blocks of every name in `incoming`; link_objects hard
+    # "taken" summed st_blocks of every name in `incoming`; link_objects hard
     # links each of the agent's names, and the agent can give one pack (and
     # its .idx) many names: git never checks a pack's name against its
     # checksum. cat-file --batch-all-objects counts each object once. One
